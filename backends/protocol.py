@@ -1,0 +1,105 @@
+"""The contract between the worker and a backend module (numpy only).
+
+A backend module exposes one function::
+
+    open_session(job: WorkerJob) -> Session
+
+that imports its framework, picks the device, pins precision and builds the
+model from the canonical parameters. The session then answers
+``environment()`` once and ``compute(method)`` for each requested method.
+
+``compute`` returns the method's *native* result: the loss scalar its
+reduction produced and its gradients, unnormalized (for ``sum`` that is the
+sum over examples), as float numpy arrays in canonical names and layout.
+Core rescales them; a backend never normalizes and never sees another
+backend's results.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+JOB_FILE = "job.json"
+INPUTS_FILE = "inputs.npz"
+RESULT_FILE = "result.json"
+
+
+@dataclass(frozen=True)
+class WorkerJob:
+    """Everything a backend needs to compute its rows; written by core, read by the worker."""
+
+    backend: str
+    framework: str
+    variant: str | None
+    module: str
+    extra: str | None
+    requires: tuple[str, ...]
+    methods: tuple[str, ...]
+    dtype: str
+    device: str
+    precision: str
+    model: dict
+    loss: dict
+    params: dict[str, np.ndarray] = field(repr=False)
+    batch: dict[str, np.ndarray] = field(repr=False)
+
+    @property
+    def n_examples(self) -> int:
+        return int(self.batch["y"].shape[0])
+
+    def save(self, job_dir: Path) -> None:
+        """Write the job (JSON) and its arrays (npz) into ``job_dir``."""
+        meta = {k: getattr(self, k) for k in (
+            "backend", "framework", "variant", "module", "extra", "requires", "methods",
+            "dtype", "device", "precision", "model", "loss")}
+        meta["requires"] = list(self.requires)
+        meta["methods"] = list(self.methods)
+        meta["param_names"] = list(self.params)
+        (job_dir / JOB_FILE).write_text(json.dumps(meta, indent=1))
+        arrays = {f"params/{k}": v for k, v in self.params.items()}
+        arrays.update({f"batch/{k}": v for k, v in self.batch.items()})
+        np.savez(job_dir / INPUTS_FILE, **arrays)
+
+    @classmethod
+    def load(cls, job_dir: Path) -> "WorkerJob":
+        meta = json.loads((job_dir / JOB_FILE).read_text())
+        with np.load(job_dir / INPUTS_FILE) as z:
+            params = {k: z[f"params/{k}"] for k in meta.pop("param_names")}
+            batch = {k.split("/", 1)[1]: z[k] for k in z.files if k.startswith("batch/")}
+        meta["requires"] = tuple(meta["requires"])
+        meta["methods"] = tuple(meta["methods"])
+        return cls(params=params, batch=batch, **meta)
+
+
+@dataclass(frozen=True)
+class RawResult:
+    """One method's native output: loss scalar and unnormalized canonical gradients."""
+
+    loss: float
+    grads: dict[str, np.ndarray]
+
+
+class Session(Protocol):
+    """A backend ready to compute: framework imported, device chosen, model built."""
+
+    def environment(self) -> dict:
+        """Facts about this run, same keys in every backend.
+
+        ``framework`` (name), ``versions`` (package -> version), ``device``
+        (what computed, e.g. ``cpu`` or ``cuda:0 NVIDIA H100``), ``device_kind``
+        (``cpu``/``gpu``), ``device_note`` (why a fallback happened, or None),
+        ``dtype`` (of the computation), ``precision`` (the framework's own
+        matmul/TF32 settings, read back after pinning) and ``tf32`` (True
+        when float32 matmuls may have run in TF32 in this run).
+        """
+
+    def compute(self, method: str) -> RawResult:
+        """Run one method from scratch (no state carried over from earlier calls)."""
+
+
+class DeviceUnavailable(RuntimeError):
+    """The requested device is not available to this backend (e.g. device='gpu' without one)."""

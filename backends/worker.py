@@ -1,0 +1,125 @@
+"""Worker process entry point: ``python -m gradparity.backends.worker JOB_DIR``.
+
+Runs one backend on one job and writes, into JOB_DIR, ``result.json`` plus
+one ``grads-<method>.npz`` per finished method. ``result.json`` is rewritten
+atomically after every method, so whatever was finished before a crash,
+hang or out-of-memory kill survives and the parent reports the rest as lost.
+This is the only place a backend module (and so its framework) is imported.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+from gradparity.backends.protocol import RESULT_FILE, DeviceUnavailable, WorkerJob
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _error_text(exc: BaseException, limit: int = 6) -> str:
+    """One-line cause plus the last frames, enough to act on without the full traceback."""
+    tb = "".join(traceback.format_exception(exc, limit=-limit)).rstrip()
+    return f"{type(exc).__name__}: {exc}\n{tb}"
+
+
+def _missing_message(job: WorkerJob, exc: ModuleNotFoundError) -> str:
+    install = f"pip install 'gradparity[{job.extra}]'" if job.extra else "reinstall gradparity"
+    return f"{exc.name} is not installed, so backend '{job.backend}' cannot run; install it with: {install}"
+
+
+def _check_grads(job: WorkerJob, grads: dict) -> dict[str, np.ndarray]:
+    """Reject a backend result that is not in canonical names and shapes (a backend bug)."""
+    if set(grads) != set(job.params):
+        raise ValueError(
+            f"backend returned parameters {sorted(grads)}, expected {sorted(job.params)}")
+    out = {}
+    for name, ref in job.params.items():
+        g = np.asarray(grads[name])
+        if g.shape != ref.shape:
+            raise ValueError(f"gradient of {name} has shape {g.shape}, expected {ref.shape}")
+        out[name] = g
+    return out
+
+
+def run(job_dir: Path) -> int:
+    """Run the job in ``job_dir``; return the process exit code (0 even when methods fail)."""
+    job = WorkerJob.load(job_dir)
+    state = {
+        "backend": job.backend,
+        "status": "running",
+        "error": None,
+        "environment": None,
+        "methods": {},
+    }
+    result_path = job_dir / RESULT_FILE
+
+    def save():
+        _write_atomic(result_path, json.dumps(state, indent=1))
+
+    save()
+    try:
+        module = importlib.import_module(job.module)
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.split(".")[0] in job.requires:
+            state.update(status="missing", error=_missing_message(job, exc))
+        else:
+            state.update(status="error", error=_error_text(exc))
+        save()
+        return 0
+    except Exception as exc:  # a broken install raises all sorts of errors at import
+        state.update(status="error", error=f"importing backend '{job.backend}' failed: " + _error_text(exc))
+        save()
+        return 0
+
+    try:
+        session = module.open_session(job)
+        env = dict(session.environment())
+    except DeviceUnavailable as exc:
+        state.update(status="error", error=str(exc))
+        save()
+        return 0
+    except Exception as exc:
+        state.update(status="error", error="setting up the backend failed: " + _error_text(exc))
+        save()
+        return 0
+    env.update(python=platform.python_version(), platform=platform.platform(), pid=os.getpid())
+    state["environment"] = env
+    save()
+
+    for method in job.methods:
+        row: dict = {"status": "running", "loss": None, "seconds": None, "error": None}
+        state["methods"][method] = row
+        save()
+        try:
+            session.compute(method)  # warm-up: compilation and caches stay out of the timing
+            start = time.perf_counter()
+            raw = session.compute(method)
+            seconds = time.perf_counter() - start
+            grads = _check_grads(job, raw.grads)
+            grads_file = f"grads-{method}.npz"
+            np.savez(job_dir / (grads_file + ".tmp.npz"), **grads)
+            os.replace(job_dir / (grads_file + ".tmp.npz"), job_dir / grads_file)
+            row.update(status="ok", loss=float(raw.loss), seconds=seconds, grads_file=grads_file)
+        except Exception as exc:
+            row.update(status="error", error=_error_text(exc))
+        save()
+
+    state["status"] = "done"
+    save()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(Path(sys.argv[1])))
