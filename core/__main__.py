@@ -1,0 +1,6 @@
+"""``python -m gradparity`` is ``gradparity``."""
+import sys
+
+from gradparity.cli import main
+
+sys.exit(main())

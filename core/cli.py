@@ -1,0 +1,130 @@
+"""Command line: ``gradparity run`` and ``gradparity doctor``.
+
+Exit codes: 0 every comparison agrees; 1 some pair exceeds its tolerance;
+2 invalid config or data (nothing was run); 3 incomplete (no disagreement,
+but some results could not be computed, or fewer than two were); 4 an
+internal error of gradparity itself (a bug: please report it).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from pathlib import Path
+
+from gradparity.errors import GradparityError
+from gradparity.verdict import EXIT_INVALID
+
+EXIT_INTERNAL = 4
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _overrides(args) -> dict:
+    """CLI flags as dotted config keys; validated with the rest of the config."""
+    o = {}
+    for flag, key, conv in (("backends", "backends", _csv), ("methods", "methods", _csv),
+                            ("dtype", "dtype", str), ("device", "device", str),
+                            ("precision", "precision", str), ("seed", "seed", int),
+                            ("batch_size", "data.batch_size", int), ("timeout", "timeout_s", float)):
+        value = getattr(args, flag, None)
+        if value is not None:
+            o[key] = conv(value)
+    return o
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="gradparity",
+        description="Compare batch gradients across loss reductions and frameworks, normalized.")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a reduction experiment and write its report",
+                         description="Run a reduction experiment (the embedded default when no CONFIG "
+                                     "is given) and write report.json, report.md, inputs.npz and "
+                                     "gradients.npz.")
+    run.add_argument("config", nargs="?", help="experiment TOML, merged over the embedded default")
+    run.add_argument("--backends", help="comma-separated: numpy,torch,keras,jax "
+                                        "(keras-tensorflow, keras-jax, keras-torch)")
+    run.add_argument("--methods", help="comma-separated: none_loop,none_vectorized,sum,mean,one_by_one")
+    run.add_argument("--dtype", help="float32 | float64")
+    run.add_argument("--device", help="auto | cpu | gpu")
+    run.add_argument("--precision", help="highest (no TF32) | default (framework defaults)")
+    run.add_argument("--seed", type=int)
+    run.add_argument("--batch-size", type=int)
+    run.add_argument("--timeout", type=float, help="seconds per backend worker")
+    run.add_argument("--out", default="gradparity-out", help="output folder (default: ./gradparity-out)")
+    run.add_argument("--check", action="store_true",
+                     help="validate the experiment and its data, print it, run nothing")
+    run.add_argument("--quiet", action="store_true", help="print only the verdict")
+    doc = sub.add_parser("doctor", help="show installed frameworks, versions and devices per backend")
+    doc.add_argument("--device", default="auto", help="auto | cpu | gpu")
+    sub.add_parser("default-config", help="print the embedded default experiment (TOML)")
+    return p
+
+
+def _run(args) -> int:
+    from gradparity.inputs import build_inputs
+    from gradparity.pipeline import run_experiment
+    from gradparity.report import render_text
+    from gradparity.spec import load_experiment
+
+    exp = load_experiment(args.config, _overrides(args))
+    if args.check:
+        inputs = build_inputs(exp)
+        print(f"valid: {exp.name!r}: {inputs.model.describe()}, {inputs.data_description}; "
+              f"backends {', '.join(exp.backends)}; methods {', '.join(exp.methods)}; "
+              f"{exp.dtype}, device {exp.device}, precision {exp.precision}")
+        return 0
+    say = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    report = run_experiment(exp, Path(args.out), progress=say)
+    if args.quiet:
+        print(report.verdict.summary)
+    else:
+        print(render_text(report))
+        print(f"\nwrote {Path(args.out) / 'report.json'}, report.md, inputs.npz, gradients.npz")
+    return report.verdict.exit_code
+
+
+def _doctor(args) -> int:
+    from gradparity import __version__
+    from gradparity.doctor import probe, render
+    from gradparity.spec import DEVICES
+
+    if args.device not in DEVICES:
+        raise GradparityError(f"--device must be one of {', '.join(DEVICES)}, got {args.device!r}")
+    import platform
+
+    print(f"gradparity {__version__}, Python {platform.python_version()}, {platform.platform()}")
+    outcomes = probe(args.device)
+    print(render(outcomes))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return _run(args)
+        if args.command == "doctor":
+            return _doctor(args)
+        from gradparity.spec import default_config_text
+
+        print(default_config_text(), end="")
+        return 0
+    except GradparityError as exc:
+        print(f"gradparity: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    except KeyboardInterrupt:
+        print("gradparity: interrupted", file=sys.stderr)
+        return 130
+    except Exception:
+        traceback.print_exc()
+        print("gradparity: internal error (a bug in gradparity; please report it with the traceback)",
+              file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""Compare every pair of normalized results; derive tolerances, a verdict and its explanation.
+
+The tolerance model (stated in the README and in every report)::
+
+    rtol = SAFETY * u * sqrt(K) * L
+
+``u`` is the unit roundoff of the less precise result of the pair
+(float32 2^-24, float64 2^-53, TF32 2^-11 when a backend could use it),
+``K`` the longest sum in the forward/backward pass (the batch size or the
+widest layer, whichever is larger), ``L`` the number of layers (rounding
+compounds through each), ``SAFETY`` a margin calibrated so that rounding
+alone never crosses it (see the README's calibration figures).
+
+A pair agrees when, for every parameter tensor p, the largest elementwise
+difference is at most ``rtol * max(|a_p|, |b_p|)`` (relative to the
+tensor's largest entry, not elementwise: near-zero entries carry absolute
+rounding error, not relative), and the losses differ by at most ``rtol``
+relative.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from gradparity.models import MLP
+from gradparity.normalize import UNIT_ROUNDOFF, Result
+
+SAFETY = 16.0
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """The relative tolerance model for one problem; ``rtol(u)`` gives the bound for a pair."""
+
+    safety: float
+    longest_sum: int  # K
+    depth: int        # L
+
+    def rtol(self, unit_roundoff: float) -> float:
+        return self.safety * unit_roundoff * math.sqrt(self.longest_sum) * self.depth
+
+    def formula(self) -> str:
+        return (f"rtol = {self.safety:g} * u * sqrt(K={self.longest_sum}) * L={self.depth}; "
+                f"agree when max_p max|a_p - b_p| / max(|a_p|, |b_p|) <= rtol for every parameter "
+                f"tensor p, and |loss_a - loss_b| / max(|loss_a|, |loss_b|) <= rtol")
+
+    def to_dict(self) -> dict:
+        return {
+            "formula": self.formula(),
+            "safety": self.safety,
+            "K": self.longest_sum,
+            "L": self.depth,
+            "rtol": {name: self.rtol(u) for name, u in UNIT_ROUNDOFF.items()},
+            "unit_roundoff": dict(UNIT_ROUNDOFF),
+        }
+
+
+def tolerance_for(model: MLP, n_examples: int, safety: float = SAFETY) -> Tolerance:
+    """The tolerance model for an MLP on a batch of ``n_examples``."""
+    return Tolerance(safety, max(n_examples, *model.sizes), model.num_layers)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One pair of results. ``max_rel`` is relative to each tensor's largest entry (see module doc)."""
+
+    a: str
+    b: str
+    max_abs: float
+    max_rel: float
+    worst_param: str
+    cosine: float
+    loss_rel: float
+    scale: float           # the c minimizing ||a - c b||: how b would have to be rescaled to match a
+    scaled_max_rel: float  # max_rel between a and c*b
+    unit_roundoff: float
+    tolerance: float
+    agree: bool
+
+
+def _rel_diff(a: dict, b: dict) -> tuple[float, float, str]:
+    """(max_abs, max_rel, worst parameter) of a - b, relative per tensor to its largest entry."""
+    max_abs, max_rel, worst = 0.0, 0.0, next(iter(a))
+    for name in a:
+        diff = np.abs(a[name] - b[name])
+        d = float(np.max(diff)) if diff.size else 0.0
+        s = max(float(np.max(np.abs(a[name]))) if a[name].size else 0.0,
+                float(np.max(np.abs(b[name]))) if b[name].size else 0.0)
+        if not math.isfinite(d) or not math.isfinite(s):
+            r = math.inf
+        elif s == 0.0:
+            r = 0.0 if d == 0.0 else math.inf
+        else:
+            r = d / s
+        if not math.isfinite(d):
+            d = math.inf
+        max_abs = max(max_abs, d)
+        if r > max_rel:
+            max_rel, worst = r, name
+    return max_abs, max_rel, worst
+
+
+def compare_pair(ra: Result, rb: Result, tol: Tolerance) -> Comparison:
+    """Compare two ok results with the tolerance of the less precise one."""
+    a, b = ra.grads, rb.grads
+    max_abs, max_rel, worst = _rel_diff(a, b)
+    va = np.concatenate([a[k].ravel() for k in a])
+    vb = np.concatenate([b[k].ravel() for k in a])
+    na, nb = float(np.linalg.norm(va)), float(np.linalg.norm(vb))
+    finite = math.isfinite(na) and math.isfinite(nb)
+    if finite and na > 0 and nb > 0:
+        cosine = float(np.dot(va, vb) / (na * nb))
+        scale = float(np.dot(va, vb) / (nb * nb))
+        _, scaled_rel, _ = _rel_diff(a, {k: scale * v for k, v in b.items()})
+    else:
+        cosine = 1.0 if finite and na == nb == 0 else math.nan
+        scale, scaled_rel = math.nan, math.nan
+    la, lb = ra.loss, rb.loss
+    denom = max(abs(la), abs(lb))
+    if not (math.isfinite(la) and math.isfinite(lb)):
+        loss_rel = math.inf
+    else:
+        loss_rel = 0.0 if denom == 0 else abs(la - lb) / denom
+    u = max(ra.unit_roundoff or UNIT_ROUNDOFF["float32"], rb.unit_roundoff or UNIT_ROUNDOFF["float32"])
+    rtol = tol.rtol(u)
+    agree = max_rel <= rtol and loss_rel <= rtol
+    return Comparison(ra.label, rb.label, max_abs, max_rel, worst, cosine, loss_rel,
+                      scale, scaled_rel, u, rtol, agree)
+
+
+def compare_all(results: list[Result], tol: Tolerance) -> list[Comparison]:
+    """Every pair of ok results, in result order."""
+    ok = [r for r in results if r.ok]
+    return [compare_pair(ra, rb, tol) for ra, rb in itertools.combinations(ok, 2)]

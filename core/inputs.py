@@ -1,0 +1,159 @@
+"""Canonical inputs: the parameters and the batch, generated once and shared by every backend.
+
+Everything here is numpy and deterministic in the experiment's seed. The
+data is validated before any backend starts: a NaN, a label out of range or
+a shape that does not fit is a ConfigError (exit code 2), never a number
+silently computed from garbage.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from gradparity.errors import ConfigError
+from gradparity.models import MLP
+from gradparity.spec import DataSpec, Experiment
+
+#: Biases are drawn from U(-BIAS_RANGE, BIAS_RANGE), not zeros, so that a
+#: backend that fails to load the biases cannot agree by accident.
+BIAS_RANGE = 0.1
+
+
+@dataclass(frozen=True)
+class CanonicalInputs:
+    """The initial parameters and the batch, in the experiment's dtype."""
+
+    model: MLP
+    params: dict[str, np.ndarray] = field(repr=False)
+    batch: dict[str, np.ndarray] = field(repr=False)
+    data_description: str
+
+    @property
+    def n_examples(self) -> int:
+        return int(self.batch["y"].shape[0])
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Flat ``params/NAME`` and ``batch/NAME`` arrays, as saved in inputs.npz."""
+        out = {f"params/{k}": v for k, v in self.params.items()}
+        out.update({f"batch/{k}": v for k, v in self.batch.items()})
+        return out
+
+    def checksums(self) -> dict[str, str]:
+        """SHA-256 (first 16 hex digits) of each array's bytes, for rechecking a report."""
+        return {k: hashlib.sha256(np.ascontiguousarray(v).tobytes()).hexdigest()[:16]
+                for k, v in self.arrays().items()}
+
+
+def _rng(seed: int, stream: int) -> np.random.Generator:
+    # Independent streams: changing the data does not change the parameters.
+    return np.random.default_rng([seed, stream])
+
+
+def _load_digits() -> tuple[np.ndarray, np.ndarray, str]:
+    from sklearn.datasets import load_digits  # data ships inside scikit-learn: no download
+
+    d = load_digits()
+    return d.data / 16.0, d.target.astype(np.int64), "scikit-learn digits (8x8 pixels / 16)"
+
+
+def _synthetic(spec: DataSpec, seed: int) -> tuple[np.ndarray, np.ndarray, str]:
+    rng = _rng(seed, 2)
+    x = rng.standard_normal((spec.num_examples, spec.num_features))
+    y = rng.integers(0, spec.num_classes, spec.num_examples)
+    # Every class present when there is room, so the output layer is fully exercised.
+    if spec.num_examples >= spec.num_classes:
+        y[: spec.num_classes] = np.arange(spec.num_classes)
+    return x, y.astype(np.int64), (f"synthetic N(0,1) features, uniform labels "
+                                   f"({spec.num_examples}x{spec.num_features}, {spec.num_classes} classes)")
+
+
+def _load_npz(spec: DataSpec) -> tuple[np.ndarray, np.ndarray, str]:
+    path = Path(spec.path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in (spec.x_key, spec.y_key) if k not in z.files]
+            if missing:
+                raise ConfigError(f"{path} has no array {' or '.join(map(repr, missing))}; "
+                                  f"it holds {', '.join(z.files) or 'nothing'} (set data.x_key / data.y_key)")
+            x, y = z[spec.x_key], z[spec.y_key]
+    except FileNotFoundError:
+        raise ConfigError(f"data.path {str(path)!r} does not exist") from None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read data.path {str(path)!r} as .npz: {exc}") from None
+    return x, y, f"npz file {path.name} ({spec.x_key!r}, {spec.y_key!r})"
+
+
+def check_data(x: np.ndarray, y: np.ndarray, num_classes: int | None) -> int:
+    """Validate a whole dataset; return the number of classes. Raises ConfigError listing every problem."""
+    problems = []
+    if x.ndim != 2:
+        problems.append(f"inputs must be 2-D (examples, features), got shape {x.shape}")
+    if y.ndim != 1:
+        problems.append(f"labels must be 1-D (examples,), got shape {y.shape}")
+    if x.ndim >= 1 and y.ndim >= 1 and x.shape[0] != y.shape[0]:
+        problems.append(f"inputs have {x.shape[0]} examples but labels have {y.shape[0]}")
+    if not np.issubdtype(x.dtype, np.floating) and not np.issubdtype(x.dtype, np.integer):
+        problems.append(f"inputs must be numbers, got dtype {x.dtype}")
+    elif not np.all(np.isfinite(x)):
+        bad = np.argwhere(~np.isfinite(x))
+        problems.append(f"inputs contain {len(bad)} NaN/inf value(s), first at example {bad[0][0]}")
+    if not np.issubdtype(y.dtype, np.integer):
+        problems.append(f"labels must be integer class indices, got dtype {y.dtype}")
+    elif y.size:
+        lo, hi = int(y.min()), int(y.max())
+        if num_classes is None:
+            num_classes = hi + 1
+        if lo < 0 or hi >= num_classes:
+            bad = int(np.argmax((y < 0) | (y >= num_classes)))
+            problems.append(f"labels must lie in [0, {num_classes}), found {int(y[bad])} at example {bad}")
+        if num_classes < 2:
+            problems.append(f"cross-entropy needs at least 2 classes, the labels give {num_classes}")
+    if problems:
+        raise ConfigError(problems)
+    return int(num_classes)
+
+
+def init_params(model: MLP, seed: int, dtype: str) -> dict[str, np.ndarray]:
+    """Glorot-uniform kernels and small uniform biases, drawn in float64 then cast to ``dtype``."""
+    rng = _rng(seed, 0)
+    params = {}
+    for name, shape in model.param_shapes().items():
+        if name.endswith(".kernel"):
+            limit = np.sqrt(6.0 / (shape[0] + shape[1]))
+            params[name] = rng.uniform(-limit, limit, shape).astype(dtype)
+        else:
+            params[name] = rng.uniform(-BIAS_RANGE, BIAS_RANGE, shape).astype(dtype)
+    return params
+
+
+def build_inputs(exp: Experiment) -> CanonicalInputs:
+    """Load and check the data, pick the batch, build the model and its initial parameters."""
+    spec = exp.data
+    if spec.source == "digits":
+        x, y, desc = _load_digits()
+    elif spec.source == "synthetic":
+        x, y, desc = _synthetic(spec, exp.seed)
+    else:
+        x, y, desc = _load_npz(spec)
+    num_classes = check_data(np.asarray(x), np.asarray(y), spec.num_classes)
+
+    n = x.shape[0]
+    start, stop = spec.batch_index * spec.batch_size, (spec.batch_index + 1) * spec.batch_size
+    if stop > n:
+        raise ConfigError(
+            f"data.batch_size = {spec.batch_size} with data.batch_index = {spec.batch_index} needs "
+            f"{stop} examples, but the data has {n}")
+    order = _rng(exp.seed, 1).permutation(n) if spec.shuffle else np.arange(n)
+    rows = order[start:stop]
+    xb = x[rows].astype(exp.dtype)
+    if not np.all(np.isfinite(xb)):
+        raise ConfigError(f"inputs overflow {exp.dtype}: some values are too large to represent")
+    yb = y[rows].astype(np.int64)
+
+    model = MLP((x.shape[1], *exp.model.hidden, num_classes), exp.model.activation)
+    params = init_params(model, exp.seed, exp.dtype)
+    desc += f", batch {spec.batch_index} of size {spec.batch_size}" + (" (seeded shuffle)" if spec.shuffle else "")
+    return CanonicalInputs(model, params, {"x": xb, "y": yb}, desc)

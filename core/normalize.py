@@ -1,0 +1,76 @@
+"""Normalize: rescale every method's native gradient to the per-example-mean convention.
+
+After this step every ``Result`` holds the gradient (and loss) of the mean
+loss over the batch, in float64, with the factor that was applied, so that
+results from different methods and backends are directly comparable.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from gradparity.execute import BackendOutcome
+from gradparity.methods import METHODS
+
+#: Unit roundoff u = 2^-(p) for p significand bits (incl. the implicit one), round to nearest.
+UNIT_ROUNDOFF = {"float64": 2.0 ** -53, "float32": 2.0 ** -24, "tf32": 2.0 ** -11}
+
+
+@dataclass(frozen=True)
+class Result:
+    """One backend x method row, normalized. ``grads`` is None unless ``status == 'ok'``."""
+
+    backend: str
+    method: str
+    status: str
+    error: str | None
+    loss: float | None                 # mean-convention loss (native loss x factor)
+    loss_native: float | None          # what the method's reduction returned
+    normalization_factor: float
+    factor_label: str
+    grad_norm: float | None            # L2 norm of the normalized gradient, all parameters
+    seconds: float | None
+    dtype: str | None                  # computation dtype the backend reported
+    device: str | None
+    unit_roundoff: float | None        # of the computation; TF32 counts when it was possible
+    grads: dict[str, np.ndarray] | None = field(default=None, repr=False)
+
+    @property
+    def label(self) -> str:
+        return f"{self.backend}/{self.method}"
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+def effective_unit_roundoff(environment: dict | None) -> float | None:
+    """u of the arithmetic a backend actually did: its dtype's, or TF32's when TF32 was possible."""
+    if not environment or environment.get("dtype") not in UNIT_ROUNDOFF:
+        return None
+    if environment["dtype"] == "float32" and environment.get("tf32"):
+        return UNIT_ROUNDOFF["tf32"]
+    return UNIT_ROUNDOFF[environment["dtype"]]
+
+
+def normalize(outcomes: list[BackendOutcome], methods: tuple[str, ...], n_examples: int) -> list[Result]:
+    """One Result per backend x method, in the order given; failed rows keep their error."""
+    results = []
+    for outcome in outcomes:
+        env = outcome.environment or {}
+        for name in methods:
+            m = METHODS[name]
+            factor = m.normalization_factor(n_examples)
+            row = outcome.methods[name]
+            grads = loss = native = norm = None
+            if row.status == "ok":
+                grads = {k: np.asarray(v, dtype=np.float64) * factor for k, v in row.grads.items()}
+                native = float(row.loss)
+                loss = native * factor
+                norm = float(np.sqrt(sum(float(np.sum(g * g)) for g in grads.values())))
+            results.append(Result(
+                outcome.backend, name, row.status, row.error, loss, native, factor,
+                m.factor_label(n_examples), norm, row.seconds, env.get("dtype"), env.get("device"),
+                effective_unit_roundoff(env), grads))
+    return results

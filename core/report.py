@@ -1,0 +1,255 @@
+"""Report: render a run as report.json, report.md and a terminal table; save its arrays.
+
+Everything written is what this run measured. Files are written atomically
+(temporary file, then rename), report.json last, so a report.json on disk
+always belongs to complete npz files beside it.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+import gradparity
+from gradparity.pipeline import Report
+
+SCHEMA_VERSION = 1
+
+
+# --- atomic writes ---------------------------------------------------------
+
+def _atomic(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` then rename onto ``path``; a crash leaves no half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_text(path: Path, text: str) -> None:
+    _atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    def write(tmp: Path):
+        with open(tmp, "wb") as f:  # a file object: np.savez would append '.npz' to a path
+            np.savez(f, **arrays)
+
+    _atomic(path, write)
+
+
+# --- JSON ------------------------------------------------------------------
+
+def _finite(x):
+    """JSON has no NaN/inf: write null (the 'agree' field still says false)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def to_dict(report: Report) -> dict:
+    """The report.json document."""
+    exp, inputs = report.experiment, report.inputs
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "gradparity_version": gradparity.__version__,
+        "started_utc": report.started_utc,
+        "finished_utc": report.finished_utc,
+        "host": {"python": platform.python_version(), "platform": platform.platform(),
+                 "numpy": np.__version__},
+        "experiment": exp.to_dict(),
+        "problem": {
+            "model": inputs.model.describe(),
+            "sizes": list(inputs.model.sizes),
+            "num_params": inputs.model.num_params(),
+            "n_examples": inputs.n_examples,
+            "data": inputs.data_description,
+            "loss": exp.loss.name,
+            "convention": "every gradient and loss is rescaled to the gradient/value of the mean loss "
+                          "over the batch's examples (normalization_factor per row)",
+            "checksums_sha256_16": inputs.checksums(),
+        },
+        "tolerance": report.tolerance.to_dict(),
+        "backends": [
+            {"backend": o.backend, "status": o.status, "error": o.error,
+             "wall_seconds": o.wall_seconds, "environment": o.environment}
+            for o in report.outcomes
+        ],
+        "results": [
+            {"backend": r.backend, "method": r.method, "status": r.status, "error": r.error,
+             "loss": _finite(r.loss), "loss_native": _finite(r.loss_native),
+             "normalization_factor": r.normalization_factor, "factor": r.factor_label,
+             "grad_norm": _finite(r.grad_norm), "seconds": r.seconds, "dtype": r.dtype,
+             "device": r.device, "unit_roundoff": r.unit_roundoff}
+            for r in report.results
+        ],
+        "comparisons": [
+            {"a": c.a, "b": c.b, "max_abs": _finite(c.max_abs), "max_rel": _finite(c.max_rel),
+             "worst_param": c.worst_param, "cosine": _finite(c.cosine), "loss_rel": _finite(c.loss_rel),
+             "scale": _finite(c.scale), "scaled_max_rel": _finite(c.scaled_max_rel),
+             "unit_roundoff": c.unit_roundoff, "tolerance": c.tolerance, "agree": c.agree}
+            for c in report.comparisons
+        ],
+        "verdict": report.verdict.to_dict(),
+        "files": {"inputs": "inputs.npz", "gradients": "gradients.npz"},
+    }
+
+
+def gradient_arrays(report: Report) -> dict[str, np.ndarray]:
+    """Normalized gradients keyed ``BACKEND/METHOD/PARAM`` (float64), ok rows only."""
+    return {f"{r.backend}/{r.method}/{name}": g
+            for r in report.results if r.ok for name, g in r.grads.items()}
+
+
+def write_report(report: Report, out_dir: Path) -> dict[str, Path]:
+    """Write inputs.npz, gradients.npz, report.md and (last) report.json into ``out_dir``."""
+    paths = {name: out_dir / name for name in ("inputs.npz", "gradients.npz", "report.md", "report.json")}
+    _write_npz(paths["inputs.npz"], report.inputs.arrays())
+    _write_npz(paths["gradients.npz"], gradient_arrays(report))
+    _write_text(paths["report.md"], render_markdown(report))
+    _write_text(paths["report.json"], json.dumps(to_dict(report), indent=1, allow_nan=False) + "\n")
+    return paths
+
+
+# --- text rendering --------------------------------------------------------
+
+def _g(x, digits=3) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    return f"{x:.{digits}g}"
+
+
+def _reference(report: Report):
+    """The row every other row is shown against: numpy/mean, else the first ok row."""
+    ok = [r for r in report.results if r.ok]
+    for r in ok:
+        if r.backend == "numpy" and r.method == "mean":
+            return r
+    return ok[0] if ok else None
+
+
+def _rows(report: Report) -> tuple[list[str], list[list[str]]]:
+    ref = _reference(report)
+    pairs = {(c.a, c.b): c for c in report.comparisons}
+    pairs.update({(c.b, c.a): c for c in report.comparisons})
+    head = ["backend", "method", "status", "device", "dtype", "loss (mean)", "factor", "|grad|",
+            "time (ms)", f"max_rel vs {ref.label if ref else '-'}", "agree"]
+    rows = []
+    for r in report.results:
+        c = pairs.get((r.label, ref.label)) if ref and r.label != ref.label else None
+        if r.ok:
+            rows.append([r.backend, r.method, r.status, (r.device or "-")[:24], r.dtype or "-",
+                         f"{r.loss:.10g}", r.factor_label, _g(r.grad_norm, 6),
+                         _g(r.seconds * 1e3 if r.seconds is not None else None),
+                         "(reference)" if r is ref else _g(c.max_rel if c else None),
+                         "" if c is None else ("yes" if c.agree else "NO")])
+        else:
+            first = (r.error or "").splitlines()[0] if r.error else ""
+            rows.append([r.backend, r.method, r.status.upper(), "-", r.dtype or "-", "-", r.factor_label,
+                         "-", "-", first[:40], ""])
+    return head, rows
+
+
+def _table(head: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def _errors(report: Report) -> list[str]:
+    """Each distinct error once: per backend when the whole backend failed, else per row."""
+    out, seen = [], set()
+    for o in report.outcomes:
+        if o.status != "ok" and o.error:
+            out.append(f"{o.backend} ({o.status}): {o.error}")
+            seen.add(o.backend)
+    for r in report.results:
+        if not r.ok and r.backend not in seen:
+            out.append(f"{r.label} ({r.status}): {r.error}")
+    return out
+
+
+def _environment_lines(report: Report) -> list[str]:
+    lines = []
+    for o in report.outcomes:
+        env = o.environment
+        if not env:
+            lines.append(f"{o.backend}: no environment ({o.status})")
+            continue
+        versions = " ".join(f"{k} {v}" for k, v in env.get("versions", {}).items())
+        extra = f", keras backend {env['keras_backend']}" if env.get("keras_backend") else ""
+        prec = env.get("precision", {})
+        prec_s = ", ".join(f"{k}={v}" for k, v in prec.items())
+        note = f" [{env['device_note']}]" if env.get("device_note") else ""
+        lines.append(f"{o.backend}: {versions}{extra}; device {env.get('device')}{note}; "
+                     f"dtype {env.get('dtype')}; TF32 possible: {'yes' if env.get('tf32') else 'no'}; "
+                     f"precision {prec_s}")
+    return lines
+
+
+def _header(report: Report) -> list[str]:
+    exp, inp, tol = report.experiment, report.inputs, report.tolerance
+    rtol = tol.to_dict()["rtol"]
+    return [
+        f"gradparity {gradparity.__version__}: experiment {exp.name!r}, {inp.model.describe()}, "
+        f"{exp.loss.name}, {inp.data_description}",
+        f"dtype {exp.dtype}, device {exp.device}, precision {exp.precision}, seed {exp.seed}; "
+        f"every result rescaled to the mean-loss gradient",
+        f"tolerance: {tol.formula()}",
+        f"  rtol float32 {_g(rtol['float32'])}, float64 {_g(rtol['float64'])}, TF32 {_g(rtol['tf32'])}",
+    ]
+
+
+def render_text(report: Report) -> str:
+    """The terminal view: context, the results table, errors, the verdict and its explanation."""
+    head, rows = _rows(report)
+    parts = _header(report) + [""] + _environment_lines(report) + ["", _table(head, rows), ""]
+    errors = _errors(report)
+    if errors:
+        parts += ["Errors:"] + [f"  {e}" for e in errors] + [""]
+    parts.append(report.verdict.summary)
+    parts += [f"  {line}" for line in report.verdict.explanation]
+    return "\n".join(parts)
+
+
+def render_markdown(report: Report) -> str:
+    """report.md: the same content as report.json, for people."""
+    head, rows = _rows(report)
+    md = ["# gradparity report", ""]
+    md += [f"- {line}" for line in _header(report)]
+    md += ["", "## Verdict", "", f"**{report.verdict.summary}**", ""]
+    md += [f"- {line}" for line in report.verdict.explanation]
+    md += ["", "## Environment", ""] + [f"- {line}" for line in _environment_lines(report)]
+    md += ["", "## Results", "", "Times are wall-clock milliseconds of one call after one warm-up call, "
+           "gradients copied to host memory included.", ""]
+    md += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    md += ["| " + " | ".join(r) + " |" for r in rows]
+    errors = _errors(report)
+    if errors:
+        md += ["", "## Errors", ""] + ["```\n" + e + "\n```" for e in errors]
+    md += ["", "## Comparisons", "",
+           f"{len(report.comparisons)} pairs, disagreeing first, then by share of tolerance used. "
+           "max_rel is relative to each parameter tensor's largest entry.", "",
+           "| a | b | max_abs | max_rel | worst param | cosine | loss_rel | rtol | agree |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for c in sorted(report.comparisons, key=lambda c: (c.agree, -(c.max_rel / c.tolerance))):
+        md.append(f"| {c.a} | {c.b} | {_g(c.max_abs)} | {_g(c.max_rel)} | {c.worst_param} | "
+                  f"{c.cosine:.9f} | {_g(c.loss_rel)} | {_g(c.tolerance)} | {'yes' if c.agree else '**NO**'} |")
+    md += ["", "## Problem", "", f"- parameters: {report.inputs.model.num_params()} "
+           f"({', '.join(f'{k} {v}' for k, v in report.inputs.model.param_shapes().items())})",
+           f"- inputs.npz checksums (SHA-256, 16 hex): "
+           + ", ".join(f"{k} {v}" for k, v in report.inputs.checksums().items()),
+           f"- run from {report.started_utc} to {report.finished_utc}", ""]
+    return "\n".join(md)

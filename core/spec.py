@@ -1,0 +1,314 @@
+"""The experiment spec: a TOML (or dict) validated into frozen dataclasses before any work.
+
+Layering: the embedded default experiment, then the user's file, then
+command-line overrides, merged key by key; the result is validated once and
+every problem is reported together (``ConfigError``, exit code 2).
+"""
+from __future__ import annotations
+
+import difflib
+import math
+import tomllib
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from gradparity.backends import ALIASES, BACKENDS, KERAS_VARIANTS, resolve_backend_name
+from gradparity.errors import ConfigError
+from gradparity.losses import LOSSES
+from gradparity.methods import METHODS
+from gradparity.models import ACTIVATIONS
+
+DTYPES = ("float32", "float64")
+DEVICES = ("auto", "cpu", "gpu")
+PRECISIONS = ("highest", "default")
+DATA_SOURCES = ("digits", "synthetic", "npz")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    kind: str
+    hidden: tuple[int, ...]
+    activation: str
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Where the batch comes from. Source-specific fields are None for other sources."""
+
+    source: str
+    batch_size: int
+    batch_index: int
+    shuffle: bool
+    num_examples: int | None = None   # synthetic
+    num_features: int | None = None   # synthetic
+    num_classes: int | None = None    # synthetic, npz (npz: default max label + 1)
+    path: str | None = None           # npz, resolved against the config file's folder
+    x_key: str | None = None          # npz
+    y_key: str | None = None          # npz
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    name: str
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A fully resolved, validated reduction experiment."""
+
+    name: str
+    seed: int
+    dtype: str
+    device: str
+    precision: str
+    backends: tuple[str, ...]   # registry labels, 'keras' already resolved
+    methods: tuple[str, ...]
+    timeout_s: float
+    model: ModelSpec
+    data: DataSpec
+    loss: LossSpec
+    keras_backend: str
+
+    def to_dict(self) -> dict:
+        """JSON-ready form, as recorded in report.json."""
+        d = asdict(self)
+        d["backends"] = list(self.backends)
+        d["methods"] = list(self.methods)
+        d["model"]["hidden"] = list(self.model.hidden)
+        d["data"] = {k: v for k, v in d["data"].items() if v is not None}
+        return d
+
+
+# --- schema ---------------------------------------------------------------
+
+_TOP_KEYS = ("name", "seed", "dtype", "device", "precision", "backends", "methods",
+             "timeout_s", "model", "data", "loss", "keras")
+_TABLE_KEYS = {
+    "model": ("kind", "hidden", "activation"),
+    "data": ("source", "batch_size", "batch_index", "shuffle", "num_examples",
+             "num_features", "num_classes", "path", "x_key", "y_key"),
+    "loss": ("name",),
+    "keras": ("backend",),
+}
+_SOURCE_KEYS = {
+    "digits": (),
+    "synthetic": ("num_examples", "num_features", "num_classes"),
+    "npz": ("path", "x_key", "y_key", "num_classes"),
+}
+
+
+def default_config() -> dict:
+    """The embedded default experiment as a plain dict."""
+    text = resources.files("gradparity").joinpath("default_experiment.toml").read_text()
+    return tomllib.loads(text)
+
+
+def default_config_text() -> str:
+    return resources.files("gradparity").joinpath("default_experiment.toml").read_text()
+
+
+def _suggest(key: str, known) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for k, v in override.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _set_dotted(cfg: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = cfg
+    for p in parents:
+        node = node.setdefault(p, {})
+    node[leaf] = value
+
+
+class _Checker:
+    """Collects every problem instead of stopping at the first one."""
+
+    def __init__(self):
+        self.problems: list[str] = []
+
+    def fail(self, msg: str) -> None:
+        self.problems.append(msg)
+
+    def unknown_keys(self, table: dict, known, where: str) -> None:
+        for key in table:
+            if key not in known:
+                self.fail(f"unknown key {where + key!r}{_suggest(key, known)}; known keys: {', '.join(known)}")
+
+    def choice(self, path: str, value, choices) -> str | None:
+        if not isinstance(value, str) or value not in choices:
+            self.fail(f"{path} = {value!r} is not one of {', '.join(map(repr, choices))}"
+                      + (_suggest(value, choices) if isinstance(value, str) else ""))
+            return None
+        return value
+
+    def integer(self, path: str, value, minimum: int) -> int | None:
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.fail(f"{path} must be an integer, got {value!r}")
+            return None
+        if value < minimum:
+            self.fail(f"{path} must be >= {minimum}, got {value}")
+            return None
+        return value
+
+    def string(self, path: str, value) -> str | None:
+        if not isinstance(value, str) or not value:
+            self.fail(f"{path} must be a non-empty string, got {value!r}")
+            return None
+        return value
+
+    def names(self, path: str, value, known, aliases=()) -> tuple[str, ...] | None:
+        if not isinstance(value, list) or not value:
+            self.fail(f"{path} must be a non-empty list of names, got {value!r}")
+            return None
+        ok = True
+        for v in value:
+            if not isinstance(v, str) or (v not in known and v not in aliases):
+                choices = list(known) + list(aliases)
+                self.fail(f"{path}: unknown name {v!r}" + (_suggest(v, choices) if isinstance(v, str) else "")
+                          + f"; known: {', '.join(choices)}")
+                ok = False
+        return tuple(value) if ok else None
+
+
+def validate(cfg: dict, base_dir: Path | None = None) -> Experiment:
+    """Validate a merged config dict into an Experiment, or raise ConfigError listing every problem.
+
+    Checks the config alone (keys, types, ranges, names); the data itself is
+    checked when the canonical inputs are built (``gradparity.inputs``).
+    """
+    c = _Checker()
+    if not isinstance(cfg, dict):
+        raise ConfigError("the experiment must be a table of keys")
+    c.unknown_keys(cfg, _TOP_KEYS, "")
+    tables = {}
+    for t, keys in _TABLE_KEYS.items():
+        value = cfg.get(t, {})
+        if not isinstance(value, dict):
+            c.fail(f"[{t}] must be a table, got {value!r}")
+            value = {}
+        c.unknown_keys(value, keys, f"{t}.")
+        tables[t] = value
+
+    name = c.string("name", cfg.get("name"))
+    seed = c.integer("seed", cfg.get("seed"), 0)
+    dtype = c.choice("dtype", cfg.get("dtype"), DTYPES)
+    device = c.choice("device", cfg.get("device"), DEVICES)
+    precision = c.choice("precision", cfg.get("precision"), PRECISIONS)
+    methods = c.names("methods", cfg.get("methods"), METHODS)
+    keras_backend = c.choice("keras.backend", tables["keras"].get("backend"), KERAS_VARIANTS)
+    raw_backends = c.names("backends", cfg.get("backends"), BACKENDS, ALIASES)
+    timeout = cfg.get("timeout_s")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (
+            math.isfinite(timeout) and timeout > 0):
+        c.fail(f"timeout_s must be a positive number of seconds, got {timeout!r}")
+
+    backends = None
+    if raw_backends and keras_backend:
+        backends = tuple(resolve_backend_name(b, keras_backend) for b in raw_backends)
+        dupes = sorted({b for b in backends if backends.count(b) > 1})
+        if dupes:
+            c.fail(f"backends lists {', '.join(dupes)} more than once")
+    if methods and len(set(methods)) != len(methods):
+        c.fail("methods lists a method more than once")
+
+    model = _model(c, tables["model"])
+    data = _data(c, tables["data"], base_dir)
+    loss_name = c.choice("loss.name", tables["loss"].get("name"), tuple(LOSSES))
+    if backends and loss_name:
+        for b in backends:
+            if loss_name not in BACKENDS[b].losses:
+                c.fail(f"backend {b!r} does not implement loss {loss_name!r}")
+
+    if c.problems:
+        raise ConfigError(c.problems)
+    return Experiment(name, seed, dtype, device, precision, backends, methods, float(timeout),
+                      model, data, LossSpec(loss_name), keras_backend)
+
+
+def _model(c: _Checker, t: dict) -> ModelSpec | None:
+    kind = c.choice("model.kind", t.get("kind"), ("mlp",))
+    hidden = t.get("hidden")
+    if not isinstance(hidden, list) or any(
+            isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden):
+        c.fail(f"model.hidden must be a list of positive integers (may be empty), got {hidden!r}")
+        hidden = None
+    activation = c.choice("model.activation", t.get("activation"), ACTIVATIONS)
+    if kind and hidden is not None and activation:
+        return ModelSpec(kind, tuple(hidden), activation)
+    return None
+
+
+def _data(c: _Checker, t: dict, base_dir: Path | None) -> DataSpec | None:
+    source = c.choice("data.source", t.get("source"), DATA_SOURCES)
+    batch_size = c.integer("data.batch_size", t.get("batch_size"), 1)
+    batch_index = c.integer("data.batch_index", t.get("batch_index", 0), 0)
+    shuffle = t.get("shuffle", True)
+    if not isinstance(shuffle, bool):
+        c.fail(f"data.shuffle must be true or false, got {shuffle!r}")
+    if source is None:
+        return None
+    for key in t:
+        owner = [s for s, keys in _SOURCE_KEYS.items() if key in keys]
+        if owner and source not in owner:
+            c.fail(f"data.{key} applies only to source = {' or '.join(map(repr, owner))}, "
+                   f"not {source!r}")
+    extra: dict[str, Any] = {}
+    if source == "synthetic":
+        extra["num_examples"] = c.integer("data.num_examples", t.get("num_examples", batch_size or 1), 1)
+        extra["num_features"] = c.integer("data.num_features", t.get("num_features", 20), 1)
+        extra["num_classes"] = c.integer("data.num_classes", t.get("num_classes", 5), 2)
+    elif source == "npz":
+        path = t.get("path")
+        if not isinstance(path, str) or not path:
+            c.fail("data.path is required for source = 'npz' (a .npz file with the inputs and labels)")
+        else:
+            p = Path(path).expanduser()
+            if not p.is_absolute() and base_dir is not None:
+                p = base_dir / p
+            extra["path"] = str(p)
+        extra["x_key"] = c.string("data.x_key", t.get("x_key", "x"))
+        extra["y_key"] = c.string("data.y_key", t.get("y_key", "y"))
+        if "num_classes" in t:
+            extra["num_classes"] = c.integer("data.num_classes", t["num_classes"], 2)
+    if batch_size is None or batch_index is None or not isinstance(shuffle, bool):
+        return None
+    return DataSpec(source, batch_size, batch_index, shuffle, **extra)
+
+
+def load_experiment(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Experiment:
+    """Build an Experiment: embedded default, merged with the TOML at ``path``, then ``overrides``.
+
+    ``overrides`` maps dotted keys to values, e.g. ``{"dtype": "float64",
+    "data.batch_size": 16}``. Raises ConfigError for an unreadable file, bad
+    TOML or any invalid value.
+    """
+    cfg = default_config()
+    base_dir = None
+    if path is not None:
+        path = Path(path)
+        try:
+            user = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {str(path)!r} does not exist") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {str(path)!r}: {exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+        # A user's list replaces ours entirely; a user's table is merged key by key.
+        cfg = _merge(cfg, user)
+        base_dir = path.resolve().parent
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(cfg, dotted, value)
+    return validate(cfg, base_dir)
