@@ -70,7 +70,10 @@ def run(job_dir: Path) -> int:
 
     save()
     try:
+        # A framework may be imported at module import or lazily in open_session: both count.
         module = importlib.import_module(job.module)
+        session = module.open_session(job)
+        env = dict(session.environment())
     except ModuleNotFoundError as exc:
         if exc.name and exc.name.split(".")[0] in job.requires:
             state.update(status="missing", error=_missing_message(job, exc))
@@ -78,20 +81,12 @@ def run(job_dir: Path) -> int:
             state.update(status="error", error=_error_text(exc))
         save()
         return 0
-    except Exception as exc:  # a broken install raises all sorts of errors at import
-        state.update(status="error", error=f"importing backend '{job.backend}' failed: " + _error_text(exc))
-        save()
-        return 0
-
-    try:
-        session = module.open_session(job)
-        env = dict(session.environment())
     except DeviceUnavailable as exc:
         state.update(status="error", error=str(exc))
         save()
         return 0
-    except Exception as exc:
-        state.update(status="error", error="setting up the backend failed: " + _error_text(exc))
+    except Exception as exc:  # a broken install raises all sorts of errors at import
+        state.update(status="error", error=f"setting up backend '{job.backend}' failed: " + _error_text(exc))
         save()
         return 0
     env.update(python=platform.python_version(), platform=platform.platform(), pid=os.getpid())

@@ -145,8 +145,10 @@ def decide(results: list[Result], comparisons: list[Comparison], tol: Tolerance,
                     f"max_abs {_fmt(c.max_abs)}, cosine {c.cosine:.6f}, loss differs by "
                     f"{_fmt(c.loss_rel)} relative; rtol {_fmt(c.tolerance)}.")
             if math.isfinite(c.scaled_max_rel) and c.scaled_max_rel <= c.tolerance:
-                text += (f" {c.a} is {c.scale:.6g} x {c.b} to within tolerance: a constant factor, "
-                         f"i.e. a normalization difference{_factor_hint(c.scale, n_examples)}.")
+                # Say it as "outlier = factor x consensus", whichever way round the pair was stored.
+                outlier, member, scale = (c.a, c.b, c.scale) if c.a in group else (c.b, c.a, 1.0 / c.scale)
+                text += (f" {outlier} is {scale:.6g} x {member} to within tolerance: a constant factor, "
+                         f"i.e. a normalization difference{_factor_hint(scale, n_examples)}.")
             lines.append(text)
     else:
         lines.insert(0, f"No two results form a consensus. Worst pair {worst.a} vs {worst.b}: "

@@ -1,0 +1,54 @@
+"""Backends that fail on purpose, to test failure isolation (imported only in worker processes).
+
+The mode travels in ``job.variant``:
+- ``crash_after_first``: first method fine, then the process is SIGKILLed (as by the OOM killer);
+- ``hang``: sleeps until the parent's timeout kills it;
+- ``raise_in_sum``: the ``sum`` method raises, the others work;
+- ``missing``: imports a framework that is not installed;
+- ``wrong_shape``: returns a transposed kernel (a layout bug);
+- ``forgets_mean``: the ``mean`` method returns the summed gradient (a missing 1/N);
+- ``segfault``: the process dies of SIGSEGV while setting up.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+from gradparity.backends import numpy_backend
+from gradparity.backends.protocol import RawResult
+
+
+class FaultySession:
+    def __init__(self, job):
+        self.mode = job.variant
+        self.inner = numpy_backend.open_session(job)
+        self.calls = 0
+
+    def environment(self):
+        env = self.inner.environment()
+        env["framework"] = "fake"
+        return env
+
+    def compute(self, method):
+        self.calls += 1
+        if self.mode == "crash_after_first" and self.calls > 2:  # two calls per method: warm-up + timed
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.mode == "hang":
+            time.sleep(3600)
+        if self.mode == "raise_in_sum" and method == "sum":
+            raise RuntimeError("simulated failure inside the sum method")
+        raw = self.inner.compute(method)
+        if self.mode == "wrong_shape":
+            return RawResult(raw.loss, {k: v.T for k, v in raw.grads.items()})
+        if self.mode == "forgets_mean" and method == "mean":
+            return self.inner.compute("sum")
+        return raw
+
+
+def open_session(job):
+    if job.variant == "missing":
+        import framework_that_is_not_installed  # noqa: F401
+    if job.variant == "segfault":
+        os.kill(os.getpid(), signal.SIGSEGV)
+    return FaultySession(job)
