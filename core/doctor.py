@@ -5,6 +5,8 @@ takes), with a job that computes nothing: import, device choice, precision.
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 from gradparity.backends import BACKENDS
 from gradparity.execute import BackendOutcome, run_backend
 from gradparity.pipeline import make_job
@@ -21,8 +23,11 @@ def probe(device: str = "auto", backends: tuple[str, ...] | None = None,
         "data.num_features": 3, "data.num_classes": 2, "model.hidden": []})
     inputs = build_inputs(exp)
     names = backends or tuple(BACKENDS)
-    return [run_backend(make_job(exp, inputs, BACKENDS[n], methods=()), BACKENDS[n], timeout_s)
-            for n in names]
+    # Probes only import and pick a device (no timing), so they may overlap.
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        return list(pool.map(
+            lambda n: run_backend(make_job(exp, inputs, BACKENDS[n], methods=()), BACKENDS[n], timeout_s),
+            names))
 
 
 def render(outcomes: list[BackendOutcome]) -> str:

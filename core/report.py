@@ -144,7 +144,7 @@ def _rows(report: Report) -> tuple[list[str], list[list[str]]]:
     ref = _reference(report)
     pairs = {(c.a, c.b): c for c in report.comparisons}
     pairs.update({(c.b, c.a): c for c in report.comparisons})
-    head = ["backend", "method", "status", "device", "dtype", "loss (mean)", "factor", "|grad|",
+    head = ["backend", "method", "status", "device", "dtype", "loss (mean)", "factor", "grad L2 norm",
             "time (ms)", f"max_rel vs {ref.label if ref else '-'}", "agree"]
     rows = []
     for r in report.results:
@@ -208,7 +208,8 @@ def _header(report: Report) -> list[str]:
         f"dtype {exp.dtype}, device {exp.device}, precision {exp.precision}, seed {exp.seed}; "
         f"every result rescaled to the mean-loss gradient",
         f"tolerance: {tol.formula()}",
-        f"  rtol float32 {_g(rtol['float32'])}, float64 {_g(rtol['float64'])}, TF32 {_g(rtol['tf32'])}",
+        f"rtol by arithmetic: float32 {_g(rtol['float32'])}, float64 {_g(rtol['float64'])}, "
+        f"TF32 {_g(rtol['tf32'])}",
     ]
 
 
