@@ -61,15 +61,20 @@ _CE = frozenset({"cross_entropy"})
 _ALL = [
     BackendInfo("numpy", "numpy", "gradparity.backends.numpy_backend", None, ("numpy",), _CE, reference=True),
     BackendInfo("torch", "torch", "gradparity.backends.torch_backend", "torch", ("torch",), _CE),
-    BackendInfo("jax", "jax", "gradparity.backends.jax_backend", "jax", ("jax", "flax", "optax"), _CE),
+    BackendInfo("jax", "jax", "gradparity.backends.jax_backend", "jax", ("jax", "jaxlib", "flax", "optax"), _CE),
 ]
+_KERAS_REQUIRES = {
+    "tensorflow": ("keras", "tensorflow"),
+    "jax": ("keras", "jax", "jaxlib"),
+    "torch": ("keras", "torch"),
+}
 _ALL += [
     BackendInfo(
         f"keras-{v}",
         "keras",
         "gradparity.backends.keras_backend",
         "keras" if v == "tensorflow" else f"keras,{v}",
-        ("keras", v),
+        _KERAS_REQUIRES[v],
         _CE,
         variant=v,
     )

@@ -233,7 +233,7 @@ def render_markdown(report: Report) -> str:
     md += ["", "## Verdict", "", f"**{report.verdict.summary}**", ""]
     md += [f"- {line}" for line in report.verdict.explanation]
     md += ["", "## Environment", ""] + [f"- {line}" for line in _environment_lines(report)]
-    md += ["", "## Results", "", "Times are wall-clock milliseconds of one call after one warm-up call, "
+    md += ["", "## Results", "", "Times are wall-clock milliseconds, the median of 3 calls after one warm-up call, "
            "gradients copied to host memory included.", ""]
     md += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     md += ["| " + " | ".join(r) + " |" for r in rows]

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 
 from gradparity.compare import Comparison, Tolerance
-from gradparity.normalize import Result
+from gradparity.normalize import UNIT_ROUNDOFF, Result
 
 EXIT_AGREE, EXIT_DISAGREE, EXIT_INVALID, EXIT_INCOMPLETE = 0, 1, 2, 3
 
@@ -101,6 +101,12 @@ def decide(results: list[Result], comparisons: list[Comparison], tol: Tolerance,
     nonfinite = [r.label for r in ok if not (math.isfinite(r.grad_norm) and math.isfinite(r.loss))]
     if nonfinite:
         lines.append(f"Non-finite loss or gradient (NaN/inf) in {', '.join(nonfinite)}.")
+
+    tf32 = sorted({r.backend for r in ok if r.unit_roundoff == UNIT_ROUNDOFF["tf32"]})
+    if tf32:
+        lines.append(f"TF32 was possible in {', '.join(tf32)} (precision = {'default'!r}): pairs with it "
+                     f"use TF32's roundoff 2^-11, so differences below rtol {_fmt(tol.rtol(UNIT_ROUNDOFF['tf32']))} "
+                     "cannot be told from rounding; rerun with precision = 'highest' to resolve them.")
 
     disagreeing = [c for c in comparisons if not c.agree]
     if len(ok) < 2:

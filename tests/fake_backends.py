@@ -17,6 +17,7 @@ import time
 
 from gradparity.backends import numpy_backend
 from gradparity.backends.protocol import RawResult
+from gradparity.backends.worker import TIMED_CALLS
 
 
 class FaultySession:
@@ -32,7 +33,7 @@ class FaultySession:
 
     def compute(self, method):
         self.calls += 1
-        if self.mode == "crash_after_first" and self.calls > 2:  # two calls per method: warm-up + timed
+        if self.mode == "crash_after_first" and self.calls > 1 + TIMED_CALLS:  # warm-up + timed calls
             os.kill(os.getpid(), signal.SIGKILL)
         if self.mode == "hang":
             time.sleep(3600)

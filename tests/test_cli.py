@@ -135,3 +135,16 @@ def test_default_config_is_printed_and_parses(tmp_path):
     path = tmp_path / "default.toml"
     path.write_text(proc.stdout)
     assert gradparity("run", str(path), "--check").returncode == 0
+
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+
+
+@pytest.mark.parametrize("name", sorted(f for f in os.listdir(EXAMPLES) if f.endswith(".toml")))
+def test_example_configs_are_valid(name, tmp_path):
+    config = tmp_path / name
+    config.write_text(open(os.path.join(EXAMPLES, name)).read())
+    subprocess.run([sys.executable, os.path.join(EXAMPLES, "make_npz.py"), str(tmp_path / "my_data.npz")],
+                   check=True)
+    proc = gradparity("run", str(config), "--check")
+    assert proc.returncode == 0, proc.stderr

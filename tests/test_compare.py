@@ -149,3 +149,11 @@ def test_failed_rows_make_the_verdict_incomplete_not_agree():
     v = decide(rs, compare_all(rs, TOL), TOL, N)
     assert v.status == "incomplete" and v.exit_code == EXIT_INCOMPLETE
     assert compare_all(rs, TOL) and all(c.a != "c/mean" and c.b != "c/mean" for c in compare_all(rs, TOL))
+
+
+def test_tf32_rows_are_flagged_in_the_explanation():
+    g = grads_like()
+    a = result("a", "mean", g)
+    b = Result("b", "mean", "ok", None, 1.5, 1.5, 1.0, "1", 1.0, 0.001, "float32", "cuda:0", 2.0 ** -11, g)
+    v = decide([a, b], compare_all([a, b], TOL), TOL, N)
+    assert v.status == "agree" and any("TF32 was possible in b" in line for line in v.explanation)

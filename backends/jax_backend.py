@@ -1,0 +1,252 @@
+"""JAX backend: a Flax NNX MLP, optax cross-entropy, gradients by jax.grad / vjp / vmap.
+
+The model is an ``nnx.Module`` used through its functional view:
+``graphdef, params = nnx.split(model)`` once, then a pure
+``apply(params, x) = nnx.merge(graphdef, params)(x)`` that jax.grad,
+jax.vjp and jax.vmap transform like any function of a pytree. Every
+gradient function is ``jax.jit``-compiled (the native idiom); the worker's
+warm-up call pays the compilation, the timed call does not.
+
+Parameter names are mapped through NNX state paths, ``('layers', i,
+'kernel')`` <-> ``layers.{i}.kernel``, in both directions and checked for
+an exact match, so nothing depends on dict or pytree ordering. Flax
+kernels are ``(in, out)`` like the canonical layout: no transposes.
+
+Read at import by jax (set by the parent, see ``BackendInfo``):
+``JAX_ENABLE_X64`` (float64 jobs need it), ``JAX_PLATFORMS``,
+``XLA_PYTHON_CLIENT_PREALLOCATE=false``.
+"""
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from gradparity.backends.protocol import DeviceUnavailable, RawResult, WorkerJob
+
+_ACTIVATIONS = {
+    "relu": jax.nn.relu,  # derivative 0 at z == 0, like the reference's (z > 0)
+    "tanh": jnp.tanh,
+    "sigmoid": jax.nn.sigmoid,
+    "identity": lambda z: z,
+}
+
+# jax_default_matmul_precision values that force full float32 matmuls (no TF32).
+_FULL_F32 = {"highest", "float32", "f32_f32_f32"}
+
+
+class MLP(nnx.Module):
+    """Dense layers ``sizes[0] -> ... -> sizes[-1]``; ``activation`` after all but the last (logits)."""
+
+    def __init__(self, sizes, activation, dtype, precision, rngs):
+        # nnx.List (not nnx.Sequential, which would interleave the activations)
+        # so layer i lives at state path ('layers', i, ...), the canonical name.
+        self.layers = nnx.List([
+            nnx.Linear(a, b, dtype=dtype, param_dtype=dtype, precision=precision, rngs=rngs)
+            for a, b in zip(sizes[:-1], sizes[1:])
+        ])
+        self.activation = _ACTIVATIONS[activation]
+
+    def __call__(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = self.activation(x)
+        return x
+
+
+def _name(path) -> str:
+    return ".".join(str(key) for key in path)
+
+
+def _state_to_canonical(state) -> dict[str, np.ndarray]:
+    """NNX state (params or their gradients) -> canonical {name: numpy array}; blocks until computed."""
+    return {_name(path): np.asarray(var.get_value()) for path, var in nnx.to_flat_state(state)}
+
+
+def _pick_device(requested: str):
+    """Return (device, note) for 'cpu' | 'gpu' | 'auto' (see the contract's device rules)."""
+    if requested == "cpu":
+        return jax.devices("cpu")[0], None
+    try:
+        # RuntimeError when jax has no GPU platform (CPU-only jaxlib, no visible
+        # card, or a CUDA plugin that failed to initialize).
+        return jax.devices("gpu")[0], None
+    except RuntimeError as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if requested == "gpu":
+            raise DeviceUnavailable(f"device 'gpu' was requested but jax sees no GPU ({reason})") from None
+        if requested == "auto":
+            return jax.devices("cpu")[0], "no GPU visible to jax; ran on the CPU"
+        raise ValueError(f"unknown device {requested!r}") from None
+
+
+def _device_label(device) -> str:
+    if device.platform == "cpu":
+        return "cpu"
+    vendor = "rocm" if "rocm" in str(getattr(device.client, "platform_version", "")).lower() else "cuda"
+    return f"{vendor}:{device.id} ({device.device_kind})"
+
+
+def _may_use_tf32(device, dtype: str, matmul_precision, layer_precision) -> bool:
+    """True when float32 matmuls in this run could have run in TF32.
+
+    JAX's GPU default precision lets XLA use TF32 on compute capability >= 8.0;
+    only a full-float32 setting (global or per layer) rules it out.
+    """
+    if device.platform != "gpu" or dtype != "float32":
+        return False
+    if layer_precision == jax.lax.Precision.HIGHEST:
+        return False
+    if matmul_precision is not None and str(matmul_precision).lower() in _FULL_F32:
+        return False
+    capability = getattr(device, "compute_capability", None)  # e.g. "9.0" on CUDA
+    if capability is None:
+        return True  # unknown hardware: cannot rule TF32 out
+    return tuple(int(p) for p in str(capability).split(".")[:2]) >= (8, 0)
+
+
+def _version(package: str) -> str:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+class JaxSession:
+    """Parameters and batch live on the chosen device; each method is a jitted pure function."""
+
+    def __init__(self, job: WorkerJob):
+        if job.loss["name"] != "cross_entropy":
+            raise ValueError(f"jax backend has no loss {job.loss['name']!r}")
+        if job.model.get("kind", "mlp") != "mlp":
+            raise ValueError(f"jax backend has no model kind {job.model['kind']!r}")
+        if job.dtype == "float64" and not jax.config.jax_enable_x64:
+            # Without x64 jax silently computes float64 inputs in float32.
+            raise RuntimeError("a float64 job needs JAX_ENABLE_X64=1 in the worker's environment "
+                               "(jax reads it at import); it is not set")
+        self.job = job
+        self.device, self.device_note = _pick_device(job.device)
+        if job.precision == "highest":
+            # Global switch (every matmul jax traces from now on) plus the layers' own.
+            jax.config.update("jax_default_matmul_precision", "highest")
+            self.layer_precision = jax.lax.Precision.HIGHEST
+        else:
+            self.layer_precision = None  # the framework's default
+        dtype = jnp.dtype(job.dtype)
+
+        # eval_shape: build the module without running the random initializers,
+        # then fill every parameter from the canonical arrays by its path.
+        abstract = nnx.eval_shape(lambda: MLP(job.model["sizes"], job.model["activation"], dtype,
+                                              self.layer_precision, nnx.Rngs(0)))
+        self.graphdef, abstract_state = nnx.split(abstract)
+        flat = nnx.to_flat_state(abstract_state)
+        names = [_name(path) for path, _ in flat]
+        if sorted(names) != sorted(job.params):
+            raise ValueError(f"model parameters {sorted(names)} do not match the job's {sorted(job.params)}")
+        filled = []
+        for path, var in flat:
+            value = np.asarray(job.params[_name(path)])
+            if value.shape != var.shape:
+                raise ValueError(f"{_name(path)}: canonical shape {value.shape}, Flax expects {var.shape}")
+            filled.append((path, var.replace(jax.device_put(value.astype(dtype), self.device))))
+        self.params = nnx.from_flat_state(filled)
+        self.x = jax.device_put(np.asarray(job.batch["x"], dtype=dtype), self.device)
+        # int32 labels: without x64 jax would truncate int64 with a warning anyway.
+        self.y = jax.device_put(np.asarray(job.batch["y"]).astype(np.int32), self.device)
+        self._build()
+
+    def _build(self):
+        graphdef = self.graphdef
+
+        def losses_fn(params, x, y):
+            """Per-example losses, shape (N,): optax returns them unreduced."""
+            logits = nnx.merge(graphdef, params)(x)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y)
+
+        # optax has no `reduction` argument: the reduction is the user's own jnp.sum / jnp.mean.
+        def sum_loss(params, x, y):
+            return jnp.sum(losses_fn(params, x, y))
+
+        def mean_loss(params, x, y):
+            return jnp.mean(losses_fn(params, x, y))
+
+        def single_loss(params, xi, yi):
+            """Loss of one unbatched example (the function vmap maps over)."""
+            return losses_fn(params, xi[None], yi[None])[0]
+
+        def none_loop(params, x, y):
+            # One forward, then one pullback per example with cotangent e_i:
+            # JAX's loss[i].backward(retain_graph=True); the vjp residuals are the retained graph.
+            losses, pullback = jax.vjp(lambda p: losses_fn(p, x, y), params)
+            n = losses.shape[0]
+
+            def body(i, acc):
+                (grads,) = pullback(jax.nn.one_hot(i, n, dtype=losses.dtype))
+                return jax.tree.map(jnp.add, acc, grads)
+
+            total = jax.lax.fori_loop(0, n, body, jax.tree.map(jnp.zeros_like, params))
+            return jnp.sum(losses), total
+
+        def none_vectorized(params, x, y):
+            losses, grads = jax.vmap(jax.value_and_grad(single_loss), in_axes=(None, 0, 0))(params, x, y)
+            return jnp.sum(losses), jax.tree.map(lambda g: jnp.sum(g, axis=0), grads)
+
+        def one_example_step(params, loss_acc, grads_acc, x, y, i):
+            # x[i:i+1] with a traced i, so one compilation serves every example.
+            xi = jax.lax.dynamic_slice_in_dim(x, i, 1)
+            yi = jax.lax.dynamic_slice_in_dim(y, i, 1)
+            loss, grads = jax.value_and_grad(mean_loss)(params, xi, yi)
+            return loss_acc + loss, jax.tree.map(jnp.add, grads_acc, grads)
+
+        self._fns = {
+            "none_loop": jax.jit(none_loop),
+            "none_vectorized": jax.jit(none_vectorized),
+            "sum": jax.jit(jax.value_and_grad(sum_loss)),
+            "mean": jax.jit(jax.value_and_grad(mean_loss)),
+        }
+        self._one_example_step = jax.jit(one_example_step)
+        # Jitted so the zeros land on the params' device, not on jax's default one.
+        self._zero_accumulators = jax.jit(
+            lambda params, x: (jnp.zeros((), x.dtype), jax.tree.map(jnp.zeros_like, params)))
+
+    def environment(self) -> dict:
+        leaves = [var.get_value() for _, var in nnx.to_flat_state(self.params)]
+        dtypes = sorted({str(leaf.dtype) for leaf in leaves} | {str(self.x.dtype)})
+        dtype = dtypes[0] if len(dtypes) == 1 else "mixed: " + ", ".join(dtypes)
+        matmul_precision = jax.config.jax_default_matmul_precision
+        return {
+            "framework": "jax",
+            "versions": {p: _version(p) for p in ("jax", "jaxlib", "flax", "optax")},
+            "device": _device_label(self.device),
+            "device_kind": "cpu" if self.device.platform == "cpu" else "gpu",
+            "device_note": self.device_note,
+            "dtype": dtype,
+            "precision": {
+                "jax_default_matmul_precision": None if matmul_precision is None else str(matmul_precision),
+                "linear_precision": None if self.layer_precision is None else str(self.layer_precision),
+                "requested": self.job.precision,
+            },
+            "tf32": _may_use_tf32(self.device, dtype, matmul_precision, self.layer_precision),
+        }
+
+    def compute(self, method: str) -> RawResult:
+        """Run ``method`` from scratch; returns the native loss and gradients as numpy (computed, not pending)."""
+        if method in self._fns:
+            loss, grads = self._fns[method](self.params, self.x, self.y)
+        elif method == "one_by_one":
+            loss, grads = self._zero_accumulators(self.params, self.x)
+            for i in range(self.job.n_examples):
+                loss, grads = self._one_example_step(self.params, loss, grads, self.x, self.y, i)
+        else:
+            raise ValueError(f"unknown method {method!r}")
+        return RawResult(float(loss), _state_to_canonical(grads))
+
+
+def open_session(job: WorkerJob) -> JaxSession:
+    """Pick the device, pin precision, build the Flax model from the canonical parameters."""
+    return JaxSession(job)

@@ -1,0 +1,215 @@
+"""PyTorch backend: the MLP as an ``nn.Sequential``, each method in torch's own idiom.
+
+Imported only inside a worker process (see ``gradparity.backends.worker``),
+so importing torch at the top is intended. Parameters arrive canonical
+(kernels ``(in, out)``); ``nn.Linear.weight`` is ``(out, in)``, so kernels
+are transposed on the way in and their gradients on the way out.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call, grad_and_value, vmap
+
+from gradparity.backends.protocol import DeviceUnavailable, RawResult, WorkerJob
+
+_ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "identity": nn.Identity}
+
+#: Nodes of the fp32-precision tree (torch >= 2.9). Setting a parent also sets its children.
+_PRECISION_NODES = {
+    "generic": lambda b: b,
+    "cuda.matmul": lambda b: b.cuda.matmul,
+    "cudnn": lambda b: b.cudnn,  # the "cuda / all" node
+    "cudnn.conv": lambda b: b.cudnn.conv,
+    "cudnn.rnn": lambda b: b.cudnn.rnn,
+    "mkldnn": lambda b: b.mkldnn,
+    "mkldnn.matmul": lambda b: b.mkldnn.matmul,
+    "mkldnn.conv": lambda b: b.mkldnn.conv,
+    "mkldnn.rnn": lambda b: b.mkldnn.rnn,
+}
+
+
+def _has_fp32_precision_api() -> bool:
+    return hasattr(torch.backends, "fp32_precision")
+
+
+def _pin_highest_precision() -> None:
+    """Forbid TF32/bf16 internals for float32 everywhere torch has a switch.
+
+    Both API families are set, legacy first and to the same values: torch
+    cross-checks them (``allowTF32CuBLAS``/``allowTF32CuDNN`` raise
+    "mix of the legacy and new APIs" when they disagree), and setting only
+    the new one leaves the legacy cuDNN flag at True, which makes reading it
+    an error. Legacy first because ``cudnn.allow_tf32 = False`` resets the
+    new cuDNN nodes to "none".
+    """
+    with warnings.catch_warnings():
+        # Some releases since 2.9 warn that these switches will go (2.13 does not).
+        warnings.simplefilter("ignore")
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        torch.set_float32_matmul_precision("highest")
+    if _has_fp32_precision_api():
+        for get_node in _PRECISION_NODES.values():
+            get_node(torch.backends).fp32_precision = "ieee"
+
+
+def _read_legacy(getter):
+    """A legacy precision flag, or why torch refused to read it (it raises on mixed API use)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return getter()
+    except RuntimeError as exc:
+        return f"unreadable: {str(exc).split(',')[0]}"
+
+
+def _read_precision(requested: str) -> dict:
+    """The precision settings as torch reports them now, both API families where they exist."""
+    out: dict = {"requested": requested}
+    if _has_fp32_precision_api():
+        for name, get_node in _PRECISION_NODES.items():
+            out[f"fp32_precision.{name}"] = get_node(torch.backends).fp32_precision
+    out["float32_matmul_precision"] = _read_legacy(torch.get_float32_matmul_precision)
+    out["cuda.matmul.allow_tf32"] = _read_legacy(lambda: torch.backends.cuda.matmul.allow_tf32)
+    out["cudnn.allow_tf32"] = _read_legacy(lambda: torch.backends.cudnn.allow_tf32)
+    # Set by NVIDIA's containers: the first makes torch start with TF32 matmuls (pinning
+    # overrides it), the second is read by cuBLAS/cuDNN themselves ("0" forbids TF32).
+    for name in ("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "NVIDIA_TF32_OVERRIDE"):
+        out[f"env.{name}"] = os.environ.get(name)
+    return out
+
+
+def _cublas_may_use_tf32() -> bool:
+    """Whether float32 cuBLAS matmuls may run in TF32 under the current settings."""
+    if _has_fp32_precision_api():
+        # Resolve as ATen does: the op's node, then "cuda / all", then "generic".
+        b = torch.backends
+        for value in (b.cuda.matmul.fp32_precision, b.cudnn.fp32_precision, b.fp32_precision):
+            if value != "none":
+                return value == "tf32"
+        return False
+    return bool(torch.backends.cuda.matmul.allow_tf32)
+
+
+def _pick_device(requested: str) -> tuple[torch.device, str | None]:
+    """Return (device, note on a fallback or None); raise DeviceUnavailable for 'gpu' without one."""
+    if requested == "cpu":
+        return torch.device("cpu"), None
+    if torch.cuda.is_available():
+        return torch.device("cuda:0"), None
+    why = ("this torch build has no CUDA support" if torch.version.cuda is None
+           else "torch sees no CUDA GPU")
+    if requested == "gpu":
+        raise DeviceUnavailable(f"device 'gpu' was requested but {why} (torch {torch.__version__}).")
+    return torch.device("cpu"), f"no GPU visible to torch ({why}); ran on the CPU"
+
+
+class TorchSession:
+    """The model on its device with the canonical parameters loaded; computes every method."""
+
+    def __init__(self, job: WorkerJob):
+        if job.model.get("kind") != "mlp":
+            raise ValueError(f"torch backend has no model kind {job.model.get('kind')!r}")
+        if job.loss["name"] != "cross_entropy":
+            raise ValueError(f"torch backend has no loss {job.loss['name']!r}")
+        self.job = job
+        self.device, self.device_note = _pick_device(job.device)
+        if job.precision == "highest":
+            _pin_highest_precision()
+        dtype = {"float32": torch.float32, "float64": torch.float64}[job.dtype]
+
+        sizes = job.model["sizes"]
+        layers: list[nn.Module] = []
+        self.linears: list[nn.Linear] = []
+        for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+            linear = nn.Linear(n_in, n_out, dtype=dtype, device=self.device)
+            with torch.no_grad():  # overwrite torch's random init with the canonical values
+                linear.weight.copy_(torch.from_numpy(job.params[f"layers.{i}.kernel"].T))
+                linear.bias.copy_(torch.from_numpy(job.params[f"layers.{i}.bias"]))
+            layers.append(linear)
+            self.linears.append(linear)
+            if i < len(sizes) - 2:
+                layers.append(_ACTIVATIONS[job.model["activation"]]())
+        self.model = nn.Sequential(*layers)
+        self.x = torch.from_numpy(job.batch["x"]).to(self.device, dtype)
+        self.y = torch.from_numpy(job.batch["y"]).to(self.device, torch.int64)
+
+    def environment(self) -> dict:
+        dtype = self.linears[0].weight.dtype
+        on_gpu = self.device.type == "cuda"
+        if on_gpu:
+            index = self.device.index or 0
+            device = f"{self.device} ({torch.cuda.get_device_name(index)})"
+            capability = torch.cuda.get_device_capability(index)
+        else:
+            device, capability = "cpu", (0, 0)
+        return {
+            "framework": "torch",
+            "versions": {"torch": torch.__version__},
+            "device": device,
+            "device_kind": "gpu" if on_gpu else "cpu",
+            "device_note": self.device_note,
+            "dtype": str(dtype).removeprefix("torch."),
+            "precision": _read_precision(self.job.precision),
+            # An MLP runs only cuBLAS matmuls, so cuDNN's (default-on) TF32 flag cannot apply here.
+            "tf32": on_gpu and capability >= (8, 0) and dtype == torch.float32
+            and _cublas_may_use_tf32(),
+        }
+
+    def _grads(self, per_name: dict[str, torch.Tensor] | None = None) -> dict[str, np.ndarray]:
+        """Canonical numpy gradients, from ``.grad`` or from a dict keyed like named_parameters()."""
+        out = {}
+        for i, linear in enumerate(self.linears):
+            if per_name is None:
+                weight, bias = linear.weight.grad, linear.bias.grad
+            else:
+                weight, bias = per_name[f"{2 * i}.weight"], per_name[f"{2 * i}.bias"]
+            out[f"layers.{i}.kernel"] = np.ascontiguousarray(weight.detach().cpu().numpy().T)
+            out[f"layers.{i}.bias"] = bias.detach().cpu().numpy()
+        return out
+
+    def compute(self, method: str) -> RawResult:
+        """Run ``method`` from scratch; returns its native (unnormalized) loss and gradients."""
+        for p in self.model.parameters():
+            p.grad = None  # nothing accumulated by an earlier call may leak into this one
+        x, y, model = self.x, self.y, self.model
+
+        if method == "none_loop":
+            losses = nn.CrossEntropyLoss(reduction="none")(model(x), y)
+            for i in range(len(y)):
+                losses[i].backward(retain_graph=True)  # .grad accumulates across examples
+            return RawResult(losses.detach().sum().item(), self._grads())
+        if method == "none_vectorized":
+            params = {k: v.detach() for k, v in model.named_parameters()}
+            loss_fn = nn.CrossEntropyLoss(reduction="sum")
+
+            def example_loss(p, xi, yi):
+                # vmap strips the example axis; the model sees a batch of one.
+                return loss_fn(functional_call(model, p, (xi.unsqueeze(0),)), yi.unsqueeze(0))
+
+            grads, losses = vmap(grad_and_value(example_loss), in_dims=(None, 0, 0))(params, x, y)
+            summed = {k: g.sum(dim=0) for k, g in grads.items()}
+            return RawResult(losses.sum().item(), self._grads(summed))
+        if method in ("sum", "mean"):
+            loss = nn.CrossEntropyLoss(reduction=method)(model(x), y)
+            loss.backward()
+            return RawResult(loss.item(), self._grads())
+        if method == "one_by_one":
+            loss_fn = nn.CrossEntropyLoss(reduction="mean")
+            total = torch.zeros((), dtype=x.dtype, device=x.device)
+            for i in range(len(y)):
+                loss = loss_fn(model(x[i:i + 1]), y[i:i + 1])
+                loss.backward()
+                total += loss.detach()  # on the device: no host sync per example
+            return RawResult(total.item(), self._grads())
+        raise ValueError(f"unknown method {method!r}")
+
+
+def open_session(job: WorkerJob) -> TorchSession:
+    """Pick the device, pin precision, build the model; may raise DeviceUnavailable."""
+    return TorchSession(job)
