@@ -64,6 +64,21 @@ def backward(params, zs, acts, dlogits, num_layers, activation, per_example):
     return grads
 
 
+def term_scale(params, x, y, model: dict) -> dict[str, float]:
+    """Per tensor, the largest entry of mean_i |grad l_i|: the size of the terms the batch gradient sums.
+
+    Rounding error in a sum is proportional to the sum of the terms' magnitudes,
+    not to the result; where per-example gradients cancel (near an optimum, or a
+    bias whose terms change sign), this is far larger than the gradient itself.
+    """
+    params = {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
+    num_layers = len(model["sizes"]) - 1
+    zs, acts = forward(params, np.asarray(x, dtype=np.float64), num_layers, model["activation"])
+    _, dlogits = cross_entropy(zs[-1], np.asarray(y))
+    per_ex = backward(params, zs, acts, dlogits, num_layers, model["activation"], per_example=True)
+    return {k: float(np.max(np.mean(np.abs(g), axis=0))) if g.size else 0.0 for k, g in per_ex.items()}
+
+
 class NumpySession:
     """The reference session: every method is the same mathematics, organized as that method is."""
 

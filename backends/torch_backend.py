@@ -37,7 +37,7 @@ def _has_fp32_precision_api() -> bool:
     return hasattr(torch.backends, "fp32_precision")
 
 
-def _pin_highest_precision() -> None:
+def pin_highest_precision() -> None:
     """Forbid TF32/bf16 internals for float32 everywhere torch has a switch.
 
     Both API families are set, legacy first and to the same values: torch
@@ -68,7 +68,7 @@ def _read_legacy(getter):
         return f"unreadable: {str(exc).split(',')[0]}"
 
 
-def _read_precision(requested: str) -> dict:
+def read_precision(requested: str) -> dict:
     """The precision settings as torch reports them now, both API families where they exist."""
     out: dict = {"requested": requested}
     if _has_fp32_precision_api():
@@ -84,7 +84,7 @@ def _read_precision(requested: str) -> dict:
     return out
 
 
-def _cublas_may_use_tf32() -> bool:
+def cublas_may_use_tf32() -> bool:
     """Whether float32 cuBLAS matmuls may run in TF32 under the current settings."""
     if _has_fp32_precision_api():
         # Resolve as ATen does: the op's node, then "cuda / all", then "generic".
@@ -120,7 +120,7 @@ class TorchSession:
         self.job = job
         self.device, self.device_note = _pick_device(job.device)
         if job.precision == "highest":
-            _pin_highest_precision()
+            pin_highest_precision()
         dtype = {"float32": torch.float32, "float64": torch.float64}[job.dtype]
 
         sizes = job.model["sizes"]
@@ -155,10 +155,10 @@ class TorchSession:
             "device_kind": "gpu" if on_gpu else "cpu",
             "device_note": self.device_note,
             "dtype": str(dtype).removeprefix("torch."),
-            "precision": _read_precision(self.job.precision),
+            "precision": read_precision(self.job.precision),
             # An MLP runs only cuBLAS matmuls, so cuDNN's (default-on) TF32 flag cannot apply here.
             "tf32": on_gpu and capability >= (8, 0) and dtype == torch.float32
-            and _cublas_may_use_tf32(),
+            and cublas_may_use_tf32(),
         }
 
     def _grads(self, per_name: dict[str, torch.Tensor] | None = None) -> dict[str, np.ndarray]:

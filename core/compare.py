@@ -12,16 +12,19 @@ compounds through each), ``SAFETY`` a margin calibrated so that rounding
 alone never crosses it (see the README's calibration figures).
 
 A pair agrees when, for every parameter tensor p, the largest elementwise
-difference is at most ``rtol * max(|a_p|, |b_p|)`` (relative to the
-tensor's largest entry, not elementwise: near-zero entries carry absolute
-rounding error, not relative), and the losses differ by at most ``rtol``
-relative.
+difference is at most ``rtol * S_p`` and the losses differ by at most
+``rtol`` relative. ``S_p = max(max|a_p|, max|b_p|, T_p)``, where ``T_p`` is
+the largest entry of mean_i |grad l_i| (the per-example gradients' size,
+from the float64 reference): rounding error in a sum follows the size of
+its terms, not of the result, so where per-example gradients cancel the
+result alone would make rounding look like a bug. Not elementwise: a
+near-zero entry carries absolute, not relative, rounding error.
 """
 from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -33,19 +36,25 @@ SAFETY = 16.0
 
 @dataclass(frozen=True)
 class Tolerance:
-    """The relative tolerance model for one problem; ``rtol(u)`` gives the bound for a pair."""
+    """The relative tolerance model for one problem; ``rtol(u)`` gives the bound for a pair.
+
+    ``term_scale`` maps each parameter tensor to T_p (see module doc), or is
+    empty where no reference could compute it (then S_p uses the results alone).
+    """
 
     safety: float
     longest_sum: int  # K
     depth: int        # L
+    term_scale: dict[str, float] = field(default_factory=dict)
 
     def rtol(self, unit_roundoff: float) -> float:
         return self.safety * unit_roundoff * math.sqrt(self.longest_sum) * self.depth
 
     def formula(self) -> str:
         return (f"rtol = {self.safety:g} * u * sqrt(K={self.longest_sum}) * L={self.depth}; "
-                f"agree when max_p max|a_p - b_p| / max(|a_p|, |b_p|) <= rtol for every parameter "
-                f"tensor p, and |loss_a - loss_b| / max(|loss_a|, |loss_b|) <= rtol")
+                f"agree when max|a_p - b_p| / S_p <= rtol for every parameter tensor p, "
+                f"S_p = max(max|a_p|, max|b_p|, T_p), T_p = max entry of mean_i |grad l_i|, "
+                f"and |loss_a - loss_b| / max(|loss_a|, |loss_b|) <= rtol")
 
     def to_dict(self) -> dict:
         return {
@@ -55,17 +64,26 @@ class Tolerance:
             "L": self.depth,
             "rtol": {name: self.rtol(u) for name, u in UNIT_ROUNDOFF.items()},
             "unit_roundoff": dict(UNIT_ROUNDOFF),
+            "term_scale": dict(self.term_scale),
         }
 
 
-def tolerance_for(model: MLP, n_examples: int, safety: float = SAFETY) -> Tolerance:
+def tolerance_for(model: MLP, n_examples: int, term_scale: dict[str, float] | None = None,
+                  safety: float = SAFETY) -> Tolerance:
     """The tolerance model for an MLP on a batch of ``n_examples``."""
-    return Tolerance(safety, max(n_examples, *model.sizes), model.num_layers)
+    return Tolerance(safety, max(n_examples, *model.sizes), model.num_layers, dict(term_scale or {}))
+
+
+def problem_term_scale(params: dict, batch: dict, model: MLP) -> dict[str, float]:
+    """T_p for every tensor, from the float64 reference (pure numpy, computed in this process)."""
+    from gradparity.backends.numpy_backend import term_scale
+
+    return term_scale(params, batch["x"], batch["y"], model.to_dict())
 
 
 @dataclass(frozen=True)
 class Comparison:
-    """One pair of results. ``max_rel`` is relative to each tensor's largest entry (see module doc)."""
+    """One pair of results. ``max_rel`` is relative to each tensor's scale S_p (see module doc)."""
 
     a: str
     b: str
@@ -81,14 +99,15 @@ class Comparison:
     agree: bool
 
 
-def _rel_diff(a: dict, b: dict) -> tuple[float, float, str]:
-    """(max_abs, max_rel, worst parameter) of a - b, relative per tensor to its largest entry."""
+def _rel_diff(a: dict, b: dict, term_scale: dict[str, float]) -> tuple[float, float, str]:
+    """(max_abs, max_rel, worst parameter) of a - b; max_rel per tensor relative to S_p (module doc)."""
     max_abs, max_rel, worst = 0.0, 0.0, next(iter(a))
     for name in a:
         diff = np.abs(a[name] - b[name])
         d = float(np.max(diff)) if diff.size else 0.0
         s = max(float(np.max(np.abs(a[name]))) if a[name].size else 0.0,
-                float(np.max(np.abs(b[name]))) if b[name].size else 0.0)
+                float(np.max(np.abs(b[name]))) if b[name].size else 0.0,
+                term_scale.get(name, 0.0))
         if not math.isfinite(d) or not math.isfinite(s):
             r = math.inf
         elif s == 0.0:
@@ -106,7 +125,7 @@ def _rel_diff(a: dict, b: dict) -> tuple[float, float, str]:
 def compare_pair(ra: Result, rb: Result, tol: Tolerance) -> Comparison:
     """Compare two ok results with the tolerance of the less precise one."""
     a, b = ra.grads, rb.grads
-    max_abs, max_rel, worst = _rel_diff(a, b)
+    max_abs, max_rel, worst = _rel_diff(a, b, tol.term_scale)
     va = np.concatenate([a[k].ravel() for k in a])
     vb = np.concatenate([b[k].ravel() for k in a])
     na, nb = float(np.linalg.norm(va)), float(np.linalg.norm(vb))
@@ -114,7 +133,7 @@ def compare_pair(ra: Result, rb: Result, tol: Tolerance) -> Comparison:
     if finite and na > 0 and nb > 0:
         cosine = float(np.dot(va, vb) / (na * nb))
         scale = float(np.dot(va, vb) / (nb * nb))
-        _, scaled_rel, _ = _rel_diff(a, {k: scale * v for k, v in b.items()})
+        _, scaled_rel, _ = _rel_diff(a, {k: scale * v for k, v in b.items()}, tol.term_scale)
     else:
         cosine = 1.0 if finite and na == nb == 0 else math.nan
         scale, scaled_rel = math.nan, math.nan

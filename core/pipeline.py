@@ -8,7 +8,7 @@ from typing import Callable
 
 from gradparity.backends import BACKENDS, BackendInfo
 from gradparity.backends.protocol import WorkerJob
-from gradparity.compare import Comparison, Tolerance, compare_all, tolerance_for
+from gradparity.compare import Comparison, Tolerance, compare_all, problem_term_scale, tolerance_for
 from gradparity.execute import BackendOutcome, run_backend
 from gradparity.inputs import CanonicalInputs, build_inputs
 from gradparity.normalize import Result, normalize
@@ -72,9 +72,10 @@ def run_experiment(
             + (f" - {outcome.error.splitlines()[0]}" if outcome.error else ""))
         outcomes.append(outcome)
     results = normalize(outcomes, exp.methods, inputs.n_examples)
-    tol = tolerance_for(inputs.model, inputs.n_examples)
+    tol = tolerance_for(inputs.model, inputs.n_examples,
+                        problem_term_scale(inputs.params, inputs.batch, inputs.model))
     comparisons = compare_all(results, tol)
-    verdict = decide(results, comparisons, tol, inputs.n_examples)
+    verdict = decide(results, comparisons, tol, inputs.n_examples, exp.dtype)
     report = Report(exp, inputs, outcomes, results, tol, comparisons, verdict, started, _now())
     if out_dir is not None:
         from gradparity.report import write_report

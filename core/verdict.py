@@ -88,8 +88,12 @@ def _describe_cluster(group: list[str], consensus: list[str], results: dict[str,
 
 
 def decide(results: list[Result], comparisons: list[Comparison], tol: Tolerance,
-           n_examples: int) -> Verdict:
-    """Turn results and comparisons into a Verdict (status, exit code, explanation)."""
+           n_examples: int, requested_dtype: str | None = None) -> Verdict:
+    """Turn results and comparisons into a Verdict (status, exit code, explanation).
+
+    ``requested_dtype`` is the experiment's dtype: a backend that reports
+    narrower arithmetic is named, since its pairs get the wider tolerance.
+    """
     ok = [r for r in results if r.ok]
     failed = [r for r in results if not r.ok]
     by_label = {r.label: r for r in results}
@@ -102,6 +106,11 @@ def decide(results: list[Result], comparisons: list[Comparison], tol: Tolerance,
     if nonfinite:
         lines.append(f"Non-finite loss or gradient (NaN/inf) in {', '.join(nonfinite)}.")
 
+    narrowed = sorted({r.backend for r in ok if requested_dtype == "float64" and r.dtype == "float32"})
+    if narrowed:
+        lines.append(f"{', '.join(narrowed)} computed part of this float64 run in float32 (see "
+                     "precision in its environment), so its pairs use float32's tolerance "
+                     f"{_fmt(tol.rtol(UNIT_ROUNDOFF['float32']))}.")
     tf32 = sorted({r.backend for r in ok if r.unit_roundoff == UNIT_ROUNDOFF["tf32"]})
     if tf32:
         lines.append(f"TF32 was possible in {', '.join(tf32)} (precision = {'default'!r}): pairs with it "

@@ -31,6 +31,7 @@ PROBLEMS = [  # (features, hidden, classes, N, activation)
     (100, [64, 64, 64], 20, 32, "relu"),
     (8, [], 4, 512, "identity"),
     (30, [16], 7, 7, "sigmoid"),
+    (5, [7, 7], 3, 13, "tanh"),  # a first-layer bias whose per-example terms cancel 17-fold
 ]
 
 

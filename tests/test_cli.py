@@ -42,14 +42,16 @@ def framework():
     return next((b for b in ("torch", "jax", "keras-tensorflow") if installed(b)), None)
 
 
-def recheck(comparison, grads):
-    """max_rel recomputed from gradients.npz alone: per tensor, max|a-b| / max(|a|,|b|)."""
+def recheck(comparison, grads, term_scale):
+    """max_rel recomputed from gradients.npz: per tensor, max|a-b| / max(|a|, |b|, T_p)."""
     worst = 0.0
     prefix_a, prefix_b = comparison["a"] + "/", comparison["b"] + "/"
     for key in grads:
         if key.startswith(prefix_a):
-            a, b = grads[key], grads[prefix_b + key[len(prefix_a):]]
-            worst = max(worst, np.max(np.abs(a - b)) / max(np.max(np.abs(a)), np.max(np.abs(b))))
+            param = key[len(prefix_a):]
+            a, b = grads[key], grads[prefix_b + param]
+            scale = max(np.max(np.abs(a)), np.max(np.abs(b)), term_scale[param])
+            worst = max(worst, np.max(np.abs(a - b)) / scale)
     return worst
 
 
@@ -75,7 +77,8 @@ def test_run_writes_a_complete_recheckable_report(tiny, tmp_path):
         grads = {k: z[k] for k in z.files}
     assert f"numpy/mean/layers.0.kernel" in grads and grads["numpy/mean/layers.0.kernel"].shape == (5, 4)
     for c in doc["comparisons"]:
-        assert c["max_rel"] == pytest.approx(recheck(c, grads), rel=1e-9, abs=1e-300)
+        assert c["max_rel"] == pytest.approx(recheck(c, grads, doc["tolerance"]["term_scale"]),
+                                             rel=1e-9, abs=1e-300)
         assert c["agree"] == (c["max_rel"] <= c["tolerance"] and c["loss_rel"] <= c["tolerance"])
     with np.load(out / "inputs.npz") as z:
         assert set(z.files) == {"params/layers.0.kernel", "params/layers.0.bias", "params/layers.1.kernel",

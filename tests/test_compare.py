@@ -4,8 +4,11 @@ import math
 import numpy as np
 import pytest
 
+from gradparity.backends.numpy_backend import NumpySession, term_scale
+from gradparity.backends.protocol import WorkerJob
 from gradparity.compare import SAFETY, compare_all, compare_pair, tolerance_for
 from gradparity.execute import BackendOutcome, MethodOutcome
+from gradparity.inputs import init_params
 from gradparity.methods import METHODS
 from gradparity.models import MLP
 from gradparity.normalize import UNIT_ROUNDOFF, Result, normalize
@@ -157,3 +160,43 @@ def test_tf32_rows_are_flagged_in_the_explanation():
     b = Result("b", "mean", "ok", None, 1.5, 1.5, 1.0, "1", 1.0, 0.001, "float32", "cuda:0", 2.0 ** -11, g)
     v = decide([a, b], compare_all([a, b], TOL), TOL, N)
     assert v.status == "agree" and any("TF32 was possible in b" in line for line in v.explanation)
+
+
+def test_cancelling_terms_widen_the_scale_of_that_tensor_only():
+    # A gradient of size 1e-3 summed from terms of size 1: rounding of the terms (1e-7 absolute)
+    # is 1e-4 of the result - a false alarm if measured against the result alone.
+    g = grads_like()
+    g["layers.1.bias"] = g["layers.1.bias"] * 1e-3 / np.max(np.abs(g["layers.1.bias"]))
+    h = {k: v.copy() for k, v in g.items()}
+    h["layers.1.bias"][0] += 1e-7
+    plain = compare_pair(result("a", "mean", g), result("b", "mean", h), TOL)
+    scaled_tol = tolerance_for(MODEL, N, {"layers.1.bias": 1.0})
+    scaled = compare_pair(result("a", "mean", g), result("b", "mean", h), scaled_tol)
+    assert not plain.agree and plain.max_rel == pytest.approx(1e-4, rel=1e-6)
+    assert scaled.agree and scaled.max_rel == pytest.approx(1e-7, rel=1e-6)
+
+
+def test_term_scale_bounds_the_gradient_and_equals_it_for_one_example():
+    rng = np.random.default_rng(5)
+    model = MLP((6, 5, 3), "tanh")
+    params = init_params(model, 0, "float64")
+    for n in (1, 9):
+        x, y = rng.standard_normal((n, 6)), rng.integers(0, 3, n)
+        t = term_scale(params, x, y, model.to_dict())
+        job = WorkerJob("numpy", "numpy", None, "", None, (), ("mean",), "float64", "cpu", "highest",
+                        model.to_dict(), {"name": "cross_entropy"}, params, {"x": x, "y": y})
+        mean = NumpySession(job).compute("mean").grads
+        for k, g in mean.items():
+            if n == 1:
+                assert t[k] == pytest.approx(np.max(np.abs(g)), rel=1e-12)
+            else:  # |mean_i g_i| <= mean_i |g_i| entry by entry
+                assert np.max(np.abs(g)) <= t[k] * (1 + 1e-12)
+
+
+def test_a_backend_that_narrowed_float64_is_named():
+    g = grads_like()
+    a = result("a", "mean", g, dtype="float64")
+    b = result("b", "mean", g, dtype="float32")
+    v = decide([a, b], compare_all([a, b], TOL), TOL, N, requested_dtype="float64")
+    assert any(line.startswith("b computed part of this float64 run in float32") for line in v.explanation)
+    assert compare_all([a, b], TOL)[0].tolerance == TOL.rtol(UNIT_ROUNDOFF["float32"])

@@ -1,7 +1,7 @@
 """Each framework backend against the numpy reference: numpy in, numpy out, through the real worker.
 
 Tolerance, per parameter tensor: max|g - ref| <= RTOL[dtype] * max|ref| (and the
-same for the loss). The float64 bound is ~10^4 x the unit roundoff (rounding in a
+same for the loss), for the dtype the backend reports it computed in. The float64 bound is ~10^4 x the unit roundoff (rounding in a
 network this small stays near 10^-15); the float32 bound is ~170 x float32's unit
 roundoff. A wrong layout, a missing activation derivative or a 1/N slip is off
 by 10^-2 or more and fails both.
@@ -56,7 +56,12 @@ def test_backend_matches_numpy_reference(backend, case):
     assert outcome.status == "ok", outcome.error
     env = outcome.environment
     assert ENV_KEYS <= set(env), ENV_KEYS - set(env)
-    assert env["dtype"] == dtype
+    effective = env["dtype"]
+    if effective != dtype:
+        # Keras 3.15 demotes some float64 ops to float32 on jax/torch (keras-team/keras#23704);
+        # the backend must say so and is then held to the dtype it really computed in.
+        assert info.framework == "keras" and dtype == "float64", (effective, dtype)
+        assert effective in env["precision"]["keras_op_dtypes"].values()
     if env["device_kind"] == "cpu":
         assert env["tf32"] is False
         if device == "auto":
@@ -66,12 +71,12 @@ def test_backend_matches_numpy_reference(backend, case):
         row = outcome.methods[name]
         assert row.status == "ok", f"{backend}/{name}: {row.error}"
         ref = reference.compute(name)
-        assert row.loss == pytest.approx(ref.loss, rel=RTOL[dtype]), name
+        assert row.loss == pytest.approx(ref.loss, rel=RTOL[effective]), name
         for p, g in ref.grads.items():
             got = row.grads[p]
             assert got.dtype == np.dtype(dtype), f"{name} {p} returned {got.dtype}"
             err = float(np.max(np.abs(got.astype(np.float64) - g)))
-            assert err <= RTOL[dtype] * float(np.max(np.abs(g))), f"{backend}/{name} {p}: {err}"
+            assert err <= RTOL[effective] * float(np.max(np.abs(g))), f"{backend}/{name} {p}: {err}"
 
 
 @pytest.mark.parametrize("backend", FRAMEWORK_BACKENDS)

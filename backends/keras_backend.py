@@ -1,0 +1,468 @@
+"""Keras 3 backend: the canonical MLP as a ``keras.Sequential`` of ``Dense`` layers.
+
+The point of this backend is Keras' *own* reduction semantics: every loss
+is a ``keras.losses.SparseCategoricalCrossentropy(from_logits=True)`` with
+Keras' reductions ("none", "sum", and "sum_over_batch_size" for ``mean``,
+which divides by the number of elements of the per-example loss tensor).
+
+One code path builds the model, loads the weights, holds the loss objects
+and converts results; only the autodiff differs per Keras backend
+(``job.variant``, already in ``KERAS_BACKEND`` before this module is
+imported). Each variant is a small class with the same method names:
+
+``reduced(reduction, x, y) -> (loss, grads)``
+    one reduced loss, one backward (``sum``, ``mean``);
+``none_loop(x, y) -> (losses, grads)``
+    the "none" loss vector from one forward, one backward per example, summed;
+``none_vectorized(x, y) -> (losses, grads)``
+    per-example gradients from one vectorized call, then summed;
+``one_by_one(x, y) -> (losses, grads)``
+    each example alone, mean-reduced, one backward each, summed.
+
+``grads`` is a list aligned with ``model.trainable_variables``, in the
+framework's own tensors; ``losses`` are the per-example loss values.
+
+float64 is not always float64 here: Keras' type promotion
+(``keras.backend.result_type``) maps float64 results to float32 on its jax
+and torch backends, and some ops use it (keras 3.15.1: torch ``matmul`` and
+the "sum_over_batch_size" division, jax ``tanh``). That is Keras' own
+behaviour, so it is kept, and ``environment()`` reports the narrowest dtype
+any op computed in, with each op's dtype under ``precision``.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+
+import keras
+import numpy as np
+
+from gradparity.backends.protocol import DeviceUnavailable, RawResult, WorkerJob
+
+#: Keras' reduction name for each single-backward method.
+_REDUCTIONS = {"sum": "sum", "mean": "sum_over_batch_size"}
+_METHODS = ("none_loop", "none_vectorized", "sum", "mean", "one_by_one")
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class _Autodiff:
+    """What every variant shares; subclasses add device, precision and autodiff.
+
+    ``__init__(job)`` runs before any tensor exists: it picks the device
+    (raising ``DeviceUnavailable``) and pins precision. ``bind`` is called
+    once the model and loss objects exist.
+    """
+
+    packages: tuple[str, ...] = ()
+    device_note: str | None = None
+
+    def bind(self, model, losses: dict) -> None:
+        self.model = model
+        self.losses = losses
+        self.variables = model.trainable_variables
+
+    def scope(self):
+        """Context in which tensors are created and work runs (the chosen device)."""
+        return contextlib.nullcontext()
+
+    @staticmethod
+    def _add(total, grads):
+        # Native `+`, not keras.ops.add: Keras' type promotion may demote
+        # float64 to float32 on the jax and torch backends.
+        return list(grads) if total is None else [a + b for a, b in zip(total, grads)]
+
+    def one_by_one(self, x, y):
+        total, losses = None, []
+        for i in range(int(x.shape[0])):
+            loss, grads = self.reduced("sum_over_batch_size", x[i:i + 1], y[i:i + 1])
+            losses.append(loss)
+            total = self._add(total, grads)
+        return losses, total
+
+
+class _TensorFlow(_Autodiff):
+    """tf.GradientTape; tf.function for the single-backward step; tf.vectorized_map."""
+
+    packages = ("keras", "tensorflow")
+
+    def __init__(self, job: WorkerJob):
+        import tensorflow as tf
+
+        self.tf = tf
+        gpus = tf.config.list_physical_devices("GPU") if job.device != "cpu" else []
+        for gpu in tf.config.list_physical_devices("GPU"):
+            try:  # never grab the whole card; only possible before the runtime starts
+                tf.config.experimental.set_memory_growth(gpu, True)
+            except RuntimeError:
+                pass  # already initialized; TF_FORCE_GPU_ALLOW_GROWTH covers it
+        if job.device == "gpu" and not gpus:
+            raise DeviceUnavailable("keras-tensorflow: TensorFlow sees no GPU (device='gpu')")
+        if job.device == "auto" and not gpus:
+            self.device_note = "no GPU visible to TensorFlow; ran on the CPU"
+        self.device_name = "/GPU:0" if gpus else "/CPU:0"
+        self.gpu = gpus[0] if gpus else None
+        if job.precision == "highest":
+            tf.config.experimental.enable_tensor_float_32_execution(False)
+
+    def scope(self):
+        return self.tf.device(self.device_name)
+
+    def precision(self) -> dict:
+        return {"tensor_float_32_execution_enabled":
+                bool(self.tf.config.experimental.tensor_float_32_execution_enabled())}
+
+    def tf32_enabled(self) -> bool:
+        return bool(self.tf.config.experimental.tensor_float_32_execution_enabled())
+
+    def where(self, variable):
+        """(device text, 'cpu'|'gpu', compute capability or None) of a model variable."""
+        placed = variable.value.device  # e.g. /job:localhost/replica:0/task:0/device:GPU:0
+        if "GPU" not in placed.upper():
+            return "cpu", "cpu", None
+        details = self.tf.config.experimental.get_device_details(self.gpu)
+        index = placed.rsplit(":", 1)[-1]
+        name = details.get("device_name", "unknown GPU")
+        return f"gpu:{index} ({name})", "gpu", details.get("compute_capability")
+
+    def bind(self, model, losses):
+        super().bind(model, losses)
+        tf = self.tf
+
+        @tf.function
+        def reduced(reduction, x, y):  # one trace per (reduction, shape)
+            with tf.GradientTape() as tape:
+                loss = losses[reduction](y, model(x))
+            return loss, tape.gradient(loss, self.variables)
+
+        def one_example(xy):
+            xi, yi = xy
+            with tf.GradientTape() as tape:
+                loss = losses["sum"](yi[None], model(xi[None]))
+            return loss, tape.gradient(loss, self.variables)
+
+        # fallback_to_while_loop=False: fail loudly rather than silently loop.
+        per_example = tf.function(lambda x, y: tf.vectorized_map(
+            one_example, (x, y), fallback_to_while_loop=False))
+        self._reduced, self._per_example = reduced, per_example
+
+    def reduced(self, reduction, x, y):
+        return self._reduced(reduction, x, y)
+
+    def none_loop(self, x, y):
+        tf = self.tf
+        with tf.GradientTape(persistent=True) as tape:  # persistent = torch's retain_graph
+            losses = self.losses["none"](y, self.model(x))
+            # Slice inside the tape: each part must be on the tape to have a gradient.
+            parts = tf.unstack(losses)
+        total = None
+        for part in parts:
+            total = self._add(total, tape.gradient(part, self.variables))
+        del tape
+        return losses, total
+
+    def none_vectorized(self, x, y):
+        losses, per_example = self._per_example(x, y)
+        return losses, [self.tf.reduce_sum(g, axis=0) for g in per_example]
+
+
+class _Jax(_Autodiff):
+    """model.stateless_call in pure functions; jax.value_and_grad, jax.vjp, jax.vmap, jax.jit."""
+
+    packages = ("keras", "jax", "jaxlib")
+
+    def __init__(self, job: WorkerJob):
+        import jax
+
+        self.jax = jax
+        if job.dtype == "float64" and not jax.config.jax_enable_x64:
+            raise RuntimeError("keras-jax: float64 needs JAX's x64 mode, which is off "
+                               "(start the worker with JAX_ENABLE_X64=1)")
+        gpus = []
+        if job.device != "cpu":
+            try:
+                gpus = jax.devices("gpu")
+            except RuntimeError:  # no GPU platform at all (CPU-only jaxlib or JAX_PLATFORMS=cpu)
+                gpus = []
+        if job.device == "gpu" and not gpus:
+            raise DeviceUnavailable("keras-jax: JAX sees no GPU (device='gpu')")
+        if job.device == "auto" and not gpus:
+            self.device_note = "no GPU visible to JAX; ran on the CPU"
+        self.device = gpus[0] if gpus else jax.devices("cpu")[0]
+        if job.precision == "highest":
+            jax.config.update("jax_default_matmul_precision", "highest")
+
+    def scope(self):
+        return self.jax.default_device(self.device)
+
+    def precision(self) -> dict:
+        return {"jax_default_matmul_precision": self.jax.config.jax_default_matmul_precision}
+
+    def tf32_enabled(self) -> bool:
+        # JAX's default ('DEFAULT' / None) lets XLA use TF32 for float32 dots on GPUs.
+        setting = self.jax.config.jax_default_matmul_precision
+        return str(setting).lower() not in ("highest", "float32")
+
+    def where(self, variable):
+        (dev,) = variable.value.devices()
+        if dev.platform == "cpu":
+            return "cpu", "cpu", None
+        cc = getattr(dev, "compute_capability", None)  # "9.0" on CUDA devices
+        cc = tuple(int(p) for p in str(cc).split(".")) if cc else None
+        return f"{dev.platform}:{dev.id} ({dev.device_kind})", "gpu", cc
+
+    def bind(self, model, losses):
+        super().bind(model, losses)
+        jax = self.jax
+        non_trainable = [v.value for v in model.non_trainable_variables]
+
+        def loss_fn(trainable, x, y, reduction):
+            logits, _ = model.stateless_call(trainable, non_trainable, x)
+            return losses[reduction](y, logits)
+
+        def one_example(trainable, xi, yi):
+            return loss_fn(trainable, xi[None], yi[None], "sum")
+
+        self._value_and_grad = jax.jit(jax.value_and_grad(loss_fn), static_argnums=3)
+        # One forward that keeps its residuals; the returned VJP is a pytree, so it
+        # can leave jit and be pulled back once per example like retain_graph.
+        self._forward = jax.jit(lambda t, x, y: jax.vjp(lambda p: loss_fn(p, x, y, "none"), t))
+        self._pull = jax.jit(lambda vjp, cotangent: vjp(cotangent)[0])
+        self._per_example = jax.jit(jax.vmap(jax.value_and_grad(one_example), in_axes=(None, 0, 0)))
+
+    def _trainable(self):
+        return [v.value for v in self.variables]
+
+    def reduced(self, reduction, x, y):
+        return self._value_and_grad(self._trainable(), x, y, reduction)
+
+    def none_loop(self, x, y):
+        losses, vjp = self._forward(self._trainable(), x, y)
+        units = self.jax.numpy.eye(losses.shape[0], dtype=losses.dtype)
+        total = None
+        for i in range(losses.shape[0]):
+            total = self._add(total, self._pull(vjp, units[i]))
+        return losses, total
+
+    def none_vectorized(self, x, y):
+        # The sum stays outside jit so the per-example gradients really exist.
+        losses, per_example = self._per_example(self._trainable(), x, y)
+        return losses, [g.sum(axis=0) for g in per_example]
+
+
+class _Torch(_Autodiff):
+    """loss.backward(retain_graph=True) into the torch tensors behind the Keras variables."""
+
+    packages = ("keras", "torch")
+
+    def __init__(self, job: WorkerJob):
+        import torch
+
+        self.torch = torch
+        self.job_precision = job.precision
+        has_cuda = torch.cuda.is_available()
+        if job.device == "gpu" and not has_cuda:
+            raise DeviceUnavailable("keras-torch: torch sees no CUDA GPU (device='gpu')")
+        if job.device == "auto" and not has_cuda:
+            self.device_note = "no GPU visible to torch; ran on the CPU"
+        # Keras' torch backend would pick cuda by itself; the scope makes 'cpu' binding.
+        self.device_name = "cuda:0" if has_cuda and job.device != "cpu" else "cpu"
+        # The torch backend's own switches: torch >= 2.9 raises when its legacy and
+        # new precision APIs disagree, so both families are set the one same way.
+        from gradparity.backends import torch_backend
+
+        self.torch_backend = torch_backend
+        if job.precision == "highest":
+            torch_backend.pin_highest_precision()
+
+    def scope(self):
+        return keras.device(self.device_name)
+
+    def precision(self) -> dict:
+        settings = self.torch_backend.read_precision(self.job_precision)
+        settings.pop("requested", None)
+        return settings
+
+    def tf32_enabled(self) -> bool:
+        # The MLP has matmuls only, so cudnn's (convolution) flag does not matter.
+        return self.torch_backend.cublas_may_use_tf32()
+
+    def where(self, variable):
+        device = variable.value.device
+        if device.type != "cuda":
+            return str(device.type), "cpu", None
+        torch = self.torch
+        return (f"{device} ({torch.cuda.get_device_name(device)})", "gpu",
+                tuple(torch.cuda.get_device_capability(device)))
+
+    def _zero(self):
+        for v in self.variables:
+            v.value.grad = None
+
+    def _grads(self):
+        return [v.value.grad for v in self.variables]
+
+    def reduced(self, reduction, x, y):
+        self._zero()
+        loss = self.losses[reduction](y, self.model(x))
+        loss.backward()
+        return loss.detach(), self._grads()
+
+    def none_loop(self, x, y):
+        self._zero()
+        losses = self.losses["none"](y, self.model(x))
+        for i in range(losses.shape[0]):
+            losses[i].backward(retain_graph=True)  # .grad accumulates
+        return losses.detach(), self._grads()
+
+    def one_by_one(self, x, y):
+        self._zero()
+        losses = []
+        for i in range(int(x.shape[0])):
+            loss = self.losses["sum_over_batch_size"](y[i:i + 1], self.model(x[i:i + 1]))
+            loss.backward()  # .grad accumulates across examples
+            losses.append(loss.detach())
+        return losses, self._grads()
+
+    def none_vectorized(self, x, y):
+        from torch.func import grad_and_value, vmap
+
+        model, loss = self.model, self.losses["sum"]
+        non_trainable = [v.value for v in model.non_trainable_variables]
+
+        def one_example(trainable, xi, yi):
+            logits, _ = model.stateless_call(trainable, non_trainable, xi[None])
+            return loss(yi[None], logits)
+
+        trainable = [v.value.detach() for v in self.variables]
+        per_example, losses = vmap(grad_and_value(one_example), in_dims=(None, 0, 0))(trainable, x, y)
+        return losses, [g.sum(dim=0) for g in per_example]
+
+
+_VARIANTS = {"tensorflow": _TensorFlow, "jax": _Jax, "torch": _Torch}
+
+
+def _build_model(job: WorkerJob):
+    """keras.Sequential of Dense layers; the last has no activation (logits)."""
+    sizes = job.model["sizes"]
+    activation = {"identity": "linear"}.get(job.model["activation"], job.model["activation"])
+    layers = [keras.Input((sizes[0],), dtype=job.dtype)]
+    for i, units in enumerate(sizes[1:]):
+        last = i == len(sizes) - 2
+        layers.append(keras.layers.Dense(units, activation=None if last else activation,
+                                         dtype=job.dtype, name=f"dense_{i}"))
+    return keras.Sequential(layers)
+
+
+def _canonical_names(model) -> list[str]:
+    """Canonical name of each of ``model.trainable_variables``, in that order."""
+    names = {}
+    for i, layer in enumerate(model.layers):
+        names[id(layer.kernel)] = f"layers.{i}.kernel"
+        names[id(layer.bias)] = f"layers.{i}.bias"
+    return [names[id(v)] for v in model.trainable_variables]
+
+
+class KerasSession:
+    """One Keras model and its loss objects; ``compute`` dispatches to the variant's autodiff."""
+
+    def __init__(self, job: WorkerJob):
+        if job.loss["name"] != "cross_entropy":
+            raise ValueError(f"keras backend has no loss {job.loss['name']!r}")
+        variant = job.variant or "tensorflow"
+        if keras.backend.backend() != variant:
+            raise RuntimeError(f"Keras runs on {keras.backend.backend()!r} but the job asks for "
+                               f"{variant!r}; KERAS_BACKEND must be set before keras is imported")
+        self.job = job
+        self.ad = _VARIANTS[variant](job)  # device and precision before any tensor exists
+        keras.config.set_floatx(job.dtype)
+        with self.ad.scope():
+            self.model = _build_model(job)
+            self.names = _canonical_names(self.model)
+            for variable, name in zip(self.model.trainable_variables, self.names):
+                variable.assign(job.params[name])
+            self.x = keras.ops.convert_to_tensor(job.batch["x"], dtype=job.dtype)
+            self.y = keras.ops.convert_to_tensor(job.batch["y"])
+        losses = {r: keras.losses.SparseCategoricalCrossentropy(
+            from_logits=True, reduction=r, dtype=job.dtype)
+            for r in ("none", "sum", "sum_over_batch_size")}
+        self.ad.bind(self.model, losses)
+
+    def _op_dtypes(self) -> dict[str, str]:
+        """The dtype each op of the forward pass returns, read back by replaying it.
+
+        Dense.call is ``activation(add(matmul(h, kernel), bias))``; replaying
+        those keras.ops on the real variables and inputs, then the loss
+        objects, shows where Keras' type promotion demotes float64 results
+        to float32 on its jax and torch backends. A later op promotes the
+        value back to float64, so the output dtype alone would hide it.
+        """
+        ops, seen = keras.ops, {}
+
+        def note(op, tensor):
+            dtype = keras.backend.standardize_dtype(tensor.dtype)
+            if op not in seen or np.finfo(dtype).bits < np.finfo(seen[op]).bits:
+                seen[op] = dtype
+            return tensor
+
+        with self.ad.scope():
+            h = self.x
+            for i, layer in enumerate(self.model.layers):
+                h = note("matmul", ops.matmul(h, layer.kernel.value))
+                h = note("add", ops.add(h, layer.bias.value))
+                if i < len(self.model.layers) - 1:
+                    h = note(self.job.model["activation"], layer.activation(h))
+            for reduction, loss in self.ad.losses.items():
+                note(f"loss[{reduction}]", loss(self.y, h))
+        return seen
+
+    def environment(self) -> dict:
+        var_dtypes = {keras.backend.standardize_dtype(v.dtype) for v in self.model.weights}
+        if len(var_dtypes) != 1:
+            raise RuntimeError(f"model variables have mixed dtypes {sorted(var_dtypes)}")
+        op_dtypes = self._op_dtypes()
+        # The narrowest dtype any op computed in bounds the precision of the whole run.
+        dtype = min([*var_dtypes, *op_dtypes.values()], key=lambda d: np.finfo(d).bits)
+        device, kind, cc = self.ad.where(self.model.trainable_variables[0])
+        # TF32 replaces float32 matmuls only (a float64 run whose tanh Keras
+        # demoted still multiplies in float64).
+        tf32 = bool(kind == "gpu" and cc is not None and tuple(cc) >= (8, 0)
+                    and op_dtypes["matmul"] == "float32" and self.ad.tf32_enabled())
+        precision = dict(self.ad.precision(), keras_op_dtypes=op_dtypes,
+                         requested=self.job.precision)
+        return {
+            "framework": "keras",
+            "versions": {p: _version(p) for p in self.ad.packages},
+            "device": device,
+            "device_kind": kind,
+            "device_note": self.ad.device_note,
+            "dtype": dtype,
+            "precision": precision,
+            "tf32": tf32,
+            "keras_backend": keras.backend.backend(),
+        }
+
+    def compute(self, method: str) -> RawResult:
+        if method not in _METHODS:
+            raise ValueError(f"unknown method {method!r}")
+        with self.ad.scope():
+            if method in _REDUCTIONS:
+                loss, grads = self.ad.reduced(_REDUCTIONS[method], self.x, self.y)
+                total = float(keras.ops.convert_to_numpy(loss))
+            else:
+                losses, grads = getattr(self.ad, method)(self.x, self.y)
+                # Not a framework reduction: the per-example values, summed on the host.
+                total = float(sum(np.sum(keras.ops.convert_to_numpy(v), dtype=np.float64)
+                                  for v in (losses if isinstance(losses, list) else [losses])))
+        return RawResult(total, {name: keras.ops.convert_to_numpy(g)
+                                 for name, g in zip(self.names, grads)})
+
+
+def open_session(job: WorkerJob) -> KerasSession:
+    """Open a Keras session on ``job.variant`` (must equal KERAS_BACKEND); may raise DeviceUnavailable."""
+    return KerasSession(job)
