@@ -104,6 +104,10 @@ def run_backend(
                 os.killpg(proc.pid, signal.SIGKILL)
                 returncode = proc.wait()
                 timed_out = True
+            except BaseException:  # Ctrl-C in the parent: the worker's own session would outlive it
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                raise
         outcome = _collect(job, info, job_dir, returncode, timed_out, timeout_s, log_path)
     outcome.wall_seconds = time.perf_counter() - start
     return outcome

@@ -181,7 +181,8 @@ def _errors(report: Report) -> list[str]:
     return out
 
 
-def _environment_lines(report: Report) -> list[str]:
+def _environment_lines(report: Report, full: bool = True) -> list[str]:
+    """One line per backend; ``full`` lists every precision setting read back (else only TF32)."""
     lines = []
     for o in report.outcomes:
         env = o.environment
@@ -194,8 +195,8 @@ def _environment_lines(report: Report) -> list[str]:
         prec_s = ", ".join(f"{k}={v}" for k, v in prec.items())
         note = f" [{env['device_note']}]" if env.get("device_note") else ""
         lines.append(f"{o.backend}: {versions}{extra}; device {env.get('device')}{note}; "
-                     f"dtype {env.get('dtype')}; TF32 possible: {'yes' if env.get('tf32') else 'no'}; "
-                     f"precision {prec_s}")
+                     f"dtype {env.get('dtype')}; TF32 possible: {'yes' if env.get('tf32') else 'no'}"
+                     + (f"; precision {prec_s}" if full else ""))
     return lines
 
 
@@ -216,7 +217,8 @@ def _header(report: Report) -> list[str]:
 def render_text(report: Report) -> str:
     """The terminal view: context, the results table, errors, the verdict and its explanation."""
     head, rows = _rows(report)
-    parts = _header(report) + [""] + _environment_lines(report) + ["", _table(head, rows), ""]
+    parts = (_header(report) + [""] + _environment_lines(report, full=False)
+             + ["(precision settings read back per backend: report.md)", "", _table(head, rows), ""])
     errors = _errors(report)
     if errors:
         parts += ["Errors:"] + [f"  {e}" for e in errors] + [""]
