@@ -58,9 +58,12 @@ def _tail(path: Path, n_chars: int = 2000) -> str:
 
 def _describe_exit(returncode: int) -> str:
     if returncode < 0:
-        sig = signal.Signals(-returncode)
-        hint = " (the out-of-memory killer sends SIGKILL)" if sig == signal.SIGKILL else ""
-        return f"worker process was killed by {sig.name}{hint}"
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:  # a real-time or platform-specific signal has no name
+            name = f"signal {-returncode}"
+        hint = " (the out-of-memory killer sends SIGKILL)" if -returncode == signal.SIGKILL else ""
+        return f"worker process was killed by {name}{hint}"
     return f"worker process exited with code {returncode}"
 
 

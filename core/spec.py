@@ -266,7 +266,9 @@ def _data(c: _Checker, t: dict, base_dir: Path | None) -> DataSpec | None:
                    f"not {source!r}")
     extra: dict[str, Any] = {}
     if source == "synthetic":
-        extra["num_examples"] = c.integer("data.num_examples", t.get("num_examples", batch_size or 1), 1)
+        # By default exactly enough examples for the requested batch.
+        enough = (batch_size or 1) * ((batch_index or 0) + 1)
+        extra["num_examples"] = c.integer("data.num_examples", t.get("num_examples", enough), 1)
         extra["num_features"] = c.integer("data.num_features", t.get("num_features", 20), 1)
         extra["num_classes"] = c.integer("data.num_classes", t.get("num_classes", 5), 2)
     elif source == "npz":

@@ -130,3 +130,9 @@ def test_cli_check_validates_without_running(capsys, tmp_path):
 def test_tiny_overrides_are_valid():
     exp = load_experiment(overrides=TINY)
     assert build_inputs(exp).model.sizes == (5, 4, 3)
+
+
+def test_synthetic_data_covers_the_requested_batch_by_default():
+    exp = load_experiment(overrides={**TINY, "data.batch_index": 2})
+    assert exp.data.num_examples == 18
+    assert build_inputs(exp).n_examples == 6
