@@ -18,15 +18,13 @@ Read at import by jax (set by the parent, see ``BackendInfo``):
 """
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 
-from gradparity.backends.protocol import DeviceUnavailable, RawResult, WorkerJob
+from gradparity.backends.protocol import DeviceUnavailable, RawResult, WorkerJob, package_versions
 
 _ACTIVATIONS = {
     "relu": jax.nn.relu,  # derivative 0 at z == 0, like the reference's (z > 0)
@@ -108,13 +106,6 @@ def _may_use_tf32(device, dtype: str, matmul_precision, layer_precision) -> bool
     if capability is None:
         return True  # unknown hardware: cannot rule TF32 out
     return tuple(int(p) for p in str(capability).split(".")[:2]) >= (8, 0)
-
-
-def _version(package: str) -> str:
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return "unknown"
 
 
 class JaxSession:
@@ -221,7 +212,7 @@ class JaxSession:
         matmul_precision = jax.config.jax_default_matmul_precision
         return {
             "framework": "jax",
-            "versions": {p: _version(p) for p in ("jax", "jaxlib", "flax", "optax")},
+            "versions": package_versions("jax", "jaxlib", "flax", "optax"),
             "device": _device_label(self.device),
             "device_kind": "cpu" if self.device.platform == "cpu" else "gpu",
             "device_note": self.device_note,

@@ -32,23 +32,15 @@ any op computed in, with each op's dtype under ``precision``.
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 
 import keras
 import numpy as np
 
-from gradparity.backends.protocol import DeviceUnavailable, RawResult, WorkerJob
+from gradparity.backends.protocol import DeviceUnavailable, RawResult, WorkerJob, package_versions
 
 #: Keras' reduction name for each single-backward method.
 _REDUCTIONS = {"sum": "sum", "mean": "sum_over_batch_size"}
 _METHODS = ("none_loop", "none_vectorized", "sum", "mean", "one_by_one")
-
-
-def _version(package: str) -> str:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
 
 
 class _Autodiff:
@@ -437,7 +429,7 @@ class KerasSession:
                          requested=self.job.precision)
         return {
             "framework": "keras",
-            "versions": {p: _version(p) for p in self.ad.packages},
+            "versions": package_versions(*self.ad.packages),
             "device": device,
             "device_kind": kind,
             "device_note": self.ad.device_note,

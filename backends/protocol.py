@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Protocol
 
@@ -103,3 +104,14 @@ class Session(Protocol):
 
 class DeviceUnavailable(RuntimeError):
     """The requested device is not available to this backend (e.g. device='gpu' without one)."""
+
+
+def package_versions(*packages: str) -> dict[str, str]:
+    """Installed distribution version of each package ('unknown' if it has no metadata)."""
+    out = {}
+    for package in packages:
+        try:
+            out[package] = version(package)
+        except PackageNotFoundError:
+            out[package] = "unknown"
+    return out

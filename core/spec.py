@@ -99,14 +99,14 @@ _SOURCE_KEYS = {
 }
 
 
+def default_config_text() -> str:
+    """The embedded default experiment, as shipped (with its comments)."""
+    return resources.files("gradparity").joinpath("default_experiment.toml").read_text()
+
+
 def default_config() -> dict:
     """The embedded default experiment as a plain dict."""
-    text = resources.files("gradparity").joinpath("default_experiment.toml").read_text()
-    return tomllib.loads(text)
-
-
-def default_config_text() -> str:
-    return resources.files("gradparity").joinpath("default_experiment.toml").read_text()
+    return tomllib.loads(default_config_text())
 
 
 def _suggest(key: str, known) -> str:
