@@ -24,7 +24,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from gradparity.backends.protocol import DeviceUnavailable, RawResult, WorkerJob, package_versions
+from gradparity.backends.protocol import (DeviceUnavailable, RawResult, WorkerJob,
+                                          jax_precision_is_full_f32, package_versions)
 
 _ACTIVATIONS = {
     "relu": jax.nn.relu,  # derivative 0 at z == 0, like the reference's (z > 0)
@@ -32,10 +33,6 @@ _ACTIVATIONS = {
     "sigmoid": jax.nn.sigmoid,
     "identity": lambda z: z,
 }
-
-# jax_default_matmul_precision values that force full float32 matmuls (no TF32).
-_FULL_F32 = {"highest", "float32", "f32_f32_f32"}
-
 
 class MLP(nnx.Module):
     """Dense layers ``sizes[0] -> ... -> sizes[-1]``; ``activation`` after all but the last (logits)."""
@@ -100,7 +97,7 @@ def _may_use_tf32(device, dtype: str, matmul_precision, layer_precision) -> bool
         return False
     if layer_precision == jax.lax.Precision.HIGHEST:
         return False
-    if matmul_precision is not None and str(matmul_precision).lower() in _FULL_F32:
+    if jax_precision_is_full_f32(matmul_precision):
         return False
     capability = getattr(device, "compute_capability", None)  # e.g. "9.0" on CUDA
     if capability is None:

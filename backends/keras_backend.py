@@ -36,7 +36,8 @@ import contextlib
 import keras
 import numpy as np
 
-from gradparity.backends.protocol import DeviceUnavailable, RawResult, WorkerJob, package_versions
+from gradparity.backends.protocol import (DeviceUnavailable, RawResult, WorkerJob,
+                                          jax_precision_is_full_f32, package_versions)
 
 #: Keras' reduction name for each single-backward method.
 _REDUCTIONS = {"sum": "sum", "mean": "sum_over_batch_size"}
@@ -197,8 +198,7 @@ class _Jax(_Autodiff):
 
     def tf32_enabled(self) -> bool:
         # JAX's default ('DEFAULT' / None) lets XLA use TF32 for float32 dots on GPUs.
-        setting = self.jax.config.jax_default_matmul_precision
-        return str(setting).lower() not in ("highest", "float32")
+        return not jax_precision_is_full_f32(self.jax.config.jax_default_matmul_precision)
 
     def where(self, variable):
         (dev,) = variable.value.devices()
@@ -255,20 +255,17 @@ class _Torch(_Autodiff):
     def __init__(self, job: WorkerJob):
         import torch
 
-        self.torch = torch
-        self.job_precision = job.precision
-        has_cuda = torch.cuda.is_available()
-        if job.device == "gpu" and not has_cuda:
-            raise DeviceUnavailable("keras-torch: torch sees no CUDA GPU (device='gpu')")
-        if job.device == "auto" and not has_cuda:
-            self.device_note = "no GPU visible to torch; ran on the CPU"
-        # Keras' torch backend would pick cuda by itself; the scope makes 'cpu' binding.
-        self.device_name = "cuda:0" if has_cuda and job.device != "cpu" else "cpu"
-        # The torch backend's own switches: torch >= 2.9 raises when its legacy and
-        # new precision APIs disagree, so both families are set the one same way.
+        # The torch backend's own device rule and precision switches: torch >= 2.9
+        # raises when its legacy and new precision APIs disagree, so both families
+        # are set the one same way.
         from gradparity.backends import torch_backend
 
+        self.torch = torch
         self.torch_backend = torch_backend
+        self.job_precision = job.precision
+        device, self.device_note = torch_backend.pick_device(job.device)
+        # Keras' torch backend would pick cuda by itself; the scope makes 'cpu' binding.
+        self.device_name = str(device)
         if job.precision == "highest":
             torch_backend.pin_highest_precision()
 

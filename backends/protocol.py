@@ -106,6 +106,16 @@ class DeviceUnavailable(RuntimeError):
     """The requested device is not available to this backend (e.g. device='gpu' without one)."""
 
 
+#: jax_default_matmul_precision values that force full float32 matmuls (no TF32),
+#: shared by the JAX and keras-jax backends (neither imports the other's framework stack).
+JAX_FULL_F32_PRECISIONS = frozenset({"highest", "float32", "f32_f32_f32"})
+
+
+def jax_precision_is_full_f32(setting) -> bool:
+    """True when a jax_default_matmul_precision value rules TF32 out (None = JAX's default allows it)."""
+    return setting is not None and str(setting).lower() in JAX_FULL_F32_PRECISIONS
+
+
 def package_versions(*packages: str) -> dict[str, str]:
     """Installed distribution version of each package ('unknown' if it has no metadata)."""
     out = {}

@@ -96,7 +96,7 @@ def cublas_may_use_tf32() -> bool:
     return bool(torch.backends.cuda.matmul.allow_tf32)
 
 
-def _pick_device(requested: str) -> tuple[torch.device, str | None]:
+def pick_device(requested: str) -> tuple[torch.device, str | None]:
     """Return (device, note on a fallback or None); raise DeviceUnavailable for 'gpu' without one."""
     if requested == "cpu":
         return torch.device("cpu"), None
@@ -118,7 +118,7 @@ class TorchSession:
         if job.loss["name"] != "cross_entropy":
             raise ValueError(f"torch backend has no loss {job.loss['name']!r}")
         self.job = job
-        self.device, self.device_note = _pick_device(job.device)
+        self.device, self.device_note = pick_device(job.device)
         if job.precision == "highest":
             pin_highest_precision()
         dtype = {"float32": torch.float32, "float64": torch.float64}[job.dtype]

@@ -150,6 +150,13 @@ def compare_pair(ra: Result, rb: Result, tol: Tolerance) -> Comparison:
                       scale, scaled_rel, u, rtol, agree)
 
 
+def pair_index(comparisons: list[Comparison]) -> dict[tuple[str, str], Comparison]:
+    """Each comparison under (a, b) and (b, a), so either order finds it."""
+    index = {(c.a, c.b): c for c in comparisons}
+    index.update({(c.b, c.a): c for c in comparisons})
+    return index
+
+
 def compare_all(results: list[Result], tol: Tolerance) -> list[Comparison]:
     """Every pair of ok results, in result order."""
     ok = [r for r in results if r.ok]

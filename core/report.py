@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 import gradparity
+from gradparity.compare import pair_index
 from gradparity.pipeline import Report
 
 SCHEMA_VERSION = 1
@@ -142,8 +143,7 @@ def _reference(report: Report):
 
 def _rows(report: Report) -> tuple[list[str], list[list[str]]]:
     ref = _reference(report)
-    pairs = {(c.a, c.b): c for c in report.comparisons}
-    pairs.update({(c.b, c.a): c for c in report.comparisons})
+    pairs = pair_index(report.comparisons)
     head = ["backend", "method", "status", "device", "dtype", "loss (mean)", "factor", "grad L2 norm",
             "time (ms)", f"max_rel vs {ref.label if ref else '-'}", "agree"]
     rows = []

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from gradparity.compare import Comparison, Tolerance
+from gradparity.compare import Comparison, Tolerance, pair_index
 from gradparity.normalize import UNIT_ROUNDOFF, Result
 
 EXIT_AGREE, EXIT_DISAGREE, EXIT_INVALID, EXIT_INCOMPLETE = 0, 1, 2, 3
@@ -144,8 +144,7 @@ def decide(results: list[Result], comparisons: list[Comparison], tol: Tolerance,
     labels = [r.label for r in ok]
     groups = _clusters(labels, comparisons)
     consensus = groups[0]
-    pairs = {(c.a, c.b): c for c in comparisons}
-    pairs.update({(c.b, c.a): c for c in comparisons})
+    pairs = pair_index(comparisons)
     worst = max(disagreeing, key=lambda c: c.max_rel / c.tolerance)
     summary = (f"{len(disagreeing)} of {len(comparisons)} pairs disagree; worst {worst.a} vs {worst.b}: "
                f"max_rel {_fmt(worst.max_rel)} > rtol {_fmt(worst.tolerance)}")
