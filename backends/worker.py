@@ -56,6 +56,29 @@ def _check_grads(job: WorkerJob, grads: dict) -> dict[str, np.ndarray]:
     return out
 
 
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this worker when the gradparity process that started it dies.
+
+    The worker runs in its own session (so the parent can kill its whole group
+    on a timeout); without this, a parent killed by SIGKILL would leave it
+    computing, re-parented to init. Elsewhere this is a no-op: the parent's
+    signal handlers still stop the worker on SIGINT / SIGTERM / SIGHUP.
+    """
+    expected = os.environ.get("GRADPARITY_PARENT_PID")
+    if not sys.platform.startswith("linux") or not expected:
+        return
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if str(os.getppid()) != expected:  # the parent died before prctl took effect
+        os._exit(1)
+
+
 def run(job_dir: Path) -> int:
     """Run the job in ``job_dir``; return the process exit code (0 even when methods fail)."""
     job = WorkerJob.load(job_dir)
@@ -123,4 +146,5 @@ def run(job_dir: Path) -> int:
 
 
 if __name__ == "__main__":
+    _die_with_parent()
     sys.exit(run(Path(sys.argv[1])))

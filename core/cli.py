@@ -1,18 +1,24 @@
 """Command line: ``gradparity run`` and ``gradparity doctor``.
 
-Exit codes: 0 every comparison agrees; 1 some pair exceeds its tolerance;
-2 invalid config or data (nothing was run); 3 incomplete (no disagreement,
-but some results could not be computed, or fewer than two were); 4 an
-internal error of gradparity itself (a bug: please report it).
+Exit codes: 0 every comparison agrees; 1 some pair exceeds its tolerance
+(or some results are NaN/inf beside finite ones); 2 invalid config, data or
+output folder (nothing was run); 3 incomplete (no disagreement, but some
+results could not be computed); 4 an internal error of gradparity itself (a
+bug: please report it); 128 + N stopped by signal N (130 SIGINT, 143
+SIGTERM, 129 SIGHUP), after writing a partial report of what finished.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 
-from gradparity.errors import GradparityError
+from gradparity import __version__
+from gradparity.errors import GradparityError, Interrupted
 from gradparity.verdict import EXIT_INVALID
 
 EXIT_INTERNAL = 4
@@ -39,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="gradparity",
         description="Compare batch gradients across loss reductions and frameworks, normalized.")
+    p.add_argument("--version", action="version", version=f"gradparity {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a reduction experiment and write its report",
                          description="Run a reduction experiment (the embedded default when no CONFIG "
@@ -78,12 +85,20 @@ def _run(args) -> int:
               f"{exp.dtype}, device {exp.device}, precision {exp.precision}")
         return 0
     say = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    report = run_experiment(exp, Path(args.out), progress=say)
+    out = Path(args.out)
+    try:
+        report = run_experiment(exp, out, progress=say)
+    except Interrupted as exc:
+        if exc.report is None:
+            print(f"gradparity: interrupted by {exc.signal_name} before any backend ran; nothing was written",
+                  file=sys.stderr)
+            return exc.exit_code
+        report = exc.report
     if args.quiet:
         print(report.verdict.summary)
     else:
         print(render_text(report))
-        print(f"\nwrote {Path(args.out) / 'report.json'}, report.md, inputs.npz, gradients.npz")
+        print(f"\nwrote {out / 'report.json'}, report.md, inputs.npz, gradients.npz (run {report.run_id})")
     return report.verdict.exit_code
 
 
@@ -102,20 +117,50 @@ def _doctor(args) -> int:
     return 0
 
 
+def _raise_on_signal(signum, _frame):
+    """First SIGINT/SIGTERM/SIGHUP: unwind the run (workers killed, partial report written); later ones wait."""
+    for sig in _HANDLED_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)  # cleanup takes a moment: a second Ctrl-C must not cut it short
+    raise Interrupted(signum)
+
+
+_HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def _signal_handlers():
+    """Turn SIGINT, SIGTERM and SIGHUP into ``Interrupted`` for the duration of a command (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in _HANDLED_SIGNALS}
+    for sig in _HANDLED_SIGNALS:
+        signal.signal(sig, _raise_on_signal)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if args.command == "run":
-            return _run(args)
-        if args.command == "doctor":
-            return _doctor(args)
-        from gradparity.spec import default_config_text
+        with _signal_handlers():
+            if args.command == "run":
+                return _run(args)
+            if args.command == "doctor":
+                return _doctor(args)
+            from gradparity.spec import default_config_text
 
-        print(default_config_text(), end="")
-        return 0
+            print(default_config_text(), end="")
+            return 0
     except GradparityError as exc:
         print(f"gradparity: {exc}", file=sys.stderr)
         return EXIT_INVALID
+    except Interrupted as exc:
+        print(f"gradparity: interrupted by {exc.signal_name}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print("gradparity: interrupted", file=sys.stderr)
         return 130

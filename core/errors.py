@@ -23,3 +23,39 @@ class ConfigError(GradparityError):
             return f"invalid experiment: {self.problems[0]}"
         lines = "\n".join(f"  - {p}" for p in self.problems)
         return f"invalid experiment ({len(self.problems)} problems):\n{lines}"
+
+
+class OutputError(ConfigError):
+    """The output folder cannot hold this run's report; found before any work (exit code 2)."""
+
+    def __str__(self):
+        return f"cannot use the output folder: {self.problems[0]}"
+
+
+class Interrupted(BaseException):
+    """A signal (SIGINT, SIGTERM, SIGHUP) stopped the run.
+
+    A BaseException, like KeyboardInterrupt, so that no ``except Exception``
+    swallows it. ``outcome`` carries what the interrupted backend had
+    finished; ``report`` the partial report the pipeline built (and wrote)
+    before re-raising. The process should exit with ``exit_code`` (128 + signal).
+    """
+
+    def __init__(self, signum: int, outcome=None, report=None):
+        super().__init__(signum)
+        self.signum = int(signum)
+        self.outcome = outcome
+        self.report = report
+
+    @property
+    def signal_name(self) -> str:
+        import signal
+
+        try:
+            return signal.Signals(self.signum).name
+        except ValueError:
+            return f"signal {self.signum}"
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum

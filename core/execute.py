@@ -20,16 +20,17 @@ import numpy as np
 
 from gradparity.backends import BackendInfo
 from gradparity.backends.protocol import RESULT_FILE, WorkerJob
+from gradparity.errors import Interrupted
 
 #: How a whole backend ended. 'ok': the worker finished (single methods may still have failed).
-BACKEND_STATUSES = ("ok", "missing", "error", "crashed", "timeout")
+BACKEND_STATUSES = ("ok", "missing", "error", "crashed", "timeout", "interrupted")
 
 
 @dataclass
 class MethodOutcome:
     """One method's native (unnormalized) result as the worker reported it."""
 
-    status: str  # "ok" | "error" | "missing" | "crashed" | "timeout"
+    status: str  # "ok" | "error" | "missing" | "crashed" | "timeout" | "interrupted" | "nonfinite"
     loss: float | None = None
     seconds: float | None = None
     error: str | None = None
@@ -74,6 +75,54 @@ def _read_result(job_dir: Path) -> dict | None:
         return None
 
 
+#: Prefix of every worker's job folder; the parent's pid follows, so stale folders can be found.
+JOB_DIR_PREFIX = "gradparity-job-"
+
+
+def remove_stale_job_dirs(tmp_root: str | None = None) -> list[Path]:
+    """Delete job folders left by gradparity runs whose process no longer exists (e.g. killed by SIGKILL).
+
+    Only folders named ``gradparity-job-<pid>-...`` that hold a job file and
+    whose pid is gone are removed; returns them.
+    """
+    import shutil
+
+    from gradparity.backends.protocol import JOB_FILE
+
+    removed = []
+    root = Path(tmp_root or tempfile.gettempdir())
+    try:
+        candidates = list(root.glob(JOB_DIR_PREFIX + "*"))
+    except OSError:
+        return removed
+    for d in candidates:
+        pid_text = d.name[len(JOB_DIR_PREFIX):].split("-", 1)[0]
+        if not pid_text.isdigit() or not (d / JOB_FILE).exists() or _alive(int(pid_text)):
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the worker's whole process group (it runs in its own session) and reap it."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
 def run_backend(
     job: WorkerJob,
     info: BackendInfo,
@@ -83,17 +132,22 @@ def run_backend(
     """Run ``job`` in a fresh worker process for backend ``info``; never raises for backend failures.
 
     The worker gets ``timeout_s`` seconds of wall-clock time, framework import
-    included; past that its whole process group is killed.
+    included; past that its whole process group is killed. On an interruption
+    (KeyboardInterrupt, or ``Interrupted`` from a signal handler) the worker's
+    group is killed, its job folder removed, and ``Interrupted`` is raised
+    carrying the methods it had finished (``.outcome``).
     """
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix=f"gradparity-{info.name}-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"{JOB_DIR_PREFIX}{os.getpid()}-{info.name}-") as tmp:
         job_dir = Path(tmp)
         job.save(job_dir)
         env = dict(os.environ)
         env.update(info.environment_variables(job.dtype, job.device, str(job_dir)))
         env.update(extra_env or {})
         env["PYTHONUNBUFFERED"] = "1"
+        env["GRADPARITY_PARENT_PID"] = str(os.getpid())
         log_path = job_dir / "worker.log"
+        interrupted: Interrupted | None = None
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "gradparity.backends.worker", str(job_dir)],
@@ -104,34 +158,48 @@ def run_backend(
                 returncode = proc.wait(timeout=timeout_s)
                 timed_out = False
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                returncode = proc.wait()
-                timed_out = True
-            except BaseException:  # Ctrl-C in the parent: the worker's own session would outlive it
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+                _kill_group(proc)
+                returncode, timed_out = proc.returncode, True
+            except (KeyboardInterrupt, Interrupted) as exc:
+                # The worker runs in its own session, so it outlives the parent unless killed here.
+                _kill_group(proc)
+                interrupted = exc if isinstance(exc, Interrupted) else Interrupted(signal.SIGINT)
+                returncode, timed_out = proc.returncode, False
+            except BaseException:
+                _kill_group(proc)
                 raise
-        outcome = _collect(job, info, job_dir, returncode, timed_out, timeout_s, log_path)
+        outcome = _collect(job, info, job_dir, returncode, timed_out, timeout_s, log_path, interrupted)
     outcome.wall_seconds = time.perf_counter() - start
+    if interrupted is not None:
+        interrupted.outcome = outcome
+        raise interrupted
     return outcome
 
 
-def _collect(job, info, job_dir, returncode, timed_out, timeout_s, log_path) -> BackendOutcome:
+def _collect(job, info, job_dir, returncode, timed_out, timeout_s, log_path,
+             interrupted: Interrupted | None = None) -> BackendOutcome:
     """Turn the worker's files and exit status into a BackendOutcome."""
     state = _read_result(job_dir) or {}
     methods: dict[str, MethodOutcome] = {}
     for name, row in (state.get("methods") or {}).items():
         if row.get("status") == "ok":
-            with np.load(job_dir / row["grads_file"]) as z:
-                grads = {k: z[k] for k in z.files}
+            try:
+                with np.load(job_dir / row["grads_file"], allow_pickle=False) as z:
+                    grads = {k: z[k] for k in z.files}
+            except (OSError, ValueError, KeyError) as exc:
+                methods[name] = MethodOutcome("error", error=f"the worker's gradient file is unreadable: {exc}")
+                continue
             methods[name] = MethodOutcome("ok", row["loss"], row["seconds"], None, grads)
         elif row.get("status") == "error":
             methods[name] = MethodOutcome("error", error=row.get("error"))
 
     worker_status = state.get("status")
-    if timed_out:
+    if interrupted is not None:
+        status = "interrupted"
+        error = f"run interrupted by {interrupted.signal_name}; the worker was stopped"
+    elif timed_out:
         status = "timeout"
-        error = f"worker did not finish within timeout_s = {timeout_s:g} s and was killed"
+        error = f"timed out: still running after timeout_s = {timeout_s:g} s, so the worker was killed"
     elif returncode != 0:
         status = "crashed"
         error = _describe_exit(returncode)

@@ -8,6 +8,8 @@ silently computed from garbage.
 from __future__ import annotations
 
 import hashlib
+import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,6 +62,8 @@ def _load_digits() -> tuple[np.ndarray, np.ndarray, str]:
 
 
 def _synthetic(spec: DataSpec, seed: int) -> tuple[np.ndarray, np.ndarray, str]:
+    check_size(f"synthetic data of {spec.num_examples:,} x {spec.num_features:,} float64 values",
+               8.0 * spec.num_examples * (spec.num_features + 1))
     rng = _rng(seed, 2)
     x = rng.standard_normal((spec.num_examples, spec.num_features))
     y = rng.integers(0, spec.num_classes, spec.num_examples)
@@ -71,49 +75,112 @@ def _synthetic(spec: DataSpec, seed: int) -> tuple[np.ndarray, np.ndarray, str]:
 
 
 def _load_npz(spec: DataSpec) -> tuple[np.ndarray, np.ndarray, str]:
+    """Read ``x_key`` and ``y_key`` from an .npz (never unpickling); any unreadable file is a ConfigError."""
     path = Path(spec.path)
     try:
-        with np.load(path, allow_pickle=False) as z:
+        loaded = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise ConfigError(f"data.path {str(path)!r} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"data.path {str(path)!r} is a folder, not an .npz file") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise ConfigError(f"cannot read data.path {str(path)!r} as .npz: {exc}") from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise ConfigError(f"data.path {str(path)!r} is a single .npy array, not an .npz with "
+                          f"arrays {spec.x_key!r} and {spec.y_key!r} (save it with np.savez(path, x=..., y=...))")
+    try:
+        with loaded as z:
             missing = [k for k in (spec.x_key, spec.y_key) if k not in z.files]
             if missing:
                 raise ConfigError(f"{path} has no array {' or '.join(map(repr, missing))}; "
                                   f"it holds {', '.join(z.files) or 'nothing'} (set data.x_key / data.y_key)")
             x, y = z[spec.x_key], z[spec.y_key]
-    except FileNotFoundError:
-        raise ConfigError(f"data.path {str(path)!r} does not exist") from None
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise ConfigError(f"cannot read data.path {str(path)!r} as .npz: {exc}") from None
     return x, y, f"npz file {path.name} ({spec.x_key!r}, {spec.y_key!r})"
 
 
-def check_data(x: np.ndarray, y: np.ndarray, num_classes: int | None) -> int:
-    """Validate a whole dataset; return the number of classes. Raises ConfigError listing every problem."""
+def check_data(x: np.ndarray, y: np.ndarray, num_classes: int | None) -> tuple[int, bool]:
+    """Validate a whole dataset; return (number of classes, whether it was inferred from the labels).
+
+    Raises ConfigError listing every problem: shapes, dtypes, NaN/inf, empty
+    data, labels out of range.
+    """
     problems = []
     if x.ndim != 2:
         problems.append(f"inputs must be 2-D (examples, features), got shape {x.shape}")
+    elif x.shape[1] == 0:
+        problems.append(f"inputs have no features (shape {x.shape}): the model needs at least one")
     if y.ndim != 1:
         problems.append(f"labels must be 1-D (examples,), got shape {y.shape}")
     if x.ndim >= 1 and y.ndim >= 1 and x.shape[0] != y.shape[0]:
         problems.append(f"inputs have {x.shape[0]} examples but labels have {y.shape[0]}")
-    if not np.issubdtype(x.dtype, np.floating) and not np.issubdtype(x.dtype, np.integer):
-        problems.append(f"inputs must be numbers, got dtype {x.dtype}")
-    elif not np.all(np.isfinite(x)):
+    elif (x.ndim >= 1 and x.shape[0] == 0) or (y.ndim >= 1 and y.shape[0] == 0):
+        problems.append("the data has no examples")
+    numeric = np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)
+    if not numeric:
+        problems.append(f"inputs must be real numbers, got dtype {x.dtype}")
+    elif x.size and not np.all(np.isfinite(x)):
         bad = np.argwhere(~np.isfinite(x))
         problems.append(f"inputs contain {len(bad)} NaN/inf value(s), first at example {bad[0][0]}")
+    inferred = num_classes is None
     if not np.issubdtype(y.dtype, np.integer):
         problems.append(f"labels must be integer class indices, got dtype {y.dtype}")
-    elif y.size:
+    elif y.ndim == 1 and y.size:
         lo, hi = int(y.min()), int(y.max())
         if num_classes is None:
-            num_classes = hi + 1
+            num_classes = max(hi + 1, 0)
         if lo < 0 or hi >= num_classes:
             bad = int(np.argmax((y < 0) | (y >= num_classes)))
             problems.append(f"labels must lie in [0, {num_classes}), found {int(y[bad])} at example {bad}")
-        if num_classes < 2:
+        elif num_classes < 2:
             problems.append(f"cross-entropy needs at least 2 classes, the labels give {num_classes}")
     if problems:
         raise ConfigError(problems)
-    return int(num_classes)
+    return int(num_classes), inferred
+
+
+def memory_limit_bytes() -> int:
+    """Memory this process may use: physical memory, or the cgroup's limit where that is lower."""
+    limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        text = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if text.isdigit():
+            limit = min(limit, int(text))
+    except OSError:
+        pass
+    return limit
+
+
+def _gib(n_bytes: float) -> str:
+    gib = n_bytes / 2 ** 30
+    return f"{gib:,.0f} GiB" if gib >= 100 else f"{gib:.3g} GiB"
+
+
+def check_size(what: str, n_bytes: float) -> None:
+    """Reject work whose arrays alone would take more than half of this machine's memory.
+
+    A clear exit 2 before anything is allocated beats a MemoryError or an
+    out-of-memory kill halfway through.
+    """
+    budget = memory_limit_bytes() / 2
+    if n_bytes > budget:
+        raise ConfigError(f"{what} needs about {_gib(n_bytes)}, more than half of this machine's "
+                          f"{_gib(2 * budget)} of memory; use a smaller problem")
+
+
+def check_problem_size(model: MLP, n_batch: int, num_classes_inferred: bool, max_label: int | None) -> None:
+    """The largest arrays a run holds: N per-example gradients of every parameter, in float64.
+
+    The reference (and the tolerance's term scale) and the vectorized methods
+    materialize them, so N·P·8 bytes, twice over for temporaries, bound the run.
+    """
+    p = model.num_params()
+    what = f"{model.describe()} ({p:,} parameters) on a batch of {n_batch}"
+    if num_classes_inferred and max_label is not None:
+        what += (f", with {model.sizes[-1]:,} classes inferred from the largest label {max_label:,} "
+                 "(labels must be class indices 0..C-1; set data.num_classes if that is intended)")
+    check_size(what, 2.0 * 8.0 * n_batch * p + 8.0 * n_batch * sum(model.sizes))
 
 
 def init_params(model: MLP, seed: int, dtype: str) -> dict[str, np.ndarray]:
@@ -138,7 +205,8 @@ def build_inputs(exp: Experiment) -> CanonicalInputs:
         x, y, desc = _synthetic(spec, exp.seed)
     else:
         x, y, desc = _load_npz(spec)
-    num_classes = check_data(np.asarray(x), np.asarray(y), spec.num_classes)
+    x, y = np.asarray(x), np.asarray(y)
+    num_classes, inferred = check_data(x, y, spec.num_classes)
 
     n = x.shape[0]
     start, stop = spec.batch_index * spec.batch_size, (spec.batch_index + 1) * spec.batch_size
@@ -146,14 +214,19 @@ def build_inputs(exp: Experiment) -> CanonicalInputs:
         raise ConfigError(
             f"data.batch_size = {spec.batch_size} with data.batch_index = {spec.batch_index} needs "
             f"{stop} examples, but the data has {n}")
+    model = MLP((x.shape[1], *exp.model.hidden, num_classes), exp.model.activation)
+    check_problem_size(model, spec.batch_size, inferred, int(y.max()))
+
     order = _rng(exp.seed, 1).permutation(n) if spec.shuffle else np.arange(n)
     rows = order[start:stop]
-    xb = x[rows].astype(exp.dtype)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, not warned about
+        xb = x[rows].astype(exp.dtype)
     if not np.all(np.isfinite(xb)):
-        raise ConfigError(f"inputs overflow {exp.dtype}: some values are too large to represent")
+        big = float(np.max(np.abs(x[rows][~np.isfinite(xb)])))
+        raise ConfigError(f"inputs overflow {exp.dtype}: a value of magnitude {big:.3g} in the batch is "
+                          f"larger than {exp.dtype} can represent ({np.finfo(exp.dtype).max:.3g})")
     yb = y[rows].astype(np.int64)
 
-    model = MLP((x.shape[1], *exp.model.hidden, num_classes), exp.model.activation)
     params = init_params(model, exp.seed, exp.dtype)
     desc += f", batch {spec.batch_index} of size {spec.batch_size}" + (" (seeded shuffle)" if spec.shuffle else "")
     return CanonicalInputs(model, params, {"x": xb, "y": yb}, desc)

@@ -54,6 +54,20 @@ def effective_unit_roundoff(environment: dict | None) -> float | None:
     return UNIT_ROUNDOFF[environment["dtype"]]
 
 
+def nonfinite_problem(loss: float, grads: dict[str, np.ndarray]) -> str | None:
+    """Describe NaN/inf in a result ('loss is inf; 12 of 40 gradient entries are NaN/inf, first in ...'), or None."""
+    parts = []
+    if not np.isfinite(loss):
+        parts.append(f"loss is {loss}")
+    bad = {k: int(np.size(g) - np.count_nonzero(np.isfinite(g))) for k, g in grads.items()}
+    n_bad = sum(bad.values())
+    if n_bad:
+        total = sum(int(np.size(g)) for g in grads.values())
+        first = next(k for k, v in bad.items() if v)
+        parts.append(f"{n_bad} of {total} gradient entries are NaN/inf (first in {first})")
+    return "non-finite result: " + "; ".join(parts) if parts else None
+
+
 def normalize(outcomes: list[BackendOutcome], methods: tuple[str, ...], n_examples: int) -> list[Result]:
     """One Result per backend x method, in the order given; failed rows keep their error."""
     results = []
@@ -64,13 +78,19 @@ def normalize(outcomes: list[BackendOutcome], methods: tuple[str, ...], n_exampl
             factor = m.normalization_factor(n_examples)
             row = outcome.methods[name]
             grads = loss = native = norm = None
+            status, error = row.status, row.error
             if row.status == "ok":
                 grads = {k: np.asarray(v, dtype=np.float64) * factor for k, v in row.grads.items()}
                 native = float(row.loss)
                 loss = native * factor
-                norm = float(np.sqrt(sum(float(np.sum(g * g)) for g in grads.values())))
+                with np.errstate(over="ignore", invalid="ignore"):
+                    norm = float(np.sqrt(sum(float(np.sum(g * g)) for g in grads.values())))
+                problem = nonfinite_problem(native, grads)
+                if problem:
+                    # Not comparable: inf - inf is NaN and a ratio of infinities is no factor.
+                    status, error, grads = "nonfinite", problem, None
             results.append(Result(
-                outcome.backend, name, row.status, row.error, loss, native, factor,
+                outcome.backend, name, status, error, loss, native, factor,
                 m.factor_label(n_examples), norm, row.seconds, env.get("dtype"), env.get("device"),
                 effective_unit_roundoff(env), grads))
     return results

@@ -1,7 +1,10 @@
 """The whole job, one direction: spec -> canonical inputs -> workers -> normalize -> compare -> report."""
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -9,16 +12,22 @@ from typing import Callable
 from gradparity.backends import BACKENDS, BackendInfo
 from gradparity.backends.protocol import WorkerJob
 from gradparity.compare import Comparison, Tolerance, compare_all, problem_term_scale, tolerance_for
-from gradparity.execute import BackendOutcome, run_backend
+from gradparity.errors import Interrupted
+from gradparity.execute import BackendOutcome, MethodOutcome, remove_stale_job_dirs, run_backend
 from gradparity.inputs import CanonicalInputs, build_inputs
 from gradparity.normalize import Result, normalize
+from gradparity.outdir import OutputDir, new_run_id
 from gradparity.spec import Experiment
 from gradparity.verdict import Verdict, decide
 
 
 @dataclass
 class Report:
-    """Everything one run measured; ``gradparity.report`` renders and writes it."""
+    """Everything one run measured; ``gradparity.report`` renders and writes it.
+
+    ``interrupted`` names the signal that stopped the run early (None when
+    it ran to the end); the results then cover only what finished.
+    """
 
     experiment: Experiment
     inputs: CanonicalInputs
@@ -29,6 +38,8 @@ class Report:
     verdict: Verdict
     started_utc: str
     finished_utc: str
+    run_id: str = ""
+    interrupted: str | None = None
 
 
 def make_job(exp: Experiment, inputs: CanonicalInputs, info: BackendInfo,
@@ -47,6 +58,36 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def _not_started(name: str, methods: tuple[str, ...], signal_name: str) -> BackendOutcome:
+    error = f"not started: the run was interrupted by {signal_name} before this backend's turn"
+    return BackendOutcome(name, "interrupted", error, None,
+                          {m: MethodOutcome("interrupted", error=error) for m in methods}, 0.0)
+
+
+def _progress_line(exp: Experiment, info: BackendInfo) -> str:
+    arithmetic = (f"float64 reference on {exp.dtype}-rounded inputs, cpu" if info.reference
+                  else f"{exp.dtype}, device={exp.device}")
+    return f"running {info.name} ({len(exp.methods)} methods, {arithmetic}) ..."
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """Hold SIGINT/SIGTERM/SIGHUP while a finished run is compared and written, so its files form a set.
+
+    A signal that arrives meanwhile is delivered when this block ends (the
+    report is complete by then). Only the main thread can do this.
+    """
+    held = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def run_experiment(
     exp: Experiment,
     out_dir: str | Path | None = None,
@@ -56,29 +97,72 @@ def run_experiment(
 ) -> Report:
     """Run ``exp`` on every backend it names, compare, and (with ``out_dir``) write the report files.
 
-    Raises ConfigError for invalid data before any backend starts. Backend
-    failures never raise: they become failed rows. ``registry`` and
-    ``extra_env`` exist for tests that add fault-injecting backends.
+    Everything a user can get wrong is checked before any backend starts and
+    raised as ConfigError: the config, the data, the problem's size, and the
+    output folder (which is then locked for this run). Backend failures never
+    raise: they become failed rows. An interruption (Ctrl-C, or ``Interrupted``
+    raised by a signal handler) stops the workers, writes a partial report
+    marked interrupted, and raises ``Interrupted`` carrying it (``.report``).
+    ``registry`` and ``extra_env`` exist for tests that add fault-injecting backends.
     """
     registry = registry or BACKENDS
     say = progress or (lambda _msg: None)
-    started = _now()
+    started, run_id = _now(), new_run_id()
     inputs = build_inputs(exp)
-    outcomes = []
-    for name in exp.backends:
-        say(f"running {name} ({len(exp.methods)} methods, {exp.dtype}, device={exp.device}) ...")
-        outcome = run_backend(make_job(exp, inputs, registry[name]), registry[name], exp.timeout_s, extra_env)
-        say(f"  {name}: {outcome.status} in {outcome.wall_seconds:.1f} s"
-            + (f" - {outcome.error.splitlines()[0]}" if outcome.error else ""))
-        outcomes.append(outcome)
+    out = OutputDir.claim(out_dir, run_id) if out_dir is not None else None
+    try:
+        remove_stale_job_dirs()
+        outcomes: list[BackendOutcome] = []
+        interrupted: Interrupted | None = None
+        try:
+            for name in exp.backends:
+                say(_progress_line(exp, registry[name]))
+                try:
+                    outcome = run_backend(make_job(exp, inputs, registry[name]), registry[name],
+                                          exp.timeout_s, extra_env)
+                except (Interrupted, KeyboardInterrupt) as exc:
+                    if isinstance(exc, Interrupted) and exc.outcome is not None:
+                        outcomes.append(exc.outcome)
+                    raise
+                outcomes.append(outcome)
+                say(f"  {name}: {outcome.status} in {outcome.wall_seconds:.1f} s"
+                    + (f" - {outcome.error.splitlines()[0]}" if outcome.error else ""))
+        except (Interrupted, KeyboardInterrupt) as exc:
+            interrupted = exc if isinstance(exc, Interrupted) else Interrupted(signal.SIGINT)
+            finished = {o.backend for o in outcomes}
+            outcomes += [_not_started(n, exp.methods, interrupted.signal_name)
+                         for n in exp.backends if n not in finished]
+            say(f"  interrupted by {interrupted.signal_name}: stopping and writing what finished")
+        report = None
+        try:
+            with _signals_deferred():
+                report = _conclude(exp, inputs, outcomes, started, run_id, interrupted)
+                if out is not None:
+                    from gradparity.report import write_report
+
+                    write_report(report, out)
+        except (Interrupted, KeyboardInterrupt) as exc:
+            # A signal held while the report was written arrives now: the report is complete.
+            if report is None:
+                raise
+            late = exc if isinstance(exc, Interrupted) else Interrupted(signal.SIGINT)
+            interrupted = interrupted or late
+    finally:
+        if out is not None:
+            out.release()
+    if interrupted is not None:
+        interrupted.report = report
+        raise interrupted
+    return report
+
+
+def _conclude(exp: Experiment, inputs: CanonicalInputs, outcomes: list[BackendOutcome], started: str,
+              run_id: str, interrupted: Interrupted | None) -> Report:
+    """normalize -> compare -> verdict, over whatever the workers produced."""
     results = normalize(outcomes, exp.methods, inputs.n_examples)
     tol = tolerance_for(inputs.model, inputs.n_examples,
                         problem_term_scale(inputs.params, inputs.batch, inputs.model))
     comparisons = compare_all(results, tol)
-    verdict = decide(results, comparisons, tol, inputs.n_examples, exp.dtype)
-    report = Report(exp, inputs, outcomes, results, tol, comparisons, verdict, started, _now())
-    if out_dir is not None:
-        from gradparity.report import write_report
-
-        write_report(report, Path(out_dir))
-    return report
+    verdict = decide(results, comparisons, tol, inputs.n_examples, exp.dtype, interrupted)
+    return Report(exp, inputs, outcomes, results, tol, comparisons, verdict, started, _now(), run_id,
+                  interrupted.signal_name if interrupted else None)

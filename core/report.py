@@ -1,52 +1,36 @@
 """Report: render a run as report.json, report.md and a terminal table; save its arrays.
 
-Everything written is what this run measured. Files are written atomically
-(temporary file, then rename), report.json last, so a report.json on disk
-always belongs to complete npz files beside it.
+Everything written is what this run measured. The files are written as one
+set into a locked folder (``gradparity.outdir``), report.json last, so a
+report.json on disk always belongs to the npz files beside it; it records
+their SHA-256 and every file carries the run id.
 """
 from __future__ import annotations
 
 import json
 import math
-import os
 import platform
-import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
 import gradparity
 from gradparity.compare import pair_index
+from gradparity.outdir import OutputDir
 from gradparity.pipeline import Report
 
 SCHEMA_VERSION = 1
 
 
-# --- atomic writes ---------------------------------------------------------
+# --- files -------------------------------------------------------------------
 
-def _atomic(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path``; a crash leaves no half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _write_text(path: Path, text: str) -> None:
-    _atomic(path, lambda tmp: tmp.write_text(text))
-
-
-def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    def write(tmp: Path):
-        with open(tmp, "wb") as f:  # a file object: np.savez would append '.npz' to a path
-            np.savez(f, **arrays)
-
-    _atomic(path, write)
+def _write_npz(path: Path, arrays: dict[str, np.ndarray], run_id: str) -> None:
+    """np.savez, plus the run id as the archive's zip comment (``zipfile.ZipFile(p).comment``)."""
+    with open(path, "wb") as f:  # a file object: np.savez would append '.npz' to a path
+        np.savez(f, **arrays)
+    with zipfile.ZipFile(path, "a") as z:
+        z.comment = f"gradparity run {run_id}".encode()
 
 
 # --- JSON ------------------------------------------------------------------
@@ -64,6 +48,8 @@ def to_dict(report: Report) -> dict:
     return {
         "schema_version": SCHEMA_VERSION,
         "gradparity_version": gradparity.__version__,
+        "run_id": report.run_id,
+        "interrupted": report.interrupted,
         "started_utc": report.started_utc,
         "finished_utc": report.finished_utc,
         "host": {"python": platform.python_version(), "platform": platform.platform(),
@@ -102,7 +88,7 @@ def to_dict(report: Report) -> dict:
             for c in report.comparisons
         ],
         "verdict": report.verdict.to_dict(),
-        "files": {"inputs": "inputs.npz", "gradients": "gradients.npz"},
+        "files": {},  # filled by write_report: name -> sha256 of the file written with this report
     }
 
 
@@ -112,14 +98,25 @@ def gradient_arrays(report: Report) -> dict[str, np.ndarray]:
             for r in report.results if r.ok for name, g in r.grads.items()}
 
 
-def write_report(report: Report, out_dir: Path) -> dict[str, Path]:
-    """Write inputs.npz, gradients.npz, report.md and (last) report.json into ``out_dir``."""
-    paths = {name: out_dir / name for name in ("inputs.npz", "gradients.npz", "report.md", "report.json")}
-    _write_npz(paths["inputs.npz"], report.inputs.arrays())
-    _write_npz(paths["gradients.npz"], gradient_arrays(report))
-    _write_text(paths["report.md"], render_markdown(report))
-    _write_text(paths["report.json"], json.dumps(to_dict(report), indent=1, allow_nan=False) + "\n")
-    return paths
+def write_report(report: Report, out: OutputDir) -> dict[str, Path]:
+    """Write inputs.npz, gradients.npz, report.md and report.json into the claimed folder, as one set.
+
+    The files are staged and renamed into place together, report.json last;
+    report.json records the SHA-256 of the other three and every file carries
+    the run id.
+    """
+    run_id = report.run_id
+    with out.staging() as stage:
+        sums = {
+            "inputs.npz": stage.write("inputs.npz", lambda p: _write_npz(p, report.inputs.arrays(), run_id)),
+            "gradients.npz": stage.write("gradients.npz",
+                                         lambda p: _write_npz(p, gradient_arrays(report), run_id)),
+            "report.md": stage.write("report.md", lambda p: p.write_text(render_markdown(report))),
+        }
+        doc = to_dict(report)
+        doc["files"] = {name: {"sha256": digest} for name, digest in sums.items()}
+        stage.write("report.json", lambda p: p.write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n"))
+    return {name: out.path / name for name in (*sums, "report.json")}
 
 
 # --- text rendering --------------------------------------------------------
@@ -156,10 +153,18 @@ def _rows(report: Report) -> tuple[list[str], list[list[str]]]:
                          "(reference)" if r is ref else _g(c.max_rel if c else None),
                          "" if c is None else ("yes" if c.agree else "NO")])
         else:
-            first = (r.error or "").splitlines()[0] if r.error else ""
             rows.append([r.backend, r.method, r.status.upper(), "-", r.dtype or "-", "-", r.factor_label,
-                         "-", "-", first[:40], ""])
+                         "-", "-", _reason(r.error), ""])
     return head, rows
+
+
+def _reason(error: str | None, width: int = 80) -> str:
+    """A failed row's reason for the table: the error's first line, cut at a word boundary (full text below)."""
+    first = error.splitlines()[0].strip() if error else ""
+    if len(first) <= width:
+        return first
+    cut = first[:width - 1].rsplit(" ", 1)[0]
+    return cut + " …"
 
 
 def _table(head: list[str], rows: list[list[str]]) -> str:
@@ -203,7 +208,7 @@ def _environment_lines(report: Report, full: bool = True) -> list[str]:
 def _header(report: Report) -> list[str]:
     exp, inp, tol = report.experiment, report.inputs, report.tolerance
     rtol = tol.to_dict()["rtol"]
-    return [
+    lines = [
         f"gradparity {gradparity.__version__}: experiment {exp.name!r}, {inp.model.describe()}, "
         f"{exp.loss.name}, {inp.data_description}",
         f"dtype {exp.dtype}, device {exp.device}, precision {exp.precision}, seed {exp.seed}; "
@@ -211,7 +216,11 @@ def _header(report: Report) -> list[str]:
         f"tolerance: {tol.formula()}",
         f"rtol by arithmetic: float32 {_g(rtol['float32'])}, float64 {_g(rtol['float64'])}, "
         f"TF32 {_g(rtol['tf32'])}",
+        f"run {report.run_id}, {report.started_utc} to {report.finished_utc}",
     ]
+    if report.interrupted:
+        lines.insert(0, f"INTERRUPTED by {report.interrupted}: a partial report of what finished")
+    return lines
 
 
 def render_text(report: Report) -> str:
@@ -254,5 +263,5 @@ def render_markdown(report: Report) -> str:
            f"({', '.join(f'{k} {v}' for k, v in report.inputs.model.param_shapes().items())})",
            f"- inputs.npz checksums (SHA-256, 16 hex): "
            + ", ".join(f"{k} {v}" for k, v in report.inputs.checksums().items()),
-           f"- run from {report.started_utc} to {report.finished_utc}", ""]
+           ""]
     return "\n".join(md)

@@ -24,6 +24,7 @@ DTYPES = ("float32", "float64")
 DEVICES = ("auto", "cpu", "gpu")
 PRECISIONS = ("highest", "default")
 DATA_SOURCES = ("digits", "synthetic", "npz")
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -125,11 +126,24 @@ def _merge(base: dict, override: dict) -> dict:
 
 
 def _set_dotted(cfg: dict, dotted: str, value: Any) -> None:
+    """Set ``a.b.c`` in a nested dict; a dict value merges into an existing table (as TOML layering does).
+
+    A parent that is not a table (``data = 5`` in a file, then ``data.batch_size``
+    from a flag) is a ConfigError naming both, never an AttributeError.
+    """
     *parents, leaf = dotted.split(".")
     node = cfg
-    for p in parents:
-        node = node.setdefault(p, {})
-    node[leaf] = value
+    for depth, p in enumerate(parents):
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            where = ".".join(parents[:depth + 1])
+            raise ConfigError(f"cannot set {dotted!r}: {where} is {child!r}, not a table "
+                              f"(write it as [{where}] with keys)")
+        node = child
+    if isinstance(value, dict) and isinstance(node.get(leaf), dict):
+        node[leaf] = _merge(node[leaf], value)
+    else:
+        node[leaf] = value
 
 
 class _Checker:
@@ -144,7 +158,8 @@ class _Checker:
     def unknown_keys(self, table: dict, known, where: str) -> None:
         for key in table:
             if key not in known:
-                self.fail(f"unknown key {where + key!r}{_suggest(key, known)}; known keys: {', '.join(known)}")
+                suggestion = _suggest(key, known) if isinstance(key, str) else ""
+                self.fail(f"unknown key {where + str(key)!r}{suggestion}; known keys: {', '.join(known)}")
 
     def choice(self, path: str, value, choices) -> str | None:
         if not isinstance(value, str) or value not in choices:
@@ -201,7 +216,8 @@ def validate(cfg: dict, base_dir: Path | None = None) -> Experiment:
         c.unknown_keys(value, keys, f"{t}.")
         tables[t] = value
 
-    name = c.string("name", cfg.get("name"))
+    # No name: one derived from the data and model (so an npz run is not labelled "digits").
+    name = c.string("name", cfg["name"]) if "name" in cfg else None
     seed = c.integer("seed", cfg.get("seed"), 0)
     dtype = c.choice("dtype", cfg.get("dtype"), DTYPES)
     device = c.choice("device", cfg.get("device"), DEVICES)
@@ -211,8 +227,8 @@ def validate(cfg: dict, base_dir: Path | None = None) -> Experiment:
     raw_backends = c.names("backends", cfg.get("backends"), BACKENDS, ALIASES)
     timeout = cfg.get("timeout_s")
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (
-            math.isfinite(timeout) and timeout > 0):
-        c.fail(f"timeout_s must be a positive number of seconds, got {timeout!r}")
+            math.isfinite(timeout) and 0 < timeout <= MAX_TIMEOUT_S):
+        c.fail(f"timeout_s must be a number of seconds in (0, {MAX_TIMEOUT_S:g}] (one week), got {timeout!r}")
 
     backends = None
     if raw_backends and keras_backend:
@@ -222,6 +238,9 @@ def validate(cfg: dict, base_dir: Path | None = None) -> Experiment:
             c.fail(f"backends lists {', '.join(dupes)} more than once")
     if methods and len(set(methods)) != len(methods):
         c.fail("methods lists a method more than once")
+    if backends and methods and len(backends) * len(methods) < 2:
+        c.fail(f"backends {list(backends)} x methods {list(methods)} give one result, and a comparison "
+               "needs two: add a backend or a method")
 
     model = _model(c, tables["model"])
     data = _data(c, tables["data"], base_dir)
@@ -233,8 +252,16 @@ def validate(cfg: dict, base_dir: Path | None = None) -> Experiment:
 
     if c.problems:
         raise ConfigError(c.problems)
+    if name is None:
+        name = _derived_name(data, model)
     return Experiment(name, seed, dtype, device, precision, backends, methods, float(timeout),
                       model, data, LossSpec(loss_name), keras_backend)
+
+
+def _derived_name(data: DataSpec, model: ModelSpec) -> str:
+    """The experiment's label when the config gives none: '<data>-<model>', e.g. 'digits-mlp'."""
+    what = Path(data.path).stem if data.source == "npz" else data.source
+    return f"{what}-{model.kind}"
 
 
 def _model(c: _Checker, t: dict) -> ModelSpec | None:
@@ -301,11 +328,17 @@ def load_experiment(path: str | Path | None = None, overrides: dict[str, Any] | 
     if path is not None:
         path = Path(path)
         try:
-            user = tomllib.loads(path.read_text())
+            user = tomllib.loads(path.read_bytes().decode("utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"config file {str(path)!r} does not exist") from None
+        except IsADirectoryError:
+            raise ConfigError(f"config file {str(path)!r} is a folder, not a TOML file") from None
         except OSError as exc:
-            raise ConfigError(f"cannot read config file {str(path)!r}: {exc}") from None
+            raise ConfigError(f"cannot read config file {str(path)!r}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError as exc:
+            # TOML is UTF-8 by definition; say where the first bad byte is.
+            raise ConfigError(f"{path} is not UTF-8 text (TOML must be): byte 0x{exc.object[exc.start]:02x} "
+                              f"at offset {exc.start}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path} is not valid TOML: {exc}") from None
         # A user's list replaces ours entirely; a user's table is merged key by key.

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 
 from gradparity.compare import Comparison, Tolerance, pair_index
+from gradparity.errors import Interrupted
 from gradparity.normalize import UNIT_ROUNDOFF, Result
 
 EXIT_AGREE, EXIT_DISAGREE, EXIT_INVALID, EXIT_INCOMPLETE = 0, 1, 2, 3
@@ -26,7 +27,7 @@ LINEARITY = (
 
 @dataclass(frozen=True)
 class Verdict:
-    status: str        # "agree" | "disagree" | "incomplete"
+    status: str        # "agree" | "disagree" | "incomplete" | "interrupted"
     exit_code: int
     summary: str
     explanation: list[str] = field(default_factory=list)
@@ -87,25 +88,29 @@ def _describe_cluster(group: list[str], consensus: list[str], results: dict[str,
     return "disagrees with the consensus"
 
 
-def decide(results: list[Result], comparisons: list[Comparison], tol: Tolerance,
-           n_examples: int, requested_dtype: str | None = None) -> Verdict:
-    """Turn results and comparisons into a Verdict (status, exit code, explanation).
+UNTESTED_CAUSES = (
+    "Not tested by this run: every method here saw the same batch and the same parameters, with fresh "
+    "gradients. Causes that change what a method sees (a short last batch averaged per batch, gradients "
+    "not zeroed between methods or steps, dropout or batch-norm in training mode, reduced precision) were "
+    "not exercised; if your own methods differ by more than rounding, they are the hypotheses to check."
+)
 
-    ``requested_dtype`` is the experiment's dtype: a backend that reports
-    narrower arithmetic is named, since its pairs get the wider tolerance.
-    """
-    ok = [r for r in results if r.ok]
-    failed = [r for r in results if not r.ok]
-    by_label = {r.label: r for r in results}
-    lines: list[str] = []
+
+def _context_lines(ok: list[Result], failed: list[Result], nonfinite: list[Result], results: list[Result],
+                   tol: Tolerance, requested_dtype: str | None) -> list[str]:
+    """What qualifies every claim: rows not computed, non-finite rows, narrowed dtypes, TF32."""
+    lines = []
     if failed:
         backends_failed = sorted({r.backend for r in failed})
         lines.append(f"{len(failed)} of {len(results)} results could not be computed "
                      f"({', '.join(backends_failed)}); see their errors. Nothing is claimed about them.")
-    nonfinite = [r.label for r in ok if not (math.isfinite(r.grad_norm) and math.isfinite(r.loss))]
     if nonfinite:
-        lines.append(f"Non-finite loss or gradient (NaN/inf) in {', '.join(nonfinite)}.")
-
+        lines.append(f"{len(nonfinite)} result(s) are not finite and were not compared: "
+                     + "; ".join(f"{r.label} ({r.dtype}): {r.error.removeprefix('non-finite result: ')}"
+                                 for r in nonfinite[:3])
+                     + (f"; and {len(nonfinite) - 3} more" if len(nonfinite) > 3 else "")
+                     + ". NaN/inf means overflow or an invalid operation in that backend's arithmetic "
+                       "(a wider dtype, or smaller inputs, avoid overflow); it is never a reduction factor.")
     narrowed = sorted({r.backend for r in ok if requested_dtype == "float64" and r.dtype == "float32"})
     if narrowed:
         lines.append(f"{', '.join(narrowed)} computed part of this float64 run in float32 (see "
@@ -116,31 +121,98 @@ def decide(results: list[Result], comparisons: list[Comparison], tol: Tolerance,
         lines.append(f"TF32 was possible in {', '.join(tf32)} (precision = {'default'!r}): pairs with it "
                      f"use TF32's roundoff 2^-11, so differences below rtol {_fmt(tol.rtol(UNIT_ROUNDOFF['tf32']))} "
                      "cannot be told from rounding; rerun with precision = 'highest' to resolve them.")
+    return lines
 
+
+def _agreement_summary(ok: list[Result], comparisons: list[Comparison]) -> tuple[str, str]:
+    """(headline, first explanation line) for results that all agree.
+
+    Two different things, each labelled: the largest difference (max_rel) and
+    the pair that used the largest share of its own tolerance; pairs of
+    different precision have different bounds, so they need not be the same pair.
+    """
+    largest = max(comparisons, key=lambda c: c.max_rel)
+    closest = max(comparisons, key=lambda c: c.max_rel / c.tolerance)
+    share = lambda c: f"{100.0 * c.max_rel / c.tolerance:.2g}%"
+    head = (f"all {len(ok)} results agree; largest difference max_rel {_fmt(largest.max_rel)} "
+            f"({largest.a} vs {largest.b}, {share(largest)} of its rtol {_fmt(largest.tolerance)})")
+    if closest is not largest:
+        head += (f"; closest to its bound: {closest.a} vs {closest.b}, max_rel {_fmt(closest.max_rel)} "
+                 f"= {share(closest)} of its rtol {_fmt(closest.tolerance)}")
+    line = (f"All {len(comparisons)} pairs agree within tolerance. Largest difference: {largest.a} vs "
+            f"{largest.b}, max_rel {_fmt(largest.max_rel)} (in {largest.worst_param}) against rtol "
+            f"{_fmt(largest.tolerance)}.")
+    if closest is not largest:
+        line += (f" Closest to its bound: {closest.a} vs {closest.b}, max_rel {_fmt(closest.max_rel)} "
+                 f"(in {closest.worst_param}), {share(closest)} of its rtol {_fmt(closest.tolerance)}.")
+    return head, line
+
+
+def decide(results: list[Result], comparisons: list[Comparison], tol: Tolerance,
+           n_examples: int, requested_dtype: str | None = None,
+           interrupted: Interrupted | None = None) -> Verdict:
+    """Turn results and comparisons into a Verdict (status, exit code, explanation).
+
+    ``requested_dtype`` is the experiment's dtype: a backend that reports
+    narrower arithmetic is named, since its pairs get the wider tolerance.
+    ``interrupted``: the signal that stopped the run; the verdict then covers
+    only what finished, says so, and carries the signal's exit code.
+    Statuses, by precedence: interrupted; disagree (a pair over its bound, or
+    finite results beside non-finite ones); incomplete; agree.
+    """
+    ok = [r for r in results if r.ok]
+    nonfinite = [r for r in results if r.status == "nonfinite"]
+    failed = [r for r in results if not r.ok and r.status != "nonfinite"]
+    by_label = {r.label: r for r in results}
+    lines = _context_lines(ok, failed, nonfinite, results, tol, requested_dtype)
     disagreeing = [c for c in comparisons if not c.agree]
+
+    if interrupted is not None:
+        done = f"{len(ok)} of {len(results)} results were computed before it stopped"
+        if len(ok) >= 2 and not disagreeing:
+            head, line = _agreement_summary(ok, comparisons)
+            done += "; " + head.replace(f"all {len(ok)} results agree", "those agree")
+            lines.insert(0, line)
+        elif disagreeing:
+            done += f"; {len(disagreeing)} of {len(comparisons)} pairs among them disagree"
+        lines.insert(0, f"The run was interrupted by {interrupted.signal_name}: the rows marked "
+                        "interrupted were never computed, and nothing is claimed about them.")
+        return Verdict("interrupted", interrupted.exit_code,
+                       f"INTERRUPTED by {interrupted.signal_name}: {done}", lines)
+
+    if nonfinite and ok:
+        return Verdict("disagree", EXIT_DISAGREE,
+                       f"DISAGREE: {len(nonfinite)} result(s) are NaN/inf while {len(ok)} are finite "
+                       f"(first: {nonfinite[0].label}, {nonfinite[0].error.removeprefix('non-finite result: ')})",
+                       lines + _disagreement_lines(ok, comparisons, disagreeing, by_label, n_examples)[1])
+
     if len(ok) < 2:
         return Verdict("incomplete", EXIT_INCOMPLETE,
-                       f"INCOMPLETE: only {len(ok)} result computed, nothing to compare", lines)
+                       f"INCOMPLETE: only {len(ok)} finite result computed, nothing to compare", lines)
 
     if not disagreeing:
-        worst = max(comparisons, key=lambda c: c.max_rel / c.tolerance)
-        pct = 100.0 * worst.max_rel / worst.tolerance
-        summary = (f"all {len(ok)} results agree; largest difference {_fmt(worst.max_rel)} "
-                   f"({worst.a} vs {worst.b}), {pct:.2g}% of its tolerance {_fmt(worst.tolerance)}")
-        lines.insert(0, f"All {len(comparisons)} pairs agree within tolerance. "
-                        f"Worst pair: {worst.a} vs {worst.b}, max_rel {_fmt(worst.max_rel)} "
-                        f"(in {worst.worst_param}) against rtol {_fmt(worst.tolerance)}.")
+        head, line = _agreement_summary(ok, comparisons)
+        lines.insert(0, line)
         if len({r.method for r in ok}) > 1:
-            lines.insert(1, LINEARITY + " A difference like the 0.0316 in the seed question is not "
-                            "caused by the loss: look for different inputs (a short last batch "
-                            "averaged per batch, gradients not zeroed between methods).")
+            lines.insert(1, LINEARITY + " This run measured it: the methods above agree to rounding.")
+            lines.insert(2, UNTESTED_CAUSES)
+        closest = max(comparisons, key=lambda c: c.max_rel / c.tolerance)
+        pct = 100.0 * closest.max_rel / closest.tolerance
         if pct > 50:
-            lines.append(f"The worst pair used {pct:.0f}% of its tolerance: close to the bound; "
+            lines.append(f"The pair closest to its bound used {pct:.0f}% of its tolerance; "
                          "a float64 run would separate rounding from a real difference.")
-        if failed:
-            return Verdict("incomplete", EXIT_INCOMPLETE, "INCOMPLETE: " + summary, lines)
-        return Verdict("agree", EXIT_AGREE, "AGREE: " + summary, lines)
+        if failed or nonfinite:
+            return Verdict("incomplete", EXIT_INCOMPLETE, "INCOMPLETE: " + head, lines)
+        return Verdict("agree", EXIT_AGREE, "AGREE: " + head, lines)
 
+    summary, explained = _disagreement_lines(ok, comparisons, disagreeing, by_label, n_examples)
+    return Verdict("disagree", EXIT_DISAGREE, "DISAGREE: " + summary, explained + lines)
+
+
+def _disagreement_lines(ok, comparisons, disagreeing, by_label, n_examples) -> tuple[str, list[str]]:
+    """(summary, explanation lines) for finite results of which some pairs disagree (or none: ('', []))."""
+    if not disagreeing:
+        return "", []
     labels = [r.label for r in ok]
     groups = _clusters(labels, comparisons)
     consensus = groups[0]
@@ -148,9 +220,9 @@ def decide(results: list[Result], comparisons: list[Comparison], tol: Tolerance,
     worst = max(disagreeing, key=lambda c: c.max_rel / c.tolerance)
     summary = (f"{len(disagreeing)} of {len(comparisons)} pairs disagree; worst {worst.a} vs {worst.b}: "
                f"max_rel {_fmt(worst.max_rel)} > rtol {_fmt(worst.tolerance)}")
+    lines = []
     if len(groups) > 1 and len(consensus) > 1:
-        lines.insert(0, f"{len(consensus)} results agree with each other (the consensus: "
-                        f"{_short(consensus)}).")
+        lines.append(f"{len(consensus)} results agree with each other (the consensus: {_short(consensus)}).")
         for group in groups[1:]:
             # Against the closest consensus member: the most charitable reading of the difference.
             c = min((pairs[(g, m)] for g in group for m in consensus), key=lambda c: c.max_rel)
@@ -165,9 +237,9 @@ def decide(results: list[Result], comparisons: list[Comparison], tol: Tolerance,
                          f"i.e. a normalization difference{_factor_hint(scale, n_examples)}.")
             lines.append(text)
     else:
-        lines.insert(0, f"No two results form a consensus. Worst pair {worst.a} vs {worst.b}: "
-                        f"max_rel {_fmt(worst.max_rel)} (in {worst.worst_param}), rtol {_fmt(worst.tolerance)}.")
-    return Verdict("disagree", EXIT_DISAGREE, "DISAGREE: " + summary, lines)
+        lines.append(f"No two results form a consensus. Worst pair {worst.a} vs {worst.b}: "
+                     f"max_rel {_fmt(worst.max_rel)} (in {worst.worst_param}), rtol {_fmt(worst.tolerance)}.")
+    return summary, lines
 
 
 def _short(labels: list[str], limit: int = 6) -> str:

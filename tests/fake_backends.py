@@ -8,11 +8,15 @@ The mode travels in ``job.variant``:
 - ``wrong_shape``: returns a transposed kernel (a layout bug);
 - ``forgets_mean``: the ``mean`` method returns the summed gradient (a missing 1/N);
 - ``segfault``: the process dies of SIGSEGV while setting up.
+
+With ``GRADPARITY_TEST_PIDFILE`` set, each worker appends "PID JOB_DIR" to that
+file when its session opens, so a test can check that no worker survives.
 """
 from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 
 from gradparity.backends import numpy_backend
@@ -48,6 +52,10 @@ class FaultySession:
 
 
 def open_session(job):
+    pidfile = os.environ.get("GRADPARITY_TEST_PIDFILE")
+    if pidfile:
+        with open(pidfile, "a") as f:
+            f.write(f"{os.getpid()} {sys.argv[1]}\n")
     if job.variant == "missing":
         import framework_that_is_not_installed  # noqa: F401
     if job.variant == "segfault":
