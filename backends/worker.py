@@ -38,8 +38,11 @@ def _error_text(exc: BaseException, limit: int = 6) -> str:
 
 
 def _missing_message(job: WorkerJob, exc: ModuleNotFoundError) -> str:
-    install = f"pip install 'gradparity[{job.extra}]'" if job.extra else "reinstall gradparity"
-    return f"{exc.name} is not installed, so backend '{job.backend}' cannot run; install it with: {install}"
+    if not job.extra:
+        return f"{exc.name} is not installed, so backend '{job.backend}' cannot run; reinstall gradparity"
+    return (f"{exc.name} is not installed, so backend '{job.backend}' cannot run; install it with: "
+            f"pip install 'gradparity[{job.extra}]' (from a gradparity checkout, with the tested versions: "
+            f"pip install -c constraints.txt -e '.[{job.extra}]')")
 
 
 def _check_grads(job: WorkerJob, grads: dict) -> dict[str, np.ndarray]:

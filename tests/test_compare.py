@@ -200,3 +200,75 @@ def test_a_backend_that_narrowed_float64_is_named():
     v = decide([a, b], compare_all([a, b], TOL), TOL, N, requested_dtype="float64")
     assert any(line.startswith("b computed part of this float64 run in float32") for line in v.explanation)
     assert compare_all([a, b], TOL)[0].tolerance == TOL.rtol(UNIT_ROUNDOFF["float32"])
+
+
+def test_overflowing_results_are_named_non_finite_never_a_factor():
+    """Float32 overflow: inf loss and inf/NaN gradients beside finite float64 ones (issue: 'a constant factor 1')."""
+    g = grads_like()
+    bad = {k: v.copy() for k, v in g.items()}
+    bad["layers.0.kernel"][0, :] = np.inf
+    env = {"dtype": "float32", "device": "cpu", "tf32": False}
+    outcomes = [
+        BackendOutcome("ref", "ok", None, dict(env, dtype="float64"),
+                       {m: MethodOutcome("ok", 2.0, 0.1, None, g) for m in ("mean", "sum")}, 1.0),
+        BackendOutcome("f32", "ok", None, env,
+                       {m: MethodOutcome("ok", math.inf, 0.1, None, bad) for m in ("mean", "sum")}, 1.0),
+    ]
+    rs = normalize(outcomes, ("mean", "sum"), N)
+    rows = {r.label: r for r in rs}
+    assert rows["f32/mean"].status == "nonfinite" and rows["f32/mean"].grads is None
+    assert "loss is inf" in rows["f32/mean"].error and "6 of" in rows["f32/mean"].error
+    comparisons = compare_all(rs, TOL)
+    assert {(c.a, c.b) for c in comparisons} == {("ref/mean", "ref/sum")}  # non-finite rows not compared
+    v = decide(rs, comparisons, TOL, N)
+    text = v.summary + " ".join(v.explanation)
+    assert v.status == "disagree" and v.exit_code == EXIT_DISAGREE
+    assert "NaN/inf" in v.summary and "f32/mean" in text
+    assert "factor" not in v.summary and "constant factor" not in text and "normalization" not in text
+
+
+def test_all_non_finite_is_incomplete():
+    g = {k: np.full(v.shape, np.nan) for k, v in grads_like().items()}
+    env = {"dtype": "float32", "device": "cpu", "tf32": False}
+    outcomes = [BackendOutcome(b, "ok", None, env, {"mean": MethodOutcome("ok", math.nan, 0.1, None, g)}, 1.0)
+                for b in ("x", "y")]
+    rs = normalize(outcomes, ("mean",), N)
+    v = decide(rs, compare_all(rs, TOL), TOL, N)
+    assert v.status == "incomplete" and v.exit_code == EXIT_INCOMPLETE and "finite" in v.summary
+
+
+def test_headline_names_the_largest_difference_and_the_pair_closest_to_its_bound():
+    """Float64 pairs have a far tighter bound: the pair nearest its bound is not the largest difference."""
+    g = grads_like()
+    a64, b64 = result("n", "mean", g, dtype="float64"), result("n", "sum", perturbed(g, 1e-14), dtype="float64")
+    c32 = result("t", "mean", perturbed(g, 1e-7, seed=5))
+    rs = [a64, b64, c32]
+    cs = compare_all(rs, TOL)
+    v = decide(rs, cs, TOL, N)
+    assert v.status == "agree"
+    largest = max(cs, key=lambda c: c.max_rel)
+    closest = max(cs, key=lambda c: c.max_rel / c.tolerance)
+    assert largest is not closest  # the case the headline must not conflate
+    assert f"largest difference max_rel {largest.max_rel:.3g} ({largest.a} vs {largest.b}" in v.summary
+    assert f"closest to its bound: {closest.a} vs {closest.b}, max_rel {closest.max_rel:.3g}" in v.summary
+
+
+def test_untested_causes_read_as_hypotheses():
+    g = grads_like()
+    rs = [result("only", m, perturbed(g, 1e-9, seed=i)) for i, m in enumerate(("sum", "mean"))]
+    v = decide(rs, compare_all(rs, TOL), TOL, N)
+    text = " ".join(v.explanation)
+    assert "Not tested by this run" in text and "hypotheses" in text
+    assert "look for" not in text  # no untested cause stated as the answer
+
+
+def test_interrupted_verdict_covers_only_what_finished():
+    import signal as _signal
+
+    from gradparity.errors import Interrupted
+
+    g = grads_like()
+    rs = [result("a", "mean", g), result("a", "sum", g), result("b", "mean", g, status="interrupted")]
+    v = decide(rs, compare_all(rs, TOL), TOL, N, interrupted=Interrupted(_signal.SIGTERM))
+    assert v.status == "interrupted" and v.exit_code == 143
+    assert v.summary.startswith("INTERRUPTED by SIGTERM: 2 of 3 results")

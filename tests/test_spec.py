@@ -136,3 +136,62 @@ def test_synthetic_data_covers_the_requested_batch_by_default():
     exp = load_experiment(overrides={**TINY, "data.batch_index": 2})
     assert exp.data.num_examples == 18
     assert build_inputs(exp).n_examples == 6
+
+
+def test_nested_overrides_merge_like_toml_layering():
+    exp = load_experiment(None, {"model": {"hidden": [8]}})
+    assert exp.model.hidden == (8,) and exp.model.activation == "relu" and exp.model.kind == "mlp"
+    assert load_experiment(None, {"data": {"batch_size": 8}}).data.source == "digits"
+
+
+def test_a_scalar_where_a_table_belongs_is_a_config_error(tmp_path):
+    cfg = tmp_path / "exp.toml"
+    cfg.write_text("data = 5\n")
+    p = problems({"data.batch_size": 3}, path=cfg)
+    assert any("data is 5, not a table" in s for s in p)
+
+
+def test_the_name_defaults_to_the_data_and_model(tmp_path):
+    assert load_experiment().name == "digits-mlp"
+    assert load_experiment(overrides=TINY).name == "synthetic-mlp"
+    cfg = write_npz(tmp_path, x=np.ones((8, 3)), y=np.arange(8) % 2)
+    assert load_experiment(cfg).name == "data-mlp"
+    assert load_experiment(overrides={"name": "mine"}).name == "mine"
+
+
+def test_problems_too_large_for_memory_are_rejected_before_allocating(tmp_path):
+    from gradparity.inputs import memory_limit_bytes
+
+    p = problems({"model.hidden": [10 ** 9]})
+    assert any("parameters" in s and "more than half of this machine's" in s for s in p)
+    p = problems({**TINY, "data.num_examples": 10 ** 13})
+    assert any("synthetic data" in s for s in p)
+    cfg = write_npz(tmp_path, x=np.ones((8, 3)), y=np.array([0, 1, 0, 1, 0, 1, 0, 10 ** 9]))
+    p = problems(path=cfg)
+    assert any("inferred from the largest label 1,000,000,000" in s and "data.num_classes" in s for s in p)
+    assert memory_limit_bytes() > 2 ** 28
+
+
+@pytest.mark.parametrize("x,y,message", [
+    (np.zeros((0, 3)), np.zeros(0, dtype=int), "the data has no examples"),
+    (np.zeros((8, 0)), np.arange(8) % 2, "inputs have no features"),
+    (np.ones((8, 3), dtype=complex), np.arange(8) % 2, "inputs must be real numbers"),
+    (np.ones((8, 3)), (np.arange(16) % 2).reshape(8, 2), "labels must be 1-D"),
+])
+def test_degenerate_npz_data_is_named(x, y, message, tmp_path):
+    p = problems(path=write_npz(tmp_path, x=x, y=y))
+    assert any(message in s for s in p), p
+
+
+def test_a_single_npy_or_garbage_file_is_not_read_as_npz(tmp_path):
+    cfg = write_npz(tmp_path, x=np.ones((8, 3)), y=np.arange(8) % 2)
+    np.save(tmp_path / "data.npy", np.ones(3))
+    (tmp_path / "data.npy").rename(tmp_path / "data.npz")
+    assert any("single .npy array" in s for s in problems(path=cfg))
+    (tmp_path / "data.npz").write_bytes(b"PK\x03\x04 not really a zip")
+    assert any("cannot read data.path" in s for s in problems(path=cfg))
+
+
+def test_at_most_one_result_is_a_config_error():
+    p = problems({"backends": ["numpy"], "methods": ["mean"]})
+    assert any("give one result" in s for s in p)
