@@ -148,13 +148,14 @@ def run_backend(
         env["GRADPARITY_PARENT_PID"] = str(os.getpid())
         log_path = job_dir / "worker.log"
         interrupted: Interrupted | None = None
+        proc: subprocess.Popen | None = None
         with open(log_path, "wb") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "gradparity.backends.worker", str(job_dir)],
-                env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True,  # so a timeout kills the worker's own children too
-            )
             try:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "gradparity.backends.worker", str(job_dir)],
+                    env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    start_new_session=True,  # so a timeout kills the worker's own children too
+                )
                 returncode = proc.wait(timeout=timeout_s)
                 timed_out = False
             except subprocess.TimeoutExpired:
@@ -162,11 +163,13 @@ def run_backend(
                 returncode, timed_out = proc.returncode, True
             except (KeyboardInterrupt, Interrupted) as exc:
                 # The worker runs in its own session, so it outlives the parent unless killed here.
-                _kill_group(proc)
+                if proc is not None:
+                    _kill_group(proc)
                 interrupted = exc if isinstance(exc, Interrupted) else Interrupted(signal.SIGINT)
-                returncode, timed_out = proc.returncode, False
+                returncode, timed_out = (proc.returncode if proc else None), False
             except BaseException:
-                _kill_group(proc)
+                if proc is not None:
+                    _kill_group(proc)
                 raise
         outcome = _collect(job, info, job_dir, returncode, timed_out, timeout_s, log_path, interrupted)
     outcome.wall_seconds = time.perf_counter() - start

@@ -253,7 +253,7 @@ def render_markdown(report: Report) -> str:
         md += ["", "## Errors", ""] + ["```\n" + e + "\n```" for e in errors]
     md += ["", "## Comparisons", "",
            f"{len(report.comparisons)} pairs, disagreeing first, then by share of tolerance used. "
-           "max_rel is relative to each parameter tensor's largest entry.", "",
+           "max_rel is relative to each parameter tensor's scale S_p (see the tolerance line).", "",
            "| a | b | max_abs | max_rel | worst param | cosine | loss_rel | rtol | agree |",
            "|---|---|---|---|---|---|---|---|---|"]
     for c in sorted(report.comparisons, key=lambda c: (c.agree, -(c.max_rel / c.tolerance))):

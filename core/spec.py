@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import numbers
 import tomllib
 from dataclasses import asdict, dataclass
 from importlib import resources
@@ -169,9 +170,11 @@ class _Checker:
         return value
 
     def integer(self, path: str, value, minimum: int) -> int | None:
-        if isinstance(value, bool) or not isinstance(value, int):
+        # numbers.Integral: numpy integers from the Python API count; bool is not a number here.
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             self.fail(f"{path} must be an integer, got {value!r}")
             return None
+        value = int(value)
         if value < minimum:
             self.fail(f"{path} must be >= {minimum}, got {value}")
             return None
@@ -344,6 +347,10 @@ def load_experiment(path: str | Path | None = None, overrides: dict[str, Any] | 
         # A user's list replaces ours entirely; a user's table is merged key by key.
         cfg = _merge(cfg, user)
         base_dir = path.resolve().parent
+    if overrides is not None and not isinstance(overrides, dict):
+        raise ConfigError(f"overrides must be a dict of dotted keys, got {type(overrides).__name__}")
     for dotted, value in (overrides or {}).items():
+        if not isinstance(dotted, str) or not dotted:
+            raise ConfigError(f"override keys must be dotted names like 'data.batch_size', got {dotted!r}")
         _set_dotted(cfg, dotted, value)
     return validate(cfg, base_dir)

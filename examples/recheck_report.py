@@ -1,11 +1,13 @@
 """Recheck a gradparity report with nothing but numpy (no gradparity import).
 
+0. The files belong together: their SHA-256 match the ones report.json lists.
 1. Every comparison's max_rel is recomputed from gradients.npz.
 2. The mean-loss gradient is recomputed from inputs.npz by an independent
    10-line MLP + cross-entropy, and compared with every result in the report.
 
     python examples/recheck_report.py gradparity-out
 """
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -50,6 +52,13 @@ def max_rel(a, b, term_scale=None):
 def main(out_dir):
     out = Path(out_dir)
     report = json.loads((out / "report.json").read_text())
+    for name, entry in report.get("files", {}).items():
+        digest = hashlib.sha256((out / name).read_bytes()).hexdigest()
+        if digest != entry["sha256"]:
+            print(f"{name} is not the file written with report.json (run {report.get('run_id')}): "
+                  "SHA-256 differs; rerun gradparity")
+            return 1
+    print(f"run {report.get('run_id')}: {len(report.get('files', {}))} files match report.json's SHA-256")
     with np.load(out / "gradients.npz") as z:
         flat = {k: z[k] for k in z.files}
     grads = {}

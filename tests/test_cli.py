@@ -161,3 +161,17 @@ def test_shipped_example_data_is_what_make_npz_writes(tmp_path):
 def test_version_flag():
     proc = gradparity("--version")
     assert proc.returncode == 0 and proc.stdout.startswith("gradparity ")
+
+
+def test_recheck_example_verifies_the_file_set(tiny, tmp_path):
+    out = tmp_path / "out"
+    assert gradparity("run", str(tiny), "--backends", "numpy", "--out", str(out)).returncode == 0
+    script = os.path.join(EXAMPLES, "recheck_report.py")
+    ok = subprocess.run([sys.executable, script, str(out)], capture_output=True, text=True)
+    assert ok.returncode == 0 and "3 files match" in ok.stdout, ok.stdout + ok.stderr
+    with np.load(out / "inputs.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["batch/x"] = arrays["batch/x"] + 1  # as if another run had written it
+    np.savez(out / "inputs.npz", **arrays)
+    bad = subprocess.run([sys.executable, script, str(out)], capture_output=True, text=True)
+    assert bad.returncode == 1 and "inputs.npz is not the file written with report.json" in bad.stdout
