@@ -18,7 +18,7 @@ import traceback
 from pathlib import Path
 
 from gradparity import __version__
-from gradparity.errors import GradparityError, Interrupted
+from gradparity.errors import ConfigError, GradparityError, Interrupted
 from gradparity.verdict import EXIT_INVALID
 
 EXIT_INTERNAL = 4
@@ -36,8 +36,12 @@ def _overrides(args) -> dict:
                             ("precision", "precision", str), ("seed", "seed", int),
                             ("batch_size", "data.batch_size", int), ("timeout", "timeout_s", float)):
         value = getattr(args, flag, None)
-        if value is not None:
-            o[key] = conv(value)
+        if value is None:
+            continue
+        if not isinstance(value, (str, int, float)):
+            # argparse turns '--seed=--' into [] without calling the flag's type.
+            raise ConfigError(f"--{flag.replace('_', '-')} needs a value, got {value!r}")
+        o[key] = conv(value)
     return o
 
 
@@ -143,7 +147,18 @@ def _signal_handlers():
             signal.signal(sig, handler)
 
 
+def _printable_streams() -> None:
+    """Never crash on printing: a path or name with undecodable bytes is escaped, not an error."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            try:
+                stream.reconfigure(errors="backslashreplace")
+            except (ValueError, OSError):
+                pass
+
+
 def main(argv: list[str] | None = None) -> int:
+    _printable_streams()
     args = _parser().parse_args(argv)
     try:
         with _signal_handlers():

@@ -120,7 +120,7 @@ def check_data(x: np.ndarray, y: np.ndarray, num_classes: int | None) -> tuple[i
     numeric = np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)
     if not numeric:
         problems.append(f"inputs must be real numbers, got dtype {x.dtype}")
-    elif x.size and not np.all(np.isfinite(x)):
+    elif x.ndim == 2 and x.size and not np.all(np.isfinite(x)):
         bad = np.argwhere(~np.isfinite(x))
         problems.append(f"inputs contain {len(bad)} NaN/inf value(s), first at example {bad[0][0]}")
     inferred = num_classes is None

@@ -54,16 +54,28 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _check_path(path: Path) -> None:
-    """Reject, before anything is created, an output path that can never be a folder."""
-    if path.exists() and not path.is_dir():
-        raise OutputError(f"--out {str(path)!r} is an existing file, not a folder; choose a folder")
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise OutputError(f"--out {str(path)!r} cannot be created: {str(parent)!r} is a file, "
-                                  "not a folder")
-            break
+def _check_path(path: Path, names: tuple[str, ...]) -> None:
+    """Reject, before anything is created, an output path that can never hold this run's files.
+
+    ``names`` are the files the run will write: one that exists as a folder
+    (or anything but a file) would make the final rename fail after all the work.
+    """
+    try:
+        if path.exists() and not path.is_dir():
+            raise OutputError(f"--out {str(path)!r} is an existing file, not a folder; choose a folder")
+        for parent in path.parents:
+            if parent.exists():
+                if not parent.is_dir():
+                    raise OutputError(f"--out {str(path)!r} cannot be created: {str(parent)!r} is a file, "
+                                      "not a folder")
+                break
+        for name in names:
+            target = path / name
+            if target.exists() and not target.is_file():
+                raise OutputError(f"{str(target)!r} exists and is not a file, so the report cannot be "
+                                  "written there; remove it or choose another --out")
+    except OSError as exc:  # e.g. a name too long for the file system
+        raise OutputError(f"--out {str(path)!r} is not usable: {exc.strerror or exc}") from None
 
 
 class OutputDir:
@@ -75,10 +87,10 @@ class OutputDir:
         self._fd = fd
 
     @classmethod
-    def claim(cls, path: str | Path, run_id: str) -> "OutputDir":
-        """Create (if needed), check and lock ``path``; raise OutputError if it cannot be this run's."""
+    def claim(cls, path: str | Path, run_id: str, names: tuple[str, ...] = ()) -> "OutputDir":
+        """Create (if needed), check and lock ``path`` for writing ``names``; raise OutputError if it cannot be this run's."""
         path = Path(path).expanduser()
-        _check_path(path)
+        _check_path(path, names)
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

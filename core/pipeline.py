@@ -21,6 +21,10 @@ from gradparity.spec import Experiment
 from gradparity.verdict import Verdict, decide
 
 
+#: The files a run writes into its output folder, in the order they are renamed into place.
+REPORT_FILES = ("inputs.npz", "gradients.npz", "report.md", "report.json")
+
+
 @dataclass
 class Report:
     """Everything one run measured; ``gradparity.report`` renders and writes it.
@@ -109,7 +113,7 @@ def run_experiment(
     say = progress or (lambda _msg: None)
     started, run_id = _now(), new_run_id()
     inputs = build_inputs(exp)
-    out = OutputDir.claim(out_dir, run_id) if out_dir is not None else None
+    out = OutputDir.claim(out_dir, run_id, REPORT_FILES) if out_dir is not None else None
     try:
         remove_stale_job_dirs()
         outcomes: list[BackendOutcome] = []

@@ -31,7 +31,6 @@ import math
 import os
 import re
 import resource
-import sys
 import tempfile
 import tomllib
 import warnings
@@ -256,9 +255,8 @@ def check(run: Run, out: Path, before: set[str] | None, expect: str = "unknown",
     if run.code == 2:
         assert not run.calls, f"exit 2 after backends {run.calls} were started\n{info}"
         after = listing(out)
-        if before is None:
-            assert not _safe(Path.exists, out) or _safe(Path.is_file, out), \
-                f"exit 2 but --out {out} was created\n{info}"
+        if before is None:  # it was no folder before: it is none now
+            assert not _safe(Path.is_dir, out), f"exit 2 but --out {out} was created\n{info}"
         else:
             assert after is not None and after <= before, \
                 f"exit 2 but --out got new files {sorted((after or set()) - before)}\n{info}"
@@ -600,17 +598,17 @@ def mutate(cfg: dict, mutations) -> dict:
     return cfg
 
 
-_NAME_TEXT = st.one_of(st.sampled_from(BACKEND_NAMES + ("keras", "pytorch", "numpy ", " torch", "")),
+_NAME_TEXT = st.one_of(st.sampled_from(BACKEND_NAMES + ("keras", "pytorch", "numpy ", " torch", "", "--")),
                        st.text(max_size=6))
 argv_text = st.text(alphabet=st.one_of(st.characters(exclude_characters="\x00"),
                                        st.sampled_from(["\udcff", "\udc80", ",", "é"])), max_size=10)
 number_text = st.sampled_from(["nan", "inf", "-inf", "-1", "0", "1", "3", "1e400", "1e-300", "", " ",
-                               "1_000", "٣", "3.0", "0x10", str(10 ** 12), str(10 ** 30), "-0"])
+                               "1_000", "٣", "3.0", "0x10", str(10 ** 12), str(10 ** 30), "-0", "--", "-"])
 FLAG_VALUES = {
     "--backends": st.one_of(st.lists(_NAME_TEXT, max_size=3).map(",".join), argv_text),
     "--methods": st.one_of(st.lists(st.sampled_from(METHODS + ("avg", "")), max_size=4).map(",".join),
                            argv_text),
-    "--dtype": st.one_of(st.sampled_from(DTYPES + ("float16", "Float32", "")), argv_text),
+    "--dtype": st.one_of(st.sampled_from(DTYPES + ("float16", "Float32", "", "--")), argv_text),
     "--device": st.one_of(st.sampled_from(DEVICES + ("tpu", "cuda")), argv_text),
     "--precision": st.one_of(st.sampled_from(PRECISIONS + ("high",)), argv_text),
     "--seed": st.one_of(st.integers(-3, 2 ** 70).map(str), number_text, argv_text),
@@ -630,22 +628,22 @@ def workdir():
         yield Path(tmp)
 
 
-def judge_text(raw: bytes, flags) -> tuple[Oracle, str | None]:
+def judge_text(raw: bytes, flags) -> Oracle:
     """The oracle for a config file's bytes plus flags (TOML must be UTF-8)."""
     o = Oracle()
     try:
         user = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
         o.bad.append("config is not UTF-8")
-        return o, None
+        return o
     except tomllib.TOMLDecodeError:
         o.bad.append("config is not valid TOML")
-        return o, None
+        return o
     merged = apply_flags(merge(default_config(), user), flags, o)
     if raw.startswith(b"\xef\xbb\xbf"):
         o.unsure.append("UTF-8 with a byte-order mark: TOML does not say")
     o.absorb(judge_config(merged)[0])
-    return o, None
+    return o
 
 
 # ==========================================================================================
@@ -742,7 +740,7 @@ raw_config = st.one_of(
 @settings(max_examples=examples(80), **PROPERTY_SETTINGS)
 @given(raw=raw_config, flags=flags_strategy)
 def test_any_config_bytes_end_cleanly(raw, flags):
-    o, _ = judge_text(raw, flags)
+    o = judge_text(raw, flags)
     assume(not o.medium)
     with workdir() as tmp:
         path = tmp / "exp.toml"
@@ -820,7 +818,7 @@ def npz_case(draw):
     y = _cast(y, draw(st.sampled_from(Y_DTYPES)))
 
     keys = draw(st.sampled_from([("x", "y")] * 6 + [("x",), ("y",), ("inputs", "y"), ()]))
-    custom_keys = draw(st.booleans()) and len(keys) == 2
+    custom_keys = draw(st.booleans()) and keys == ("x", "y")
     file_kind = draw(st.sampled_from(["npz"] * 10 + ["npy", "text", "random", "empty", "dir", "missing",
                                                        "truncated", "corrupt-member", "zip-no-npy"]))
     return dict(x=x, y=y, keys=keys, custom_keys=custom_keys, file_kind=file_kind, num_classes=num_classes,
@@ -873,8 +871,11 @@ def judge_npz(c: dict) -> Oracle:
         o.bad.append("batch larger than the data")
         return o
     big = float(np.max(np.abs(x.astype(np.float64)))) if x.size else 0.0
-    if c["dtype"] == "float32" and big > np.finfo(np.float32).max:
+    over = np.abs(x.astype(np.float64)) > np.finfo(np.float32).max
+    if c["dtype"] == "float32" and over.all():
         o.bad.append("x overflows float32")
+    elif c["dtype"] == "float32" and over.any():  # only the batch is cast: it depends on which rows it takes
+        o.unsure.append("some x overflow float32")
     elif big > 1e6:
         o.unsure.append("x huge in magnitude: the arithmetic may overflow")
     cfg = merge(merge(default_config(), TINY), {
@@ -1147,3 +1148,45 @@ def test_regression_python_api_nested_override_merges():
     assert exp.model.hidden == (8,)
     assert exp.model.activation == "relu", "a nested override replaced the whole [model] table"
     assert exp.model.kind == "mlp"
+
+
+# --- found by the properties above ----------------------------------------------------------------
+
+@pytest.mark.parametrize("flag", ["--seed", "--batch-size", "--timeout", "--backends", "--methods", "--dtype"])
+def test_regression_flag_value_double_dash(flag):
+    """``--seed=--``: argparse (3.11) hands over [] instead of a string; that must be a usage error."""
+    with workdir() as tmp:
+        out = tmp / "out"
+        run = invoke(["run", str(write_tiny(tmp)), f"{flag}=--", "--out", str(out)])
+        check(run, out, None, "invalid", context=f"{flag}=--")
+
+
+def test_regression_npz_zero_d_inputs_with_nan():
+    with workdir() as tmp:
+        out = tmp / "out"
+        run = invoke(["run", str(npz_experiment(tmp, np.array(np.nan), np.arange(8) % 2)), "--out", str(out)])
+        assert_rejected(run, out, None, r"2-D|shape")
+
+
+def test_regression_out_name_too_long():
+    with workdir() as tmp:
+        out = tmp / ("x" * 300)
+        run = invoke(["run", str(write_tiny(tmp)), "--out", str(out)])
+        assert_rejected(run, out, None, r"too long|cannot")
+
+
+def test_regression_out_holds_a_folder_named_report_json():
+    with workdir() as tmp:
+        out = tmp / "o"
+        (out / "report.json").mkdir(parents=True)
+        run = invoke(["run", str(write_tiny(tmp)), "--out", str(out)])
+        assert_rejected(run, out, listing(out), r"report\.json")
+
+
+def test_regression_out_with_undecodable_bytes_in_its_name():
+    """``--out $'\\xff'`` arrives as '\\udcff'; under a UTF-8 locale other than C, sys.stdout is strict
+    (the harness's stdout is too), so printing the path must not crash after a complete run."""
+    with workdir() as tmp:
+        out = tmp / "out-\udcff"
+        run = invoke(["run", str(write_tiny(tmp)), "--out", str(out)])
+        check(run, out, None, "valid", context="--out with the byte 0xff in its name")
