@@ -59,9 +59,9 @@ class BackendInfo:
 _CE = frozenset({"cross_entropy"})
 
 _ALL = [
-    BackendInfo("numpy", "numpy", "gradparity.backends.numpy_backend", None, ("numpy",), _CE, reference=True),
-    BackendInfo("torch", "torch", "gradparity.backends.torch_backend", "torch", ("torch",), _CE),
-    BackendInfo("jax", "jax", "gradparity.backends.jax_backend", "jax", ("jax", "jaxlib", "flax", "optax"), _CE),
+    BackendInfo("numpy", "numpy", "gradparity.backends.numpy.session", None, ("numpy",), _CE, reference=True),
+    BackendInfo("torch", "torch", "gradparity.backends.torch.session", "torch", ("torch",), _CE),
+    BackendInfo("jax", "jax", "gradparity.backends.jax.session", "jax", ("jax", "jaxlib", "flax", "optax"), _CE),
 ]
 _KERAS_REQUIRES = {
     "tensorflow": ("keras", "tensorflow"),
@@ -72,7 +72,7 @@ _ALL += [
     BackendInfo(
         f"keras-{v}",
         "keras",
-        "gradparity.backends.keras_backend",
+        "gradparity.backends.keras.session",
         "keras" if v == "tensorflow" else f"keras,{v}",
         _KERAS_REQUIRES[v],
         _CE,

@@ -76,7 +76,7 @@ def tolerance_for(model: MLP, n_examples: int, term_scale: dict[str, float] | No
 
 def problem_term_scale(params: dict, batch: dict, model: MLP) -> dict[str, float]:
     """T_p for every tensor, from the float64 reference (pure numpy, computed in this process)."""
-    from gradparity.backends.numpy_backend import term_scale
+    from gradparity.backends.numpy.session import term_scale
 
     with np.errstate(all="ignore"):  # an overflowing problem is reported by its results, not warned here
         scale = term_scale(params, batch["x"], batch["y"], model.to_dict())

@@ -19,7 +19,7 @@ import signal
 import sys
 import time
 
-from gradparity.backends import numpy_backend
+from gradparity.backends.numpy import session as numpy_backend
 from gradparity.backends.protocol import RawResult
 from gradparity.backends.worker import TIMED_CALLS
 

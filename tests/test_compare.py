@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from gradparity.backends.numpy_backend import NumpySession, term_scale
+from gradparity.backends.numpy.session import NumpySession, term_scale
 from gradparity.backends.protocol import WorkerJob
 from gradparity.compare import SAFETY, compare_all, compare_pair, tolerance_for
 from gradparity.execute import BackendOutcome, MethodOutcome

@@ -8,7 +8,7 @@ PARENT_MODULES = (
     "gradparity", "gradparity.cli", "gradparity.pipeline", "gradparity.report", "gradparity.doctor",
     "gradparity.spec", "gradparity.inputs", "gradparity.execute", "gradparity.normalize",
     "gradparity.compare", "gradparity.verdict", "gradparity.backends", "gradparity.backends.protocol",
-    "gradparity.backends.worker", "gradparity.backends.numpy_backend",
+    "gradparity.backends.worker", "gradparity.backends.numpy.session",
 )
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from gradparity.backends import BACKENDS
-from gradparity.backends.numpy_backend import NumpySession
+from gradparity.backends.numpy.session import NumpySession
 from gradparity.backends.protocol import WorkerJob
 from gradparity.execute import run_backend
 from gradparity.inputs import init_params

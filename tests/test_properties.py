@@ -47,7 +47,7 @@ from hypothesis.extra import numpy as hnp
 import gradparity
 import gradparity.execute as execute_mod
 import gradparity.pipeline as pipeline_mod
-from gradparity.backends import numpy_backend
+from gradparity.backends.numpy import session as numpy_backend
 from gradparity.cli import main
 from gradparity.execute import BackendOutcome, MethodOutcome
 

@@ -8,7 +8,7 @@ largest gradient entry is far above both and far below any real bug.
 import numpy as np
 import pytest
 
-from gradparity.backends.numpy_backend import NumpySession, cross_entropy, forward
+from gradparity.backends.numpy.session import NumpySession, cross_entropy, forward
 from gradparity.backends.protocol import WorkerJob
 from gradparity.inputs import init_params
 from gradparity.methods import METHODS

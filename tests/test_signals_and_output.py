@@ -39,7 +39,6 @@ HARNESS = textwrap.dedent("""
     sys.exit(main(sys.argv[1:]))
 """).format(tests=str(TESTS))
 
-TINY_ARGS = ["--batch-size", "6"]
 TINY_TOML = textwrap.dedent("""
     device = "cpu"
     methods = ["sum", "mean"]

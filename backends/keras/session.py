@@ -258,7 +258,7 @@ class _Torch(_Autodiff):
         # The torch backend's own device rule and precision switches: torch >= 2.9
         # raises when its legacy and new precision APIs disagree, so both families
         # are set the one same way.
-        from gradparity.backends import torch_backend
+        from gradparity.backends.torch import session as torch_backend
 
         self.torch = torch
         self.torch_backend = torch_backend

@@ -1,0 +1,1 @@
+"""The jax backend: ``session`` computes the reduction methods natively in jax."""

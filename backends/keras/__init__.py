@@ -1,0 +1,1 @@
+"""The keras backend: ``session`` computes the reduction methods natively in keras."""

@@ -1,0 +1,1 @@
+"""The torch backend: ``session`` computes the reduction methods natively in torch."""
