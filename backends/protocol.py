@@ -47,16 +47,28 @@ class WorkerJob:
     loss: dict
     params: dict[str, np.ndarray] = field(repr=False)
     batch: dict[str, np.ndarray] = field(repr=False)
+    #: "gradients": ``methods`` are reduction methods on the model (``params``, ``batch['x'|'y']``).
+    #: "loss_functions": ``methods`` are cases "FUNCTION@BATCH": ``payload['functions'][FUNCTION]``
+    #: is the source of a ``loss_fn(logits, targets, sample_weight=None)``, and ``batch`` holds
+    #: ``BATCH/logits``, ``BATCH/targets`` and optionally ``BATCH/sample_weight``.
+    task: str = "gradients"
+    payload: dict = field(default_factory=dict)
 
     @property
     def n_examples(self) -> int:
         return int(self.batch["y"].shape[0])
 
+    def expected_grad_shapes(self, method: str) -> dict[str, tuple[int, ...]]:
+        """The gradient names and shapes a method must return: the parameters, or the case's logits."""
+        if self.task == "loss_functions":
+            return {"logits": tuple(self.batch[f"{loss_case_batch(method)}/logits"].shape)}
+        return {name: tuple(p.shape) for name, p in self.params.items()}
+
     def save(self, job_dir: Path) -> None:
         """Write the job (JSON) and its arrays (npz) into ``job_dir``."""
         meta = {k: getattr(self, k) for k in (
             "backend", "framework", "variant", "module", "extra", "requires", "methods",
-            "dtype", "device", "precision", "model", "loss")}
+            "dtype", "device", "precision", "model", "loss", "task", "payload")}
         meta["requires"] = list(self.requires)
         meta["methods"] = list(self.methods)
         meta["param_names"] = list(self.params)
@@ -100,6 +112,29 @@ class Session(Protocol):
 
     def compute(self, method: str) -> RawResult:
         """Run one method from scratch (no state carried over from earlier calls)."""
+
+
+def loss_case_batch(case: str) -> str:
+    """The batch name of a loss-function case 'FUNCTION@BATCH'."""
+    return case.rsplit("@", 1)[1]
+
+
+def loss_case(job: WorkerJob, case: str) -> tuple[str, np.ndarray, np.ndarray, np.ndarray | None]:
+    """(function source, logits, targets, sample_weight or None) of a case 'FUNCTION@BATCH'."""
+    function, batch = case.rsplit("@", 1)
+    return (job.payload["functions"][function], job.batch[f"{batch}/logits"], job.batch[f"{batch}/targets"],
+            job.batch.get(f"{batch}/sample_weight"))
+
+
+def compile_loss_function(source: str):
+    """Execute a generated, self-contained function source and return its ``loss_fn``.
+
+    The source is gradparity's own rendering (never user text): executing it
+    is how a translation is shown to run in its framework.
+    """
+    namespace: dict = {"__name__": "gradparity_translation"}
+    exec(compile(source, "<translation>", "exec"), namespace)  # noqa: S102 - generated code, see docstring
+    return namespace["loss_fn"]
 
 
 class DeviceUnavailable(RuntimeError):

@@ -45,16 +45,16 @@ def _missing_message(job: WorkerJob, exc: ModuleNotFoundError) -> str:
             f"pip install -c constraints.txt -e '.[{job.extra}]')")
 
 
-def _check_grads(job: WorkerJob, grads: dict) -> dict[str, np.ndarray]:
+def _check_grads(job: WorkerJob, method: str, grads: dict) -> dict[str, np.ndarray]:
     """Reject a backend result that is not in canonical names and shapes (a backend bug)."""
-    if set(grads) != set(job.params):
-        raise ValueError(
-            f"backend returned parameters {sorted(grads)}, expected {sorted(job.params)}")
+    expected = job.expected_grad_shapes(method)
+    if set(grads) != set(expected):
+        raise ValueError(f"backend returned gradients {sorted(grads)}, expected {sorted(expected)}")
     out = {}
-    for name, ref in job.params.items():
+    for name, shape in expected.items():
         g = np.asarray(grads[name])
-        if g.shape != ref.shape:
-            raise ValueError(f"gradient of {name} has shape {g.shape}, expected {ref.shape}")
+        if g.shape != shape:
+            raise ValueError(f"gradient of {name} has shape {g.shape}, expected {shape}")
         out[name] = g
     return out
 
@@ -134,7 +134,7 @@ def run(job_dir: Path) -> int:
                 raw = session.compute(method)
                 times.append(time.perf_counter() - start)
             seconds = float(np.median(times))
-            grads = _check_grads(job, raw.grads)
+            grads = _check_grads(job, method, raw.grads)
             grads_file = f"grads-{method}.npz"
             np.savez(job_dir / (grads_file + ".tmp.npz"), **grads)
             os.replace(job_dir / (grads_file + ".tmp.npz"), job_dir / grads_file)
