@@ -72,6 +72,21 @@ def _parser() -> argparse.ArgumentParser:
     doc = sub.add_parser("doctor", help="show installed frameworks, versions and devices per backend")
     doc.add_argument("--device", default="auto", help="auto | cpu | gpu")
     sub.add_parser("default-config", help="print the embedded default experiment (TOML)")
+    tr = sub.add_parser("translate", help="render a loss for the other frameworks and check it by running it",
+                        description="Read a loss as written in one framework (constructor, optionally with its "
+                                    "call), print the code computing the same loss in the others, run the source "
+                                    "and every translation on generated batches (and --data) in each framework, "
+                                    "and compare loss and d loss / d logits with a float64 reference.")
+    tr.add_argument("loss", help='e.g. "torch.nn.CrossEntropyLoss(label_smoothing=0.1)"')
+    tr.add_argument("--to", default="torch,keras,jax", help="comma-separated targets (default: torch,keras,jax)")
+    tr.add_argument("--data", help="an .npz with named arrays the text refers to, and/or a batch "
+                                   "('logits', 'targets', optional 'sample_weight')")
+    tr.add_argument("--targets", help="class_index | probabilities: what torch's CrossEntropyLoss is given "
+                                      "(default class_index)")
+    tr.add_argument("--keras-backend", default="tensorflow", help="tensorflow | jax | torch")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--timeout", type=float, default=600.0, help="seconds per framework worker")
+    tr.add_argument("--json", action="store_true", help="print the report as JSON")
     return p
 
 
@@ -104,6 +119,37 @@ def _run(args) -> int:
         print(render_text(report))
         print(f"\nwrote {out / 'report.json'}, report.md, inputs.npz, gradients.npz (run {report.run_id})")
     return report.verdict.exit_code
+
+
+def _translate(args) -> int:
+    import json
+
+    from gradparity.backends import KERAS_VARIANTS
+    from gradparity.translate import render_text, translate
+
+    if args.keras_backend not in KERAS_VARIANTS:
+        raise ConfigError(f"--keras-backend must be one of {', '.join(KERAS_VARIANTS)}, got {args.keras_backend!r}")
+    if not (args.timeout > 0 and args.timeout < 7 * 24 * 3600):
+        raise ConfigError(f"--timeout must be a positive number of seconds, got {args.timeout!r}")
+    say = None if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    report = translate(args.loss, tuple(_csv(args.to)), args.data, args.targets, args.seed,
+                       args.keras_backend, args.timeout, progress=say)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=1, allow_nan=False, default=_json_default))
+    else:
+        print(render_text(report))
+    return report.exit_code
+
+
+def _json_default(value):
+    """numpy scalars and non-finite floats in a report become plain JSON (null for NaN/inf)."""
+    try:
+        import math
+
+        value = float(value)
+        return value if math.isfinite(value) else None
+    except (TypeError, ValueError):
+        return str(value)
 
 
 def _doctor(args) -> int:
@@ -166,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
                 return _run(args)
             if args.command == "doctor":
                 return _doctor(args)
+            if args.command == "translate":
+                return _translate(args)
             from gradparity.spec import default_config_text
 
             print(default_config_text(), end="")

@@ -102,7 +102,7 @@ class Comparison:
     agree: bool
 
 
-def _rel_diff(a: dict, b: dict, term_scale: dict[str, float]) -> tuple[float, float, str]:
+def relative_difference(a: dict, b: dict, term_scale: dict[str, float]) -> tuple[float, float, str]:
     """(max_abs, max_rel, worst parameter) of a - b; max_rel per tensor relative to S_p (module doc)."""
     max_abs, max_rel, worst = 0.0, 0.0, next(iter(a))
     for name in a:
@@ -128,7 +128,7 @@ def _rel_diff(a: dict, b: dict, term_scale: dict[str, float]) -> tuple[float, fl
 def compare_pair(ra: Result, rb: Result, tol: Tolerance) -> Comparison:
     """Compare two ok results with the tolerance of the less precise one."""
     a, b = ra.grads, rb.grads
-    max_abs, max_rel, worst = _rel_diff(a, b, tol.term_scale)
+    max_abs, max_rel, worst = relative_difference(a, b, tol.term_scale)
     va = np.concatenate([a[k].ravel() for k in a])
     vb = np.concatenate([b[k].ravel() for k in a])
     na, nb = float(np.linalg.norm(va)), float(np.linalg.norm(vb))
@@ -136,7 +136,7 @@ def compare_pair(ra: Result, rb: Result, tol: Tolerance) -> Comparison:
     if finite and na > 0 and nb > 0:
         cosine = float(np.dot(va, vb) / (na * nb))
         scale = float(np.dot(va, vb) / (nb * nb))
-        _, scaled_rel, _ = _rel_diff(a, {k: scale * v for k, v in b.items()}, tol.term_scale)
+        _, scaled_rel, _ = relative_difference(a, {k: scale * v for k, v in b.items()}, tol.term_scale)
     else:
         cosine = 1.0 if finite and na == nb == 0 else math.nan
         scale, scaled_rel = math.nan, math.nan

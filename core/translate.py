@@ -1,0 +1,276 @@
+"""``gradparity translate``: a loss as written in one framework, rendered for the others, and run.
+
+The pipeline's stages, for loss functions instead of models:
+
+    text -> LossSemantics (parse)  -> batches (loss_inputs)  -> one worker per framework
+         -> compare each framework's loss and d loss / d logits with the float64 reference
+         -> report (text or JSON)
+
+The source is run too, in its own framework, from its own rendering: that
+checks gradparity's reading of it (what its reduction divides by) against
+what the framework really computes, on every batch.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from gradparity.backends import BACKENDS, BackendInfo
+from gradparity.compare import SAFETY, Tolerance, relative_difference
+from gradparity.errors import ConfigError
+from gradparity.execute import BackendOutcome, run_backend
+from gradparity.loss_inputs import LossBatch, check_loss_batch, generate_batches, make_loss_job
+from gradparity.loss_text import parse_loss_text
+from gradparity.losses import DIVISORS, LossSemantics, Rendering
+from gradparity.normalize import UNIT_ROUNDOFF, effective_unit_roundoff
+
+FRAMEWORKS = ("torch", "keras", "jax")
+TARGETS_HINTS = ("class_index", "probabilities")
+EXIT_MATCH, EXIT_MISMATCH, EXIT_INCOMPLETE = 0, 1, 3
+
+
+def loss_module(framework: str):
+    """The framework's loss module (parse, render, open_session); importing it imports no framework."""
+    return importlib.import_module(f"gradparity.backends.{framework}.losses")
+
+
+@dataclass(frozen=True)
+class BatchAgreement:
+    batch: str
+    loss: float | None
+    reference_loss: float
+    divisor: float
+    loss_rel: float
+    grad_rel: float
+    agree: bool
+
+
+@dataclass
+class Translation:
+    """One framework's rendering and how it measured against the reference."""
+
+    rendering: Rendering
+    role: str  # "source" | "target"
+    backend: str
+    status: str = "not run"     # ok | mismatch | failed | missing | ...
+    error: str | None = None
+    environment: dict | None = None
+    rtol: float | None = None
+    batches: list[BatchAgreement] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        r = self.rendering
+        return {
+            "framework": r.framework, "role": self.role, "backend": self.backend, "native": r.native,
+            "code": r.code, "function": r.function, "notes": list(r.notes),
+            "agreement": {
+                "status": self.status, "error": self.error, "rtol": self.rtol,
+                "max_loss_rel": max((b.loss_rel for b in self.batches), default=None),
+                "max_grad_rel": max((b.grad_rel for b in self.batches), default=None),
+                "batches": [b.__dict__ for b in self.batches],
+            },
+            "environment": self.environment,
+        }
+
+
+@dataclass
+class TranslationReport:
+    source: str
+    framework: str
+    semantics: LossSemantics
+    batches: list[LossBatch]
+    translations: list[Translation]
+    status: str
+    exit_code: int
+    summary: str
+    divisors: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """The --json document; non-finite numbers become null (JSON has no NaN/inf)."""
+        return _finite(self._dict())
+
+    def _dict(self) -> dict:
+        return {
+            "source": self.source, "framework": self.framework, "semantics": self.semantics.to_dict(),
+            "meaning": self.semantics.describe(),
+            "batches": [{"name": b.name, "shape": list(b.logits.shape), "describe": b.describe(),
+                         "divisor": self.divisors.get(b.name)} for b in self.batches],
+            "translations": [t.to_dict() for t in self.translations],
+            "verdict": {"status": self.status, "exit_code": self.exit_code, "summary": self.summary},
+        }
+
+
+def _finite(value):
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def _load_data(path: str | None) -> dict[str, np.ndarray]:
+    if path is None:
+        return {}
+    try:
+        with np.load(Path(path), allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except FileNotFoundError:
+        raise ConfigError(f"--data {path!r} does not exist") from None
+    except (OSError, ValueError, EOFError) as exc:
+        raise ConfigError(f"cannot read --data {path!r} as .npz: {exc}") from None
+    except AttributeError:  # a single .npy array
+        raise ConfigError(f"--data {path!r} must be an .npz of named arrays") from None
+
+
+def _user_batch(arrays: dict[str, np.ndarray], sem: LossSemantics) -> LossBatch | None:
+    """The user's own batch from --data when it holds 'logits' and 'targets' (and 'sample_weight')."""
+    if "logits" not in arrays or "targets" not in arrays:
+        return None
+    logits = np.asarray(arrays["logits"], dtype=np.float64)
+    targets = np.asarray(arrays["targets"])
+    if sem.kind != "cross_entropy":
+        targets = targets.astype(np.float64)
+    weight = arrays.get("sample_weight")
+    batch = LossBatch("data", logits, targets, None if weight is None else np.asarray(weight, dtype=np.float64))
+    check_loss_batch(sem, batch)
+    return batch
+
+
+def plan(text: str, to: tuple[str, ...] = FRAMEWORKS, data: str | None = None, targets: str | None = None,
+         seed: int = 0) -> tuple[str, LossSemantics, list[tuple[str, Rendering]], list[LossBatch]]:
+    """Everything before any worker: parse, render for the source and every target, build the batches.
+
+    Raises ConfigError for anything a user can get wrong (exit code 2).
+    """
+    unknown = [f for f in to if f not in FRAMEWORKS]
+    if unknown or not to:
+        raise ConfigError(f"--to takes a comma-separated subset of {', '.join(FRAMEWORKS)}, got {','.join(to)!r}")
+    if targets is not None and targets not in TARGETS_HINTS:
+        raise ConfigError(f"--targets must be one of {', '.join(TARGETS_HINTS)}, got {targets!r}")
+    arrays = _load_data(data)
+    expr = parse_loss_text(text, arrays)
+    sem = loss_module(expr.framework).parse(expr, targets)
+    renderings = [("source", loss_module(expr.framework).render(sem))]
+    renderings += [("target", loss_module(f).render(sem)) for f in to if f != expr.framework]
+    user = _user_batch(arrays, sem)
+    batches = generate_batches(sem, seed) + ([user] if user is not None else [])
+    for b in batches:
+        check_loss_batch(sem, b)
+    return expr.framework, sem, renderings, batches
+
+
+def _backend_for(framework: str, keras_backend: str) -> BackendInfo:
+    return BACKENDS[f"keras-{keras_backend}" if framework == "keras" else framework]
+
+
+def _measure(t: Translation, outcome: BackendOutcome, sem: LossSemantics, batches: list[LossBatch],
+             reference: dict[str, tuple[float, np.ndarray, float]]) -> None:
+    """Fill ``t`` from the worker's outcome: per batch, loss and gradient against the reference."""
+    t.environment = outcome.environment
+    if outcome.status != "ok":
+        t.status, t.error = outcome.status, outcome.error
+        return
+    u = effective_unit_roundoff(outcome.environment) or UNIT_ROUNDOFF["float32"]
+    longest = max(int(np.prod(b.logits.shape)) for b in batches)
+    t.rtol = Tolerance(SAFETY, longest, 2).rtol(u)
+    failures = []
+    for b in batches:
+        row = outcome.methods[f"{t.rendering.framework}@{b.name}"]
+        ref_loss, ref_grad, d = reference[b.name]
+        if row.status != "ok":
+            failures.append(f"{b.name}: {(row.error or row.status).splitlines()[0]}")
+            continue
+        loss = float(row.loss)
+        denom = max(abs(loss), abs(ref_loss))
+        loss_rel = 0.0 if denom == 0 else abs(loss - ref_loss) / denom
+        if not math.isfinite(loss):
+            loss_rel = math.inf
+        _, grad_rel, _ = relative_difference({"logits": np.asarray(row.grads["logits"], dtype=np.float64)},
+                                             {"logits": ref_grad}, {})
+        t.batches.append(BatchAgreement(b.name, loss, ref_loss, d, loss_rel, grad_rel,
+                                        loss_rel <= t.rtol and grad_rel <= t.rtol))
+    if failures:
+        t.status, t.error = "failed", "; ".join(failures)
+    else:
+        t.status = "ok" if all(b.agree for b in t.batches) else "mismatch"
+
+
+def translate(text: str, to: tuple[str, ...] = FRAMEWORKS, data: str | None = None, targets: str | None = None,
+              seed: int = 0, keras_backend: str = "tensorflow", timeout_s: float = 600.0,
+              progress: Callable[[str], None] | None = None) -> TranslationReport:
+    """Parse, render, run every rendering in its framework's worker, compare with the float64 reference."""
+    say = progress or (lambda _msg: None)
+    framework, sem, renderings, batches = plan(text, to, data, targets, seed)
+    from gradparity.backends.numpy.losses import reduce_loss
+
+    reference = {b.name: reduce_loss(sem, b.logits, b.targets, b.sample_weight if sem.sample_weight else None)
+                 for b in batches}
+    translations = []
+    for role, rendering in renderings:
+        info = _backend_for(rendering.framework, keras_backend)
+        t = Translation(rendering, role, info.name)
+        say(f"running the {rendering.framework} {role} on {len(batches)} batches ({info.name}) ...")
+        job = make_loss_job(info, {rendering.framework: rendering.function}, batches)
+        _measure(t, run_backend(job, info, timeout_s), sem, batches, reference)
+        translations.append(t)
+    status, code, summary = _verdict(translations, batches)
+    return TranslationReport(text, framework, sem, batches, translations, status, code, summary,
+                             {name: d for name, (_, _, d) in reference.items()})
+
+
+def _verdict(translations: list[Translation], batches: list[LossBatch]) -> tuple[str, int, str]:
+    bad = [t for t in translations if t.status == "mismatch"]
+    failed = [t for t in translations if t.status not in ("ok", "mismatch")]
+    n = len(batches)
+    if bad:
+        names = ", ".join(f"{t.rendering.framework} ({t.role})" for t in bad)
+        return "mismatch", EXIT_MISMATCH, f"MISMATCH: {names} differ from the reference on some of {n} batches"
+    if failed:
+        names = ", ".join(f"{t.rendering.framework} ({t.status})" for t in failed)
+        return "incomplete", EXIT_INCOMPLETE, f"INCOMPLETE: {names} could not be run; the others match on {n} batches"
+    return "match", EXIT_MATCH, (f"MATCH: the source and {len(translations) - 1} translation(s) agree with the "
+                                 f"float64 reference in loss and gradient on {n} batches")
+
+
+def _g(x) -> str:
+    return "-" if x is None else f"{x:.3g}"
+
+
+def render_text(report: TranslationReport) -> str:
+    """The terminal view: what the source means, each framework's code, and what was measured."""
+    sem = report.semantics
+    divisors = ", ".join(f"{b.name} {tuple(b.logits.shape)}: {report.divisors[b.name]:g}" for b in report.batches)
+    lines = [f"source ({report.framework}): {report.source}",
+             f"means: {sem.describe()}",
+             f"divisor D per batch: {divisors}" + ("" if sem.divisor in ("one", "count") else
+                                                     " (depends on the batch: not a constant factor)"),
+             ""]
+    for t in report.translations:
+        r = t.rendering
+        env = t.environment or {}
+        versions = " ".join(f"{k} {v}" for k, v in env.get("versions", {}).items())
+        head = f"== {r.framework} ({t.role}; {'native' if r.native else 'explicit: no native equivalent'})"
+        lines += [head, r.code.rstrip()]
+        lines += [f"  note: {n}" for n in r.notes]
+        if t.status in ("ok", "mismatch"):
+            lines.append(f"  measured on {len(t.batches)} batches ({t.backend}: {versions}, {env.get('dtype')}, "
+                         f"{env.get('device')}): loss max rel diff {_g(max(b.loss_rel for b in t.batches))}, "
+                         f"d loss/d logits max rel diff {_g(max(b.grad_rel for b in t.batches))}, rtol {_g(t.rtol)}: "
+                         + ("MATCHES" if t.status == "ok" else "DOES NOT MATCH"))
+        else:
+            lines.append(f"  not measured: {t.status}: {(t.error or '').splitlines()[0] if t.error else ''}")
+        lines.append("")
+    lines.append(report.summary)
+    return "\n".join(lines)
+
+
+__all__ = ["DIVISORS", "FRAMEWORKS", "TranslationReport", "plan", "render_text", "translate"]

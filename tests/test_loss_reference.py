@@ -1,0 +1,113 @@
+"""The float64 loss reference against central finite differences, and the safe reader of loss texts."""
+import itertools
+
+import numpy as np
+import pytest
+
+from gradparity.backends.numpy.losses import divisor, reduce_loss
+from gradparity.errors import ConfigError
+from gradparity.loss_inputs import generate_batches
+from gradparity.loss_text import parse_loss_text
+from gradparity.losses import DIVISORS, LOSSES, LossSemantics
+
+
+def semantics_grid():
+    """Every kind with its options on and off, every divisor rule, both last-axis conventions."""
+    out = []
+    for kind, loss in LOSSES.items():
+        options = [{}]
+        if "class_weight" in loss.options:
+            options.append({"class_weight": (1.0, 2.0, 0.5, 3.0, 1.5)})
+        if "label_smoothing" in loss.options:
+            options.append({"label_smoothing": 0.2})
+        if "pos_weight" in loss.options:
+            options.append({"pos_weight": (1.0, 2.0, 3.0, 0.5, 1.0)})
+        if "ignore_index" in loss.options:
+            options.append({"ignore_index": -100, "class_weight": (1.0, 2.0, 0.5, 3.0, 1.5),
+                            "label_smoothing": 0.1})
+        if "delta" in loss.options:
+            options.append({"delta": 0.7})
+        axes = ("elementwise", "mean") if kind in ("binary_cross_entropy", "mse", "l1", "huber") else ("elementwise",)
+        for opt, axis, rule, weighted in itertools.product(options, axes, DIVISORS, (False, True)):
+            if rule == "class_weight_sum" and kind != "cross_entropy":
+                continue
+            out.append(LossSemantics(kind, rule, last_axis=axis, sample_weight=weighted, **opt))
+    return out
+
+
+def finite_difference(sem, z, t, s, h=1e-6):
+    g = np.zeros_like(z)
+    for i in np.ndindex(z.shape):
+        zp, zm = z.copy(), z.copy()
+        zp[i] += h
+        zm[i] -= h
+        g[i] = (reduce_loss(sem, zp, t, s)[0] - reduce_loss(sem, zm, t, s)[0]) / (2 * h)
+    return g
+
+
+@pytest.mark.parametrize("sem", semantics_grid(), ids=lambda s: f"{s.kind}-{s.divisor}-{s.last_axis}"
+                         f"{'-w' if s.sample_weight else ''}{'-cw' if s.class_weight else ''}"
+                         f"{'-ls' if s.label_smoothing else ''}{'-ign' if s.ignore_index is not None else ''}"
+                         f"{'-pw' if s.pos_weight else ''}")
+def test_gradient_matches_finite_differences(sem):
+    for b in generate_batches(sem, seed=3, shapes=((4, 5), (2, 3, 5))):
+        s = b.sample_weight if sem.sample_weight else None
+        loss, grad, d = reduce_loss(sem, b.logits, b.targets, s)
+        assert np.isfinite(loss) and d > 0
+        np.testing.assert_allclose(grad, finite_difference(sem, b.logits, b.targets, s), rtol=1e-6, atol=1e-8)
+
+
+def test_per_element_values_against_textbook_formulas():
+    z = np.array([[2.0, -1.0, 0.5]])
+    p = np.exp(z) / np.exp(z).sum()
+    ce = LossSemantics("cross_entropy", "count")
+    assert reduce_loss(ce, z, np.array([0]))[0] == pytest.approx(-np.log(p[0, 0]), rel=1e-14)
+    smooth = LossSemantics("cross_entropy", "count", label_smoothing=0.3)
+    expected = -(0.7 * np.log(p[0, 0]) + 0.1 * np.log(p).sum())
+    assert reduce_loss(smooth, z, np.array([0]))[0] == pytest.approx(expected, rel=1e-14)
+    bce = LossSemantics("binary_cross_entropy", "count", pos_weight=(2.0, 1.0, 1.0))
+    t = np.array([[1.0, 0.0, 1.0]])
+    sig = 1 / (1 + np.exp(-z))
+    ell = -(np.array([2.0, 1.0, 1.0]) * t * np.log(sig) + (1 - t) * np.log(1 - sig))
+    assert reduce_loss(bce, z, t)[0] == pytest.approx(ell.mean(), rel=1e-13)
+    huber = LossSemantics("huber", "one", delta=1.0)
+    assert reduce_loss(huber, z, np.zeros_like(z))[0] == pytest.approx(1.5 + 0.5 + 0.125, rel=1e-14)
+
+
+def test_divisor_rules_on_a_padded_token_batch():
+    """N=2, T=3, two padded tokens, weights (N,) = [1, 3]: each rule's value by hand."""
+    y = np.array([[0, 1, -100], [2, -100, 1]])
+    shape = (2, 3, 4)
+    w = np.array([1.0, 3.0])
+    cw = (1.0, 2.0, 4.0, 8.0)
+    rule = lambda r, **kw: divisor(LossSemantics("cross_entropy", r, ignore_index=-100, **kw), y, shape, w)
+    assert rule("one") == 1.0
+    assert rule("count") == 6.0
+    assert rule("valid") == 4.0
+    assert rule("class_weight_sum", class_weight=cw) == 1.0 + 2.0 + 4.0 + 2.0
+    assert rule("sample_weight_sum") == 1.0 * 2 + 3.0 * 2
+    assert rule("keras_sample_weight_sum") == 8.0  # the mask broadcasts the weights to (N, T)
+    unmasked = divisor(LossSemantics("cross_entropy", "keras_sample_weight_sum"), np.abs(y) % 4, shape, w)
+    assert unmasked == 4.0  # (N,) weights on an (N, T) loss: summed over N only
+
+
+@pytest.mark.parametrize("text", [
+    "__import__('os').system('echo hacked')",
+    "torch.nn.CrossEntropyLoss(weight=open('/etc/passwd').read())",
+    "torch.nn.CrossEntropyLoss(**options)",
+    "lambda: 0",
+    "torch.nn.CrossEntropyLoss(weight=w)",
+    "MyLoss()",
+    "",
+    "torch.nn.CrossEntropyLoss(",
+])
+def test_loss_texts_are_read_never_executed(text):
+    with pytest.raises(ConfigError):
+        parse_loss_text(text)
+
+
+def test_named_arrays_come_from_the_data():
+    expr = parse_loss_text("nn.CrossEntropyLoss(weight=w, label_smoothing=0.1)", {"w": np.array([1.0, 2.0])})
+    assert expr.framework == "torch" and expr.kwargs == {"weight": [1.0, 2.0], "label_smoothing": 0.1}
+    expr = parse_loss_text("keras.losses.Huber(delta=2.0)(y, p, sample_weight=w)")
+    assert expr.framework == "keras" and expr.call.sample_weight and expr.kwargs == {"delta": 2.0}
