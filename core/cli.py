@@ -87,6 +87,10 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--timeout", type=float, default=600.0, help="seconds per framework worker")
     tr.add_argument("--json", action="store_true", help="print the report as JSON")
+    tb = sub.add_parser("loss-table", help="measure common loss configurations in every framework "
+                                           "(the README's equivalence table)")
+    tb.add_argument("--keras-backend", default="tensorflow", help="tensorflow | jax | torch")
+    tb.add_argument("--timeout", type=float, default=900.0, help="seconds per framework worker")
     return p
 
 
@@ -139,6 +143,15 @@ def _translate(args) -> int:
     else:
         print(render_text(report))
     return report.exit_code
+
+
+def _loss_table(args) -> int:
+    from gradparity.translate import TABLE_SOURCES, table_markdown, translate_many
+
+    reports = translate_many(list(TABLE_SOURCES), keras_backend=args.keras_backend, timeout_s=args.timeout,
+                             data=None, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(table_markdown(reports))
+    return max(r.exit_code for r in reports)
 
 
 def _json_default(value):
@@ -214,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
                 return _doctor(args)
             if args.command == "translate":
                 return _translate(args)
+            if args.command == "loss-table":
+                return _loss_table(args)
             from gradparity.spec import default_config_text
 
             print(default_config_text(), end="")

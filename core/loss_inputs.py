@@ -109,12 +109,18 @@ def check_loss_batch(sem: LossSemantics, batch: LossBatch) -> None:
 
 
 def make_loss_job(info: BackendInfo, functions: dict[str, str], batches: list[LossBatch],
-                  dtype: str = "float64", device: str = "cpu") -> WorkerJob:
-    """The job a backend's worker gets to run every function on every batch (cases 'FUNCTION@BATCH')."""
+                  dtype: str = "float64", device: str = "cpu",
+                  cases: tuple[str, ...] | None = None) -> WorkerJob:
+    """The job a backend's worker gets: run functions on batches, as cases 'FUNCTION@BATCH'.
+
+    By default every function runs on every batch; ``cases`` restricts that
+    (several losses in one worker, each on its own batches).
+    """
     arrays: dict[str, np.ndarray] = {}
     for b in batches:
         arrays.update(b.arrays())
-    cases = tuple(f"{f}@{b.name}" for f in functions for b in batches)
+    if cases is None:
+        cases = tuple(f"{f}@{b.name}" for f in functions for b in batches)
     return WorkerJob(
         backend=info.name, framework=info.framework, variant=info.variant,
         module=info.module.rsplit(".", 1)[0] + ".losses", extra=info.extra, requires=info.requires,

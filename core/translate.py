@@ -12,6 +12,7 @@ what the framework really computes, on every batch.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import math
 from dataclasses import dataclass, field
@@ -41,10 +42,18 @@ def loss_module(framework: str):
 
 @dataclass(frozen=True)
 class BatchAgreement:
+    """One batch: the framework's loss, the reference's, and the divisor each implies.
+
+    ``divisor`` is the rule's value on the batch; ``measured_divisor`` is
+    what the framework really divided by: the reference's weighted sum of
+    per-element losses (sum_e s_e m_e L_e) over the framework's reduced loss.
+    """
+
     batch: str
     loss: float | None
     reference_loss: float
     divisor: float
+    measured_divisor: float | None
     loss_rel: float
     grad_rel: float
     agree: bool
@@ -172,9 +181,9 @@ def _backend_for(framework: str, keras_backend: str) -> BackendInfo:
     return BACKENDS[f"keras-{keras_backend}" if framework == "keras" else framework]
 
 
-def _measure(t: Translation, outcome: BackendOutcome, sem: LossSemantics, batches: list[LossBatch],
+def _measure(t: Translation, outcome: BackendOutcome, function: str, batches: list[LossBatch],
              reference: dict[str, tuple[float, np.ndarray, float]]) -> None:
-    """Fill ``t`` from the worker's outcome: per batch, loss and gradient against the reference."""
+    """Fill ``t`` from the worker's outcome for cases 'FUNCTION@BATCH': loss and gradient against the reference."""
     t.environment = outcome.environment
     if outcome.status != "ok":
         t.status, t.error = outcome.status, outcome.error
@@ -184,7 +193,7 @@ def _measure(t: Translation, outcome: BackendOutcome, sem: LossSemantics, batche
     t.rtol = Tolerance(SAFETY, longest, 2).rtol(u)
     failures = []
     for b in batches:
-        row = outcome.methods[f"{t.rendering.framework}@{b.name}"]
+        row = outcome.methods[f"{function}@{b.name}"]
         ref_loss, ref_grad, d = reference[b.name]
         if row.status != "ok":
             failures.append(f"{b.name}: {(row.error or row.status).splitlines()[0]}")
@@ -196,7 +205,9 @@ def _measure(t: Translation, outcome: BackendOutcome, sem: LossSemantics, batche
             loss_rel = math.inf
         _, grad_rel, _ = relative_difference({"logits": np.asarray(row.grads["logits"], dtype=np.float64)},
                                              {"logits": ref_grad}, {})
-        t.batches.append(BatchAgreement(b.name, loss, ref_loss, d, loss_rel, grad_rel,
+        numerator = ref_loss * d
+        measured = numerator / loss if loss not in (0.0,) and math.isfinite(loss) else None
+        t.batches.append(BatchAgreement(b.name, loss, ref_loss, d, measured, loss_rel, grad_rel,
                                         loss_rel <= t.rtol and grad_rel <= t.rtol))
     if failures:
         t.status, t.error = "failed", "; ".join(failures)
@@ -208,23 +219,50 @@ def translate(text: str, to: tuple[str, ...] = FRAMEWORKS, data: str | None = No
               seed: int = 0, keras_backend: str = "tensorflow", timeout_s: float = 600.0,
               progress: Callable[[str], None] | None = None) -> TranslationReport:
     """Parse, render, run every rendering in its framework's worker, compare with the float64 reference."""
+    return translate_many([text], to, data, targets, seed, keras_backend, timeout_s, progress)[0]
+
+
+def translate_many(texts: list[str], to: tuple[str, ...] = FRAMEWORKS, data: str | None = None,
+                   targets: str | None = None, seed: int = 0, keras_backend: str = "tensorflow",
+                   timeout_s: float = 600.0, progress: Callable[[str], None] | None = None) -> list[TranslationReport]:
+    """``translate`` for several loss texts, with one worker per framework for all of them.
+
+    Every text is planned (and so validated) before any worker starts. Each
+    loss runs only on its own batches (named 'L<i>-b<j>').
+    """
     say = progress or (lambda _msg: None)
-    framework, sem, renderings, batches = plan(text, to, data, targets, seed)
     from gradparity.backends.numpy.losses import reduce_loss
 
-    reference = {b.name: reduce_loss(sem, b.logits, b.targets, b.sample_weight if sem.sample_weight else None)
-                 for b in batches}
-    translations = []
-    for role, rendering in renderings:
-        info = _backend_for(rendering.framework, keras_backend)
-        t = Translation(rendering, role, info.name)
-        say(f"running the {rendering.framework} {role} on {len(batches)} batches ({info.name}) ...")
-        job = make_loss_job(info, {rendering.framework: rendering.function}, batches)
-        _measure(t, run_backend(job, info, timeout_s), sem, batches, reference)
-        translations.append(t)
-    status, code, summary = _verdict(translations, batches)
-    return TranslationReport(text, framework, sem, batches, translations, status, code, summary,
-                             {name: d for name, (_, _, d) in reference.items()})
+    plans = []
+    for i, text in enumerate(texts):
+        framework, sem, renderings, batches = plan(text, to, data, targets, seed)
+        if len(texts) > 1:
+            batches = [dataclasses.replace(b, name=f"L{i}-{b.name}") for b in batches]
+        reference = {b.name: reduce_loss(sem, b.logits, b.targets, b.sample_weight if sem.sample_weight else None)
+                     for b in batches}
+        translations = [Translation(r, role, _backend_for(r.framework, keras_backend).name)
+                        for role, r in renderings]
+        plans.append((text, framework, sem, batches, reference, translations))
+
+    for fw in FRAMEWORKS:
+        mine = [(i, t) for i, p in enumerate(plans) for t in p[5] if t.rendering.framework == fw]
+        if not mine:
+            continue
+        info = _backend_for(fw, keras_backend)
+        functions = {f"L{i}": t.rendering.function for i, t in mine}
+        all_batches = [b for i, _ in mine for b in plans[i][3]]
+        cases = tuple(f"L{i}@{b.name}" for i, _ in mine for b in plans[i][3])
+        say(f"running {len(mine)} {fw} loss function(s) on {len(all_batches)} batches ({info.name}) ...")
+        outcome = run_backend(make_loss_job(info, functions, all_batches, cases=cases), info, timeout_s)
+        for i, t in mine:
+            _measure(t, outcome, f"L{i}", plans[i][3], plans[i][4])
+
+    reports = []
+    for text, framework, sem, batches, reference, translations in plans:
+        status, code, summary = _verdict(translations, batches)
+        reports.append(TranslationReport(text, framework, sem, batches, translations, status, code, summary,
+                                         {name: d for name, (_, _, d) in reference.items()}))
+    return reports
 
 
 def _verdict(translations: list[Translation], batches: list[LossBatch]) -> tuple[str, int, str]:
@@ -262,6 +300,8 @@ def render_text(report: TranslationReport) -> str:
         lines += [head, r.code.rstrip()]
         lines += [f"  note: {n}" for n in r.notes]
         if t.status in ("ok", "mismatch"):
+            measured = [f"{b.batch} {b.measured_divisor:.6g}" for b in t.batches if b.measured_divisor is not None]
+            lines.append(f"  measured divisor (reference sum_e s_e m_e L_e / its loss): {', '.join(measured)}")
             lines.append(f"  measured on {len(t.batches)} batches ({t.backend}: {versions}, {env.get('dtype')}, "
                          f"{env.get('device')}): loss max rel diff {_g(max(b.loss_rel for b in t.batches))}, "
                          f"d loss/d logits max rel diff {_g(max(b.grad_rel for b in t.batches))}, rtol {_g(t.rtol)}: "
@@ -274,3 +314,41 @@ def render_text(report: TranslationReport) -> str:
 
 
 __all__ = ["DIVISORS", "FRAMEWORKS", "TranslationReport", "plan", "render_text", "translate"]
+
+
+#: The configurations `gradparity loss-table` measures: the questions users ask most.
+TABLE_SOURCES = (
+    "torch.nn.CrossEntropyLoss()",
+    "torch.nn.CrossEntropyLoss(reduction='sum')",
+    "torch.nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 0.5, 1.0, 3.0]))",
+    "torch.nn.CrossEntropyLoss(ignore_index=-100, label_smoothing=0.1)",
+    "torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor([1.0, 2.0, 3.0, 0.5, 1.0]))",
+    "torch.nn.MSELoss(reduction='sum')",
+    "keras.losses.SparseCategoricalCrossentropy(from_logits=True)(targets, logits, sample_weight=w)",
+    "keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction='mean_with_sample_weight')"
+    "(targets, logits, sample_weight=w)",
+    "keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=-100)",
+    "keras.losses.BinaryCrossentropy(from_logits=True, label_smoothing=0.1)",
+    "keras.losses.MeanSquaredError(reduction='sum')",
+    "optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()",
+    "optax.sigmoid_binary_cross_entropy(logits, labels).sum()",
+)
+
+
+def table_markdown(reports: list[TranslationReport]) -> str:
+    """The equivalence table: per configuration, its divisor (rule and values) and each framework's form."""
+    head = ("| configuration | divides by | D on the batches | torch | keras | jax |\n"
+            "|---|---|---|---|---|---|")
+    rows = [head]
+    for r in reports:
+        cells = {}
+        for t in r.translations:
+            form = "native" if t.rendering.native else "explicit"
+            mark = {"ok": "matches", "mismatch": "**DIFFERS**"}.get(t.status, t.status)
+            cells[t.rendering.framework] = f"{'source, ' if t.role == 'source' else ''}{form}, {mark}"
+        shapes = ", ".join(f"{r.divisors[b.name]:g}" for b in r.batches)
+        rows.append(f"| `{r.source}` | {DIVISORS[r.semantics.divisor]} | {shapes} | "
+                    + " | ".join(cells.get(f, "-") for f in FRAMEWORKS) + " |")
+    batches = ", ".join(f"{tuple(b.logits.shape)}" for b in reports[0].batches) if reports else ""
+    return "\n".join(rows) + (f"\n\nBatches (logits shapes): {batches}; class-index targets padded where the "
+                              "configuration ignores a class; sample weights in [0.25, 2] where it takes them.")
