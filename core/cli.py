@@ -136,8 +136,12 @@ def _translate(args) -> int:
     if not (args.timeout > 0 and args.timeout < 7 * 24 * 3600):
         raise ConfigError(f"--timeout must be a positive number of seconds, got {args.timeout!r}")
     say = None if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    report = translate(args.loss, tuple(_csv(args.to)), args.data, args.targets, args.seed,
-                       args.keras_backend, args.timeout, progress=say)
+    try:
+        report = translate(args.loss, tuple(_csv(args.to)), args.data, args.targets, args.seed,
+                           args.keras_backend, args.timeout, progress=say)
+    except ConfigError as exc:
+        exc.subject = "loss or data"
+        raise
     if args.json:
         print(json.dumps(report.to_dict(), indent=1, allow_nan=False, default=_json_default))
     else:

@@ -12,6 +12,9 @@ class ConfigError(GradparityError):
     config in one pass. The CLI prints them and exits with code 2.
     """
 
+    #: What was invalid, for the message: a command that reads something else (a loss text) sets it.
+    subject = "experiment"
+
     def __init__(self, problems):
         if isinstance(problems, str):
             problems = [problems]
@@ -20,9 +23,9 @@ class ConfigError(GradparityError):
 
     def __str__(self):
         if len(self.problems) == 1:
-            return f"invalid experiment: {self.problems[0]}"
+            return f"invalid {self.subject}: {self.problems[0]}"
         lines = "\n".join(f"  - {p}" for p in self.problems)
-        return f"invalid experiment ({len(self.problems)} problems):\n{lines}"
+        return f"invalid {self.subject} ({len(self.problems)} problems):\n{lines}"
 
 
 class OutputError(ConfigError):

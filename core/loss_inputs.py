@@ -104,6 +104,14 @@ def check_loss_batch(sem: LossSemantics, batch: LossBatch) -> None:
                 problems.append(f"{batch.name}: the loss takes sample_weight, the data has none")
             elif s.shape not in (z.shape[:1], z.shape[:-1]):
                 problems.append(f"{batch.name}: sample_weight must be {z.shape[:1]} or {z.shape[:-1]}, got {s.shape}")
+    if not problems:
+        from gradparity.backends.numpy.losses import divisor
+
+        weight = batch.sample_weight if sem.sample_weight else None
+        if divisor(sem, t, z.shape, weight) == 0:
+            # Frameworks disagree on 0/0 (PyTorch's mean gives NaN, Keras' divide_no_nan 0): not a comparison.
+            problems.append(f"{batch.name}: the divisor ({sem.divisor}) is 0 on this batch (no valid target or "
+                            "zero weights), so the reduced loss is undefined; give a batch with at least one")
     if problems:
         raise ConfigError(problems)
 

@@ -113,14 +113,21 @@ def parse_loss_text(text: str, arrays: dict[str, np.ndarray] | None = None) -> L
     node = tree.body
     values = _Values(arrays or {})
     method = None
-    # jnp.mean(optax.f(...)) / jnp.sum(...)
+    # jnp.mean(optax.f(...)) / jnp.sum(...): a reduction over everything, nothing else.
     if isinstance(node, ast.Call) and (_dotted(node.func) or "") in ("jnp.mean", "jnp.sum", "jax.numpy.mean",
                                                                        "jax.numpy.sum") and node.args:
+        if len(node.args) > 1 or node.keywords:
+            raise ConfigError(f"{ast.unparse(node)!r}: only a reduction over every element can be compared "
+                              "(jnp.mean(...) or jnp.sum(...) with no axis)")
         method = (_dotted(node.func) or "").rsplit(".", 1)[-1]
         node = node.args[0]
-    # optax.f(...).mean()
-    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("mean", "sum")
-            and isinstance(node.func.value, ast.Call) and not node.args):
+    # loss(...).mean() / .sum()
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and isinstance(node.func.value, ast.Call):
+        if node.func.attr not in ("mean", "sum"):
+            raise ConfigError(f"cannot compare a reduction by .{node.func.attr}(): write .mean() or .sum()")
+        if node.args or node.keywords:
+            raise ConfigError(f"{ast.unparse(node)!r}: only a reduction over every element can be compared "
+                              f"(.{node.func.attr}() with no axis)")
         method = node.func.attr
         node = node.func.value
     call = None

@@ -148,7 +148,7 @@ def _user_batch(arrays: dict[str, np.ndarray], sem: LossSemantics) -> LossBatch 
     targets = np.asarray(arrays["targets"])
     if sem.kind != "cross_entropy":
         targets = targets.astype(np.float64)
-    weight = arrays.get("sample_weight")
+    weight = arrays.get("sample_weight") if sem.sample_weight else None
     batch = LossBatch("data", logits, targets, None if weight is None else np.asarray(weight, dtype=np.float64))
     check_loss_batch(sem, batch)
     return batch
