@@ -62,9 +62,25 @@ def _targets(sem: LossSemantics, rng: np.random.Generator, shape: tuple[int, ...
     return rng.standard_normal(shape)
 
 
+def loss_classes(sem: LossSemantics) -> int | None:
+    """The number of classes a configuration fixes (by its class or positive weights), or None."""
+    for w in (sem.class_weight, sem.pos_weight):
+        if w is not None:
+            return len(w)
+    return None
+
+
 def generate_batches(sem: LossSemantics, seed: int = 0,
-                     shapes: tuple[tuple[int, ...], ...] = DEFAULT_SHAPES) -> list[LossBatch]:
-    """Batches for ``sem``: logits ~ N(0, 2^2), targets of the right kind, weights in [0.25, 2] when used."""
+                     shapes: tuple[tuple[int, ...], ...] = DEFAULT_SHAPES,
+                     classes: int | None = None) -> list[LossBatch]:
+    """Batches for ``sem``: logits ~ N(0, 2^2), targets of the right kind, weights in [0.25, 2] when used.
+
+    The last axis is ``classes`` when given, else what the configuration's
+    weights fix, else the shapes' own.
+    """
+    classes = classes or loss_classes(sem)
+    if classes is not None:
+        shapes = tuple(tuple(s[:-1]) + (classes,) for s in shapes)
     out = []
     for i, shape in enumerate(shapes):
         rng = np.random.default_rng([seed, 10 + i])

@@ -61,8 +61,19 @@ DIVISORS: dict[str, str] = {
     "class_weight_sum": "sum over valid elements of the class weight of their target, sum_e w[y_e] m_e "
                         "(PyTorch's weighted cross-entropy mean)",
     "sample_weight_sum": "sum of the sample weights over the valid elements, sum_e s_e m_e",
-    "keras_sample_weight_sum": "sum of sample_weight as Keras holds it: (N,) weights on an (N, T) loss are "
-                               "summed over N only, unless a mask broadcast them to (N, T)",
+    "keras_sample_weight_sum": "sum of sample_weight as Keras holds it: (N, 1) weights on an (N, T) loss are "
+                               "summed over N only (T times less than their broadcast sum), unless a mask "
+                               "broadcast them to (N, T) (Keras rejects (N,) weights there)",
+}
+
+#: The divisor rules in a few words, for tables.
+DIVISOR_LABELS: dict[str, str] = {
+    "one": "1 (a sum)",
+    "count": "number of elements",
+    "valid": "number of valid elements",
+    "class_weight_sum": "Σ w[y] over valid targets",
+    "sample_weight_sum": "Σ sample weights of valid elements",
+    "keras_sample_weight_sum": "Σ sample_weight as Keras holds it",
 }
 
 #: How an element-wise loss (BCE, MSE, L1, Huber) folds its last axis into one loss per element:

@@ -27,7 +27,7 @@ from gradparity.errors import ConfigError
 from gradparity.execute import BackendOutcome, run_backend
 from gradparity.loss_inputs import LossBatch, check_loss_batch, generate_batches, make_loss_job
 from gradparity.loss_text import parse_loss_text
-from gradparity.losses import DIVISORS, LossSemantics, Rendering
+from gradparity.losses import DIVISOR_LABELS, DIVISORS, LossSemantics, Rendering
 from gradparity.normalize import UNIT_ROUNDOFF, effective_unit_roundoff
 
 FRAMEWORKS = ("torch", "keras", "jax")
@@ -171,7 +171,8 @@ def plan(text: str, to: tuple[str, ...] = FRAMEWORKS, data: str | None = None, t
     renderings = [("source", loss_module(expr.framework).render(sem))]
     renderings += [("target", loss_module(f).render(sem)) for f in to if f != expr.framework]
     user = _user_batch(arrays, sem)
-    batches = generate_batches(sem, seed) + ([user] if user is not None else [])
+    classes = user.logits.shape[-1] if user is not None else None
+    batches = generate_batches(sem, seed, classes=classes) + ([user] if user is not None else [])
     for b in batches:
         check_loss_batch(sem, b)
     return expr.framework, sem, renderings, batches
@@ -347,8 +348,13 @@ def table_markdown(reports: list[TranslationReport]) -> str:
             mark = {"ok": "matches", "mismatch": "**DIFFERS**"}.get(t.status, t.status)
             cells[t.rendering.framework] = f"{'source, ' if t.role == 'source' else ''}{form}, {mark}"
         shapes = ", ".join(f"{r.divisors[b.name]:g}" for b in r.batches)
-        rows.append(f"| `{r.source}` | {DIVISORS[r.semantics.divisor]} | {shapes} | "
+        rows.append(f"| `{r.source}` | {DIVISOR_LABELS[r.semantics.divisor]} | {shapes} | "
                     + " | ".join(cells.get(f, "-") for f in FRAMEWORKS) + " |")
     batches = ", ".join(f"{tuple(b.logits.shape)}" for b in reports[0].batches) if reports else ""
-    return "\n".join(rows) + (f"\n\nBatches (logits shapes): {batches}; class-index targets padded where the "
-                              "configuration ignores a class; sample weights in [0.25, 2] where it takes them.")
+    legend = "; ".join(f"{DIVISOR_LABELS[k]}: {v}" for k, v in DIVISORS.items())
+    return "\n".join(rows) + (f"\n\nBatches (logits shapes): {batches}; class-index targets padded (-100) where the "
+                              "configuration ignores a class (PyTorch's CrossEntropyLoss always ignores -100); "
+                              "sample weights in [0.25, 2] where it takes them. 'native': the framework's own loss "
+                              "object and reduction; 'explicit': written out with its ops; 'matches': loss and "
+                              "d loss/d logits within float64 rounding of the reference on every batch.\n\n"
+                              f"Divisors: {legend}.")

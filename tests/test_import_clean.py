@@ -8,7 +8,10 @@ PARENT_MODULES = (
     "gradparity", "gradparity.cli", "gradparity.pipeline", "gradparity.report", "gradparity.doctor",
     "gradparity.spec", "gradparity.inputs", "gradparity.execute", "gradparity.normalize",
     "gradparity.compare", "gradparity.verdict", "gradparity.backends", "gradparity.backends.protocol",
-    "gradparity.backends.worker", "gradparity.backends.numpy.session",
+    "gradparity.backends.worker", "gradparity.backends.numpy.session", "gradparity.outdir",
+    "gradparity.losses", "gradparity.loss_text", "gradparity.loss_inputs", "gradparity.translate",
+    "gradparity.backends.numpy.losses", "gradparity.backends.torch.losses", "gradparity.backends.keras.losses",
+    "gradparity.backends.jax.losses",
 )
 
 

@@ -1,0 +1,144 @@
+"""``gradparity translate`` end to end: a loss in one framework, its translations run in the others."""
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from gradparity import translate as tr
+from gradparity.cli import main
+from gradparity.errors import ConfigError
+
+from conftest import installed
+
+ALL = all(installed(b) for b in ("torch", "jax", "keras-tensorflow"))
+needs_all = pytest.mark.skipif(not ALL, reason="needs torch, jax and keras: pip install 'gradparity[all]'")
+
+WEIGHTED_PADDED = ("torch.nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 0.5, 3.0, 1.5]), "
+                   "ignore_index=-100)")
+
+
+def gradparity(*args):
+    return subprocess.run([sys.executable, "-m", "gradparity", *args], capture_output=True, text=True,
+                          timeout=900)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["translate", "torch.nn.CrossEntropyLoss()", "--to", "caffe"], "--to takes"),
+    (["translate", "torch.nn.CrossEntropyLoss()", "--targets", "soft"], "--targets must be"),
+    (["translate", "torch.nn.NotALoss()"], "NotALoss"),
+    (["translate", "torch.nn.CrossEntropyLoss(weight=w)"], "'w' is a name"),
+    (["translate", "torch.nn.CrossEntropyLoss(reduction='none')"], "none"),
+    (["translate", "torch.nn.CrossEntropyLoss()", "--data", "/nonexistent.npz"], "does not exist"),
+    (["translate", "keras.losses.SparseCategoricalCrossentropy()"], "from_logits"),
+    (["translate", "optax.softmax_cross_entropy_with_integer_labels(logits, labels)"], "mean"),
+])
+def test_bad_input_is_exit_2_before_any_worker(argv, message, capsys, monkeypatch):
+    started = []
+    monkeypatch.setattr(tr, "run_backend", lambda *a, **k: started.append(a))
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+    assert not started
+
+
+def test_class_weights_from_data_and_a_users_batch(tmp_path):
+    data = tmp_path / "batch.npz"
+    rng = np.random.default_rng(1)
+    np.savez(data, w=np.array([1.0, 2.0, 3.0]), logits=rng.standard_normal((5, 3)),
+             targets=np.array([0, 1, 2, -100, 1]))
+    framework, sem, renderings, batches = tr.plan("nn.CrossEntropyLoss(weight=w)", data=str(data))
+    assert framework == "torch" and sem.class_weight == (1.0, 2.0, 3.0)
+    assert batches[-1].name == "data" and batches[-1].logits.shape == (5, 3)
+    assert [r.framework for _, r in renderings] == ["torch", "keras", "jax"]
+    np.savez(data, w=np.array([1.0, 2.0]), logits=rng.standard_normal((5, 3)), targets=np.zeros(5, dtype=int))
+    with pytest.raises(ConfigError, match="class weights have 2 entries for 3 classes"):
+        tr.plan("nn.CrossEntropyLoss(weight=w)", data=str(data))
+
+
+@needs_all
+def test_weighted_padded_cross_entropy_translates_and_matches_everywhere():
+    proc = gradparity("translate", WEIGHTED_PADDED, "--json")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads(proc.stdout)
+    assert doc["verdict"]["status"] == "match"
+    assert [t["framework"] for t in doc["translations"]] == ["torch", "keras", "jax"]
+    shapes = [tuple(b["shape"]) for b in doc["batches"]]
+    assert any(len(s) == 3 for s in shapes) and any(len(s) == 2 for s in shapes)
+    divisors = [b["divisor"] for b in doc["batches"]]
+    assert len(set(divisors)) > 1  # a weighted, padded mean: the divisor changes with the batch
+    for t in doc["translations"]:
+        assert {"framework", "native", "code", "function", "notes", "agreement"} <= set(t)
+        assert "def loss_fn(logits, targets, sample_weight=None)" in t["function"]
+        agreement = t["agreement"]
+        assert agreement["status"] == "ok" and len(agreement["batches"]) == len(doc["batches"])
+        assert agreement["max_loss_rel"] <= agreement["rtol"] and agreement["max_grad_rel"] <= agreement["rtol"]
+        for b in agreement["batches"]:
+            assert b["measured_divisor"] == pytest.approx(b["divisor"], rel=1e-9)
+    torch_source = doc["translations"][0]
+    assert torch_source["role"] == "source" and torch_source["native"]
+
+
+@needs_all
+def test_keras_sample_weighted_mean_divides_by_n_and_says_so():
+    """Keras 'sum_over_batch_size' with sample weights divides by N, not by the sum of the weights."""
+    report = tr.translate("keras.losses.SparseCategoricalCrossentropy(from_logits=True)(y, logits, "
+                          "sample_weight=w)", to=("torch",))
+    assert report.status == "match", tr.render_text(report)
+    keras_source, torch_target = report.translations
+    for b, batch in zip(keras_source.batches, report.batches):
+        n_elements = int(np.prod(batch.logits.shape[:-1]))
+        assert b.measured_divisor == pytest.approx(n_elements, rel=1e-9)
+        assert b.measured_divisor != pytest.approx(float(np.sum(batch.sample_weight)), rel=1e-3)
+    assert not torch_target.rendering.native  # torch losses take no sample weights
+
+
+@needs_all
+def test_a_wrong_translation_is_caught(monkeypatch):
+    """A translation that divides by N instead of the valid count must fail on padded batches."""
+    real = tr.loss_module
+
+    class Wrong:
+        @staticmethod
+        def parse(expr, targets=None):
+            return real("jax").parse(expr, targets)
+
+        @staticmethod
+        def render(sem):
+            return real("jax").render(dataclasses.replace(sem, divisor="count"))
+
+    monkeypatch.setattr(tr, "loss_module", lambda fw: Wrong if fw == "jax" else real(fw))
+    report = tr.translate("torch.nn.CrossEntropyLoss(ignore_index=-100)", to=("jax",))
+    assert report.status == "mismatch" and report.exit_code == 1
+    jax_target = report.translations[1]
+    assert jax_target.status == "mismatch" and any(not b.agree for b in jax_target.batches)
+    assert report.translations[0].status == "ok"
+
+
+def test_translate_modules_import_no_framework():
+    code = ("import sys, gradparity.translate\n"
+            "from gradparity.translate import loss_module\n"
+            "[loss_module(f) for f in ('torch', 'keras', 'jax')]\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('torch', 'tensorflow', 'keras', 'jax', 'optax', 'flax')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=dict(os.environ))
+    assert out.stdout.strip() == "[]"
+
+
+README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+
+
+@needs_all
+def test_readme_equivalence_table_is_the_commands_output():
+    """The README's table is generated by `gradparity loss-table`: every row matches, and the copy is current."""
+    proc = gradparity("loss-table")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "DIFFERS" not in proc.stdout and proc.stdout.count("matches |") == 3 * len(tr.TABLE_SOURCES)
+    text = open(README).read()
+    start = text.index("<!-- loss-table:start -->\n") + len("<!-- loss-table:start -->\n")
+    end = text.index("<!-- loss-table:end -->")
+    assert text[start:end].strip() == proc.stdout.strip(), "README table is stale: paste `gradparity loss-table`"
