@@ -110,6 +110,32 @@ class LossSemantics:
     def loss(self) -> Loss:
         return LOSSES[self.kind]
 
+    @property
+    def masked(self) -> bool:
+        """Whether some elements may be ignored (class-index targets equal to ``ignore_index``)."""
+        return self.kind == "cross_entropy" and self.ignore_index is not None
+
+    def check(self) -> None:
+        """ConfigError for a configuration no loss of the catalogue has (options the kind lacks, unknown rules).
+
+        Parsers only produce valid ones; renderers call this so a hand-built one fails clearly.
+        """
+        from gradparity.errors import ConfigError
+
+        if self.kind not in LOSSES:
+            raise ConfigError(f"no loss {self.kind!r} (known: {', '.join(LOSSES)})")
+        if self.divisor not in DIVISORS:
+            raise ConfigError(f"unknown divisor rule {self.divisor!r} (known: {', '.join(DIVISORS)})")
+        if self.last_axis not in LAST_AXIS:
+            raise ConfigError(f"unknown last_axis {self.last_axis!r} (known: {', '.join(LAST_AXIS)})")
+        used = {"class_weight": self.class_weight is not None, "pos_weight": self.pos_weight is not None,
+                "label_smoothing": bool(self.label_smoothing), "ignore_index": self.ignore_index is not None}
+        bad = [name for name, on in used.items() if on and name not in self.loss.options]
+        if bad:
+            raise ConfigError(f"{self.kind} takes no {', '.join(bad)}")
+        if self.divisor == "class_weight_sum" and self.kind != "cross_entropy":
+            raise ConfigError(f"divisor 'class_weight_sum' needs class-index targets; {self.kind} has none")
+
     def describe(self) -> str:
         """The configuration in words, e.g. 'cross_entropy, class weights [1, 2], ignore -100; ÷ valid'."""
         parts = [self.kind]

@@ -1,5 +1,4 @@
 """The float64 loss reference against central finite differences, and the safe reader of loss texts."""
-import itertools
 
 import numpy as np
 import pytest
@@ -8,31 +7,9 @@ from gradparity.backends.numpy.losses import divisor, reduce_loss
 from gradparity.errors import ConfigError
 from gradparity.loss_inputs import generate_batches
 from gradparity.loss_text import parse_loss_text
-from gradparity.losses import DIVISORS, LOSSES, LossSemantics
+from gradparity.losses import LossSemantics
 
-
-def semantics_grid():
-    """Every kind with its options on and off, every divisor rule, both last-axis conventions."""
-    out = []
-    for kind, loss in LOSSES.items():
-        options = [{}]
-        if "class_weight" in loss.options:
-            options.append({"class_weight": (1.0, 2.0, 0.5, 3.0, 1.5)})
-        if "label_smoothing" in loss.options:
-            options.append({"label_smoothing": 0.2})
-        if "pos_weight" in loss.options:
-            options.append({"pos_weight": (1.0, 2.0, 3.0, 0.5, 1.0)})
-        if "ignore_index" in loss.options:
-            options.append({"ignore_index": -100, "class_weight": (1.0, 2.0, 0.5, 3.0, 1.5),
-                            "label_smoothing": 0.1})
-        if "delta" in loss.options:
-            options.append({"delta": 0.7})
-        axes = ("elementwise", "mean") if kind in ("binary_cross_entropy", "mse", "l1", "huber") else ("elementwise",)
-        for opt, axis, rule, weighted in itertools.product(options, axes, DIVISORS, (False, True)):
-            if rule == "class_weight_sum" and kind != "cross_entropy":
-                continue
-            out.append(LossSemantics(kind, rule, last_axis=axis, sample_weight=weighted, **opt))
-    return out
+from loss_grid import grid_id, semantics_grid
 
 
 def finite_difference(sem, z, t, s, h=1e-6):
@@ -45,10 +22,7 @@ def finite_difference(sem, z, t, s, h=1e-6):
     return g
 
 
-@pytest.mark.parametrize("sem", semantics_grid(), ids=lambda s: f"{s.kind}-{s.divisor}-{s.last_axis}"
-                         f"{'-w' if s.sample_weight else ''}{'-cw' if s.class_weight else ''}"
-                         f"{'-ls' if s.label_smoothing else ''}{'-ign' if s.ignore_index is not None else ''}"
-                         f"{'-pw' if s.pos_weight else ''}")
+@pytest.mark.parametrize("sem", semantics_grid(), ids=grid_id)
 def test_gradient_matches_finite_differences(sem):
     for b in generate_batches(sem, seed=3, shapes=((4, 5), (2, 3, 5))):
         s = b.sample_weight if sem.sample_weight else None
@@ -111,3 +85,17 @@ def test_named_arrays_come_from_the_data():
     assert expr.framework == "torch" and expr.kwargs == {"weight": [1.0, 2.0], "label_smoothing": 0.1}
     expr = parse_loss_text("keras.losses.Huber(delta=2.0)(y, p, sample_weight=w)")
     assert expr.framework == "keras" and expr.call.sample_weight and expr.kwargs == {"delta": 2.0}
+
+
+@pytest.mark.parametrize("sem,message", [
+    (LossSemantics("mse", "class_weight_sum"), "class-index targets"),
+    (LossSemantics("mse", "count", label_smoothing=0.1), "mse takes no label_smoothing"),
+    (LossSemantics("mse", "count", class_weight=(1.0, 2.0)), "mse takes no class_weight"),
+    (LossSemantics("cross_entropy_probs", "count", ignore_index=-100), "takes no ignore_index"),
+    (LossSemantics("cross_entropy", "median"), "unknown divisor rule"),
+    (LossSemantics("hinge", "count"), "no loss 'hinge'"),
+    (LossSemantics("mse", "count", last_axis="max"), "unknown last_axis"),
+])
+def test_semantics_no_framework_computes_are_rejected(sem, message):
+    with pytest.raises(ConfigError, match=message):
+        sem.check()

@@ -241,16 +241,10 @@ def test_native_code_reads_back_as_the_same_semantics(sem):
     assert dataclasses.replace(back, divisor=sem.divisor) == sem
 
 
-@pytest.mark.parametrize("sem,message", [
-    (LossSemantics("mse", "class_weight_sum"), "class_weight_sum"),
-    (LossSemantics("mse", "count", class_weight=CW), "mse takes no class_weight"),
-    (LossSemantics("cross_entropy_probs", "count", ignore_index=-100), "takes no ignore_index"),
-    (LossSemantics("huber", "median"), "unknown divisor rule"),
-    (LossSemantics("l1", "count", last_axis="sum"), "unknown last_axis"),
-])
-def test_render_rejects_semantics_outside_the_catalogue(sem, message):
-    with pytest.raises(ConfigError, match=message):
-        render(sem)
+def test_render_rejects_semantics_outside_the_catalogue():
+    """The catalogue's own check runs first (its cases: tests/test_loss_reference.py)."""
+    with pytest.raises(ConfigError, match="takes no ignore_index"):
+        render(LossSemantics("cross_entropy_probs", "count", ignore_index=-100))
 
 
 def test_module_imports_no_framework():

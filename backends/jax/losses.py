@@ -22,7 +22,7 @@ from gradparity.backends.protocol import (RawResult, WorkerJob, compile_loss_fun
                                           package_versions)
 from gradparity.errors import ConfigError
 from gradparity.loss_text import LossExpression
-from gradparity.losses import DIVISORS, LAST_AXIS, LOSSES, LossSemantics, Rendering
+from gradparity.losses import DIVISORS, LOSSES, LossSemantics, Rendering
 
 # ----------------------------------------------------------------------------------------------------------
 # parse: optax text -> LossSemantics
@@ -204,25 +204,8 @@ _IMPORTS = "import numpy as np\nimport jax\nimport jax.numpy as jnp\nimport opta
 _ELEMENTWISE = ("binary_cross_entropy", "mse", "l1", "huber")
 
 
-def _check_semantics(sem: LossSemantics) -> None:
-    """ConfigError for a LossSemantics no loss of the catalogue has (a bug in its source's parser)."""
-    if sem.kind not in LOSSES:
-        raise ConfigError(f"no loss {sem.kind!r} (known: {', '.join(LOSSES)})")
-    if sem.divisor not in DIVISORS:
-        raise ConfigError(f"unknown divisor rule {sem.divisor!r} (known: {', '.join(DIVISORS)})")
-    if sem.last_axis not in LAST_AXIS:
-        raise ConfigError(f"unknown last_axis {sem.last_axis!r} (known: {', '.join(LAST_AXIS)})")
-    used = {"class_weight": sem.class_weight is not None, "pos_weight": sem.pos_weight is not None,
-            "label_smoothing": bool(sem.label_smoothing), "ignore_index": sem.ignore_index is not None}
-    bad = [name for name, on in used.items() if on and name not in sem.loss.options]
-    if bad:
-        raise ConfigError(f"{sem.kind} takes no {', '.join(bad)}")
-    if sem.divisor == "class_weight_sum" and sem.kind != "cross_entropy":
-        raise ConfigError(f"divisor 'class_weight_sum' needs class-index targets; {sem.kind} has none")
 
 
-def _masked(sem: LossSemantics) -> bool:
-    return sem.kind == "cross_entropy" and sem.ignore_index is not None
 
 
 def _divisor_rule(sem: LossSemantics) -> str:
@@ -233,7 +216,7 @@ def _divisor_rule(sem: LossSemantics) -> str:
     as given: (N,) weights on an (N, T) loss summed over N only), exactly as
     the numpy reference's ``divisor()`` evaluates it.
     """
-    masked = _masked(sem)
+    masked = sem.masked
     rule = sem.divisor
     if rule == "class_weight_sum" and sem.class_weight is None:
         rule = "valid"
@@ -258,7 +241,7 @@ def _binary_smoothing(sem: LossSemantics) -> bool:
 def _is_native(sem: LossSemantics, rule: str) -> bool:
     """An optax per-element function plus plain jnp.mean / jnp.sum computes ``sem`` exactly."""
     return (sem.kind != "l1" and rule in ("one", "count") and sem.class_weight is None
-            and sem.pos_weight is None and not _binary_smoothing(sem) and not _masked(sem)
+            and sem.pos_weight is None and not _binary_smoothing(sem) and not sem.masked
             and not sem.sample_weight)
 
 
@@ -303,7 +286,7 @@ def _per_element_lines(sem: LossSemantics) -> tuple[list[str], list[str]]:
         lines.append(f"class_weight = {_array(sem.class_weight)}")
     if sem.kind == "cross_entropy":
         labels = "targets"
-        if _masked(sem):
+        if sem.masked:
             lines += [f"valid = targets != {sem.ignore_index}",
                       "# optax needs a real class for every element: ignored ones get class 0, "
                       "their losses are zeroed below",
@@ -379,7 +362,7 @@ def _reduction_lines(sem: LossSemantics, rule: str) -> tuple[list[str], list[str
         factors.append("weight")
         notes.append("optax losses take no sample weights: they multiply the per-element loss, broadcast over "
                      "its trailing axes.")
-    if _masked(sem):
+    if sem.masked:
         lines.append("mask = valid.astype(logits.dtype)")
         factors.append("mask")
     total = f"jnp.sum({' * '.join(factors)})"
@@ -391,9 +374,9 @@ def _reduction_lines(sem: LossSemantics, rule: str) -> tuple[list[str], list[str
         return lines, notes
     divisor = {
         "valid": "jnp.sum(mask)",
-        "class_weight_sum": f"jnp.sum(class_weight[{'labels' if _masked(sem) else 'targets'}]"
-                            f"{' * mask' if _masked(sem) else ''})",
-        "sample_weight_sum": f"jnp.sum(weight{' * mask' if _masked(sem) else ''})",
+        "class_weight_sum": f"jnp.sum(class_weight[{'labels' if sem.masked else 'targets'}]"
+                            f"{' * mask' if sem.masked else ''})",
+        "sample_weight_sum": f"jnp.sum(weight{' * mask' if sem.masked else ''})",
         "sample_weight_as_passed": "jnp.sum(sample_weight)",
     }[rule]
     lines += [f"total = {total}",
@@ -436,7 +419,7 @@ def render(sem: LossSemantics) -> Rendering:
     each batch. ``code`` uses ``logits``, ``targets`` and ``sample_weight``;
     ``function`` defines the same as ``loss_fn`` (traceable: jnp only).
     """
-    _check_semantics(sem)
+    sem.check()
     rule = _divisor_rule(sem)
     notes = ["optax returns one loss per element and has no reduction argument: the reduction is yours "
              "to write, and is written out here."]

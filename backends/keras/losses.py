@@ -45,7 +45,7 @@ from gradparity.backends.protocol import (RawResult, WorkerJob, compile_loss_fun
                                           package_versions)
 from gradparity.errors import ConfigError
 from gradparity.loss_text import LossExpression
-from gradparity.losses import DIVISORS, LAST_AXIS, LOSSES, LossSemantics, Rendering
+from gradparity.losses import DIVISORS, LossSemantics, Rendering
 
 # ----------------------------------------------------------------------------------------------------------
 # parse: keras.losses text -> LossSemantics
@@ -239,28 +239,8 @@ _CLASSES = {"cross_entropy": "SparseCategoricalCrossentropy", "cross_entropy_pro
 _CHANGES = "changes from batch to batch: it is computed from the batch, never a constant"
 
 
-def _check_semantics(sem: LossSemantics) -> None:
-    """ConfigError for a LossSemantics no framework can compute (options the kind lacks, unknown rules)."""
-    loss = LOSSES.get(sem.kind)
-    if loss is None:
-        raise ConfigError(f"no loss {sem.kind!r}; known: {', '.join(LOSSES)}")
-    used = {"class_weight": sem.class_weight is not None, "pos_weight": sem.pos_weight is not None,
-            "label_smoothing": bool(sem.label_smoothing), "ignore_index": sem.ignore_index is not None,
-            "delta": sem.kind == "huber"}
-    extra = [k for k, on in used.items() if on and k not in loss.options]
-    if extra:
-        raise ConfigError(f"{sem.kind} has no option {', '.join(extra)}")
-    if sem.divisor not in DIVISORS:
-        raise ConfigError(f"unknown divisor rule {sem.divisor!r}; known: {', '.join(DIVISORS)}")
-    if sem.divisor == "class_weight_sum" and sem.kind != "cross_entropy":
-        raise ConfigError(f"the divisor 'class_weight_sum' needs class-index targets; {sem.kind} has none")
-    if sem.last_axis not in LAST_AXIS:
-        raise ConfigError(f"last_axis must be one of {', '.join(LAST_AXIS)}, got {sem.last_axis!r}")
 
 
-def _masked(sem: LossSemantics) -> bool:
-    """Whether some elements may be ignored (class-index targets equal to ``ignore_index``)."""
-    return sem.kind == "cross_entropy" and sem.ignore_index is not None
 
 
 def _entrywise(sem: LossSemantics) -> bool:
@@ -274,8 +254,8 @@ def _rule(sem: LossSemantics) -> str:
     if rule == "class_weight_sum" and sem.class_weight is None:
         rule = "valid"
     if rule in ("sample_weight_sum", "keras_sample_weight_sum") and not sem.sample_weight:
-        rule = "valid" if _masked(sem) or rule == "sample_weight_sum" else "count"
-    if rule == "valid" and not _masked(sem):
+        rule = "valid" if sem.masked or rule == "sample_weight_sum" else "count"
+    if rule == "valid" and not sem.masked:
         rule = "count"
     return rule
 
@@ -295,7 +275,7 @@ class _Plan:
 
     def __init__(self, sem: LossSemantics):
         self.sem = sem
-        self.masked = _masked(sem)
+        self.masked = sem.masked
         self.criterion = _CLASSES[sem.kind]
         self.one_hot = False
         if sem.kind == "cross_entropy" and sem.label_smoothing:
@@ -604,7 +584,7 @@ def render(sem: LossSemantics) -> Rendering:
     same source runs on Keras' tensorflow, jax and torch backends (and
     traces under jax.jit: no Python branching on values).
     """
-    _check_semantics(sem)
+    sem.check()
     body, native, notes = _body(sem)
     notes.append("Keras' losses compute in keras.config.floatx() (float32 unless set, whatever the logits' "
                  "dtype): keras.config.set_floatx('float64') to compare in float64")

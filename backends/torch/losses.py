@@ -31,7 +31,7 @@ import math
 
 from gradparity.errors import ConfigError
 from gradparity.loss_text import LossExpression
-from gradparity.losses import DIVISORS, LOSSES, LossSemantics, Rendering
+from gradparity.losses import DIVISORS, LossSemantics, Rendering
 
 #: Loss classes gradparity reads, with their constructor parameters in torch's positional order.
 _SIGNATURES: dict[str, tuple[str, ...]] = {
@@ -218,28 +218,8 @@ def parse(expr: LossExpression, targets: str | None = None) -> LossSemantics:
 # ---------------------------------------------------------------------------------------------- render
 
 
-def _masked(sem: LossSemantics) -> bool:
-    """Whether some elements may be ignored (class-index targets equal to ``ignore_index``)."""
-    return sem.kind == "cross_entropy" and sem.ignore_index is not None
 
 
-def _check_semantics(sem: LossSemantics) -> None:
-    """ConfigError for a LossSemantics no framework can compute (options the kind lacks, unknown rules)."""
-    loss = LOSSES.get(sem.kind)
-    if loss is None:
-        raise ConfigError(f"no loss {sem.kind!r}; known: {', '.join(LOSSES)}")
-    used = {"class_weight": sem.class_weight is not None, "pos_weight": sem.pos_weight is not None,
-            "label_smoothing": bool(sem.label_smoothing), "ignore_index": sem.ignore_index is not None,
-            "delta": sem.kind == "huber"}
-    extra = [k for k, on in used.items() if on and k not in loss.options]
-    if extra:
-        raise ConfigError(f"{sem.kind} has no option {', '.join(extra)}")
-    if sem.divisor not in DIVISORS:
-        raise ConfigError(f"unknown divisor rule {sem.divisor!r}; known: {', '.join(DIVISORS)}")
-    if sem.divisor == "class_weight_sum" and sem.kind != "cross_entropy":
-        raise ConfigError(f"the divisor 'class_weight_sum' needs class-index targets; {sem.kind} has none")
-    if sem.last_axis not in ("elementwise", "mean"):
-        raise ConfigError(f"last_axis must be 'elementwise' or 'mean', got {sem.last_axis!r}")
 
 
 def _native_reduction(sem: LossSemantics) -> str | None:
@@ -254,18 +234,18 @@ def _native_reduction(sem: LossSemantics) -> str | None:
         return "sum"
     # Without sample weights these rules reduce to the valid count, or to every element when nothing is masked.
     rule = sem.divisor
-    if rule == "keras_sample_weight_sum" and _masked(sem):
+    if rule == "keras_sample_weight_sum" and sem.masked:
         return None  # Keras returns 0 on a batch with every target ignored (divide_no_nan); torch's mean gives NaN
     if rule == "sample_weight_sum":
         rule = "valid"
     elif rule == "keras_sample_weight_sum":
         rule = "count"
-    if rule == "valid" and not _masked(sem):
+    if rule == "valid" and not sem.masked:
         rule = "count"
     if sem.kind == "cross_entropy":
         # torch's mean divides by sum_e w[y_e] m_e: without class weights, the valid count, which is
         # every element when nothing is masked ('count' then, as the rule was normalized above).
-        unweighted = sem.class_weight is None and (rule == "valid" or (rule == "count" and not _masked(sem)))
+        unweighted = sem.class_weight is None and (rule == "valid" or (rule == "count" and not sem.masked))
         return "mean" if rule == "class_weight_sum" or unweighted else None
     return "mean" if rule == "count" else None
 
@@ -314,7 +294,7 @@ def _divisor_lines(sem: LossSemantics) -> tuple[list[str], str, str | None]:
     Every divisor that depends on the batch is computed here from the batch,
     never written as a constant.
     """
-    masked = _masked(sem)
+    masked = sem.masked
     weighted = sem.sample_weight
     valid = [f"valid = targets != {sem.ignore_index}  # the elements that count"] if masked else []
     plain = "loss = total / divisor"
@@ -390,14 +370,14 @@ def _body(sem: LossSemantics) -> tuple[list[str], bool, list[str]]:
     lines = weight_lines + [f"criterion = {constructor}"] + target_lines
     if native is not None:
         lines.append(f"loss = {call}")
-        if native == "mean" and sem.kind == "cross_entropy" and (sem.class_weight is not None or _masked(sem)):
+        if native == "mean" and sem.kind == "cross_entropy" and (sem.class_weight is not None or sem.masked):
             what = ("the sum of the class weights of the non-ignored targets" if sem.class_weight is not None
                     else "the number of non-ignored targets")
             notes.append(f"reduction='mean' divides by {what}, which changes from batch to batch")
         return lines, True, notes
     notes += _explicit_reasons(sem)
     shape = ("(N,) or (N, T)" if sem.kind in ("cross_entropy", "cross_entropy_probs") else "the logits' shape")
-    suffix = f"; 0 where targets == {sem.ignore_index}" if _masked(sem) else ""
+    suffix = f"; 0 where targets == {sem.ignore_index}" if sem.masked else ""
     lines.append(f"per_element = {call}  # {shape}{suffix}")
     if sem.kind not in ("cross_entropy", "cross_entropy_probs") and sem.last_axis == "mean":
         lines.append("per_element = per_element.mean(dim=-1)  # one loss per example/token, as Keras")
@@ -421,7 +401,7 @@ def render(sem: LossSemantics) -> Rendering:
     requires_grad included, passes through; its dtype is kept), takes
     channels-last logits (N, C) or (N, T, C), and returns a 0-d tensor.
     """
-    _check_semantics(sem)
+    sem.check()
     body, native, notes = _body(sem)
     target_dtype = "dtype=torch.int64, " if sem.kind == "cross_entropy" else "dtype=logits.dtype, "
     prologue = ["logits = torch.as_tensor(logits)",
