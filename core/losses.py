@@ -204,3 +204,17 @@ class Rendering:
     code: str
     function: str
     notes: tuple[str, ...] = ()
+
+
+def function_source(imports: tuple[str, ...], sem: LossSemantics, prologue: list[str], body: list[str]) -> str:
+    """A rendering's self-contained ``loss_fn(logits, targets, sample_weight=None)`` source.
+
+    ``prologue`` converts the inputs to the framework's tensors; ``body`` is
+    the code a user pastes and must end by assigning ``loss``. The docstring
+    says what the function computes.
+    """
+    doc = sem.describe().replace("\\", "\\\\").replace('"""', "'''")
+    if not sem.sample_weight:
+        doc += " (sample_weight is not used)"
+    return "\n".join([*imports, "", "", "def loss_fn(logits, targets, sample_weight=None):", f'    """{doc}."""']
+                     + [f"    {line}" for line in prologue + body] + ["    return loss", ""])

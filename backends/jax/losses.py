@@ -22,7 +22,7 @@ from gradparity.backends.protocol import (RawResult, WorkerJob, compile_loss_fun
                                           package_versions)
 from gradparity.errors import ConfigError
 from gradparity.loss_text import LossExpression
-from gradparity.losses import DIVISORS, LOSSES, LossSemantics, Rendering
+from gradparity.losses import DIVISORS, LOSSES, LossSemantics, Rendering, function_source
 
 # ----------------------------------------------------------------------------------------------------------
 # parse: optax text -> LossSemantics
@@ -200,7 +200,7 @@ def parse(expr: LossExpression, targets: str | None = None) -> LossSemantics:
 # render: LossSemantics -> optax + jnp code
 # ----------------------------------------------------------------------------------------------------------
 
-_IMPORTS = "import numpy as np\nimport jax\nimport jax.numpy as jnp\nimport optax\n"
+_IMPORTS = ("import numpy as np", "import jax", "import jax.numpy as jnp", "import optax")
 _ELEMENTWISE = ("binary_cross_entropy", "mse", "l1", "huber")
 
 
@@ -402,12 +402,7 @@ def _function(sem: LossSemantics, body: list[str]) -> str:
         head += ["if sample_weight is None:",
                  "    raise ValueError('this loss takes a sample_weight')",
                  "sample_weight = jnp.asarray(sample_weight, dtype=logits.dtype)"]
-    doc = sem.describe().replace("\\", "\\\\").replace('"""', "'''")
-    if not sem.sample_weight:
-        doc += " (sample_weight is not used)"
-    lines = head + body + ["return loss"]
-    return (_IMPORTS + "\n\ndef loss_fn(logits, targets, sample_weight=None):\n"
-            + f'    """{doc}."""\n' + "".join(f"    {line}\n" for line in lines))
+    return function_source(_IMPORTS, sem, head, body)
 
 
 def render(sem: LossSemantics) -> Rendering:

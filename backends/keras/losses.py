@@ -45,7 +45,7 @@ from gradparity.backends.protocol import (RawResult, WorkerJob, compile_loss_fun
                                           package_versions)
 from gradparity.errors import ConfigError
 from gradparity.loss_text import LossExpression
-from gradparity.losses import DIVISORS, LossSemantics, Rendering
+from gradparity.losses import DIVISORS, LossSemantics, Rendering, function_source
 
 # ----------------------------------------------------------------------------------------------------------
 # parse: keras.losses text -> LossSemantics
@@ -595,13 +595,7 @@ def render(sem: LossSemantics) -> Rendering:
         prologue += ["if sample_weight is None:",
                      "    raise ValueError('this loss takes a sample_weight of shape (N,) or (N, T)')",
                      "sample_weight = keras.ops.convert_to_tensor(sample_weight, dtype=logits.dtype)"]
-    doc = sem.describe().replace("\\", "\\\\").replace('"""', "'''")
-    function = "\n".join(
-        ["import numpy as np", "import keras", "", "",
-         "def loss_fn(logits, targets, sample_weight=None):",
-         f'    """{doc}"""']
-        + [f"    {line}" for line in prologue + body]
-        + ["    return loss", ""])
+    function = function_source(("import numpy as np", "import keras"), sem, prologue, body)
     return Rendering("keras", native, "\n".join(body) + "\n", function, tuple(notes))
 
 

@@ -31,7 +31,7 @@ import math
 
 from gradparity.errors import ConfigError
 from gradparity.loss_text import LossExpression
-from gradparity.losses import DIVISORS, LossSemantics, Rendering
+from gradparity.losses import DIVISORS, LossSemantics, Rendering, function_source
 
 #: Loss classes gradparity reads, with their constructor parameters in torch's positional order.
 _SIGNATURES: dict[str, tuple[str, ...]] = {
@@ -410,13 +410,7 @@ def render(sem: LossSemantics) -> Rendering:
         prologue += ["if sample_weight is None:",
                      "    raise ValueError('this loss takes a sample_weight of shape (N,) or (N, T)')",
                      "sample_weight = torch.as_tensor(sample_weight, dtype=logits.dtype, device=logits.device)"]
-    doc = sem.describe().replace("\\", "\\\\").replace('"""', "'''")
-    function = "\n".join(
-        ["import numpy as np", "import torch", "", "",
-         "def loss_fn(logits, targets, sample_weight=None):",
-         f'    """{doc}"""']
-        + [f"    {line}" for line in prologue + body]
-        + ["    return loss", ""])
+    function = function_source(("import numpy as np", "import torch"), sem, prologue, body)
     return Rendering("torch", native, "\n".join(body) + "\n", function, tuple(notes))
 
 
