@@ -87,6 +87,18 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--timeout", type=float, default=600.0, help="seconds per framework worker")
     tr.add_argument("--json", action="store_true", help="print the report as JSON")
+    cl = sub.add_parser("compare-losses", help="run several loss configurations on the same batches and say "
+                                               "which are equal, a constant factor apart, or a batch-dependent one",
+                        description="Run each loss configuration (as written in PyTorch, Keras or JAX code) "
+                                    "natively on the same generated batches, check each against gradparity's "
+                                    "float64 reading of it, and classify every pair: equal, constant factor (a "
+                                    "learning-rate constant), batch-dependent factor, or not equivalent.")
+    cl.add_argument("losses", nargs="+", help="two or more loss texts")
+    cl.add_argument("--targets", help="class_index | probabilities (for torch's CrossEntropyLoss)")
+    cl.add_argument("--keras-backend", default="tensorflow", help="tensorflow | jax | torch")
+    cl.add_argument("--seed", type=int, default=0)
+    cl.add_argument("--timeout", type=float, default=600.0, help="seconds per framework worker")
+    cl.add_argument("--json", action="store_true", help="print the report as JSON")
     tb = sub.add_parser("loss-table", help="measure common loss configurations in every framework "
                                            "(the README's equivalence table)")
     tb.add_argument("--keras-backend", default="tensorflow", help="tensorflow | jax | torch")
@@ -146,6 +158,24 @@ def _translate(args) -> int:
         print(json.dumps(report.to_dict(), indent=1, allow_nan=False, default=_json_default))
     else:
         print(render_text(report))
+    return report.exit_code
+
+
+def _compare_losses(args) -> int:
+    import json
+
+    from gradparity.backends import KERAS_VARIANTS
+    from gradparity.loss_compare import compare_losses, render_text
+
+    if args.keras_backend not in KERAS_VARIANTS:
+        raise ConfigError(f"--keras-backend must be one of {', '.join(KERAS_VARIANTS)}, got {args.keras_backend!r}")
+    say = None if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    try:
+        report = compare_losses(args.losses, args.seed, args.targets, args.keras_backend, args.timeout, say)
+    except ConfigError as exc:
+        exc.subject = "loss configurations"
+        raise
+    print(json.dumps(report.to_dict(), indent=1, allow_nan=False) if args.json else render_text(report))
     return report.exit_code
 
 
@@ -233,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
                 return _translate(args)
             if args.command == "loss-table":
                 return _loss_table(args)
+            if args.command == "compare-losses":
+                return _compare_losses(args)
             from gradparity.spec import default_config_text
 
             print(default_config_text(), end="")

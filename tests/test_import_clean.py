@@ -10,6 +10,7 @@ PARENT_MODULES = (
     "gradparity.compare", "gradparity.verdict", "gradparity.backends", "gradparity.backends.protocol",
     "gradparity.backends.worker", "gradparity.backends.numpy.session", "gradparity.outdir",
     "gradparity.losses", "gradparity.loss_text", "gradparity.loss_inputs", "gradparity.translate",
+    "gradparity.loss_compare",
     "gradparity.backends.numpy.losses", "gradparity.backends.torch.losses", "gradparity.backends.keras.losses",
     "gradparity.backends.jax.losses",
 )

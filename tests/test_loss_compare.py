@@ -1,0 +1,53 @@
+"""``gradparity compare-losses``: configurations run natively on shared batches, every pair classified."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from gradparity import loss_compare as lc
+from gradparity.cli import main
+
+from conftest import installed
+
+ALL = all(installed(b) for b in ("torch", "jax", "keras-tensorflow"))
+
+CONFIGS = [
+    "torch.nn.MSELoss(reduction='sum')",
+    "keras.losses.MeanSquaredError(reduction='sum')",
+    "optax.squared_error(predictions, targets).sum()",
+    "torch.nn.MSELoss()",
+    "keras.losses.MeanSquaredError(reduction='sum')(targets, predictions, sample_weight=w)",
+]
+
+
+@pytest.mark.skipif(not ALL, reason="needs torch, jax and keras: pip install 'gradparity[all]'")
+def test_every_kind_of_relation_is_measured():
+    proc = subprocess.run([sys.executable, "-m", "gradparity", "compare-losses", *CONFIGS, "--json"],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads(proc.stdout)
+    assert all(c["agreement"]["status"] == "ok" for c in doc["configurations"])
+    rel = {(p["a"], p["b"]): p for p in doc["pairs"]}
+    assert rel[(0, 2)]["relation"] == "equal"
+    # Keras averages the last axis before summing: PyTorch's sum is C times Keras' on every batch.
+    c = doc["batches"][0]["shape"][-1]
+    assert rel[(0, 1)]["relation"] == "constant_factor"
+    np.testing.assert_allclose(rel[(0, 1)]["ratios"], c, rtol=1e-12)
+    # sum vs mean: the factor is the number of elements, which changes with the batch.
+    assert rel[(0, 3)]["relation"] == "batch_dependent_factor"
+    sizes = [np.prod(b["shape"]) for b in doc["batches"]]
+    np.testing.assert_allclose(rel[(0, 3)]["ratios"], sizes, rtol=1e-12)
+    assert rel[(0, 4)]["relation"] == "not_equivalent"  # sample weights change the direction
+    assert sorted(map(sorted, doc["classes"])) == [[0, 2], [1], [3], [4]]
+
+
+def test_incompatible_configurations_are_exit_2(capsys, monkeypatch):
+    started = []
+    monkeypatch.setattr(lc, "run_backend", lambda *a, **k: started.append(a))
+    assert main(["compare-losses", "torch.nn.CrossEntropyLoss()", "torch.nn.MSELoss()"]) == 2
+    assert "same kind of targets" in capsys.readouterr().err
+    assert main(["compare-losses", "torch.nn.MSELoss()"]) == 2
+    assert "at least two" in capsys.readouterr().err
+    assert not started
