@@ -85,6 +85,8 @@ def _parser() -> argparse.ArgumentParser:
                                       "(default class_index)")
     tr.add_argument("--keras-backend", default="tensorflow", help="tensorflow | jax | torch")
     tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--dtype", default="float64", help="float64 (default) | float32: what the frameworks compute in; "
+                                                       "the reference is float64 on the same rounded batches")
     tr.add_argument("--timeout", type=float, default=600.0, help="seconds per framework worker")
     tr.add_argument("--json", action="store_true", help="print the report as JSON")
     cl = sub.add_parser("compare-losses", help="run several loss configurations on the same batches and say "
@@ -150,7 +152,7 @@ def _translate(args) -> int:
     say = None if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
     try:
         report = translate(args.loss, tuple(_csv(args.to)), args.data, args.targets, args.seed,
-                           args.keras_backend, args.timeout, progress=say)
+                           args.keras_backend, args.timeout, progress=say, dtype=args.dtype)
     except ConfigError as exc:
         exc.subject = "loss or data"
         raise

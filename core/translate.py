@@ -32,6 +32,7 @@ from gradparity.normalize import UNIT_ROUNDOFF, effective_unit_roundoff
 
 FRAMEWORKS = ("torch", "keras", "jax")
 TARGETS_HINTS = ("class_index", "probabilities")
+DTYPES = ("float64", "float32")
 EXIT_MATCH, EXIT_MISMATCH, EXIT_INCOMPLETE = 0, 1, 3
 
 
@@ -154,12 +155,21 @@ def _user_batch(arrays: dict[str, np.ndarray], sem: LossSemantics) -> LossBatch 
     return batch
 
 
+def _in_dtype(batch: LossBatch, dtype: str) -> LossBatch:
+    """The batch rounded to ``dtype`` (class indices stay integers): what the workers get and the reference uses."""
+    cast = lambda a: None if a is None else (a if a.dtype.kind in "iu" else a.astype(dtype))
+    return dataclasses.replace(batch, logits=cast(batch.logits), targets=cast(batch.targets),
+                               sample_weight=cast(batch.sample_weight))
+
+
 def plan(text: str, to: tuple[str, ...] = FRAMEWORKS, data: str | None = None, targets: str | None = None,
-         seed: int = 0) -> tuple[str, LossSemantics, list[tuple[str, Rendering]], list[LossBatch]]:
+         seed: int = 0, dtype: str = "float64") -> tuple[str, LossSemantics, list[tuple[str, Rendering]], list[LossBatch]]:
     """Everything before any worker: parse, render for the source and every target, build the batches.
 
     Raises ConfigError for anything a user can get wrong (exit code 2).
     """
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     unknown = [f for f in to if f not in FRAMEWORKS]
     if unknown or not to:
         raise ConfigError(f"--to takes a comma-separated subset of {', '.join(FRAMEWORKS)}, got {','.join(to)!r}")
@@ -173,6 +183,7 @@ def plan(text: str, to: tuple[str, ...] = FRAMEWORKS, data: str | None = None, t
     user = _user_batch(arrays, sem)
     classes = user.logits.shape[-1] if user is not None else None
     batches = generate_batches(sem, seed, classes=classes) + ([user] if user is not None else [])
+    batches = [_in_dtype(b, dtype) for b in batches]
     for b in batches:
         check_loss_batch(sem, b)
     return expr.framework, sem, renderings, batches
@@ -218,14 +229,16 @@ def _measure(t: Translation, outcome: BackendOutcome, function: str, batches: li
 
 def translate(text: str, to: tuple[str, ...] = FRAMEWORKS, data: str | None = None, targets: str | None = None,
               seed: int = 0, keras_backend: str = "tensorflow", timeout_s: float = 600.0,
-              progress: Callable[[str], None] | None = None) -> TranslationReport:
-    """Parse, render, run every rendering in its framework's worker, compare with the float64 reference."""
-    return translate_many([text], to, data, targets, seed, keras_backend, timeout_s, progress)[0]
+              progress: Callable[[str], None] | None = None, dtype: str = "float64") -> TranslationReport:
+    """Parse, render, run every rendering in its framework's worker (in ``dtype``), compare with the
+    float64 reference computed on the same ``dtype``-rounded batches."""
+    return translate_many([text], to, data, targets, seed, keras_backend, timeout_s, progress, dtype)[0]
 
 
 def translate_many(texts: list[str], to: tuple[str, ...] = FRAMEWORKS, data: str | None = None,
                    targets: str | None = None, seed: int = 0, keras_backend: str = "tensorflow",
-                   timeout_s: float = 600.0, progress: Callable[[str], None] | None = None) -> list[TranslationReport]:
+                   timeout_s: float = 600.0, progress: Callable[[str], None] | None = None,
+                   dtype: str = "float64") -> list[TranslationReport]:
     """``translate`` for several loss texts, with one worker per framework for all of them.
 
     Every text is planned (and so validated) before any worker starts. Each
@@ -236,7 +249,7 @@ def translate_many(texts: list[str], to: tuple[str, ...] = FRAMEWORKS, data: str
 
     plans = []
     for i, text in enumerate(texts):
-        framework, sem, renderings, batches = plan(text, to, data, targets, seed)
+        framework, sem, renderings, batches = plan(text, to, data, targets, seed, dtype)
         if len(texts) > 1:
             batches = [dataclasses.replace(b, name=f"L{i}-{b.name}") for b in batches]
         reference = {b.name: reduce_loss(sem, b.logits, b.targets, b.sample_weight if sem.sample_weight else None)
@@ -254,7 +267,7 @@ def translate_many(texts: list[str], to: tuple[str, ...] = FRAMEWORKS, data: str
         all_batches = [b for i, _ in mine for b in plans[i][3]]
         cases = tuple(f"L{i}@{b.name}" for i, _ in mine for b in plans[i][3])
         say(f"running {len(mine)} {fw} loss function(s) on {len(all_batches)} batches ({info.name}) ...")
-        outcome = run_backend(make_loss_job(info, functions, all_batches, cases=cases), info, timeout_s)
+        outcome = run_backend(make_loss_job(info, functions, all_batches, dtype=dtype, cases=cases), info, timeout_s)
         for i, t in mine:
             _measure(t, outcome, f"L{i}", plans[i][3], plans[i][4])
 
@@ -277,7 +290,8 @@ def _verdict(translations: list[Translation], batches: list[LossBatch]) -> tuple
         names = ", ".join(f"{t.rendering.framework} ({t.status})" for t in failed)
         return "incomplete", EXIT_INCOMPLETE, f"INCOMPLETE: {names} could not be run; the others match on {n} batches"
     return "match", EXIT_MATCH, (f"MATCH: the source and {len(translations) - 1} translation(s) agree with the "
-                                 f"float64 reference in loss and gradient on {n} batches")
+                                 f"float64 reference in loss and gradient on {n} batches, within the rounding of "
+                                 "the dtype each computed in")
 
 
 def _g(x) -> str:

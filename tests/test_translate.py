@@ -142,3 +142,17 @@ def test_readme_equivalence_table_is_the_commands_output():
     start = text.index("<!-- loss-table:start -->\n") + len("<!-- loss-table:start -->\n")
     end = text.index("<!-- loss-table:end -->")
     assert text[start:end].strip() == proc.stdout.strip(), "README table is stale: paste `gradparity loss-table`"
+
+
+@needs_all
+def test_every_table_configuration_matches_in_float32_within_float32_rounding():
+    """The same 13 configurations computed in float32 by each framework, against float64 on the rounded batches."""
+    reports = tr.translate_many(list(tr.TABLE_SOURCES), dtype="float32")
+    for r in reports:
+        assert r.status == "match", tr.render_text(r)
+        for t in r.translations:
+            assert t.environment["dtype"] == "float32"
+            assert t.rtol == pytest.approx(tr.Tolerance(tr.SAFETY, 105, 2).rtol(2.0 ** -24))
+            worst = max(max(b.loss_rel, b.grad_rel) for b in t.batches)
+            assert 0 < worst < t.rtol  # really float32 arithmetic (not exact), within its bound
+    assert all(b.logits.dtype == np.float32 for b in reports[0].batches)
