@@ -99,3 +99,50 @@ def test_named_arrays_come_from_the_data():
 def test_semantics_no_framework_computes_are_rejected(sem, message):
     with pytest.raises(ConfigError, match=message):
         sem.check()
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_NAMES = st.sampled_from([
+    "torch.nn.CrossEntropyLoss", "nn.BCEWithLogitsLoss", "torch.nn.MSELoss", "torch.nn.HuberLoss", "nn.L1Loss",
+    "keras.losses.SparseCategoricalCrossentropy", "keras.losses.CategoricalCrossentropy",
+    "keras.losses.BinaryCrossentropy", "keras.losses.Huber", "tf.keras.losses.MeanSquaredError",
+    "optax.softmax_cross_entropy_with_integer_labels", "optax.huber_loss", "optax.l2_loss", "torch.nn.NLLLoss",
+    "keras.losses.Reduction.SUM", "MyLoss", "jnp.mean"])
+_KEYS = st.sampled_from(["weight", "pos_weight", "ignore_index", "label_smoothing", "reduction", "delta",
+                         "from_logits", "ignore_class", "axis", "size_average", "sample_weight", "where", "x"])
+_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-300, 300), st.floats(allow_nan=True),
+                    st.sampled_from(["'mean'", "'sum'", "'none'", "'sum_over_batch_size'", "'mean_with_sample_weight'",
+                                     "None", "w", "torch.tensor([1.0, 2.0])", "np.array([0.5, -1.0, 2.0])",
+                                     "[1, 2, 3]", "'x' * 3", "__import__('os')", "tf.keras.losses.Reduction.AUTO"]))
+
+
+@st.composite
+def loss_texts(draw):
+    name = draw(_NAMES)
+    kwargs = draw(st.dictionaries(_KEYS, _VALUES, max_size=4))
+    args = ", ".join(f"{k}={v if isinstance(v, str) else repr(v)}" for k, v in kwargs.items())
+    text = f"{name}({args})"
+    if draw(st.booleans()):
+        text += draw(st.sampled_from(["(y, logits)", "(y, logits, sample_weight=w)", "(logits, y)", "(a, b, c, d)"]))
+    if draw(st.booleans()):
+        text += draw(st.sampled_from([".mean()", ".sum()", ".max()", ".mean(axis=0)"]))
+    return draw(st.one_of(st.just(text), st.text(max_size=40)))
+
+
+@settings(max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(text=loss_texts(), targets=st.sampled_from([None, "class_index", "probabilities"]))
+def test_any_loss_text_is_planned_or_rejected_clearly(text, targets):
+    """translate's whole pre-worker stage on arbitrary texts: a plan, or a ConfigError; never anything else."""
+    from gradparity.translate import plan
+
+    try:
+        framework, sem, renderings, batches = plan(text, targets=targets)
+    except ConfigError as exc:
+        assert str(exc).strip()
+        return
+    sem.check()
+    assert framework in ("torch", "keras", "jax") and len(renderings) == 3 and batches
+    for _, r in renderings:
+        compile(r.function, "<rendering>", "exec")
