@@ -105,8 +105,8 @@ def _proportional(ga: np.ndarray, gb: np.ndarray, r: float, rtol: float) -> bool
     return float(np.max(np.abs(ga - r * gb))) / scale <= rtol
 
 
-def _relate(i: int, j: int, ci: Translation, cj: Translation, rows: dict, rtol: float,
-            sems: list[LossSemantics], divisors: list[dict[str, float]], batches: list[LossBatch]) -> PairRelation:
+def _relate(i: int, j: int, rows: dict, rtol: float, sems: list[LossSemantics],
+            divisors: list[dict[str, float]], batches: list[LossBatch]) -> PairRelation:
     """Classify configurations i and j from their frameworks' own results on every batch."""
     ratios, proportional = [], True
     for b in batches:
@@ -210,7 +210,7 @@ def compare_losses(texts: list[str], seed: int = 0, targets: str | None = None, 
     for i in range(len(texts)):
         for j in range(i + 1, len(texts)):
             if i in rows and j in rows:
-                report.pairs.append(_relate(i, j, configs[i], configs[j], rows, rtol, sems, divisors, batches))
+                report.pairs.append(_relate(i, j, rows, rtol, sems, divisors, batches))
             else:
                 report.pairs.append(PairRelation(i, j, "unknown", (), "one of them could not be run"))
     report.classes = _classes(len(texts), report.pairs)
