@@ -36,7 +36,7 @@ class BackendInfo:
         """Variables the worker process must start with (read by frameworks at import)."""
         env: dict[str, str] = {}
         uses_jax = self.framework == "jax" or self.variant == "jax"
-        uses_tf = self.variant == "tensorflow"
+        uses_tf = self.variant == "tensorflow" or self.framework == "tf_keras"
         if device == "cpu":
             # Hide GPUs from every framework: the only setting all of them honour.
             env["CUDA_VISIBLE_DEVICES"] = ""
@@ -48,8 +48,9 @@ class BackendInfo:
         if uses_tf:
             env["TF_FORCE_GPU_ALLOW_GROWTH"] = "true"
             env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-        if self.framework == "keras":
-            env["KERAS_BACKEND"] = self.variant or "tensorflow"
+        if self.framework in ("keras", "tf_keras"):
+            if self.framework == "keras":
+                env["KERAS_BACKEND"] = self.variant or "tensorflow"
             # A private Keras home: a user's ~/.keras/keras.json (floatx, backend)
             # must not change what the worker computes.
             env["KERAS_HOME"] = job_dir
@@ -80,6 +81,10 @@ _ALL += [
     )
     for v in KERAS_VARIANTS
 ]
+
+# The legacy Keras 2 package (tf_keras): loss functions only (``gradparity translate``), no reduction methods.
+_ALL.append(BackendInfo("tf-keras", "tf_keras", "gradparity.backends.tf_keras.session", "tf-keras",
+                        ("tf_keras", "tensorflow"), frozenset()))
 
 BACKENDS: dict[str, BackendInfo] = {b.name: b for b in _ALL}
 

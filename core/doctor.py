@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from gradparity.backends import BACKENDS
 from gradparity.execute import BackendOutcome, run_backend
+from gradparity.loss_inputs import make_loss_job
 from gradparity.pipeline import make_job
 from gradparity.spec import load_experiment
 
@@ -23,11 +24,14 @@ def probe(device: str = "auto", backends: tuple[str, ...] | None = None,
         "data.num_features": 3, "data.num_classes": 2, "model.hidden": []})
     inputs = build_inputs(exp)
     names = backends or tuple(BACKENDS)
+
+    def job(info):
+        # A backend that only runs loss functions (tf-keras) is probed through its loss module.
+        return make_job(exp, inputs, info, methods=()) if info.losses else make_loss_job(info, {}, [])
+
     # Probes only import and pick a device (no timing), so they may overlap.
     with ThreadPoolExecutor(max_workers=3) as pool:
-        return list(pool.map(
-            lambda n: run_backend(make_job(exp, inputs, BACKENDS[n], methods=()), BACKENDS[n], timeout_s),
-            names))
+        return list(pool.map(lambda n: run_backend(job(BACKENDS[n]), BACKENDS[n], timeout_s), names))
 
 
 def render(outcomes: list[BackendOutcome]) -> str:

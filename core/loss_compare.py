@@ -33,7 +33,7 @@ from gradparity.loss_inputs import LossBatch, check_loss_batch, generate_batches
 from gradparity.loss_text import parse_loss_text
 from gradparity.losses import DIVISOR_LABELS, LOSSES, LossSemantics
 from gradparity.normalize import UNIT_ROUNDOFF
-from gradparity.translate import FRAMEWORKS, Translation, _backend_for, _measure, loss_module
+from gradparity.translate import FRAMEWORKS, OPTIONAL_FRAMEWORKS, Translation, _backend_for, _measure, loss_module
 
 EXIT_CONSISTENT, EXIT_MISREAD, EXIT_INCOMPLETE = 0, 1, 3
 
@@ -184,7 +184,7 @@ def compare_losses(texts: list[str], seed: int = 0, targets: str | None = None, 
                    for b in batches} for sem in sems]
     configs = [Translation(r, "configuration", _backend_for(fw, keras_backend).name) for fw, _, r in parsed]
     outcomes = {}
-    for fw in FRAMEWORKS:
+    for fw in FRAMEWORKS + OPTIONAL_FRAMEWORKS:
         mine = [i for i, (f, _, _) in enumerate(parsed) if f == fw]
         if not mine:
             continue

@@ -28,7 +28,7 @@ from gradparity.losses import LossCall
 #: The leading names that say which framework a text is written for.
 FRAMEWORK_PREFIXES = {
     "torch": "torch", "nn": "torch", "F": "torch",
-    "keras": "keras", "tf": "keras", "tf_keras": "keras",
+    "keras": "keras", "tf": "keras", "tf_keras": "tf_keras",
     "optax": "jax", "jnp": "jax", "jax": "jax",
 }
 _ARRAY_FUNCTIONS = {"tensor", "array", "asarray", "constant", "as_tensor", "convert_to_tensor", "Tensor",
@@ -148,4 +148,7 @@ def parse_loss_text(text: str, arrays: dict[str, np.ndarray] | None = None) -> L
         raise ConfigError("**kwargs cannot be read: write each option out")
     args = tuple(values.value(a) if framework != "jax" else ast.unparse(a) for a in node.args)
     kwargs = {k.arg: values.value(k.value) for k in node.keywords}
+    if framework == "keras" and any(isinstance(v, tuple) and v[:1] == ("enum",) for v in kwargs.values()):
+        # tf.keras.losses.Reduction.* exists only in the legacy Keras 2 API (the tf_keras package).
+        framework = "tf_keras"
     return LossExpression(framework, name, args, kwargs, call, method)

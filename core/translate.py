@@ -31,6 +31,8 @@ from gradparity.losses import DIVISOR_LABELS, DIVISORS, LossSemantics, Rendering
 from gradparity.normalize import UNIT_ROUNDOFF, effective_unit_roundoff
 
 FRAMEWORKS = ("torch", "keras", "jax")
+#: Also accepted by --to and as a source: the legacy Keras 2 package (its own extra, tf-keras).
+OPTIONAL_FRAMEWORKS = ("tf_keras",)
 TARGETS_HINTS = ("class_index", "probabilities")
 DTYPES = ("float64", "float32")
 EXIT_MATCH, EXIT_MISMATCH, EXIT_INCOMPLETE = 0, 1, 3
@@ -170,9 +172,10 @@ def plan(text: str, to: tuple[str, ...] = FRAMEWORKS, data: str | None = None, t
     """
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    unknown = [f for f in to if f not in FRAMEWORKS]
+    known = FRAMEWORKS + OPTIONAL_FRAMEWORKS
+    unknown = [f for f in to if f not in known]
     if unknown or not to:
-        raise ConfigError(f"--to takes a comma-separated subset of {', '.join(FRAMEWORKS)}, got {','.join(to)!r}")
+        raise ConfigError(f"--to takes a comma-separated subset of {', '.join(known)}, got {','.join(to)!r}")
     if targets is not None and targets not in TARGETS_HINTS:
         raise ConfigError(f"--targets must be one of {', '.join(TARGETS_HINTS)}, got {targets!r}")
     arrays = _load_data(data)
@@ -190,7 +193,9 @@ def plan(text: str, to: tuple[str, ...] = FRAMEWORKS, data: str | None = None, t
 
 
 def _backend_for(framework: str, keras_backend: str) -> BackendInfo:
-    return BACKENDS[f"keras-{keras_backend}" if framework == "keras" else framework]
+    if framework == "keras":
+        return BACKENDS[f"keras-{keras_backend}"]
+    return BACKENDS["tf-keras" if framework == "tf_keras" else framework]
 
 
 def _measure(t: Translation, outcome: BackendOutcome, function: str, batches: list[LossBatch],
@@ -258,7 +263,7 @@ def translate_many(texts: list[str], to: tuple[str, ...] = FRAMEWORKS, data: str
                         for role, r in renderings]
         plans.append((text, framework, sem, batches, reference, translations))
 
-    for fw in FRAMEWORKS:
+    for fw in FRAMEWORKS + OPTIONAL_FRAMEWORKS:
         mine = [(i, t) for i, p in enumerate(plans) for t in p[5] if t.rendering.framework == fw]
         if not mine:
             continue

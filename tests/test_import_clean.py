@@ -12,7 +12,7 @@ PARENT_MODULES = (
     "gradparity.losses", "gradparity.loss_text", "gradparity.loss_inputs", "gradparity.translate",
     "gradparity.loss_compare",
     "gradparity.backends.numpy.losses", "gradparity.backends.torch.losses", "gradparity.backends.keras.losses",
-    "gradparity.backends.jax.losses",
+    "gradparity.backends.jax.losses", "gradparity.backends.tf_keras.losses",
 )
 
 

@@ -156,3 +156,16 @@ def test_every_table_configuration_matches_in_float32_within_float32_rounding():
             worst = max(max(b.loss_rel, b.grad_rel) for b in t.batches)
             assert 0 < worst < t.rtol  # really float32 arithmetic (not exact), within its bound
     assert all(b.logits.dtype == np.float32 for b in reports[0].batches)
+
+
+@pytest.mark.skipif(not (ALL and installed("tf-keras")), reason="needs torch, jax, keras and tf-keras: "
+                    "pip install 'gradparity[all]'")
+def test_legacy_reduction_enum_is_read_as_tf_keras_and_measured():
+    report = tr.translate("tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True, "
+                          "reduction=tf.keras.losses.Reduction.AUTO)(y, logits, sample_weight=w)",
+                          to=("torch", "keras"))
+    assert report.framework == "tf_keras" and report.status == "match", tr.render_text(report)
+    source = report.translations[0]
+    assert source.backend == "tf-keras" and source.rendering.native
+    for b, batch in zip(source.batches, report.batches):  # AUTO = SUM_OVER_BATCH_SIZE: divides by the elements
+        assert b.measured_divisor == pytest.approx(np.prod(batch.logits.shape[:-1]), rel=1e-9)

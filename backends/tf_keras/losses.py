@@ -1,0 +1,590 @@
+"""Legacy Keras 2 losses (the ``tf_keras`` package, tf.keras before Keras 3): parse, render, run.
+
+Three roles, one per entry point, as ``gradparity.backends.keras.losses``:
+
+- ``parse(expr, targets)``: a ``tf.keras.losses.<Loss>(..., reduction=
+  tf.keras.losses.Reduction.R)`` or ``tf_keras.losses.<Loss>(...)`` text,
+  optionally called as ``(y_true, y_pred, sample_weight=w)`` -> the
+  ``LossSemantics`` tf_keras computes;
+- ``render(sem)``: any ``LossSemantics`` -> tf_keras code, native where a
+  tf_keras loss object with a legacy ``Reduction`` computes it, otherwise
+  ``Reduction.SUM`` (or a tf.nn / tf.math formula) with the divisor written
+  out and computed from the batch;
+- ``open_session(job)``: the worker side of a 'loss_functions' job
+  (tensorflow + tf_keras, GradientTape w.r.t. the logits).
+
+Importing this module imports no tensorflow or tf_keras.
+
+What the legacy reductions divide by (tf_keras 2.21, ``tf_keras/src/losses.py``
+``Loss.__call__`` and ``utils/losses_utils.py``; each measured in
+tests/test_losses_tf_keras.py):
+
+- every loss yields one value per example (or token): BinaryCrossentropy,
+  MeanSquaredError, MeanAbsoluteError and Huber average the last axis first;
+- ``SUM_OVER_BATCH_SIZE`` divides ``sum(loss * sample_weight)`` by
+  ``tf.size`` of the weighted losses: the number of examples (tokens), never
+  the sum of the sample weights (``reduce_weighted_loss``); (N,) sample
+  weights on an (N, T) loss are expanded to (N, 1) and broadcast
+  (``squeeze_or_expand_dimensions``), so they still divide by N*T;
+- ``AUTO`` is ``SUM_OVER_BATCH_SIZE`` outside a ``tf.distribute`` strategy
+  (``Loss._get_reduction``); inside one, a loss object called in a custom
+  training loop raises for AUTO and SUM_OVER_BATCH_SIZE (only Model.fit may
+  use them), which gradparity does not model;
+- ``ignore_class`` (SparseCategoricalCrossentropy) attaches a
+  ``_keras_mask``; ``apply_valid_mask`` rescales it by total/valid for AUTO
+  and SUM_OVER_BATCH_SIZE, so they divide by the number of valid targets;
+  SUM divides by nothing; NONE returns the masked losses (0 where ignored).
+  A batch whose targets are all ignored gives NaN there (0 * total/0),
+  where Keras 3 gives 0;
+- there is no ``mean_with_sample_weight``: a sum of weights as divisor is
+  always written out explicitly.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from gradparity.backends.protocol import (RawResult, WorkerJob, compile_loss_function, loss_case,
+                                          package_versions)
+from gradparity.errors import ConfigError
+from gradparity.loss_text import LossExpression
+from gradparity.losses import DIVISORS, LossSemantics, Rendering, function_source
+
+# ----------------------------------------------------------------------------------------------------------
+# parse: legacy tf.keras / tf_keras text -> LossSemantics
+# ----------------------------------------------------------------------------------------------------------
+
+#: Loss classes gradparity reads, with their constructor parameters in tf_keras 2.21's positional order.
+_SIGNATURES: dict[str, tuple[str, ...]] = {
+    "SparseCategoricalCrossentropy": ("from_logits", "ignore_class", "reduction", "name"),
+    "CategoricalCrossentropy": ("from_logits", "label_smoothing", "axis", "reduction", "name"),
+    "BinaryCrossentropy": ("from_logits", "label_smoothing", "axis", "reduction", "name"),
+    "MeanSquaredError": ("reduction", "name"),
+    "MeanAbsoluteError": ("reduction", "name"),
+    "Huber": ("delta", "reduction", "name"),
+}
+_KINDS = {"SparseCategoricalCrossentropy": "cross_entropy", "CategoricalCrossentropy": "cross_entropy_probs",
+          "BinaryCrossentropy": "binary_cross_entropy", "MeanSquaredError": "mse", "MeanAbsoluteError": "l1",
+          "Huber": "huber"}
+_TARGETS = {"SparseCategoricalCrossentropy": "class_index", "CategoricalCrossentropy": "probabilities"}
+_LOGITS_CLASSES = ("SparseCategoricalCrossentropy", "CategoricalCrossentropy", "BinaryCrossentropy")
+_MODULE_PREFIXES = ("", "tf.keras.losses", "tf_keras.losses", "keras.losses", "tf_keras.src.losses",
+                    "tf.compat.v2.keras.losses")
+#: Legacy reductions (enum members and their string values) and the divisor rule each gives (None: NONE).
+_REDUCTIONS = {"sum_over_batch_size": "count", "auto": "count", "sum": "one", "none": None}
+_MEMBERS = {"SUM_OVER_BATCH_SIZE": "sum_over_batch_size", "AUTO": "auto", "SUM": "sum", "NONE": "none"}
+_FUNCTIONS = {"sparse_categorical_crossentropy": "SparseCategoricalCrossentropy",
+              "categorical_crossentropy": "CategoricalCrossentropy", "binary_crossentropy": "BinaryCrossentropy",
+              "mean_squared_error": "MeanSquaredError", "mse": "MeanSquaredError", "MSE": "MeanSquaredError",
+              "mean_absolute_error": "MeanAbsoluteError", "mae": "MeanAbsoluteError", "MAE": "MeanAbsoluteError",
+              "huber": "Huber"}
+_SUPPORTED_TEXT = ("tf.keras.losses.SparseCategoricalCrossentropy, CategoricalCrossentropy, BinaryCrossentropy, "
+                   "MeanSquaredError, MeanAbsoluteError, Huber (or tf_keras.losses.*)")
+_CALL_PARAMETERS = ("y_true", "y_pred", "sample_weight")
+AUTO_NOTE = ("Reduction.AUTO is SUM_OVER_BATCH_SIZE outside a tf.distribute strategy (what gradparity runs); "
+             "inside one, a loss object called in a custom training loop raises for AUTO and "
+             "SUM_OVER_BATCH_SIZE (only Model.fit may use them), which gradparity does not model")
+
+
+def _class_name(expr: LossExpression) -> str:
+    module, _, short = expr.name.rpartition(".")
+    if module in _MODULE_PREFIXES and short in _SIGNATURES:
+        return short
+    if short in _FUNCTIONS:
+        raise ConfigError(f"{expr.name!r} is tf_keras' functional form, which returns one loss per example and "
+                          f"has no reduction; write the loss class instead, e.g. "
+                          f"tf.keras.losses.{_FUNCTIONS[short]}(...) (supported: {_SUPPORTED_TEXT})")
+    raise ConfigError(f"{expr.name!r} is not a tf_keras loss gradparity knows; supported: {_SUPPORTED_TEXT}")
+
+
+def _options(expr: LossExpression, cls: str) -> dict:
+    params = _SIGNATURES[cls]
+    if len(expr.args) > len(params):
+        raise ConfigError(f"tf_keras.losses.{cls} takes at most {len(params)} positional arguments "
+                          f"({', '.join(params)}), got {len(expr.args)}")
+    options = dict(zip(params, expr.args))
+    for key, value in expr.kwargs.items():
+        if key not in params:
+            raise ConfigError(f"tf_keras.losses.{cls} has no option {key!r}; it accepts {', '.join(params)}")
+        if key in options:
+            raise ConfigError(f"tf_keras.losses.{cls} got two values for {key!r} (positional and keyword)")
+        options[key] = value
+    return options
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _reduction(cls: str, value) -> str:
+    """The legacy reduction's string value ('auto', 'sum', ...); ConfigError for anything else."""
+    if isinstance(value, tuple) and len(value) == 2 and value[0] == "enum":
+        member = value[1].rsplit(".", 1)[-1]
+        if member not in _MEMBERS:
+            raise ConfigError(f"tf_keras.losses.{cls}: {value[1]} is not a member of tf.keras.losses.Reduction "
+                              f"(AUTO, NONE, SUM, SUM_OVER_BATCH_SIZE)")
+        return _MEMBERS[member]
+    if isinstance(value, str) and value in _REDUCTIONS:
+        return value
+    hint = ("; Keras 3's 'mean_with_sample_weight' / 'mean' do not exist in tf_keras"
+            if value in ("mean", "mean_with_sample_weight") else "")
+    raise ConfigError(f"tf_keras.losses.{cls}: reduction must be a tf.keras.losses.Reduction member (AUTO, the "
+                      f"default, SUM_OVER_BATCH_SIZE, SUM, NONE) or its string ('auto', 'sum_over_batch_size', "
+                      f"'sum', 'none'), got {value!r}{hint}")
+
+
+def _check_call(expr: LossExpression, cls: str) -> bool:
+    call = expr.call
+    if call is None:
+        if expr.method is not None:
+            raise ConfigError(f"tf_keras.losses.{cls}(...).{expr.method}(): a loss object has no "
+                              f".{expr.method}(); call it first, e.g. tf.keras.losses.{cls}(...)(y_true, y_pred)")
+        return False
+    unknown = [k for k in call.keywords if k not in _CALL_PARAMETERS]
+    if unknown:
+        raise ConfigError(f"tf_keras.losses.{cls} is called as loss(y_true, y_pred, sample_weight=None); it has "
+                          f"no call argument {unknown[0]!r}")
+    given = call.n_args + len(call.keywords)
+    if not 2 <= given <= 3:
+        raise ConfigError(f"tf_keras.losses.{cls} is called as loss(y_true, y_pred, sample_weight=None) with 2 "
+                          f"or 3 arguments, got {given}")
+    doubled = [k for k in call.keywords if _CALL_PARAMETERS.index(k) < call.n_args]
+    if doubled:
+        raise ConfigError(f"tf_keras.losses.{cls}(...) call got two values for {doubled[0]!r}")
+    return call.sample_weight
+
+
+def notes_for(expr: LossExpression) -> tuple[str, ...]:
+    """What a user of this text must know beyond its semantics (AUTO and distribution strategies)."""
+    try:
+        cls = _class_name(expr)
+        reduction = _reduction(cls, _options(expr, cls).get("reduction", "auto"))
+    except ConfigError:
+        return ()
+    notes = [AUTO_NOTE] if reduction in ("auto", "sum_over_batch_size") else []
+    delta = _options(expr, cls).get("delta") if cls == "Huber" else None
+    if _is_number(delta) and float(np.float32(delta)) != delta:
+        notes.append(f"tf_keras.losses.Huber casts delta={delta!r} through float32 (tf.cast of a Python float): it "
+                     f"computes with delta={float(np.float32(delta))!r}, even in float64")
+    return tuple(notes)
+
+
+def parse(expr: LossExpression, targets: str | None = None) -> LossSemantics:
+    """The LossSemantics of a legacy tf.keras / tf_keras loss text; ConfigError naming what it cannot honour.
+
+    ``targets``: the user's hint of the target form; the class decides it,
+    so a hint may only agree. ``name`` is accepted and changes nothing.
+    ``AUTO`` (the default) is read as SUM_OVER_BATCH_SIZE, as outside a
+    tf.distribute strategy (see ``notes_for``).
+    """
+    if targets not in (None, "class_index", "probabilities"):
+        raise ConfigError(f"the targets hint must be 'class_index' or 'probabilities', got {targets!r}")
+    cls = _class_name(expr)
+    options = _options(expr, cls)
+    if cls in _TARGETS and targets not in (None, _TARGETS[cls]):
+        other = "CategoricalCrossentropy" if _TARGETS[cls] == "class_index" else "SparseCategoricalCrossentropy"
+        raise ConfigError(f"tf_keras.losses.{cls} takes {_TARGETS[cls].replace('_', '-')} targets, not {targets}; "
+                          f"for {targets.replace('_', '-')} targets write tf.keras.losses.{other}")
+    sample_weight = _check_call(expr, cls)
+    reduction = _reduction(cls, options.get("reduction", "auto"))
+    if reduction == "none" and (expr.call is None or expr.method is None):
+        raise ConfigError(f"tf_keras.losses.{cls}(reduction=Reduction.NONE) returns one loss per example, and "
+                          "translate compares reduced losses; write the reduction you apply, e.g. "
+                          "reduction=tf.keras.losses.Reduction.SUM / SUM_OVER_BATCH_SIZE, or "
+                          f"tf.keras.losses.{cls}(reduction=tf.keras.losses.Reduction.NONE)(y_true, y_pred).mean()")
+    if options.get("name") is not None and not isinstance(options["name"], str):
+        raise ConfigError(f"tf_keras.losses.{cls}: name must be a string, got {options['name']!r}")
+    fields: dict = {}
+    if cls in _LOGITS_CLASSES:
+        from_logits = options.get("from_logits", False)
+        if not isinstance(from_logits, bool):
+            raise ConfigError(f"tf_keras.losses.{cls}: from_logits must be True or False, got {from_logits!r}")
+        if not from_logits:
+            raise ConfigError(f"tf_keras.losses.{cls} has from_logits=False (the default): it expects "
+                              "probabilities, but gradparity compares logits-based losses (probability inputs are "
+                              "not supported yet); if your model outputs logits (no softmax/sigmoid last layer), "
+                              f"write tf.keras.losses.{cls}(from_logits=True, ...)")
+        axis = options.get("axis", -1)
+        if axis != -1 or isinstance(axis, bool):
+            raise ConfigError(f"tf_keras.losses.{cls}: axis={axis!r} is not supported; gradparity compares "
+                              "channels-last logits, so axis must be -1 (move the class axis last)")
+    if cls in ("CategoricalCrossentropy", "BinaryCrossentropy"):
+        smoothing = options.get("label_smoothing", 0.0)
+        if not _is_number(smoothing) or not 0.0 <= smoothing <= 1.0:
+            raise ConfigError(f"tf_keras.losses.{cls}: label_smoothing must be a number in [0, 1], "
+                              f"got {smoothing!r}")
+        fields["label_smoothing"] = float(smoothing)
+    if cls == "SparseCategoricalCrossentropy":
+        ignore = options.get("ignore_class")
+        if ignore is not None and (not isinstance(ignore, int) or isinstance(ignore, bool)):
+            raise ConfigError(f"tf_keras.losses.{cls}: ignore_class must be an integer or None, got {ignore!r}")
+        fields["ignore_index"] = ignore
+    if cls == "Huber":
+        delta = options.get("delta", 1.0)
+        if not _is_number(delta) or not (math.isfinite(delta) and delta > 0):
+            raise ConfigError(f"tf_keras.losses.Huber: delta must be a positive number, got {delta!r}")
+        # huber() does tf.cast(delta, floatx()): the Python float is converted to a float32 tensor first, so
+        # tf_keras computes with delta rounded to float32 (measured: 0.7 -> 0.699999988079071), in any floatx.
+        fields["delta"] = float(np.float32(delta))
+    kind = _KINDS[cls]
+    if kind not in ("cross_entropy", "cross_entropy_probs"):
+        fields["last_axis"] = "mean"  # tf_keras averages the last axis into one loss per example/token
+    if reduction == "none":
+        divisor = {"mean": "count", "sum": "one"}[expr.method]  # the masked losses are 0 where ignored
+    else:
+        divisor = _REDUCTIONS[reduction]
+        if divisor == "count" and fields.get("ignore_index") is not None:
+            divisor = "valid"  # apply_valid_mask rescales the mask by total/valid
+    return LossSemantics(kind, divisor, sample_weight=sample_weight, **fields)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# render: any LossSemantics -> tf_keras code
+# ----------------------------------------------------------------------------------------------------------
+
+_CLASSES = {"cross_entropy": "SparseCategoricalCrossentropy", "cross_entropy_probs": "CategoricalCrossentropy",
+            "binary_cross_entropy": "BinaryCrossentropy", "mse": "MeanSquaredError", "l1": "MeanAbsoluteError",
+            "huber": "Huber"}
+_CHANGES = "changes from batch to batch: it is computed from the batch, never a constant"
+_RED = "tf_keras.losses.Reduction."
+
+
+def _rule(sem: LossSemantics) -> str:
+    """``sem.divisor`` reduced to the rule it amounts to without the weights or mask ``sem`` lacks."""
+    rule = sem.divisor
+    if rule == "class_weight_sum" and sem.class_weight is None:
+        rule = "valid"
+    if rule in ("sample_weight_sum", "keras_sample_weight_sum") and not sem.sample_weight:
+        rule = "valid" if sem.masked or rule == "sample_weight_sum" else "count"
+    if rule == "valid" and not sem.masked:
+        rule = "count"
+    return rule
+
+
+class _Plan:
+    """How ``sem`` is computed with tf_keras: which loss object (if any), its weight, native or not."""
+
+    def __init__(self, sem: LossSemantics):
+        self.sem = sem
+        self.masked = sem.masked
+        self.criterion = _CLASSES[sem.kind]
+        self.one_hot = False
+        if sem.kind == "cross_entropy" and sem.label_smoothing:
+            # SparseCategoricalCrossentropy has no label_smoothing: one-hot targets, CategoricalCrossentropy.
+            self.criterion = None if sem.class_weight is not None else "CategoricalCrossentropy"
+            self.one_hot = self.criterion is not None
+        if sem.kind == "cross_entropy_probs" and sem.class_weight is not None:
+            self.criterion = None
+        if sem.kind == "binary_cross_entropy" and (sem.class_weight is not None or sem.pos_weight is not None):
+            self.criterion = None
+        self.keras_mask = self.masked and self.criterion == "SparseCategoricalCrossentropy"
+        self.class_weight_in_weight = (sem.kind == "cross_entropy" and sem.class_weight is not None
+                                       and self.criterion is not None)
+        self.entries = sem.kind not in ("cross_entropy", "cross_entropy_probs") and sem.last_axis == "elementwise"
+        self.rule = _rule(sem)
+        self.no_nan = sem.divisor == "keras_sample_weight_sum"
+        self.native_reduction = self._native()
+
+    def _native(self) -> str | None:
+        if self.criterion is None or self.entries:
+            return None
+        if self.rule == "one":
+            return "SUM"
+        if self.rule == "count":  # ignore_class would rescale the mask to a mean over the valid targets
+            return None if self.keras_mask else "SUM_OVER_BATCH_SIZE"
+        if self.rule == "valid":  # masked: only ignore_class's own rescaled mask divides by the valid count
+            return "SUM_OVER_BATCH_SIZE" if self.keras_mask else None
+        return None  # sums of weights: tf_keras has no reduction dividing by them
+
+
+def _floats(values) -> str:
+    return "[" + ", ".join(repr(float(v)) for v in values) + "]"
+
+
+def _lines(plan: _Plan) -> tuple[list[str], str | None]:
+    """(constants, mask and weight lines; the weight expression to pass or multiply, None when all 1)."""
+    sem = plan.sem
+    lines = []
+    if sem.class_weight is not None:
+        lines.append(f"class_weight = tf.constant({_floats(sem.class_weight)}, dtype=logits.dtype)")
+    if sem.pos_weight is not None:
+        lines.append(f"pos_weight = tf.constant({_floats(sem.pos_weight)}, dtype=logits.dtype)")
+    if plan.masked:
+        lines.append(f"valid = tf.not_equal(targets, {sem.ignore_index})  # the elements that count")
+        lines.append("safe_targets = tf.where(valid, targets, tf.zeros_like(targets))  # any class: weight 0")
+    if sem.sample_weight:
+        lines.append("sample_weight = tf.reshape(sample_weight, tuple(sample_weight.shape) + (1,) * "
+                     "(len(logits.shape) - 1 - len(sample_weight.shape)))  # (N,) -> (N, 1) on an (N, T) loss")
+    factors = []
+    if plan.class_weight_in_weight:
+        factors.append(f"tf.gather(class_weight, {'safe_targets' if plan.masked else 'targets'})")
+    if sem.sample_weight:
+        factors.append("sample_weight")
+    grid = "tf.ones(tf.shape(logits)[:-1], dtype=logits.dtype)"
+    if plan.masked:
+        if not factors and plan.keras_mask:
+            return lines, None  # ignore_class masks by itself
+        value = " * ".join(factors + [grid]) if factors else grid
+        zeros = "tf.zeros(tf.shape(logits)[:-1], dtype=logits.dtype)"
+        lines.append(f"weight = tf.where(valid, {value}, {zeros})  # 0 for ignored targets")
+        return lines, "weight"
+    if not factors:
+        return lines, None
+    lines.append(f"weight = {' * '.join(factors + [grid])}  # one per example or token")
+    return lines, "weight"
+
+
+def _constructor(plan: _Plan, reduction: str) -> str:
+    sem, args = plan.sem, []
+    if sem.kind in ("cross_entropy", "cross_entropy_probs", "binary_cross_entropy"):
+        args.append("from_logits=True")
+    if plan.keras_mask:
+        args.append(f"ignore_class={sem.ignore_index}")
+    if sem.label_smoothing and plan.criterion in ("CategoricalCrossentropy", "BinaryCrossentropy"):
+        args.append(f"label_smoothing={float(sem.label_smoothing)!r}")
+    if sem.kind == "huber" and sem.delta != 1.0:
+        delta = float(sem.delta)
+        # tf_keras' huber() does tf.cast(delta, floatx): a Python float becomes a float32 tensor first.
+        exact = float(np.float32(delta)) == delta
+        args.append(f"delta={delta!r}" if exact else f"delta=tf.constant({delta!r}, dtype=logits.dtype)")
+    args.append(f"reduction={_RED}{reduction}")
+    return f"tf_keras.losses.{plan.criterion}({', '.join(args)})"
+
+
+def _call(plan: _Plan, weight: str | None) -> tuple[list[str], str]:
+    lines, y = [], "targets"
+    if plan.one_hot:
+        index = "safe_targets" if plan.masked else "targets"
+        lines.append(f"one_hot = tf.one_hot({index}, logits.shape[-1], dtype=logits.dtype)  "
+                     "# SparseCategoricalCrossentropy has no label_smoothing")
+        y = "one_hot"
+    extra = f", sample_weight={weight}" if weight else ""
+    return lines, f"criterion({y}, logits{extra})"
+
+
+def _formula_lines(plan: _Plan) -> list[str]:
+    sem = plan.sem
+    eps = float(sem.label_smoothing)
+    if sem.kind in ("cross_entropy", "cross_entropy_probs"):
+        if sem.kind == "cross_entropy":
+            index = "safe_targets" if plan.masked else "targets"
+            lines = [f"q = tf.one_hot({index}, logits.shape[-1], dtype=logits.dtype)"]
+        else:
+            lines = ["q = targets"]
+        if eps:
+            lines.append(f"q = (1.0 - {eps!r}) * q + {eps!r} / logits.shape[-1]  # label smoothing")
+        lines.append("per_element = -tf.reduce_sum(class_weight * q * tf.nn.log_softmax(logits, axis=-1), "
+                     "axis=-1)  # w_c inside the sum over classes, as PyTorch")
+        return lines
+    lines = []
+    if eps:
+        lines.append(f"targets = targets * (1.0 - {eps!r}) + 0.5 * {eps!r}  # binary label smoothing, as Keras")
+    pw = "pos_weight * " if sem.pos_weight is not None else ""
+    cw = "class_weight * " if sem.class_weight is not None else ""
+    lines.append(f"per_entry = -{cw}({pw}targets * tf.math.log_sigmoid(logits) + (1.0 - targets) * "
+                 "tf.math.log_sigmoid(-logits))")
+    if plan.entries:
+        lines.append("per_element = tf.reduce_sum(per_entry, axis=-1)  # every entry is an element")
+    else:
+        lines.append("per_element = tf.reduce_mean(per_entry, axis=-1)  # the last axis averaged, as Keras")
+    return lines
+
+
+def _divisor_lines(plan: _Plan) -> tuple[list[str], str | None]:
+    rule = plan.rule
+    entries = " * logits.shape[-1]" if plan.entries else ""
+    examples = "int(np.prod(tuple(logits.shape[:-1])))"
+    grid = "tf.ones(tf.shape(logits)[:-1], dtype=logits.dtype)"
+    if rule == "one":
+        return [], None
+    if rule == "count":
+        what = "every entry: N*C, or N*T*C" if plan.entries else (
+            "every element, ignored ones included" if plan.masked else "N, or N*T")
+        return [f"divisor = {examples}{entries}  # {what}"], None
+    if rule == "valid":
+        return (["divisor = tf.reduce_sum(tf.cast(valid, logits.dtype))"],
+                f"the divisor (the number of non-ignored targets) {_CHANGES}")
+    if rule == "class_weight_sum":
+        if plan.masked:
+            line = ("divisor = tf.reduce_sum(tf.where(valid, tf.gather(class_weight, safe_targets), "
+                    "tf.zeros_like(logits[..., 0])))")
+        else:
+            line = "divisor = tf.reduce_sum(tf.gather(class_weight, targets))"
+        return [line], f"the divisor (the sum of the class weights of the counted targets) {_CHANGES}"
+    if rule in ("sample_weight_sum", "keras_sample_weight_sum") and plan.masked:
+        return ([f"divisor = tf.reduce_sum(tf.where(valid, sample_weight * {grid}, tf.zeros_like(valid, "
+                 "dtype=logits.dtype)))  # the sample weights of the non-ignored elements"],
+                f"the divisor (the sum of the sample weights over the non-ignored elements) {_CHANGES}")
+    if rule == "sample_weight_sum":
+        return ([f"divisor = tf.reduce_sum(sample_weight * {grid}){entries}  # weights broadcast to every "
+                 "element"], f"the divisor (the sum of the sample weights over the elements) {_CHANGES}")
+    if rule == "keras_sample_weight_sum":
+        return (["divisor = tf.reduce_sum(sample_weight)  # Keras 3 sums the weights as passed: (N,) weights on "
+                 "an (N, T) loss count once per sequence"],
+                f"the divisor (Keras 3's sum of sample_weight as passed; (N,) weights on an (N, T) loss are summed "
+                f"over N only) {_CHANGES}")
+    raise ConfigError(f"unknown divisor rule {rule!r}; known: {', '.join(DIVISORS)}")
+
+
+def _body(sem: LossSemantics) -> tuple[list[str], bool, list[str]]:
+    plan = _Plan(sem)
+    notes = []
+    lines, weight = _lines(plan)
+    if plan.class_weight_in_weight:
+        notes.append("tf_keras losses take no class weights: they become the sample weight "
+                     "class_weight[targets], as Model.fit(class_weight=...) does")
+    if plan.one_hot:
+        notes.append("SparseCategoricalCrossentropy has no label_smoothing: targets are one-hot encoded for "
+                     "CategoricalCrossentropy" + (", ignored ones weighted 0" if plan.masked else ""))
+    if plan.native_reduction is not None:
+        target_lines, call = _call(plan, weight)
+        lines += [f"criterion = {_constructor(plan, plan.native_reduction)}"] + target_lines
+        lines.append(f"loss = {call}")
+        if plan.native_reduction == "SUM_OVER_BATCH_SIZE":
+            notes.append("SUM_OVER_BATCH_SIZE divides by the number of examples (tokens), never by the sum of the "
+                         "sample weights; Reduction.AUTO (the default) is the same outside a tf.distribute "
+                         "strategy, and both raise for a loss called in a custom loop inside one")
+        if plan.rule == "valid":
+            notes.append("ignore_class rescales its mask by total/valid, so SUM_OVER_BATCH_SIZE divides by the "
+                         "number of non-ignored targets, which changes from batch to batch (a batch with none "
+                         "gives NaN in tf_keras)")
+        return lines, True, _delta_note(lines, notes)
+    if plan.criterion is None:
+        notes.append("no native tf_keras equivalent (class weights inside the sum over classes, or BCE class/"
+                     "positive weights): the per-element loss is written with tf.nn / tf.math")
+    elif plan.entries:
+        notes.append("tf_keras averages the last axis (its C entries) into one loss per example, where the source "
+                     "counts every entry: the sum is C times tf_keras' sum")
+    else:
+        notes.append(f"no tf_keras reduction divides by {DIVISORS[plan.rule]} here: Reduction.SUM, then the "
+                     "divisor computed explicitly")
+    if plan.criterion is not None:
+        target_lines, call = _call(plan, weight)
+        lines += [f"criterion = {_constructor(plan, 'SUM')}"] + target_lines
+        lines.append(f"total = {call}  # sum over examples (tokens) of the weighted losses")
+        if plan.entries:
+            lines.append("total = total * logits.shape[-1]  # tf_keras averaged each example's C entries; the "
+                         "source sums them")
+    else:
+        lines += _formula_lines(plan)
+        lines.append(f"total = tf.reduce_sum({weight} * per_element)" if weight
+                     else "total = tf.reduce_sum(per_element)")
+    divisor_lines, note = _divisor_lines(plan)
+    lines += divisor_lines
+    if note:
+        notes.append(note)
+    if plan.rule == "one":
+        lines.append("loss = total")
+    elif plan.no_nan:
+        lines.append("loss = tf.math.divide_no_nan(total, tf.cast(divisor, total.dtype))  # 0 when nothing counts")
+    else:
+        lines.append("loss = total / tf.cast(divisor, total.dtype)")
+    return lines, False, _delta_note(lines, notes)
+
+
+def _delta_note(lines: list[str], notes: list[str]) -> list[str]:
+    if any("delta=tf.constant(" in line for line in lines):
+        notes.append("delta is passed as a tensor of the logits' dtype: tf_keras' huber() casts a Python float "
+                     "delta through float32 (tf.cast of a Python float), which would round it")
+    return notes
+
+
+def render(sem: LossSemantics) -> Rendering:
+    """``sem`` as tf_keras code: a loss object with a legacy Reduction where one computes it, else explicit.
+
+    The function converts its inputs with ``tf.convert_to_tensor`` in
+    ``tf_keras.backend.floatx()`` (as tf_keras' loss objects compute), takes
+    channels-last logits (N, C) or (N, T, C) and sample weights (N,) or
+    (N, T), and returns a 0-d tensor.
+    """
+    sem.check()
+    body, native, notes = _body(sem)
+    notes.append("tf_keras losses compute in tf_keras.backend.floatx() (float32 unless set): "
+                 "tf_keras.backend.set_floatx('float64') to compare in float64")
+    target_dtype = "tf.int64" if sem.kind == "cross_entropy" else "logits.dtype"
+    prologue = ["logits = tf.convert_to_tensor(logits, dtype=tf_keras.backend.floatx())",
+                f"targets = tf.cast(tf.convert_to_tensor(targets), {target_dtype})"]
+    if sem.sample_weight:
+        prologue += ["if sample_weight is None:",
+                     "    raise ValueError('this loss takes a sample_weight of shape (N,) or (N, T)')",
+                     "sample_weight = tf.cast(tf.convert_to_tensor(sample_weight), logits.dtype)"]
+    function = function_source(("import numpy as np", "import tensorflow as tf", "import tf_keras"), sem,
+                               prologue, body)
+    return Rendering("tf_keras", native, "\n".join(body) + "\n", function, tuple(notes))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# open_session: run rendered functions in the worker
+# ----------------------------------------------------------------------------------------------------------
+
+
+class TfKerasLossSession:
+    """Runs ``loss_fn`` sources eagerly on CPU with tf.GradientTape w.r.t. fresh logits tensors."""
+
+    def __init__(self, job: WorkerJob):
+        import tensorflow as tf
+        import tf_keras
+
+        from gradparity.backends.protocol import DeviceUnavailable
+
+        if job.task != "loss_functions":
+            raise ValueError(f"the tf_keras losses module runs task 'loss_functions', not {job.task!r}")
+        if job.device != "cpu":
+            raise DeviceUnavailable(f"the tf_keras backend runs loss functions on the CPU only, not {job.device!r}")
+        self.tf, self.tf_keras, self.job = tf, tf_keras, job
+        self.device_note = None
+        try:
+            tf.config.set_visible_devices([], "GPU")
+        except (RuntimeError, ValueError) as exc:  # already initialized: placement below still pins the CPU
+            self.device_note = f"could not hide GPUs from tensorflow: {exc}"
+        tf_keras.backend.set_floatx(job.dtype)
+        self._functions: dict[str, object] = {}
+
+    def environment(self) -> dict:
+        tf = self.tf
+        with tf.device("/CPU:0"):
+            probe = tf.zeros(1, dtype=self.job.dtype)
+        return {
+            "framework": "tf_keras",
+            "versions": package_versions("tf_keras", "tensorflow"),
+            "device": "cpu" if "CPU" in probe.device.upper() else probe.device,
+            "device_kind": "cpu",
+            "device_note": self.device_note,
+            "dtype": self.job.dtype,
+            "precision": {"tf_keras_floatx": self.tf_keras.backend.floatx(), "requested": self.job.precision,
+                          "tensor_float_32": bool(tf.config.experimental.tensor_float_32_execution_enabled())},
+            # Element-wise arithmetic and reductions on the CPU: no matmul, no TF32.
+            "tf32": False,
+            "keras_backend": "tensorflow",  # tf_keras runs on tensorflow only
+        }
+
+    def compute(self, case: str) -> RawResult:
+        """Run case 'FUNCTION@BATCH' on a fresh logits tensor; its loss and d loss / d logits."""
+        tf = self.tf
+        source, logits, targets, sample_weight = loss_case(self.job, case)
+        if source not in self._functions:
+            self._functions[source] = compile_loss_function(source)
+        fn = self._functions[source]
+        with tf.device("/CPU:0"):
+            t = np.array(targets, copy=True)
+            t = tf.convert_to_tensor(t if t.dtype.kind in "iu" else t.astype(self.job.dtype))
+            s = None if sample_weight is None else tf.convert_to_tensor(np.asarray(sample_weight, self.job.dtype))
+            z = tf.convert_to_tensor(np.asarray(logits, dtype=self.job.dtype))
+            with tf.GradientTape() as tape:
+                tape.watch(z)
+                loss = fn(z, t, s)
+            grad = tape.gradient(loss, z)
+            if grad is None:
+                grad = tf.zeros_like(z)
+            elif isinstance(grad, tf.IndexedSlices):
+                grad = tf.convert_to_tensor(grad)
+        loss = np.asarray(loss)
+        if loss.ndim != 0:
+            raise ValueError(f"loss_fn must return a 0-d tensor, got shape {loss.shape}")
+        return RawResult(float(loss), {"logits": np.asarray(grad, dtype=np.float64)})
+
+
+def open_session(job: WorkerJob) -> TfKerasLossSession:
+    """Import tensorflow and tf_keras, keep to the CPU, set tf_keras' floatx to the job's dtype."""
+    return TfKerasLossSession(job)
