@@ -157,7 +157,7 @@ def _translate(args) -> int:
         exc.subject = "loss or data"
         raise
     if args.json:
-        print(json.dumps(report.to_dict(), indent=1, allow_nan=False, default=_json_default))
+        print(json.dumps(report.to_dict(), indent=1, allow_nan=False))
     else:
         print(render_text(report))
     return report.exit_code
@@ -188,17 +188,6 @@ def _loss_table(args) -> int:
                              data=None, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(table_markdown(reports))
     return max(r.exit_code for r in reports)
-
-
-def _json_default(value):
-    """numpy scalars and non-finite floats in a report become plain JSON (null for NaN/inf)."""
-    try:
-        import math
-
-        value = float(value)
-        return value if math.isfinite(value) else None
-    except (TypeError, ValueError):
-        return str(value)
 
 
 def _doctor(args) -> int:

@@ -153,6 +153,24 @@ def compare_pair(ra: Result, rb: Result, tol: Tolerance) -> Comparison:
                       scale, scaled_rel, u, rtol, agree)
 
 
+def connected_components(items: list, edges) -> list[list]:
+    """Groups of ``items`` joined by ``edges`` (pairs of items), each group in the order of ``items``."""
+    parent = {x: x for x in items}
+
+    def find(x):
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for a, b in edges:
+        parent[find(a)] = find(b)
+    groups: dict = {}
+    for x in items:
+        groups.setdefault(find(x), []).append(x)
+    return list(groups.values())
+
+
 def pair_index(comparisons: list[Comparison]) -> dict[tuple[str, str], Comparison]:
     """Each comparison under (a, b) and (b, a), so either order finds it."""
     index = {(c.a, c.b): c for c in comparisons}

@@ -26,7 +26,7 @@ from typing import Callable
 
 import numpy as np
 
-from gradparity.compare import SAFETY, Tolerance
+from gradparity.compare import SAFETY, Tolerance, connected_components
 from gradparity.errors import ConfigError
 from gradparity.execute import run_backend
 from gradparity.loss_inputs import LossBatch, check_loss_batch, generate_batches, loss_classes, make_loss_job
@@ -145,21 +145,8 @@ def _relate(i: int, j: int, rows: dict, rtol: float, sems: list[LossSemantics],
 
 
 def _classes(n: int, pairs: list[PairRelation]) -> list[list[int]]:
-    parent = list(range(n))
-
-    def find(x):
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    for p in pairs:
-        if p.kind == "equal":
-            parent[find(p.a)] = find(p.b)
-    groups: dict[int, list[int]] = {}
-    for x in range(n):
-        groups.setdefault(find(x), []).append(x)
-    return sorted(groups.values())
+    """The equivalence classes: configurations joined by 'equal' pairs."""
+    return sorted(connected_components(list(range(n)), ((p.a, p.b) for p in pairs if p.kind == "equal")))
 
 
 def compare_losses(texts: list[str], seed: int = 0, targets: str | None = None, keras_backend: str = "tensorflow",

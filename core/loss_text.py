@@ -152,3 +152,30 @@ def parse_loss_text(text: str, arrays: dict[str, np.ndarray] | None = None) -> L
         # tf.keras.losses.Reduction.* exists only in the legacy Keras 2 API (the tf_keras package).
         framework = "tf_keras"
     return LossExpression(framework, name, args, kwargs, call, method)
+
+
+def is_number(value) -> bool:
+    """An int or float read from a loss text (True/False are not numbers here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def bind_arguments(expr: LossExpression, params: tuple[str, ...], qualified: str,
+                   unlisted: tuple[str, ...] = ()) -> dict:
+    """A constructor's positional and keyword arguments by parameter name, as Python would bind them.
+
+    ``qualified`` names the callee in messages (e.g. 'torch.nn.MSELoss');
+    ``unlisted`` are parameters accepted but not offered in the message (deprecated
+    ones). ConfigError for too many positional arguments, unknown or doubled options.
+    """
+    if len(expr.args) > len(params):
+        raise ConfigError(f"{qualified} takes at most {len(params)} positional arguments "
+                          f"({', '.join(params)}), got {len(expr.args)}")
+    options = dict(zip(params, expr.args))
+    for key, value in expr.kwargs.items():
+        if key not in params:
+            accepted = ", ".join(p for p in params if p not in unlisted)
+            raise ConfigError(f"{qualified} has no option {key!r}; it accepts {accepted}")
+        if key in options:
+            raise ConfigError(f"{qualified} got two values for {key!r} (positional and keyword)")
+        options[key] = value
+    return options

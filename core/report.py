@@ -261,7 +261,7 @@ def render_markdown(report: Report) -> str:
                   f"{c.cosine:.9f} | {_g(c.loss_rel)} | {_g(c.tolerance)} | {'yes' if c.agree else '**NO**'} |")
     md += ["", "## Problem", "", f"- parameters: {report.inputs.model.num_params()} "
            f"({', '.join(f'{k} {v}' for k, v in report.inputs.model.param_shapes().items())})",
-           f"- inputs.npz checksums (SHA-256, 16 hex): "
+           "- inputs.npz checksums (SHA-256, 16 hex): "
            + ", ".join(f"{k} {v}" for k, v in report.inputs.checksums().items()),
            ""]
     return "\n".join(md)

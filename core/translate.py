@@ -333,7 +333,7 @@ def render_text(report: TranslationReport) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["DIVISORS", "FRAMEWORKS", "TranslationReport", "plan", "render_text", "translate"]
+__all__ = ["FRAMEWORKS", "TranslationReport", "plan", "render_text", "translate", "translate_many"]
 
 
 #: The configurations `gradparity loss-table` measures: the questions users ask most.

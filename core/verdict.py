@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from gradparity.compare import Comparison, Tolerance, pair_index
+from gradparity.compare import Comparison, Tolerance, connected_components, pair_index
 from gradparity.errors import Interrupted
 from gradparity.normalize import UNIT_ROUNDOFF, Result
 
@@ -39,21 +39,8 @@ class Verdict:
 
 def _clusters(labels: list[str], comparisons: list[Comparison]) -> list[list[str]]:
     """Connected components of the 'agrees with' graph, largest first (ties: first listed)."""
-    parent = {x: x for x in labels}
-
-    def find(x):
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    for c in comparisons:
-        if c.agree:
-            parent[find(c.a)] = find(c.b)
-    groups: dict[str, list[str]] = {}
-    for x in labels:
-        groups.setdefault(find(x), []).append(x)
-    return sorted(groups.values(), key=lambda g: (-len(g), labels.index(g[0])))
+    groups = connected_components(labels, ((c.a, c.b) for c in comparisons if c.agree))
+    return sorted(groups, key=lambda g: (-len(g), labels.index(g[0])))
 
 
 def _fmt(x: float) -> str:

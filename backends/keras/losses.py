@@ -44,7 +44,7 @@ import numpy as np
 from gradparity.backends.protocol import (RawResult, WorkerJob, compile_loss_function, loss_case,
                                           package_versions)
 from gradparity.errors import ConfigError
-from gradparity.loss_text import LossExpression
+from gradparity.loss_text import LossExpression, bind_arguments, is_number
 from gradparity.losses import DIVISORS, LossSemantics, Rendering, function_source
 
 # ----------------------------------------------------------------------------------------------------------
@@ -100,23 +100,9 @@ def _class_name(expr: LossExpression) -> str:
 
 
 def _options(expr: LossExpression, cls: str) -> dict:
-    """Positional and keyword arguments by parameter name; ConfigError for extra, duplicate or unknown ones."""
-    params = _SIGNATURES[cls]
-    if len(expr.args) > len(params):
-        raise ConfigError(f"keras.losses.{cls} takes at most {len(params)} positional arguments "
-                          f"({', '.join(params)}), got {len(expr.args)}")
-    options = dict(zip(params, expr.args))
-    for key, value in expr.kwargs.items():
-        if key not in params:
-            raise ConfigError(f"keras.losses.{cls} has no option {key!r}; it accepts {', '.join(params)}")
-        if key in options:
-            raise ConfigError(f"keras.losses.{cls} got two values for {key!r} (positional and keyword)")
-        options[key] = value
-    return options
+    """Arguments by parameter name (see gradparity.loss_text.bind_arguments)."""
+    return bind_arguments(expr, _SIGNATURES[cls], f"keras.losses.{cls}")
 
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _reduction(cls: str, value) -> str:
@@ -201,7 +187,7 @@ def parse(expr: LossExpression, targets: str | None = None) -> LossSemantics:
                               "channels-last logits, so axis must be -1 (move the class axis last)")
     if cls in ("CategoricalCrossentropy", "BinaryCrossentropy"):
         smoothing = options.get("label_smoothing", 0.0)
-        if not _is_number(smoothing) or not 0.0 <= smoothing <= 1.0:
+        if not is_number(smoothing) or not 0.0 <= smoothing <= 1.0:
             raise ConfigError(f"keras.losses.{cls}: label_smoothing must be a number in [0, 1], got {smoothing!r}")
         fields["label_smoothing"] = float(smoothing)
     if cls == "SparseCategoricalCrossentropy":
@@ -211,7 +197,7 @@ def parse(expr: LossExpression, targets: str | None = None) -> LossSemantics:
         fields["ignore_index"] = ignore
     if cls == "Huber":
         delta = options.get("delta", 1.0)
-        if not _is_number(delta) or not (math.isfinite(delta) and delta > 0):
+        if not is_number(delta) or not (math.isfinite(delta) and delta > 0):
             raise ConfigError(f"keras.losses.Huber: delta must be a positive number, got {delta!r}")
         fields["delta"] = float(delta)
     kind = _KINDS[cls]

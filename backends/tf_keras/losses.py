@@ -48,7 +48,7 @@ import numpy as np
 from gradparity.backends.protocol import (RawResult, WorkerJob, compile_loss_function, loss_case,
                                           package_versions)
 from gradparity.errors import ConfigError
-from gradparity.loss_text import LossExpression
+from gradparity.loss_text import LossExpression, bind_arguments, is_number
 from gradparity.losses import DIVISORS, LossSemantics, Rendering, function_source
 
 # ----------------------------------------------------------------------------------------------------------
@@ -99,22 +99,9 @@ def _class_name(expr: LossExpression) -> str:
 
 
 def _options(expr: LossExpression, cls: str) -> dict:
-    params = _SIGNATURES[cls]
-    if len(expr.args) > len(params):
-        raise ConfigError(f"tf_keras.losses.{cls} takes at most {len(params)} positional arguments "
-                          f"({', '.join(params)}), got {len(expr.args)}")
-    options = dict(zip(params, expr.args))
-    for key, value in expr.kwargs.items():
-        if key not in params:
-            raise ConfigError(f"tf_keras.losses.{cls} has no option {key!r}; it accepts {', '.join(params)}")
-        if key in options:
-            raise ConfigError(f"tf_keras.losses.{cls} got two values for {key!r} (positional and keyword)")
-        options[key] = value
-    return options
+    """Arguments by parameter name (see gradparity.loss_text.bind_arguments)."""
+    return bind_arguments(expr, _SIGNATURES[cls], f"tf_keras.losses.{cls}")
 
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _reduction(cls: str, value) -> str:
@@ -159,12 +146,13 @@ def notes_for(expr: LossExpression) -> tuple[str, ...]:
     """What a user of this text must know beyond its semantics (AUTO and distribution strategies)."""
     try:
         cls = _class_name(expr)
-        reduction = _reduction(cls, _options(expr, cls).get("reduction", "auto"))
+        options = _options(expr, cls)
+        reduction = _reduction(cls, options.get("reduction", "auto"))
     except ConfigError:
         return ()
     notes = [AUTO_NOTE] if reduction in ("auto", "sum_over_batch_size") else []
-    delta = _options(expr, cls).get("delta") if cls == "Huber" else None
-    if _is_number(delta) and float(np.float32(delta)) != delta:
+    delta = options.get("delta") if cls == "Huber" else None
+    if is_number(delta) and float(np.float32(delta)) != delta:
         notes.append(f"tf_keras.losses.Huber casts delta={delta!r} through float32 (tf.cast of a Python float): it "
                      f"computes with delta={float(np.float32(delta))!r}, even in float64")
     return tuple(notes)
@@ -211,7 +199,7 @@ def parse(expr: LossExpression, targets: str | None = None) -> LossSemantics:
                               "channels-last logits, so axis must be -1 (move the class axis last)")
     if cls in ("CategoricalCrossentropy", "BinaryCrossentropy"):
         smoothing = options.get("label_smoothing", 0.0)
-        if not _is_number(smoothing) or not 0.0 <= smoothing <= 1.0:
+        if not is_number(smoothing) or not 0.0 <= smoothing <= 1.0:
             raise ConfigError(f"tf_keras.losses.{cls}: label_smoothing must be a number in [0, 1], "
                               f"got {smoothing!r}")
         fields["label_smoothing"] = float(smoothing)
@@ -222,7 +210,7 @@ def parse(expr: LossExpression, targets: str | None = None) -> LossSemantics:
         fields["ignore_index"] = ignore
     if cls == "Huber":
         delta = options.get("delta", 1.0)
-        if not _is_number(delta) or not (math.isfinite(delta) and delta > 0):
+        if not is_number(delta) or not (math.isfinite(delta) and delta > 0):
             raise ConfigError(f"tf_keras.losses.Huber: delta must be a positive number, got {delta!r}")
         # huber() does tf.cast(delta, floatx()): the Python float is converted to a float32 tensor first, so
         # tf_keras computes with delta rounded to float32 (measured: 0.7 -> 0.699999988079071), in any floatx.

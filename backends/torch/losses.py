@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 
 from gradparity.errors import ConfigError
-from gradparity.loss_text import LossExpression
+from gradparity.loss_text import LossExpression, bind_arguments, is_number
 from gradparity.losses import DIVISORS, LossSemantics, Rendering, function_source
 
 #: Loss classes gradparity reads, with their constructor parameters in torch's positional order.
@@ -80,19 +80,8 @@ def _class_name(expr: LossExpression) -> str:
 
 
 def _options(expr: LossExpression, cls: str) -> dict:
-    """Positional and keyword arguments by parameter name; ConfigError for extra, duplicate or unknown ones."""
-    params = _SIGNATURES[cls]
-    if len(expr.args) > len(params):
-        raise ConfigError(f"torch.nn.{cls} takes at most {len(params)} positional arguments "
-                          f"({', '.join(params)}), got {len(expr.args)}")
-    options = dict(zip(params, expr.args))
-    for key, value in expr.kwargs.items():
-        if key not in params:
-            accepted = ", ".join(p for p in params if p not in ("size_average", "reduce"))
-            raise ConfigError(f"torch.nn.{cls} has no option {key!r}; it accepts {accepted}")
-        if key in options:
-            raise ConfigError(f"torch.nn.{cls} got two values for {key!r} (positional and keyword)")
-        options[key] = value
+    """Arguments by parameter name (see bind_arguments); deprecated size_average/reduce are refused."""
+    options = bind_arguments(expr, _SIGNATURES[cls], f"torch.nn.{cls}", unlisted=("size_average", "reduce"))
     for old in ("size_average", "reduce"):
         if options.get(old) is not None:
             raise ConfigError(f"torch.nn.{cls}: {old!r} is deprecated in PyTorch and not read by gradparity; "
@@ -101,18 +90,14 @@ def _options(expr: LossExpression, cls: str) -> dict:
     return options
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _weights(cls: str, name: str, value) -> tuple[float, ...] | None:
     """A 1-D list of finite, non-negative numbers (one per class) as floats, or None."""
     if value is None:
         return None
-    if _is_number(value):
+    if is_number(value):
         raise ConfigError(f"torch.nn.{cls}: {name} must hold one weight per class (a 1-D list such as "
                           f"torch.tensor([1.0, 2.0, 0.5])), got the single number {value!r}")
-    if not isinstance(value, (list, tuple)) or not value or not all(_is_number(v) for v in value):
+    if not isinstance(value, (list, tuple)) or not value or not all(is_number(v) for v in value):
         raise ConfigError(f"torch.nn.{cls}: {name} must be a non-empty 1-D list of numbers, one per class, "
                           f"got {value!r}")
     out = tuple(float(v) for v in value)
@@ -179,7 +164,7 @@ def parse(expr: LossExpression, targets: str | None = None) -> LossSemantics:
     if cls == "CrossEntropyLoss":
         fields["class_weight"] = _weights(cls, "weight", options.get("weight"))
         smoothing = options.get("label_smoothing", 0.0)
-        if not _is_number(smoothing) or not 0.0 <= smoothing <= 1.0:
+        if not is_number(smoothing) or not 0.0 <= smoothing <= 1.0:
             raise ConfigError(f"torch.nn.CrossEntropyLoss: label_smoothing must be a number in [0, 1], "
                               f"got {smoothing!r}")
         fields["label_smoothing"] = float(smoothing)
@@ -203,7 +188,7 @@ def parse(expr: LossExpression, targets: str | None = None) -> LossSemantics:
             fields["pos_weight"] = _weights(cls, "pos_weight", options.get("pos_weight"))
         if cls == "HuberLoss":
             delta = options.get("delta", 1.0)
-            if not _is_number(delta) or not (math.isfinite(delta) and delta > 0):
+            if not is_number(delta) or not (math.isfinite(delta) and delta > 0):
                 raise ConfigError(f"torch.nn.HuberLoss: delta must be a positive number, got {delta!r}")
             fields["delta"] = float(delta)
     if reduction == "none":
