@@ -33,7 +33,8 @@ from gradparity.loss_inputs import LossBatch, check_loss_batch, generate_batches
 from gradparity.loss_text import parse_loss_text
 from gradparity.losses import DIVISOR_LABELS, LOSSES, LossSemantics
 from gradparity.normalize import UNIT_ROUNDOFF
-from gradparity.translate import FRAMEWORKS, OPTIONAL_FRAMEWORKS, Translation, _backend_for, _measure, loss_module
+from gradparity.translate import (FRAMEWORKS, OPTIONAL_FRAMEWORKS, Translation, backend_for, loss_module, measure,
+                                  sum_function)
 
 EXIT_CONSISTENT, EXIT_MISREAD, EXIT_INCOMPLETE = 0, 1, 3
 
@@ -169,18 +170,19 @@ def compare_losses(texts: list[str], seed: int = 0, targets: str | None = None, 
             check_loss_batch(sem, b)
     references = [{b.name: reduce_loss(sem, b.logits, b.targets, b.sample_weight if sem.sample_weight else None)
                    for b in batches} for sem in sems]
-    configs = [Translation(r, "configuration", _backend_for(fw, keras_backend).name) for fw, _, r in parsed]
+    configs = [Translation(r, "configuration", backend_for(fw, keras_backend).name) for fw, _, r in parsed]
     outcomes = {}
     for fw in FRAMEWORKS + OPTIONAL_FRAMEWORKS:
         mine = [i for i, (f, _, _) in enumerate(parsed) if f == fw]
         if not mine:
             continue
-        info = _backend_for(fw, keras_backend)
+        info = backend_for(fw, keras_backend)
         functions = {f"L{i}": parsed[i][2].function for i in mine}
+        functions.update({f"S{i}": sum_function(fw, sems[i]) for i in mine})  # for the measured divisor
         say(f"running {len(mine)} {fw} configuration(s) on {len(batches)} batches ({info.name}) ...")
         outcomes[fw] = run_backend(make_loss_job(info, functions, batches), info, timeout_s)
         for i in mine:
-            _measure(configs[i], outcomes[fw], f"L{i}", batches, references[i])
+            measure(configs[i], outcomes[fw], f"L{i}", batches, references[i], sum_case=f"S{i}")
     divisors = [{name: d for name, (_, _, d) in ref.items()} for ref in references]
     report = LossComparison(list(texts), sems, batches, configs, divisors)
 
@@ -224,9 +226,12 @@ def render_text(report: LossComparison) -> str:
         env = c.environment or {}
         d = ", ".join(f"{v:g}" for v in report.divisors[i].values())
         check = {"ok": "matches its reading", "mismatch": "DOES NOT match its reading"}.get(c.status, c.status)
+        measured = ", ".join("-" if b.measured_divisor is None else f"{b.measured_divisor:.6g}" for b in c.batches)
         lines += [f"[{i}] {text}",
                   f"    {sem.describe()}",
-                  f"    divisor per batch: {d}; {c.backend} ({env.get('dtype')}): {check}"]
+                  f"    divisor per batch: {d}; measured ({c.backend}'s own weighted sum / its loss): "
+                  f"{measured or '-'}",
+                  f"    {c.backend} ({env.get('dtype')}): {check}"]
     lines += ["", "batches: " + ", ".join(b.describe() for b in report.batches), ""]
     for p in report.pairs:
         lines.append(f"[{p.a}] vs [{p.b}]: {p.kind.replace('_', ' ')}: {p.explanation}")

@@ -48,8 +48,11 @@ class BatchAgreement:
     """One batch: the framework's loss, the reference's, and the divisor each implies.
 
     ``divisor`` is the rule's value on the batch; ``measured_divisor`` is
-    what the framework really divided by: the reference's weighted sum of
-    per-element losses (sum_e s_e m_e L_e) over the framework's reduced loss.
+    what the framework really divided by, from its own numbers: its weighted
+    sum of its per-element losses (sum_e s_e m_e L_e, the same configuration
+    with a plain sum, run in the same worker) over its reduced loss.
+    ``numerator_rel`` is that weighted sum's relative difference from the
+    reference's; ``agree`` needs it, the loss and the gradient within rtol.
     """
 
     batch: str
@@ -60,6 +63,8 @@ class BatchAgreement:
     loss_rel: float
     grad_rel: float
     agree: bool
+    weighted_sum: float | None = None
+    numerator_rel: float | None = None
 
 
 @dataclass
@@ -192,15 +197,34 @@ def plan(text: str, to: tuple[str, ...] = FRAMEWORKS, data: str | None = None, t
     return expr.framework, sem, renderings, batches
 
 
-def _backend_for(framework: str, keras_backend: str) -> BackendInfo:
+def backend_for(framework: str, keras_backend: str) -> BackendInfo:
+    """The backend that runs ``framework``'s loss functions (Keras on ``keras_backend``)."""
     if framework == "keras":
         return BACKENDS[f"keras-{keras_backend}"]
     return BACKENDS["tf-keras" if framework == "tf_keras" else framework]
 
 
-def _measure(t: Translation, outcome: BackendOutcome, function: str, batches: list[LossBatch],
-             reference: dict[str, tuple[float, np.ndarray, float]]) -> None:
-    """Fill ``t`` from the worker's outcome for cases 'FUNCTION@BATCH': loss and gradient against the reference."""
+def sum_function(framework: str, sem: LossSemantics) -> str:
+    """The ``loss_fn`` source of ``sem`` with a plain sum in ``framework``: the numerator sum_e s_e m_e L_e
+    from the framework's own per-element losses and weighting (its 'sum' reduction where it has one)."""
+    return loss_module(framework).render(dataclasses.replace(sem, divisor="one")).function
+
+
+def _rel(a: float, b: float) -> float:
+    if not (math.isfinite(a) and math.isfinite(b)):
+        return math.inf
+    denom = max(abs(a), abs(b))
+    return 0.0 if denom == 0 else abs(a - b) / denom
+
+
+def measure(t: Translation, outcome: BackendOutcome, function: str, batches: list[LossBatch],
+            reference: dict[str, tuple[float, np.ndarray, float]], sum_case: str | None = None) -> None:
+    """Fill ``t`` from the worker's outcome for cases 'FUNCTION@BATCH': loss and gradient against the reference.
+
+    ``sum_case`` names the function that computed the same configuration's
+    weighted sum in the same worker ('SUM@BATCH' cases): the measured divisor
+    is that sum over the framework's loss, both the framework's own numbers.
+    """
     t.environment = outcome.environment
     if outcome.status != "ok":
         t.status, t.error = outcome.status, outcome.error
@@ -216,16 +240,21 @@ def _measure(t: Translation, outcome: BackendOutcome, function: str, batches: li
             failures.append(f"{b.name}: {(row.error or row.status).splitlines()[0]}")
             continue
         loss = float(row.loss)
-        denom = max(abs(loss), abs(ref_loss))
-        loss_rel = 0.0 if denom == 0 else abs(loss - ref_loss) / denom
-        if not math.isfinite(loss):
-            loss_rel = math.inf
+        loss_rel = _rel(loss, ref_loss)
         _, grad_rel, _ = relative_difference({"logits": np.asarray(row.grads["logits"], dtype=np.float64)},
                                              {"logits": ref_grad}, {})
-        numerator = ref_loss * d
-        measured = numerator / loss if loss not in (0.0,) and math.isfinite(loss) else None
-        t.batches.append(BatchAgreement(b.name, loss, ref_loss, d, measured, loss_rel, grad_rel,
-                                        loss_rel <= t.rtol and grad_rel <= t.rtol))
+        weighted_sum = numerator_rel = measured = None
+        sums = outcome.methods.get(f"{sum_case}@{b.name}") if sum_case else None
+        if sums is not None and sums.status == "ok":
+            weighted_sum = float(sums.loss)
+            numerator_rel = _rel(weighted_sum, ref_loss * d)
+            if loss != 0.0 and math.isfinite(loss):
+                measured = weighted_sum / loss
+        elif sums is not None:
+            failures.append(f"{b.name} (weighted sum): {(sums.error or sums.status).splitlines()[0]}")
+        agree = loss_rel <= t.rtol and grad_rel <= t.rtol and (numerator_rel is None or numerator_rel <= t.rtol)
+        t.batches.append(BatchAgreement(b.name, loss, ref_loss, d, measured, loss_rel, grad_rel, agree,
+                                        weighted_sum, numerator_rel))
     if failures:
         t.status, t.error = "failed", "; ".join(failures)
     else:
@@ -259,7 +288,7 @@ def translate_many(texts: list[str], to: tuple[str, ...] = FRAMEWORKS, data: str
             batches = [dataclasses.replace(b, name=f"L{i}-{b.name}") for b in batches]
         reference = {b.name: reduce_loss(sem, b.logits, b.targets, b.sample_weight if sem.sample_weight else None)
                      for b in batches}
-        translations = [Translation(r, role, _backend_for(r.framework, keras_backend).name)
+        translations = [Translation(r, role, backend_for(r.framework, keras_backend).name)
                         for role, r in renderings]
         plans.append((text, framework, sem, batches, reference, translations))
 
@@ -267,14 +296,18 @@ def translate_many(texts: list[str], to: tuple[str, ...] = FRAMEWORKS, data: str
         mine = [(i, t) for i, p in enumerate(plans) for t in p[5] if t.rendering.framework == fw]
         if not mine:
             continue
-        info = _backend_for(fw, keras_backend)
+        info = backend_for(fw, keras_backend)
+        # L<i>: the rendering; S<i>: the same configuration's weighted sum (one per loss, shared by the
+        # source and a target of the same framework), for the measured divisor.
         functions = {f"L{i}": t.rendering.function for i, t in mine}
+        functions.update({f"S{i}": sum_function(fw, plans[i][2]) for i, _ in mine})
         all_batches = [b for i, _ in mine for b in plans[i][3]]
-        cases = tuple(f"L{i}@{b.name}" for i, _ in mine for b in plans[i][3])
+        cases = tuple(f"{f}{i}@{b.name}" for i in dict.fromkeys(i for i, _ in mine) for f in "LS"
+                      for b in plans[i][3])
         say(f"running {len(mine)} {fw} loss function(s) on {len(all_batches)} batches ({info.name}) ...")
         outcome = run_backend(make_loss_job(info, functions, all_batches, dtype=dtype, cases=cases), info, timeout_s)
         for i, t in mine:
-            _measure(t, outcome, f"L{i}", plans[i][3], plans[i][4])
+            measure(t, outcome, f"L{i}", plans[i][3], plans[i][4], sum_case=f"S{i}")
 
     reports = []
     for text, framework, sem, batches, reference, translations in plans:
@@ -321,7 +354,8 @@ def render_text(report: TranslationReport) -> str:
         lines += [f"  note: {n}" for n in r.notes]
         if t.status in ("ok", "mismatch"):
             measured = [f"{b.batch} {b.measured_divisor:.6g}" for b in t.batches if b.measured_divisor is not None]
-            lines.append(f"  measured divisor (reference sum_e s_e m_e L_e / its loss): {', '.join(measured)}")
+            lines.append(f"  measured divisor ({r.framework}'s own weighted sum of per-element losses / its loss): "
+                         f"{', '.join(measured)}")
             lines.append(f"  measured on {len(t.batches)} batches ({t.backend}: {versions}, {env.get('dtype')}, "
                          f"{env.get('device')}): loss max rel diff {_g(max(b.loss_rel for b in t.batches))}, "
                          f"d loss/d logits max rel diff {_g(max(b.grad_rel for b in t.batches))}, rtol {_g(t.rtol)}: "
@@ -333,7 +367,8 @@ def render_text(report: TranslationReport) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["FRAMEWORKS", "TranslationReport", "plan", "render_text", "translate", "translate_many"]
+__all__ = ["FRAMEWORKS", "TranslationReport", "backend_for", "measure", "plan", "render_text", "sum_function",
+           "translate", "translate_many"]
 
 
 #: The configurations `gradparity loss-table` measures: the questions users ask most.

@@ -169,3 +169,42 @@ def test_legacy_reduction_enum_is_read_as_tf_keras_and_measured():
     assert source.backend == "tf-keras" and source.rendering.native
     for b, batch in zip(source.batches, report.batches):  # AUTO = SUM_OVER_BATCH_SIZE: divides by the elements
         assert b.measured_divisor == pytest.approx(np.prod(batch.logits.shape[:-1]), rel=1e-9)
+
+
+def _outcome(rows: dict) -> "tr.BackendOutcome":
+    from gradparity.execute import BackendOutcome, MethodOutcome
+
+    methods = {case: MethodOutcome("ok", loss, grads={"logits": grad}) for case, (loss, grad) in rows.items()}
+    return BackendOutcome("fake", "ok", None, {"dtype": "float64"}, methods, 0.0)
+
+
+def test_measured_divisor_is_the_frameworks_own_sum_over_its_loss():
+    """The measured divisor comes from the worker's numbers (its weighted sum / its loss), not the reference's:
+    a framework whose sum disagrees with the reference's numerator is a mismatch even when its loss matches."""
+    from gradparity.backends.numpy.losses import reduce_loss
+    from gradparity.loss_inputs import generate_batches
+    from gradparity.losses import LossSemantics
+
+    sem = LossSemantics("cross_entropy", "valid", ignore_index=-100)
+    batch = generate_batches(sem, seed=3)[0]
+    ref_loss, ref_grad, d = reduce_loss(sem, batch.logits, batch.targets)
+    reference = {batch.name: (ref_loss, ref_grad, d)}
+    rendering = tr.loss_module("torch").render(sem)
+
+    honest = tr.Translation(rendering, "target", "fake")
+    tr.measure(honest, _outcome({f"L0@{batch.name}": (ref_loss, ref_grad),
+                                 f"S0@{batch.name}": (ref_loss * d, ref_grad * d)}),
+               "L0", [batch], reference, sum_case="S0")
+    (row,) = honest.batches
+    assert honest.status == "ok" and row.measured_divisor == pytest.approx(d, rel=1e-12)
+    assert d == np.sum(batch.targets != -100) and row.numerator_rel <= 1e-15
+
+    # A framework that sums 1.5 times too much and divides by 1.5 times more: the same loss, another divisor.
+    inflated = tr.Translation(rendering, "target", "fake")
+    tr.measure(inflated, _outcome({f"L0@{batch.name}": (ref_loss, ref_grad),
+                                   f"S0@{batch.name}": (1.5 * ref_loss * d, ref_grad)}),
+               "L0", [batch], reference, sum_case="S0")
+    (row,) = inflated.batches
+    assert row.measured_divisor == pytest.approx(1.5 * d, rel=1e-12)
+    assert row.loss_rel <= 1e-15 and row.numerator_rel == pytest.approx(1 / 3, rel=1e-12)
+    assert inflated.status == "mismatch"
