@@ -77,7 +77,8 @@ def _parser() -> argparse.ArgumentParser:
                                     "call), print the code computing the same loss in the others, run the source "
                                     "and every translation on generated batches (and --data) in each framework, "
                                     "and compare loss and d loss / d logits with a float64 reference.")
-    tr.add_argument("loss", help='e.g. "torch.nn.CrossEntropyLoss(label_smoothing=0.1)"')
+    tr.add_argument("loss", nargs="?", help='e.g. "torch.nn.CrossEntropyLoss(label_smoothing=0.1)"')
+    tr.add_argument("--config", help="a TOML file with one [[losses]] table: the structured form of the text")
     tr.add_argument("--to", default="torch,keras,jax", help="comma-separated targets (default: torch,keras,jax)")
     tr.add_argument("--data", help="an .npz with named arrays the text refers to, and/or a batch "
                                    "('logits', 'targets', optional 'sample_weight')")
@@ -95,7 +96,8 @@ def _parser() -> argparse.ArgumentParser:
                                     "natively on the same generated batches, check each against gradparity's "
                                     "float64 reading of it, and classify every pair: equal, constant factor (a "
                                     "learning-rate constant), batch-dependent factor, or not equivalent.")
-    cl.add_argument("losses", nargs="+", help="two or more loss texts")
+    cl.add_argument("losses", nargs="*", help="two or more loss texts (with --config: any number)")
+    cl.add_argument("--config", help="a TOML file of [[losses]] tables (the structured form), after the texts")
     cl.add_argument("--targets", help="class_index | probabilities (for torch's CrossEntropyLoss)")
     cl.add_argument("--keras-backend", default="tensorflow", help="tensorflow | jax | torch")
     cl.add_argument("--seed", type=int, default=0)
@@ -139,6 +141,14 @@ def _run(args) -> int:
     return report.verdict.exit_code
 
 
+def _loss_texts(args) -> list[str]:
+    """The loss texts given on the command line, then those of --config's [[losses]] tables."""
+    from gradparity.loss_config import read_loss_file
+
+    given = args.losses if hasattr(args, "losses") else [args.loss] if args.loss is not None else []
+    return list(given) + (read_loss_file(args.config) if args.config else [])
+
+
 def _translate(args) -> int:
     import json
 
@@ -149,9 +159,13 @@ def _translate(args) -> int:
         raise ConfigError(f"--keras-backend must be one of {', '.join(KERAS_VARIANTS)}, got {args.keras_backend!r}")
     if not (args.timeout > 0 and args.timeout < 7 * 24 * 3600):
         raise ConfigError(f"--timeout must be a positive number of seconds, got {args.timeout!r}")
+    texts = _loss_texts(args)
+    if len(texts) != 1:
+        raise ConfigError(f"translate takes one loss: a text or a --config file with one [[losses]] table, "
+                          f"got {len(texts)}")
     say = None if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
     try:
-        report = translate(args.loss, tuple(_csv(args.to)), args.data, args.targets, args.seed,
+        report = translate(texts[0], tuple(_csv(args.to)), args.data, args.targets, args.seed,
                            args.keras_backend, args.timeout, progress=say, dtype=args.dtype)
     except ConfigError as exc:
         exc.subject = "loss or data"
@@ -173,7 +187,7 @@ def _compare_losses(args) -> int:
         raise ConfigError(f"--keras-backend must be one of {', '.join(KERAS_VARIANTS)}, got {args.keras_backend!r}")
     say = None if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
     try:
-        report = compare_losses(args.losses, args.seed, args.targets, args.keras_backend, args.timeout, say)
+        report = compare_losses(_loss_texts(args), args.seed, args.targets, args.keras_backend, args.timeout, say)
     except ConfigError as exc:
         exc.subject = "loss configurations"
         raise

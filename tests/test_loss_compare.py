@@ -51,3 +51,22 @@ def test_incompatible_configurations_are_exit_2(capsys, monkeypatch):
     assert main(["compare-losses", "torch.nn.MSELoss()"]) == 2
     assert "at least two" in capsys.readouterr().err
     assert not started
+
+
+@pytest.mark.skipif(not ALL, reason="needs torch, jax and keras: pip install 'gradparity[all]'")
+def test_the_structured_example_measures_each_frameworks_own_divisor():
+    """examples/compare_losses.toml: three means over N (or N*T) are equal; the sum is N times them, per batch."""
+    proc = subprocess.run([sys.executable, "-m", "gradparity", "compare-losses", "--config",
+                           "examples/compare_losses.toml", "--json"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads(proc.stdout)
+    sizes = [float(np.prod(b["shape"][:-1])) for b in doc["batches"]]
+    measured = [[b["measured_divisor"] for b in c["agreement"]["batches"]] for c in doc["configurations"]]
+    np.testing.assert_allclose(measured[0], sizes, rtol=1e-12)  # torch's mean: every example/token counts
+    np.testing.assert_allclose(measured[1], 1.0, rtol=1e-12)    # torch's sum
+    np.testing.assert_allclose(measured[2], sizes, rtol=1e-12)  # Keras' sum_over_batch_size
+    np.testing.assert_allclose(measured[3], sizes, rtol=1e-12)  # optax then .mean()
+    assert sorted(map(sorted, doc["classes"])) == [[0, 2, 3], [1]]
+    rel = {(p["a"], p["b"]): p for p in doc["pairs"]}
+    assert rel[(0, 1)]["relation"] == "batch_dependent_factor"
+    np.testing.assert_allclose(rel[(0, 1)]["ratios"], 1 / np.array(sizes), rtol=1e-12)  # loss_0 / loss_1
