@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import ast
 import math
-import tomllib
-from pathlib import Path
 
 from gradparity.errors import ConfigError
 
@@ -112,21 +110,9 @@ def loss_text(table: dict, where: str = "losses[0]") -> str:
 
 def read_loss_file(path: str) -> list[str]:
     """The loss texts of a TOML file's [[losses]] tables, in order; ConfigError for anything unreadable."""
-    try:
-        raw = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise ConfigError(f"--config {path!r} does not exist") from None
-    except IsADirectoryError:
-        raise ConfigError(f"--config {path!r} is a folder, not a TOML file") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read --config {path!r}: {exc.strerror}") from None
-    try:
-        doc = tomllib.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"--config {path!r} is not UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start})") \
-            from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"--config {path!r} is not valid TOML: {exc}") from None
+    from gradparity.spec import read_toml
+
+    doc = read_toml(path, "--config")
     unknown = sorted(set(doc) - set(FILE_KEYS))
     if unknown:
         raise ConfigError(f"--config {path!r}: unknown key(s) {', '.join(map(repr, unknown))}; a losses file "

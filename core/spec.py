@@ -319,6 +319,25 @@ def _data(c: _Checker, t: dict, base_dir: Path | None) -> DataSpec | None:
     return DataSpec(source, batch_size, batch_index, shuffle, **extra)
 
 
+def read_toml(path: str | Path, label: str) -> dict:
+    """A user's TOML file as a dict; ConfigError naming ``label`` and the path for anything unreadable."""
+    path = Path(path)
+    try:
+        return tomllib.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{label} {str(path)!r} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{label} {str(path)!r} is a folder, not a TOML file") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {label} {str(path)!r}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        # TOML is UTF-8 by definition; say where the first bad byte is.
+        raise ConfigError(f"{path} is not UTF-8 text (TOML must be): byte 0x{exc.object[exc.start]:02x} "
+                          f"at offset {exc.start}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+
+
 def load_experiment(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Experiment:
     """Build an Experiment: embedded default, merged with the TOML at ``path``, then ``overrides``.
 
@@ -330,20 +349,7 @@ def load_experiment(path: str | Path | None = None, overrides: dict[str, Any] | 
     base_dir = None
     if path is not None:
         path = Path(path)
-        try:
-            user = tomllib.loads(path.read_bytes().decode("utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"config file {str(path)!r} does not exist") from None
-        except IsADirectoryError:
-            raise ConfigError(f"config file {str(path)!r} is a folder, not a TOML file") from None
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {str(path)!r}: {exc.strerror or exc}") from None
-        except UnicodeDecodeError as exc:
-            # TOML is UTF-8 by definition; say where the first bad byte is.
-            raise ConfigError(f"{path} is not UTF-8 text (TOML must be): byte 0x{exc.object[exc.start]:02x} "
-                              f"at offset {exc.start}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+        user = read_toml(path, "config file")
         # A user's list replaces ours entirely; a user's table is merged key by key.
         cfg = _merge(cfg, user)
         base_dir = path.resolve().parent
