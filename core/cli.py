@@ -103,6 +103,23 @@ def _parser() -> argparse.ArgumentParser:
     cl.add_argument("--seed", type=int, default=0)
     cl.add_argument("--timeout", type=float, default=600.0, help="seconds per framework worker")
     cl.add_argument("--json", action="store_true", help="print the report as JSON")
+    dg = sub.add_parser("diagnose", help="why do these gradients differ? rank known causes against the numbers",
+                        description="Read a gradparity report folder, an .npz of gradients keyed METHOD/PARAM, or a "
+                                    "table of pairwise max |a - b| (CSV a,b,max_abs, JSON rows, or lines like "
+                                    "'Maximum discrepancy between reduction = none and sum: 0.0316'; '-' reads "
+                                    "stdin), test every known cause against the pattern, and rank them with "
+                                    "evidence and a fix.")
+    dg.add_argument("source", help="report folder | gradients .npz | table file | -")
+    dg.add_argument("--info", help="a TOML of what you know: batch_size, dataset_size, dtype, micro_batches, "
+                                   "replicas, dropout, batchnorm, loss_reduction (flags override it)")
+    for flag in ("--batch-size", "--dataset-size", "--micro-batches", "--replicas"):
+        dg.add_argument(flag, type=int)
+    dg.add_argument("--dtype", help="float64 | float32 | tf32 | float16 | bfloat16: what the gradients were "
+                                    "computed in")
+    dg.add_argument("--dropout", action=argparse.BooleanOptionalAction, default=None)
+    dg.add_argument("--batchnorm", action=argparse.BooleanOptionalAction, default=None)
+    dg.add_argument("--loss-reduction", help="how the loss was reduced, in words (e.g. 'class-weighted mean')")
+    dg.add_argument("--json", action="store_true", help='print {"causes": [{"id", "score", "evidence", "fix"}], ...}')
     tb = sub.add_parser("loss-table", help="measure common loss configurations in every framework "
                                            "(the README's equivalence table)")
     tb.add_argument("--keras-backend", default="tensorflow", help="tensorflow | jax | torch")
@@ -195,6 +212,23 @@ def _compare_losses(args) -> int:
     return report.exit_code
 
 
+def _diagnose(args) -> int:
+    import json
+
+    from gradparity import diagnose as dg
+
+    flags = {k: getattr(args, k) for k in ("batch_size", "dataset_size", "micro_batches", "replicas", "dtype",
+                                          "dropout", "batchnorm", "loss_reduction")}
+    try:
+        info = dg.read_info(args.info).merged(dg.Info.from_dict(flags, "the flags"))
+        result = dg.diagnose(dg.load(args.source, info))
+    except ConfigError as exc:
+        exc.subject = "diagnose input"
+        raise
+    print(json.dumps(result.to_dict(), indent=1, allow_nan=False) if args.json else dg.render_text(result))
+    return dg.exit_code(result)
+
+
 def _loss_table(args) -> int:
     from gradparity.translate import TABLE_SOURCES, table_markdown, translate_many
 
@@ -270,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
                 return _loss_table(args)
             if args.command == "compare-losses":
                 return _compare_losses(args)
+            if args.command == "diagnose":
+                return _diagnose(args)
             from gradparity.spec import default_config_text
 
             print(default_config_text(), end="")

@@ -1,0 +1,794 @@
+"""``gradparity diagnose``: why do these gradients differ? Known causes ranked against the numbers.
+
+The pipeline's last two stages, applied to numbers someone else produced:
+
+    observations (a report folder | an npz of gradients + what the user knows | a table of differences)
+      -> compare every pair (exact zero, rounding-sized, a constant factor, large)
+      -> test every known cause's signature against that pattern -> ranked causes with evidence and fix
+
+Every cause has a fixed id (``CAUSES``). A cause's score says how well it
+explains the numbers: 0.9 and up when a quantitative test matched (a factor
+that equals N, R or the micro-batch count; a difference that equals another
+result), about 0.6 when the pattern is what the cause produces and nothing
+rules it out, about 0.3 when it is possible but untested, 0 when the
+numbers rule it out. ``unknown`` ranks first when no cause reaches 0.5:
+the tool then says it cannot explain the numbers, rather than guessing.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from gradparity.compare import SAFETY, connected_components
+from gradparity.errors import ConfigError
+
+#: The fixed vocabulary of causes: id -> (what it is, the fix).
+CAUSES: dict[str, tuple[str, str]] = {
+    "clean": ("every pair agrees within the rounding of its dtype: nothing differs but the order of additions",
+              "nothing to fix"),
+    "short_last_batch": ("averaging over batches when the last batch is shorter: the mean of batch means "
+                         "weights the last batch's examples more than the others",
+                         "average over examples (sum of per-batch sums / number of examples), weight each batch "
+                         "mean by its size, or drop the last batch (drop_last=True)"),
+    "unzeroed_gradients": ("gradients accumulate into .grad (or carried-over state) between backward passes: "
+                           "reading the accumulator after each example counts early examples again",
+                           "zero the gradients before every backward pass whose result you read "
+                           "(optimizer.zero_grad() / model.zero_grad(), or torch.autograd.grad, jax.grad, "
+                           "tape.gradient, which return fresh gradients)"),
+    "missing_normalization": ("a 1/N is missing: a summed loss (or summed per-example gradients) used where a "
+                              "mean was meant; that result is N times the others",
+                              "divide the summed gradient by N, or use the mean reduction (and, for SGD, scale "
+                              "the learning rate with the convention you keep)"),
+    "double_normalization": ("a 1/N is applied twice: a mean-reduced loss divided by N again; that result is "
+                             "N times smaller than the others",
+                             "divide once: either reduction='mean' or a sum divided by N, not both"),
+    "dropout_train_mode": ("dropout in training mode: each forward pass draws another mask, so methods with "
+                           "their own forward passes (one example at a time) see other networks",
+                           "compare in eval mode (model.eval(), training=False, deterministic=True), or share "
+                           "one forward pass (and one mask) between the methods"),
+    "batchnorm_train_mode": ("batch normalization in training mode: the statistics come from the batch, so "
+                             "an example alone (one-by-one) is normalized differently, and a batch of one has "
+                             "no variance",
+                             "compare in eval mode (running statistics), or use a normalization that does not "
+                             "mix examples (LayerNorm, GroupNorm)"),
+    "reduced_precision": ("reduced precision (float16/bfloat16 autocast, TF32 matmuls, float32 against "
+                          "float64): every pair differs at the rounding level of the narrowest format, with "
+                          "no exact zeros between methods that add in another order",
+                          "compare in float32 with TF32 off (torch.backends.cuda.matmul.allow_tf32 = False, "
+                          "jax_default_matmul_precision='highest') or in float64, and hold each pair to its "
+                          "dtype's rounding bound"),
+    "accumulation_normalization": ("gradient accumulation normalized per micro-batch: the sum (or mean) of "
+                                   "micro-batch means differs from the mean over the whole batch by the number "
+                                   "of micro-batches, or, with padded tokens, by each micro-batch's token count",
+                                   "divide every micro-batch's summed loss by the number of items (tokens) in "
+                                   "the whole batch (transformers' num_items_in_batch), or average micro-batch "
+                                   "means weighted by their counts; optax.MultiSteps and Keras "
+                                   "gradient_accumulation_steps average micro-batch means"),
+    "weighted_mean_mismatch": ("two weighted means divide by different things (÷ Σ w[y] for a class-weighted "
+                               "mean, ÷ N for Keras' sum_over_batch_size with sample weights): proportional on "
+                               "a batch, with a factor that changes from batch to batch",
+                               "choose the divisor explicitly (gradparity compare-losses shows each "
+                               "framework's); Keras: reduction='mean_with_sample_weight' divides by Σ weights"),
+    "data_parallel_average": ("data-parallel averaging over R replicas: a summed loss becomes R times smaller "
+                              "after the all-reduce mean, and uneven local batches make the average unweighted",
+                              "use a mean-reduced loss with equal local batches, or scale the summed loss by R "
+                              "(or sum gradients instead of averaging them)"),
+    "unknown": ("no known cause explains these numbers", "look for a difference gradparity does not model: "
+                "another model, another batch, another loss, parameters changed between the methods"),
+}
+
+#: How a method label is read: the roles of its computation.
+_ROLE_WORDS = {
+    "per_example_backward": ("none", "none_loop", "one_by_one", "onebyone", "per_example", "loop", "single"),
+    "separate_forward": ("one_by_one", "onebyone", "single"),
+    "batched": ("sum", "mean", "avg", "average", "sum_over_batch_size", "batch"),
+}
+_INFO_KEYS = ("batch_size", "dataset_size", "dtype", "micro_batches", "replicas", "dropout", "batchnorm",
+              "loss_reduction")
+_DTYPE_ROUNDOFF = {"float64": 2.0 ** -53, "float32": 2.0 ** -24, "tf32": 2.0 ** -11, "float16": 2.0 ** -11,
+                   "bfloat16": 2.0 ** -8}
+
+
+@dataclass
+class Info:
+    """What the user knows about how the numbers were made; every field optional."""
+
+    batch_size: int | None = None
+    dataset_size: int | None = None
+    dtype: str | None = None
+    micro_batches: int | None = None
+    replicas: int | None = None
+    dropout: bool | None = None
+    batchnorm: bool | None = None
+    loss_reduction: str | None = None
+
+    @classmethod
+    def from_dict(cls, raw: dict, where: str) -> "Info":
+        unknown = sorted(set(raw) - set(_INFO_KEYS))
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; known: "
+                              f"{', '.join(_INFO_KEYS)}")
+        out = cls()
+        for key, value in raw.items():
+            if value is None:
+                continue
+            if key in ("batch_size", "dataset_size", "micro_batches", "replicas"):
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    raise ConfigError(f"{where}: {key} must be a positive integer, got {value!r}")
+            elif key in ("dropout", "batchnorm"):
+                if not isinstance(value, bool):
+                    raise ConfigError(f"{where}: {key} must be true or false, got {value!r}")
+            elif key == "dtype":
+                if value not in _DTYPE_ROUNDOFF:
+                    raise ConfigError(f"{where}: dtype must be one of {', '.join(_DTYPE_ROUNDOFF)}, got {value!r}")
+            elif not isinstance(value, str):
+                raise ConfigError(f"{where}: {key} must be a string, got {value!r}")
+            setattr(out, key, value)
+        if out.dataset_size is not None and out.batch_size is not None and out.batch_size > out.dataset_size:
+            raise ConfigError(f"{where}: batch_size {out.batch_size} is larger than dataset_size {out.dataset_size}")
+        return out
+
+    def merged(self, other: "Info") -> "Info":
+        """``self`` with every field ``other`` sets (flags over the --info file)."""
+        return Info(**{k: (getattr(other, k) if getattr(other, k) is not None else getattr(self, k))
+                       for k in _INFO_KEYS})
+
+
+@dataclass
+class Observations:
+    """The numbers to explain: labels, pairwise max |a - b|, and (when given) the gradients themselves.
+
+    ``resolution``: for a printed table, half a unit of its last printed
+    digit (a printed 0.0 means below it); None for exact numbers.
+    """
+
+    source: str
+    labels: list[str]
+    diffs: dict[tuple[str, str], float]
+    grads: dict[str, dict[str, np.ndarray]] | None = None
+    resolution: float | None = None
+    info: Info = field(default_factory=Info)
+
+
+@dataclass(frozen=True)
+class PairPattern:
+    a: str
+    b: str
+    max_abs: float
+    kind: str          # zero | rounding | factor | large | unresolved_zero
+    rel: float | None = None
+    factor: float | None = None
+
+
+@dataclass
+class Cause:
+    id: str
+    score: float
+    evidence: list[str]
+    fix: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Diagnosis:
+    observations: Observations
+    pairs: list[PairPattern]
+    clusters: list[list[str]]
+    causes: list[Cause]
+    rtol: float | None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def top(self) -> Cause:
+        return self.causes[0]
+
+    def to_dict(self) -> dict:
+        obs = self.observations
+        return {
+            "source": obs.source, "labels": obs.labels, "info": asdict(obs.info),
+            "resolution": obs.resolution, "rtol": self.rtol,
+            "pairs": [{k: v for k, v in asdict(p).items() if v is not None} for p in self.pairs],
+            "clusters": self.clusters,
+            "causes": [c.to_dict() for c in self.causes],
+            "notes": self.notes,
+        }
+
+
+# ------------------------------------------------------------------------------------------- inputs
+
+
+_SEED_LINE = re.compile(r"discrepancy\s+between\s+(?:reduction\s*=\s*)?(?P<a>.+?)\s+and\s+"
+                        r"(?:reduction\s*=\s*)?(?P<b>.+?)\s*[:=]\s*(?P<v>[-+]?[0-9.]+(?:[eE][-+]?\d+)?)\s*$",
+                        re.IGNORECASE)
+
+
+def _decimals(text: str) -> int | None:
+    """Decimal places of a printed number ('0.0316' -> 4), None in exponent notation."""
+    if "e" in text.lower():
+        return None
+    return len(text.split(".", 1)[1]) if "." in text else 0
+
+
+def _number(text: str, where: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"{where}: {text!r} is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{where}: a max |a - b| must be a finite non-negative number, got {text!r}")
+    return value
+
+
+def _table_rows(text: str, name: str) -> list[tuple[str, str, str]]:
+    """(a, b, printed value) rows of a table: JSON, CSV with a header a,b,max_abs, or the seed's lines."""
+    stripped = text.strip()
+    if stripped[:1] in "[{":
+        try:
+            doc = json.loads(stripped)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{name} is not valid JSON: {exc}") from None
+        rows = doc.get("rows") if isinstance(doc, dict) else doc
+        if not isinstance(rows, list) or not all(isinstance(r, dict) and {"a", "b", "max_abs"} <= set(r)
+                                                 for r in rows):
+            raise ConfigError(f"{name}: JSON must be a list of {{\"a\", \"b\", \"max_abs\"}} rows (or {{\"rows\": "
+                              "[...]}})")
+        return [(str(r["a"]), str(r["b"]), repr(r["max_abs"]) if not isinstance(r["max_abs"], str)
+                 else r["max_abs"]) for r in rows]
+    lines = [ln for ln in stripped.splitlines() if ln.strip()]
+    if lines and re.match(r"^\s*a\s*,\s*b\s*,\s*max_abs\s*$", lines[0], re.IGNORECASE):
+        reader = csv.reader(io.StringIO("\n".join(lines[1:])))
+        rows = []
+        for i, row in enumerate(reader, start=2):
+            if len(row) != 3:
+                raise ConfigError(f"{name} line {i}: expected a, b, max_abs, got {row!r}")
+            rows.append((row[0].strip(), row[1].strip(), row[2].strip()))
+        return rows
+    rows = []
+    for line in lines:
+        m = _SEED_LINE.search(line)
+        if m:
+            rows.append((m["a"].strip(), m["b"].strip(), m["v"]))
+    if not rows:
+        raise ConfigError(f"{name}: no pairwise differences found; write CSV rows 'a,b,max_abs' under that "
+                          "header, JSON rows, or lines like 'Maximum discrepancy between reduction = none and "
+                          "sum: 0.0316'")
+    return rows
+
+
+def read_table(text: str, name: str = "the table") -> Observations:
+    """Observations from a table of pairwise max |a - b| (see ``_table_rows`` for the accepted forms)."""
+    rows = _table_rows(text, name)
+    diffs: dict[tuple[str, str], float] = {}
+    decimals = []
+    for a, b, v in rows:
+        if a == b:
+            raise ConfigError(f"{name}: a row compares {a!r} with itself")
+        diffs[(a, b)] = _number(v, f"{name}, row {a} / {b}")
+        decimals.append(_decimals(v.strip()))
+    labels = list(dict.fromkeys(x for pair in diffs for x in pair))
+    # A table printed to d decimals reads 0.0 for anything below half a unit of its last digit.
+    resolution = None
+    if decimals and all(d is not None for d in decimals):
+        resolution = 0.5 * 10.0 ** -max(decimals)
+    return Observations(name, labels, diffs, resolution=resolution)
+
+
+def read_gradients(path: str) -> Observations:
+    """Observations from an npz of gradients keyed METHOD/PARAM (or a gradparity BACKEND/METHOD/PARAM)."""
+    try:
+        with np.load(Path(path), allow_pickle=False) as z:
+            arrays = {k: np.asarray(z[k], dtype=np.float64) for k in z.files}
+    except FileNotFoundError:
+        raise ConfigError(f"{path!r} does not exist") from None
+    except (OSError, ValueError, EOFError) as exc:
+        raise ConfigError(f"cannot read {path!r} as .npz: {exc}") from None
+    except AttributeError:
+        raise ConfigError(f"{path!r} must be an .npz of arrays keyed METHOD/PARAM") from None
+    grads: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in arrays.items():
+        if "/" not in key:
+            raise ConfigError(f"{path}: key {key!r} is not METHOD/PARAM (e.g. 'sum/fc1.weight')")
+        method, param = key.rsplit("/", 1)
+        grads.setdefault(method, {})[param] = value
+    return from_gradients(grads, str(path))
+
+
+def from_gradients(grads: dict[str, dict[str, np.ndarray]], source: str) -> Observations:
+    """Observations from gradients per method; ConfigError where the methods' parameters do not line up."""
+    if len(grads) < 2:
+        raise ConfigError(f"{source}: needs at least two methods to compare, got {list(grads)}")
+    labels = list(grads)
+    first = grads[labels[0]]
+    for label in labels[1:]:
+        if set(grads[label]) != set(first):
+            raise ConfigError(f"{source}: {label!r} has parameters {sorted(grads[label])}, {labels[0]!r} has "
+                              f"{sorted(first)}")
+        bad = [p for p in first if grads[label][p].shape != first[p].shape]
+        if bad:
+            raise ConfigError(f"{source}: {bad[0]!r} is {grads[label][bad[0]].shape} in {label!r} and "
+                              f"{first[bad[0]].shape} in {labels[0]!r}")
+    for label, params in grads.items():
+        for p, g in params.items():
+            if not np.all(np.isfinite(g)):
+                raise ConfigError(f"{source}: {label}/{p} holds NaN or inf; diagnose compares finite gradients")
+    diffs = {(a, b): max(float(np.max(np.abs(grads[a][p] - grads[b][p]), initial=0.0)) for p in first)
+             for i, a in enumerate(labels) for b in labels[i + 1:]}
+    return Observations(source, labels, diffs, grads=grads)
+
+
+def read_report(folder: str) -> tuple[Observations, Info]:
+    """Observations from a gradparity report folder (report.json + gradients.npz), with what it records."""
+    path = Path(folder)
+    try:
+        doc = json.loads((path / "report.json").read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{folder!r} holds no report.json: give a gradparity report folder") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"cannot read {folder}/report.json: {exc}") from None
+    obs = read_gradients(str(path / "gradients.npz"))
+    exp = doc.get("experiment", {})
+    info = Info(batch_size=exp.get("data", {}).get("batch_size"), dtype=exp.get("dtype"))
+    return obs, info
+
+
+def read_info(path: str | None) -> Info:
+    """The --info TOML (every key optional)."""
+    if path is None:
+        return Info()
+    from gradparity.spec import read_toml
+
+    return Info.from_dict(read_toml(path, "--info"), f"--info {path!r}")
+
+
+# ------------------------------------------------------------------------------------------ analysis
+
+
+def _roles(label: str) -> set[str]:
+    """The roles a method label names (see _ROLE_WORDS), from its last path part ('torch/one_by_one')."""
+    key = re.sub(r"[\s\-]+", "_", label.rsplit("/", 1)[-1].strip().lower())
+    return {role for role, words in _ROLE_WORDS.items() if key in words}
+
+
+#: Formats so narrow that the agreement model's safety factor would allow differences of order 1.
+_NARROW = ("tf32", "float16", "bfloat16")
+
+
+def _narrow_bound(dtype: str, n_terms: int) -> float:
+    """Rounding in a narrow format: about u sqrt(K) of the gradient's scale (4 u sqrt(K), no safety factor)."""
+    return 4 * _DTYPE_ROUNDOFF[dtype] * math.sqrt(max(n_terms, 1))
+
+
+def _rtol(info: Info, n_terms: int) -> float:
+    """The bound for 'rounding-sized': gradparity's agreement model (SAFETY u sqrt(K) L, L = 2) for float32
+    and float64, the narrow bound for tf32/float16/bfloat16."""
+    dtype = info.dtype or "float32"
+    if dtype in _NARROW:
+        return _narrow_bound(dtype, n_terms)
+    return SAFETY * _DTYPE_ROUNDOFF[dtype] * math.sqrt(max(n_terms, 1)) * 2
+
+
+def _flat(params: dict[str, np.ndarray]) -> np.ndarray:
+    return np.concatenate([params[k].ravel() for k in sorted(params)])
+
+
+def classify_pairs(obs: Observations, rtol: float | None) -> list[PairPattern]:
+    """Each pair as exact zero, rounding-sized, a constant factor or large (gradients); zero or not (tables)."""
+    out = []
+    for (a, b), d in obs.diffs.items():
+        if obs.grads is None:
+            if d == 0.0:
+                kind = "unresolved_zero" if obs.resolution else "zero"
+            else:
+                kind = "large"
+            out.append(PairPattern(a, b, d, kind))
+            continue
+        ga, gb = _flat(obs.grads[a]), _flat(obs.grads[b])
+        scale = max(float(np.max(np.abs(ga), initial=0.0)), float(np.max(np.abs(gb), initial=0.0)))
+        rel = 0.0 if scale == 0 else d / scale
+        if d == 0.0:
+            out.append(PairPattern(a, b, d, "zero", rel))
+            continue
+        if rel <= rtol:
+            out.append(PairPattern(a, b, d, "rounding", rel))
+            continue
+        denom = float(gb @ gb)
+        r = float(ga @ gb) / denom if denom > 0 else math.inf
+        if math.isfinite(r) and r != 0:
+            resid = float(np.max(np.abs(ga - r * gb))) / max(float(np.max(np.abs(ga))), 1e-300)
+            if resid <= max(rtol, 1e-12) * 4:
+                out.append(PairPattern(a, b, d, "factor", rel, r))
+                continue
+        out.append(PairPattern(a, b, d, "large", rel))
+    return out
+
+
+def _clusters(labels: list[str], pairs: list[PairPattern]) -> list[list[str]]:
+    same = ((p.a, p.b) for p in pairs if p.kind in ("zero", "rounding", "unresolved_zero"))
+    return sorted((sorted(c, key=labels.index) for c in connected_components(labels, same)),
+                  key=lambda c: (-len(c), labels.index(c[0])))
+
+
+def _near(x: float, target: float, rel: float = 1e-3) -> bool:
+    return target > 0 and abs(x - target) <= rel * target
+
+
+def _g(x: float) -> str:
+    return f"{x:.3g}"
+
+
+class _Analysis:
+    """The facts every signature test reads, computed once."""
+
+    def __init__(self, obs: Observations):
+        self.obs = obs
+        self.info = obs.info
+        n_terms = obs.info.batch_size or 256
+        self.rtol = _rtol(obs.info, n_terms) if obs.grads is not None else None
+        self.pairs = classify_pairs(obs, self.rtol)
+        self.clusters = _clusters(obs.labels, self.pairs)
+        self.majority = self.clusters[0] if self.clusters else []
+        self.factors = [p for p in self.pairs if p.kind == "factor"]
+        self.large = [p for p in self.pairs if p.kind in ("large", "factor")]
+        self.zeros = [p for p in self.pairs if p.kind in ("zero", "unresolved_zero")]
+
+    def split_roles(self) -> tuple[bool, str]:
+        """Whether the clusters split per-example-backward methods from batched ones, and how."""
+        if len(self.clusters) != 2:
+            return False, ""
+        kinds = []
+        for c in self.clusters:
+            roles = [_roles(label) for label in c]
+            if all("per_example_backward" in r for r in roles):
+                kinds.append("per_example")
+            elif all("batched" in r for r in roles):
+                kinds.append("batched")
+            else:
+                kinds.append("mixed")
+        if sorted(kinds) == ["batched", "per_example"]:
+            per, bat = (self.clusters if kinds[0] == "per_example" else self.clusters[::-1])
+            return True, (f"the methods that run one backward pass per example ({', '.join(per)}) agree with "
+                          f"each other and differ from those that run one backward pass on the reduced batch loss "
+                          f"({', '.join(bat)})")
+        return False, ""
+
+    def describe_zero(self, p: PairPattern) -> str:
+        if p.kind == "unresolved_zero":
+            return f"{p.a} = {p.b} to the printed precision (|a - b| < {self.obs.resolution:g})"
+        return f"{p.a} = {p.b} exactly (bit for bit)"
+
+    def odd_one(self, p: PairPattern) -> tuple[str, float] | None:
+        """For a factor pair with one side in the majority cluster: (the other label, its factor over it)."""
+        if len(self.majority) < 2:
+            return None
+        if p.a in self.majority and p.b not in self.majority:
+            return p.b, 1.0 / p.factor
+        if p.b in self.majority and p.a not in self.majority:
+            return p.a, p.factor
+        return None
+
+
+def _test_clean(an: _Analysis) -> Cause:
+    if len(an.clusters) == 1:
+        if an.obs.grads is not None:
+            worst = max((p.rel or 0.0 for p in an.pairs), default=0.0)
+            ev = [f"all {len(an.pairs)} pairs agree within rounding: largest max|a-b|/max|a| {_g(worst)} "
+                  f"<= bound {_g(an.rtol)} ({an.info.dtype or 'float32'})"]
+            # Within a narrow format's rounding but not float32's: no bug, and reduced precision is the reason.
+            narrow = (an.info.dtype in _NARROW
+                      and worst > _rtol(Info(dtype="float32"), an.info.batch_size or 256))
+            return Cause("clean", 0.9 if narrow else 1.0, ev, CAUSES["clean"][1])
+        res = f" (< {an.obs.resolution:g}, the printed precision)" if an.obs.resolution else ""
+        return Cause("clean", 0.9, [f"every pair reads 0{res}: no pair differs at the printed precision"],
+                     CAUSES["clean"][1])
+    worst = max(an.large, key=lambda p: p.max_abs)
+    bound = f" (bound {_g(an.rtol)} relative)" if an.rtol else ""
+    return Cause("clean", 0.0, [f"{worst.a} vs {worst.b}: max|a-b| {_g(worst.max_abs)} is not rounding{bound}"],
+                 CAUSES["clean"][1])
+
+
+def _test_normalization(an: _Analysis) -> list[Cause]:
+    """A factor N (or 1/N) between one result and the rest: a missing or doubled 1/N."""
+    n = an.info.batch_size
+    missing, double = [], []
+    for p in an.factors:
+        odd = an.odd_one(p)
+        if odd is None:
+            continue
+        label, r = odd
+        if n and _near(r, n):
+            missing.append(f"{label} = {_g(r)} x the others ({', '.join(an.majority)}): the batch size N = {n}")
+        elif n and _near(r, 1.0 / n):
+            double.append(f"{label} = 1/{_g(1 / r)} x the others ({', '.join(an.majority)}): 1/N, N = {n}")
+        elif not n and r >= 2 and _near(r, round(r)):
+            missing.append(f"{label} = {_g(r)} x the others: an integer factor, the batch size if N = "
+                           f"{round(r)} (give --batch-size to test)")
+        elif not n and r <= 0.5 and _near(1 / r, round(1 / r)):
+            double.append(f"{label} = 1/{_g(1 / r)} x the others: 1/N if N = {round(1 / r)} "
+                          "(give --batch-size to test)")
+    out = []
+    for cid, ev in (("missing_normalization", missing), ("double_normalization", double)):
+        if ev:
+            score = 0.95 if n else 0.55
+        else:
+            score = 0.0 if an.obs.grads is not None else 0.2
+            ev = (["no result is a constant factor N or 1/N of the others"] if an.obs.grads is not None else
+                  ["a table of max |a - b| cannot show a factor; give the gradients (npz) to test"])
+        out.append(Cause(cid, score, ev, CAUSES[cid][1]))
+    return out
+
+
+def _test_factor(an: _Analysis, cid: str, k: int | None, what: str, flag: str) -> Cause:
+    """A factor that equals a count the user gave (replicas R, micro-batches k)."""
+    hits = []
+    for p in an.factors:
+        for r in (p.factor, 1 / p.factor):
+            if k and k > 1 and _near(r, k):
+                hits.append(f"{p.a} / {p.b} = {_g(p.factor)}: the number of {what}, {k}")
+                break
+    if hits:
+        return Cause(cid, 0.95, hits, CAUSES[cid][1])
+    if k and k > 1 and an.large:
+        return Cause(cid, 0.35, [f"{k} {what} were used, but no pair differs by a factor {k}; with padded "
+                                 "tokens or uneven splits the effect is not a constant factor"], CAUSES[cid][1])
+    return Cause(cid, 0.0 if an.obs.grads is not None and not k else 0.1,
+                 [f"no number of {what} given ({flag}) and no factor points to one"], CAUSES[cid][1])
+
+
+def _test_unzeroed(an: _Analysis) -> Cause:
+    cid, fix = "unzeroed_gradients", CAUSES["unzeroed_gradients"][1]
+    grads = an.obs.grads
+    if grads is not None:
+        flat = {k: _flat(v) for k, v in grads.items()}
+        # A difference that equals another result: a's gradient = b's + c's (c left in the accumulator).
+        for p in an.large:
+            a, b = p.a, p.b
+            for hi, lo in ((a, b), (b, a)):
+                delta = flat[hi] - flat[lo]
+                for c in an.obs.labels:
+                    if c in (a, b):
+                        continue
+                    scale = max(float(np.max(np.abs(flat[hi]))), 1e-300)
+                    if float(np.max(np.abs(delta - flat[c]))) / scale <= max(an.rtol or 0.0, 1e-12) * 4:
+                        return Cause(cid, 0.95, [f"{hi} - {lo} = {c} (within rounding): {hi} holds {c}'s "
+                                                 "gradient on top of its own"], fix)
+        for p in an.factors:
+            for r, hi, lo in ((p.factor, p.a, p.b), (1 / p.factor, p.b, p.a)):
+                if r >= 1.5 and _near(r, round(r)) and not (an.info.batch_size and _near(r, an.info.batch_size)):
+                    return Cause(cid, 0.7, [f"{hi} = {round(r)} x {lo}: the gradient added {round(r)} times into "
+                                            "one accumulator"], fix)
+        n = an.info.batch_size
+        split, how = an.split_roles()
+        if split and n:
+            # Reading the accumulator after each of N backward passes sums prefix sums: example i counts N - i
+            # times, so the result projects onto the true gradient with a ratio near (N + 1) / 2.
+            per = next(c for c in an.clusters if all("per_example_backward" in _roles(x) for x in c))[0]
+            bat = next(c for c in an.clusters if c[0] != per and per not in c)[0]
+            r = float(flat[per] @ flat[bat]) / max(float(flat[bat] @ flat[bat]), 1e-300)
+            expected = (n + 1) / 2
+            if 0.5 * expected <= r <= 1.5 * expected:
+                return Cause(cid, 0.8, [how, f"{per} projects onto {bat} with ratio {_g(r)}, near (N + 1)/2 = "
+                                             f"{_g(expected)}: what reading .grad after each of N = {n} backward "
+                                             "passes without zeroing gives (example i counted N - i times)"], fix)
+        if split:
+            return Cause(cid, 0.5, [how, "consistent with a per-example loop that reads an accumulator it never "
+                                         "zeroes; give --batch-size to test the (N + 1)/2 ratio it predicts"], fix)
+        return Cause(cid, 0.0 if not an.large else 0.15,
+                     ["no result equals another plus a third, and no integer factor points to repeated "
+                      "accumulation"], fix)
+    split, how = an.split_roles()
+    if split:
+        return Cause(cid, 0.6, [how, "that is what a per-example loop gives when it reads .grad after each "
+                                     "backward pass without zeroing it: both loops carry the same bug, so they agree "
+                                     "exactly with each other; give the gradients (npz) to test it quantitatively"],
+                     fix)
+    return Cause(cid, 0.2 if an.large else 0.0, ["the pattern does not single out the per-example loops"], fix)
+
+
+def _test_short_last_batch(an: _Analysis) -> Cause:
+    cid, fix = "short_last_batch", CAUSES["short_last_batch"][1]
+    n, m = an.info.batch_size, an.info.dataset_size
+    if not an.large:
+        return Cause(cid, 0.0, ["no pair differs"], fix)
+    if n and m:
+        if m % n == 0:
+            return Cause(cid, 0.0, [f"dataset_size {m} = {m // n} x batch_size {n}: every batch is full"], fix)
+        last, count = m % n, math.ceil(m / n)
+        ev = [f"dataset_size {m} = {m // n} x {n} + {last}: the last of {count} batches holds {last} examples; in "
+              f"the mean of batch means each of its examples weighs 1/({count} x {last}) instead of 1/{m}, "
+              f"{m / (count * last):.3g} times its share"]
+        split, how = an.split_roles()
+        if split:
+            ev.append(how + ": per-example averages divide by the example count, batch means do not")
+        return Cause(cid, 0.75 if split else 0.5, ev, fix)
+    split, how = an.split_roles()
+    ev = ["needs numbers averaged over several batches of different sizes; on one batch every method sees "
+          "the same N, so a short batch cannot separate them. Give --dataset-size and --batch-size to test"]
+    return Cause(cid, 0.35 if split else 0.15, ([how] if split else []) + ev, fix)
+
+
+def _test_train_mode(an: _Analysis) -> list[Cause]:
+    """Dropout/batch norm in training mode: separate-forward methods differ from shared-forward ones."""
+    sep = [x for x in an.obs.labels if "separate_forward" in _roles(x)]
+    shared = [x for x in an.obs.labels if x not in sep]
+    out = []
+    for cid, flag in (("dropout_train_mode", an.info.dropout), ("batchnorm_train_mode", an.info.batchnorm)):
+        fix = CAUSES[cid][1]
+        if not sep or not shared:
+            out.append(Cause(cid, 0.1 if an.large and flag is not False else 0.0,
+                             ["no method labelled one-by-one: cannot tell separate forward passes apart"], fix))
+            continue
+        same = [p for p in an.pairs if p.kind in ("zero", "rounding", "unresolved_zero")
+                and ((p.a in sep) != (p.b in sep))]
+        if same:
+            out.append(Cause(cid, 0.0, [f"{same[0].a} and {same[0].b} agree: "
+                                        "a one-by-one method matches a shared-forward one, so training-mode "
+                                        "randomness or batch statistics did not change it"], fix))
+            continue
+        if flag is False:
+            out.append(Cause(cid, 0.0, [f"{cid.split('_')[0]} was off (--info)"], fix))
+            continue
+        differ = all(any(p.kind in ("large", "factor") and {p.a, p.b} == {s, t} for p in an.pairs)
+                     for s in sep for t in shared)
+        if not differ:
+            out.append(Cause(cid, 0.1, ["the one-by-one methods do not stand apart from the others"], fix))
+            continue
+        ev = [f"{', '.join(sep)} (one forward pass per example) differ from every method sharing one forward "
+              f"pass ({', '.join(shared)})"]
+        out.append(Cause(cid, 0.85 if flag else 0.4, ev + ([f"{cid.split('_')[0]} was on (--info)"] if flag else
+                                                          ["give --dropout / --batchnorm to say whether the model "
+                                                           "has it"]), fix))
+    return out
+
+
+def _test_precision(an: _Analysis) -> Cause:
+    cid, fix = "reduced_precision", CAUSES["reduced_precision"][1]
+    if an.obs.grads is None:
+        if an.zeros and an.large:
+            return Cause(cid, 0.05, ["exact zeros beside large differences: rounding does not make one pair equal "
+                                     "to the last digit and another differ at the printed precision"], fix)
+        return Cause(cid, 0.2 if an.large else 0.0, ["a table cannot show relative sizes; give the gradients"], fix)
+    dtype = an.info.dtype or "float32"
+    worst = max((p.rel or 0.0) for p in an.pairs)
+    k = an.info.batch_size or 256
+    wide = _rtol(Info(dtype="float32"), k) if dtype in _NARROW else an.rtol
+    if worst <= wide:
+        return Cause(cid, 0.0, [f"every pair agrees within {'float32' if dtype in _NARROW else dtype}'s rounding "
+                                f"(largest {_g(worst)} relative <= {_g(wide)})"], fix)
+    flat = {k: _flat(v) for k, v in an.obs.grads.items()}
+    cosine = min(float(flat[p.a] @ flat[p.b]) / max(float(np.linalg.norm(flat[p.a]) * np.linalg.norm(flat[p.b])),
+                                                     1e-300) for p in an.pairs)
+    for name in ("tf32", "bfloat16"):
+        # Rounding in a narrower format moves each entry by about u sqrt(K) of the gradient's scale, not
+        # more, and keeps the direction.
+        bound = _narrow_bound(name, k)
+        if worst <= bound and cosine >= 1 - bound and not an.factors:
+            told = dtype in _NARROW
+            return Cause(cid, 0.95 if told else 0.6,
+                         [f"every pair differs by at most {_g(worst)} relative: beyond float32's bound {_g(wide)} "
+                          f"but within {name} rounding (4 u sqrt(K) = {_g(bound)}), in the same direction "
+                          f"(cosine >= {cosine:.6f}), no constant factor"
+                          + (f"; the gradients were computed in {dtype}" if told else "")], fix)
+    return Cause(cid, 0.0, [f"the largest difference, {_g(worst)} relative (smallest cosine {cosine:.4f}), is beyond "
+                            "reduced-precision rounding (bfloat16 included)"], fix)
+
+
+def _test_weighted(an: _Analysis) -> Cause:
+    cid, fix = "weighted_mean_mismatch", CAUSES["weighted_mean_mismatch"][1]
+    told = bool(an.info.loss_reduction and "weight" in an.info.loss_reduction.lower())
+    odd = [p for p in an.factors if not _near(p.factor, round(p.factor)) and not _near(1 / p.factor,
+                                                                                         round(1 / p.factor))]
+    if odd:
+        p = odd[0]
+        return Cause(cid, 0.8 if told else 0.55,
+                     [f"{p.a} = {_g(p.factor)} x {p.b}: proportional with a factor that is no count (not N, R or "
+                      "micro-batches): a ratio of divisors such as Σw / N, which changes from batch to batch"], fix)
+    return Cause(cid, 0.15 if told and an.large else 0.0,
+                 ["no pair is proportional with a non-integer factor" if an.obs.grads is not None else
+                  "a table cannot show a factor; give the gradients (npz) to test"], fix)
+
+
+def diagnose(obs: Observations) -> Diagnosis:
+    """Test every cause of ``CAUSES`` against the observations and rank them, best explanation first."""
+    an = _Analysis(obs)
+    info = obs.info
+    causes = [_test_clean(an), *_test_normalization(an), _test_unzeroed(an), _test_short_last_batch(an),
+              *_test_train_mode(an), _test_precision(an), _test_weighted(an),
+              _test_factor(an, "data_parallel_average", info.replicas, "replicas", "--replicas"),
+              _test_factor(an, "accumulation_normalization", info.micro_batches, "micro-batches",
+                           "--micro-batches")]
+    best = max(c.score for c in causes)
+    if best < 0.5:
+        unknown = Cause("unknown", 0.5, [f"no known cause scores 0.5 or more (best {best:.2f}): gradparity cannot "
+                                         "explain these numbers and does not guess"], CAUSES["unknown"][1])
+    else:
+        unknown = Cause("unknown", 0.0, ["a known cause explains the numbers"], CAUSES["unknown"][1])
+    causes.append(unknown)
+    causes.sort(key=lambda c: -c.score)
+    notes = []
+    split, _ = an.split_roles()
+    if split or (an.large and any("per_example_backward" in _roles(x) for x in obs.labels)):
+        notes.append(NONLINEARITY_NOTE)
+    return Diagnosis(obs, an.pairs, an.clusters, causes, an.rtol, notes)
+
+
+#: Why "cross-entropy is not linear" does not explain a difference between reductions.
+NONLINEARITY_NOTE = (
+    "Not a cause: the non-linearity of the loss. The gradient is linear in the loss whatever the loss is: "
+    "d/dθ (ℓ_1 + ... + ℓ_N) = dℓ_1/dθ + ... + dℓ_N/dθ, and a mean is that sum times 1/N. Summing per-example "
+    "gradients, differentiating the summed loss, and differentiating the mean then multiplying by N are the same "
+    "number up to the order of additions, for cross-entropy as for any differentiable loss; only rounding "
+    "separates them (see a clean `gradparity run`).")
+
+
+def render_text(d: Diagnosis) -> str:
+    """The terminal view: the pattern, then the causes best first, each with its evidence and fix."""
+    obs = d.observations
+    lines = [f"diagnosing {obs.source}: {len(obs.labels)} results ({', '.join(obs.labels)})"]
+    if obs.resolution:
+        lines.append(f"printed to {obs.resolution * 2:g}: a 0 there means |a - b| < {obs.resolution:g}")
+    lines.append("pairs:")
+    for p in d.pairs:
+        extra = f", rel {_g(p.rel)}" if p.rel is not None else ""
+        extra += f", factor {_g(p.factor)}" if p.factor is not None else ""
+        lines.append(f"  {p.a} vs {p.b}: max|a-b| {p.max_abs:.4g} ({p.kind.replace('_', ' ')}{extra})")
+    lines.append("groups that agree: " + "; ".join("{" + ", ".join(c) + "}" for c in d.clusters))
+    lines.append("")
+    shown = [c for c in d.causes if c.score >= 0.3] or d.causes[:1]
+    for rank, c in enumerate(shown, start=1):
+        lines.append(f"{rank}. {c.id} (score {c.score:.2f}): {CAUSES[c.id][0]}")
+        lines += [f"     evidence: {e}" for e in c.evidence]
+        lines.append(f"     fix: {c.fix}")
+    weak = [f"{c.id} ({c.score:.2f})" for c in d.causes if 0 < c.score < 0.3 and c not in shown]
+    if weak:
+        lines.append(f"not excluded, but nothing here points to them: {', '.join(weak)}")
+    ruled = [c.id for c in d.causes if c.score == 0 and c not in shown]
+    if ruled:
+        lines.append(f"ruled out by these numbers: {', '.join(ruled)}")
+    lines.append("(--json gives every cause's evidence)")
+    lines += ["", *d.notes] if d.notes else []
+    return "\n".join(lines)
+
+
+EXIT_CLEAN, EXIT_CAUSE, EXIT_UNKNOWN = 0, 1, 3
+
+
+def load(source: str, info: Info) -> Observations:
+    """Observations from a report folder, an npz of gradients, a table file, or '-' (a table on stdin);
+    ``info`` (from --info and flags) overrides what a report records."""
+    import sys
+
+    if source == "-":
+        obs = read_table(sys.stdin.read(), "standard input")
+        obs.info = info
+        return obs
+    path = Path(source)
+    if path.is_dir():
+        obs, recorded = read_report(source)
+        obs.info = recorded.merged(info)
+        return obs
+    if not path.exists():
+        raise ConfigError(f"{source!r} does not exist: give a report folder, an .npz of gradients or a table")
+    if path.suffix == ".npz":
+        obs = read_gradients(source)
+    else:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read {source!r} as a text table: {exc}") from None
+        obs = read_table(text, source)
+    obs.info = info
+    return obs
+
+
+def exit_code(d: Diagnosis) -> int:
+    """0 when the numbers are clean, 1 when a known cause ranks first, 3 when nothing explains them."""
+    return {"clean": EXIT_CLEAN, "unknown": EXIT_UNKNOWN}.get(d.top.id, EXIT_CAUSE)

@@ -1,0 +1,251 @@
+"""``gradparity diagnose``: the true cause ranks first on generated cases; clean is clean; noise is unknown.
+
+Each case builds per-example gradients from a seed, then the methods' results
+the way the cause makes them (numpy in, numpy out); the diagnosis sees only
+the results (and, where a case says so, what a user would know).
+"""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from gradparity import diagnose as dg
+from gradparity.cli import main
+from gradparity.errors import ConfigError
+
+from conftest import installed
+
+N = 64
+SEED_TABLE = """\
+Maximum discrepancy between reduction = none and sum: 0.0316
+Maximum discrepancy between reduction = none and avg: 0.0316
+Maximum discrepancy between reduction = none and one-by-one: 0.0
+Maximum discrepancy between reduction = sum and avg: 0.0
+Maximum discrepancy between reduction = sum and one-by-one: 0.0316
+Maximum discrepancy between reduction = avg and one-by-one: 0.0316
+"""
+
+
+def per_example(n=N, p=40, seed=0) -> np.ndarray:
+    """(n, p) per-example gradients: a shared direction plus per-example spread, float32."""
+    rng = np.random.default_rng(seed)
+    return (0.05 * rng.standard_normal(p) + 0.02 * rng.standard_normal((n, p))).astype(np.float32)
+
+
+def methods(g: np.ndarray) -> dict[str, np.ndarray]:
+    """The seed's four methods done right in float32: each adds in its own order, all the batch mean."""
+    n = len(g)
+    none = np.zeros(g.shape[1], np.float32)
+    for row in g:
+        none = none + row
+    return {"none": none / np.float32(n), "sum": g.sum(axis=0, dtype=np.float32) / np.float32(n),
+            "mean": g.mean(axis=0, dtype=np.float32),
+            "one_by_one": np.add.reduce(g[::-1], axis=0, dtype=np.float32) / np.float32(n)}
+
+
+def observe(results: dict[str, np.ndarray], **info) -> dg.Diagnosis:
+    grads = {m: {"w": np.asarray(v, np.float64).reshape(8, -1)} for m, v in results.items()}
+    obs = dg.from_gradients(grads, "generated")
+    obs.info = dg.Info.from_dict(info, "test")
+    return dg.diagnose(obs)
+
+
+def test_a_clean_run_is_clean():
+    d = observe(methods(per_example()), batch_size=N, dtype="float32")
+    assert d.top.id == "clean" and d.top.score == 1.0
+    assert dg.exit_code(d) == dg.EXIT_CLEAN
+
+
+def test_a_missing_one_over_n_is_named_with_its_factor():
+    r = methods(per_example())
+    r["sum"] = r["sum"] * N
+    d = observe(r, batch_size=N)
+    assert d.top.id == "missing_normalization", dg.render_text(d)
+    assert any("sum = 64" in e for e in d.top.evidence)
+
+
+def test_a_doubled_one_over_n_is_named():
+    r = methods(per_example())
+    r["mean"] = r["mean"] / N
+    d = observe(r, batch_size=N)
+    assert d.top.id == "double_normalization", dg.render_text(d)
+
+
+def test_a_result_holding_another_results_gradient_is_unzeroed():
+    r = methods(per_example())
+    r["mean"] = r["mean"] + r["sum"]  # sum's gradient was still in .grad when mean's backward ran
+    d = observe(r, batch_size=N)
+    assert d.top.id == "unzeroed_gradients" and d.top.score >= 0.9, dg.render_text(d)
+
+
+def test_per_example_loops_reading_an_unzeroed_accumulator():
+    """The seed's bug: reading .grad after each example without zeroing counts example i N - i times."""
+    g = per_example()
+    r = methods(g)
+    prefix = np.cumsum(g, axis=0, dtype=np.float32).sum(axis=0) / N
+    r["none"], r["one_by_one"] = prefix, prefix.copy()
+    d = observe(r, batch_size=N)
+    assert d.top.id == "unzeroed_gradients" and d.top.score >= 0.8, dg.render_text(d)
+    assert sorted(map(sorted, d.clusters)) == [["mean", "sum"], ["none", "one_by_one"]]
+
+
+def test_a_short_last_batch_averaged_as_a_mean_of_batch_means():
+    g = per_example(n=100)
+    size = 32
+    batches = [g[i:i + size] for i in range(0, 100, size)]  # 32, 32, 32, 4
+    over_examples = g.sum(axis=0) / 100
+    mean_of_means = np.mean([b.mean(axis=0) for b in batches], axis=0)
+    r = {"none": over_examples, "one_by_one": over_examples.copy(), "sum": mean_of_means,
+         "mean": mean_of_means.copy()}
+    d = observe(r, batch_size=size, dataset_size=100)
+    assert d.top.id == "short_last_batch", dg.render_text(d)
+    # With full batches the same numbers cannot come from a short one.
+    full = observe(r, batch_size=25, dataset_size=100)
+    assert next(c for c in full.causes if c.id == "short_last_batch").score == 0.0
+
+
+@pytest.mark.parametrize("flag,cause", [("dropout", "dropout_train_mode"), ("batchnorm", "batchnorm_train_mode")])
+def test_train_mode_layers_separate_the_one_by_one_method(flag, cause):
+    g = per_example()
+    r = methods(g)
+    rng = np.random.default_rng(5)
+    r["one_by_one"] = (g * (rng.random(g.shape) > 0.1) / 0.9).mean(axis=0)  # its own forward passes, other masks
+    d = observe(r, batch_size=N, **{flag: True})
+    assert d.top.id == cause, dg.render_text(d)
+
+
+def test_reduced_precision_is_rounding_in_a_narrower_format():
+    g = per_example()
+    rng = np.random.default_rng(1)
+    mean = g.mean(axis=0)
+    # bfloat16 keeps 8 significant bits: each method's result rounded at that level, its own way.
+    r = {m: mean * (1 + rng.uniform(-2 ** -8, 2 ** -8, mean.shape)) for m in ("none", "sum", "mean", "one_by_one")}
+    d = observe(r, batch_size=N, dtype="bfloat16")
+    assert d.top.id == "reduced_precision", dg.render_text(d)
+    # The same numbers said to be float64 still point to a narrower format than float64's bound allows.
+    assert observe(r, batch_size=N, dtype="float64").top.id == "reduced_precision"
+
+
+def test_a_non_integer_factor_is_a_weighted_mean_mismatch():
+    g = per_example()
+    r = methods(g)
+    weights = np.array([1.0, 2.0, 0.5, 1.0, 3.0])[np.arange(N) % 5]
+    # ÷ Σw (class-weighted mean) against ÷ N (sum_over_batch_size with the same weights): proportional on a batch.
+    r["sum"] = (weights[:, None] * g).sum(axis=0) / weights.sum()
+    r["mean"] = (weights[:, None] * g).sum(axis=0) / N
+    d = observe({"sum": r["sum"], "mean": r["mean"], "none": r["sum"].copy()}, batch_size=N,
+                loss_reduction="class-weighted mean vs sample-weighted sum_over_batch_size")
+    assert d.top.id == "weighted_mean_mismatch", dg.render_text(d)
+
+
+@pytest.mark.parametrize("key,cause", [("replicas", "data_parallel_average"),
+                                       ("micro_batches", "accumulation_normalization")])
+def test_a_factor_equal_to_a_count_the_user_gave(key, cause):
+    r = methods(per_example())
+    r["sum"] = r["sum"] / 4  # a summed loss averaged over 4 replicas / 4 micro-batch sums divided again
+    d = observe(r, batch_size=N, **{key: 4})
+    assert d.top.id == cause, dg.render_text(d)
+
+
+def test_unrelated_gradients_are_unknown():
+    rng = np.random.default_rng(2)
+    r = {m: rng.standard_normal(40) for m in ("a", "b", "c")}
+    d = observe(r)
+    assert d.top.id == "unknown" and dg.exit_code(d) == dg.EXIT_UNKNOWN, dg.render_text(d)
+
+
+def test_the_seed_table():
+    """The seed's own table: the per-example loops against the batched reductions, explained, and the
+    non-linearity of cross-entropy rejected."""
+    obs = dg.read_table(SEED_TABLE, "seed")
+    assert obs.labels == ["none", "sum", "avg", "one-by-one"] and obs.resolution == 5e-5
+    d = dg.diagnose(obs)
+    assert d.top.id == "unzeroed_gradients", dg.render_text(d)
+    assert sorted(map(sorted, d.clusters)) == [["avg", "sum"], ["none", "one-by-one"]]
+    ruled = {c.id for c in d.causes if c.score == 0}
+    assert {"clean", "dropout_train_mode", "batchnorm_train_mode"} <= ruled
+    assert any("non-linearity" in n for n in d.notes)
+    # Full batches rule the short last batch out; a short one keeps it in play.
+    obs.info = dg.Info(batch_size=64, dataset_size=1024)
+    assert next(c for c in dg.diagnose(obs).causes if c.id == "short_last_batch").score == 0.0
+
+
+def test_a_table_with_no_known_pattern_is_unknown():
+    table = "a,b,max_abs\nx,y,0.3\nx,z,0.5\ny,z,0.2\n"
+    d = dg.diagnose(dg.read_table(table, "t.csv"))
+    assert d.top.id == "unknown", dg.render_text(d)
+
+
+def test_every_table_form_reads_the_same():
+    rows = [("none", "sum", 0.0316), ("none", "mean", 0.0)]
+    csv_text = "a,b,max_abs\n" + "".join(f"{a},{b},{v}\n" for a, b, v in rows)
+    json_text = json.dumps([{"a": a, "b": b, "max_abs": v} for a, b, v in rows])
+    seed = "".join(f"Maximum discrepancy between reduction = {a} and {b}: {v}\n" for a, b, v in rows)
+    read = [dg.read_table(t, "t").diffs for t in (csv_text, json_text, seed)]
+    assert read[0] == read[1] == read[2] == {("none", "sum"): 0.0316, ("none", "mean"): 0.0}
+
+
+@pytest.mark.parametrize("text,message", [
+    ("nothing here", "no pairwise differences"),
+    ("a,b,max_abs\nx,y\n", "expected a, b, max_abs"),
+    ("a,b,max_abs\nx,y,-1\n", "finite non-negative"),
+    ("a,b,max_abs\nx,x,0.1\n", "with itself"),
+    ("[{\"a\": \"x\"}]", "JSON must be"),
+])
+def test_bad_tables_are_config_errors(text, message):
+    with pytest.raises(ConfigError, match=message):
+        dg.read_table(text, "t")
+
+
+def test_bad_input_is_exit_2(tmp_path, capsys):
+    np.savez(tmp_path / "g.npz", **{"a/w": np.ones(3), "b/w": np.ones(4)})
+    assert main(["diagnose", str(tmp_path / "g.npz")]) == 2
+    assert "(4,) in 'b'" in capsys.readouterr().err
+    np.savez(tmp_path / "nan.npz", **{"a/w": np.ones(3), "b/w": np.array([1.0, np.nan, 1.0])})
+    assert main(["diagnose", str(tmp_path / "nan.npz")]) == 2
+    (tmp_path / "info.toml").write_text("batch = 64\n")
+    (tmp_path / "t.txt").write_text(SEED_TABLE)
+    assert main(["diagnose", str(tmp_path / "t.txt"), "--info", str(tmp_path / "info.toml")]) == 2
+    assert "unknown key(s) 'batch'" in capsys.readouterr().err
+    assert main(["diagnose", str(tmp_path / "t.txt"), "--batch-size", "0"]) == 2
+    assert main(["diagnose", str(tmp_path / "missing")]) == 2
+
+
+def test_cli_json_has_the_documented_shape(tmp_path, capsys):
+    (tmp_path / "t.txt").write_text(SEED_TABLE)
+    assert main(["diagnose", str(tmp_path / "t.txt"), "--json"]) == 1
+    doc = json.loads(capsys.readouterr().out)
+    assert [c["id"] for c in doc["causes"]][0] == "unzeroed_gradients"
+    assert {c["id"] for c in doc["causes"]} == set(dg.CAUSES)
+    assert all(set(c) == {"id", "score", "evidence", "fix"} for c in doc["causes"])
+
+
+@pytest.mark.skipif(not installed("torch"), reason="needs torch: pip install 'gradparity[torch]'")
+def test_the_seed_reproduction_written_in_torch(tmp_path):
+    """examples/seed_question_torch.py, the question's code with its bug and then fixed: diagnose names the
+    bug first on its table and on its gradients, and calls the fixed gradients clean."""
+    proc = subprocess.run([sys.executable, "examples/seed_question_torch.py", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = dg.diagnose(dg.read_table((tmp_path / "bug_table.txt").read_text(), "bug"))
+    assert table.top.id == "unzeroed_gradients"
+    info = dg.Info(batch_size=64, dtype="float32")
+    bug = dg.read_gradients(str(tmp_path / "bug_gradients.npz"))
+    bug.info = info
+    assert dg.diagnose(bug).top.id == "unzeroed_gradients"
+    fixed = dg.read_gradients(str(tmp_path / "fixed_gradients.npz"))
+    fixed.info = info
+    assert dg.diagnose(fixed).top.id == "clean"
+
+
+def test_readme_shows_what_diagnose_prints_for_the_seed_table():
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    readme = open(os.path.join(root, "README.md"), encoding="utf-8").read()
+    shown = readme.split("<!-- seed-diagnosis:start -->\n```text\n", 1)[1].split("\n```\n<!-- seed-diagnosis:end", 1)[0]
+    proc = subprocess.run([sys.executable, "-m", "gradparity", "diagnose", "examples/seed_table.txt"],
+                          capture_output=True, text=True, cwd=root, timeout=120)
+    assert proc.returncode == 1 and proc.stdout.rstrip("\n") == shown
