@@ -335,6 +335,7 @@ def read_report(folder: str) -> tuple[Observations, Info]:
     except (OSError, json.JSONDecodeError) as exc:
         raise ConfigError(f"cannot read {folder}/report.json: {exc}") from None
     obs = read_gradients(str(path / "gradients.npz"))
+    obs.source = f"report {folder}"
     exp = doc.get("experiment", {})
     info = Info(batch_size=exp.get("data", {}).get("batch_size"), dtype=exp.get("dtype"))
     return obs, info
@@ -729,14 +730,30 @@ NONLINEARITY_NOTE = (
     "separates them (see a clean `gradparity run`).")
 
 
+#: Pairs listed in the text view; --json lists all.
+MAX_PAIRS_SHOWN = 12
+
+
 def render_text(d: Diagnosis) -> str:
     """The terminal view: the pattern, then the causes best first, each with its evidence and fix."""
     obs = d.observations
     lines = [f"diagnosing {obs.source}: {len(obs.labels)} results ({', '.join(obs.labels)})"]
     if obs.resolution:
         lines.append(f"printed to {obs.resolution * 2:g}: a 0 there means |a - b| < {obs.resolution:g}")
-    lines.append("pairs:")
-    for p in d.pairs:
+    shown_pairs = d.pairs
+    if len(d.pairs) > MAX_PAIRS_SHOWN:
+        # Many results: every pair that differs, then the largest of the rest, up to the limit.
+        order = {"large": 0, "factor": 0}
+        shown_pairs = sorted(d.pairs, key=lambda p: (order.get(p.kind, 1), -(p.rel if p.rel is not None
+                                                                               else p.max_abs)))[:MAX_PAIRS_SHOWN]
+        counts = {}
+        for p in d.pairs:
+            counts[p.kind] = counts.get(p.kind, 0) + 1
+        tally = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items())
+        lines.append(f"pairs: {len(d.pairs)} ({tally}); the {MAX_PAIRS_SHOWN} that differ most (--json lists all):")
+    else:
+        lines.append("pairs:")
+    for p in shown_pairs:
         extra = f", rel {_g(p.rel)}" if p.rel is not None else ""
         extra += f", factor {_g(p.factor)}" if p.factor is not None else ""
         lines.append(f"  {p.a} vs {p.b}: max|a-b| {p.max_abs:.4g} ({p.kind.replace('_', ' ')}{extra})")
