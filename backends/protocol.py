@@ -53,10 +53,26 @@ class WorkerJob:
     #: ``BATCH/logits``, ``BATCH/targets`` and optionally ``BATCH/sample_weight``.
     task: str = "gradients"
     payload: dict = field(default_factory=dict)
+    #: Discrepancy causes a backend reproduces natively (see gradparity.causes), e.g.
+    #: {"unzeroed_gradients": True}: the per-example loops read an accumulator they never zero.
+    switches: dict = field(default_factory=dict)
 
     @property
     def n_examples(self) -> int:
         return int(self.batch["y"].shape[0])
+
+    def inputs_for(self, case: str) -> tuple[str, np.ndarray, np.ndarray]:
+        """(method, x, y) of a gradients case: 'METHOD' runs on the batch, 'METHOD@PART' on the part
+        ``batch['parts/PART/x' | 'parts/PART/y']`` (extra or sub-batches some discrepancy causes need)."""
+        method, _, part = case.partition("@")
+        if not part:
+            return method, self.batch["x"], self.batch["y"]
+        return method, self.batch[f"parts/{part}/x"], self.batch[f"parts/{part}/y"]
+
+    @property
+    def unzeroed(self) -> bool:
+        """Whether the per-example loops must read an accumulator they never zero (a discrepancy switch)."""
+        return bool(self.switches.get("unzeroed_gradients"))
 
     def expected_grad_shapes(self, method: str) -> dict[str, tuple[int, ...]]:
         """The gradient names and shapes a method must return: the parameters, or the case's logits."""
@@ -68,7 +84,7 @@ class WorkerJob:
         """Write the job (JSON) and its arrays (npz) into ``job_dir``."""
         meta = {k: getattr(self, k) for k in (
             "backend", "framework", "variant", "module", "extra", "requires", "methods",
-            "dtype", "device", "precision", "model", "loss", "task", "payload")}
+            "dtype", "device", "precision", "model", "loss", "task", "payload", "switches")}
         meta["requires"] = list(self.requires)
         meta["methods"] = list(self.methods)
         meta["param_names"] = list(self.params)

@@ -84,11 +84,15 @@ CAUSES: dict[str, tuple[str, str]] = {
                 "another model, another batch, another loss, parameters changed between the methods"),
 }
 
-#: How a method label is read: the roles of its computation.
+#: How a method label is read: the roles of its computation. 'loop': one backward pass per example into
+#: an accumulator; 'per_example': averaged over examples (loops and vectorized per-example gradients);
+#: 'reduced': one backward pass on a reduced batch loss; 'separate_forward': a forward pass per example.
+_LOOP = ("none", "none_loop", "one_by_one", "onebyone", "loop", "single", "per_example")
 _ROLE_WORDS = {
-    "per_example_backward": ("none", "none_loop", "one_by_one", "onebyone", "per_example", "loop", "single"),
+    "loop": _LOOP,
+    "per_example": _LOOP + ("none_vectorized", "vectorized", "vmap"),
+    "reduced": ("sum", "mean", "avg", "average", "sum_over_batch_size", "batch"),
     "separate_forward": ("one_by_one", "onebyone", "single"),
-    "batched": ("sum", "mean", "avg", "average", "sum_over_batch_size", "batch"),
 }
 _INFO_KEYS = ("batch_size", "dataset_size", "dtype", "micro_batches", "replicas", "dropout", "batchnorm",
               "loss_reduction")
@@ -282,8 +286,10 @@ def read_table(text: str, name: str = "the table") -> Observations:
     return Observations(name, labels, diffs, resolution=resolution)
 
 
-def read_gradients(path: str) -> Observations:
-    """Observations from an npz of gradients keyed METHOD/PARAM (or a gradparity BACKEND/METHOD/PARAM)."""
+def read_gradients(path: str, label_parts: int = 1) -> Observations:
+    """Observations from an npz of gradients keyed METHOD/PARAM: the first ``label_parts`` parts of a key
+    name the result (1 for a user's METHOD/PARAM, whose PARAM may hold '/' as Keras paths do; 2 for a
+    gradparity report's BACKEND/METHOD/PARAM), the rest the parameter."""
     try:
         with np.load(Path(path), allow_pickle=False) as z:
             arrays = {k: np.asarray(z[k], dtype=np.float64) for k in z.files}
@@ -295,9 +301,10 @@ def read_gradients(path: str) -> Observations:
         raise ConfigError(f"{path!r} must be an .npz of arrays keyed METHOD/PARAM") from None
     grads: dict[str, dict[str, np.ndarray]] = {}
     for key, value in arrays.items():
-        if "/" not in key:
+        parts = key.split("/")
+        if len(parts) <= label_parts:
             raise ConfigError(f"{path}: key {key!r} is not METHOD/PARAM (e.g. 'sum/fc1.weight')")
-        method, param = key.rsplit("/", 1)
+        method, param = "/".join(parts[:label_parts]), "/".join(parts[label_parts:])
         grads.setdefault(method, {})[param] = value
     return from_gradients(grads, str(path))
 
@@ -334,7 +341,7 @@ def read_report(folder: str) -> tuple[Observations, Info]:
         raise ConfigError(f"{folder!r} holds no report.json: give a gradparity report folder") from None
     except (OSError, json.JSONDecodeError) as exc:
         raise ConfigError(f"cannot read {folder}/report.json: {exc}") from None
-    obs = read_gradients(str(path / "gradients.npz"))
+    obs = read_gradients(str(path / "gradients.npz"), label_parts=2)
     obs.source = f"report {folder}"
     exp = doc.get("experiment", {})
     info = Info(batch_size=exp.get("data", {}).get("batch_size"), dtype=exp.get("dtype"))
@@ -441,25 +448,29 @@ class _Analysis:
         self.large = [p for p in self.pairs if p.kind in ("large", "factor")]
         self.zeros = [p for p in self.pairs if p.kind in ("zero", "unresolved_zero")]
 
-    def split_roles(self) -> tuple[bool, str]:
-        """Whether the clusters split per-example-backward methods from batched ones, and how."""
+    def cluster_of(self, label: str) -> int:
+        return next(i for i, c in enumerate(self.clusters) if label in c)
+
+    def split(self, role: str, other: str | None = None) -> tuple[list[str], list[str]] | None:
+        """(the cluster whose methods all have ``role``, the other) when the results form two clusters
+        split that way (the other's methods all lack ``role``, or all have ``other``), else None."""
         if len(self.clusters) != 2:
-            return False, ""
-        kinds = []
-        for c in self.clusters:
-            roles = [_roles(label) for label in c]
-            if all("per_example_backward" in r for r in roles):
-                kinds.append("per_example")
-            elif all("batched" in r for r in roles):
-                kinds.append("batched")
-            else:
-                kinds.append("mixed")
-        if sorted(kinds) == ["batched", "per_example"]:
-            per, bat = (self.clusters if kinds[0] == "per_example" else self.clusters[::-1])
-            return True, (f"the methods that run one backward pass per example ({', '.join(per)}) agree with "
-                          f"each other and differ from those that run one backward pass on the reduced batch loss "
-                          f"({', '.join(bat)})")
-        return False, ""
+            return None
+        for mine, theirs in (self.clusters, self.clusters[::-1]):
+            if all(role in _roles(x) for x in mine) and all(
+                    (other in _roles(x)) if other else (role not in _roles(x)) for x in theirs):
+                return mine, theirs
+        return None
+
+    def loop_split(self) -> tuple[list[str], list[str], str] | None:
+        """The per-example loops against every other method: (loops, others, in words) or None."""
+        found = self.split("loop")
+        if found is None:
+            return None
+        loops, others = found
+        return loops, others, (f"the methods that run one backward pass per example into an accumulator "
+                               f"({', '.join(loops)}) agree with each other and differ from the others "
+                               f"({', '.join(others)})")
 
     def describe_zero(self, p: PairPattern) -> str:
         if p.kind == "unresolved_zero":
@@ -537,9 +548,28 @@ def _test_factor(an: _Analysis, cid: str, k: int | None, what: str, flag: str) -
                 break
     if hits:
         return Cause(cid, 0.95, hits, CAUSES[cid][1])
+    if k and k > 1 and an.large and an.obs.grads is not None:
+        # Uneven splits (N not a multiple of k) make the factor inexact: test the projection ratio instead.
+        flat = {label: _flat(v) for label, v in an.obs.grads.items()}
+        for p in an.large:
+            a, b = flat[p.a], flat[p.b]
+            for r, hi, lo in ((float(a @ b) / max(float(b @ b), 1e-300), p.a, p.b),
+                              (float(a @ b) / max(float(a @ a), 1e-300), p.b, p.a)):
+                if abs(r - k) <= 0.15 * k:
+                    return Cause(cid, 0.8, [f"{hi} projects onto {lo} with ratio {_g(r)}, within 15% of the "
+                                            f"{k} {what}: the factor {k} made inexact by uneven splits "
+                                            f"(N not a multiple of {k})"], CAUSES[cid][1])
     if k and k > 1 and an.large:
         return Cause(cid, 0.35, [f"{k} {what} were used, but no pair differs by a factor {k}; with padded "
                                  "tokens or uneven splits the effect is not a constant factor"], CAUSES[cid][1])
+    small = [p for p in an.factors if 2 <= max(p.factor, 1 / p.factor) <= 64
+             and _near(max(p.factor, 1 / p.factor), round(max(p.factor, 1 / p.factor)))
+             and not (an.info.batch_size and _near(max(p.factor, 1 / p.factor), an.info.batch_size))]
+    if not k and small:
+        f = round(max(small[0].factor, 1 / small[0].factor))
+        return Cause(cid, 0.45, [f"{small[0].a} / {small[0].b} = {_g(small[0].factor)}: an integer factor, which "
+                                 f"{f} {what} would give; say how many were used ({flag}) to test it"],
+                     CAUSES[cid][1])
     return Cause(cid, 0.0 if an.obs.grads is not None and not k else 0.1,
                  [f"no number of {what} given ({flag}) and no factor points to one"], CAUSES[cid][1])
 
@@ -555,7 +585,8 @@ def _test_unzeroed(an: _Analysis) -> Cause:
             for hi, lo in ((a, b), (b, a)):
                 delta = flat[hi] - flat[lo]
                 for c in an.obs.labels:
-                    if c in (a, b):
+                    # c must be a third result, not lo again: with a factor 2, hi - lo = lo trivially.
+                    if c in (a, b) or an.cluster_of(c) in (an.cluster_of(lo), an.cluster_of(hi)):
                         continue
                     scale = max(float(np.max(np.abs(flat[hi]))), 1e-300)
                     if float(np.max(np.abs(delta - flat[c]))) / scale <= max(an.rtol or 0.0, 1e-12) * 4:
@@ -563,34 +594,39 @@ def _test_unzeroed(an: _Analysis) -> Cause:
                                                  "gradient on top of its own"], fix)
         for p in an.factors:
             for r, hi, lo in ((p.factor, p.a, p.b), (1 / p.factor, p.b, p.a)):
-                if r >= 1.5 and _near(r, round(r)) and not (an.info.batch_size and _near(r, an.info.batch_size)):
-                    return Cause(cid, 0.7, [f"{hi} = {round(r)} x {lo}: the gradient added {round(r)} times into "
-                                            "one accumulator"], fix)
+                counts = [k for k in (an.info.batch_size, an.info.replicas, an.info.micro_batches) if k]
+                if r >= 1.5 and _near(r, round(r)) and not any(_near(r, k) for k in counts):
+                    return Cause(cid, 0.5, [f"{hi} = {round(r)} x {lo}: the gradient added {round(r)} times into "
+                                            "one accumulator, or a count you did not give (--replicas, "
+                                            "--micro-batches, --batch-size) that equals it"], fix)
         n = an.info.batch_size
-        split, how = an.split_roles()
-        if split and n:
+        found = an.loop_split()
+        if found and n:
             # Reading the accumulator after each of N backward passes sums prefix sums: example i counts N - i
             # times, so the result projects onto the true gradient with a ratio near (N + 1) / 2.
-            per = next(c for c in an.clusters if all("per_example_backward" in _roles(x) for x in c))[0]
-            bat = next(c for c in an.clusters if c[0] != per and per not in c)[0]
+            loops, others, how = found
+            per, bat = loops[0], others[0]
             r = float(flat[per] @ flat[bat]) / max(float(flat[bat] @ flat[bat]), 1e-300)
             expected = (n + 1) / 2
             if 0.5 * expected <= r <= 1.5 * expected:
                 return Cause(cid, 0.8, [how, f"{per} projects onto {bat} with ratio {_g(r)}, near (N + 1)/2 = "
                                              f"{_g(expected)}: what reading .grad after each of N = {n} backward "
                                              "passes without zeroing gives (example i counted N - i times)"], fix)
-        if split:
-            return Cause(cid, 0.5, [how, "consistent with a per-example loop that reads an accumulator it never "
-                                         "zeroes; give --batch-size to test the (N + 1)/2 ratio it predicts"], fix)
+            return Cause(cid, 0.3, [how, f"but {per} projects onto {bat} with ratio {_g(r)}, far from the (N + 1)/2 "
+                                         f"= {_g(expected)} an unzeroed accumulator gives"], fix)
+        if found:
+            return Cause(cid, 0.5, [found[2], "consistent with a per-example loop that reads an accumulator it "
+                                              "never zeroes; give --batch-size to test the (N + 1)/2 ratio it "
+                                              "predicts"], fix)
         return Cause(cid, 0.0 if not an.large else 0.15,
-                     ["no result equals another plus a third, and no integer factor points to repeated "
-                      "accumulation"], fix)
-    split, how = an.split_roles()
-    if split:
-        return Cause(cid, 0.6, [how, "that is what a per-example loop gives when it reads .grad after each "
-                                     "backward pass without zeroing it: both loops carry the same bug, so they agree "
-                                     "exactly with each other; give the gradients (npz) to test it quantitatively"],
-                     fix)
+                     ["no result equals another plus a third, no integer factor points to repeated "
+                      "accumulation, and the per-example loops do not stand apart"], fix)
+    found = an.loop_split()
+    if found:
+        return Cause(cid, 0.6, [found[2], "that is what a per-example loop gives when it reads .grad after each "
+                                          "backward pass without zeroing it: both loops carry the same bug, so "
+                                          "they agree exactly with each other; give the gradients (npz) to test "
+                                          "it quantitatively"], fix)
     return Cause(cid, 0.2 if an.large else 0.0, ["the pattern does not single out the per-example loops"], fix)
 
 
@@ -606,14 +642,18 @@ def _test_short_last_batch(an: _Analysis) -> Cause:
         ev = [f"dataset_size {m} = {m // n} x {n} + {last}: the last of {count} batches holds {last} examples; in "
               f"the mean of batch means each of its examples weighs 1/({count} x {last}) instead of 1/{m}, "
               f"{m / (count * last):.3g} times its share"]
-        split, how = an.split_roles()
-        if split:
-            ev.append(how + ": per-example averages divide by the example count, batch means do not")
-        return Cause(cid, 0.75 if split else 0.5, ev, fix)
-    split, how = an.split_roles()
+        found = an.split("per_example", "reduced")
+        if found:
+            ev.append(f"the methods averaged over examples ({', '.join(found[0])}) agree with each other and "
+                      f"differ from the batch-reduced ones ({', '.join(found[1])}): per-example averages "
+                      "divide by the example count, batch means do not")
+        return Cause(cid, 0.75 if found else 0.4, ev, fix)
+    found = an.split("per_example", "reduced")
     ev = ["needs numbers averaged over several batches of different sizes; on one batch every method sees "
           "the same N, so a short batch cannot separate them. Give --dataset-size and --batch-size to test"]
-    return Cause(cid, 0.35 if split else 0.15, ([how] if split else []) + ev, fix)
+    lead = ([f"the methods averaged over examples ({', '.join(found[0])}) differ from the batch-reduced ones "
+             f"({', '.join(found[1])})"] if found else [])
+    return Cause(cid, 0.35 if found else 0.15, lead + ev, fix)
 
 
 def _test_train_mode(an: _Analysis) -> list[Cause]:
@@ -715,8 +755,8 @@ def diagnose(obs: Observations) -> Diagnosis:
     causes.append(unknown)
     causes.sort(key=lambda c: -c.score)
     notes = []
-    split, _ = an.split_roles()
-    if split or (an.large and any("per_example_backward" in _roles(x) for x in obs.labels)):
+    if an.large and any("per_example" in _roles(x) for x in obs.labels) and any(
+            "reduced" in _roles(x) for x in obs.labels):
         notes.append(NONLINEARITY_NOTE)
     return Diagnosis(obs, an.pairs, an.clusters, causes, an.rtol, notes)
 

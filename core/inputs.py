@@ -17,6 +17,7 @@ import numpy as np
 
 from gradparity.errors import ConfigError
 from gradparity.models import MLP
+from gradparity.causes import part_arrays
 from gradparity.spec import DataSpec, Experiment
 
 #: Biases are drawn from U(-BIAS_RANGE, BIAS_RANGE), not zeros, so that a
@@ -210,23 +211,34 @@ def build_inputs(exp: Experiment) -> CanonicalInputs:
 
     n = x.shape[0]
     start, stop = spec.batch_index * spec.batch_size, (spec.batch_index + 1) * spec.batch_size
-    if stop > n:
+    last = exp.causes.short_last_batch
+    if stop + last > n:
+        need = f"{stop + last} examples" + (f" ({stop} up to the batch, {last} for causes.short_last_batch)"
+                                             if last else "")
         raise ConfigError(
             f"data.batch_size = {spec.batch_size} with data.batch_index = {spec.batch_index} needs "
-            f"{stop} examples, but the data has {n}")
+            f"{need}, but the data has {n}")
     model = MLP((x.shape[1], *exp.model.hidden, num_classes), exp.model.activation)
     check_problem_size(model, spec.batch_size, inferred, int(y.max()))
 
     order = _rng(exp.seed, 1).permutation(n) if spec.shuffle else np.arange(n)
-    rows = order[start:stop]
-    with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, not warned about
-        xb = x[rows].astype(exp.dtype)
-    if not np.all(np.isfinite(xb)):
-        big = float(np.max(np.abs(x[rows][~np.isfinite(xb)])))
-        raise ConfigError(f"inputs overflow {exp.dtype}: a value of magnitude {big:.3g} in the batch is "
-                          f"larger than {exp.dtype} can represent ({np.finfo(exp.dtype).max:.3g})")
-    yb = y[rows].astype(np.int64)
+    xb, yb = _rows(x, y, order[start:stop], exp.dtype)
+    extra = _rows(x, y, order[stop:stop + last], exp.dtype) if last else (None, None)
 
     params = init_params(model, exp.seed, exp.dtype)
     desc += f", batch {spec.batch_index} of size {spec.batch_size}" + (" (seeded shuffle)" if spec.shuffle else "")
-    return CanonicalInputs(model, params, {"x": xb, "y": yb}, desc)
+    if last:
+        desc += f", then a short last batch of the next {last} examples (causes.short_last_batch)"
+    batch = {"x": xb, "y": yb, **part_arrays(exp.causes, xb, yb, *extra)}
+    return CanonicalInputs(model, params, batch, desc)
+
+
+def _rows(x: np.ndarray, y: np.ndarray, rows: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """The examples ``rows`` in ``dtype`` (labels int64); ConfigError when a value overflows ``dtype``."""
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, not warned about
+        xb = x[rows].astype(dtype)
+    if not np.all(np.isfinite(xb)):
+        big = float(np.max(np.abs(x[rows][~np.isfinite(xb)])))
+        raise ConfigError(f"inputs overflow {dtype}: a value of magnitude {big:.3g} in the batch is "
+                          f"larger than {dtype} can represent ({np.finfo(dtype).max:.3g})")
+    return xb, y[rows].astype(np.int64)

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gradparity.execute import BackendOutcome
-from gradparity.methods import METHODS
 
 #: Unit roundoff u = 2^-(p) for p significand bits (incl. the implicit one), round to nearest.
 UNIT_ROUNDOFF = {"float64": 2.0 ** -53, "float32": 2.0 ** -24, "tf32": 2.0 ** -11}
@@ -68,29 +67,42 @@ def nonfinite_problem(loss: float, grads: dict[str, np.ndarray]) -> str | None:
     return "non-finite result: " + "; ".join(parts) if parts else None
 
 
-def normalize(outcomes: list[BackendOutcome], methods: tuple[str, ...], n_examples: int) -> list[Result]:
-    """One Result per backend x method, in the order given; failed rows keep their error."""
+def normalize(outcomes: list[BackendOutcome], methods: tuple[str, ...], n_examples: int,
+              rules: dict | None = None) -> list[Result]:
+    """One Result per backend x method, in the order given; failed rows keep their error.
+
+    ``rules`` (from ``gradparity.causes.rules``) say how each method's result is
+    made from the worker's native cases, sum of weight * native(case); by default
+    one case, the method itself, times its usual factor.
+    """
+    if rules is None:
+        from gradparity.causes import Causes
+        from gradparity.causes import rules as default_rules
+
+        rules = default_rules(methods, n_examples, {}, Causes())
     results = []
     for outcome in outcomes:
         env = outcome.environment or {}
         for name in methods:
-            m = METHODS[name]
-            factor = m.normalization_factor(n_examples)
-            row = outcome.methods[name]
+            rule = rules[name]
+            rows = [(outcome.methods[case], w) for case, w in rule.terms]
+            failed = next((row for row, _ in rows if row.status != "ok"), None)
             grads = loss = native = norm = None
-            status, error = row.status, row.error
-            if row.status == "ok":
-                grads = {k: np.asarray(v, dtype=np.float64) * factor for k, v in row.grads.items()}
-                native = float(row.loss)
-                loss = native * factor
+            status, error = ("ok", None) if failed is None else (failed.status, failed.error)
+            if failed is None:
+                grads = {k: sum(np.asarray(row.grads[k], dtype=np.float64) * w for row, w in rows)
+                         for k in rows[0][0].grads}
+                native = float(sum(float(row.loss) for row, _ in rows))
+                loss = float(sum(float(row.loss) * w for row, w in rows))
                 with np.errstate(over="ignore", invalid="ignore"):
                     norm = float(np.sqrt(sum(float(np.sum(g * g)) for g in grads.values())))
                 problem = nonfinite_problem(native, grads)
                 if problem:
                     # Not comparable: inf - inf is NaN and a ratio of infinities is no factor.
                     status, error, grads = "nonfinite", problem, None
+            seconds = [row.seconds for row, _ in rows]
             results.append(Result(
-                outcome.backend, name, status, error, loss, native, factor,
-                m.factor_label(n_examples), norm, row.seconds, env.get("dtype"), env.get("device"),
-                effective_unit_roundoff(env), grads))
+                outcome.backend, name, status, error, loss, native, rule.factor, rule.label, norm,
+                sum(seconds) if all(t is not None for t in seconds) else None, env.get("dtype"),
+                env.get("device"), effective_unit_roundoff(env), grads))
     return results

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from gradparity import causes
 from gradparity.backends import BACKENDS, BackendInfo
 from gradparity.backends.protocol import WorkerJob
 from gradparity.compare import Comparison, Tolerance, compare_all, problem_term_scale, tolerance_for
@@ -52,10 +53,11 @@ def make_job(exp: Experiment, inputs: CanonicalInputs, info: BackendInfo,
     return WorkerJob(
         backend=info.name, framework=info.framework, variant=info.variant, module=info.module,
         extra=info.extra, requires=info.requires,
-        methods=exp.methods if methods is None else methods,
+        methods=causes.cases(exp.methods, inputs.batch, exp.causes) if methods is None else methods,
         dtype=exp.dtype, device=exp.device, precision=exp.precision,
         model=inputs.model.to_dict(), loss={"name": exp.loss.name},
-        params=inputs.params, batch=inputs.batch)
+        params=inputs.params, batch=inputs.batch,
+        switches={"unzeroed_gradients": True} if exp.causes.unzeroed_gradients else {})
 
 
 def _now() -> str:
@@ -134,7 +136,8 @@ def run_experiment(
         except (Interrupted, KeyboardInterrupt) as exc:
             interrupted = exc if isinstance(exc, Interrupted) else Interrupted(signal.SIGINT)
             finished = {o.backend for o in outcomes}
-            outcomes += [_not_started(n, exp.methods, interrupted.signal_name)
+            outcomes += [_not_started(n, causes.cases(exp.methods, inputs.batch, exp.causes),
+                                      interrupted.signal_name)
                          for n in exp.backends if n not in finished]
             say(f"  interrupted by {interrupted.signal_name}: stopping and writing what finished")
         report = None
@@ -163,7 +166,8 @@ def run_experiment(
 def _conclude(exp: Experiment, inputs: CanonicalInputs, outcomes: list[BackendOutcome], started: str,
               run_id: str, interrupted: Interrupted | None) -> Report:
     """normalize -> compare -> verdict, over whatever the workers produced."""
-    results = normalize(outcomes, exp.methods, inputs.n_examples)
+    results = normalize(outcomes, exp.methods, inputs.n_examples,
+                        causes.rules(exp.methods, inputs.n_examples, inputs.batch, exp.causes))
     tol = tolerance_for(inputs.model, inputs.n_examples,
                         problem_term_scale(inputs.params, inputs.batch, inputs.model))
     comparisons = compare_all(results, tol)

@@ -87,6 +87,7 @@ def to_dict(report: Report) -> dict:
              "unit_roundoff": c.unit_roundoff, "tolerance": c.tolerance, "agree": c.agree}
             for c in report.comparisons
         ],
+        "causes": {"on": report.experiment.causes.describe(), "effect": switch_effect(report)},
         "verdict": report.verdict.to_dict(),
         "files": {},  # filled by write_report: name -> sha256 of the file written with this report
     }
@@ -220,6 +221,31 @@ def _header(report: Report) -> list[str]:
     ]
     if report.interrupted:
         lines.insert(0, f"INTERRUPTED by {report.interrupted}: a partial report of what finished")
+    return lines + _cause_lines(report)
+
+
+def switch_effect(report: Report) -> dict | None:
+    """With discrepancy switches on: the largest difference they made (the pair, max_rel, its share of rtol)."""
+    if not report.experiment.causes.on():
+        return None
+    measured = [c for c in report.comparisons if c.max_rel is not None and math.isfinite(c.max_rel)]
+    if not measured:
+        return None
+    worst = max(measured, key=lambda c: c.max_rel)
+    return {"a": worst.a, "b": worst.b, "max_rel": worst.max_rel, "rtol": worst.tolerance,
+            "times_rtol": worst.max_rel / worst.tolerance if worst.tolerance else None}
+
+
+def _cause_lines(report: Report) -> list[str]:
+    """What each discrepancy switch did, and the largest difference the run then shows."""
+    on = report.experiment.causes.describe()
+    lines = [f"discrepancy switch causes.{name} ON: {text}" for name, text in on.items()]
+    effect = switch_effect(report)
+    if effect is not None:
+        times = f", {effect['times_rtol']:.3g} x its rtol {_g(effect['rtol'])}" if effect["times_rtol"] else ""
+        lines.append(f"effect: largest difference {effect['a']} vs {effect['b']}, max_rel {_g(effect['max_rel'])}"
+                     f"{times}; the switches are this run's only departure from its experiment; "
+                     "`gradparity diagnose` on this report ranks the causes")
     return lines
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from gradparity.backends import ALIASES, BACKENDS, KERAS_VARIANTS, resolve_backend_name
+from gradparity.causes import SWITCHES, Causes
+from gradparity.causes import check as check_causes
 from gradparity.errors import ConfigError
 from gradparity.losses import LOSSES
 from gradparity.methods import METHODS
@@ -72,6 +74,7 @@ class Experiment:
     data: DataSpec
     loss: LossSpec
     keras_backend: str
+    causes: Causes = Causes()
 
     def to_dict(self) -> dict:
         """JSON-ready form, as recorded in report.json."""
@@ -86,13 +89,14 @@ class Experiment:
 # --- schema ---------------------------------------------------------------
 
 _TOP_KEYS = ("name", "seed", "dtype", "device", "precision", "backends", "methods",
-             "timeout_s", "model", "data", "loss", "keras")
+             "timeout_s", "model", "data", "loss", "keras", "causes")
 _TABLE_KEYS = {
     "model": ("kind", "hidden", "activation"),
     "data": ("source", "batch_size", "batch_index", "shuffle", "num_examples",
              "num_features", "num_classes", "path", "x_key", "y_key"),
     "loss": ("name",),
     "keras": ("backend",),
+    "causes": SWITCHES,
 }
 _SOURCE_KEYS = {
     "digits": (),
@@ -245,20 +249,43 @@ def validate(cfg: dict, base_dir: Path | None = None) -> Experiment:
         c.fail(f"backends {list(backends)} x methods {list(methods)} give one result, and a comparison "
                "needs two: add a backend or a method")
 
+    causes = _causes(c, tables["causes"])
     model = _model(c, tables["model"])
-    data = _data(c, tables["data"], base_dir)
+    data = _data(c, tables["data"], base_dir, causes.short_last_batch if causes else 0)
     loss_name = c.choice("loss.name", tables["loss"].get("name"), tuple(LOSSES))
     if backends and loss_name:
         for b in backends:
             if loss_name not in BACKENDS[b].losses:
                 c.fail(f"backend {b!r} does not implement loss {loss_name!r}")
 
+    if causes is not None and methods and data is not None:
+        for problem in check_causes(causes, methods, data.batch_size):
+            c.fail(problem)
+
     if c.problems:
         raise ConfigError(c.problems)
     if name is None:
         name = _derived_name(data, model)
     return Experiment(name, seed, dtype, device, precision, backends, methods, float(timeout),
-                      model, data, LossSpec(loss_name), keras_backend)
+                      model, data, LossSpec(loss_name), keras_backend, causes)
+
+
+def _causes(c: "_Checker", t: dict) -> Causes | None:
+    """The [causes] switches: booleans and counts (0 is off)."""
+    values = {}
+    for key in SWITCHES:
+        if key not in t:
+            continue
+        if key in ("unzeroed_gradients", "missing_normalization", "double_normalization"):
+            if not isinstance(t[key], bool):
+                c.fail(f"causes.{key} must be true or false, got {t[key]!r}")
+                continue
+            values[key] = t[key]
+        else:
+            value = c.integer(f"causes.{key}", t[key], 0)
+            if value is not None:
+                values[key] = value
+    return Causes(**values)
 
 
 def _derived_name(data: DataSpec, model: ModelSpec) -> str:
@@ -280,7 +307,8 @@ def _model(c: _Checker, t: dict) -> ModelSpec | None:
     return None
 
 
-def _data(c: _Checker, t: dict, base_dir: Path | None) -> DataSpec | None:
+def _data(c: _Checker, t: dict, base_dir: Path | None, last: int = 0) -> DataSpec | None:
+    """[data]; ``last``: examples a short last batch (causes.short_last_batch) needs after the batch."""
     source = c.choice("data.source", t.get("source"), DATA_SOURCES)
     batch_size = c.integer("data.batch_size", t.get("batch_size"), 1)
     batch_index = c.integer("data.batch_index", t.get("batch_index", 0), 0)
@@ -296,8 +324,8 @@ def _data(c: _Checker, t: dict, base_dir: Path | None) -> DataSpec | None:
                    f"not {source!r}")
     extra: dict[str, Any] = {}
     if source == "synthetic":
-        # By default exactly enough examples for the requested batch.
-        enough = (batch_size or 1) * ((batch_index or 0) + 1)
+        # By default exactly enough examples for the requested batch (and a short last batch after it).
+        enough = (batch_size or 1) * ((batch_index or 0) + 1) + last
         extra["num_examples"] = c.integer("data.num_examples", t.get("num_examples", enough), 1)
         extra["num_features"] = c.integer("data.num_features", t.get("num_features", 20), 1)
         extra["num_classes"] = c.integer("data.num_classes", t.get("num_classes", 5), 2)

@@ -75,7 +75,7 @@ def test_run_writes_a_complete_recheckable_report(tiny, tmp_path):
         assert r["normalization_factor"] == (1.0 if r["method"] == "mean" else 1 / 6)
     with np.load(out / "gradients.npz") as z:
         grads = {k: z[k] for k in z.files}
-    assert f"numpy/mean/layers.0.kernel" in grads and grads["numpy/mean/layers.0.kernel"].shape == (5, 4)
+    assert "numpy/mean/layers.0.kernel" in grads and grads["numpy/mean/layers.0.kernel"].shape == (5, 4)
     for c in doc["comparisons"]:
         assert c["max_rel"] == pytest.approx(recheck(c, grads, doc["tolerance"]["term_scale"]),
                                              rel=1e-9, abs=1e-300)

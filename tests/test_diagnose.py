@@ -74,10 +74,23 @@ def test_a_doubled_one_over_n_is_named():
 
 
 def test_a_result_holding_another_results_gradient_is_unzeroed():
+    """a - b = c for a third result c: the evidence of a gradient left in the accumulator.
+    (With c equal to b it would be a factor 2, which other counts explain as well: see the next test.)"""
     r = methods(per_example())
-    r["mean"] = r["mean"] + r["sum"]  # sum's gradient was still in .grad when mean's backward ran
+    # The previous step's gradient (another batch) was still in .grad when mean's backward ran.
+    r["previous_step"] = methods(per_example(seed=9))["mean"]
+    r["mean"] = r["mean"] + r["previous_step"]
     d = observe(r, batch_size=N)
     assert d.top.id == "unzeroed_gradients" and d.top.score >= 0.9, dg.render_text(d)
+
+
+def test_a_factor_two_without_counts_is_not_claimed_with_confidence():
+    r = methods(per_example())
+    r["mean"] = r["mean"] + r["sum"]
+    d = observe(r, batch_size=N)
+    assert d.top.score <= 0.5, dg.render_text(d)
+    assert {c.id for c in d.causes if c.score >= 0.45} >= {"unzeroed_gradients", "data_parallel_average",
+                                                             "accumulation_normalization"}
 
 
 def test_per_example_loops_reading_an_unzeroed_accumulator():

@@ -3,7 +3,6 @@ import dataclasses
 import json
 
 import numpy as np
-import pytest
 
 from gradparity.backends import BACKENDS
 from gradparity.pipeline import run_experiment

@@ -63,13 +63,16 @@ KERAS_VARIANTS = ("tensorflow", "jax", "torch")
 BACKEND_NAMES = ("numpy", "torch", "jax", "keras-tensorflow", "keras-jax", "keras-torch")
 MAX_TIMEOUT_S = 7 * 24 * 3600
 TOP_KEYS = ("name", "seed", "dtype", "device", "precision", "backends", "methods", "timeout_s",
-            "model", "data", "loss", "keras")
+            "model", "data", "loss", "keras", "causes")
+BOOL_SWITCHES = ("unzeroed_gradients", "missing_normalization", "double_normalization")
+COUNT_SWITCHES = ("short_last_batch", "replicas", "micro_batches")
 TABLE_KEYS = {
     "model": ("kind", "hidden", "activation"),
     "data": ("source", "batch_size", "batch_index", "shuffle", "num_examples", "num_features",
              "num_classes", "path", "x_key", "y_key"),
     "loss": ("name",),
     "keras": ("backend",),
+    "causes": BOOL_SWITCHES + COUNT_SWITCHES,
 }
 SOURCE_KEYS = {"synthetic": ("num_examples", "num_features", "num_classes"),
                "npz": ("path", "x_key", "y_key", "num_classes")}
@@ -431,6 +434,25 @@ def judge_config(cfg, npz_shape: tuple[int, int, int] | None = None) -> tuple[Or
     choice("model.activation", m.get("activation"), ACTIVATIONS)
     choice("loss.name", t["loss"].get("name"), ("cross_entropy",))
 
+    sw = t["causes"]
+    for k in BOOL_SWITCHES:
+        if k in sw and not isinstance(sw[k], bool):
+            o.bad.append(f"causes.{k} = {sw[k]!r}")
+    counts = {k: integer(f"causes.{k}", sw[k], 0) if k in sw else 0 for k in COUNT_SWITCHES}
+    last = counts["short_last_batch"] or 0
+    splitting = [k for k in COUNT_SWITCHES if (counts[k] or 0) > (0 if k == "short_last_batch" else 1)]
+    if len(splitting) > 1:
+        o.bad.append("two batch-splitting switches")
+    if splitting and any(sw.get(k) is True for k in ("missing_normalization", "double_normalization")):
+        o.bad.append("a splitting switch with a normalization switch")
+    if methods:
+        changes = {"unzeroed_gradients": ("none_loop", "one_by_one"), "missing_normalization": ("sum",),
+                   "double_normalization": ("mean",), "micro_batches": ("mean",),
+                   "replicas": ("none_loop", "none_vectorized", "one_by_one", "sum")}
+        on = [k for k in BOOL_SWITCHES if sw.get(k) is True] + [k for k in splitting if k in changes]
+        if any(not set(changes[k]) & set(methods) for k in on):
+            o.bad.append("a switch changes no method of the run")
+
     d = t["data"]
     source = choice("data.source", d.get("source"), SOURCES)
     bs = integer("data.batch_size", d.get("batch_size"), 1)
@@ -446,7 +468,7 @@ def judge_config(cfg, npz_shape: tuple[int, int, int] | None = None) -> tuple[Or
         if source == "digits":
             shape = DIGITS
         elif source == "synthetic":
-            enough = (bs or 1) * ((bi or 0) + 1)
+            enough = (bs or 1) * ((bi or 0) + 1) + last
             ne = integer("data.num_examples", d.get("num_examples", enough), 1)
             nf = integer("data.num_features", d.get("num_features", 20), 1)
             nc = integer("data.num_classes", d.get("num_classes", 5), 2)
@@ -467,7 +489,7 @@ def judge_config(cfg, npz_shape: tuple[int, int, int] | None = None) -> tuple[Or
             shape = npz_shape
     if shape and bs and bi is not None:
         n, f, c = shape
-        if bs * (bi + 1) > n:
+        if bs * (bi + 1) + last > n:
             o.bad.append("batch larger than the data")
         elif hidden is not None:
             sizes = (f, *hidden, c)
@@ -477,6 +499,8 @@ def judge_config(cfg, npz_shape: tuple[int, int, int] | None = None) -> tuple[Or
                 o.bad.append(f"problem needs {need:.3g} bytes")
             elif need > SMALL_BYTES:
                 o.medium.append(f"problem needs {need:.3g} bytes")
+    if bs and bs < max(counts["replicas"] or 0, counts["micro_batches"] or 0):
+        o.bad.append("more replicas or micro-batches than examples")
     return o, {"batch_size": bs}
 
 
@@ -562,6 +586,12 @@ GOOD = {
     "data.path": st.text(max_size=6),
     "loss.name": st.just("cross_entropy"),
     "keras.backend": st.sampled_from(KERAS_VARIANTS),
+    "causes.unzeroed_gradients": st.booleans(),
+    "causes.missing_normalization": st.booleans(),
+    "causes.double_normalization": st.booleans(),
+    "causes.short_last_batch": st.integers(0, 4),
+    "causes.replicas": st.integers(0, 4),
+    "causes.micro_batches": st.integers(0, 4),
 }
 PATHS = tuple(GOOD)
 TINY_PATHS = ("device", "timeout_s", "backends", "methods", "model.hidden", "model.activation",
@@ -570,7 +600,7 @@ TINY_PATHS = ("device", "timeout_s", "backends", "methods", "model.hidden", "mod
 mutation = st.one_of(
     st.tuples(st.just("set"), st.sampled_from(list(TABLE_KEYS)), scalars),  # `data = 5`
     st.sampled_from(PATHS).flatmap(lambda p: st.tuples(st.just("set"), st.just(p), GOOD[p])),
-    st.tuples(st.just("set"), st.sampled_from(PATHS + ("model", "data", "loss", "keras")), any_value),
+    st.tuples(st.just("set"), st.sampled_from(PATHS + ("model", "data", "loss", "keras", "causes")), any_value),
     st.tuples(st.just("del"), st.sampled_from(TINY_PATHS), st.none()),
     st.tuples(st.just("set"),
               st.one_of(st.text(min_size=1, max_size=6),

@@ -180,6 +180,22 @@ class JaxSession:
             total = jax.lax.fori_loop(0, n, body, jax.tree.map(jnp.zeros_like, params))
             return jnp.sum(losses), total
 
+        def none_loop_unzeroed(params, x, y):
+            # The switch 'unzeroed_gradients': the accumulator is carried over (never reset) and read
+            # after every example, so example i is counted N - i times.
+            losses, pullback = jax.vjp(lambda p: losses_fn(p, x, y), params)
+            n = losses.shape[0]
+
+            def body(i, state):
+                acc, read = state
+                (grads,) = pullback(jax.nn.one_hot(i, n, dtype=losses.dtype))
+                acc = jax.tree.map(jnp.add, acc, grads)
+                return acc, jax.tree.map(jnp.add, read, acc)
+
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            _, read = jax.lax.fori_loop(0, n, body, (zeros, zeros))
+            return jnp.sum(losses), read
+
         def none_vectorized(params, x, y):
             losses, grads = jax.vmap(jax.value_and_grad(single_loss), in_axes=(None, 0, 0))(params, x, y)
             return jnp.sum(losses), jax.tree.map(lambda g: jnp.sum(g, axis=0), grads)
@@ -197,6 +213,7 @@ class JaxSession:
             "sum": jax.jit(jax.value_and_grad(sum_loss)),
             "mean": jax.jit(jax.value_and_grad(mean_loss)),
         }
+        self._none_loop_unzeroed = jax.jit(none_loop_unzeroed)
         self._one_example_step = jax.jit(one_example_step)
         # Jitted so the zeros land on the params' device, not on jax's default one.
         self._zero_accumulators = jax.jit(
@@ -222,14 +239,30 @@ class JaxSession:
             "tf32": _may_use_tf32(self.device, dtype, matmul_precision, self.layer_precision),
         }
 
+    def _inputs(self, case: str):
+        method, x, y = self.job.inputs_for(case)
+        if x is self.job.batch["x"]:
+            return method, self.x, self.y
+        return (method, jax.device_put(np.asarray(x, dtype=self.x.dtype), self.device),
+                jax.device_put(np.asarray(y).astype(np.int32), self.device))
+
     def compute(self, method: str) -> RawResult:
-        """Run ``method`` from scratch; returns the native loss and gradients as numpy (computed, not pending)."""
-        if method in self._fns:
-            loss, grads = self._fns[method](self.params, self.x, self.y)
+        """Run ``method`` ('METHOD' or 'METHOD@PART') from scratch; returns the native loss and gradients as
+        numpy (computed, not pending)."""
+        method, x, y = self._inputs(method)
+        unzeroed = self.job.unzeroed and method in ("none_loop", "one_by_one")
+        if method in self._fns and not unzeroed:
+            loss, grads = self._fns[method](self.params, x, y)
+        elif method == "none_loop":
+            loss, grads = self._none_loop_unzeroed(self.params, x, y)
         elif method == "one_by_one":
-            loss, grads = self._zero_accumulators(self.params, self.x)
-            for i in range(self.job.n_examples):
-                loss, grads = self._one_example_step(self.params, loss, grads, self.x, self.y, i)
+            loss, acc = self._zero_accumulators(self.params, x)
+            read = acc
+            for i in range(int(y.shape[0])):
+                loss, acc = self._one_example_step(self.params, loss, acc, x, y, i)
+                if unzeroed:  # the carried-over accumulator is read after every example
+                    read = jax.tree.map(jnp.add, read, acc)
+            grads = read if unzeroed else acc
         else:
             raise ValueError(f"unknown method {method!r}")
         return RawResult(float(loss), _state_to_canonical(grads))

@@ -54,6 +54,8 @@ class _Autodiff:
 
     packages: tuple[str, ...] = ()
     device_note: str | None = None
+    #: The discrepancy switch 'unzeroed_gradients': per-example loops read an accumulator never zeroed.
+    unzeroed: bool = False
 
     def bind(self, model, losses: dict) -> None:
         self.model = model
@@ -70,13 +72,26 @@ class _Autodiff:
         # float64 to float32 on the jax and torch backends.
         return list(grads) if total is None else [a + b for a, b in zip(total, grads)]
 
+    def _accumulate(self, state, grads):
+        """One example's gradients into the loop's state (accumulator, what was read); see ``_result``.
+
+        With 'unzeroed_gradients' the accumulator, holding examples 0..i, is read and added up after
+        every example, as a training loop that never resets its gradient-accumulation variables does.
+        """
+        acc, read = state
+        acc = self._add(acc, grads)
+        return acc, (self._add(read, acc) if self.unzeroed else None)
+
+    def _result(self, state):
+        return state[1] if self.unzeroed else state[0]
+
     def one_by_one(self, x, y):
-        total, losses = None, []
+        state, losses = (None, None), []
         for i in range(int(x.shape[0])):
             loss, grads = self.reduced("sum_over_batch_size", x[i:i + 1], y[i:i + 1])
             losses.append(loss)
-            total = self._add(total, grads)
-        return losses, total
+            state = self._accumulate(state, grads)
+        return losses, self._result(state)
 
 
 class _TensorFlow(_Autodiff):
@@ -153,11 +168,11 @@ class _TensorFlow(_Autodiff):
             losses = self.losses["none"](y, self.model(x))
             # Slice inside the tape: each part must be on the tape to have a gradient.
             parts = tf.unstack(losses)
-        total = None
+        state = (None, None)
         for part in parts:
-            total = self._add(total, tape.gradient(part, self.variables))
+            state = self._accumulate(state, tape.gradient(part, self.variables))
         del tape
-        return losses, total
+        return losses, self._result(state)
 
     def none_vectorized(self, x, y):
         losses, per_example = self._per_example(x, y)
@@ -236,10 +251,10 @@ class _Jax(_Autodiff):
     def none_loop(self, x, y):
         losses, vjp = self._forward(self._trainable(), x, y)
         units = self.jax.numpy.eye(losses.shape[0], dtype=losses.dtype)
-        total = None
+        state = (None, None)
         for i in range(losses.shape[0]):
-            total = self._add(total, self._pull(vjp, units[i]))
-        return losses, total
+            state = self._accumulate(state, self._pull(vjp, units[i]))
+        return losses, self._result(state)
 
     def none_vectorized(self, x, y):
         # The sum stays outside jit so the per-example gradients really exist.
@@ -302,21 +317,31 @@ class _Torch(_Autodiff):
         loss.backward()
         return loss.detach(), self._grads()
 
+    def _read(self, read):
+        """'unzeroed_gradients': add what .grad holds now to what was read (cloned: backward updates .grad)."""
+        now = [g.clone() for g in self._grads()]
+        return now if read is None else self._add(read, now)
+
     def none_loop(self, x, y):
         self._zero()
         losses = self.losses["none"](y, self.model(x))
+        read = None
         for i in range(losses.shape[0]):
             losses[i].backward(retain_graph=True)  # .grad accumulates
-        return losses.detach(), self._grads()
+            if self.unzeroed:
+                read = self._read(read)
+        return losses.detach(), read if self.unzeroed else self._grads()
 
     def one_by_one(self, x, y):
         self._zero()
-        losses = []
+        losses, read = [], None
         for i in range(int(x.shape[0])):
             loss = self.losses["sum_over_batch_size"](y[i:i + 1], self.model(x[i:i + 1]))
             loss.backward()  # .grad accumulates across examples
             losses.append(loss.detach())
-        return losses, self._grads()
+            if self.unzeroed:
+                read = self._read(read)
+        return losses, read if self.unzeroed else self._grads()
 
     def none_vectorized(self, x, y):
         from torch.func import grad_and_value, vmap
@@ -381,6 +406,7 @@ class KerasSession:
             from_logits=True, reduction=r, dtype=job.dtype)
             for r in ("none", "sum", "sum_over_batch_size")}
         self.ad.bind(self.model, losses)
+        self.ad.unzeroed = job.unzeroed
 
     def _op_dtypes(self) -> dict[str, str]:
         """The dtype each op of the forward pass returns, read back by replaying it.
@@ -437,14 +463,20 @@ class KerasSession:
         }
 
     def compute(self, method: str) -> RawResult:
+        """Run ``method`` ('METHOD' or 'METHOD@PART'); its native loss and gradients."""
+        method, x, y = self.job.inputs_for(method)
         if method not in _METHODS:
             raise ValueError(f"unknown method {method!r}")
         with self.ad.scope():
+            if x is self.job.batch["x"]:
+                x, y = self.x, self.y
+            else:
+                x, y = keras.ops.convert_to_tensor(x, dtype=self.job.dtype), keras.ops.convert_to_tensor(y)
             if method in _REDUCTIONS:
-                loss, grads = self.ad.reduced(_REDUCTIONS[method], self.x, self.y)
+                loss, grads = self.ad.reduced(_REDUCTIONS[method], x, y)
                 total = float(keras.ops.convert_to_numpy(loss))
             else:
-                losses, grads = getattr(self.ad, method)(self.x, self.y)
+                losses, grads = getattr(self.ad, method)(x, y)
                 # Not a framework reduction: the per-example values, summed on the host.
                 total = float(sum(np.sum(keras.ops.convert_to_numpy(v), dtype=np.float64)
                                   for v in (losses if isinstance(losses, list) else [losses])))

@@ -119,33 +119,41 @@ class NumpySession:
         grads = backward(self.params, zs, acts, dlogits, self.num_layers, self.activation, per_example)
         return loss, grads
 
+    def _inputs(self, case: str) -> tuple[str, np.ndarray, np.ndarray]:
+        method, x, y = self.job.inputs_for(case)
+        if x is self.job.batch["x"]:
+            return method, self.x, self.y
+        return method, x.astype(np.float64), y.astype(np.int64)
+
     def compute(self, method: str) -> RawResult:
-        n = len(self.y)
+        """Run ``method`` ('METHOD' or 'METHOD@PART'); per-example loops honour 'unzeroed_gradients'
+        (the accumulator, holding examples 0..i, is read and added up after every example)."""
+        method, x, y = self._inputs(method)
+        n = len(y)
+        unzeroed = self.job.unzeroed
+
+        def loop(examples) -> dict[str, np.ndarray]:
+            acc = {k: np.zeros_like(v) for k, v in self.params.items()}
+            read = {k: np.zeros_like(v) for k, v in self.params.items()}
+            for grads in examples:  # one "backward" per example, accumulated as autograd would
+                for k in acc:
+                    acc[k] += grads[k]
+                    if unzeroed:
+                        read[k] += acc[k]
+            return read if unzeroed else acc
+
         if method == "none_loop":
-            losses, per_ex = self._losses_and_grads(self.x, self.y, "none", per_example=True)
-            total = {k: np.zeros_like(v) for k, v in self.params.items()}
-            for i in range(n):  # one "backward" per example, accumulated as autograd would
-                for k in total:
-                    total[k] += per_ex[k][i]
-            return RawResult(float(losses.sum()), total)
+            losses, per_ex = self._losses_and_grads(x, y, "none", per_example=True)
+            return RawResult(float(losses.sum()), loop({k: v[i] for k, v in per_ex.items()} for i in range(n)))
         if method == "none_vectorized":
-            losses, per_ex = self._losses_and_grads(self.x, self.y, "none", per_example=True)
+            losses, per_ex = self._losses_and_grads(x, y, "none", per_example=True)
             return RawResult(float(losses.sum()), {k: v.sum(axis=0) for k, v in per_ex.items()})
-        if method == "sum":
-            loss, grads = self._losses_and_grads(self.x, self.y, "sum")
-            return RawResult(float(loss), grads)
-        if method == "mean":
-            loss, grads = self._losses_and_grads(self.x, self.y, "mean")
+        if method in ("sum", "mean"):
+            loss, grads = self._losses_and_grads(x, y, method)
             return RawResult(float(loss), grads)
         if method == "one_by_one":
-            total = {k: np.zeros_like(v) for k, v in self.params.items()}
-            loss_total = 0.0
-            for i in range(n):
-                loss, grads = self._losses_and_grads(self.x[i:i + 1], self.y[i:i + 1], "mean")
-                loss_total += float(loss)
-                for k in total:
-                    total[k] += grads[k]
-            return RawResult(loss_total, total)
+            singles = [self._losses_and_grads(x[i:i + 1], y[i:i + 1], "mean") for i in range(n)]
+            return RawResult(sum(float(loss) for loss, _ in singles), loop(g for _, g in singles))
         raise ValueError(f"unknown method {method!r}")
 
 

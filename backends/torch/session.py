@@ -173,17 +173,35 @@ class TorchSession:
             out[f"layers.{i}.bias"] = bias.detach().cpu().numpy()
         return out
 
+    def _inputs(self, case: str) -> tuple[str, torch.Tensor, torch.Tensor]:
+        method, x, y = self.job.inputs_for(case)
+        if x is self.job.batch["x"]:
+            return method, self.x, self.y
+        return (method, torch.from_numpy(x).to(self.device, self.x.dtype),
+                torch.from_numpy(y).to(self.device, torch.int64))
+
+    def _read_unzeroed(self, read: dict | None) -> dict:
+        """The switch 'unzeroed_gradients': add what .grad holds now (examples 0..i) to what was read."""
+        now = self._grads()  # on the CPU, a bias's array shares memory with .grad, which backward updates
+        return {k: v.copy() for k, v in now.items()} if read is None else {k: read[k] + now[k] for k in now}
+
     def compute(self, method: str) -> RawResult:
-        """Run ``method`` from scratch; returns its native (unnormalized) loss and gradients."""
+        """Run ``method`` ('METHOD' or 'METHOD@PART') from scratch; its native (unnormalized) loss and
+        gradients."""
         for p in self.model.parameters():
             p.grad = None  # nothing accumulated by an earlier call may leak into this one
-        x, y, model = self.x, self.y, self.model
+        method, x, y = self._inputs(method)
+        model = self.model
 
         if method == "none_loop":
             losses = nn.CrossEntropyLoss(reduction="none")(model(x), y)
+            read = None
             for i in range(len(y)):
                 losses[i].backward(retain_graph=True)  # .grad accumulates across examples
-            return RawResult(losses.detach().sum().item(), self._grads())
+                if self.job.unzeroed:
+                    # The seed's bug: .grad read after every example and never zeroed.
+                    read = self._read_unzeroed(read)
+            return RawResult(losses.detach().sum().item(), read if self.job.unzeroed else self._grads())
         if method == "none_vectorized":
             params = {k: v.detach() for k, v in model.named_parameters()}
             loss_fn = nn.CrossEntropyLoss(reduction="sum")
@@ -202,11 +220,14 @@ class TorchSession:
         if method == "one_by_one":
             loss_fn = nn.CrossEntropyLoss(reduction="mean")
             total = torch.zeros((), dtype=x.dtype, device=x.device)
+            read = None
             for i in range(len(y)):
                 loss = loss_fn(model(x[i:i + 1]), y[i:i + 1])
                 loss.backward()
                 total += loss.detach()  # on the device: no host sync per example
-            return RawResult(total.item(), self._grads())
+                if self.job.unzeroed:
+                    read = self._read_unzeroed(read)
+            return RawResult(total.item(), read if self.job.unzeroed else self._grads())
         raise ValueError(f"unknown method {method!r}")
 
 

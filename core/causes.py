@@ -1,0 +1,194 @@
+"""Known discrepancy causes as opt-in switches of an experiment (the ``[causes]`` table).
+
+Each switch reproduces one way a user's own bookkeeping makes the methods
+disagree, so that a run shows its signature and ``gradparity diagnose`` can
+be checked against it:
+
+- ``unzeroed_gradients``: the per-example loops (``none_loop``,
+  ``one_by_one``) read the gradient accumulator after every example and
+  never zero it, so example i is counted N - i times. Done natively in
+  every backend (torch ``.grad``; the carried-over accumulator in Keras and
+  JAX; the numpy reference's prefix sums).
+- ``missing_normalization``: ``sum``'s gradient is taken as the mean (its
+  1/N left out): N times the others.
+- ``double_normalization``: ``mean``'s gradient divided by N again.
+- ``short_last_batch = r``: the data holds the experiment's batch and a
+  last batch of r further examples; the per-example methods divide their
+  sums over both batches by the number of examples, ``sum`` / N and
+  ``mean`` average the two batch means (the seed question's second answer).
+- ``replicas = R``: the batch split over R data-parallel replicas
+  (``numpy.array_split``: uneven when R does not divide N); each computes
+  its method on its local batch and the all-reduce averages the R results,
+  so a summed loss comes out R times smaller after the usual 1/N.
+- ``micro_batches = k``: gradient accumulation over k micro-batches that
+  adds the micro-batch results without dividing by k: a mean-reduced loss
+  comes out k times larger.
+
+The parts (extra or sub-batches) run natively as cases 'METHOD@PART' in the
+workers; core combines them (``rules``): a method's result is
+sum_parts weight * native(part), written out in its factor label.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from gradparity.methods import METHODS
+
+#: Switches, in the order the report lists them.
+SWITCHES = ("unzeroed_gradients", "missing_normalization", "double_normalization", "short_last_batch",
+            "replicas", "micro_batches")
+#: The switches that need parts (extra or sub-batches); at most one per run.
+PART_SWITCHES = ("short_last_batch", "replicas", "micro_batches")
+#: The methods each switch changes (a run without any of them shows nothing).
+AFFECTS = {
+    "unzeroed_gradients": ("none_loop", "one_by_one"),
+    "missing_normalization": ("sum",),
+    "double_normalization": ("mean",),
+    "short_last_batch": ("none_loop", "none_vectorized", "one_by_one", "sum", "mean"),
+    "replicas": ("none_loop", "none_vectorized", "one_by_one", "sum"),
+    "micro_batches": ("mean",),
+}
+#: The diagnose cause each switch produces.
+CAUSE_IDS = {
+    "unzeroed_gradients": "unzeroed_gradients", "missing_normalization": "missing_normalization",
+    "double_normalization": "double_normalization", "short_last_batch": "short_last_batch",
+    "replicas": "data_parallel_average", "micro_batches": "accumulation_normalization",
+}
+
+
+@dataclass(frozen=True)
+class Causes:
+    """The switches of one experiment; all off by default (integers: 0 is off)."""
+
+    unzeroed_gradients: bool = False
+    missing_normalization: bool = False
+    double_normalization: bool = False
+    short_last_batch: int = 0
+    replicas: int = 0
+    micro_batches: int = 0
+
+    def on(self) -> list[str]:
+        """The switches that are on, in SWITCHES order."""
+        return [name for name in SWITCHES if _is_on(getattr(self, name), name)]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def describe(self) -> dict[str, str]:
+        """What each switch that is on does, in words."""
+        text = {
+            "unzeroed_gradients": "none_loop and one_by_one read the gradient accumulator after every example "
+                                  "without zeroing it (example i counted N - i times)",
+            "missing_normalization": "sum's gradient is not divided by N",
+            "double_normalization": "mean's gradient is divided by N again",
+            "short_last_batch": f"a last batch of {self.short_last_batch} examples follows the batch; per-example "
+                                "methods divide their sums over both by the number of examples, sum / N and mean "
+                                "average the two batch means",
+            "replicas": f"the batch is split over {self.replicas} data-parallel replicas whose results are "
+                        "averaged (all-reduce mean)",
+            "micro_batches": f"the batch is split into {self.micro_batches} micro-batches whose results are "
+                             "added without dividing by their number",
+        }
+        return {name: text[name] for name in self.on()}
+
+
+def _is_on(value, name: str) -> bool:
+    return bool(value) if name not in ("replicas", "micro_batches") else value > 1
+
+
+def check(causes: Causes, methods: tuple[str, ...], batch_size: int) -> list[str]:
+    """Problems of a switch combination for these methods and this batch size (empty when fine)."""
+    problems = []
+    parts = [name for name in PART_SWITCHES if name in causes.on()]
+    if len(parts) > 1:
+        problems.append(f"causes: {', '.join(parts)} each split or extend the batch; turn on one at a time")
+    for name in causes.on():
+        if not set(AFFECTS[name]) & set(methods):
+            problems.append(f"causes.{name} changes {', '.join(AFFECTS[name])}, and methods has none of them")
+    if parts and (causes.missing_normalization or causes.double_normalization):
+        problems.append(f"causes: {parts[0]} changes how results are combined and normalized; turn "
+                        "missing_normalization / double_normalization off with it")
+    for name in ("replicas", "micro_batches"):
+        k = getattr(causes, name)
+        if k > batch_size:
+            problems.append(f"causes.{name} = {k} is more than the batch's {batch_size} examples")
+    return problems
+
+
+def part_arrays(causes: Causes, x: np.ndarray, y: np.ndarray, extra_x: np.ndarray | None = None,
+                extra_y: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """The parts as batch arrays 'parts/NAME/x|y': the short last batch (given), or sub-batches of (x, y)."""
+    if causes.short_last_batch:
+        return {"parts/last/x": extra_x, "parts/last/y": extra_y}
+    k = causes.replicas if causes.replicas > 1 else causes.micro_batches if causes.micro_batches > 1 else 0
+    out = {}
+    for i, (xs, ys) in enumerate(zip(np.array_split(x, k), np.array_split(y, k)) if k else ()):
+        out[f"parts/p{i}/x"], out[f"parts/p{i}/y"] = xs, ys
+    return out
+
+
+def part_sizes(batch: dict[str, np.ndarray]) -> dict[str, int]:
+    """Part name -> its number of examples, from the batch arrays."""
+    return {k.split("/")[1]: int(v.shape[0]) for k, v in batch.items() if k.startswith("parts/") and
+            k.endswith("/y")}
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How a method's result is made from native cases: sum of weight * native(case), and its label."""
+
+    terms: tuple[tuple[str, float], ...]
+    label: str
+
+    @property
+    def factor(self) -> float | None:
+        """The single factor when the rule has one term (the usual normalization), else None."""
+        return self.terms[0][1] if len(self.terms) == 1 else None
+
+
+def cases(methods: tuple[str, ...], batch: dict[str, np.ndarray], causes: Causes) -> tuple[str, ...]:
+    """The cases a worker runs: each method on the batch, and on every part when a part switch is on."""
+    sizes = part_sizes(batch)
+    if causes.short_last_batch:
+        return tuple(c for m in methods for c in (m, f"{m}@last"))
+    if sizes:
+        return tuple(f"{m}@{p}" for m in methods for p in sizes)
+    return tuple(methods)
+
+
+def rules(methods: tuple[str, ...], n: int, batch: dict[str, np.ndarray], causes: Causes) -> dict[str, Rule]:
+    """Per method, how its normalized (mean-convention) result is made from the native cases."""
+    sizes = part_sizes(batch)
+    out = {}
+    for name in methods:
+        sums = METHODS[name].sums_examples
+        if causes.short_last_batch:
+            r = sizes["last"]
+            m = n + r
+            if name in ("sum", "mean"):
+                w0, w1 = (1 / (2 * n), 1 / (2 * r)) if sums else (0.5, 0.5)
+                label = f"mean of 2 batch means ({'sum/N per batch' if sums else 'mean per batch'}; N = {n}, {r})"
+            else:
+                w0 = w1 = 1 / m
+                label = f"1/{m} (sum over both batches / examples)"
+            out[name] = Rule(((name, w0), (f"{name}@last", w1)), label)
+        elif sizes and causes.replicas > 1:
+            k = causes.replicas
+            w = 1 / (k * n) if sums else 1 / k
+            out[name] = Rule(tuple((f"{name}@{p}", w) for p in sizes),
+                             f"all-reduce mean over {k} replicas" + (f", then 1/{n}" if sums else ""))
+        elif sizes and causes.micro_batches > 1:
+            k = causes.micro_batches
+            w = 1 / n if sums else 1.0
+            out[name] = Rule(tuple((f"{name}@{p}", w) for p in sizes),
+                             f"{k} micro-batch results added" + (f", then 1/{n}" if sums else " (no 1/k)"))
+        else:
+            factor, label = METHODS[name].normalization_factor(n), METHODS[name].factor_label(n)
+            if name == "sum" and causes.missing_normalization:
+                factor, label = 1.0, "1 (switch missing_normalization: 1/N left out)"
+            if name == "mean" and causes.double_normalization:
+                factor, label = 1.0 / n, f"1/{n} (switch double_normalization)"
+            out[name] = Rule(((name, factor),), label)
+    return out

@@ -1,0 +1,163 @@
+"""Discrepancy switches ([causes]): each produces its signature in every backend, and diagnose names it.
+
+Each switch runs once on a small float64 problem in every installed backend.
+The expected results are computed here from per-example gradients of the
+float64 reference's forward/backward (tested against finite differences in
+test_reference.py), by the formula the switch stands for; then `gradparity
+diagnose` reads the report folder, with what a user would know, and must rank
+the switch's cause first.
+"""
+import numpy as np
+import pytest
+
+from gradparity import diagnose as dg
+from gradparity.backends.numpy.session import backward, cross_entropy, forward
+from gradparity.causes import CAUSE_IDS
+from gradparity.cli import main
+from gradparity.pipeline import run_experiment
+from gradparity.spec import load_experiment
+
+from conftest import installed
+
+BACKENDS = [b for b in ("numpy", "torch", "keras-tensorflow", "jax") if installed(b)]
+N = 8
+RTOL = 1e-10  # float64 throughout; the switches are exact rescalings and re-orderings
+
+SWITCHES = {
+    "unzeroed_gradients": (True, {}),
+    "missing_normalization": (True, {}),
+    "double_normalization": (True, {}),
+    "short_last_batch": (3, {"dataset_size": N + 3}),
+    "replicas": (3, {"replicas": 3}),
+    "micro_batches": (2, {"micro_batches": 2}),
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One run per switch, every installed backend, reports written (shared by the tests below)."""
+    out = {}
+    for name, (value, _) in SWITCHES.items():
+        exp = load_experiment(None, {"backends": BACKENDS, "dtype": "float64", "data.source": "synthetic",
+                                     "data.batch_size": N, "data.num_examples": 16, f"causes.{name}": value})
+        folder = tmp_path_factory.mktemp(name)
+        out[name] = (run_experiment(exp, folder), folder)
+    return out
+
+
+def per_example(report, part: str | None = None) -> dict[str, np.ndarray]:
+    """Per-example gradients (N, ...) of the batch (or of a part) from the reference's own functions."""
+    inputs = report.inputs
+    key = "" if part is None else f"parts/{part}/"
+    x, y = inputs.batch[f"{key}x"].astype(np.float64), inputs.batch[f"{key}y"]
+    params = {k: v.astype(np.float64) for k, v in inputs.params.items()}
+    layers = inputs.model.num_layers
+    zs, acts = forward(params, x, layers, inputs.model.activation)
+    _, dlogits = cross_entropy(zs[-1], y)
+    return backward(params, zs, acts, dlogits, layers, inputs.model.activation, per_example=True)
+
+
+def results(report) -> dict[tuple[str, str], dict[str, np.ndarray]]:
+    return {(r.backend, r.method): r.grads for r in report.results if r.ok}
+
+
+def close(a: dict, b: dict) -> bool:
+    return all(np.max(np.abs(a[k] - b[k])) <= RTOL * max(np.max(np.abs(b[k])), 1e-300) for k in b)
+
+
+def expected(name: str, report) -> dict[str, dict[str, np.ndarray]]:
+    """Each method's result under the switch, by its formula (see gradparity.causes)."""
+    g = per_example(report)
+    mean = {k: v.mean(axis=0) for k, v in g.items()}
+    out = {m: mean for m in ("none_loop", "none_vectorized", "sum", "mean", "one_by_one")}
+    if name == "unzeroed_gradients":
+        # Read after every example, never zeroed: sum_i sum_{j<=i} g_j = sum_j (N - j) g_j.
+        weights = np.arange(N, 0, -1, dtype=np.float64)
+        bug = {k: np.tensordot(weights, v, axes=1) / N for k, v in g.items()}
+        out.update(none_loop=bug, one_by_one=bug)
+    elif name == "missing_normalization":
+        out["sum"] = {k: N * v for k, v in mean.items()}
+    elif name == "double_normalization":
+        out["mean"] = {k: v / N for k, v in mean.items()}
+    elif name == "short_last_batch":
+        last = per_example(report, "last")
+        r = len(report.inputs.batch["parts/last/y"])
+        over_examples = {k: (g[k].sum(axis=0) + last[k].sum(axis=0)) / (N + r) for k in g}
+        mean_of_means = {k: (g[k].mean(axis=0) + last[k].mean(axis=0)) / 2 for k in g}
+        out = {m: over_examples for m in ("none_loop", "none_vectorized", "one_by_one")}
+        out.update(sum=mean_of_means, mean=mean_of_means)
+    elif name == "replicas":
+        sizes = [len(p) for p in np.array_split(np.arange(N), 3)]  # 3, 3, 2: uneven
+        local_means = [{k: v[a:b].mean(axis=0) for k, v in g.items()}
+                       for a, b in zip(np.cumsum([0] + sizes[:-1]), np.cumsum(sizes))]
+        smaller = {k: v / 3 for k, v in mean.items()}  # a summed loss, all-reduce averaged, then / N
+        out = {m: smaller for m in ("none_loop", "none_vectorized", "sum", "one_by_one")}
+        out["mean"] = {k: sum(lm[k] for lm in local_means) / 3 for k in g}
+    elif name == "micro_batches":
+        out["mean"] = {k: sum(v[a:a + N // 2].mean(axis=0) for a in (0, N // 2)) for k, v in g.items()}
+    return out
+
+
+@pytest.mark.parametrize("name", list(SWITCHES))
+def test_every_backend_computes_what_the_switch_stands_for(runs, name):
+    report, _ = runs[name]
+    got = results(report)
+    want = expected(name, report)
+    for backend in BACKENDS:
+        for method, grads in want.items():
+            assert (backend, method) in got, f"{backend}/{method} failed: {report.verdict.summary}"
+            assert close(got[(backend, method)], grads), f"{name}: {backend}/{method} is not the switch's formula"
+    assert report.verdict.status == "disagree"  # every switch changes some method
+
+
+@pytest.mark.parametrize("name", list(SWITCHES))
+def test_diagnose_names_the_switch_from_the_report(runs, name, capsys):
+    _, folder = runs[name]
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in SWITCHES[name][1].items()]
+    main(["diagnose", str(folder), "--json", *flags])
+    import json
+
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["causes"][0]["id"] == CAUSE_IDS[name], doc["causes"][:3]
+
+
+def test_the_report_says_what_the_switch_did(runs):
+    report, folder = runs["missing_normalization"]
+    text = (folder / "report.md").read_text()
+    assert "causes.missing_normalization ON" in text and "effect: largest difference" in text
+    sums = [r for r in report.results if r.method == "sum"]
+    assert all(r.factor_label.startswith("1 (switch missing_normalization") for r in sums)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"causes.replicas": 2, "causes.micro_batches": 2}, "one at a time"),
+    ({"causes.replicas": 99}, "more than the batch"),
+    ({"causes.unzeroed_gradients": 1}, "true or false"),
+    ({"causes.short_last_batch": -1}, ">= 0"),
+    ({"causes.missing_normalization": True, "methods": ["mean", "none_loop"]}, "changes sum"),
+    ({"causes.zero_grad": True}, "unknown key"),
+    ({"causes.short_last_batch": 2, "causes.double_normalization": True}, "turn missing_normalization"),
+])
+def test_bad_switches_are_config_errors(overrides, message):
+    from gradparity.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        load_experiment(None, overrides)
+
+
+def test_a_short_last_batch_needs_the_examples(capsys):
+    assert main(["run", "--check", "--batch-size", "1797"]) == 0
+    from gradparity.errors import ConfigError
+    from gradparity.inputs import build_inputs
+
+    exp = load_experiment(None, {"data.batch_size": 1797, "causes.short_last_batch": 1})
+    with pytest.raises(ConfigError, match="1798 examples"):
+        build_inputs(exp)
+
+
+def test_diagnose_sees_only_what_the_report_records_not_the_switch(runs):
+    """The report's own switch settings are not read as the user's knowledge: the diagnosis must come from
+    the numbers (and the batch size and dtype the run records)."""
+    _, folder = runs["replicas"]
+    obs, info = dg.read_report(str(folder))
+    assert info.replicas is None and info.micro_batches is None and info.batch_size == N

@@ -1,0 +1,57 @@
+"""diagnose on gradients computed by code written directly in a framework, not by gradparity's pipeline.
+
+Each case in tests/framework_cases/ is a short script in the framework's own idiom that writes an npz of
+METHOD/PARAM gradients; the diagnosis, given what its author would know, must rank the true cause first.
+(The PyTorch case is examples/seed_question_torch.py, tested in test_diagnose.py.)
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from gradparity import diagnose as dg
+
+from conftest import installed
+
+CASES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "framework_cases")
+
+
+def run_case(script: str, tmp_path, *args: str) -> dg.Observations:
+    out = tmp_path / "gradients.npz"
+    proc = subprocess.run([sys.executable, os.path.join(CASES, script), str(out), *args], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return dg.read_gradients(str(out))
+
+
+@pytest.mark.skipif(not installed("jax"), reason="needs jax, flax, optax: pip install 'gradparity[jax]'")
+def test_jax_micro_batch_means_added_without_one_over_k(tmp_path):
+    obs = run_case("jax_accumulation.py", tmp_path)
+    obs.info = dg.Info(micro_batches=3, dtype="float64")
+    d = dg.diagnose(obs)
+    assert d.top.id == "accumulation_normalization", dg.render_text(d)
+    # optax.MultiSteps averages the micro-batch gradients: it agrees with the full batch.
+    assert sorted(map(sorted, d.clusters)) == [["accumulated"], ["full_batch", "multisteps"]]
+
+
+@pytest.mark.skipif(not installed("keras-tensorflow"), reason="needs keras and tensorflow: pip install "
+                                                              "'gradparity[keras]'")
+def test_keras_sum_over_batch_size_against_mean_with_sample_weight(tmp_path):
+    obs = run_case("keras_weighted_means.py", tmp_path)
+    assert obs.labels == ["sum_over_batch_size", "mean_with_sample_weight"]  # Keras paths keep their '/'
+    obs.info = dg.Info(dtype="float64", loss_reduction="class-weighted mean, weights as sample_weight")
+    d = dg.diagnose(obs)
+    assert d.top.id == "weighted_mean_mismatch", dg.render_text(d)
+
+
+@pytest.mark.skipif(not installed("jax"), reason="needs jax, flax, optax: pip install 'gradparity[jax]'")
+def test_optax_multisteps_accumulates_in_float32_by_default(tmp_path):
+    """Measured (optax 0.2.8): MultiSteps' accumulator is float32 unless accumulator_dtype says otherwise, so a
+    float64 run's averaged gradient is off by float32 rounding, not float64's."""
+    import numpy as np
+
+    obs = run_case("jax_accumulation.py", tmp_path, "default-accumulator")
+    full, multi = obs.grads["full_batch"], obs.grads["multisteps"]
+    rel = max(float(np.max(np.abs(full[k] - multi[k])) / np.max(np.abs(full[k]))) for k in full)
+    assert 1e-12 < rel < 2.0 ** -24 * 64, rel  # beyond float64 rounding, within float32's
