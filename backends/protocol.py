@@ -70,6 +70,13 @@ class WorkerJob:
         return method, self.batch[f"parts/{part}/x"], self.batch[f"parts/{part}/y"]
 
     @property
+    def autocast(self) -> str | None:
+        """'bfloat16' or 'float16' when the forward and backward passes run in reduced precision (a
+        discrepancy switch), else None."""
+        value = self.switches.get("autocast")
+        return None if value in (None, "none") else value
+
+    @property
     def unzeroed(self) -> bool:
         """Whether the per-example loops must read an accumulator they never zero (a discrepancy switch)."""
         return bool(self.switches.get("unzeroed_gradients"))

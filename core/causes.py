@@ -23,6 +23,12 @@ be checked against it:
 - ``micro_batches = k``: gradient accumulation over k micro-batches that
   adds the micro-batch results without dividing by k: a mean-reduced loss
   comes out k times larger.
+- ``autocast = "bfloat16" | "float16"``: a float32 run's forward and
+  backward passes in reduced precision, the framework's own way
+  (``torch.autocast``, Keras' ``mixed_bfloat16`` / ``mixed_float16`` layer
+  policies, Flax layers with a bfloat16 compute dtype over float32
+  parameters); the numpy reference stays float64. Pairs are then held to
+  the narrower format's rounding.
 
 The parts (extra or sub-batches) run natively as cases 'METHOD@PART' in the
 workers; core combines them (``rules``): a method's result is
@@ -38,7 +44,9 @@ from gradparity.methods import METHODS
 
 #: Switches, in the order the report lists them.
 SWITCHES = ("unzeroed_gradients", "missing_normalization", "double_normalization", "short_last_batch",
-            "replicas", "micro_batches")
+            "replicas", "micro_batches", "autocast")
+#: The reduced-precision formats ``autocast`` takes ("none": off).
+AUTOCAST = ("none", "bfloat16", "float16")
 #: The switches that need parts (extra or sub-batches); at most one per run.
 PART_SWITCHES = ("short_last_batch", "replicas", "micro_batches")
 #: The methods each switch changes (a run without any of them shows nothing).
@@ -49,12 +57,14 @@ AFFECTS = {
     "short_last_batch": ("none_loop", "none_vectorized", "one_by_one", "sum", "mean"),
     "replicas": ("none_loop", "none_vectorized", "one_by_one", "sum"),
     "micro_batches": ("mean",),
+    "autocast": ("none_loop", "none_vectorized", "sum", "mean", "one_by_one"),
 }
 #: The diagnose cause each switch produces.
 CAUSE_IDS = {
     "unzeroed_gradients": "unzeroed_gradients", "missing_normalization": "missing_normalization",
     "double_normalization": "double_normalization", "short_last_batch": "short_last_batch",
     "replicas": "data_parallel_average", "micro_batches": "accumulation_normalization",
+    "autocast": "reduced_precision",
 }
 
 
@@ -68,6 +78,7 @@ class Causes:
     short_last_batch: int = 0
     replicas: int = 0
     micro_batches: int = 0
+    autocast: str = "none"
 
     def on(self) -> list[str]:
         """The switches that are on, in SWITCHES order."""
@@ -90,17 +101,24 @@ class Causes:
                         "averaged (all-reduce mean)",
             "micro_batches": f"the batch is split into {self.micro_batches} micro-batches whose results are "
                              "added without dividing by their number",
+            "autocast": f"forward and backward passes in {self.autocast} (autocast / mixed-precision layers) over "
+                        "float32 parameters; the numpy reference stays float64",
         }
         return {name: text[name] for name in self.on()}
 
 
 def _is_on(value, name: str) -> bool:
+    if name == "autocast":
+        return value != "none"
     return bool(value) if name not in ("replicas", "micro_batches") else value > 1
 
 
-def check(causes: Causes, methods: tuple[str, ...], batch_size: int) -> list[str]:
-    """Problems of a switch combination for these methods and this batch size (empty when fine)."""
+def check(causes: Causes, methods: tuple[str, ...], batch_size: int, dtype: str = "float32") -> list[str]:
+    """Problems of a switch combination for these methods, batch size and dtype (empty when fine)."""
     problems = []
+    if causes.autocast != "none" and dtype != "float32":
+        problems.append(f"causes.autocast = {causes.autocast!r} runs a float32 model in reduced precision; "
+                        f"the experiment's dtype is {dtype!r} (set dtype = \"float32\")")
     parts = [name for name in PART_SWITCHES if name in causes.on()]
     if len(parts) > 1:
         problems.append(f"causes: {', '.join(parts)} each split or extend the batch; turn on one at a time")
@@ -191,4 +209,14 @@ def rules(methods: tuple[str, ...], n: int, batch: dict[str, np.ndarray], causes
             if name == "mean" and causes.double_normalization:
                 factor, label = 1.0 / n, f"1/{n} (switch double_normalization)"
             out[name] = Rule(((name, factor),), label)
+    return out
+
+
+def job_switches(causes: Causes) -> dict:
+    """The switches a backend reproduces natively (the rest are combined in core)."""
+    out = {}
+    if causes.unzeroed_gradients:
+        out["unzeroed_gradients"] = True
+    if causes.autocast != "none":
+        out["autocast"] = causes.autocast
     return out

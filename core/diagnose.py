@@ -707,7 +707,7 @@ def _test_precision(an: _Analysis) -> Cause:
     flat = {k: _flat(v) for k, v in an.obs.grads.items()}
     cosine = min(float(flat[p.a] @ flat[p.b]) / max(float(np.linalg.norm(flat[p.a]) * np.linalg.norm(flat[p.b])),
                                                      1e-300) for p in an.pairs)
-    for name in ("tf32", "bfloat16"):
+    for name, label in (("tf32", "tf32 or float16"), ("bfloat16", "bfloat16")):
         # Rounding in a narrower format moves each entry by about u sqrt(K) of the gradient's scale, not
         # more, and keeps the direction.
         bound = _narrow_bound(name, k)
@@ -715,7 +715,7 @@ def _test_precision(an: _Analysis) -> Cause:
             told = dtype in _NARROW
             return Cause(cid, 0.95 if told else 0.6,
                          [f"every pair differs by at most {_g(worst)} relative: beyond float32's bound {_g(wide)} "
-                          f"but within {name} rounding (4 u sqrt(K) = {_g(bound)}), in the same direction "
+                          f"but within {label} rounding (4 u sqrt(K) = {_g(bound)}), in the same direction "
                           f"(cosine >= {cosine:.6f}), no constant factor"
                           + (f"; the gradients were computed in {dtype}" if told else "")], fix)
     return Cause(cid, 0.0, [f"the largest difference, {_g(worst)} relative (smallest cosine {cosine:.4f}), is beyond "

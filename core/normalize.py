@@ -13,7 +13,8 @@ import numpy as np
 from gradparity.execute import BackendOutcome
 
 #: Unit roundoff u = 2^-(p) for p significand bits (incl. the implicit one), round to nearest.
-UNIT_ROUNDOFF = {"float64": 2.0 ** -53, "float32": 2.0 ** -24, "tf32": 2.0 ** -11}
+UNIT_ROUNDOFF = {"float64": 2.0 ** -53, "float32": 2.0 ** -24, "tf32": 2.0 ** -11, "float16": 2.0 ** -11,
+                 "bfloat16": 2.0 ** -8}
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,7 @@ def make_job(exp: Experiment, inputs: CanonicalInputs, info: BackendInfo,
         dtype=exp.dtype, device=exp.device, precision=exp.precision,
         model=inputs.model.to_dict(), loss={"name": exp.loss.name},
         params=inputs.params, batch=inputs.batch,
-        switches={"unzeroed_gradients": True} if exp.causes.unzeroed_gradients else {})
+        switches=causes.job_switches(exp.causes))
 
 
 def _now() -> str:
@@ -171,6 +171,7 @@ def _conclude(exp: Experiment, inputs: CanonicalInputs, outcomes: list[BackendOu
     tol = tolerance_for(inputs.model, inputs.n_examples,
                         problem_term_scale(inputs.params, inputs.batch, inputs.model))
     comparisons = compare_all(results, tol)
-    verdict = decide(results, comparisons, tol, inputs.n_examples, exp.dtype, interrupted)
+    verdict = decide(results, comparisons, tol, inputs.n_examples, exp.dtype, interrupted,
+                     tuple(exp.causes.on()))
     return Report(exp, inputs, outcomes, results, tol, comparisons, verdict, started, _now(), run_id,
                   interrupted.signal_name if interrupted else None)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from gradparity.backends import ALIASES, BACKENDS, KERAS_VARIANTS, resolve_backend_name
-from gradparity.causes import SWITCHES, Causes
+from gradparity.causes import AUTOCAST, SWITCHES, Causes
 from gradparity.causes import check as check_causes
 from gradparity.errors import ConfigError
 from gradparity.losses import LOSSES
@@ -259,7 +259,7 @@ def validate(cfg: dict, base_dir: Path | None = None) -> Experiment:
                 c.fail(f"backend {b!r} does not implement loss {loss_name!r}")
 
     if causes is not None and methods and data is not None:
-        for problem in check_causes(causes, methods, data.batch_size):
+        for problem in check_causes(causes, methods, data.batch_size, dtype or "float32"):
             c.fail(problem)
 
     if c.problems:
@@ -276,7 +276,11 @@ def _causes(c: "_Checker", t: dict) -> Causes | None:
     for key in SWITCHES:
         if key not in t:
             continue
-        if key in ("unzeroed_gradients", "missing_normalization", "double_normalization"):
+        if key == "autocast":
+            value = c.choice("causes.autocast", t[key], AUTOCAST)
+            if value is not None:
+                values[key] = value
+        elif key in ("unzeroed_gradients", "missing_normalization", "double_normalization"):
             if not isinstance(t[key], bool):
                 c.fail(f"causes.{key} must be true or false, got {t[key]!r}")
                 continue

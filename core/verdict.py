@@ -103,11 +103,18 @@ def _context_lines(ok: list[Result], failed: list[Result], nonfinite: list[Resul
         lines.append(f"{', '.join(narrowed)} computed part of this float64 run in float32 (see "
                      "precision in its environment), so its pairs use float32's tolerance "
                      f"{_fmt(tol.rtol(UNIT_ROUNDOFF['float32']))}.")
-    tf32 = sorted({r.backend for r in ok if r.unit_roundoff == UNIT_ROUNDOFF["tf32"]})
+    tf32 = sorted({r.backend for r in ok if r.dtype == "float32" and r.unit_roundoff == UNIT_ROUNDOFF["tf32"]})
     if tf32:
         lines.append(f"TF32 was possible in {', '.join(tf32)} (precision = {'default'!r}): pairs with it "
                      f"use TF32's roundoff 2^-11, so differences below rtol {_fmt(tol.rtol(UNIT_ROUNDOFF['tf32']))} "
                      "cannot be told from rounding; rerun with precision = 'highest' to resolve them.")
+    for narrow in ("bfloat16", "float16"):
+        rows = sorted({r.backend for r in ok if r.dtype == narrow})
+        if rows:
+            lines.append(f"{', '.join(rows)} computed in {narrow} (autocast / mixed precision): pairs with them use "
+                         f"{narrow}'s roundoff, rtol {_fmt(tol.rtol(UNIT_ROUNDOFF[narrow]))}, so differences "
+                         "below it cannot be told from rounding; float32's rtol is "
+                         f"{_fmt(tol.rtol(UNIT_ROUNDOFF['float32']))}.")
     return lines
 
 
@@ -137,7 +144,7 @@ def _agreement_summary(ok: list[Result], comparisons: list[Comparison]) -> tuple
 
 def decide(results: list[Result], comparisons: list[Comparison], tol: Tolerance,
            n_examples: int, requested_dtype: str | None = None,
-           interrupted: Interrupted | None = None) -> Verdict:
+           interrupted: Interrupted | None = None, switches: tuple[str, ...] = ()) -> Verdict:
     """Turn results and comparisons into a Verdict (status, exit code, explanation).
 
     ``requested_dtype`` is the experiment's dtype: a backend that reports
@@ -182,7 +189,9 @@ def decide(results: list[Result], comparisons: list[Comparison], tol: Tolerance,
         lines.insert(0, line)
         if len({r.method for r in ok}) > 1:
             lines.insert(1, LINEARITY + " This run measured it: the methods above agree to rounding.")
-            lines.insert(2, UNTESTED_CAUSES)
+            lines.insert(2, UNTESTED_CAUSES if not switches else
+                         f"This run turned discrepancy switches on ({', '.join(switches)}; see the header): the "
+                         "results agree within the tolerance of the arithmetic each backend reported.")
         closest = max(comparisons, key=lambda c: c.max_rel / c.tolerance)
         pct = 100.0 * closest.max_rel / closest.tolerance
         if pct > 50:

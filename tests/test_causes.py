@@ -30,7 +30,10 @@ SWITCHES = {
     "short_last_batch": (3, {"dataset_size": N + 3}),
     "replicas": (3, {"replicas": 3}),
     "micro_batches": (2, {"micro_batches": 2}),
+    "autocast": ("bfloat16", {}),
 }
+#: Switches checked by their formula; autocast is checked by its rounding (no numpy bfloat16 to compute it).
+FORMULA_SWITCHES = [s for s in SWITCHES if s != "autocast"]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +41,8 @@ def runs(tmp_path_factory):
     """One run per switch, every installed backend, reports written (shared by the tests below)."""
     out = {}
     for name, (value, _) in SWITCHES.items():
-        exp = load_experiment(None, {"backends": BACKENDS, "dtype": "float64", "data.source": "synthetic",
+        dtype = "float32" if name == "autocast" else "float64"  # autocast runs a float32 model narrower
+        exp = load_experiment(None, {"backends": BACKENDS, "dtype": dtype, "data.source": "synthetic",
                                      "data.batch_size": N, "data.num_examples": 16, f"causes.{name}": value})
         folder = tmp_path_factory.mktemp(name)
         out[name] = (run_experiment(exp, folder), folder)
@@ -98,7 +102,7 @@ def expected(name: str, report) -> dict[str, dict[str, np.ndarray]]:
     return out
 
 
-@pytest.mark.parametrize("name", list(SWITCHES))
+@pytest.mark.parametrize("name", FORMULA_SWITCHES)
 def test_every_backend_computes_what_the_switch_stands_for(runs, name):
     report, _ = runs[name]
     got = results(report)
@@ -107,7 +111,25 @@ def test_every_backend_computes_what_the_switch_stands_for(runs, name):
         for method, grads in want.items():
             assert (backend, method) in got, f"{backend}/{method} failed: {report.verdict.summary}"
             assert close(got[(backend, method)], grads), f"{name}: {backend}/{method} is not the switch's formula"
-    assert report.verdict.status == "disagree"  # every switch changes some method
+    assert report.verdict.status == "disagree"  # every formula switch changes some method
+
+
+def test_autocast_runs_every_framework_in_bfloat16_and_holds_it_to_that_rounding(runs):
+    """Each framework reports bfloat16 arithmetic; its results differ from the float64 reference by more than
+    float32 rounding allows and by less than bfloat16's; the numpy reference stays float64."""
+    report, _ = runs["autocast"]
+    dtypes = {o.backend: o.environment["dtype"] for o in report.outcomes}
+    assert dtypes == {b: ("float64" if b == "numpy" else "bfloat16") for b in BACKENDS}
+    got = results(report)
+    reference = got[("numpy", "mean")]
+    float32_rtol = report.tolerance.rtol(2.0 ** -24)
+    for backend in BACKENDS[1:]:
+        for method in ("none_loop", "none_vectorized", "sum", "mean", "one_by_one"):
+            g = got[(backend, method)]
+            rel = max(float(np.max(np.abs(g[k] - reference[k])) / np.max(np.abs(reference[k]))) for k in g)
+            assert float32_rtol < rel < 16 * 2.0 ** -8, f"{backend}/{method}: {rel}"
+    assert report.verdict.status == "agree"  # within bfloat16's tolerance, which the verdict says it used
+    assert any("computed in bfloat16" in line for line in report.verdict.explanation)
 
 
 @pytest.mark.parametrize("name", list(SWITCHES))
@@ -136,6 +158,8 @@ def test_the_report_says_what_the_switch_did(runs):
     ({"causes.short_last_batch": -1}, ">= 0"),
     ({"causes.missing_normalization": True, "methods": ["mean", "none_loop"]}, "changes sum"),
     ({"causes.zero_grad": True}, "unknown key"),
+    ({"causes.autocast": "bfloat16", "dtype": "float64"}, "set dtype"),
+    ({"causes.autocast": "fp8"}, "causes.autocast"),
     ({"causes.short_last_batch": 2, "causes.double_normalization": True}, "turn missing_normalization"),
 ])
 def test_bad_switches_are_config_errors(overrides, message):

@@ -66,13 +66,14 @@ TOP_KEYS = ("name", "seed", "dtype", "device", "precision", "backends", "methods
             "model", "data", "loss", "keras", "causes")
 BOOL_SWITCHES = ("unzeroed_gradients", "missing_normalization", "double_normalization")
 COUNT_SWITCHES = ("short_last_batch", "replicas", "micro_batches")
+AUTOCAST = ("none", "bfloat16", "float16")
 TABLE_KEYS = {
     "model": ("kind", "hidden", "activation"),
     "data": ("source", "batch_size", "batch_index", "shuffle", "num_examples", "num_features",
              "num_classes", "path", "x_key", "y_key"),
     "loss": ("name",),
     "keras": ("backend",),
-    "causes": BOOL_SWITCHES + COUNT_SWITCHES,
+    "causes": BOOL_SWITCHES + COUNT_SWITCHES + ("autocast",),
 }
 SOURCE_KEYS = {"synthetic": ("num_examples", "num_features", "num_classes"),
                "npz": ("path", "x_key", "y_key", "num_classes")}
@@ -439,6 +440,9 @@ def judge_config(cfg, npz_shape: tuple[int, int, int] | None = None) -> tuple[Or
         if k in sw and not isinstance(sw[k], bool):
             o.bad.append(f"causes.{k} = {sw[k]!r}")
     counts = {k: integer(f"causes.{k}", sw[k], 0) if k in sw else 0 for k in COUNT_SWITCHES}
+    autocast = choice("causes.autocast", sw.get("autocast", "none"), AUTOCAST)
+    if autocast not in (None, "none") and cfg.get("dtype") != "float32":
+        o.bad.append("autocast needs a float32 run")
     last = counts["short_last_batch"] or 0
     splitting = [k for k in COUNT_SWITCHES if (counts[k] or 0) > (0 if k == "short_last_batch" else 1)]
     if len(splitting) > 1:
@@ -592,6 +596,7 @@ GOOD = {
     "causes.short_last_batch": st.integers(0, 4),
     "causes.replicas": st.integers(0, 4),
     "causes.micro_batches": st.integers(0, 4),
+    "causes.autocast": st.sampled_from(AUTOCAST),
 }
 PATHS = tuple(GOOD)
 TINY_PATHS = ("device", "timeout_s", "backends", "methods", "model.hidden", "model.activation",

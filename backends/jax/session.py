@@ -37,11 +37,12 @@ _ACTIVATIONS = {
 class MLP(nnx.Module):
     """Dense layers ``sizes[0] -> ... -> sizes[-1]``; ``activation`` after all but the last (logits)."""
 
-    def __init__(self, sizes, activation, dtype, precision, rngs):
+    def __init__(self, sizes, activation, dtype, precision, rngs, compute_dtype=None):
         # nnx.List (not nnx.Sequential, which would interleave the activations)
         # so layer i lives at state path ('layers', i, ...), the canonical name.
+        # compute_dtype (the switch 'autocast'): Flax's mixed precision, parameters stay in dtype.
         self.layers = nnx.List([
-            nnx.Linear(a, b, dtype=dtype, param_dtype=dtype, precision=precision, rngs=rngs)
+            nnx.Linear(a, b, dtype=compute_dtype or dtype, param_dtype=dtype, precision=precision, rngs=rngs)
             for a, b in zip(sizes[:-1], sizes[1:])
         ])
         self.activation = _ACTIVATIONS[activation]
@@ -129,8 +130,9 @@ class JaxSession:
 
         # eval_shape: build the module without running the random initializers,
         # then fill every parameter from the canonical arrays by its path.
+        compute_dtype = jnp.dtype(job.autocast) if job.autocast else None
         abstract = nnx.eval_shape(lambda: MLP(job.model["sizes"], job.model["activation"], dtype,
-                                              self.layer_precision, nnx.Rngs(0)))
+                                              self.layer_precision, nnx.Rngs(0), compute_dtype))
         self.graphdef, abstract_state = nnx.split(abstract)
         flat = nnx.to_flat_state(abstract_state)
         names = [_name(path) for path, _ in flat]
@@ -153,7 +155,9 @@ class JaxSession:
 
         def losses_fn(params, x, y):
             """Per-example losses, shape (N,): optax returns them unreduced."""
-            logits = nnx.merge(graphdef, params)(x)
+            # Under 'autocast' the logits come out in the compute dtype; the loss is taken in the input
+            # dtype, as mixed-precision training does.
+            logits = nnx.merge(graphdef, params)(x).astype(x.dtype)
             return optax.softmax_cross_entropy_with_integer_labels(logits, y)
 
         # optax has no `reduction` argument: the reduction is the user's own jnp.sum / jnp.mean.
@@ -230,7 +234,8 @@ class JaxSession:
             "device": _device_label(self.device),
             "device_kind": "cpu" if self.device.platform == "cpu" else "gpu",
             "device_note": self.device_note,
-            "dtype": dtype,
+            "dtype": self.job.autocast or dtype,
+            "autocast": self.job.autocast,
             "precision": {
                 "jax_default_matmul_precision": None if matmul_precision is None else str(matmul_precision),
                 "linear_precision": None if self.layer_precision is None else str(self.layer_precision),

@@ -361,15 +361,22 @@ class _Torch(_Autodiff):
 _VARIANTS = {"tensorflow": _TensorFlow, "jax": _Jax, "torch": _Torch}
 
 
+#: Significand bits (implicit bit included) of each float format: which dtype is narrower.
+_SIGNIFICAND_BITS = {"float64": 53, "float32": 24, "float16": 11, "bfloat16": 8}
+
+
 def _build_model(job: WorkerJob):
     """keras.Sequential of Dense layers; the last has no activation (logits)."""
     sizes = job.model["sizes"]
     activation = {"identity": "linear"}.get(job.model["activation"], job.model["activation"])
     layers = [keras.Input((sizes[0],), dtype=job.dtype)]
+    # The switch 'autocast': Keras' mixed-precision policy per layer (compute in the narrow format,
+    # variables in float32).
+    policy = keras.DTypePolicy(f"mixed_{job.autocast}") if job.autocast else job.dtype
     for i, units in enumerate(sizes[1:]):
         last = i == len(sizes) - 2
         layers.append(keras.layers.Dense(units, activation=None if last else activation,
-                                         dtype=job.dtype, name=f"dense_{i}"))
+                                         dtype=policy, name=f"dense_{i}"))
     return keras.Sequential(layers)
 
 
@@ -421,7 +428,7 @@ class KerasSession:
 
         def note(op, tensor):
             dtype = keras.backend.standardize_dtype(tensor.dtype)
-            if op not in seen or np.finfo(dtype).bits < np.finfo(seen[op]).bits:
+            if op not in seen or _SIGNIFICAND_BITS[dtype] < _SIGNIFICAND_BITS[seen[op]]:
                 seen[op] = dtype
             return tensor
 
@@ -442,7 +449,10 @@ class KerasSession:
             raise RuntimeError(f"model variables have mixed dtypes {sorted(var_dtypes)}")
         op_dtypes = self._op_dtypes()
         # The narrowest dtype any op computed in bounds the precision of the whole run.
-        dtype = min([*var_dtypes, *op_dtypes.values()], key=lambda d: np.finfo(d).bits)
+        dtype = min([*var_dtypes, *op_dtypes.values()], key=lambda d: _SIGNIFICAND_BITS[d])
+        if self.job.autocast:
+            # The replay uses the float32 variables directly; the layers' mixed policy computes in autocast.
+            dtype = self.job.autocast
         device, kind, cc = self.ad.where(self.model.trainable_variables[0])
         # TF32 replaces float32 matmuls only (a float64 run whose tanh Keras
         # demoted still multiplies in float64).
@@ -457,6 +467,7 @@ class KerasSession:
             "device_kind": kind,
             "device_note": self.ad.device_note,
             "dtype": dtype,
+            "autocast": self.job.autocast,
             "precision": precision,
             "tf32": tf32,
             "keras_backend": keras.backend.backend(),

@@ -102,7 +102,8 @@ class NumpySession:
             "the numpy reference always runs on the CPU",
             "dtype": "float64",
             "precision": {"note": "float64 reference, computed by hand; inputs promoted from "
-                                  f"{self.job.dtype}"},
+                                  f"{self.job.dtype}" + ("; no autocast (the reference stays float64)"
+                                                         if self.job.autocast else "")},
             "tf32": False,
         }
 

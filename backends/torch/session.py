@@ -154,7 +154,9 @@ class TorchSession:
             "device": device,
             "device_kind": "gpu" if on_gpu else "cpu",
             "device_note": self.device_note,
-            "dtype": str(dtype).removeprefix("torch."),
+            # Under autocast the matmuls run in the narrower format: the arithmetic that bounds rounding.
+            "dtype": self.job.autocast or str(dtype).removeprefix("torch."),
+            "autocast": self.job.autocast,
             "precision": read_precision(self.job.precision),
             # An MLP runs only cuBLAS matmuls, so cuDNN's (default-on) TF32 flag cannot apply here.
             "tf32": on_gpu and capability >= (8, 0) and dtype == torch.float32
@@ -187,7 +189,14 @@ class TorchSession:
 
     def compute(self, method: str) -> RawResult:
         """Run ``method`` ('METHOD' or 'METHOD@PART') from scratch; its native (unnormalized) loss and
-        gradients."""
+        gradients. With the switch 'autocast' the whole method runs under ``torch.autocast``."""
+        if self.job.autocast is None:
+            return self._compute(method)
+        dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[self.job.autocast]
+        with torch.autocast(self.device.type, dtype=dtype):
+            return self._compute(method)
+
+    def _compute(self, method: str) -> RawResult:
         for p in self.model.parameters():
             p.grad = None  # nothing accumulated by an earlier call may leak into this one
         method, x, y = self._inputs(method)
