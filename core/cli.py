@@ -138,7 +138,8 @@ def _run(args) -> int:
         inputs = build_inputs(exp)
         print(f"valid: {exp.name!r}: {inputs.model.describe()}, {inputs.data_description}; "
               f"backends {', '.join(exp.backends)}; methods {', '.join(exp.methods)}; "
-              f"{exp.dtype}, device {exp.device}, precision {exp.precision}")
+              f"{exp.dtype}, device {exp.device}, precision {exp.precision}"
+              + (f"; discrepancy switches on: {', '.join(exp.causes.on())}" if exp.causes.on() else ""))
         return 0
     say = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     out = Path(args.out)

@@ -179,6 +179,18 @@ def test_a_short_last_batch_needs_the_examples(capsys):
         build_inputs(exp)
 
 
+def test_a_clean_run_is_diagnosed_clean(tmp_path, capsys):
+    """No switch: every backend agrees, and diagnose on the report folder says clean (exit 0)."""
+    exp = load_experiment(None, {"backends": BACKENDS, "data.source": "synthetic", "data.batch_size": N})
+    report = run_experiment(exp, tmp_path)
+    assert report.verdict.status == "agree"
+    assert main(["diagnose", str(tmp_path), "--json"]) == 0
+    import json
+
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["causes"][0]["id"] == "clean" and doc["causes"][0]["score"] == 1.0
+
+
 def test_diagnose_sees_only_what_the_report_records_not_the_switch(runs):
     """The report's own switch settings are not read as the user's knowledge: the diagnosis must come from
     the numbers (and the batch size and dtype the run records)."""
