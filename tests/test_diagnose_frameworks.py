@@ -55,3 +55,22 @@ def test_optax_multisteps_accumulates_in_float32_by_default(tmp_path):
     full, multi = obs.grads["full_batch"], obs.grads["multisteps"]
     rel = max(float(np.max(np.abs(full[k] - multi[k])) / np.max(np.abs(full[k]))) for k in full)
     assert 1e-12 < rel < 2.0 ** -24 * 64, rel  # beyond float64 rounding, within float32's
+
+
+@pytest.mark.skipif(not installed("keras-tensorflow"), reason="needs keras and tensorflow: pip install "
+                                                              "'gradparity[keras]'")
+def test_keras_gradient_accumulation_steps_averages_micro_batch_means(tmp_path):
+    """Measured (keras 3.15): optimizer.gradient_accumulation_steps applies the plain average of the micro-batch
+    gradients. Equal micro-batches give the full-batch gradient; uneven ones (4, 4, 2) do not, since the short
+    micro-batch's examples weigh 1/6 each instead of 1/10."""
+    import numpy as np
+
+    obs = run_case("keras_accumulation.py", tmp_path)
+    g = obs.grads
+
+    def rel(a, b):
+        return max(float(np.max(np.abs(g[a][k] - g[b][k])) / np.max(np.abs(g[b][k]))) for k in g[b])
+
+    assert rel("accumulated_even", "full_batch_even") < 1e-12
+    assert rel("accumulated_uneven", "mean_of_means_uneven") < 1e-12
+    assert rel("accumulated_uneven", "full_batch_uneven") > 0.05
