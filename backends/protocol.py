@@ -77,6 +77,12 @@ class WorkerJob:
         return None if value in (None, "none") else value
 
     @property
+    def class_weights(self) -> np.ndarray | None:
+        """Per-class weights of the loss (the switch 'class_weights'), float64, or None."""
+        w = self.switches.get("class_weights")
+        return None if not w else np.asarray(w, dtype=np.float64)
+
+    @property
     def unzeroed(self) -> bool:
         """Whether the per-example loops must read an accumulator they never zero (a discrepancy switch)."""
         return bool(self.switches.get("unzeroed_gradients"))

@@ -23,6 +23,11 @@ be checked against it:
 - ``micro_batches = k``: gradient accumulation over k micro-batches that
   adds the micro-batch results without dividing by k: a mean-reduced loss
   comes out k times larger.
+- ``class_weights = [w_0, ..., w_{C-1}]``: a class-weighted cross-entropy,
+  each framework's own way: torch ``CrossEntropyLoss(weight=w)`` (its mean
+  divides by sum_i w[y_i], and on one example the weight cancels), Keras
+  ``sample_weight=w[y]`` (``sum_over_batch_size`` divides by N), optax losses
+  times ``w[y]`` then ``jnp.mean`` (N); the numpy reference divides by N.
 - ``autocast = "bfloat16" | "float16"``: a float32 run's forward and
   backward passes in reduced precision, the framework's own way
   (``torch.autocast``, Keras' ``mixed_bfloat16`` / ``mixed_float16`` layer
@@ -44,7 +49,7 @@ from gradparity.methods import METHODS
 
 #: Switches, in the order the report lists them.
 SWITCHES = ("unzeroed_gradients", "missing_normalization", "double_normalization", "short_last_batch",
-            "replicas", "micro_batches", "autocast")
+            "replicas", "micro_batches", "class_weights", "autocast")
 #: The reduced-precision formats ``autocast`` takes ("none": off).
 AUTOCAST = ("none", "bfloat16", "float16")
 #: The switches that need parts (extra or sub-batches); at most one per run.
@@ -57,6 +62,7 @@ AFFECTS = {
     "short_last_batch": ("none_loop", "none_vectorized", "one_by_one", "sum", "mean"),
     "replicas": ("none_loop", "none_vectorized", "one_by_one", "sum"),
     "micro_batches": ("mean",),
+    "class_weights": ("none_loop", "none_vectorized", "sum", "mean", "one_by_one"),
     "autocast": ("none_loop", "none_vectorized", "sum", "mean", "one_by_one"),
 }
 #: The diagnose cause each switch produces.
@@ -64,6 +70,7 @@ CAUSE_IDS = {
     "unzeroed_gradients": "unzeroed_gradients", "missing_normalization": "missing_normalization",
     "double_normalization": "double_normalization", "short_last_batch": "short_last_batch",
     "replicas": "data_parallel_average", "micro_batches": "accumulation_normalization",
+    "class_weights": "weighted_mean_mismatch",
     "autocast": "reduced_precision",
 }
 
@@ -78,6 +85,7 @@ class Causes:
     short_last_batch: int = 0
     replicas: int = 0
     micro_batches: int = 0
+    class_weights: tuple[float, ...] = ()
     autocast: str = "none"
 
     def on(self) -> list[str]:
@@ -85,7 +93,9 @@ class Causes:
         return [name for name in SWITCHES if _is_on(getattr(self, name), name)]
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["class_weights"] = list(self.class_weights)
+        return d
 
     def describe(self) -> dict[str, str]:
         """What each switch that is on does, in words."""
@@ -101,6 +111,9 @@ class Causes:
                         "averaged (all-reduce mean)",
             "micro_batches": f"the batch is split into {self.micro_batches} micro-batches whose results are "
                              "added without dividing by their number",
+            "class_weights": f"class-weighted cross-entropy, weights {list(self.class_weights)}, each "
+                             "framework's own way (torch's mean divides by the sum of the weights of the "
+                             "targets, Keras' sum_over_batch_size and jnp.mean by N)",
             "autocast": f"forward and backward passes in {self.autocast} (autocast / mixed-precision layers) over "
                         "float32 parameters; the numpy reference stays float64",
         }
@@ -110,6 +123,8 @@ class Causes:
 def _is_on(value, name: str) -> bool:
     if name == "autocast":
         return value != "none"
+    if name == "class_weights":
+        return bool(value)
     return bool(value) if name not in ("replicas", "micro_batches") else value > 1
 
 
@@ -219,4 +234,6 @@ def job_switches(causes: Causes) -> dict:
         out["unzeroed_gradients"] = True
     if causes.autocast != "none":
         out["autocast"] = causes.autocast
+    if causes.class_weights:
+        out["class_weights"] = list(causes.class_weights)
     return out

@@ -218,6 +218,9 @@ def build_inputs(exp: Experiment) -> CanonicalInputs:
         raise ConfigError(
             f"data.batch_size = {spec.batch_size} with data.batch_index = {spec.batch_index} needs "
             f"{need}, but the data has {n}")
+    weights = exp.causes.class_weights
+    if weights and len(weights) != num_classes:
+        raise ConfigError(f"causes.class_weights has {len(weights)} weights for {num_classes} classes")
     model = MLP((x.shape[1], *exp.model.hidden, num_classes), exp.model.activation)
     check_problem_size(model, spec.batch_size, inferred, int(y.max()))
 

@@ -276,7 +276,16 @@ def _causes(c: "_Checker", t: dict) -> Causes | None:
     for key in SWITCHES:
         if key not in t:
             continue
-        if key == "autocast":
+        if key == "class_weights":
+            w = t[key]
+            if not isinstance(w, list) or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+                    for v in w) or (w and not any(w)):
+                c.fail(f"causes.class_weights must be a list of finite non-negative numbers, one per class, "
+                       f"not all 0 ([] is off), got {w!r}")
+                continue
+            values[key] = tuple(float(v) for v in w)
+        elif key == "autocast":
             value = c.choice("causes.autocast", t[key], AUTOCAST)
             if value is not None:
                 values[key] = value

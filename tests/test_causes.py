@@ -30,6 +30,7 @@ SWITCHES = {
     "short_last_batch": (3, {"dataset_size": N + 3}),
     "replicas": (3, {"replicas": 3}),
     "micro_batches": (2, {"micro_batches": 2}),
+    "class_weights": ([1.0, 2.0, 0.5, 3.0, 1.5], {"loss_reduction": "class-weighted mean"}),
     "autocast": ("bfloat16", {}),
 }
 #: Switches checked by their formula; autocast is checked by its rounding (no numpy bfloat16 to compute it).
@@ -69,9 +70,20 @@ def close(a: dict, b: dict) -> bool:
     return all(np.max(np.abs(a[k] - b[k])) <= RTOL * max(np.max(np.abs(b[k])), 1e-300) for k in b)
 
 
-def expected(name: str, report) -> dict[str, dict[str, np.ndarray]]:
-    """Each method's result under the switch, by its formula (see gradparity.causes)."""
+def expected(name: str, report, backend: str) -> dict[str, dict[str, np.ndarray]]:
+    """Each method's result under the switch in ``backend``, by its formula (see gradparity.causes)."""
     g = per_example(report)
+    if name == "class_weights":
+        w = np.asarray(SWITCHES[name][0])[report.inputs.batch["y"]]
+        weighted = {k: np.tensordot(w, v, axes=1) for k, v in g.items()}  # sum_i w[y_i] g_i
+        out = {m: {k: v / N for k, v in weighted.items()} for m in ("none_loop", "none_vectorized", "sum")}
+        if backend == "torch":
+            # CrossEntropyLoss(weight=w): 'mean' divides by sum_i w[y_i]; on one example the weight cancels.
+            out["mean"] = {k: v / w.sum() for k, v in weighted.items()}
+            out["one_by_one"] = {k: v.mean(axis=0) for k, v in g.items()}
+        else:  # Keras sum_over_batch_size with sample_weight = w[y], jnp.mean(w[y] * l), the reference: / N
+            out["mean"] = out["one_by_one"] = out["sum"]
+        return out
     mean = {k: v.mean(axis=0) for k, v in g.items()}
     out = {m: mean for m in ("none_loop", "none_vectorized", "sum", "mean", "one_by_one")}
     if name == "unzeroed_gradients":
@@ -106,9 +118,8 @@ def expected(name: str, report) -> dict[str, dict[str, np.ndarray]]:
 def test_every_backend_computes_what_the_switch_stands_for(runs, name):
     report, _ = runs[name]
     got = results(report)
-    want = expected(name, report)
     for backend in BACKENDS:
-        for method, grads in want.items():
+        for method, grads in expected(name, report, backend).items():
             assert (backend, method) in got, f"{backend}/{method} failed: {report.verdict.summary}"
             assert close(got[(backend, method)], grads), f"{name}: {backend}/{method} is not the switch's formula"
     assert report.verdict.status == "disagree"  # every formula switch changes some method
@@ -160,6 +171,9 @@ def test_the_report_says_what_the_switch_did(runs):
     ({"causes.zero_grad": True}, "unknown key"),
     ({"causes.autocast": "bfloat16", "dtype": "float64"}, "set dtype"),
     ({"causes.autocast": "fp8"}, "causes.autocast"),
+    ({"causes.class_weights": [1.0, -1.0]}, "non-negative"),
+    ({"causes.class_weights": [0.0, 0.0]}, "not all 0"),
+    ({"causes.class_weights": "1,2"}, "list of finite"),
     ({"causes.short_last_batch": 2, "causes.double_normalization": True}, "turn missing_normalization"),
 ])
 def test_bad_switches_are_config_errors(overrides, message):
@@ -167,6 +181,15 @@ def test_bad_switches_are_config_errors(overrides, message):
 
     with pytest.raises(ConfigError, match=message):
         load_experiment(None, overrides)
+
+
+def test_class_weights_need_one_weight_per_class():
+    from gradparity.errors import ConfigError
+    from gradparity.inputs import build_inputs
+
+    exp = load_experiment(None, {"causes.class_weights": [1.0, 2.0]})  # digits: 10 classes
+    with pytest.raises(ConfigError, match="2 weights for 10 classes"):
+        build_inputs(exp)
 
 
 def test_a_short_last_batch_needs_the_examples(capsys):

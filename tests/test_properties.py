@@ -73,7 +73,7 @@ TABLE_KEYS = {
              "num_classes", "path", "x_key", "y_key"),
     "loss": ("name",),
     "keras": ("backend",),
-    "causes": BOOL_SWITCHES + COUNT_SWITCHES + ("autocast",),
+    "causes": BOOL_SWITCHES + COUNT_SWITCHES + ("autocast", "class_weights"),
 }
 SOURCE_KEYS = {"synthetic": ("num_examples", "num_features", "num_classes"),
                "npz": ("path", "x_key", "y_key", "num_classes")}
@@ -440,6 +440,12 @@ def judge_config(cfg, npz_shape: tuple[int, int, int] | None = None) -> tuple[Or
         if k in sw and not isinstance(sw[k], bool):
             o.bad.append(f"causes.{k} = {sw[k]!r}")
     counts = {k: integer(f"causes.{k}", sw[k], 0) if k in sw else 0 for k in COUNT_SWITCHES}
+    weights = sw.get("class_weights", [])
+    if not (isinstance(weights, list) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+            for v in weights) and (not weights or any(weights))):
+        o.bad.append(f"causes.class_weights = {weights!r}")
+        weights = []
     autocast = choice("causes.autocast", sw.get("autocast", "none"), AUTOCAST)
     if autocast not in (None, "none") and cfg.get("dtype") != "float32":
         o.bad.append("autocast needs a float32 run")
@@ -495,6 +501,8 @@ def judge_config(cfg, npz_shape: tuple[int, int, int] | None = None) -> tuple[Or
         n, f, c = shape
         if bs * (bi + 1) + last > n:
             o.bad.append("batch larger than the data")
+        elif weights and len(weights) != c:
+            o.bad.append("class weights for another number of classes")
         elif hidden is not None:
             sizes = (f, *hidden, c)
             params = sum(a * b + b for a, b in zip(sizes, sizes[1:]))
@@ -597,6 +605,7 @@ GOOD = {
     "causes.replicas": st.integers(0, 4),
     "causes.micro_batches": st.integers(0, 4),
     "causes.autocast": st.sampled_from(AUTOCAST),
+    "causes.class_weights": st.lists(st.sampled_from([0.0, 0.5, 1.0, 2.0]), max_size=6),
 }
 PATHS = tuple(GOOD)
 TINY_PATHS = ("device", "timeout_s", "backends", "methods", "model.hidden", "model.activation",

@@ -152,13 +152,17 @@ class JaxSession:
 
     def _build(self):
         graphdef = self.graphdef
+        weights = self.job.class_weights
+        class_weight = None if weights is None else jax.device_put(weights.astype(self.x.dtype), self.device)
 
         def losses_fn(params, x, y):
             """Per-example losses, shape (N,): optax returns them unreduced."""
             # Under 'autocast' the logits come out in the compute dtype; the loss is taken in the input
             # dtype, as mixed-precision training does.
             logits = nnx.merge(graphdef, params)(x).astype(x.dtype)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y)
+            losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+            # The switch 'class_weights': optax has no weights; w[y] times the per-example losses.
+            return losses if class_weight is None else losses * class_weight[y]
 
         # optax has no `reduction` argument: the reduction is the user's own jnp.sum / jnp.mean.
         def sum_loss(params, x, y):

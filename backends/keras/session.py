@@ -365,6 +365,15 @@ _VARIANTS = {"tensorflow": _TensorFlow, "jax": _Jax, "torch": _Torch}
 _SIGNIFICAND_BITS = {"float64": 53, "float32": 24, "float16": 11, "bfloat16": 8}
 
 
+def _class_weighted(loss, weights: np.ndarray, dtype: str):
+    """The switch 'class_weights' the Keras way: the loss called with sample_weight = w[y]."""
+    table = keras.ops.convert_to_tensor(weights, dtype=dtype)
+
+    def call(y, logits):
+        return loss(y, logits, sample_weight=keras.ops.take(table, y))
+    return call
+
+
 def _build_model(job: WorkerJob):
     """keras.Sequential of Dense layers; the last has no activation (logits)."""
     sizes = job.model["sizes"]
@@ -412,6 +421,9 @@ class KerasSession:
         losses = {r: keras.losses.SparseCategoricalCrossentropy(
             from_logits=True, reduction=r, dtype=job.dtype)
             for r in ("none", "sum", "sum_over_batch_size")}
+        if job.class_weights is not None:
+            with self.ad.scope():  # the weights' tensor on the chosen device
+                losses = {r: _class_weighted(loss, job.class_weights, job.dtype) for r, loss in losses.items()}
         self.ad.bind(self.model, losses)
         self.ad.unzeroed = job.unzeroed
 

@@ -110,6 +110,10 @@ class NumpySession:
     def _losses_and_grads(self, x, y, reduction: str, per_example: bool = False):
         zs, acts = forward(self.params, x, self.num_layers, self.activation)
         losses, dlogits = cross_entropy(zs[-1], y)
+        if self.job.class_weights is not None:
+            # The switch 'class_weights': w[y_i] l_i; the mean below still divides by N.
+            w = self.job.class_weights[y]
+            losses, dlogits = losses * w, dlogits * w[:, None]
         if reduction == "mean":
             dlogits = dlogits / len(y)
             loss = losses.mean()

@@ -138,6 +138,9 @@ class TorchSession:
         self.model = nn.Sequential(*layers)
         self.x = torch.from_numpy(job.batch["x"]).to(self.device, dtype)
         self.y = torch.from_numpy(job.batch["y"]).to(self.device, torch.int64)
+        # The switch 'class_weights': CrossEntropyLoss(weight=w), torch's own weighted reductions.
+        weights = job.class_weights
+        self.class_weight = None if weights is None else torch.from_numpy(weights).to(self.device, dtype)
 
     def environment(self) -> dict:
         dtype = self.linears[0].weight.dtype
@@ -203,7 +206,7 @@ class TorchSession:
         model = self.model
 
         if method == "none_loop":
-            losses = nn.CrossEntropyLoss(reduction="none")(model(x), y)
+            losses = nn.CrossEntropyLoss(weight=self.class_weight, reduction="none")(model(x), y)
             read = None
             for i in range(len(y)):
                 losses[i].backward(retain_graph=True)  # .grad accumulates across examples
@@ -213,7 +216,7 @@ class TorchSession:
             return RawResult(losses.detach().sum().item(), read if self.job.unzeroed else self._grads())
         if method == "none_vectorized":
             params = {k: v.detach() for k, v in model.named_parameters()}
-            loss_fn = nn.CrossEntropyLoss(reduction="sum")
+            loss_fn = nn.CrossEntropyLoss(weight=self.class_weight, reduction="sum")
 
             def example_loss(p, xi, yi):
                 # vmap strips the example axis; the model sees a batch of one.
@@ -223,11 +226,11 @@ class TorchSession:
             summed = {k: g.sum(dim=0) for k, g in grads.items()}
             return RawResult(losses.sum().item(), self._grads(summed))
         if method in ("sum", "mean"):
-            loss = nn.CrossEntropyLoss(reduction=method)(model(x), y)
+            loss = nn.CrossEntropyLoss(weight=self.class_weight, reduction=method)(model(x), y)
             loss.backward()
             return RawResult(loss.item(), self._grads())
         if method == "one_by_one":
-            loss_fn = nn.CrossEntropyLoss(reduction="mean")
+            loss_fn = nn.CrossEntropyLoss(weight=self.class_weight, reduction="mean")
             total = torch.zeros((), dtype=x.dtype, device=x.device)
             read = None
             for i in range(len(y)):
