@@ -754,11 +754,32 @@ def diagnose(obs: Observations) -> Diagnosis:
         unknown = Cause("unknown", 0.0, ["a known cause explains the numbers"], CAUSES["unknown"][1])
     causes.append(unknown)
     causes.sort(key=lambda c: -c.score)
-    notes = []
+    notes = _exactness_notes(an)
     if an.large and any("per_example" in _roles(x) for x in obs.labels) and any(
             "reduced" in _roles(x) for x in obs.labels):
         notes.append(NONLINEARITY_NOTE)
     return Diagnosis(obs, an.pairs, an.clusters, causes, an.rtol, notes)
+
+
+def _exactness_notes(an: _Analysis) -> list[str]:
+    """What exact equalities say: bitwise-equal sum/N and mean are expected when N is a power of two."""
+    n = an.info.batch_size
+    out = []
+    for p in an.zeros:
+        roles = (_roles(p.a), _roles(p.b))
+        if not all("reduced" in r for r in roles) or p.kind != "zero":
+            continue
+        if n and n & (n - 1) == 0:
+            out.append(f"{p.a} = {p.b} bit for bit is expected: N = {n} is a power of two, so dividing by N "
+                       "only changes the exponent and sum / N equals the mean exactly.")
+        elif n:
+            out.append(f"{p.a} = {p.b} bit for bit although N = {n} is not a power of two, where dividing by N "
+                       "rounds: they went through the same arithmetic (one computed from the other).")
+        break
+    if an.obs.resolution and an.zeros:
+        out.append(f"The table's zeros are zeros to its printed precision (|a - b| < {an.obs.resolution:g}), not "
+                   "proof of bitwise equality; rounding differences of float32 (about 1e-7 relative) print as 0.")
+    return out
 
 
 #: Why "cross-entropy is not linear" does not explain a difference between reductions.

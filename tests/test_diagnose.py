@@ -56,6 +56,8 @@ def test_a_clean_run_is_clean():
     d = observe(methods(per_example()), batch_size=N, dtype="float32")
     assert d.top.id == "clean" and d.top.score == 1.0
     assert dg.exit_code(d) == dg.EXIT_CLEAN
+    # sum / 64 and the mean add in the same order; 64 is a power of two, so they are equal bit for bit.
+    assert any("power of two" in note for note in d.notes)
 
 
 def test_a_missing_one_over_n_is_named_with_its_factor():
@@ -180,6 +182,7 @@ def test_the_seed_table():
     ruled = {c.id for c in d.causes if c.score == 0}
     assert {"clean", "dropout_train_mode", "batchnorm_train_mode"} <= ruled
     assert any("non-linearity" in n for n in d.notes)
+    assert any("printed precision" in n for n in d.notes)
     # Full batches rule the short last batch out; a short one keeps it in play.
     obs.info = dg.Info(batch_size=64, dataset_size=1024)
     assert next(c for c in dg.diagnose(obs).causes if c.id == "short_last_batch").score == 0.0
