@@ -53,7 +53,7 @@ class WorkerJob:
     #: ``BATCH/logits``, ``BATCH/targets`` and optionally ``BATCH/sample_weight``.
     task: str = "gradients"
     payload: dict = field(default_factory=dict)
-    #: Discrepancy causes a backend reproduces natively (see gradparity.causes), e.g.
+    #: Discrepancy causes a backend reproduces natively (see gradparity.experiment.causes), e.g.
     #: {"unzeroed_gradients": True}: the per-example loops read an accumulator they never zero.
     switches: dict = field(default_factory=dict)
 

@@ -1,12 +1,14 @@
 """gradparity: do gradients mean the same under different reductions, batch sizes and frameworks?
 
-The pipeline, one direction: ``spec`` (experiment) -> ``inputs`` (canonical
-parameters and batch) -> ``execute`` (one worker process per backend) ->
-``normalize`` -> ``compare`` -> ``report``. Importing gradparity imports no
-deep-learning framework; each is imported only inside its backend's worker.
+The pipeline, one direction, one subpackage per stage: ``experiment`` (spec,
+canonical inputs) -> ``run`` (one worker process per backend) -> ``compare``
+(normalize, pairs, verdict) -> ``report``; ``losses`` holds loss functions as
+data and ``commands`` one module per command beyond ``run``. Importing
+gradparity imports no deep-learning framework; each is imported only inside
+its backend's worker.
 """
 from gradparity.errors import ConfigError, GradparityError
-from gradparity.spec import Experiment, load_experiment
+from gradparity.experiment.spec import Experiment, load_experiment
 
 __version__ = "0.1.0"
 
@@ -15,7 +17,7 @@ __all__ = ["ConfigError", "Experiment", "GradparityError", "load_experiment", "r
 
 
 def run_experiment(experiment, out_dir=None, **kwargs):
-    """Run an Experiment end to end; see ``gradparity.pipeline.run_experiment``."""
-    from gradparity.pipeline import run_experiment as _run
+    """Run an Experiment end to end; see ``gradparity.run.pipeline.run_experiment``."""
+    from gradparity.run.pipeline import run_experiment as _run
 
     return _run(experiment, out_dir, **kwargs)

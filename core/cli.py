@@ -18,8 +18,8 @@ import traceback
 from pathlib import Path
 
 from gradparity import __version__
+from gradparity.compare.verdict import EXIT_INVALID
 from gradparity.errors import ConfigError, GradparityError, Interrupted
-from gradparity.verdict import EXIT_INVALID
 
 EXIT_INTERNAL = 4
 
@@ -128,10 +128,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args) -> int:
-    from gradparity.inputs import build_inputs
-    from gradparity.pipeline import run_experiment
-    from gradparity.report import render_text
-    from gradparity.spec import load_experiment
+    from gradparity.experiment.inputs import build_inputs
+    from gradparity.experiment.spec import load_experiment
+    from gradparity.report.render import render_text
+    from gradparity.run.pipeline import run_experiment
 
     exp = load_experiment(args.config, _overrides(args))
     if args.check:
@@ -161,7 +161,7 @@ def _run(args) -> int:
 
 def _loss_texts(args) -> list[str]:
     """The loss texts given on the command line, then those of --config's [[losses]] tables."""
-    from gradparity.loss_config import read_loss_file
+    from gradparity.losses.config import read_loss_file
 
     given = args.losses if hasattr(args, "losses") else [args.loss] if args.loss is not None else []
     return list(given) + (read_loss_file(args.config) if args.config else [])
@@ -171,7 +171,7 @@ def _translate(args) -> int:
     import json
 
     from gradparity.backends import KERAS_VARIANTS
-    from gradparity.translate import render_text, translate
+    from gradparity.commands.translate import render_text, translate
 
     if args.keras_backend not in KERAS_VARIANTS:
         raise ConfigError(f"--keras-backend must be one of {', '.join(KERAS_VARIANTS)}, got {args.keras_backend!r}")
@@ -199,7 +199,7 @@ def _compare_losses(args) -> int:
     import json
 
     from gradparity.backends import KERAS_VARIANTS
-    from gradparity.loss_compare import compare_losses, render_text
+    from gradparity.commands.compare_losses import compare_losses, render_text
 
     if args.keras_backend not in KERAS_VARIANTS:
         raise ConfigError(f"--keras-backend must be one of {', '.join(KERAS_VARIANTS)}, got {args.keras_backend!r}")
@@ -216,8 +216,7 @@ def _compare_losses(args) -> int:
 def _diagnose(args) -> int:
     import json
 
-    from gradparity import diagnose as dg
-
+    from gradparity.commands import diagnose as dg
     flags = {k: getattr(args, k) for k in ("batch_size", "dataset_size", "micro_batches", "replicas", "dtype",
                                           "dropout", "batchnorm", "loss_reduction")}
     try:
@@ -231,7 +230,7 @@ def _diagnose(args) -> int:
 
 
 def _loss_table(args) -> int:
-    from gradparity.translate import TABLE_SOURCES, table_markdown, translate_many
+    from gradparity.commands.translate import TABLE_SOURCES, table_markdown, translate_many
 
     reports = translate_many(list(TABLE_SOURCES), keras_backend=args.keras_backend, timeout_s=args.timeout,
                              data=None, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -241,8 +240,8 @@ def _loss_table(args) -> int:
 
 def _doctor(args) -> int:
     from gradparity import __version__
-    from gradparity.doctor import probe, render
-    from gradparity.spec import DEVICES
+    from gradparity.commands.doctor import probe, render
+    from gradparity.experiment.spec import DEVICES
 
     if args.device not in DEVICES:
         raise GradparityError(f"--device must be one of {', '.join(DEVICES)}, got {args.device!r}")
@@ -307,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
                 return _compare_losses(args)
             if args.command == "diagnose":
                 return _diagnose(args)
-            from gradparity.spec import default_config_text
+            from gradparity.experiment.spec import default_config_text
 
             print(default_config_text(), end="")
             return 0

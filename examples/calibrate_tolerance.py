@@ -18,9 +18,9 @@ import json
 import math
 import sys
 
-from gradparity.compare import SAFETY
-from gradparity.pipeline import run_experiment
-from gradparity.spec import load_experiment
+from gradparity.compare.pairs import SAFETY
+from gradparity.experiment.spec import load_experiment
+from gradparity.run.pipeline import run_experiment
 
 PROBLEMS = [  # (features, hidden, classes, N, activation)
     (64, [32], 10, 64, "relu"),

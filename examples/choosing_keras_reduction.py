@@ -17,7 +17,7 @@ import sys
 
 import numpy as np
 
-from gradparity.translate import translate
+from gradparity.commands.translate import translate
 
 BASE = "keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=-100, reduction={!r})"
 SETTINGS = ("sum_over_batch_size", "sum", "mean_with_sample_weight")

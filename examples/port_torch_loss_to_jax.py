@@ -14,7 +14,7 @@ The same from the command line:
 """
 import sys
 
-from gradparity.translate import render_text, translate
+from gradparity.commands.translate import render_text, translate
 
 TORCH_LOSS = ("torch.nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 0.5, 1.0, 3.0]), "
               "ignore_index=-100, label_smoothing=0.1)")

@@ -10,8 +10,8 @@ import itertools
 import numpy as np
 
 from gradparity.backends import BACKENDS
-from gradparity.loss_inputs import generate_batches, make_loss_job
-from gradparity.losses import DIVISORS, LOSSES, LossSemantics
+from gradparity.losses.batches import generate_batches, make_loss_job
+from gradparity.losses.catalogue import DIVISORS, LOSSES, LossSemantics
 
 W5 = (1.0, 2.0, 0.5, 3.0, 1.5)
 PW5 = (1.0, 2.0, 3.0, 0.5, 1.0)
@@ -65,7 +65,7 @@ def grid_batches(tag: str, i: int, sem: LossSemantics, shapes=SHAPES):
 
 def run_grid(backend: str, semantics: list[LossSemantics], render, tag: str = "S"):
     """Every rendering of ``semantics`` on its own batches, in one worker of ``backend``: (outcome, batches)."""
-    from gradparity.execute import run_backend
+    from gradparity.run.execute import run_backend
 
     per_sem = [grid_batches(tag, i, sem) for i, sem in enumerate(semantics)]
     functions = {f"{tag}{i}": render(sem).function for i, sem in enumerate(semantics)}

@@ -10,12 +10,12 @@ the switch's cause first.
 import numpy as np
 import pytest
 
-from gradparity import diagnose as dg
 from gradparity.backends.numpy.session import backward, cross_entropy, forward
-from gradparity.causes import CAUSE_IDS
 from gradparity.cli import main
-from gradparity.pipeline import run_experiment
-from gradparity.spec import load_experiment
+from gradparity.commands import diagnose as dg
+from gradparity.experiment.causes import CAUSE_IDS
+from gradparity.experiment.spec import load_experiment
+from gradparity.run.pipeline import run_experiment
 
 from conftest import installed
 
@@ -71,7 +71,7 @@ def close(a: dict, b: dict) -> bool:
 
 
 def expected(name: str, report, backend: str) -> dict[str, dict[str, np.ndarray]]:
-    """Each method's result under the switch in ``backend``, by its formula (see gradparity.causes)."""
+    """Each method's result under the switch in ``backend``, by its formula (see gradparity.experiment.causes)."""
     g = per_example(report)
     if name == "class_weights":
         w = np.asarray(SWITCHES[name][0])[report.inputs.batch["y"]]
@@ -185,7 +185,7 @@ def test_bad_switches_are_config_errors(overrides, message):
 
 def test_class_weights_need_one_weight_per_class():
     from gradparity.errors import ConfigError
-    from gradparity.inputs import build_inputs
+    from gradparity.experiment.inputs import build_inputs
 
     exp = load_experiment(None, {"causes.class_weights": [1.0, 2.0]})  # digits: 10 classes
     with pytest.raises(ConfigError, match="2 weights for 10 classes"):
@@ -195,7 +195,7 @@ def test_class_weights_need_one_weight_per_class():
 def test_a_short_last_batch_needs_the_examples(capsys):
     assert main(["run", "--check", "--batch-size", "1797"]) == 0
     from gradparity.errors import ConfigError
-    from gradparity.inputs import build_inputs
+    from gradparity.experiment.inputs import build_inputs
 
     exp = load_experiment(None, {"data.batch_size": 1797, "causes.short_last_batch": 1})
     with pytest.raises(ConfigError, match="1798 examples"):

@@ -148,9 +148,9 @@ def test_example_configs_are_valid_where_they_stand(name):
     """Experiment files pass `run --check`; loss files ([[losses]] tables) read as valid losses."""
     import tomllib
 
-    from gradparity.loss_config import read_loss_file
-    from gradparity.loss_text import parse_loss_text
-    from gradparity.translate import loss_module
+    from gradparity.commands.translate import loss_module
+    from gradparity.losses.config import read_loss_file
+    from gradparity.losses.text import parse_loss_text
 
     path = os.path.join(EXAMPLES, name)
     with open(path, "rb") as f:

@@ -6,13 +6,13 @@ import pytest
 
 from gradparity.backends.numpy.session import NumpySession, term_scale
 from gradparity.backends.protocol import WorkerJob
-from gradparity.compare import SAFETY, compare_all, compare_pair, tolerance_for
-from gradparity.execute import BackendOutcome, MethodOutcome
-from gradparity.inputs import init_params
-from gradparity.methods import METHODS
-from gradparity.models import MLP
-from gradparity.normalize import UNIT_ROUNDOFF, Result, normalize
-from gradparity.verdict import EXIT_AGREE, EXIT_DISAGREE, EXIT_INCOMPLETE, decide
+from gradparity.compare.normalize import UNIT_ROUNDOFF, Result, normalize
+from gradparity.compare.pairs import SAFETY, compare_all, compare_pair, tolerance_for
+from gradparity.compare.verdict import EXIT_AGREE, EXIT_DISAGREE, EXIT_INCOMPLETE, decide
+from gradparity.experiment.inputs import init_params
+from gradparity.experiment.methods import METHODS
+from gradparity.experiment.models import MLP
+from gradparity.run.execute import BackendOutcome, MethodOutcome
 
 MODEL = MLP((8, 6, 4), "tanh")
 N = 16

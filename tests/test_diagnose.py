@@ -11,8 +11,8 @@ import sys
 import numpy as np
 import pytest
 
-from gradparity import diagnose as dg
 from gradparity.cli import main
+from gradparity.commands import diagnose as dg
 from gradparity.errors import ConfigError
 
 from conftest import installed

@@ -10,8 +10,7 @@ import sys
 
 import pytest
 
-from gradparity import diagnose as dg
-
+from gradparity.commands import diagnose as dg
 from conftest import installed
 
 CASES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "framework_cases")

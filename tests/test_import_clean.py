@@ -5,12 +5,12 @@ import sys
 FRAMEWORKS = ("torch", "tensorflow", "keras", "jax", "jaxlib", "flax", "optax", "tf_keras")
 
 PARENT_MODULES = (
-    "gradparity", "gradparity.cli", "gradparity.pipeline", "gradparity.report", "gradparity.doctor",
-    "gradparity.spec", "gradparity.inputs", "gradparity.execute", "gradparity.normalize",
-    "gradparity.compare", "gradparity.verdict", "gradparity.backends", "gradparity.backends.protocol",
-    "gradparity.backends.worker", "gradparity.backends.numpy.session", "gradparity.outdir",
-    "gradparity.losses", "gradparity.loss_text", "gradparity.loss_inputs", "gradparity.translate",
-    "gradparity.loss_compare",
+    "gradparity", "gradparity.cli", "gradparity.run.pipeline", "gradparity.report.render", "gradparity.commands.doctor",
+    "gradparity.experiment.spec", "gradparity.experiment.inputs", "gradparity.run.execute", "gradparity.compare.normalize",
+    "gradparity.compare.pairs", "gradparity.compare.verdict", "gradparity.backends", "gradparity.backends.protocol",
+    "gradparity.backends.worker", "gradparity.backends.numpy.session", "gradparity.report.outdir",
+    "gradparity.losses.catalogue", "gradparity.losses.text", "gradparity.losses.batches", "gradparity.commands.translate",
+    "gradparity.commands.compare_losses",
     "gradparity.backends.numpy.losses", "gradparity.backends.torch.losses", "gradparity.backends.keras.losses",
     "gradparity.backends.jax.losses", "gradparity.backends.tf_keras.losses",
 )

@@ -5,9 +5,9 @@ import json
 import numpy as np
 
 from gradparity.backends import BACKENDS
-from gradparity.pipeline import run_experiment
-from gradparity.spec import load_experiment
-from gradparity.verdict import EXIT_DISAGREE, EXIT_INCOMPLETE
+from gradparity.compare.verdict import EXIT_DISAGREE, EXIT_INCOMPLETE
+from gradparity.experiment.spec import load_experiment
+from gradparity.run.pipeline import run_experiment
 
 from conftest import TINY, fake
 

@@ -6,8 +6,8 @@ import sys
 import numpy as np
 import pytest
 
-from gradparity import loss_compare as lc
 from gradparity.cli import main
+from gradparity.commands import compare_losses as lc
 
 from conftest import installed
 

@@ -3,10 +3,10 @@ import numpy as np
 import pytest
 
 from gradparity.cli import main
+from gradparity.commands.translate import loss_module
 from gradparity.errors import ConfigError
-from gradparity.loss_config import loss_text, read_loss_file
-from gradparity.loss_text import parse_loss_text
-from gradparity.translate import loss_module
+from gradparity.losses.config import loss_text, read_loss_file
+from gradparity.losses.text import parse_loss_text
 
 #: (table, the text a user would write for it): the text is written by hand here, not produced by the code.
 EQUIVALENT = [
@@ -84,9 +84,9 @@ def test_a_bad_file_is_a_config_error(tmp_path, content, message):
 
 def test_cli_reads_tables_and_refuses_bad_ones_before_any_worker(tmp_path, capsys, monkeypatch):
     started = []
-    monkeypatch.setattr("gradparity.execute.run_backend", lambda *a, **k: started.append(a))
-    monkeypatch.setattr("gradparity.translate.run_backend", lambda *a, **k: started.append(a))
-    monkeypatch.setattr("gradparity.loss_compare.run_backend", lambda *a, **k: started.append(a))
+    monkeypatch.setattr("gradparity.run.execute.run_backend", lambda *a, **k: started.append(a))
+    monkeypatch.setattr("gradparity.commands.translate.run_backend", lambda *a, **k: started.append(a))
+    monkeypatch.setattr("gradparity.commands.compare_losses.run_backend", lambda *a, **k: started.append(a))
     two = tmp_path / "two.toml"
     two.write_text("[[losses]]\nloss = 'torch.nn.MSELoss'\n\n[[losses]]\nloss = 'torch.nn.L1Loss'\n")
     assert main(["translate", "--config", str(two)]) == 2

@@ -5,9 +5,9 @@ import pytest
 
 from gradparity.backends.numpy.losses import divisor, reduce_loss
 from gradparity.errors import ConfigError
-from gradparity.loss_inputs import generate_batches
-from gradparity.loss_text import parse_loss_text
-from gradparity.losses import LossSemantics
+from gradparity.losses.batches import generate_batches
+from gradparity.losses.catalogue import LossSemantics
+from gradparity.losses.text import parse_loss_text
 
 from loss_grid import grid_id, semantics_grid
 
@@ -135,7 +135,7 @@ def loss_texts(draw):
 @given(text=loss_texts(), targets=st.sampled_from([None, "class_index", "probabilities"]))
 def test_any_loss_text_is_planned_or_rejected_clearly(text, targets):
     """translate's whole pre-worker stage on arbitrary texts: a plan, or a ConfigError; never anything else."""
-    from gradparity.translate import plan
+    from gradparity.commands.translate import plan
 
     try:
         framework, sem, renderings, batches = plan(text, targets=targets)

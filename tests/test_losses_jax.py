@@ -22,10 +22,10 @@ from gradparity.backends import BACKENDS
 from gradparity.backends.jax.losses import parse, render
 from gradparity.backends.numpy.losses import reduce_loss
 from gradparity.errors import ConfigError
-from gradparity.execute import run_backend
-from gradparity.loss_inputs import DEFAULT_SHAPES, LossBatch, generate_batches, make_loss_job
-from gradparity.loss_text import parse_loss_text
-from gradparity.losses import DIVISORS, LOSSES, LossSemantics
+from gradparity.losses.batches import DEFAULT_SHAPES, LossBatch, generate_batches, make_loss_job
+from gradparity.losses.catalogue import DIVISORS, LOSSES, LossSemantics
+from gradparity.losses.text import parse_loss_text
+from gradparity.run.execute import run_backend
 
 HAVE_JAX = all(importlib.util.find_spec(m) is not None for m in ("jax", "optax", "flax"))
 needs_jax = pytest.mark.skipif(not HAVE_JAX, reason="jax, flax and optax are not installed: "

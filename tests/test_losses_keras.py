@@ -18,9 +18,9 @@ import pytest
 from gradparity.backends.keras.losses import parse, render
 from gradparity.backends.numpy.losses import reduce_loss
 from gradparity.errors import ConfigError
-from gradparity.loss_inputs import generate_batches
-from gradparity.loss_text import LossExpression, parse_loss_text
-from gradparity.losses import DIVISORS, LOSSES, LossSemantics
+from gradparity.losses.batches import generate_batches
+from gradparity.losses.catalogue import DIVISORS, LOSSES, LossSemantics
+from gradparity.losses.text import LossExpression, parse_loss_text
 
 HAS = {name: importlib.util.find_spec(name) is not None for name in ("keras", "tensorflow", "jax", "torch")}
 needs_keras_tf = pytest.mark.skipif(not (HAS["keras"] and HAS["tensorflow"]),
@@ -211,7 +211,7 @@ def test_render_rejects_semantics_no_framework_computes():
 
 def test_module_imports_no_framework():
     code = ("import sys, gradparity.backends.keras.losses as m\n"
-            "from gradparity.losses import LossSemantics\n"
+            "from gradparity.losses.catalogue import LossSemantics\n"
             "m.render(LossSemantics('cross_entropy', 'valid', ignore_index=-100, sample_weight=True))\n"
             "m.parse(m.LossExpression('keras', 'Huber', kwargs={'delta': 0.5}))\n"
             "print(sorted(k for k in sys.modules if k.split('.')[0] in "

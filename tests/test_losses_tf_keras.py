@@ -21,9 +21,9 @@ from gradparity.backends import BACKENDS, BackendInfo
 from gradparity.backends.numpy.losses import reduce_loss
 from gradparity.backends.tf_keras.losses import AUTO_NOTE, notes_for, parse, render
 from gradparity.errors import ConfigError
-from gradparity.loss_inputs import make_loss_job
-from gradparity.loss_text import LossExpression, parse_loss_text
-from gradparity.losses import DIVISORS, LOSSES, LossSemantics
+from gradparity.losses.batches import make_loss_job
+from gradparity.losses.catalogue import DIVISORS, LOSSES, LossSemantics
+from gradparity.losses.text import LossExpression, parse_loss_text
 
 from loss_grid import W5, grid_batches, grid_id, semantics_grid
 
@@ -171,7 +171,7 @@ def test_explicit_renderings_write_the_arithmetic(sem, must_say, note):
 
 def test_module_imports_no_framework():
     code = ("import sys, gradparity.backends.tf_keras.losses as m\n"
-            "from gradparity.losses import LossSemantics\n"
+            "from gradparity.losses.catalogue import LossSemantics\n"
             "m.render(LossSemantics('cross_entropy', 'valid', ignore_index=-100, sample_weight=True))\n"
             "m.parse(m.LossExpression('tf_keras', 'Huber', kwargs={'delta': 0.5}))\n"
             "print(sorted(k for k in sys.modules if k.split('.')[0] in "
@@ -189,7 +189,7 @@ GRID = semantics_grid()
 @pytest.fixture(scope="module")
 def grid_run():
     """Every rendering of GRID on its own batches, in one tf-keras worker."""
-    from gradparity.execute import run_backend
+    from gradparity.run.execute import run_backend
 
     per_sem = [grid_batches("S", i, sem) for i, sem in enumerate(GRID)]
     functions = {f"S{i}": render(sem).function for i, sem in enumerate(GRID)}

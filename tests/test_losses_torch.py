@@ -15,9 +15,9 @@ from gradparity.backends import BACKENDS
 from gradparity.backends.numpy.losses import reduce_loss
 from gradparity.backends.torch.losses import parse, render
 from gradparity.errors import ConfigError
-from gradparity.loss_inputs import generate_batches, make_loss_job
-from gradparity.loss_text import parse_loss_text
-from gradparity.losses import DIVISORS, LOSSES, LossSemantics
+from gradparity.losses.batches import generate_batches, make_loss_job
+from gradparity.losses.catalogue import DIVISORS, LOSSES, LossSemantics
+from gradparity.losses.text import parse_loss_text
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 needs_torch = pytest.mark.skipif(not HAS_TORCH, reason="torch is not installed: pip install 'gradparity[torch]'")
@@ -66,7 +66,7 @@ def test_parse(text, targets, expected):
 
 
 def test_parse_a_bare_class_name():
-    from gradparity.loss_text import LossExpression
+    from gradparity.losses.text import LossExpression
 
     assert parse(LossExpression("torch", "CrossEntropyLoss", kwargs={"reduction": "sum"})) == \
         LossSemantics("cross_entropy", "one", ignore_index=-100)
@@ -171,7 +171,7 @@ def test_render_rejects_semantics_no_framework_computes():
 
 def test_module_imports_no_torch():
     code = ("import sys, gradparity.backends.torch.losses as m\n"
-            "from gradparity.losses import LossSemantics\n"
+            "from gradparity.losses.catalogue import LossSemantics\n"
             "m.render(LossSemantics('cross_entropy', 'valid', ignore_index=-100, sample_weight=True))\n"
             "print(sorted(k for k in sys.modules if k.split('.')[0] == 'torch'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -189,7 +189,7 @@ def grid_run():
     """Every rendering of GRID on its own batches, in one torch worker: (outcome, batches per semantics)."""
     if not HAS_TORCH:
         pytest.skip("torch is not installed: pip install 'gradparity[torch]'")
-    from gradparity.execute import run_backend
+    from gradparity.run.execute import run_backend
 
     per_sem = [grid_batches("S", i, sem) for i, sem in enumerate(GRID)]
     functions = {f"S{i}": render(sem).function for i, sem in enumerate(GRID)}

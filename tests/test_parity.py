@@ -12,10 +12,10 @@ import pytest
 from gradparity.backends import BACKENDS
 from gradparity.backends.numpy.session import NumpySession
 from gradparity.backends.protocol import WorkerJob
-from gradparity.execute import run_backend
-from gradparity.inputs import init_params
-from gradparity.methods import METHODS
-from gradparity.models import MLP
+from gradparity.experiment.inputs import init_params
+from gradparity.experiment.methods import METHODS
+from gradparity.experiment.models import MLP
+from gradparity.run.execute import run_backend
 
 from conftest import installed
 

@@ -45,11 +45,11 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import gradparity
-import gradparity.execute as execute_mod
-import gradparity.pipeline as pipeline_mod
+import gradparity.run.execute as execute_mod
+import gradparity.run.pipeline as pipeline_mod
 from gradparity.backends.numpy import session as numpy_backend
 from gradparity.cli import main
-from gradparity.execute import BackendOutcome, MethodOutcome
+from gradparity.run.execute import BackendOutcome, MethodOutcome
 
 # --- what the README promises (written out here, independent of the code under test) ----
 
@@ -337,7 +337,7 @@ def merge(base: dict, override: dict) -> dict:
 
 
 def default_config() -> dict:
-    return gradparity.spec.default_config()
+    return gradparity.experiment.spec.default_config()
 
 
 def _is_int(v) -> bool:

@@ -10,9 +10,9 @@ import pytest
 
 from gradparity.backends.numpy.session import NumpySession, cross_entropy, forward
 from gradparity.backends.protocol import WorkerJob
-from gradparity.inputs import init_params
-from gradparity.methods import METHODS
-from gradparity.models import ACTIVATIONS, MLP
+from gradparity.experiment.inputs import init_params
+from gradparity.experiment.methods import METHODS
+from gradparity.experiment.models import ACTIVATIONS, MLP
 
 FD_RTOL = 1e-7
 

@@ -21,10 +21,10 @@ import pytest
 
 from gradparity.cli import main
 from gradparity.errors import OutputError
-from gradparity.execute import JOB_DIR_PREFIX, remove_stale_job_dirs
-from gradparity.outdir import OutputDir, sha256
-from gradparity.pipeline import run_experiment
-from gradparity.spec import load_experiment
+from gradparity.experiment.spec import load_experiment
+from gradparity.report.outdir import OutputDir, sha256
+from gradparity.run.execute import JOB_DIR_PREFIX, remove_stale_job_dirs
+from gradparity.run.pipeline import run_experiment
 
 from conftest import TESTS, TINY
 
@@ -194,7 +194,7 @@ def test_report_files_form_one_set_and_follow_the_umask(tmp_path):
 @pytest.mark.parametrize("below", ["", "sub"])
 def test_unusable_out_is_exit_2_before_any_backend(below, tmp_path, capsys, monkeypatch):
     started = []
-    monkeypatch.setattr("gradparity.pipeline.run_backend", lambda *a, **k: started.append(a))
+    monkeypatch.setattr("gradparity.run.pipeline.run_backend", lambda *a, **k: started.append(a))
     (tmp_path / "file").write_text("x")
     out = tmp_path / "file" / below if below else tmp_path / "file"
     code = main(["run", "--backends", "numpy", "--methods", "sum,mean", "--batch-size", "8", "--out", str(out)])
@@ -212,7 +212,7 @@ def test_unwritable_out_is_exit_2(tmp_path, capsys, monkeypatch):
         target.mkdir()
         target.chmod(0o500)
     started = []
-    monkeypatch.setattr("gradparity.pipeline.run_backend", lambda *a, **k: started.append(a))
+    monkeypatch.setattr("gradparity.run.pipeline.run_backend", lambda *a, **k: started.append(a))
     code = main(["run", "--backends", "numpy", "--methods", "sum,mean", "--batch-size", "8",
                  "--out", str(target / "sub")])
     err = capsys.readouterr().err

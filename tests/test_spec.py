@@ -4,8 +4,8 @@ import pytest
 
 from gradparity.cli import main
 from gradparity.errors import ConfigError
-from gradparity.inputs import build_inputs
-from gradparity.spec import load_experiment
+from gradparity.experiment.inputs import build_inputs
+from gradparity.experiment.spec import load_experiment
 
 from conftest import TINY
 
@@ -160,7 +160,7 @@ def test_the_name_defaults_to_the_data_and_model(tmp_path):
 
 
 def test_problems_too_large_for_memory_are_rejected_before_allocating(tmp_path):
-    from gradparity.inputs import memory_limit_bytes
+    from gradparity.experiment.inputs import memory_limit_bytes
 
     p = problems({"model.hidden": [10 ** 9]})
     assert any("parameters" in s and "more than half of this machine's" in s for s in p)

@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from gradparity import translate as tr
 from gradparity.cli import main
+from gradparity.commands import translate as tr
 from gradparity.errors import ConfigError
 
 from conftest import installed
@@ -119,8 +119,8 @@ def test_a_wrong_translation_is_caught(monkeypatch):
 
 
 def test_translate_modules_import_no_framework():
-    code = ("import sys, gradparity.translate\n"
-            "from gradparity.translate import loss_module\n"
+    code = ("import sys, gradparity.commands.translate\n"
+            "from gradparity.commands.translate import loss_module\n"
             "[loss_module(f) for f in ('torch', 'keras', 'jax')]\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in "
             "('torch', 'tensorflow', 'keras', 'jax', 'optax', 'flax')))")
@@ -172,7 +172,7 @@ def test_legacy_reduction_enum_is_read_as_tf_keras_and_measured():
 
 
 def _outcome(rows: dict) -> "tr.BackendOutcome":
-    from gradparity.execute import BackendOutcome, MethodOutcome
+    from gradparity.run.execute import BackendOutcome, MethodOutcome
 
     methods = {case: MethodOutcome("ok", loss, grads={"logits": grad}) for case, (loss, grad) in rows.items()}
     return BackendOutcome("fake", "ok", None, {"dtype": "float64"}, methods, 0.0)
@@ -182,8 +182,8 @@ def test_measured_divisor_is_the_frameworks_own_sum_over_its_loss():
     """The measured divisor comes from the worker's numbers (its weighted sum / its loss), not the reference's:
     a framework whose sum disagrees with the reference's numerator is a mismatch even when its loss matches."""
     from gradparity.backends.numpy.losses import reduce_loss
-    from gradparity.loss_inputs import generate_batches
-    from gradparity.losses import LossSemantics
+    from gradparity.losses.batches import generate_batches
+    from gradparity.losses.catalogue import LossSemantics
 
     sem = LossSemantics("cross_entropy", "valid", ignore_index=-100)
     batch = generate_batches(sem, seed=3)[0]

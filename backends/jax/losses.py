@@ -21,8 +21,8 @@ import numpy as np
 from gradparity.backends.protocol import (RawResult, WorkerJob, compile_loss_function, loss_case,
                                           package_versions)
 from gradparity.errors import ConfigError
-from gradparity.loss_text import LossExpression
-from gradparity.losses import DIVISORS, LOSSES, LossSemantics, Rendering, function_source
+from gradparity.losses.catalogue import DIVISORS, LOSSES, LossSemantics, Rendering, function_source
+from gradparity.losses.text import LossExpression
 
 # ----------------------------------------------------------------------------------------------------------
 # parse: optax text -> LossSemantics

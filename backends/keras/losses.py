@@ -3,7 +3,7 @@
 Three roles, one per entry point:
 
 - ``parse(expr, targets)``: a ``keras.losses.<Loss>(...)`` text (see
-  ``gradparity.loss_text``), optionally called as ``(y_true, y_pred,
+  ``gradparity.losses.text``), optionally called as ``(y_true, y_pred,
   sample_weight=w)`` -> the ``LossSemantics`` Keras computes;
 - ``render(sem)``: any ``LossSemantics`` (from any framework) -> Keras 3 code
   (``keras.ops`` / ``keras.losses`` only, so it runs on every Keras
@@ -44,8 +44,8 @@ import numpy as np
 from gradparity.backends.protocol import (RawResult, WorkerJob, compile_loss_function, loss_case,
                                           package_versions)
 from gradparity.errors import ConfigError
-from gradparity.loss_text import LossExpression, bind_arguments, is_number
-from gradparity.losses import DIVISORS, LossSemantics, Rendering, function_source
+from gradparity.losses.catalogue import DIVISORS, LossSemantics, Rendering, function_source
+from gradparity.losses.text import LossExpression, bind_arguments, is_number
 
 # ----------------------------------------------------------------------------------------------------------
 # parse: keras.losses text -> LossSemantics
@@ -100,7 +100,7 @@ def _class_name(expr: LossExpression) -> str:
 
 
 def _options(expr: LossExpression, cls: str) -> dict:
-    """Arguments by parameter name (see gradparity.loss_text.bind_arguments)."""
+    """Arguments by parameter name (see gradparity.losses.text.bind_arguments)."""
     return bind_arguments(expr, _SIGNATURES[cls], f"keras.losses.{cls}")
 
 

@@ -3,7 +3,7 @@
 The yardstick for translations: ``reduce_loss(semantics, logits, targets,
 sample_weight)`` returns the reduced loss and its gradient with respect to
 the logits, both derived by hand (and tested against central finite
-differences), for every ``gradparity.losses.LossSemantics``.
+differences), for every ``gradparity.losses.catalogue.LossSemantics``.
 
 Shapes: logits (or predictions) are channels-last, (N, C) or (N, T, C);
 class-index targets are (N,) or (N, T) integers; every other target has the
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from gradparity.losses import LossSemantics
+from gradparity.losses.catalogue import LossSemantics
 
 
 def _log_softmax(z: np.ndarray) -> np.ndarray:
@@ -94,7 +94,7 @@ def per_element(sem: LossSemantics, z: np.ndarray, targets: np.ndarray) -> tuple
 
 def divisor(sem: LossSemantics, targets: np.ndarray, logits_shape: tuple[int, ...],
             sample_weight: np.ndarray | None) -> float:
-    """The divisor D of ``sem.divisor`` on this batch (see gradparity.losses.DIVISORS)."""
+    """The divisor D of ``sem.divisor`` on this batch (see gradparity.losses.catalogue.DIVISORS)."""
     shape = element_shape(sem, logits_shape)
     m = _expand(valid_mask(sem, targets, logits_shape), shape)
     s = None if sample_weight is None else _expand(sample_weight, shape)

@@ -48,8 +48,8 @@ import numpy as np
 from gradparity.backends.protocol import (RawResult, WorkerJob, compile_loss_function, loss_case,
                                           package_versions)
 from gradparity.errors import ConfigError
-from gradparity.loss_text import LossExpression, bind_arguments, is_number
-from gradparity.losses import DIVISORS, LossSemantics, Rendering, function_source
+from gradparity.losses.catalogue import DIVISORS, LossSemantics, Rendering, function_source
+from gradparity.losses.text import LossExpression, bind_arguments, is_number
 
 # ----------------------------------------------------------------------------------------------------------
 # parse: legacy tf.keras / tf_keras text -> LossSemantics
@@ -99,7 +99,7 @@ def _class_name(expr: LossExpression) -> str:
 
 
 def _options(expr: LossExpression, cls: str) -> dict:
-    """Arguments by parameter name (see gradparity.loss_text.bind_arguments)."""
+    """Arguments by parameter name (see gradparity.losses.text.bind_arguments)."""
     return bind_arguments(expr, _SIGNATURES[cls], f"tf_keras.losses.{cls}")
 
 

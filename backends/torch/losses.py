@@ -3,7 +3,7 @@
 Three roles, one per entry point:
 
 - ``parse(expr, targets)``: a ``torch.nn.<Loss>(...)`` text (see
-  ``gradparity.loss_text``) -> the ``LossSemantics`` torch computes;
+  ``gradparity.losses.text``) -> the ``LossSemantics`` torch computes;
 - ``render(sem)``: any ``LossSemantics`` (from any framework) -> torch code,
   native when a torch loss object with reduction 'mean'/'sum' computes it,
   otherwise ``reduction='none'`` with the weighting and divisor written out;
@@ -30,8 +30,8 @@ from __future__ import annotations
 import math
 
 from gradparity.errors import ConfigError
-from gradparity.loss_text import LossExpression, bind_arguments, is_number
-from gradparity.losses import DIVISORS, LossSemantics, Rendering, function_source
+from gradparity.losses.catalogue import DIVISORS, LossSemantics, Rendering, function_source
+from gradparity.losses.text import LossExpression, bind_arguments, is_number
 
 #: Loss classes gradparity reads, with their constructor parameters in torch's positional order.
 _SIGNATURES: dict[str, tuple[str, ...]] = {

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from gradparity.errors import ConfigError
-from gradparity.models import MLP
-from gradparity.causes import part_arrays
-from gradparity.spec import DataSpec, Experiment
+from gradparity.experiment.causes import part_arrays
+from gradparity.experiment.models import MLP
+from gradparity.experiment.spec import DataSpec, Experiment
 
 #: Biases are drawn from U(-BIAS_RANGE, BIAS_RANGE), not zeros, so that a
 #: backend that fails to load the biases cannot agree by accident.

@@ -1,7 +1,7 @@
 """Report: render a run as report.json, report.md and a terminal table; save its arrays.
 
 Everything written is what this run measured. The files are written as one
-set into a locked folder (``gradparity.outdir``), report.json last, so a
+set into a locked folder (``gradparity.report.outdir``), report.json last, so a
 report.json on disk always belongs to the npz files beside it; it records
 their SHA-256 and every file carries the run id.
 """
@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 
 import gradparity
-from gradparity.compare import pair_index
-from gradparity.outdir import OutputDir
-from gradparity.pipeline import Report
+from gradparity.compare.pairs import pair_index
+from gradparity.report.outdir import OutputDir
+from gradparity.run.pipeline import Report
 
 SCHEMA_VERSION = 1
 

@@ -9,17 +9,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from gradparity import causes
 from gradparity.backends import BACKENDS, BackendInfo
 from gradparity.backends.protocol import WorkerJob
-from gradparity.compare import Comparison, Tolerance, compare_all, problem_term_scale, tolerance_for
+from gradparity.compare.normalize import Result, normalize
+from gradparity.compare.pairs import Comparison, Tolerance, compare_all, problem_term_scale, tolerance_for
+from gradparity.compare.verdict import Verdict, decide
 from gradparity.errors import Interrupted
-from gradparity.execute import BackendOutcome, MethodOutcome, remove_stale_job_dirs, run_backend
-from gradparity.inputs import CanonicalInputs, build_inputs
-from gradparity.normalize import Result, normalize
-from gradparity.outdir import OutputDir, new_run_id
-from gradparity.spec import Experiment
-from gradparity.verdict import Verdict, decide
+from gradparity.experiment import causes
+from gradparity.experiment.inputs import CanonicalInputs, build_inputs
+from gradparity.experiment.spec import Experiment
+from gradparity.report.outdir import OutputDir, new_run_id
+from gradparity.run.execute import BackendOutcome, MethodOutcome, remove_stale_job_dirs, run_backend
 
 
 #: The files a run writes into its output folder, in the order they are renamed into place.
@@ -28,7 +28,7 @@ REPORT_FILES = ("inputs.npz", "gradients.npz", "report.md", "report.json")
 
 @dataclass
 class Report:
-    """Everything one run measured; ``gradparity.report`` renders and writes it.
+    """Everything one run measured; ``gradparity.report.render`` renders and writes it.
 
     ``interrupted`` names the signal that stopped the run early (None when
     it ran to the end); the results then cover only what finished.
@@ -145,7 +145,7 @@ def run_experiment(
             with _signals_deferred():
                 report = _conclude(exp, inputs, outcomes, started, run_id, interrupted)
                 if out is not None:
-                    from gradparity.report import write_report
+                    from gradparity.report.render import write_report
 
                     write_report(report, out)
         except (Interrupted, KeyboardInterrupt) as exc:

@@ -26,15 +26,15 @@ from typing import Callable
 
 import numpy as np
 
-from gradparity.compare import SAFETY, Tolerance, connected_components
+from gradparity.commands.translate import (FRAMEWORKS, OPTIONAL_FRAMEWORKS, Translation, backend_for, loss_module,
+                                           measure, sum_function)
+from gradparity.compare.normalize import UNIT_ROUNDOFF
+from gradparity.compare.pairs import SAFETY, Tolerance, connected_components
 from gradparity.errors import ConfigError
-from gradparity.execute import run_backend
-from gradparity.loss_inputs import LossBatch, check_loss_batch, generate_batches, loss_classes, make_loss_job
-from gradparity.loss_text import parse_loss_text
-from gradparity.losses import DIVISOR_LABELS, LOSSES, LossSemantics
-from gradparity.normalize import UNIT_ROUNDOFF
-from gradparity.translate import (FRAMEWORKS, OPTIONAL_FRAMEWORKS, Translation, backend_for, loss_module, measure,
-                                  sum_function)
+from gradparity.losses.batches import LossBatch, check_loss_batch, generate_batches, loss_classes, make_loss_job
+from gradparity.losses.catalogue import DIVISOR_LABELS, LOSSES, LossSemantics
+from gradparity.losses.text import parse_loss_text
+from gradparity.run.execute import run_backend
 
 EXIT_CONSISTENT, EXIT_MISREAD, EXIT_INCOMPLETE = 0, 1, 3
 
@@ -69,7 +69,7 @@ class LossComparison:
     summary: str = ""
 
     def to_dict(self) -> dict:
-        from gradparity.translate import _finite
+        from gradparity.commands.translate import _finite
 
         return _finite({
             "configurations": [

@@ -22,13 +22,13 @@ from typing import Callable
 import numpy as np
 
 from gradparity.backends import BACKENDS, BackendInfo
-from gradparity.compare import SAFETY, Tolerance, relative_difference
+from gradparity.compare.normalize import UNIT_ROUNDOFF, effective_unit_roundoff
+from gradparity.compare.pairs import SAFETY, Tolerance, relative_difference
 from gradparity.errors import ConfigError
-from gradparity.execute import BackendOutcome, run_backend
-from gradparity.loss_inputs import LossBatch, check_loss_batch, generate_batches, make_loss_job
-from gradparity.loss_text import parse_loss_text
-from gradparity.losses import DIVISOR_LABELS, DIVISORS, LossSemantics, Rendering
-from gradparity.normalize import UNIT_ROUNDOFF, effective_unit_roundoff
+from gradparity.losses.batches import LossBatch, check_loss_batch, generate_batches, make_loss_job
+from gradparity.losses.catalogue import DIVISOR_LABELS, DIVISORS, LossSemantics, Rendering
+from gradparity.losses.text import parse_loss_text
+from gradparity.run.execute import BackendOutcome, run_backend
 
 FRAMEWORKS = ("torch", "keras", "jax")
 #: Also accepted by --to and as a source: the legacy Keras 2 package (its own extra, tf-keras).

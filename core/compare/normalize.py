@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from gradparity.execute import BackendOutcome
+from gradparity.run.execute import BackendOutcome
 
 #: Unit roundoff u = 2^-(p) for p significand bits (incl. the implicit one), round to nearest.
 UNIT_ROUNDOFF = {"float64": 2.0 ** -53, "float32": 2.0 ** -24, "tf32": 2.0 ** -11, "float16": 2.0 ** -11,
@@ -72,13 +72,13 @@ def normalize(outcomes: list[BackendOutcome], methods: tuple[str, ...], n_exampl
               rules: dict | None = None) -> list[Result]:
     """One Result per backend x method, in the order given; failed rows keep their error.
 
-    ``rules`` (from ``gradparity.causes.rules``) say how each method's result is
+    ``rules`` (from ``gradparity.experiment.causes.rules``) say how each method's result is
     made from the worker's native cases, sum of weight * native(case); by default
     one case, the method itself, times its usual factor.
     """
     if rules is None:
-        from gradparity.causes import Causes
-        from gradparity.causes import rules as default_rules
+        from gradparity.experiment.causes import Causes
+        from gradparity.experiment.causes import rules as default_rules
 
         rules = default_rules(methods, n_examples, {}, Causes())
     results = []

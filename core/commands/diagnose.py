@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gradparity.compare import SAFETY, connected_components
+from gradparity.compare.pairs import SAFETY, connected_components
 from gradparity.errors import ConfigError
 
 #: The fixed vocabulary of causes: id -> (what it is, the fix).
@@ -352,7 +352,7 @@ def read_info(path: str | None) -> Info:
     """The --info TOML (every key optional)."""
     if path is None:
         return Info()
-    from gradparity.spec import read_toml
+    from gradparity.experiment.spec import read_toml
 
     return Info.from_dict(read_toml(path, "--info"), f"--info {path!r}")
 

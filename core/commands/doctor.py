@@ -8,16 +8,16 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 from gradparity.backends import BACKENDS
-from gradparity.execute import BackendOutcome, run_backend
-from gradparity.loss_inputs import make_loss_job
-from gradparity.pipeline import make_job
-from gradparity.spec import load_experiment
+from gradparity.experiment.spec import load_experiment
+from gradparity.losses.batches import make_loss_job
+from gradparity.run.execute import BackendOutcome, run_backend
+from gradparity.run.pipeline import make_job
 
 
 def probe(device: str = "auto", backends: tuple[str, ...] | None = None,
           timeout_s: float = 180.0) -> list[BackendOutcome]:
     """Open a session in every backend (no method run) and return what each reported."""
-    from gradparity.inputs import build_inputs
+    from gradparity.experiment.inputs import build_inputs
 
     exp = load_experiment(overrides={
         "device": device, "data.source": "synthetic", "data.batch_size": 2,

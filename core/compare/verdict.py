@@ -11,9 +11,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from gradparity.compare import Comparison, Tolerance, connected_components, pair_index
+from gradparity.compare.normalize import UNIT_ROUNDOFF, Result
+from gradparity.compare.pairs import Comparison, Tolerance, connected_components, pair_index
 from gradparity.errors import Interrupted
-from gradparity.normalize import UNIT_ROUNDOFF, Result
 
 EXIT_AGREE, EXIT_DISAGREE, EXIT_INVALID, EXIT_INCOMPLETE = 0, 1, 2, 3
 

@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from gradparity.backends import ALIASES, BACKENDS, KERAS_VARIANTS, resolve_backend_name
-from gradparity.causes import AUTOCAST, SWITCHES, Causes
-from gradparity.causes import check as check_causes
 from gradparity.errors import ConfigError
-from gradparity.losses import LOSSES
-from gradparity.methods import METHODS
-from gradparity.models import ACTIVATIONS
+from gradparity.experiment.causes import AUTOCAST, SWITCHES, Causes
+from gradparity.experiment.causes import check as check_causes
+from gradparity.experiment.methods import METHODS
+from gradparity.experiment.models import ACTIVATIONS
+from gradparity.losses.catalogue import LOSSES
 
 DTYPES = ("float32", "float64")
 DEVICES = ("auto", "cpu", "gpu")
@@ -107,7 +107,7 @@ _SOURCE_KEYS = {
 
 def default_config_text() -> str:
     """The embedded default experiment, as shipped (with its comments)."""
-    return resources.files("gradparity").joinpath("default_experiment.toml").read_text()
+    return resources.files("gradparity.experiment").joinpath("default_experiment.toml").read_text()
 
 
 def default_config() -> dict:
@@ -208,7 +208,7 @@ def validate(cfg: dict, base_dir: Path | None = None) -> Experiment:
     """Validate a merged config dict into an Experiment, or raise ConfigError listing every problem.
 
     Checks the config alone (keys, types, ranges, names); the data itself is
-    checked when the canonical inputs are built (``gradparity.inputs``).
+    checked when the canonical inputs are built (``gradparity.experiment.inputs``).
     """
     c = _Checker()
     if not isinstance(cfg, dict):

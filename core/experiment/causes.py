@@ -45,7 +45,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from gradparity.methods import METHODS
+from gradparity.experiment.methods import METHODS
 
 #: Switches, in the order the report lists them.
 SWITCHES = ("unzeroed_gradients", "missing_normalization", "double_normalization", "short_last_batch",

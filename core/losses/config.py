@@ -19,7 +19,7 @@ A file for ``gradparity translate --config`` / ``compare-losses --config``::
 An option's value is a TOML value (number, string, boolean, list), or
 ``{ data = "NAME" }`` for an array of ``--data``, or ``{ enum = "tf.keras.losses.Reduction.SUM" }``.
 Each table becomes the loss text it stands for and is read by the same
-reader as a text (``gradparity.loss_text``), so both forms are validated,
+reader as a text (``gradparity.losses.text``), so both forms are validated,
 and mean, the same; the report shows the text.
 """
 from __future__ import annotations
@@ -110,7 +110,7 @@ def loss_text(table: dict, where: str = "losses[0]") -> str:
 
 def read_loss_file(path: str) -> list[str]:
     """The loss texts of a TOML file's [[losses]] tables, in order; ConfigError for anything unreadable."""
-    from gradparity.spec import read_toml
+    from gradparity.experiment.spec import read_toml
 
     doc = read_toml(path, "--config")
     unknown = sorted(set(doc) - set(FILE_KEYS))

@@ -14,7 +14,7 @@ import numpy as np
 from gradparity.backends import BackendInfo
 from gradparity.backends.protocol import WorkerJob
 from gradparity.errors import ConfigError
-from gradparity.losses import LossSemantics
+from gradparity.losses.catalogue import LossSemantics
 
 #: Shapes of the generated batches: two (N, C), two (N, T, C), batch sizes that differ.
 DEFAULT_SHAPES = ((6, 5), (9, 5), (4, 3, 5), (3, 7, 5))

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gradparity.errors import ConfigError
-from gradparity.losses import LossCall
+from gradparity.losses.catalogue import LossCall
 
 #: The leading names that say which framework a text is written for.
 FRAMEWORK_PREFIXES = {

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from gradparity.models import MLP
-from gradparity.normalize import UNIT_ROUNDOFF, Result
+from gradparity.compare.normalize import UNIT_ROUNDOFF, Result
+from gradparity.experiment.models import MLP
 
 SAFETY = 16.0
 

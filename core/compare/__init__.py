@@ -1,0 +1,1 @@
+"""Comparing: native results normalized to one convention, pairs measured against the tolerance, the verdict."""

@@ -1,0 +1,1 @@
+"""The experiment: spec (TOML + overrides -> Experiment), canonical inputs, methods, models, discrepancy switches."""
