@@ -30,6 +30,7 @@ SWITCHES = {
     "short_last_batch": (3, {"dataset_size": N + 3}),
     "replicas": (3, {"replicas": 3}),
     "micro_batches": (2, {"micro_batches": 2}),
+    "accumulate": ("mean", {"micro_batches": 3}),  # with micro_batches = 3: 8 examples as 3, 3, 2
     "class_weights": ([1.0, 2.0, 0.5, 3.0, 1.5], {"loss_reduction": "class-weighted mean"}),
     "autocast": ("bfloat16", {}),
 }
@@ -43,8 +44,10 @@ def runs(tmp_path_factory):
     out = {}
     for name, (value, _) in SWITCHES.items():
         dtype = "float32" if name == "autocast" else "float64"  # autocast runs a float32 model narrower
+        extra = {"causes.micro_batches": 3} if name == "accumulate" else {}
         exp = load_experiment(None, {"backends": BACKENDS, "dtype": dtype, "data.source": "synthetic",
-                                     "data.batch_size": N, "data.num_examples": 16, f"causes.{name}": value})
+                                     "data.batch_size": N, "data.num_examples": 16, f"causes.{name}": value,
+                                     **extra})
         folder = tmp_path_factory.mktemp(name)
         out[name] = (run_experiment(exp, folder), folder)
     return out
@@ -111,6 +114,9 @@ def expected(name: str, report, backend: str) -> dict[str, dict[str, np.ndarray]
         out["mean"] = {k: sum(lm[k] for lm in local_means) / 3 for k in g}
     elif name == "micro_batches":
         out["mean"] = {k: sum(v[a:a + N // 2].mean(axis=0) for a in (0, N // 2)) for k, v in g.items()}
+    elif name == "accumulate":  # the mean of the means of 3, 3 and 2 examples
+        out["mean"] = {k: (v[0:3].mean(axis=0) + v[3:6].mean(axis=0) + v[6:8].mean(axis=0)) / 3
+                       for k, v in g.items()}
     return out
 
 
@@ -171,6 +177,8 @@ def test_the_report_says_what_the_switch_did(runs):
     ({"causes.zero_grad": True}, "unknown key"),
     ({"causes.autocast": "bfloat16", "dtype": "float64"}, "set dtype"),
     ({"causes.autocast": "fp8"}, "causes.autocast"),
+    ({"causes.accumulate": "mean"}, "set causes.micro_batches"),
+    ({"causes.accumulate": "avg", "causes.micro_batches": 2}, "causes.accumulate"),
     ({"causes.class_weights": [1.0, -1.0]}, "non-negative"),
     ({"causes.class_weights": [0.0, 0.0]}, "not all 0"),
     ({"causes.class_weights": "1,2"}, "list of finite"),

@@ -73,7 +73,7 @@ TABLE_KEYS = {
              "num_classes", "path", "x_key", "y_key"),
     "loss": ("name",),
     "keras": ("backend",),
-    "causes": BOOL_SWITCHES + COUNT_SWITCHES + ("autocast", "class_weights"),
+    "causes": BOOL_SWITCHES + COUNT_SWITCHES + ("autocast", "class_weights", "accumulate"),
 }
 SOURCE_KEYS = {"synthetic": ("num_examples", "num_features", "num_classes"),
                "npz": ("path", "x_key", "y_key", "num_classes")}
@@ -446,6 +446,11 @@ def judge_config(cfg, npz_shape: tuple[int, int, int] | None = None) -> tuple[Or
             for v in weights) and (not weights or any(weights))):
         o.bad.append(f"causes.class_weights = {weights!r}")
         weights = []
+    accumulate = choice("causes.accumulate", sw.get("accumulate", "sum"), ("sum", "mean"))
+    if accumulate == "mean" and not (counts["micro_batches"] or 0) > 1:
+        o.bad.append("accumulate without micro-batches")
+    if accumulate == "mean" and methods and "mean" not in methods:
+        o.bad.append("accumulate changes no method of the run")
     autocast = choice("causes.autocast", sw.get("autocast", "none"), AUTOCAST)
     if autocast not in (None, "none") and cfg.get("dtype") != "float32":
         o.bad.append("autocast needs a float32 run")
@@ -605,6 +610,7 @@ GOOD = {
     "causes.replicas": st.integers(0, 4),
     "causes.micro_batches": st.integers(0, 4),
     "causes.autocast": st.sampled_from(AUTOCAST),
+    "causes.accumulate": st.sampled_from(("sum", "mean")),
     "causes.class_weights": st.lists(st.sampled_from([0.0, 0.5, 1.0, 2.0]), max_size=6),
 }
 PATHS = tuple(GOOD)

@@ -559,6 +559,15 @@ def _test_factor(an: _Analysis, cid: str, k: int | None, what: str, flag: str) -
                     return Cause(cid, 0.8, [f"{hi} projects onto {lo} with ratio {_g(r)}, within 15% of the "
                                             f"{k} {what}: the factor {k} made inexact by uneven splits "
                                             f"(N not a multiple of {k})"], CAUSES[cid][1])
+    n = an.info.batch_size
+    if cid == "accumulation_normalization" and k and k > 1 and n and n % k and an.large:
+        # Averaging micro-batch means of unequal sizes: not a factor, a re-weighting of examples.
+        sizes = [int(len(p)) for p in np.array_split(np.arange(n), k)]
+        short = min(sizes)
+        return Cause(cid, 0.7, [f"N = {n} in {k} micro-batches of {', '.join(map(str, sizes))} examples: a mean "
+                                f"of micro-batch means weighs each example of a {short}-example micro-batch "
+                                f"1/({k} x {short}) = {1 / (k * short):.3g} instead of 1/{n} = {1 / n:.3g}; padded "
+                                "tokens make every micro-batch uneven in the same way"], CAUSES[cid][1])
     if k and k > 1 and an.large:
         return Cause(cid, 0.35, [f"{k} {what} were used, but no pair differs by a factor {k}; with padded "
                                  "tokens or uneven splits the effect is not a constant factor"], CAUSES[cid][1])

@@ -22,7 +22,12 @@ be checked against it:
   so a summed loss comes out R times smaller after the usual 1/N.
 - ``micro_batches = k``: gradient accumulation over k micro-batches that
   adds the micro-batch results without dividing by k: a mean-reduced loss
-  comes out k times larger.
+  comes out k times larger. With ``accumulate = "mean"`` the results are
+  averaged instead (as ``optax.MultiSteps`` and Keras'
+  ``gradient_accumulation_steps`` do): right for equal micro-batches, but
+  when k does not divide N the short micro-batch's examples weigh more in
+  the mean of micro-batch means (the per-token form of this is the 2024
+  transformers accumulation bug).
 - ``class_weights = [w_0, ..., w_{C-1}]``: a class-weighted cross-entropy,
   each framework's own way: torch ``CrossEntropyLoss(weight=w)`` (its mean
   divides by sum_i w[y_i], and on one example the weight cancels), Keras
@@ -49,7 +54,9 @@ from gradparity.experiment.methods import METHODS
 
 #: Switches, in the order the report lists them.
 SWITCHES = ("unzeroed_gradients", "missing_normalization", "double_normalization", "short_last_batch",
-            "replicas", "micro_batches", "class_weights", "autocast")
+            "replicas", "micro_batches", "accumulate", "class_weights", "autocast")
+#: How micro-batch results are combined: added (no 1/k) or averaged.
+ACCUMULATE = ("sum", "mean")
 #: The reduced-precision formats ``autocast`` takes ("none": off).
 AUTOCAST = ("none", "bfloat16", "float16")
 #: The switches that need parts (extra or sub-batches); at most one per run.
@@ -62,6 +69,7 @@ AFFECTS = {
     "short_last_batch": ("none_loop", "none_vectorized", "one_by_one", "sum", "mean"),
     "replicas": ("none_loop", "none_vectorized", "one_by_one", "sum"),
     "micro_batches": ("mean",),
+    "accumulate": ("mean",),
     "class_weights": ("none_loop", "none_vectorized", "sum", "mean", "one_by_one"),
     "autocast": ("none_loop", "none_vectorized", "sum", "mean", "one_by_one"),
 }
@@ -70,6 +78,7 @@ CAUSE_IDS = {
     "unzeroed_gradients": "unzeroed_gradients", "missing_normalization": "missing_normalization",
     "double_normalization": "double_normalization", "short_last_batch": "short_last_batch",
     "replicas": "data_parallel_average", "micro_batches": "accumulation_normalization",
+    "accumulate": "accumulation_normalization",
     "class_weights": "weighted_mean_mismatch",
     "autocast": "reduced_precision",
 }
@@ -85,6 +94,7 @@ class Causes:
     short_last_batch: int = 0
     replicas: int = 0
     micro_batches: int = 0
+    accumulate: str = "sum"
     class_weights: tuple[float, ...] = ()
     autocast: str = "none"
 
@@ -110,7 +120,10 @@ class Causes:
             "replicas": f"the batch is split over {self.replicas} data-parallel replicas whose results are "
                         "averaged (all-reduce mean)",
             "micro_batches": f"the batch is split into {self.micro_batches} micro-batches whose results are "
-                             "added without dividing by their number",
+                             + ("added without dividing by their number" if self.accumulate == "sum" else
+                                "averaged (a mean of micro-batch means)"),
+            "accumulate": "micro-batch results averaged, as optax.MultiSteps and Keras' "
+                          "gradient_accumulation_steps do",
             "class_weights": f"class-weighted cross-entropy, weights {list(self.class_weights)}, each "
                              "framework's own way (torch's mean divides by the sum of the weights of the "
                              "targets, Keras' sum_over_batch_size and jnp.mean by N)",
@@ -125,6 +138,8 @@ def _is_on(value, name: str) -> bool:
         return value != "none"
     if name == "class_weights":
         return bool(value)
+    if name == "accumulate":
+        return value != "sum"
     return bool(value) if name not in ("replicas", "micro_batches") else value > 1
 
 
@@ -140,6 +155,9 @@ def check(causes: Causes, methods: tuple[str, ...], batch_size: int, dtype: str 
     for name in causes.on():
         if not set(AFFECTS[name]) & set(methods):
             problems.append(f"causes.{name} changes {', '.join(AFFECTS[name])}, and methods has none of them")
+    if causes.accumulate != "sum" and causes.micro_batches <= 1:
+        problems.append(f"causes.accumulate = {causes.accumulate!r} says how micro-batches are combined; set "
+                        "causes.micro_batches too")
     if parts and (causes.missing_normalization or causes.double_normalization):
         problems.append(f"causes: {parts[0]} changes how results are combined and normalized; turn "
                         "missing_normalization / double_normalization off with it")
@@ -214,9 +232,12 @@ def rules(methods: tuple[str, ...], n: int, batch: dict[str, np.ndarray], causes
                              f"all-reduce mean over {k} replicas" + (f", then 1/{n}" if sums else ""))
         elif sizes and causes.micro_batches > 1:
             k = causes.micro_batches
-            w = 1 / n if sums else 1.0
+            averaged = causes.accumulate == "mean"
+            w = 1 / n if sums else (1 / k if averaged else 1.0)
+            how = "averaged" if averaged and not sums else "added"
             out[name] = Rule(tuple((f"{name}@{p}", w) for p in sizes),
-                             f"{k} micro-batch results added" + (f", then 1/{n}" if sums else " (no 1/k)"))
+                             f"{k} micro-batch results {how}" + (f", then 1/{n}" if sums else
+                                                                 "" if averaged else " (no 1/k)"))
         else:
             factor, label = METHODS[name].normalization_factor(n), METHODS[name].factor_label(n)
             if name == "sum" and causes.missing_normalization:

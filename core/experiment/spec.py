@@ -17,7 +17,7 @@ from typing import Any
 
 from gradparity.backends import ALIASES, BACKENDS, KERAS_VARIANTS, resolve_backend_name
 from gradparity.errors import ConfigError
-from gradparity.experiment.causes import AUTOCAST, SWITCHES, Causes
+from gradparity.experiment.causes import ACCUMULATE, AUTOCAST, SWITCHES, Causes
 from gradparity.experiment.causes import check as check_causes
 from gradparity.experiment.methods import METHODS
 from gradparity.experiment.models import ACTIVATIONS
@@ -285,6 +285,10 @@ def _causes(c: "_Checker", t: dict) -> Causes | None:
                        f"not all 0 ([] is off), got {w!r}")
                 continue
             values[key] = tuple(float(v) for v in w)
+        elif key == "accumulate":
+            value = c.choice("causes.accumulate", t[key], ACCUMULATE)
+            if value is not None:
+                values[key] = value
         elif key == "autocast":
             value = c.choice("causes.autocast", t[key], AUTOCAST)
             if value is not None:
