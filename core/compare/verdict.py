@@ -79,7 +79,8 @@ UNTESTED_CAUSES = (
     "Not tested by this run: every method here saw the same batch and the same parameters, with fresh "
     "gradients. Causes that change what a method sees (a short last batch averaged per batch, gradients "
     "not zeroed between methods or steps, dropout or batch-norm in training mode, reduced precision) were "
-    "not exercised; if your own methods differ by more than rounding, they are the hypotheses to check."
+    "not exercised; if your own methods differ by more than rounding, they are the hypotheses to check: the "
+    "[causes] switches reproduce them here, and `gradparity diagnose` ranks them against your own numbers."
 )
 
 
