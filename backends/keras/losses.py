@@ -88,8 +88,8 @@ def _class_name(expr: LossExpression) -> str:
     """The keras.losses class the text constructs; ConfigError for tf_keras, functions and unknown losses."""
     module, _, short = expr.name.rpartition(".")
     if expr.name.split(".", 1)[0] == "tf_keras":
-        raise ConfigError(f"{expr.name!r} is tf_keras (legacy Keras 2), which gradparity does not read yet; "
-                          f"write the Keras 3 class, e.g. keras.losses.{short}(...)")
+        raise ConfigError(f"{expr.name!r} is tf_keras (legacy Keras 2), which the tf_keras reader reads "
+                          "(gradparity translate routes a tf_keras. text there), not the Keras 3 one")
     if module in _MODULE_PREFIXES and short in _SIGNATURES:
         return short
     if short in _FUNCTIONS:
@@ -102,7 +102,6 @@ def _class_name(expr: LossExpression) -> str:
 def _options(expr: LossExpression, cls: str) -> dict:
     """Arguments by parameter name (see gradparity.losses.text.bind_arguments)."""
     return bind_arguments(expr, _SIGNATURES[cls], f"keras.losses.{cls}")
-
 
 
 def _reduction(cls: str, value) -> str:
@@ -121,25 +120,29 @@ def _reduction(cls: str, value) -> str:
     return value
 
 
-def _check_call(expr: LossExpression, cls: str) -> bool:
-    """Whether the call passes a sample weight; ConfigError for calls that are not (y_true, y_pred[, w])."""
+def check_call(expr: LossExpression, cls: str, module: str = "keras.losses", example: str = "keras.losses") -> bool:
+    """Whether the call passes a sample weight; ConfigError for calls that are not (y_true, y_pred[, w]).
+
+    Shared by the Keras family: ``module`` names the loss in messages (``tf_keras.losses`` for the legacy
+    package), ``example`` is how an example call is written.
+    """
     call = expr.call
     if call is None:
         if expr.method is not None:
-            raise ConfigError(f"keras.losses.{cls}(...).{expr.method}(): a loss object has no "
-                              f".{expr.method}(); call it first, e.g. keras.losses.{cls}(...)(y_true, y_pred)")
+            raise ConfigError(f"{module}.{cls}(...).{expr.method}(): a loss object has no "
+                              f".{expr.method}(); call it first, e.g. {example}.{cls}(...)(y_true, y_pred)")
         return False
     unknown = [k for k in call.keywords if k not in _CALL_PARAMETERS]
     if unknown:
-        raise ConfigError(f"keras.losses.{cls} is called as loss(y_true, y_pred, sample_weight=None); it has "
+        raise ConfigError(f"{module}.{cls} is called as loss(y_true, y_pred, sample_weight=None); it has "
                           f"no call argument {unknown[0]!r}")
     given = call.n_args + len(call.keywords)
     if not 2 <= given <= 3:
-        raise ConfigError(f"keras.losses.{cls} is called as loss(y_true, y_pred, sample_weight=None) with 2 or "
+        raise ConfigError(f"{module}.{cls} is called as loss(y_true, y_pred, sample_weight=None) with 2 or "
                           f"3 arguments, got {given}")
     doubled = [k for k in call.keywords if _CALL_PARAMETERS.index(k) < call.n_args]
     if doubled:
-        raise ConfigError(f"keras.losses.{cls}(...) call got two values for {doubled[0]!r}")
+        raise ConfigError(f"{module}.{cls}(...) call got two values for {doubled[0]!r}")
     return call.sample_weight
 
 
@@ -160,7 +163,7 @@ def parse(expr: LossExpression, targets: str | None = None) -> LossSemantics:
         other = "CategoricalCrossentropy" if _TARGETS[cls] == "class_index" else "SparseCategoricalCrossentropy"
         raise ConfigError(f"keras.losses.{cls} takes {_TARGETS[cls].replace('_', '-')} targets, not {targets}; "
                           f"for {targets.replace('_', '-')} targets write keras.losses.{other}")
-    sample_weight = _check_call(expr, cls)
+    sample_weight = check_call(expr, cls)
     reduction = _reduction(cls, options.get("reduction", "sum_over_batch_size"))
     if reduction == "none":
         if expr.call is None or expr.method is None:
@@ -225,17 +228,14 @@ _CLASSES = {"cross_entropy": "SparseCategoricalCrossentropy", "cross_entropy_pro
 _CHANGES = "changes from batch to batch: it is computed from the batch, never a constant"
 
 
-
-
-
-
 def _entrywise(sem: LossSemantics) -> bool:
     """Whether every entry of the last axis is its own element (PyTorch), where Keras averages that axis."""
     return sem.kind not in ("cross_entropy", "cross_entropy_probs") and sem.last_axis == "elementwise"
 
 
-def _rule(sem: LossSemantics) -> str:
-    """``sem.divisor`` reduced to the rule it amounts to without the weights or mask ``sem`` lacks."""
+def divisor_rule(sem: LossSemantics) -> str:
+    """``sem.divisor`` reduced to the rule it amounts to without the weights or mask ``sem`` lacks (shared by
+    the Keras family)."""
     rule = sem.divisor
     if rule == "class_weight_sum" and sem.class_weight is None:
         rule = "valid"
@@ -276,7 +276,7 @@ class _Plan:
         self.class_weight_in_weight = (sem.kind == "cross_entropy" and sem.class_weight is not None
                                        and self.criterion is not None)
         self.entries = _entrywise(sem)
-        self.rule = _rule(sem)
+        self.rule = divisor_rule(sem)
         self.no_nan = sem.divisor == "keras_sample_weight_sum"
         self.native_reduction, self.weight_as_given = self._native()
 
@@ -309,7 +309,7 @@ class _Plan:
         raise ConfigError(f"unknown divisor rule {rule!r}; known: {', '.join(DIVISORS)}")
 
 
-def _floats(values) -> str:
+def floats(values) -> str:
     return "[" + ", ".join(repr(float(v)) for v in values) + "]"
 
 
@@ -317,9 +317,9 @@ def _constants(sem: LossSemantics) -> list[str]:
     lines = []
     tensor = "keras.ops.convert_to_tensor({}, dtype=logits.dtype)"
     if sem.class_weight is not None:
-        lines.append(f"class_weight = {tensor.format(_floats(sem.class_weight))}")
+        lines.append(f"class_weight = {tensor.format(floats(sem.class_weight))}")
     if sem.pos_weight is not None:
-        lines.append(f"pos_weight = {tensor.format(_floats(sem.pos_weight))}")
+        lines.append(f"pos_weight = {tensor.format(floats(sem.pos_weight))}")
     return lines
 
 
@@ -386,31 +386,42 @@ def _constructor(plan: _Plan, reduction: str) -> str:
     return f"keras.losses.{plan.criterion}({', '.join(args)})"
 
 
-def _call(plan: _Plan, weight: str | None) -> tuple[list[str], str]:
-    """(lines preparing the targets, the criterion's call expression)."""
+def criterion_call(plan, weight: str | None, one_hot: str = "keras.ops.one_hot") -> tuple[list[str], str]:
+    """(lines preparing the targets, the criterion's call expression); ``one_hot`` is the op that writes
+    one-hot targets (``tf.one_hot`` for tf_keras). Shared by the Keras family."""
     lines, y = [], "targets"
     if plan.one_hot:
         index = "safe_targets" if plan.masked else "targets"
-        lines.append(f"one_hot = keras.ops.one_hot({index}, logits.shape[-1], dtype=logits.dtype)  "
+        lines.append(f"one_hot = {one_hot}({index}, logits.shape[-1], dtype=logits.dtype)  "
                      "# SparseCategoricalCrossentropy has no label_smoothing")
         y = "one_hot"
     extra = f", sample_weight={weight}" if weight else ""
     return lines, f"criterion({y}, logits{extra})"
 
 
-def _formula_lines(plan: _Plan) -> list[str]:
-    """Lines computing ``per_element`` (one loss per example/token; its entries summed or averaged) by hand."""
+#: The ops a Keras-family rendering writes, by role; tf_keras passes its own (see ``formula_lines``).
+KERAS_OPS = {
+    "one_hot": "keras.ops.one_hot", "sum": "keras.ops.sum", "log_softmax": "keras.ops.log_softmax",
+    "log_sigmoid": "keras.ops.log_sigmoid",
+    # A sum and a division, not keras.ops.mean: that computes float64 in float32 on Keras' jax and torch backends.
+    "mean_last": "keras.ops.sum(per_entry, axis=-1) / logits.shape[-1]",
+}
+
+
+def formula_lines(plan, ops: dict[str, str] = KERAS_OPS) -> list[str]:
+    """Lines computing ``per_element`` (one loss per example/token; its entries summed or averaged) by hand,
+    written with ``ops`` (Keras 3's by default). Shared by the Keras family."""
     sem = plan.sem
     eps = float(sem.label_smoothing)
     if sem.kind in ("cross_entropy", "cross_entropy_probs"):
         if sem.kind == "cross_entropy":
             index = "safe_targets" if plan.masked else "targets"
-            lines = [f"q = keras.ops.one_hot({index}, logits.shape[-1], dtype=logits.dtype)"]
+            lines = [f"q = {ops['one_hot']}({index}, logits.shape[-1], dtype=logits.dtype)"]
         else:
             lines = ["q = targets"]
         if eps:
             lines.append(f"q = (1.0 - {eps!r}) * q + {eps!r} / logits.shape[-1]  # label smoothing")
-        lines.append("per_element = -keras.ops.sum(class_weight * q * keras.ops.log_softmax(logits, axis=-1), "
+        lines.append(f"per_element = -{ops['sum']}(class_weight * q * {ops['log_softmax']}(logits, axis=-1), "
                      "axis=-1)  # w_c inside the sum over classes, as PyTorch")
         return lines
     lines = []
@@ -418,14 +429,12 @@ def _formula_lines(plan: _Plan) -> list[str]:
         lines.append(f"targets = targets * (1.0 - {eps!r}) + 0.5 * {eps!r}  # binary label smoothing, as Keras")
     pw = "pos_weight * " if sem.pos_weight is not None else ""
     cw = "class_weight * " if sem.class_weight is not None else ""
-    lines.append(f"per_entry = -{cw}({pw}targets * keras.ops.log_sigmoid(logits) + (1.0 - targets) * "
-                 "keras.ops.log_sigmoid(-logits))")
+    lines.append(f"per_entry = -{cw}({pw}targets * {ops['log_sigmoid']}(logits) + (1.0 - targets) * "
+                 f"{ops['log_sigmoid']}(-logits))")
     if plan.entries:
-        lines.append("per_element = keras.ops.sum(per_entry, axis=-1)  # every entry is an element")
+        lines.append(f"per_element = {ops['sum']}(per_entry, axis=-1)  # every entry is an element")
     else:
-        # A sum and a division, not keras.ops.mean: that computes float64 in float32 on Keras' jax and torch backends.
-        lines.append("per_element = keras.ops.sum(per_entry, axis=-1) / logits.shape[-1]  # the last axis averaged, "
-                     "as Keras")
+        lines.append(f"per_element = {ops['mean_last']}  # the last axis averaged, as Keras")
     return lines
 
 
@@ -518,7 +527,7 @@ def _body(sem: LossSemantics) -> tuple[list[str], bool, list[str]]:
         notes.append("SparseCategoricalCrossentropy has no label_smoothing: targets are one-hot encoded for "
                      "CategoricalCrossentropy" + (", ignored ones weighted 0" if plan.masked else ""))
     if plan.native_reduction is not None:
-        target_lines, call = _call(plan, weight)
+        target_lines, call = criterion_call(plan, weight)
         lines += [f"criterion = {_constructor(plan, plan.native_reduction)}"] + target_lines
         lines.append(f"loss = {call}")
         if plan.native_reduction != "sum":
@@ -533,14 +542,14 @@ def _body(sem: LossSemantics) -> tuple[list[str], bool, list[str]]:
         return lines, True, _with_precision_note(lines, notes)
     notes += _explicit_reasons(plan)
     if plan.criterion is not None:
-        target_lines, call = _call(plan, weight)
+        target_lines, call = criterion_call(plan, weight)
         lines += [f"criterion = {_constructor(plan, 'sum')}"] + target_lines
         lines.append(f"total = {call}  # sum over examples (tokens) of the weighted losses")
         if plan.entries:
             lines.append("total = total * logits.shape[-1]  # Keras averaged each example's C entries; the source "
                          "sums them")
     else:
-        lines += _formula_lines(plan)
+        lines += formula_lines(plan)
         lines.append(f"total = keras.ops.sum({weight} * per_element)" if weight
                      else "total = keras.ops.sum(per_element)")
     divisor_lines, note = _divisor_lines(plan)

@@ -45,6 +45,8 @@ import math
 
 import numpy as np
 
+# The Keras family shares what does not differ between Keras 3 and the legacy package (no framework import).
+from gradparity.backends.keras.losses import check_call, criterion_call, divisor_rule, floats, formula_lines
 from gradparity.backends.protocol import (RawResult, WorkerJob, compile_loss_function, loss_case,
                                           package_versions)
 from gradparity.errors import ConfigError
@@ -103,7 +105,6 @@ def _options(expr: LossExpression, cls: str) -> dict:
     return bind_arguments(expr, _SIGNATURES[cls], f"tf_keras.losses.{cls}")
 
 
-
 def _reduction(cls: str, value) -> str:
     """The legacy reduction's string value ('auto', 'sum', ...); ConfigError for anything else."""
     if isinstance(value, tuple) and len(value) == 2 and value[0] == "enum":
@@ -119,27 +120,6 @@ def _reduction(cls: str, value) -> str:
     raise ConfigError(f"tf_keras.losses.{cls}: reduction must be a tf.keras.losses.Reduction member (AUTO, the "
                       f"default, SUM_OVER_BATCH_SIZE, SUM, NONE) or its string ('auto', 'sum_over_batch_size', "
                       f"'sum', 'none'), got {value!r}{hint}")
-
-
-def _check_call(expr: LossExpression, cls: str) -> bool:
-    call = expr.call
-    if call is None:
-        if expr.method is not None:
-            raise ConfigError(f"tf_keras.losses.{cls}(...).{expr.method}(): a loss object has no "
-                              f".{expr.method}(); call it first, e.g. tf.keras.losses.{cls}(...)(y_true, y_pred)")
-        return False
-    unknown = [k for k in call.keywords if k not in _CALL_PARAMETERS]
-    if unknown:
-        raise ConfigError(f"tf_keras.losses.{cls} is called as loss(y_true, y_pred, sample_weight=None); it has "
-                          f"no call argument {unknown[0]!r}")
-    given = call.n_args + len(call.keywords)
-    if not 2 <= given <= 3:
-        raise ConfigError(f"tf_keras.losses.{cls} is called as loss(y_true, y_pred, sample_weight=None) with 2 "
-                          f"or 3 arguments, got {given}")
-    doubled = [k for k in call.keywords if _CALL_PARAMETERS.index(k) < call.n_args]
-    if doubled:
-        raise ConfigError(f"tf_keras.losses.{cls}(...) call got two values for {doubled[0]!r}")
-    return call.sample_weight
 
 
 def notes_for(expr: LossExpression) -> tuple[str, ...]:
@@ -174,7 +154,7 @@ def parse(expr: LossExpression, targets: str | None = None) -> LossSemantics:
         other = "CategoricalCrossentropy" if _TARGETS[cls] == "class_index" else "SparseCategoricalCrossentropy"
         raise ConfigError(f"tf_keras.losses.{cls} takes {_TARGETS[cls].replace('_', '-')} targets, not {targets}; "
                           f"for {targets.replace('_', '-')} targets write tf.keras.losses.{other}")
-    sample_weight = _check_call(expr, cls)
+    sample_weight = check_call(expr, cls, "tf_keras.losses", "tf.keras.losses")
     reduction = _reduction(cls, options.get("reduction", "auto"))
     if reduction == "none" and (expr.call is None or expr.method is None):
         raise ConfigError(f"tf_keras.losses.{cls}(reduction=Reduction.NONE) returns one loss per example, and "
@@ -236,18 +216,9 @@ _CLASSES = {"cross_entropy": "SparseCategoricalCrossentropy", "cross_entropy_pro
             "huber": "Huber"}
 _CHANGES = "changes from batch to batch: it is computed from the batch, never a constant"
 _RED = "tf_keras.losses.Reduction."
-
-
-def _rule(sem: LossSemantics) -> str:
-    """``sem.divisor`` reduced to the rule it amounts to without the weights or mask ``sem`` lacks."""
-    rule = sem.divisor
-    if rule == "class_weight_sum" and sem.class_weight is None:
-        rule = "valid"
-    if rule in ("sample_weight_sum", "keras_sample_weight_sum") and not sem.sample_weight:
-        rule = "valid" if sem.masked or rule == "sample_weight_sum" else "count"
-    if rule == "valid" and not sem.masked:
-        rule = "count"
-    return rule
+#: The TensorFlow ops a tf_keras rendering writes (see gradparity.backends.keras.losses.formula_lines).
+TF_OPS = {"one_hot": "tf.one_hot", "sum": "tf.reduce_sum", "log_softmax": "tf.nn.log_softmax",
+          "log_sigmoid": "tf.math.log_sigmoid", "mean_last": "tf.reduce_mean(per_entry, axis=-1)"}
 
 
 class _Plan:
@@ -270,7 +241,7 @@ class _Plan:
         self.class_weight_in_weight = (sem.kind == "cross_entropy" and sem.class_weight is not None
                                        and self.criterion is not None)
         self.entries = sem.kind not in ("cross_entropy", "cross_entropy_probs") and sem.last_axis == "elementwise"
-        self.rule = _rule(sem)
+        self.rule = divisor_rule(sem)
         self.no_nan = sem.divisor == "keras_sample_weight_sum"
         self.native_reduction = self._native()
 
@@ -286,18 +257,14 @@ class _Plan:
         return None  # sums of weights: tf_keras has no reduction dividing by them
 
 
-def _floats(values) -> str:
-    return "[" + ", ".join(repr(float(v)) for v in values) + "]"
-
-
 def _lines(plan: _Plan) -> tuple[list[str], str | None]:
     """(constants, mask and weight lines; the weight expression to pass or multiply, None when all 1)."""
     sem = plan.sem
     lines = []
     if sem.class_weight is not None:
-        lines.append(f"class_weight = tf.constant({_floats(sem.class_weight)}, dtype=logits.dtype)")
+        lines.append(f"class_weight = tf.constant({floats(sem.class_weight)}, dtype=logits.dtype)")
     if sem.pos_weight is not None:
-        lines.append(f"pos_weight = tf.constant({_floats(sem.pos_weight)}, dtype=logits.dtype)")
+        lines.append(f"pos_weight = tf.constant({floats(sem.pos_weight)}, dtype=logits.dtype)")
     if plan.masked:
         lines.append(f"valid = tf.not_equal(targets, {sem.ignore_index})  # the elements that count")
         lines.append("safe_targets = tf.where(valid, targets, tf.zeros_like(targets))  # any class: weight 0")
@@ -338,45 +305,6 @@ def _constructor(plan: _Plan, reduction: str) -> str:
         args.append(f"delta={delta!r}" if exact else f"delta=tf.constant({delta!r}, dtype=logits.dtype)")
     args.append(f"reduction={_RED}{reduction}")
     return f"tf_keras.losses.{plan.criterion}({', '.join(args)})"
-
-
-def _call(plan: _Plan, weight: str | None) -> tuple[list[str], str]:
-    lines, y = [], "targets"
-    if plan.one_hot:
-        index = "safe_targets" if plan.masked else "targets"
-        lines.append(f"one_hot = tf.one_hot({index}, logits.shape[-1], dtype=logits.dtype)  "
-                     "# SparseCategoricalCrossentropy has no label_smoothing")
-        y = "one_hot"
-    extra = f", sample_weight={weight}" if weight else ""
-    return lines, f"criterion({y}, logits{extra})"
-
-
-def _formula_lines(plan: _Plan) -> list[str]:
-    sem = plan.sem
-    eps = float(sem.label_smoothing)
-    if sem.kind in ("cross_entropy", "cross_entropy_probs"):
-        if sem.kind == "cross_entropy":
-            index = "safe_targets" if plan.masked else "targets"
-            lines = [f"q = tf.one_hot({index}, logits.shape[-1], dtype=logits.dtype)"]
-        else:
-            lines = ["q = targets"]
-        if eps:
-            lines.append(f"q = (1.0 - {eps!r}) * q + {eps!r} / logits.shape[-1]  # label smoothing")
-        lines.append("per_element = -tf.reduce_sum(class_weight * q * tf.nn.log_softmax(logits, axis=-1), "
-                     "axis=-1)  # w_c inside the sum over classes, as PyTorch")
-        return lines
-    lines = []
-    if eps:
-        lines.append(f"targets = targets * (1.0 - {eps!r}) + 0.5 * {eps!r}  # binary label smoothing, as Keras")
-    pw = "pos_weight * " if sem.pos_weight is not None else ""
-    cw = "class_weight * " if sem.class_weight is not None else ""
-    lines.append(f"per_entry = -{cw}({pw}targets * tf.math.log_sigmoid(logits) + (1.0 - targets) * "
-                 "tf.math.log_sigmoid(-logits))")
-    if plan.entries:
-        lines.append("per_element = tf.reduce_sum(per_entry, axis=-1)  # every entry is an element")
-    else:
-        lines.append("per_element = tf.reduce_mean(per_entry, axis=-1)  # the last axis averaged, as Keras")
-    return lines
 
 
 def _divisor_lines(plan: _Plan) -> tuple[list[str], str | None]:
@@ -426,7 +354,7 @@ def _body(sem: LossSemantics) -> tuple[list[str], bool, list[str]]:
         notes.append("SparseCategoricalCrossentropy has no label_smoothing: targets are one-hot encoded for "
                      "CategoricalCrossentropy" + (", ignored ones weighted 0" if plan.masked else ""))
     if plan.native_reduction is not None:
-        target_lines, call = _call(plan, weight)
+        target_lines, call = criterion_call(plan, weight, one_hot="tf.one_hot")
         lines += [f"criterion = {_constructor(plan, plan.native_reduction)}"] + target_lines
         lines.append(f"loss = {call}")
         if plan.native_reduction == "SUM_OVER_BATCH_SIZE":
@@ -448,14 +376,14 @@ def _body(sem: LossSemantics) -> tuple[list[str], bool, list[str]]:
         notes.append(f"no tf_keras reduction divides by {DIVISORS[plan.rule]} here: Reduction.SUM, then the "
                      "divisor computed explicitly")
     if plan.criterion is not None:
-        target_lines, call = _call(plan, weight)
+        target_lines, call = criterion_call(plan, weight, one_hot="tf.one_hot")
         lines += [f"criterion = {_constructor(plan, 'SUM')}"] + target_lines
         lines.append(f"total = {call}  # sum over examples (tokens) of the weighted losses")
         if plan.entries:
             lines.append("total = total * logits.shape[-1]  # tf_keras averaged each example's C entries; the "
                          "source sums them")
     else:
-        lines += _formula_lines(plan)
+        lines += formula_lines(plan, TF_OPS)
         lines.append(f"total = tf.reduce_sum({weight} * per_element)" if weight
                      else "total = tf.reduce_sum(per_element)")
     divisor_lines, note = _divisor_lines(plan)

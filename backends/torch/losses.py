@@ -203,10 +203,6 @@ def parse(expr: LossExpression, targets: str | None = None) -> LossSemantics:
 # ---------------------------------------------------------------------------------------------- render
 
 
-
-
-
-
 def _native_reduction(sem: LossSemantics) -> str | None:
     """'mean' or 'sum' when a torch loss object with that reduction computes ``sem`` exactly, else None."""
     if sem.sample_weight:
