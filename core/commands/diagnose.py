@@ -26,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from gradparity.compare.pairs import SAFETY, connected_components
+from gradparity.compare.normalize import UNIT_ROUNDOFF
+from gradparity.compare.pairs import SAFETY, Tolerance, connected_components
 from gradparity.errors import ConfigError
 
 #: The fixed vocabulary of causes: id -> (what it is, the fix).
@@ -96,8 +97,6 @@ _ROLE_WORDS = {
 }
 _INFO_KEYS = ("batch_size", "dataset_size", "dtype", "micro_batches", "replicas", "dropout", "batchnorm",
               "loss_reduction")
-_DTYPE_ROUNDOFF = {"float64": 2.0 ** -53, "float32": 2.0 ** -24, "tf32": 2.0 ** -11, "float16": 2.0 ** -11,
-                   "bfloat16": 2.0 ** -8}
 
 
 @dataclass
@@ -130,8 +129,8 @@ class Info:
                 if not isinstance(value, bool):
                     raise ConfigError(f"{where}: {key} must be true or false, got {value!r}")
             elif key == "dtype":
-                if value not in _DTYPE_ROUNDOFF:
-                    raise ConfigError(f"{where}: dtype must be one of {', '.join(_DTYPE_ROUNDOFF)}, got {value!r}")
+                if value not in UNIT_ROUNDOFF:
+                    raise ConfigError(f"{where}: dtype must be one of {', '.join(UNIT_ROUNDOFF)}, got {value!r}")
             elif not isinstance(value, str):
                 raise ConfigError(f"{where}: {key} must be a string, got {value!r}")
             setattr(out, key, value)
@@ -372,7 +371,7 @@ _NARROW = ("tf32", "float16", "bfloat16")
 
 def _narrow_bound(dtype: str, n_terms: int) -> float:
     """Rounding in a narrow format: about u sqrt(K) of the gradient's scale (4 u sqrt(K), no safety factor)."""
-    return 4 * _DTYPE_ROUNDOFF[dtype] * math.sqrt(max(n_terms, 1))
+    return 4 * UNIT_ROUNDOFF[dtype] * math.sqrt(max(n_terms, 1))
 
 
 def _rtol(info: Info, n_terms: int) -> float:
@@ -381,15 +380,21 @@ def _rtol(info: Info, n_terms: int) -> float:
     dtype = info.dtype or "float32"
     if dtype in _NARROW:
         return _narrow_bound(dtype, n_terms)
-    return SAFETY * _DTYPE_ROUNDOFF[dtype] * math.sqrt(max(n_terms, 1)) * 2
+    return Tolerance(SAFETY, max(n_terms, 1), 2).rtol(UNIT_ROUNDOFF[dtype])
 
 
 def _flat(params: dict[str, np.ndarray]) -> np.ndarray:
     return np.concatenate([params[k].ravel() for k in sorted(params)])
 
 
-def classify_pairs(obs: Observations, rtol: float | None) -> list[PairPattern]:
-    """Each pair as exact zero, rounding-sized, a constant factor or large (gradients); zero or not (tables)."""
+def classify_pairs(obs: Observations, rtol: float | None,
+                   flat: dict[str, np.ndarray] | None = None) -> list[PairPattern]:
+    """Each pair as exact zero, rounding-sized, a constant factor or large (gradients); zero or not (tables).
+
+    ``flat``: each result's gradients as one vector (``_flat``), when already computed.
+    """
+    if obs.grads is not None and flat is None:
+        flat = {label: _flat(g) for label, g in obs.grads.items()}
     out = []
     for (a, b), d in obs.diffs.items():
         if obs.grads is None:
@@ -399,7 +404,7 @@ def classify_pairs(obs: Observations, rtol: float | None) -> list[PairPattern]:
                 kind = "large"
             out.append(PairPattern(a, b, d, kind))
             continue
-        ga, gb = _flat(obs.grads[a]), _flat(obs.grads[b])
+        ga, gb = flat[a], flat[b]
         scale = max(float(np.max(np.abs(ga), initial=0.0)), float(np.max(np.abs(gb), initial=0.0)))
         rel = 0.0 if scale == 0 else d / scale
         if d == 0.0:
@@ -441,7 +446,9 @@ class _Analysis:
         self.info = obs.info
         n_terms = obs.info.batch_size or 256
         self.rtol = _rtol(obs.info, n_terms) if obs.grads is not None else None
-        self.pairs = classify_pairs(obs, self.rtol)
+        #: Each result's gradients as one vector, for the tests that project or combine results.
+        self.flat = {label: _flat(g) for label, g in obs.grads.items()} if obs.grads is not None else {}
+        self.pairs = classify_pairs(obs, self.rtol, self.flat)
         self.clusters = _clusters(obs.labels, self.pairs)
         self.majority = self.clusters[0] if self.clusters else []
         self.factors = [p for p in self.pairs if p.kind == "factor"]
@@ -550,7 +557,7 @@ def _test_factor(an: _Analysis, cid: str, k: int | None, what: str, flag: str) -
         return Cause(cid, 0.95, hits, CAUSES[cid][1])
     if k and k > 1 and an.large and an.obs.grads is not None:
         # Uneven splits (N not a multiple of k) make the factor inexact: test the projection ratio instead.
-        flat = {label: _flat(v) for label, v in an.obs.grads.items()}
+        flat = an.flat
         for p in an.large:
             a, b = flat[p.a], flat[p.b]
             for r, hi, lo in ((float(a @ b) / max(float(b @ b), 1e-300), p.a, p.b),
@@ -587,7 +594,7 @@ def _test_unzeroed(an: _Analysis) -> Cause:
     cid, fix = "unzeroed_gradients", CAUSES["unzeroed_gradients"][1]
     grads = an.obs.grads
     if grads is not None:
-        flat = {k: _flat(v) for k, v in grads.items()}
+        flat = an.flat
         # A difference that equals another result: a's gradient = b's + c's (c left in the accumulator).
         for p in an.large:
             a, b = p.a, p.b
@@ -713,7 +720,7 @@ def _test_precision(an: _Analysis) -> Cause:
     if worst <= wide:
         return Cause(cid, 0.0, [f"every pair agrees within {'float32' if dtype in _NARROW else dtype}'s rounding "
                                 f"(largest {_g(worst)} relative <= {_g(wide)})"], fix)
-    flat = {k: _flat(v) for k, v in an.obs.grads.items()}
+    flat = an.flat
     cosine = min(float(flat[p.a] @ flat[p.b]) / max(float(np.linalg.norm(flat[p.a]) * np.linalg.norm(flat[p.b])),
                                                      1e-300) for p in an.pairs)
     for name, label in (("tf32", "tf32 or float16"), ("bfloat16", "bfloat16")):
