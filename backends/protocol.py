@@ -61,14 +61,6 @@ class WorkerJob:
     def n_examples(self) -> int:
         return int(self.batch["y"].shape[0])
 
-    def inputs_for(self, case: str) -> tuple[str, np.ndarray, np.ndarray]:
-        """(method, x, y) of a gradients case: 'METHOD' runs on the batch, 'METHOD@PART' on the part
-        ``batch['parts/PART/x' | 'parts/PART/y']`` (extra or sub-batches some discrepancy causes need)."""
-        method, _, part = case.partition("@")
-        if not part:
-            return method, self.batch["x"], self.batch["y"]
-        return method, self.batch[f"parts/{part}/x"], self.batch[f"parts/{part}/y"]
-
     @property
     def autocast(self) -> str | None:
         """'bfloat16' or 'float16' when the forward and backward passes run in reduced precision (a
@@ -164,6 +156,28 @@ def compile_loss_function(source: str):
     namespace: dict = {"__name__": "gradparity_translation"}
     exec(compile(source, "<translation>", "exec"), namespace)  # noqa: S102 - generated code, see docstring
     return namespace["loss_fn"]
+
+
+class CaseInputs:
+    """The (x, y) a gradients case runs on, in a framework's tensors, converted once per part.
+
+    A case 'METHOD' runs on the batch (``batch``: the session's already converted
+    pair); 'METHOD@PART' on ``job.batch['parts/PART/x' | 'parts/PART/y']``, the
+    extra or sub-batches some discrepancy causes need, passed through
+    ``convert(x, y)`` the first time (so timed calls do not convert again).
+    """
+
+    def __init__(self, job: WorkerJob, batch: tuple, convert):
+        self.job = job
+        self.convert = convert
+        self._converted = {"": batch}
+
+    def __call__(self, case: str) -> tuple:
+        """(method, x, y) of ``case``."""
+        method, _, part = case.partition("@")
+        if part not in self._converted:
+            self._converted[part] = self.convert(self.job.batch[f"parts/{part}/x"], self.job.batch[f"parts/{part}/y"])
+        return (method, *self._converted[part])
 
 
 class DeviceUnavailable(RuntimeError):

@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from gradparity.backends.protocol import (DeviceUnavailable, RawResult, WorkerJob,
+from gradparity.backends.protocol import (CaseInputs, DeviceUnavailable, RawResult, WorkerJob,
                                           jax_precision_is_full_f32, package_versions)
 
 _ACTIVATIONS = {
@@ -148,6 +148,9 @@ class JaxSession:
         self.x = jax.device_put(np.asarray(job.batch["x"], dtype=dtype), self.device)
         # int32 labels: without x64 jax would truncate int64 with a warning anyway.
         self.y = jax.device_put(np.asarray(job.batch["y"]).astype(np.int32), self.device)
+        self._inputs = CaseInputs(job, (self.x, self.y), lambda x, y: (
+            jax.device_put(np.asarray(x, dtype=dtype), self.device),
+            jax.device_put(np.asarray(y).astype(np.int32), self.device)))
         self._build()
 
     def _build(self):
@@ -247,13 +250,6 @@ class JaxSession:
             },
             "tf32": _may_use_tf32(self.device, dtype, matmul_precision, self.layer_precision),
         }
-
-    def _inputs(self, case: str):
-        method, x, y = self.job.inputs_for(case)
-        if x is self.job.batch["x"]:
-            return method, self.x, self.y
-        return (method, jax.device_put(np.asarray(x, dtype=self.x.dtype), self.device),
-                jax.device_put(np.asarray(y).astype(np.int32), self.device))
 
     def compute(self, method: str) -> RawResult:
         """Run ``method`` ('METHOD' or 'METHOD@PART') from scratch; returns the native loss and gradients as

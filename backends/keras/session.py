@@ -36,7 +36,7 @@ import contextlib
 import keras
 import numpy as np
 
-from gradparity.backends.protocol import (DeviceUnavailable, RawResult, WorkerJob,
+from gradparity.backends.protocol import (CaseInputs, DeviceUnavailable, RawResult, WorkerJob,
                                           jax_precision_is_full_f32, package_versions)
 
 #: Keras' reduction name for each single-backward method.
@@ -418,6 +418,8 @@ class KerasSession:
                 variable.assign(job.params[name])
             self.x = keras.ops.convert_to_tensor(job.batch["x"], dtype=job.dtype)
             self.y = keras.ops.convert_to_tensor(job.batch["y"])
+        self._inputs = CaseInputs(job, (self.x, self.y), lambda x, y: (
+            keras.ops.convert_to_tensor(x, dtype=job.dtype), keras.ops.convert_to_tensor(y)))
         losses = {r: keras.losses.SparseCategoricalCrossentropy(
             from_logits=True, reduction=r, dtype=job.dtype)
             for r in ("none", "sum", "sum_over_batch_size")}
@@ -487,14 +489,10 @@ class KerasSession:
 
     def compute(self, method: str) -> RawResult:
         """Run ``method`` ('METHOD' or 'METHOD@PART'); its native loss and gradients."""
-        method, x, y = self.job.inputs_for(method)
-        if method not in _METHODS:
-            raise ValueError(f"unknown method {method!r}")
-        with self.ad.scope():
-            if x is self.job.batch["x"]:
-                x, y = self.x, self.y
-            else:
-                x, y = keras.ops.convert_to_tensor(x, dtype=self.job.dtype), keras.ops.convert_to_tensor(y)
+        with self.ad.scope():  # a part's tensors are made on the chosen device, once
+            method, x, y = self._inputs(method)
+            if method not in _METHODS:
+                raise ValueError(f"unknown method {method!r}")
             if method in _REDUCTIONS:
                 loss, grads = self.ad.reduced(_REDUCTIONS[method], x, y)
                 total = float(keras.ops.convert_to_numpy(loss))

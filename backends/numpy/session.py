@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from gradparity.backends.protocol import RawResult, WorkerJob
+from gradparity.backends.protocol import CaseInputs, RawResult, WorkerJob
 
 _ACTIVATIONS = {
     # name: (f(z), f'(z) expressed through z and a = f(z))
@@ -89,6 +89,7 @@ class NumpySession:
         self.params = {k: v.astype(np.float64) for k, v in job.params.items()}
         self.x = job.batch["x"].astype(np.float64)
         self.y = job.batch["y"].astype(np.int64)
+        self._inputs = CaseInputs(job, (self.x, self.y), lambda x, y: (x.astype(np.float64), y.astype(np.int64)))
         self.num_layers = len(job.model["sizes"]) - 1
         self.activation = job.model["activation"]
 
@@ -123,12 +124,6 @@ class NumpySession:
             loss = losses
         grads = backward(self.params, zs, acts, dlogits, self.num_layers, self.activation, per_example)
         return loss, grads
-
-    def _inputs(self, case: str) -> tuple[str, np.ndarray, np.ndarray]:
-        method, x, y = self.job.inputs_for(case)
-        if x is self.job.batch["x"]:
-            return method, self.x, self.y
-        return method, x.astype(np.float64), y.astype(np.int64)
 
     def compute(self, method: str) -> RawResult:
         """Run ``method`` ('METHOD' or 'METHOD@PART'); per-example loops honour 'unzeroed_gradients'

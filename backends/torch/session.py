@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from gradparity.backends.protocol import DeviceUnavailable, RawResult, WorkerJob
+from gradparity.backends.protocol import CaseInputs, DeviceUnavailable, RawResult, WorkerJob
 
 _ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "identity": nn.Identity}
 
@@ -138,6 +138,8 @@ class TorchSession:
         self.model = nn.Sequential(*layers)
         self.x = torch.from_numpy(job.batch["x"]).to(self.device, dtype)
         self.y = torch.from_numpy(job.batch["y"]).to(self.device, torch.int64)
+        self._inputs = CaseInputs(job, (self.x, self.y), lambda x, y: (
+            torch.from_numpy(x).to(self.device, dtype), torch.from_numpy(y).to(self.device, torch.int64)))
         # The switch 'class_weights': CrossEntropyLoss(weight=w), torch's own weighted reductions.
         weights = job.class_weights
         self.class_weight = None if weights is None else torch.from_numpy(weights).to(self.device, dtype)
@@ -177,13 +179,6 @@ class TorchSession:
             out[f"layers.{i}.kernel"] = np.ascontiguousarray(weight.detach().cpu().numpy().T)
             out[f"layers.{i}.bias"] = bias.detach().cpu().numpy()
         return out
-
-    def _inputs(self, case: str) -> tuple[str, torch.Tensor, torch.Tensor]:
-        method, x, y = self.job.inputs_for(case)
-        if x is self.job.batch["x"]:
-            return method, self.x, self.y
-        return (method, torch.from_numpy(x).to(self.device, self.x.dtype),
-                torch.from_numpy(y).to(self.device, torch.int64))
 
     def _read_unzeroed(self, read: dict | None) -> dict:
         """The switch 'unzeroed_gradients': add what .grad holds now (examples 0..i) to what was read."""

@@ -27,7 +27,7 @@ class Result:
     error: str | None
     loss: float | None                 # mean-convention loss (native loss x factor)
     loss_native: float | None          # what the method's reduction returned
-    normalization_factor: float
+    normalization_factor: float | None  # None when a discrepancy switch combines several cases (see factor_label)
     factor_label: str
     grad_norm: float | None            # L2 norm of the normalized gradient, all parameters
     seconds: float | None
