@@ -75,6 +75,22 @@ class WorkerJob:
         return None if not w else np.asarray(w, dtype=np.float64)
 
     @property
+    def batchnorm_epsilon(self) -> float | None:
+        """The epsilon of the batch normalizations (training mode) between hidden layers, or None."""
+        norm = self.model.get("batchnorm")
+        return float(norm["epsilon"]) if norm else None
+
+    def dropout_masks(self, forward: str) -> list[np.ndarray] | None:
+        """The switch 'dropout': per hidden layer, the (N, H) scaled keep-mask of a forward pass of the
+        whole batch (``forward='batch'``) or, row i, of example i's own forward pass ('single'); None
+        when off. Multiply the layer's activation by it (entries 0 or 1/(1-p))."""
+        masks, i = [], 0
+        while f"dropout/{forward}/{i}" in self.batch:
+            masks.append(self.batch[f"dropout/{forward}/{i}"])
+            i += 1
+        return masks or None
+
+    @property
     def unzeroed(self) -> bool:
         """Whether the per-example loops must read an accumulator they never zero (a discrepancy switch)."""
         return bool(self.switches.get("unzeroed_gradients"))

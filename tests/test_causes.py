@@ -59,10 +59,9 @@ def per_example(report, part: str | None = None) -> dict[str, np.ndarray]:
     key = "" if part is None else f"parts/{part}/"
     x, y = inputs.batch[f"{key}x"].astype(np.float64), inputs.batch[f"{key}y"]
     params = {k: v.astype(np.float64) for k, v in inputs.params.items()}
-    layers = inputs.model.num_layers
-    zs, acts = forward(params, x, layers, inputs.model.activation)
-    _, dlogits = cross_entropy(zs[-1], y)
-    return backward(params, zs, acts, dlogits, layers, inputs.model.activation, per_example=True)
+    f = forward(params, x, inputs.model.to_dict())
+    _, dlogits = cross_entropy(f.logits, y)
+    return backward(params, f, dlogits, inputs.model.to_dict(), per_example=True)
 
 
 def results(report) -> dict[tuple[str, str], dict[str, np.ndarray]]:

@@ -8,6 +8,8 @@ promoted to float64 before any arithmetic.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from gradparity.backends.protocol import CaseInputs, RawResult, WorkerJob
@@ -21,15 +23,55 @@ _ACTIVATIONS = {
 }
 
 
-def forward(params, x, num_layers, activation):
-    """Return (pre-activations z_l, activations a_l) per layer; a_0 = x, the last z is the logits."""
-    act, _ = _ACTIVATIONS[activation]
-    zs, acts = [], [x]
+@dataclass
+class Forward:
+    """What a forward pass keeps for the backward pass, per layer i.
+
+    ``inputs[i]`` is layer i's input (x, or the previous hidden output after
+    dropout); ``pre[i]`` its pre-activation (after the batch normalization,
+    when there is one); ``acts[i]`` the activation before dropout; ``xhat[i]``
+    and ``inv_std[i]`` the normalization's normalized values and
+    1/sqrt(var + eps); ``masks[i]`` the dropout keep-mask (or None).
+    ``logits`` is the last layer's output.
+    """
+
+    inputs: list
+    pre: list
+    acts: list
+    xhat: list
+    inv_std: list
+    masks: list
+    logits: np.ndarray
+
+
+def forward(params, x, model: dict, masks=None) -> Forward:
+    """The MLP's forward pass on ``x`` in training mode (batch statistics; dropout ``masks``, one
+    (N, H) array per hidden layer, or None)."""
+    act, _ = _ACTIVATIONS[model["activation"]]
+    num_layers = len(model["sizes"]) - 1
+    eps = model["batchnorm"]["epsilon"] if model.get("batchnorm") else None
+    f = Forward([], [], [], [], [], [], None)
+    h = x
     for i in range(num_layers):
-        z = acts[-1] @ params[f"layers.{i}.kernel"] + params[f"layers.{i}.bias"]
-        zs.append(z)
-        acts.append(act(z) if i < num_layers - 1 else z)
-    return zs, acts
+        f.inputs.append(h)
+        z = h @ params[f"layers.{i}.kernel"] + params[f"layers.{i}.bias"]
+        if i == num_layers - 1:
+            f.logits = z
+            break
+        if eps is not None:
+            centred = z - z.mean(axis=0)
+            inv_std = 1.0 / np.sqrt((centred * centred).mean(axis=0) + eps)  # biased variance, as all do
+            xhat = centred * inv_std
+            z = params[f"norms.{i}.scale"] * xhat + params[f"norms.{i}.bias"]
+            f.xhat.append(xhat)
+            f.inv_std.append(inv_std)
+        a = act(z)
+        f.pre.append(z)
+        f.acts.append(a)
+        mask = None if masks is None else np.asarray(masks[i], dtype=np.float64)
+        f.masks.append(mask)
+        h = a if mask is None else a * mask
+    return f
 
 
 def cross_entropy(logits, y):
@@ -43,39 +85,68 @@ def cross_entropy(logits, y):
     return losses, dlogits
 
 
-def backward(params, zs, acts, dlogits, num_layers, activation, per_example):
-    """Backpropagate ``dlogits`` (d loss / d logits, one row per example).
+def backward(params, f: Forward, dlogits, model: dict, per_example: bool = False, terms: bool = False):
+    """Backpropagate ``dlogits`` (d loss / d logits, one row per example) through the forward pass ``f``.
 
-    With ``per_example`` the kernels' gradients keep the example axis
-    (N, in, out) — the per-example outer products — else they are summed.
+    With ``per_example`` every gradient keeps the example axis (N, ...): example i's row is the gradient
+    of the losses weighted by row i of ``dlogits`` alone. Without batch normalization these are the
+    per-example outer products; with it the examples are coupled through the batch statistics, so it
+    is one backward pass per example. With ``terms`` the example axis is kept too, but of the one batch
+    backward pass: row i is example i's term in each sum over examples that makes the batch gradient
+    (the per-example gradients when examples are independent). Rounding error follows those terms:
+    a Dense bias before a normalization has per-example gradients that are all zero, yet its sum adds
+    terms as large as the normalization's input gradient.
     """
-    _, dact = _ACTIVATIONS[activation]
+    if per_example and model.get("batchnorm"):
+        n = dlogits.shape[0]
+        rows = []
+        for i in range(n):
+            only = np.zeros_like(dlogits)
+            only[i] = dlogits[i]
+            rows.append(backward(params, f, only, model))
+        return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+    _, dact = _ACTIVATIONS[model["activation"]]
+    num_layers = len(model["sizes"]) - 1
     grads = {}
     delta = dlogits
+    rows = per_example or terms
     for i in reversed(range(num_layers)):
-        if per_example:
-            grads[f"layers.{i}.kernel"] = np.einsum("ni,no->nio", acts[i], delta)
+        if rows:
+            grads[f"layers.{i}.kernel"] = np.einsum("ni,no->nio", f.inputs[i], delta)
             grads[f"layers.{i}.bias"] = delta.copy()
         else:
-            grads[f"layers.{i}.kernel"] = acts[i].T @ delta
+            grads[f"layers.{i}.kernel"] = f.inputs[i].T @ delta
             grads[f"layers.{i}.bias"] = delta.sum(axis=0)
-        if i > 0:
-            delta = (delta @ params[f"layers.{i}.kernel"].T) * dact(zs[i - 1], acts[i])
+        if i == 0:
+            break
+        j = i - 1  # the hidden layer whose output layer i read
+        g = delta @ params[f"layers.{i}.kernel"].T
+        if f.masks[j] is not None:
+            g = g * f.masks[j]
+        g = g * dact(f.pre[j], f.acts[j])
+        if f.xhat:
+            xhat, n = f.xhat[j], g.shape[0]
+            grads[f"norms.{j}.scale"] = g * xhat if rows else (g * xhat).sum(axis=0)
+            grads[f"norms.{j}.bias"] = g.copy() if rows else g.sum(axis=0)
+            dxhat = g * params[f"norms.{j}.scale"]
+            # d/dz of (z - mean) / sqrt(var + eps), with the batch's mean and (biased) variance.
+            g = f.inv_std[j] / n * (n * dxhat - dxhat.sum(axis=0) - xhat * (dxhat * xhat).sum(axis=0))
+        delta = g
     return grads
 
 
-def term_scale(params, x, y, model: dict) -> dict[str, float]:
-    """Per tensor, the largest entry of mean_i |grad l_i|: the size of the terms the batch gradient sums.
+def term_scale(params, x, y, model: dict, masks=None) -> dict[str, float]:
+    """Per tensor, the largest entry of mean_i |t_i|, t_i example i's term in the batch gradient's sum over
+    examples (its gradient grad l_i, when examples are independent; see ``backward``'s ``terms``).
 
     Rounding error in a sum is proportional to the sum of the terms' magnitudes,
     not to the result; where per-example gradients cancel (near an optimum, or a
     bias whose terms change sign), this is far larger than the gradient itself.
     """
     params = {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
-    num_layers = len(model["sizes"]) - 1
-    zs, acts = forward(params, np.asarray(x, dtype=np.float64), num_layers, model["activation"])
-    _, dlogits = cross_entropy(zs[-1], np.asarray(y))
-    per_ex = backward(params, zs, acts, dlogits, num_layers, model["activation"], per_example=True)
+    f = forward(params, np.asarray(x, dtype=np.float64), model, masks)
+    _, dlogits = cross_entropy(f.logits, np.asarray(y))
+    per_ex = backward(params, f, dlogits, model, terms=True)
     return {k: float(np.max(np.mean(np.abs(g), axis=0))) if g.size else 0.0 for k, g in per_ex.items()}
 
 
@@ -90,8 +161,6 @@ class NumpySession:
         self.x = job.batch["x"].astype(np.float64)
         self.y = job.batch["y"].astype(np.int64)
         self._inputs = CaseInputs(job, (self.x, self.y), lambda x, y: (x.astype(np.float64), y.astype(np.int64)))
-        self.num_layers = len(job.model["sizes"]) - 1
-        self.activation = job.model["activation"]
 
     def environment(self) -> dict:
         return {
@@ -108,9 +177,9 @@ class NumpySession:
             "tf32": False,
         }
 
-    def _losses_and_grads(self, x, y, reduction: str, per_example: bool = False):
-        zs, acts = forward(self.params, x, self.num_layers, self.activation)
-        losses, dlogits = cross_entropy(zs[-1], y)
+    def _losses_and_grads(self, x, y, reduction: str, per_example: bool = False, masks=None):
+        f = forward(self.params, x, self.job.model, masks)
+        losses, dlogits = cross_entropy(f.logits, y)
         if self.job.class_weights is not None:
             # The switch 'class_weights': w[y_i] l_i; the mean below still divides by N.
             w = self.job.class_weights[y]
@@ -122,8 +191,20 @@ class NumpySession:
             loss = losses.sum()
         else:  # "none": per-example losses, per-example gradients
             loss = losses
-        grads = backward(self.params, zs, acts, dlogits, self.num_layers, self.activation, per_example)
+        grads = backward(self.params, f, dlogits, self.job.model, per_example)
         return loss, grads
+
+    def _singles(self, x, y):
+        """(loss, gradients) of each example in its own forward pass (a batch of one, its own dropout
+        mask row); with batch normalization that example is normalized by its own statistics."""
+        masks = self.job.dropout_masks("single") if not self._part(x) else None
+        return [self._losses_and_grads(x[i:i + 1], y[i:i + 1], "mean",
+                                       masks=None if masks is None else [m[i:i + 1] for m in masks])
+                for i in range(len(y))]
+
+    def _part(self, x) -> bool:
+        """Whether ``x`` is a part ('METHOD@PART'), not the batch (dropout masks exist for the batch only)."""
+        return x is not self.x
 
     def compute(self, method: str) -> RawResult:
         """Run ``method`` ('METHOD' or 'METHOD@PART'); per-example loops honour 'unzeroed_gradients'
@@ -131,6 +212,8 @@ class NumpySession:
         method, x, y = self._inputs(method)
         n = len(y)
         unzeroed = self.job.unzeroed
+        masks = self.job.dropout_masks("batch") if not self._part(x) else None
+        train_mode = masks is not None or self.job.batchnorm_epsilon is not None
 
         def loop(examples) -> dict[str, np.ndarray]:
             acc = {k: np.zeros_like(v) for k, v in self.params.items()}
@@ -143,16 +226,20 @@ class NumpySession:
             return read if unzeroed else acc
 
         if method == "none_loop":
-            losses, per_ex = self._losses_and_grads(x, y, "none", per_example=True)
+            losses, per_ex = self._losses_and_grads(x, y, "none", per_example=True, masks=masks)
             return RawResult(float(losses.sum()), loop({k: v[i] for k, v in per_ex.items()} for i in range(n)))
         if method == "none_vectorized":
+            if train_mode:  # vmap runs one forward pass per example
+                singles = self._singles(x, y)
+                return RawResult(sum(float(loss) for loss, _ in singles),
+                                 {k: sum(g[k] for _, g in singles) for k in self.params})
             losses, per_ex = self._losses_and_grads(x, y, "none", per_example=True)
             return RawResult(float(losses.sum()), {k: v.sum(axis=0) for k, v in per_ex.items()})
         if method in ("sum", "mean"):
-            loss, grads = self._losses_and_grads(x, y, method)
+            loss, grads = self._losses_and_grads(x, y, method, masks=masks)
             return RawResult(float(loss), grads)
         if method == "one_by_one":
-            singles = [self._losses_and_grads(x[i:i + 1], y[i:i + 1], "mean") for i in range(n)]
+            singles = self._singles(x, y)
             return RawResult(sum(float(loss) for loss, _ in singles), loop(g for _, g in singles))
         raise ValueError(f"unknown method {method!r}")
 

@@ -79,7 +79,8 @@ def problem_term_scale(params: dict, batch: dict, model: MLP) -> dict[str, float
     from gradparity.backends.numpy.session import term_scale
 
     with np.errstate(all="ignore"):  # an overflowing problem is reported by its results, not warned here
-        scale = term_scale(params, batch["x"], batch["y"], model.to_dict())
+        masks = [batch[f"dropout/batch/{i}"] for i in range(len(model.hidden)) if f"dropout/batch/{i}" in batch]
+        scale = term_scale(params, batch["x"], batch["y"], model.to_dict(), masks or None)
     # A non-finite T_p would make every pair disagree; without it S_p falls back to the results.
     return {k: v for k, v in scale.items() if math.isfinite(v)}
 

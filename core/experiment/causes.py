@@ -39,6 +39,23 @@ be checked against it:
   policies, Flax layers with a bfloat16 compute dtype over float32
   parameters); the numpy reference stays float64. Pairs are then held to
   the narrower format's rounding.
+- ``dropout = p``: dropout in training mode after every hidden activation.
+  A forward pass of the batch (``none_loop``, ``sum``, ``mean``) draws one
+  (N, H) keep-mask, shared by those methods as when the same seed is set
+  before each; a forward pass of one example (``one_by_one``, and
+  ``none_vectorized``, whose vmap runs one per example) draws its own row.
+  The masks come from core ('dropout/batch/i', 'dropout/single/i', entries
+  0 or 1/(1-p) in the experiment's dtype) and every backend multiplies by
+  them: frameworks' random generators differ, so native dropout layers could
+  not be compared with each other or with the reference.
+- ``batchnorm = true``: batch normalization in training mode between every
+  hidden Dense layer and its activation (parameters 'norms.i.scale|bias';
+  epsilon ``BATCHNORM_EPSILON`` set explicitly in every framework, Keras'
+  default is 1e-3). The framework's own layer normalizes with the statistics
+  of the batch it sees: an example alone (``one_by_one``, and each vmapped
+  example of ``none_vectorized``) has no variance, normalizes to the layer's
+  shift, and passes no gradient to the layers before it; torch refuses a
+  training-mode batch of one outright, which its report rows show.
 
 The parts (extra or sub-batches) run natively as cases 'METHOD@PART' in the
 workers; core combines them (``rules``): a method's result is
@@ -51,10 +68,15 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from gradparity.experiment.methods import METHODS
+from gradparity.experiment.models import BATCHNORM_EPSILON
 
 #: Switches, in the order the report lists them.
 SWITCHES = ("unzeroed_gradients", "missing_normalization", "double_normalization", "short_last_batch",
-            "replicas", "micro_batches", "accumulate", "class_weights", "autocast")
+            "replicas", "micro_batches", "accumulate", "class_weights", "autocast", "dropout", "batchnorm")
+#: The switches that put the model in training mode (layers whose output depends on the forward pass).
+TRAIN_MODE_SWITCHES = ("dropout", "batchnorm")
+#: Methods that run one forward pass per example (the others share one forward pass of the batch).
+SEPARATE_FORWARD = ("none_vectorized", "one_by_one")
 #: How micro-batch results are combined: added (no 1/k) or averaged.
 ACCUMULATE = ("sum", "mean")
 #: The reduced-precision formats ``autocast`` takes ("none": off).
@@ -72,6 +94,8 @@ AFFECTS = {
     "accumulate": ("mean",),
     "class_weights": ("none_loop", "none_vectorized", "sum", "mean", "one_by_one"),
     "autocast": ("none_loop", "none_vectorized", "sum", "mean", "one_by_one"),
+    "dropout": SEPARATE_FORWARD,
+    "batchnorm": SEPARATE_FORWARD,
 }
 #: The diagnose cause each switch produces.
 CAUSE_IDS = {
@@ -81,6 +105,8 @@ CAUSE_IDS = {
     "accumulate": "accumulation_normalization",
     "class_weights": "weighted_mean_mismatch",
     "autocast": "reduced_precision",
+    "dropout": "dropout_train_mode",
+    "batchnorm": "batchnorm_train_mode",
 }
 
 
@@ -97,6 +123,8 @@ class Causes:
     accumulate: str = "sum"
     class_weights: tuple[float, ...] = ()
     autocast: str = "none"
+    dropout: float = 0.0
+    batchnorm: bool = False
 
     def on(self) -> list[str]:
         """The switches that are on, in SWITCHES order."""
@@ -129,6 +157,12 @@ class Causes:
                              "targets, Keras' sum_over_batch_size and jnp.mean by N)",
             "autocast": f"forward and backward passes in {self.autocast} (autocast / mixed-precision layers) over "
                         "float32 parameters; the numpy reference stays float64",
+            "dropout": f"dropout (rate {self.dropout}) in training mode after every hidden activation; the "
+                       "batch's forward pass shares one mask, each example's own forward pass "
+                       "(one_by_one, none_vectorized) draws its own",
+            "batchnorm": "batch normalization in training mode before every hidden activation (epsilon "
+                         f"{BATCHNORM_EPSILON:g}); an example alone (one_by_one, none_vectorized) is normalized "
+                         "by its own statistics",
         }
         return {name: text[name] for name in self.on()}
 
@@ -140,6 +174,8 @@ def _is_on(value, name: str) -> bool:
         return bool(value)
     if name == "accumulate":
         return value != "sum"
+    if name == "dropout":
+        return value > 0
     return bool(value) if name not in ("replicas", "micro_batches") else value > 1
 
 
@@ -150,6 +186,13 @@ def check(causes: Causes, methods: tuple[str, ...], batch_size: int, dtype: str 
         problems.append(f"causes.autocast = {causes.autocast!r} runs a float32 model in reduced precision; "
                         f"the experiment's dtype is {dtype!r} (set dtype = \"float32\")")
     parts = [name for name in PART_SWITCHES if name in causes.on()]
+    train = [name for name in TRAIN_MODE_SWITCHES if name in causes.on()]
+    if train and (parts or causes.autocast != "none"):
+        other = parts + (["autocast"] if causes.autocast != "none" else [])
+        problems.append(f"causes: {', '.join(train)} (training mode) cannot be combined with "
+                        f"{', '.join(other)} yet; turn one of them off")
+    if causes.batchnorm and batch_size < 2:
+        problems.append("causes.batchnorm needs a batch of at least 2 examples (a batch of one has no variance)")
     if len(parts) > 1:
         problems.append(f"causes: {', '.join(parts)} each split or extend the batch; turn on one at a time")
     for name in causes.on():
@@ -248,6 +291,24 @@ def rules(methods: tuple[str, ...], n: int, batch: dict[str, np.ndarray], causes
     return out
 
 
+def dropout_masks(causes: Causes, hidden: tuple[int, ...], n: int, rng: np.random.Generator,
+                  dtype: str) -> dict[str, np.ndarray]:
+    """The switch 'dropout': scaled keep-masks 'dropout/batch/i' and 'dropout/single/i', each (n, hidden[i]).
+
+    Entries are 0 (dropped, probability p) or 1/(1-p) (inverted dropout, as every framework scales),
+    in ``dtype``; empty when dropout is off.
+    """
+    p = causes.dropout
+    if not p:
+        return {}
+    out = {}
+    for kind in ("batch", "single"):
+        for i, width in enumerate(hidden):
+            keep = rng.random((n, width)) >= p
+            out[f"dropout/{kind}/{i}"] = np.where(keep, 1.0 / (1.0 - p), 0.0).astype(dtype)
+    return out
+
+
 def job_switches(causes: Causes) -> dict:
     """The switches a backend reproduces natively (the rest are combined in core)."""
     out = {}
@@ -257,4 +318,6 @@ def job_switches(causes: Causes) -> dict:
         out["autocast"] = causes.autocast
     if causes.class_weights:
         out["class_weights"] = list(causes.class_weights)
+    if causes.dropout:
+        out["dropout"] = causes.dropout
     return out

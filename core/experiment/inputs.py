@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from gradparity.errors import ConfigError
-from gradparity.experiment.causes import part_arrays
+from gradparity.experiment.causes import dropout_masks, part_arrays
 from gradparity.experiment.models import MLP
 from gradparity.experiment.spec import DataSpec, Experiment
 
@@ -192,6 +192,9 @@ def init_params(model: MLP, seed: int, dtype: str) -> dict[str, np.ndarray]:
         if name.endswith(".kernel"):
             limit = np.sqrt(6.0 / (shape[0] + shape[1]))
             params[name] = rng.uniform(-limit, limit, shape).astype(dtype)
+        elif name.endswith(".scale"):
+            # Not all ones: a scale of exactly 1 would hide a scale applied twice or not at all.
+            params[name] = (1.0 + rng.uniform(-0.25, 0.25, shape)).astype(dtype)
         else:
             params[name] = rng.uniform(-BIAS_RANGE, BIAS_RANGE, shape).astype(dtype)
     return params
@@ -221,7 +224,7 @@ def build_inputs(exp: Experiment) -> CanonicalInputs:
     weights = exp.causes.class_weights
     if weights and len(weights) != num_classes:
         raise ConfigError(f"causes.class_weights has {len(weights)} weights for {num_classes} classes")
-    model = MLP((x.shape[1], *exp.model.hidden, num_classes), exp.model.activation)
+    model = MLP((x.shape[1], *exp.model.hidden, num_classes), exp.model.activation, exp.causes.batchnorm)
     check_problem_size(model, spec.batch_size, inferred, int(y.max()))
 
     order = _rng(exp.seed, 1).permutation(n) if spec.shuffle else np.arange(n)
@@ -232,7 +235,8 @@ def build_inputs(exp: Experiment) -> CanonicalInputs:
     desc += f", batch {spec.batch_index} of size {spec.batch_size}" + (" (seeded shuffle)" if spec.shuffle else "")
     if last:
         desc += f", then a short last batch of the next {last} examples (causes.short_last_batch)"
-    batch = {"x": xb, "y": yb, **part_arrays(exp.causes, xb, yb, *extra)}
+    batch = {"x": xb, "y": yb, **part_arrays(exp.causes, xb, yb, *extra),
+             **dropout_masks(exp.causes, model.hidden, len(yb), _rng(exp.seed, 3), exp.dtype)}
     return CanonicalInputs(model, params, batch, desc)
 
 

@@ -261,6 +261,10 @@ def validate(cfg: dict, base_dir: Path | None = None) -> Experiment:
     if causes is not None and methods and data is not None:
         for problem in check_causes(causes, methods, data.batch_size, dtype or "float32"):
             c.fail(problem)
+    if causes is not None and model is not None and not model.hidden:
+        for name in ("dropout", "batchnorm"):
+            if name in causes.on():
+                c.fail(f"causes.{name} acts on hidden layers, and model.hidden is empty")
 
     if c.problems:
         raise ConfigError(c.problems)
@@ -293,7 +297,13 @@ def _causes(c: "_Checker", t: dict) -> Causes | None:
             value = c.choice("causes.autocast", t[key], AUTOCAST)
             if value is not None:
                 values[key] = value
-        elif key in ("unzeroed_gradients", "missing_normalization", "double_normalization"):
+        elif key == "dropout":
+            value = t[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+                c.fail(f"causes.dropout must be a rate in [0, 1) (0 is off), got {value!r}")
+                continue
+            values[key] = float(value)
+        elif key in ("unzeroed_gradients", "missing_normalization", "double_normalization", "batchnorm"):
             if not isinstance(t[key], bool):
                 c.fail(f"causes.{key} must be true or false, got {t[key]!r}")
                 continue
