@@ -25,6 +25,9 @@ from typing import Protocol
 import numpy as np
 
 JOB_FILE = "job.json"
+#: Methods that run one forward pass per example (one_by_one; none_vectorized's vmap maps a
+#: one-example forward): they read the 'single' dropout masks, the others the 'batch' ones.
+SEPARATE_FORWARD = ("none_vectorized", "one_by_one")
 INPUTS_FILE = "inputs.npz"
 RESULT_FILE = "result.json"
 

@@ -33,6 +33,13 @@ SWITCHES = {
     "accumulate": ("mean", {"micro_batches": 3}),  # with micro_batches = 3: 8 examples as 3, 3, 2
     "class_weights": ([1.0, 2.0, 0.5, 3.0, 1.5], {"loss_reduction": "class-weighted mean"}),
     "autocast": ("bfloat16", {}),
+    "dropout": (0.5, {}),
+    "batchnorm": (True, {}),
+}
+#: What a framework refuses natively under a switch: (backend, switch) -> {method: text of its error}.
+REFUSED = {
+    ("torch", "batchnorm"): {"one_by_one": "Expected more than 1 value per channel when training",
+                             "none_vectorized": "BatchNorm1d in training mode"},
 }
 #: Switches checked by their formula; autocast is checked by its rounding (no numpy bfloat16 to compute it).
 FORMULA_SWITCHES = [s for s in SWITCHES if s != "autocast"]
@@ -72,8 +79,31 @@ def close(a: dict, b: dict) -> bool:
     return all(np.max(np.abs(a[k] - b[k])) <= RTOL * max(np.max(np.abs(b[k])), 1e-300) for k in b)
 
 
+def training_mode(report) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(the batch's forward pass, each example's own) mean-loss gradients under dropout / batch norm."""
+    inputs = report.inputs
+    model, x, y = inputs.model.to_dict(), inputs.batch["x"].astype(np.float64), inputs.batch["y"]
+    params = {k: v.astype(np.float64) for k, v in inputs.params.items()}
+
+    def grad(xs, ys, masks):
+        f = forward(params, xs, model, masks)
+        return backward(params, f, cross_entropy(f.logits, ys)[1] / len(ys), model)
+
+    def masks(kind, rows=slice(None)):
+        found = [inputs.batch[k] for k in sorted(inputs.batch) if k.startswith(f"dropout/{kind}/")]
+        return [m[rows] for m in found] or None
+
+    singles = [grad(x[i:i + 1], y[i:i + 1], masks("single", slice(i, i + 1))) for i in range(N)]
+    return grad(x, y, masks("batch")), {k: sum(s[k] for s in singles) / N for k in params}
+
+
 def expected(name: str, report, backend: str) -> dict[str, dict[str, np.ndarray]]:
     """Each method's result under the switch in ``backend``, by its formula (see gradparity.experiment.causes)."""
+    if name in ("dropout", "batchnorm"):
+        shared, single = training_mode(report)
+        out = {m: shared for m in ("none_loop", "sum", "mean")}
+        out.update(none_vectorized=single, one_by_one=single)
+        return {m: v for m, v in out.items() if m not in REFUSED.get((backend, name), {})}
     g = per_example(report)
     if name == "class_weights":
         w = np.asarray(SWITCHES[name][0])[report.inputs.batch["y"]]
@@ -127,6 +157,9 @@ def test_every_backend_computes_what_the_switch_stands_for(runs, name):
         for method, grads in expected(name, report, backend).items():
             assert (backend, method) in got, f"{backend}/{method} failed: {report.verdict.summary}"
             assert close(got[(backend, method)], grads), f"{name}: {backend}/{method} is not the switch's formula"
+        for method, text in REFUSED.get((backend, name), {}).items():
+            (row,) = [r for r in report.results if (r.backend, r.method) == (backend, method)]
+            assert not row.ok and text in row.error, f"{backend}/{method} under {name}: {row.error}"
     assert report.verdict.status == "disagree"  # every formula switch changes some method
 
 
@@ -182,6 +215,14 @@ def test_the_report_says_what_the_switch_did(runs):
     ({"causes.class_weights": [0.0, 0.0]}, "not all 0"),
     ({"causes.class_weights": "1,2"}, "list of finite"),
     ({"causes.short_last_batch": 2, "causes.double_normalization": True}, "turn missing_normalization"),
+    ({"causes.dropout": 1.0}, r"rate in \[0, 1\)"),
+    ({"causes.dropout": True}, "rate in"),
+    ({"causes.batchnorm": 1}, "true or false"),
+    ({"causes.dropout": 0.5, "causes.replicas": 2}, "cannot be combined with replicas"),
+    ({"causes.batchnorm": True, "causes.autocast": "bfloat16"}, "cannot be combined with autocast"),
+    ({"causes.batchnorm": True, "data.batch_size": 1}, "at least 2 examples"),
+    ({"causes.dropout": 0.5, "model.hidden": []}, "model.hidden is empty"),
+    ({"causes.dropout": 0.5, "methods": ["sum", "mean"]}, "changes none_vectorized, one_by_one"),
 ])
 def test_bad_switches_are_config_errors(overrides, message):
     from gradparity.errors import ConfigError

@@ -2,7 +2,7 @@
 
 Each case in tests/framework_cases/ is a short script in the framework's own idiom that writes an npz of
 METHOD/PARAM gradients; the diagnosis, given what its author would know, must rank the true cause first.
-(The PyTorch case is examples/seed_question_torch.py, tested in test_diagnose.py.)
+(The seed question's own PyTorch reproduction, examples/seed_question_torch.py, is tested in test_diagnose.py.)
 """
 import os
 import subprocess
@@ -73,3 +73,35 @@ def test_keras_gradient_accumulation_steps_averages_micro_batch_means(tmp_path):
     assert rel("accumulated_even", "full_batch_even") < 1e-12
     assert rel("accumulated_uneven", "mean_of_means_uneven") < 1e-12
     assert rel("accumulated_uneven", "full_batch_uneven") > 0.05
+
+
+@pytest.mark.skipif(not installed("torch"), reason="needs torch: pip install 'gradparity[torch]'")
+def test_torch_dropout_left_in_training_mode(tmp_path):
+    """nn.Dropout without model.eval(): every forward pass draws a fresh mask, so even sum and mean differ."""
+    obs = run_case("torch_dropout.py", tmp_path)
+    obs.info = dg.Info(dtype="float64", batch_size=16)
+    d = dg.diagnose(obs)
+    assert d.top.id == "dropout_train_mode", dg.render_text(d)
+    assert len(d.clusters) == 4  # no two methods agree
+
+
+@pytest.mark.skipif(not installed("torch"), reason="needs torch: pip install 'gradparity[torch]'")
+def test_torch_reseeding_before_each_method_draws_the_same_dropout_masks(tmp_path):
+    """Measured (torch 2.13, CPU): with torch.manual_seed(0) before each method, one (16, 12) mask and sixteen
+    (1, 12) masks come from the same stream in the same order, so even one_by_one sees the batch's masks and
+    all four methods agree to rounding: reseeding hides dropout from this comparison."""
+    obs = run_case("torch_dropout.py", tmp_path, "reseed")
+    obs.info = dg.Info(dtype="float64", batch_size=16)
+    assert dg.diagnose(obs).top.id == "clean"
+
+
+@pytest.mark.skipif(not installed("jax"), reason="needs jax, flax, optax: pip install 'gradparity[jax]'")
+def test_flax_batchnorm_in_training_mode(tmp_path):
+    """nnx.BatchNorm(use_running_average=False): vmap and one example at a time normalize single examples,
+    which have no variance, so nothing before the normalization gets a gradient from them."""
+    obs = run_case("jax_batchnorm.py", tmp_path)
+    obs.info = dg.Info(dtype="float64", batch_size=16)
+    d = dg.diagnose(obs)
+    assert d.top.id == "batchnorm_train_mode", dg.render_text(d)
+    assert d.top.score >= 0.9 and "no gradient for dense1.kernel" in " ".join(d.top.evidence)
+    assert sorted(map(sorted, d.clusters)) == [["mean", "none", "sum"], ["one_by_one", "vmap"]]

@@ -24,8 +24,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from gradparity.backends.protocol import (CaseInputs, DeviceUnavailable, RawResult, WorkerJob,
-                                          jax_precision_is_full_f32, package_versions)
+from gradparity.backends.protocol import (SEPARATE_FORWARD, CaseInputs, DeviceUnavailable, RawResult,
+                                          WorkerJob, jax_precision_is_full_f32, package_versions)
 
 _ACTIVATIONS = {
     "relu": jax.nn.relu,  # derivative 0 at z == 0, like the reference's (z > 0)
@@ -35,9 +35,15 @@ _ACTIVATIONS = {
 }
 
 class MLP(nnx.Module):
-    """Dense layers ``sizes[0] -> ... -> sizes[-1]``; ``activation`` after all but the last (logits)."""
+    """Dense layers ``sizes[0] -> ... -> sizes[-1]``; ``activation`` after all but the last (logits).
 
-    def __init__(self, sizes, activation, dtype, precision, rngs, compute_dtype=None):
+    With ``eps`` an ``nnx.BatchNorm`` in training mode (batch statistics, Flax's default
+    ``use_fast_variance``: var = E[x^2] - E[x]^2) sits before every hidden activation;
+    ``__call__(x, masks)`` multiplies hidden activation i by ``masks[i]`` (the switch 'dropout',
+    core's masks: jax's generator could not be compared with other frameworks').
+    """
+
+    def __init__(self, sizes, activation, dtype, precision, rngs, compute_dtype=None, eps=None):
         # nnx.List (not nnx.Sequential, which would interleave the activations)
         # so layer i lives at state path ('layers', i, ...), the canonical name.
         # compute_dtype (the switch 'autocast'): Flax's mixed precision, parameters stay in dtype.
@@ -45,13 +51,22 @@ class MLP(nnx.Module):
             nnx.Linear(a, b, dtype=compute_dtype or dtype, param_dtype=dtype, precision=precision, rngs=rngs)
             for a, b in zip(sizes[:-1], sizes[1:])
         ])
+        self.norms = None if eps is None else nnx.List([
+            nnx.BatchNorm(width, use_running_average=False, epsilon=eps, dtype=compute_dtype or dtype,
+                          param_dtype=dtype, rngs=rngs)
+            for width in sizes[1:-1]
+        ])
         self.activation = _ACTIVATIONS[activation]
 
-    def __call__(self, x):
+    def __call__(self, x, masks=None):
         for i, layer in enumerate(self.layers):
             x = layer(x)
             if i < len(self.layers) - 1:
+                if self.norms is not None:
+                    x = self.norms[i](x)
                 x = self.activation(x)
+                if masks is not None:
+                    x = x * masks[i]
         return x
 
 
@@ -132,8 +147,11 @@ class JaxSession:
         # then fill every parameter from the canonical arrays by its path.
         compute_dtype = jnp.dtype(job.autocast) if job.autocast else None
         abstract = nnx.eval_shape(lambda: MLP(job.model["sizes"], job.model["activation"], dtype,
-                                              self.layer_precision, nnx.Rngs(0), compute_dtype))
-        self.graphdef, abstract_state = nnx.split(abstract)
+                                              self.layer_precision, nnx.Rngs(0), compute_dtype,
+                                              job.batchnorm_epsilon))
+        # The running statistics (nnx.BatchStat) are state, not parameters: training mode never reads them.
+        self.graphdef, abstract_state, stats = nnx.split(abstract, nnx.Param, ...)
+        self.stats = jax.device_put(jax.tree.map(lambda v: np.zeros(v.shape, v.dtype), stats), self.device)
         flat = nnx.to_flat_state(abstract_state)
         names = [_name(path) for path, _ in flat]
         if sorted(names) != sorted(job.params):
@@ -151,37 +169,41 @@ class JaxSession:
         self._inputs = CaseInputs(job, (self.x, self.y), lambda x, y: (
             jax.device_put(np.asarray(x, dtype=dtype), self.device),
             jax.device_put(np.asarray(y).astype(np.int32), self.device)))
+        self.masks = {forward: None if m is None else [jax.device_put(a, self.device) for a in m]
+                      for forward in ("batch", "single") for m in [job.dropout_masks(forward)]}
         self._build()
 
     def _build(self):
-        graphdef = self.graphdef
+        graphdef, stats = self.graphdef, self.stats
         weights = self.job.class_weights
         class_weight = None if weights is None else jax.device_put(weights.astype(self.x.dtype), self.device)
 
-        def losses_fn(params, x, y):
+        def losses_fn(params, x, y, masks):
             """Per-example losses, shape (N,): optax returns them unreduced."""
             # Under 'autocast' the logits come out in the compute dtype; the loss is taken in the input
             # dtype, as mixed-precision training does.
-            logits = nnx.merge(graphdef, params)(x).astype(x.dtype)
+            # Fresh running statistics in this trace: training mode writes them, and NNX refuses writes
+            # to state made outside the transformation (they are never read back).
+            logits = nnx.merge(graphdef, params, jax.tree.map(jnp.zeros_like, stats))(x, masks).astype(x.dtype)
             losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
             # The switch 'class_weights': optax has no weights; w[y] times the per-example losses.
             return losses if class_weight is None else losses * class_weight[y]
 
         # optax has no `reduction` argument: the reduction is the user's own jnp.sum / jnp.mean.
-        def sum_loss(params, x, y):
-            return jnp.sum(losses_fn(params, x, y))
+        def sum_loss(params, x, y, masks):
+            return jnp.sum(losses_fn(params, x, y, masks))
 
-        def mean_loss(params, x, y):
-            return jnp.mean(losses_fn(params, x, y))
+        def mean_loss(params, x, y, masks):
+            return jnp.mean(losses_fn(params, x, y, masks))
 
-        def single_loss(params, xi, yi):
-            """Loss of one unbatched example (the function vmap maps over)."""
-            return losses_fn(params, xi[None], yi[None])[0]
+        def single_loss(params, xi, yi, mi):
+            """Loss of one unbatched example (the function vmap maps over), with its own mask rows."""
+            return losses_fn(params, xi[None], yi[None], None if mi is None else [m[None] for m in mi])[0]
 
-        def none_loop(params, x, y):
+        def none_loop(params, x, y, masks):
             # One forward, then one pullback per example with cotangent e_i:
             # JAX's loss[i].backward(retain_graph=True); the vjp residuals are the retained graph.
-            losses, pullback = jax.vjp(lambda p: losses_fn(p, x, y), params)
+            losses, pullback = jax.vjp(lambda p: losses_fn(p, x, y, masks), params)
             n = losses.shape[0]
 
             def body(i, acc):
@@ -191,10 +213,10 @@ class JaxSession:
             total = jax.lax.fori_loop(0, n, body, jax.tree.map(jnp.zeros_like, params))
             return jnp.sum(losses), total
 
-        def none_loop_unzeroed(params, x, y):
+        def none_loop_unzeroed(params, x, y, masks):
             # The switch 'unzeroed_gradients': the accumulator is carried over (never reset) and read
             # after every example, so example i is counted N - i times.
-            losses, pullback = jax.vjp(lambda p: losses_fn(p, x, y), params)
+            losses, pullback = jax.vjp(lambda p: losses_fn(p, x, y, masks), params)
             n = losses.shape[0]
 
             def body(i, state):
@@ -207,15 +229,17 @@ class JaxSession:
             _, read = jax.lax.fori_loop(0, n, body, (zeros, zeros))
             return jnp.sum(losses), read
 
-        def none_vectorized(params, x, y):
-            losses, grads = jax.vmap(jax.value_and_grad(single_loss), in_axes=(None, 0, 0))(params, x, y)
+        def none_vectorized(params, x, y, masks):
+            # masks: the single-example rows (a None maps to None: an empty pytree).
+            losses, grads = jax.vmap(jax.value_and_grad(single_loss), in_axes=(None, 0, 0, 0))(params, x, y, masks)
             return jnp.sum(losses), jax.tree.map(lambda g: jnp.sum(g, axis=0), grads)
 
-        def one_example_step(params, loss_acc, grads_acc, x, y, i):
+        def one_example_step(params, loss_acc, grads_acc, x, y, masks, i):
             # x[i:i+1] with a traced i, so one compilation serves every example.
             xi = jax.lax.dynamic_slice_in_dim(x, i, 1)
             yi = jax.lax.dynamic_slice_in_dim(y, i, 1)
-            loss, grads = jax.value_and_grad(mean_loss)(params, xi, yi)
+            mi = None if masks is None else [jax.lax.dynamic_slice_in_dim(m, i, 1) for m in masks]
+            loss, grads = jax.value_and_grad(mean_loss)(params, xi, yi, mi)
             return loss_acc + loss, jax.tree.map(jnp.add, grads_acc, grads)
 
         self._fns = {
@@ -255,16 +279,19 @@ class JaxSession:
         """Run ``method`` ('METHOD' or 'METHOD@PART') from scratch; returns the native loss and gradients as
         numpy (computed, not pending)."""
         method, x, y = self._inputs(method)
+        # Dropout masks exist for the batch only (core refuses dropout together with parts).
+        on_batch = x is self.x
+        masks = self.masks["single" if method in SEPARATE_FORWARD else "batch"] if on_batch else None
         unzeroed = self.job.unzeroed and method in ("none_loop", "one_by_one")
         if method in self._fns and not unzeroed:
-            loss, grads = self._fns[method](self.params, x, y)
+            loss, grads = self._fns[method](self.params, x, y, masks)
         elif method == "none_loop":
-            loss, grads = self._none_loop_unzeroed(self.params, x, y)
+            loss, grads = self._none_loop_unzeroed(self.params, x, y, masks)
         elif method == "one_by_one":
             loss, acc = self._zero_accumulators(self.params, x)
             read = acc
             for i in range(int(y.shape[0])):
-                loss, acc = self._one_example_step(self.params, loss, acc, x, y, i)
+                loss, acc = self._one_example_step(self.params, loss, acc, x, y, masks, i)
                 if unzeroed:  # the carried-over accumulator is read after every example
                     read = jax.tree.map(jnp.add, read, acc)
             grads = read if unzeroed else acc

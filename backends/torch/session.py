@@ -1,4 +1,4 @@
-"""PyTorch backend: the MLP as an ``nn.Sequential``, each method in torch's own idiom.
+"""PyTorch backend: the MLP as an ``nn.Module``, each method in torch's own idiom.
 
 Imported only inside a worker process (see ``gradparity.backends.worker``),
 so importing torch at the top is intended. Parameters arrive canonical
@@ -109,6 +109,41 @@ def pick_device(requested: str) -> tuple[torch.device, str | None]:
     return torch.device("cpu"), f"no GPU visible to torch ({why}); ran on the CPU"
 
 
+class MLP(nn.Module):
+    """``layers`` (nn.Linear), a BatchNorm1d (``norms``, when ``eps`` is given) before every hidden
+    activation; ``forward(x, masks)`` multiplies hidden activation i by ``masks[i]`` (the switch
+    'dropout' with core's masks: torch's own generator could not be compared with other frameworks').
+
+    A fresh module is in training mode, so the normalizations use the batch's statistics.
+    """
+
+    def __init__(self, sizes, activation: str, eps: float | None, dtype, device):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(a, b, dtype=dtype, device=device)
+                                    for a, b in zip(sizes[:-1], sizes[1:]))
+        self.norms = None if eps is None else nn.ModuleList(
+            nn.BatchNorm1d(width, eps=eps, dtype=dtype, device=device) for width in sizes[1:-1])
+        self.activation = _ACTIVATIONS[activation]()
+
+    def forward(self, x, masks=None):
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < last:
+                if self.norms is not None:
+                    x = self.norms[i](x)
+                x = self.activation(x)
+                if masks is not None:
+                    x = x * masks[i]
+        return x
+
+
+def _torch_name(canonical: str) -> str:
+    """The module's parameter name for a canonical one (kernels are Linear weights, scales BatchNorm weights)."""
+    group, index, leaf = canonical.split(".")
+    return f"{group}.{index}.{ {'kernel': 'weight', 'scale': 'weight'}.get(leaf, leaf) }"
+
+
 class TorchSession:
     """The model on its device with the canonical parameters loaded; computes every method."""
 
@@ -123,19 +158,16 @@ class TorchSession:
             pin_highest_precision()
         dtype = {"float32": torch.float32, "float64": torch.float64}[job.dtype]
 
-        sizes = job.model["sizes"]
-        layers: list[nn.Module] = []
-        self.linears: list[nn.Linear] = []
-        for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-            linear = nn.Linear(n_in, n_out, dtype=dtype, device=self.device)
-            with torch.no_grad():  # overwrite torch's random init with the canonical values
-                linear.weight.copy_(torch.from_numpy(job.params[f"layers.{i}.kernel"].T))
-                linear.bias.copy_(torch.from_numpy(job.params[f"layers.{i}.bias"]))
-            layers.append(linear)
-            self.linears.append(linear)
-            if i < len(sizes) - 2:
-                layers.append(_ACTIVATIONS[job.model["activation"]]())
-        self.model = nn.Sequential(*layers)
+        self.model = MLP(job.model["sizes"], job.model["activation"], job.batchnorm_epsilon, dtype, self.device)
+        torch_params = dict(self.model.named_parameters())
+        if sorted(map(_torch_name, job.params)) != sorted(torch_params):
+            raise ValueError(f"model parameters {sorted(torch_params)} do not match the job's {sorted(job.params)}")
+        with torch.no_grad():  # overwrite torch's random init with the canonical values
+            for name, value in job.params.items():
+                torch_params[_torch_name(name)].copy_(torch.from_numpy(value.T if name.endswith(".kernel") else value))
+        masks = [job.dropout_masks(forward) for forward in ("batch", "single")]
+        self.batch_masks, self.single_masks = [
+            None if m is None else [torch.from_numpy(a).to(self.device, dtype) for a in m] for m in masks]
         self.x = torch.from_numpy(job.batch["x"]).to(self.device, dtype)
         self.y = torch.from_numpy(job.batch["y"]).to(self.device, torch.int64)
         self._inputs = CaseInputs(job, (self.x, self.y), lambda x, y: (
@@ -145,7 +177,7 @@ class TorchSession:
         self.class_weight = None if weights is None else torch.from_numpy(weights).to(self.device, dtype)
 
     def environment(self) -> dict:
-        dtype = self.linears[0].weight.dtype
+        dtype = self.model.layers[0].weight.dtype
         on_gpu = self.device.type == "cuda"
         if on_gpu:
             index = self.device.index or 0
@@ -170,14 +202,11 @@ class TorchSession:
 
     def _grads(self, per_name: dict[str, torch.Tensor] | None = None) -> dict[str, np.ndarray]:
         """Canonical numpy gradients, from ``.grad`` or from a dict keyed like named_parameters()."""
+        params = dict(self.model.named_parameters())
         out = {}
-        for i, linear in enumerate(self.linears):
-            if per_name is None:
-                weight, bias = linear.weight.grad, linear.bias.grad
-            else:
-                weight, bias = per_name[f"{2 * i}.weight"], per_name[f"{2 * i}.bias"]
-            out[f"layers.{i}.kernel"] = np.ascontiguousarray(weight.detach().cpu().numpy().T)
-            out[f"layers.{i}.bias"] = bias.detach().cpu().numpy()
+        for name in self.job.params:
+            g = (params[_torch_name(name)].grad if per_name is None else per_name[_torch_name(name)]).detach()
+            out[name] = np.ascontiguousarray(g.cpu().numpy().T) if name.endswith(".kernel") else g.cpu().numpy()
         return out
 
     def _read_unzeroed(self, read: dict | None) -> dict:
@@ -198,7 +227,11 @@ class TorchSession:
         for p in self.model.parameters():
             p.grad = None  # nothing accumulated by an earlier call may leak into this one
         method, x, y = self._inputs(method)
-        model = self.model
+        # Dropout masks exist for the batch only (core refuses dropout together with parts).
+        batch_masks, single_masks = (self.batch_masks, self.single_masks) if x is self.x else (None, None)
+
+        def model(inputs, masks=batch_masks):
+            return self.model(inputs, masks)
 
         if method == "none_loop":
             losses = nn.CrossEntropyLoss(weight=self.class_weight, reduction="none")(model(x), y)
@@ -210,14 +243,26 @@ class TorchSession:
                     read = self._read_unzeroed(read)
             return RawResult(losses.detach().sum().item(), read if self.job.unzeroed else self._grads())
         if method == "none_vectorized":
-            params = {k: v.detach() for k, v in model.named_parameters()}
+            params = {k: v.detach() for k, v in self.model.named_parameters()}
             loss_fn = nn.CrossEntropyLoss(weight=self.class_weight, reduction="sum")
 
-            def example_loss(p, xi, yi):
-                # vmap strips the example axis; the model sees a batch of one.
-                return loss_fn(functional_call(model, p, (xi.unsqueeze(0),)), yi.unsqueeze(0))
+            def example_loss(p, xi, yi, mi):
+                # vmap strips the example axis; the model sees a batch of one (and its own mask row).
+                masks = None if mi is None else [m.unsqueeze(0) for m in mi]
+                return loss_fn(functional_call(self.model, p, (xi.unsqueeze(0), masks)), yi.unsqueeze(0))
 
-            grads, losses = vmap(grad_and_value(example_loss), in_dims=(None, 0, 0))(params, x, y)
+            mask_dim = None if single_masks is None else 0  # vmap maps tensors only, not a None
+            try:
+                grads, losses = vmap(grad_and_value(example_loss), in_dims=(None, 0, 0, mask_dim))(
+                    params, x, y, single_masks)
+            except RuntimeError as exc:
+                if self.model.norms is None:
+                    raise
+                raise RuntimeError(
+                    "torch refuses per-example gradients through BatchNorm1d in training mode: under "
+                    "torch.func the layer's in-place update of its running statistics is an error, and "
+                    "without them (torch.func.replace_all_batch_norm_modules_) each vmapped example is a "
+                    "batch of one, which training mode refuses as in one_by_one") from exc
             summed = {k: g.sum(dim=0) for k, g in grads.items()}
             return RawResult(losses.sum().item(), self._grads(summed))
         if method in ("sum", "mean"):
@@ -229,7 +274,8 @@ class TorchSession:
             total = torch.zeros((), dtype=x.dtype, device=x.device)
             read = None
             for i in range(len(y)):
-                loss = loss_fn(model(x[i:i + 1]), y[i:i + 1])
+                loss = loss_fn(model(x[i:i + 1], None if single_masks is None else
+                                     [m[i:i + 1] for m in single_masks]), y[i:i + 1])
                 loss.backward()
                 total += loss.detach()  # on the device: no host sync per example
                 if self.job.unzeroed:

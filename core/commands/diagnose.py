@@ -93,7 +93,8 @@ _ROLE_WORDS = {
     "loop": _LOOP,
     "per_example": _LOOP + ("none_vectorized", "vectorized", "vmap"),
     "reduced": ("sum", "mean", "avg", "average", "sum_over_batch_size", "batch"),
-    "separate_forward": ("one_by_one", "onebyone", "single"),
+    # vmap maps a forward pass of one example: per-example statistics and masks, like one at a time.
+    "separate_forward": ("one_by_one", "onebyone", "single", "none_vectorized", "vectorized", "vmap"),
 }
 _INFO_KEYS = ("batch_size", "dataset_size", "dtype", "micro_batches", "replicas", "dropout", "batchnorm",
               "loss_reduction")
@@ -672,37 +673,92 @@ def _test_short_last_batch(an: _Analysis) -> Cause:
     return Cause(cid, 0.35 if found else 0.15, lead + ev, fix)
 
 
+def _vanishing(an: _Analysis, sep: list[str], shared: list[str]) -> str | None:
+    """Evidence that the separate-forward results lose every gradient before some layer, or None.
+
+    A batch normalization of one example has no variance: it outputs its shift whatever comes in, so
+    the parameters before it get exactly no gradient from that example. Dropout never does that.
+    """
+    grads = an.obs.grads
+    if grads is None or not sep or not shared:
+        return None
+    top = max(float(np.max(np.abs(v), initial=0.0)) for g in grads.values() for v in g.values())
+    floor = max(an.rtol or 0.0, 1e-12) * top
+    gone = [p for p in grads[shared[0]]
+            if all(float(np.max(np.abs(grads[s][p]), initial=0.0)) <= floor for s in sep)
+            and all(float(np.max(np.abs(grads[t][p]), initial=0.0)) > 1e3 * floor for t in shared)]
+    if not gone:
+        return None
+    p = gone[0]
+    return (f"{', '.join(sep)} have no gradient for {', '.join(gone[:4])}{' ...' if len(gone) > 4 else ''} "
+            f"(max |g| <= {_g(floor)}) where {shared[0]} has max |g| = "
+            f"{_g(float(np.max(np.abs(grads[shared[0]][p]))))}: an example normalized alone has no variance, "
+            "so a batch normalization outputs its shift and passes nothing back to the layers before it")
+
+
 def _test_train_mode(an: _Analysis) -> list[Cause]:
     """Dropout/batch norm in training mode: separate-forward methods differ from shared-forward ones."""
     sep = [x for x in an.obs.labels if "separate_forward" in _roles(x)]
     shared = [x for x in an.obs.labels if x not in sep]
+    vanishing = _vanishing(an, sep, shared)
     out = []
     for cid, flag in (("dropout_train_mode", an.info.dropout), ("batchnorm_train_mode", an.info.batchnorm)):
         fix = CAUSES[cid][1]
         if not sep or not shared:
             out.append(Cause(cid, 0.1 if an.large and flag is not False else 0.0,
-                             ["no method labelled one-by-one: cannot tell separate forward passes apart"], fix))
+                             ["no method labelled one-by-one or vectorized: cannot tell separate forward passes "
+                              "apart"], fix))
             continue
         same = [p for p in an.pairs if p.kind in ("zero", "rounding", "unresolved_zero")
                 and ((p.a in sep) != (p.b in sep))]
         if same:
             out.append(Cause(cid, 0.0, [f"{same[0].a} and {same[0].b} agree: "
-                                        "a one-by-one method matches a shared-forward one, so training-mode "
-                                        "randomness or batch statistics did not change it"], fix))
+                                        "a method with a forward pass per example matches one sharing the "
+                                        "batch's forward pass, so training-mode randomness or batch statistics "
+                                        "did not change it"], fix))
             continue
         if flag is False:
             out.append(Cause(cid, 0.0, [f"{cid.split('_')[0]} was off (--info)"], fix))
             continue
         differ = all(any(p.kind in ("large", "factor") and {p.a, p.b} == {s, t} for p in an.pairs)
                      for s in sep for t in shared)
+        # Methods that share the batch's loss arithmetic differing by more than rounding and by no constant
+        # factor: their forward passes differed, which randomness does and batch statistics do not.
+        random = len(shared) > 1 and all(p.kind == "large" for p in an.pairs if p.a in shared and p.b in shared)
+        if random and differ:
+            first = next(p for p in an.pairs if p.a in shared and p.b in shared)
+            ev = [f"every pair differs, even {first.a} and {first.b}, which differentiate the same batch's loss "
+                  f"(max|a-b| {_g(first.max_abs)}, not a constant factor): each forward pass computed another "
+                  "network, as a fresh dropout mask per forward pass does"]
+            if cid == "dropout_train_mode":
+                out.append(Cause(cid, 0.9 if flag else 0.7, ev + (["dropout was on (--info)"] if flag else []), fix))
+            else:
+                out.append(Cause(cid, 0.1, ev + ["batch statistics are the same in every forward pass of one "
+                                                 "batch, so batch normalization cannot do that"], fix))
+            continue
         if not differ:
             out.append(Cause(cid, 0.1, ["the one-by-one methods do not stand apart from the others"], fix))
             continue
         ev = [f"{', '.join(sep)} (one forward pass per example) differ from every method sharing one forward "
               f"pass ({', '.join(shared)})"]
-        out.append(Cause(cid, 0.85 if flag else 0.4, ev + ([f"{cid.split('_')[0]} was on (--info)"] if flag else
-                                                          ["give --dropout / --batchnorm to say whether the model "
-                                                           "has it"]), fix))
+        said = [f"{cid.split('_')[0]} was on (--info)"] if flag else []
+        if cid == "batchnorm_train_mode" and vanishing:
+            out.append(Cause(cid, 0.95, ev + [vanishing] + said, fix))
+        elif cid == "dropout_train_mode" and vanishing:
+            out.append(Cause(cid, 0.6 if flag else 0.3, ev + said + [
+                "but gradients that vanish before a layer point to batch normalization: " + vanishing], fix))
+        elif cid == "batchnorm_train_mode" and an.obs.grads is not None and not flag:
+            out.append(Cause(cid, 0.3, ev + ["no parameter's gradient vanishes in the one-example results, as "
+                                             "a batch normalization of single examples would make it"], fix))
+        elif cid == "dropout_train_mode" and an.obs.grads is not None and flag is None and an.split(
+                "separate_forward"):
+            out.append(Cause(cid, 0.6, ev + ["the results form exactly two groups, with and without a forward "
+                                             "pass of their own, each agreeing within rounding, and no gradient "
+                                             "vanishes (which rules batch normalization out): another dropout "
+                                             "mask per forward pass gives that; give --dropout to confirm"], fix))
+        else:
+            out.append(Cause(cid, 0.85 if flag else 0.4, ev + (said or [
+                "give --dropout / --batchnorm to say whether the model has it"]), fix))
     return out
 
 

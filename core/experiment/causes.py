@@ -67,6 +67,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+# SEPARATE_FORWARD: the methods with one forward pass per example, part of the backends' contract.
+from gradparity.backends.protocol import SEPARATE_FORWARD
 from gradparity.experiment.methods import METHODS
 from gradparity.experiment.models import BATCHNORM_EPSILON
 
@@ -75,8 +77,6 @@ SWITCHES = ("unzeroed_gradients", "missing_normalization", "double_normalization
             "replicas", "micro_batches", "accumulate", "class_weights", "autocast", "dropout", "batchnorm")
 #: The switches that put the model in training mode (layers whose output depends on the forward pass).
 TRAIN_MODE_SWITCHES = ("dropout", "batchnorm")
-#: Methods that run one forward pass per example (the others share one forward pass of the batch).
-SEPARATE_FORWARD = ("none_vectorized", "one_by_one")
 #: How micro-batch results are combined: added (no 1/k) or averaged.
 ACCUMULATE = ("sum", "mean")
 #: The reduced-precision formats ``autocast`` takes ("none": off).
@@ -162,7 +162,8 @@ class Causes:
                        "(one_by_one, none_vectorized) draws its own",
             "batchnorm": "batch normalization in training mode before every hidden activation (epsilon "
                          f"{BATCHNORM_EPSILON:g}); an example alone (one_by_one, none_vectorized) is normalized "
-                         "by its own statistics",
+                         "by its own statistics: no variance, so its output is the layer's shift and the layers "
+                         "before it get no gradient (torch refuses a training-mode batch of one outright)",
         }
         return {name: text[name] for name in self.on()}
 
