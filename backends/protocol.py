@@ -28,6 +28,9 @@ JOB_FILE = "job.json"
 #: Methods that run one forward pass per example (one_by_one; none_vectorized's vmap maps a
 #: one-example forward): they read the 'single' dropout masks, the others the 'batch' ones.
 SEPARATE_FORWARD = ("none_vectorized", "one_by_one")
+#: The target of a padding example (the switch 'padding'): torch's default ignore_index, the Hugging Face
+#: convention; Keras takes it as ``ignore_class``, optax and numpy mask it.
+IGNORE_INDEX = -100
 INPUTS_FILE = "inputs.npz"
 RESULT_FILE = "result.json"
 
@@ -92,6 +95,24 @@ class WorkerJob:
             masks.append(self.batch[f"dropout/{forward}/{i}"])
             i += 1
         return masks or None
+
+    def targets(self, part: str = "") -> np.ndarray:
+        """The targets of the batch (or of a part), with ``IGNORE_INDEX`` where the switch 'padding' marks a
+        padding example."""
+        prefix = f"parts/{part}/" if part else ""
+        y = self.batch[f"{prefix}y"]
+        valid = self.batch.get(f"{prefix}valid")
+        return y if valid is None else np.where(valid > 0, y, IGNORE_INDEX).astype(y.dtype)
+
+    def fed_alone(self, case: str) -> list[int]:
+        """The examples ``one_by_one`` feeds, one at a time, for a case 'METHOD[@PART]': all but padding
+        (a padding example alone has no valid target, and its mean would be 0/0)."""
+        return [int(i) for i in np.flatnonzero(self.targets(case.partition("@")[2]) != IGNORE_INDEX)]
+
+    @property
+    def padded(self) -> bool:
+        """Whether some targets are ``IGNORE_INDEX`` (the switch 'padding')."""
+        return "valid" in self.batch
 
     @property
     def unzeroed(self) -> bool:
@@ -181,7 +202,8 @@ class CaseInputs:
     """The (x, y) a gradients case runs on, in a framework's tensors, converted once per part.
 
     A case 'METHOD' runs on the batch (``batch``: the session's already converted
-    pair); 'METHOD@PART' on ``job.batch['parts/PART/x' | 'parts/PART/y']``, the
+    pair, made from ``job.batch['x']`` and ``job.targets()``); 'METHOD@PART' on
+    ``job.batch['parts/PART/x']`` and ``job.targets(PART)``, the
     extra or sub-batches some discrepancy causes need, passed through
     ``convert(x, y)`` the first time (so timed calls do not convert again).
     """
@@ -195,7 +217,7 @@ class CaseInputs:
         """(method, x, y) of ``case``."""
         method, _, part = case.partition("@")
         if part not in self._converted:
-            self._converted[part] = self.convert(self.job.batch[f"parts/{part}/x"], self.job.batch[f"parts/{part}/y"])
+            self._converted[part] = self.convert(self.job.batch[f"parts/{part}/x"], self.job.targets(part))
         return (method, *self._converted[part])
 
 

@@ -111,9 +111,11 @@ def _parser() -> argparse.ArgumentParser:
                                     "evidence and a fix.")
     dg.add_argument("source", help="report folder | gradients .npz | table file | -")
     dg.add_argument("--info", help="a TOML of what you know: batch_size, dataset_size, dtype, micro_batches, "
-                                   "replicas, dropout, batchnorm, loss_reduction (flags override it)")
+                                   "replicas, padding, dropout, batchnorm, loss_reduction (flags override it)")
     for flag in ("--batch-size", "--dataset-size", "--micro-batches", "--replicas"):
         dg.add_argument(flag, type=int)
+    dg.add_argument("--padding", type=int, help="how many of the batch's items (tokens) are padding, ignored by "
+                                                "the loss")
     dg.add_argument("--dtype", help="float64 | float32 | tf32 | float16 | bfloat16: what the gradients were "
                                     "computed in")
     dg.add_argument("--dropout", action=argparse.BooleanOptionalAction, default=None)
@@ -217,8 +219,8 @@ def _diagnose(args) -> int:
     import json
 
     from gradparity.commands import diagnose as dg
-    flags = {k: getattr(args, k) for k in ("batch_size", "dataset_size", "micro_batches", "replicas", "dtype",
-                                          "dropout", "batchnorm", "loss_reduction")}
+    flags = {k: getattr(args, k) for k in ("batch_size", "dataset_size", "micro_batches", "replicas", "padding",
+                                          "dtype", "dropout", "batchnorm", "loss_reduction")}
     try:
         info = dg.read_info(args.info).merged(dg.Info.from_dict(flags, "the flags"))
         result = dg.diagnose(dg.load(args.source, info))

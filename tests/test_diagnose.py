@@ -226,6 +226,9 @@ def test_bad_input_is_exit_2(tmp_path, capsys):
     assert main(["diagnose", str(tmp_path / "t.txt"), "--info", str(tmp_path / "info.toml")]) == 2
     assert "unknown key(s) 'batch'" in capsys.readouterr().err
     assert main(["diagnose", str(tmp_path / "t.txt"), "--batch-size", "0"]) == 2
+    assert main(["diagnose", str(tmp_path / "t.txt"), "--padding", "-1"]) == 2
+    assert main(["diagnose", str(tmp_path / "t.txt"), "--padding", "64", "--batch-size", "64"]) == 2
+    assert "leaves no valid item" in capsys.readouterr().err
     assert main(["diagnose", str(tmp_path / "missing")]) == 2
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from gradparity.backends.protocol import (SEPARATE_FORWARD, CaseInputs, DeviceUnavailable, RawResult,
+from gradparity.backends.protocol import (IGNORE_INDEX, SEPARATE_FORWARD, CaseInputs, DeviceUnavailable, RawResult,
                                           WorkerJob, jax_precision_is_full_f32, package_versions)
 
 _ACTIVATIONS = {
@@ -165,7 +165,7 @@ class JaxSession:
         self.params = nnx.from_flat_state(filled)
         self.x = jax.device_put(np.asarray(job.batch["x"], dtype=dtype), self.device)
         # int32 labels: without x64 jax would truncate int64 with a warning anyway.
-        self.y = jax.device_put(np.asarray(job.batch["y"]).astype(np.int32), self.device)
+        self.y = jax.device_put(np.asarray(job.targets()).astype(np.int32), self.device)
         self._inputs = CaseInputs(job, (self.x, self.y), lambda x, y: (
             jax.device_put(np.asarray(x, dtype=dtype), self.device),
             jax.device_put(np.asarray(y).astype(np.int32), self.device)))
@@ -174,7 +174,7 @@ class JaxSession:
         self._build()
 
     def _build(self):
-        graphdef, stats = self.graphdef, self.stats
+        graphdef, stats, padded = self.graphdef, self.stats, self.job.padded
         weights = self.job.class_weights
         class_weight = None if weights is None else jax.device_put(weights.astype(self.x.dtype), self.device)
 
@@ -185,6 +185,11 @@ class JaxSession:
             # Fresh running statistics in this trace: training mode writes them, and NNX refuses writes
             # to state made outside the transformation (they are never read back).
             logits = nnx.merge(graphdef, params, jax.tree.map(jnp.zeros_like, stats))(x, masks).astype(x.dtype)
+            if padded:
+                # optax has no ignore_index: the user's own mask (a padding target would index out of range).
+                valid = y != IGNORE_INDEX
+                losses = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, y, 0))
+                return jnp.where(valid, losses, 0)
             losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
             # The switch 'class_weights': optax has no weights; w[y] times the per-example losses.
             return losses if class_weight is None else losses * class_weight[y]
@@ -194,6 +199,8 @@ class JaxSession:
             return jnp.sum(losses_fn(params, x, y, masks))
 
         def mean_loss(params, x, y, masks):
+            if padded:  # the mean over valid targets, as a padded token batch is averaged
+                return jnp.sum(losses_fn(params, x, y, masks)) / jnp.sum(y != IGNORE_INDEX)
             return jnp.mean(losses_fn(params, x, y, masks))
 
         def single_loss(params, xi, yi, mi):
@@ -278,7 +285,8 @@ class JaxSession:
     def compute(self, method: str) -> RawResult:
         """Run ``method`` ('METHOD' or 'METHOD@PART') from scratch; returns the native loss and gradients as
         numpy (computed, not pending)."""
-        method, x, y = self._inputs(method)
+        case = method
+        method, x, y = self._inputs(case)
         # Dropout masks exist for the batch only (core refuses dropout together with parts).
         on_batch = x is self.x
         masks = self.masks["single" if method in SEPARATE_FORWARD else "batch"] if on_batch else None
@@ -290,7 +298,7 @@ class JaxSession:
         elif method == "one_by_one":
             loss, acc = self._zero_accumulators(self.params, x)
             read = acc
-            for i in range(int(y.shape[0])):
+            for i in self.job.fed_alone(case):  # padding is not fed: its mean would be 0/0
                 loss, acc = self._one_example_step(self.params, loss, acc, x, y, masks, i)
                 if unzeroed:  # the carried-over accumulator is read after every example
                     read = jax.tree.map(jnp.add, read, acc)

@@ -1,4 +1,4 @@
-"""Keras 3 backend: the canonical MLP as a ``keras.Sequential`` of ``Dense`` layers.
+"""Keras 3 backend: the canonical MLP as a functional ``keras.Model`` of Keras' own layers.
 
 The point of this backend is Keras' *own* reduction semantics: every loss
 is a ``keras.losses.SparseCategoricalCrossentropy(from_logits=True)`` with
@@ -10,24 +10,32 @@ and converts results; only the autodiff differs per Keras backend
 (``job.variant``, already in ``KERAS_BACKEND`` before this module is
 imported). Each variant is a small class with the same method names:
 
-``reduced(reduction, x, y) -> (loss, grads)``
+``reduced(reduction, x, y, masks) -> (loss, grads)``
     one reduced loss, one backward (``sum``, ``mean``);
-``none_loop(x, y) -> (losses, grads)``
+``none_loop(x, y, masks) -> (losses, grads)``
     the "none" loss vector from one forward, one backward per example, summed;
-``none_vectorized(x, y) -> (losses, grads)``
+``none_vectorized(x, y, masks) -> (losses, grads)``
     per-example gradients from one vectorized call, then summed;
-``one_by_one(x, y) -> (losses, grads)``
+``one_by_one(x, y, masks) -> (losses, grads)``
     each example alone, mean-reduced, one backward each, summed.
 
 ``grads`` is a list aligned with ``model.trainable_variables``, in the
 framework's own tensors; ``losses`` are the per-example loss values.
+``masks`` are the switch 'dropout''s keep-masks, a list of one (N, H)
+tensor per hidden layer, empty when dropout is off (see ``_feed``).
+
+Every forward pass runs with ``training=True``: with the switch 'batchnorm'
+the ``BatchNormalization`` layers then normalize with the statistics of the
+batch they see, as a training step does (an example fed alone, in
+``one_by_one`` or as one vectorized example, is a batch of one).
 
 float64 is not always float64 here: Keras' type promotion
 (``keras.backend.result_type``) maps float64 results to float32 on its jax
 and torch backends, and some ops use it (keras 3.15.1: torch ``matmul`` and
 the "sum_over_batch_size" division, jax ``tanh``). That is Keras' own
 behaviour, so it is kept, and ``environment()`` reports the narrowest dtype
-any op computed in, with each op's dtype under ``precision``.
+any op computed in, with each op's dtype under ``precision``. The same holds
+for ``BatchNormalization``, which computes in ``result_type(input, "float32")``.
 """
 from __future__ import annotations
 
@@ -36,12 +44,32 @@ import contextlib
 import keras
 import numpy as np
 
-from gradparity.backends.protocol import (CaseInputs, DeviceUnavailable, RawResult, WorkerJob,
-                                          jax_precision_is_full_f32, package_versions)
+from gradparity.backends.protocol import (IGNORE_INDEX, SEPARATE_FORWARD, CaseInputs, DeviceUnavailable, RawResult,
+                                          WorkerJob, jax_precision_is_full_f32, package_versions)
 
 #: Keras' reduction name for each single-backward method.
 _REDUCTIONS = {"sum": "sum", "mean": "sum_over_batch_size"}
 _METHODS = ("none_loop", "none_vectorized", "sum", "mean", "one_by_one")
+
+
+def _feed(x, masks):
+    """The model's inputs: ``x`` alone, or ``[x, mask_0, mask_1, ...]`` when the switch 'dropout' is on.
+
+    The masks are model inputs (not ``keras.layers.Dropout``) because each
+    framework's random generator draws different masks: only core's masks
+    make the backends comparable with each other and with the reference.
+    """
+    return [x, *masks] if masks else x
+
+
+def _rows(masks, i: int):
+    """Example ``i``'s rows of the masks, each (1, H): what its own forward pass multiplies by."""
+    return [m[i:i + 1] for m in masks]
+
+
+def _example(masks):
+    """Inside a vectorized map, where the example axis is gone: the example's mask rows as (1, H)."""
+    return [m[None] for m in masks]
 
 
 class _Autodiff:
@@ -56,6 +84,8 @@ class _Autodiff:
     device_note: str | None = None
     #: The discrepancy switch 'unzeroed_gradients': per-example loops read an accumulator never zeroed.
     unzeroed: bool = False
+    #: The examples one_by_one feeds for the current case (all but padding); set by the session.
+    fed_alone: list = []
 
     def bind(self, model, losses: dict) -> None:
         self.model = model
@@ -85,10 +115,10 @@ class _Autodiff:
     def _result(self, state):
         return state[1] if self.unzeroed else state[0]
 
-    def one_by_one(self, x, y):
+    def one_by_one(self, x, y, masks):
         state, losses = (None, None), []
-        for i in range(int(x.shape[0])):
-            loss, grads = self.reduced("sum_over_batch_size", x[i:i + 1], y[i:i + 1])
+        for i in self.fed_alone:  # padding is not fed: its mean would be 0/0
+            loss, grads = self.reduced("sum_over_batch_size", x[i:i + 1], y[i:i + 1], _rows(masks, i))
             losses.append(loss)
             state = self._accumulate(state, grads)
         return losses, self._result(state)
@@ -143,29 +173,31 @@ class _TensorFlow(_Autodiff):
         tf = self.tf
 
         @tf.function
-        def reduced(reduction, x, y):  # one trace per (reduction, shape)
+        def reduced(reduction, x, y, masks):  # one trace per (reduction, shape)
             with tf.GradientTape() as tape:
-                loss = losses[reduction](y, model(x))
+                loss = losses[reduction](y, model(_feed(x, masks), training=True))
             return loss, tape.gradient(loss, self.variables)
 
-        def one_example(xy):
-            xi, yi = xy
+        def one_example(elems):
+            xi, yi, mi = elems
             with tf.GradientTape() as tape:
-                loss = losses["sum"](yi[None], model(xi[None]))
+                # BatchNormalization also assigns its moving statistics here; tf.vectorized_map accepts that
+                # without a loop fallback (keras 3.15, TF 2.21), and training mode never reads them back.
+                loss = losses["sum"](yi[None], model(_feed(xi[None], _example(mi)), training=True))
             return loss, tape.gradient(loss, self.variables)
 
         # fallback_to_while_loop=False: fail loudly rather than silently loop.
-        per_example = tf.function(lambda x, y: tf.vectorized_map(
-            one_example, (x, y), fallback_to_while_loop=False))
+        per_example = tf.function(lambda x, y, masks: tf.vectorized_map(
+            one_example, (x, y, masks), fallback_to_while_loop=False))
         self._reduced, self._per_example = reduced, per_example
 
-    def reduced(self, reduction, x, y):
-        return self._reduced(reduction, x, y)
+    def reduced(self, reduction, x, y, masks):
+        return self._reduced(reduction, x, y, masks)
 
-    def none_loop(self, x, y):
+    def none_loop(self, x, y, masks):
         tf = self.tf
         with tf.GradientTape(persistent=True) as tape:  # persistent = torch's retain_graph
-            losses = self.losses["none"](y, self.model(x))
+            losses = self.losses["none"](y, self.model(_feed(x, masks), training=True))
             # Slice inside the tape: each part must be on the tape to have a gradient.
             parts = tf.unstack(losses)
         state = (None, None)
@@ -174,8 +206,8 @@ class _TensorFlow(_Autodiff):
         del tape
         return losses, self._result(state)
 
-    def none_vectorized(self, x, y):
-        losses, per_example = self._per_example(x, y)
+    def none_vectorized(self, x, y, masks):
+        losses, per_example = self._per_example(x, y, masks)
         return losses, [self.tf.reduce_sum(g, axis=0) for g in per_example]
 
 
@@ -228,37 +260,40 @@ class _Jax(_Autodiff):
         jax = self.jax
         non_trainable = [v.value for v in model.non_trainable_variables]
 
-        def loss_fn(trainable, x, y, reduction):
-            logits, _ = model.stateless_call(trainable, non_trainable, x)
+        def loss_fn(trainable, x, y, masks, reduction):
+            # stateless_call returns the normalizations' moving statistics as updates; training mode never
+            # reads them, so they are dropped (and the non-trainable values passed in stay unchanged).
+            logits, _ = model.stateless_call(trainable, non_trainable, _feed(x, masks), training=True)
             return losses[reduction](y, logits)
 
-        def one_example(trainable, xi, yi):
-            return loss_fn(trainable, xi[None], yi[None], "sum")
+        def one_example(trainable, xi, yi, mi):
+            return loss_fn(trainable, xi[None], yi[None], _example(mi), "sum")
 
-        self._value_and_grad = jax.jit(jax.value_and_grad(loss_fn), static_argnums=3)
+        self._value_and_grad = jax.jit(jax.value_and_grad(loss_fn), static_argnums=4)
         # One forward that keeps its residuals; the returned VJP is a pytree, so it
         # can leave jit and be pulled back once per example like retain_graph.
-        self._forward = jax.jit(lambda t, x, y: jax.vjp(lambda p: loss_fn(p, x, y, "none"), t))
+        self._forward = jax.jit(lambda t, x, y, m: jax.vjp(lambda p: loss_fn(p, x, y, m, "none"), t))
         self._pull = jax.jit(lambda vjp, cotangent: vjp(cotangent)[0])
-        self._per_example = jax.jit(jax.vmap(jax.value_and_grad(one_example), in_axes=(None, 0, 0)))
+        # masks map over their example axis too (no masks: an empty pytree, nothing to map).
+        self._per_example = jax.jit(jax.vmap(jax.value_and_grad(one_example), in_axes=(None, 0, 0, 0)))
 
     def _trainable(self):
         return [v.value for v in self.variables]
 
-    def reduced(self, reduction, x, y):
-        return self._value_and_grad(self._trainable(), x, y, reduction)
+    def reduced(self, reduction, x, y, masks):
+        return self._value_and_grad(self._trainable(), x, y, masks, reduction)
 
-    def none_loop(self, x, y):
-        losses, vjp = self._forward(self._trainable(), x, y)
+    def none_loop(self, x, y, masks):
+        losses, vjp = self._forward(self._trainable(), x, y, masks)
         units = self.jax.numpy.eye(losses.shape[0], dtype=losses.dtype)
         state = (None, None)
         for i in range(losses.shape[0]):
             state = self._accumulate(state, self._pull(vjp, units[i]))
         return losses, self._result(state)
 
-    def none_vectorized(self, x, y):
+    def none_vectorized(self, x, y, masks):
         # The sum stays outside jit so the per-example gradients really exist.
-        losses, per_example = self._per_example(self._trainable(), x, y)
+        losses, per_example = self._per_example(self._trainable(), x, y, masks)
         return losses, [g.sum(axis=0) for g in per_example]
 
 
@@ -311,9 +346,9 @@ class _Torch(_Autodiff):
     def _grads(self):
         return [v.value.grad for v in self.variables]
 
-    def reduced(self, reduction, x, y):
+    def reduced(self, reduction, x, y, masks):
         self._zero()
-        loss = self.losses[reduction](y, self.model(x))
+        loss = self.losses[reduction](y, self.model(_feed(x, masks), training=True))
         loss.backward()
         return loss.detach(), self._grads()
 
@@ -322,9 +357,9 @@ class _Torch(_Autodiff):
         now = [g.clone() for g in self._grads()]
         return now if read is None else self._add(read, now)
 
-    def none_loop(self, x, y):
+    def none_loop(self, x, y, masks):
         self._zero()
-        losses = self.losses["none"](y, self.model(x))
+        losses = self.losses["none"](y, self.model(_feed(x, masks), training=True))
         read = None
         for i in range(losses.shape[0]):
             losses[i].backward(retain_graph=True)  # .grad accumulates
@@ -332,29 +367,34 @@ class _Torch(_Autodiff):
                 read = self._read(read)
         return losses.detach(), read if self.unzeroed else self._grads()
 
-    def one_by_one(self, x, y):
+    def one_by_one(self, x, y, masks):
         self._zero()
         losses, read = [], None
-        for i in range(int(x.shape[0])):
-            loss = self.losses["sum_over_batch_size"](y[i:i + 1], self.model(x[i:i + 1]))
+        for i in self.fed_alone:  # padding is not fed: its mean would be 0/0
+            logits = self.model(_feed(x[i:i + 1], _rows(masks, i)), training=True)
+            loss = self.losses["sum_over_batch_size"](y[i:i + 1], logits)
             loss.backward()  # .grad accumulates across examples
             losses.append(loss.detach())
             if self.unzeroed:
                 read = self._read(read)
         return losses, read if self.unzeroed else self._grads()
 
-    def none_vectorized(self, x, y):
+    def none_vectorized(self, x, y, masks):
         from torch.func import grad_and_value, vmap
 
         model, loss = self.model, self.losses["sum"]
         non_trainable = [v.value for v in model.non_trainable_variables]
 
-        def one_example(trainable, xi, yi):
-            logits, _ = model.stateless_call(trainable, non_trainable, xi[None])
+        def one_example(trainable, xi, yi, mi):
+            # stateless_call: the normalizations' moving-statistics updates come back as values instead of
+            # in-place writes, which torch.func refuses; training mode never reads them.
+            logits, _ = model.stateless_call(trainable, non_trainable, _feed(xi[None], _example(mi)),
+                                             training=True)
             return loss(yi[None], logits)
 
         trainable = [v.value.detach() for v in self.variables]
-        per_example, losses = vmap(grad_and_value(one_example), in_dims=(None, 0, 0))(trainable, x, y)
+        per_example, losses = vmap(grad_and_value(one_example), in_dims=(None, 0, 0, 0))(
+            trainable, x, y, masks)
         return losses, [g.sum(dim=0) for g in per_example]
 
 
@@ -374,28 +414,72 @@ def _class_weighted(loss, weights: np.ndarray, dtype: str):
     return call
 
 
+def _activation(job: WorkerJob) -> str:
+    """Keras' name of the experiment's activation."""
+    return {"identity": "linear"}.get(job.model["activation"], job.model["activation"])
+
+
 def _build_model(job: WorkerJob):
-    """keras.Sequential of Dense layers; the last has no activation (logits)."""
-    sizes = job.model["sizes"]
-    activation = {"identity": "linear"}.get(job.model["activation"], job.model["activation"])
-    layers = [keras.Input((sizes[0],), dtype=job.dtype)]
+    """Functional ``keras.Model``: per hidden layer Dense -> [BatchNormalization] -> activation -> [mask];
+    the last Dense gives the logits.
+
+    With the switch 'batchnorm' the normalization sits between a Dense and its activation, so the
+    activation becomes its own ``Activation`` layer; without it the activation stays in the Dense, as a
+    plain Keras MLP is written. With the switch 'dropout' the model takes ``[x, mask_0, ...]`` (see
+    ``_feed``) and a ``Multiply`` layer applies each hidden layer's mask. Layers are named ``dense_i``
+    and ``norm_i``: ``_canonical_names`` reads the index i from the name.
+    """
+    sizes, eps, activation = job.model["sizes"], job.batchnorm_epsilon, _activation(job)
     # The switch 'autocast': Keras' mixed-precision policy per layer (compute in the narrow format,
     # variables in float32).
     policy = keras.DTypePolicy(f"mixed_{job.autocast}") if job.autocast else job.dtype
+    x = keras.Input((sizes[0],), dtype=job.dtype, name="x")
+    masks = [keras.Input((width,), dtype=job.dtype, name=f"mask_{i}")
+             for i, width in enumerate(sizes[1:-1])] if job.dropout_masks("batch") else []
+    h = x
     for i, units in enumerate(sizes[1:]):
         last = i == len(sizes) - 2
-        layers.append(keras.layers.Dense(units, activation=None if last else activation,
-                                         dtype=policy, name=f"dense_{i}"))
-    return keras.Sequential(layers)
+        fused = None if last or eps is not None else activation
+        h = keras.layers.Dense(units, activation=fused, dtype=policy, name=f"dense_{i}")(h)
+        if last:
+            break
+        if eps is not None:
+            h = keras.layers.BatchNormalization(epsilon=eps, dtype=policy, name=f"norm_{i}")(h)
+            h = keras.layers.Activation(activation, dtype=policy, name=f"activation_{i}")(h)
+        if masks:
+            h = keras.layers.Multiply(dtype=policy, name=f"dropout_{i}")([h, masks[i]])
+    return keras.Model(_feed(x, masks), h)
+
+
+#: Canonical name of a trainable weight, by (its layer's name before '_i', Keras' weight name).
+_CANONICAL = {("dense", "kernel"): "layers.{}.kernel", ("dense", "bias"): "layers.{}.bias",
+              ("norm", "gamma"): "norms.{}.scale", ("norm", "beta"): "norms.{}.bias"}
 
 
 def _canonical_names(model) -> list[str]:
     """Canonical name of each of ``model.trainable_variables``, in that order."""
     names = {}
-    for i, layer in enumerate(model.layers):
-        names[id(layer.kernel)] = f"layers.{i}.kernel"
-        names[id(layer.bias)] = f"layers.{i}.bias"
+    for layer in model.layers:
+        kind, _, index = layer.name.rpartition("_")
+        for variable in layer.trainable_weights:
+            names[id(variable)] = _CANONICAL[kind, variable.name].format(index)
     return [names[id(v)] for v in model.trainable_variables]
+
+
+def _replay_batchnorm(layer, h, note):
+    """``BatchNormalization.call`` in training mode, op by op (keras 3.15), noting the dtype it computes in.
+
+    The layer computes in ``result_type(input, "float32")``, which is float32 for a float64 input on
+    Keras' jax and torch backends, then casts its output back to its own dtype: the output's dtype
+    would hide the demotion.
+    """
+    ops = keras.ops
+    z = ops.cast(h, keras.backend.result_type(h.dtype, "float32"))
+    mean, variance = ops.moments(z, axes=[0])
+    out = note("batchnorm", ops.batch_normalization(
+        z, mean, variance, axis=-1, offset=ops.cast(layer.beta.value, z.dtype),
+        scale=ops.cast(layer.gamma.value, z.dtype), epsilon=layer.epsilon))
+    return ops.cast(out, layer.compute_dtype)
 
 
 class KerasSession:
@@ -414,14 +498,23 @@ class KerasSession:
         with self.ad.scope():
             self.model = _build_model(job)
             self.names = _canonical_names(self.model)
+            if sorted(self.names) != sorted(job.params):
+                raise ValueError(f"model parameters {sorted(self.names)} do not match the job's "
+                                 f"{sorted(job.params)}")
             for variable, name in zip(self.model.trainable_variables, self.names):
                 variable.assign(job.params[name])
             self.x = keras.ops.convert_to_tensor(job.batch["x"], dtype=job.dtype)
-            self.y = keras.ops.convert_to_tensor(job.batch["y"])
+            self.y = keras.ops.convert_to_tensor(job.targets())  # IGNORE_INDEX where 'padding' marks padding
+            # The switch 'dropout': per forward kind, the masks' tensors (empty when off).
+            self.masks = {forward: [keras.ops.convert_to_tensor(m, dtype=job.dtype)
+                                    for m in job.dropout_masks(forward) or ()]
+                          for forward in ("batch", "single")}
         self._inputs = CaseInputs(job, (self.x, self.y), lambda x, y: (
             keras.ops.convert_to_tensor(x, dtype=job.dtype), keras.ops.convert_to_tensor(y)))
+        # The switch 'padding': Keras' own ignore_class masks those targets (its means divide by the valid count).
+        ignore = {"ignore_class": IGNORE_INDEX} if job.padded else {}
         losses = {r: keras.losses.SparseCategoricalCrossentropy(
-            from_logits=True, reduction=r, dtype=job.dtype)
+            from_logits=True, reduction=r, dtype=job.dtype, **ignore)
             for r in ("none", "sum", "sum_over_batch_size")}
         if job.class_weights is not None:
             with self.ad.scope():  # the weights' tensor on the chosen device
@@ -432,13 +525,17 @@ class KerasSession:
     def _op_dtypes(self) -> dict[str, str]:
         """The dtype each op of the forward pass returns, read back by replaying it.
 
-        Dense.call is ``activation(add(matmul(h, kernel), bias))``; replaying
-        those keras.ops on the real variables and inputs, then the loss
-        objects, shows where Keras' type promotion demotes float64 results
-        to float32 on its jax and torch backends. A later op promotes the
-        value back to float64, so the output dtype alone would hide it.
+        Dense.call is ``activation(add(matmul(h, kernel), bias))``, with the
+        switch 'batchnorm' a normalization before the activation, with
+        'dropout' the batch's mask after it; replaying those keras.ops on the
+        real variables and inputs, then the loss objects, shows where Keras'
+        type promotion demotes float64 results to float32 on its jax and
+        torch backends. A later op promotes the value back to float64, so the
+        output dtype alone would hide it.
         """
         ops, seen = keras.ops, {}
+        activation, masks = keras.activations.get(_activation(self.job)), self.masks["batch"]
+        last = len(self.job.model["sizes"]) - 2
 
         def note(op, tensor):
             dtype = keras.backend.standardize_dtype(tensor.dtype)
@@ -448,11 +545,17 @@ class KerasSession:
 
         with self.ad.scope():
             h = self.x
-            for i, layer in enumerate(self.model.layers):
-                h = note("matmul", ops.matmul(h, layer.kernel.value))
-                h = note("add", ops.add(h, layer.bias.value))
-                if i < len(self.model.layers) - 1:
-                    h = note(self.job.model["activation"], layer.activation(h))
+            for i in range(last + 1):
+                dense = self.model.get_layer(f"dense_{i}")
+                h = note("matmul", ops.matmul(h, dense.kernel.value))
+                h = note("add", ops.add(h, dense.bias.value))
+                if i == last:
+                    break
+                if self.job.batchnorm_epsilon is not None:
+                    h = _replay_batchnorm(self.model.get_layer(f"norm_{i}"), h, note)
+                h = note(self.job.model["activation"], activation(h))
+                if masks:
+                    h = note("dropout_mask", ops.multiply(h, masks[i]))
             for reduction, loss in self.ad.losses.items():
                 note(f"loss[{reduction}]", loss(self.y, h))
         return seen
@@ -490,14 +593,18 @@ class KerasSession:
     def compute(self, method: str) -> RawResult:
         """Run ``method`` ('METHOD' or 'METHOD@PART'); its native loss and gradients."""
         with self.ad.scope():  # a part's tensors are made on the chosen device, once
+            self.ad.fed_alone = self.job.fed_alone(method)  # the examples one_by_one feeds
             method, x, y = self._inputs(method)
             if method not in _METHODS:
                 raise ValueError(f"unknown method {method!r}")
+            # A forward pass of one example multiplies by that example's own mask row; masks exist for
+            # the batch only (core refuses dropout together with parts).
+            masks = self.masks["single" if method in SEPARATE_FORWARD else "batch"] if x is self.x else []
             if method in _REDUCTIONS:
-                loss, grads = self.ad.reduced(_REDUCTIONS[method], x, y)
+                loss, grads = self.ad.reduced(_REDUCTIONS[method], x, y, masks)
                 total = float(keras.ops.convert_to_numpy(loss))
             else:
-                losses, grads = getattr(self.ad, method)(x, y)
+                losses, grads = getattr(self.ad, method)(x, y, masks)
                 # Not a framework reduction: the per-example values, summed on the host.
                 total = float(sum(np.sum(keras.ops.convert_to_numpy(v), dtype=np.float64)
                                   for v in (losses if isinstance(losses, list) else [losses])))

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gradparity.backends.protocol import CaseInputs, RawResult, WorkerJob
+from gradparity.backends.protocol import IGNORE_INDEX, CaseInputs, RawResult, WorkerJob
 
 _ACTIVATIONS = {
     # name: (f(z), f'(z) expressed through z and a = f(z))
@@ -75,14 +75,17 @@ def forward(params, x, model: dict, masks=None) -> Forward:
 
 
 def cross_entropy(logits, y):
-    """Per-example softmax cross-entropy and its gradient w.r.t. the logits (softmax - onehot)."""
+    """Per-example softmax cross-entropy and its gradient w.r.t. the logits (softmax - onehot); a target
+    ``IGNORE_INDEX`` (padding) has loss 0 and gradient 0."""
+    valid = y != IGNORE_INDEX
+    y = np.where(valid, y, 0)
     shifted = logits - logits.max(axis=1, keepdims=True)
     logsumexp = np.log(np.exp(shifted).sum(axis=1))
     rows = np.arange(len(y))
     losses = logsumexp - shifted[rows, y]
     dlogits = np.exp(shifted - logsumexp[:, None])
     dlogits[rows, y] -= 1.0
-    return losses, dlogits
+    return np.where(valid, losses, 0.0), dlogits * valid[:, None]
 
 
 def backward(params, f: Forward, dlogits, model: dict, per_example: bool = False, terms: bool = False):
@@ -159,7 +162,7 @@ class NumpySession:
         self.job = job
         self.params = {k: v.astype(np.float64) for k, v in job.params.items()}
         self.x = job.batch["x"].astype(np.float64)
-        self.y = job.batch["y"].astype(np.int64)
+        self.y = job.targets().astype(np.int64)
         self._inputs = CaseInputs(job, (self.x, self.y), lambda x, y: (x.astype(np.float64), y.astype(np.int64)))
 
     def environment(self) -> dict:
@@ -185,8 +188,9 @@ class NumpySession:
             w = self.job.class_weights[y]
             losses, dlogits = losses * w, dlogits * w[:, None]
         if reduction == "mean":
-            dlogits = dlogits / len(y)
-            loss = losses.mean()
+            count = int(np.sum(y != IGNORE_INDEX))  # padding is not counted (torch's ignore_index mean)
+            dlogits = dlogits / count
+            loss = losses.sum() / count
         elif reduction == "sum":
             loss = losses.sum()
         else:  # "none": per-example losses, per-example gradients
@@ -194,13 +198,13 @@ class NumpySession:
         grads = backward(self.params, f, dlogits, self.job.model, per_example)
         return loss, grads
 
-    def _singles(self, x, y):
-        """(loss, gradients) of each example in its own forward pass (a batch of one, its own dropout
-        mask row); with batch normalization that example is normalized by its own statistics."""
+    def _singles(self, x, y, rows):
+        """(loss, gradients) of each example of ``rows`` in its own forward pass (a batch of one, its own
+        dropout mask row); with batch normalization that example is normalized by its own statistics."""
         masks = self.job.dropout_masks("single") if not self._part(x) else None
         return [self._losses_and_grads(x[i:i + 1], y[i:i + 1], "mean",
                                        masks=None if masks is None else [m[i:i + 1] for m in masks])
-                for i in range(len(y))]
+                for i in rows]
 
     def _part(self, x) -> bool:
         """Whether ``x`` is a part ('METHOD@PART'), not the batch (dropout masks exist for the batch only)."""
@@ -209,7 +213,8 @@ class NumpySession:
     def compute(self, method: str) -> RawResult:
         """Run ``method`` ('METHOD' or 'METHOD@PART'); per-example loops honour 'unzeroed_gradients'
         (the accumulator, holding examples 0..i, is read and added up after every example)."""
-        method, x, y = self._inputs(method)
+        case = method
+        method, x, y = self._inputs(case)
         n = len(y)
         unzeroed = self.job.unzeroed
         masks = self.job.dropout_masks("batch") if not self._part(x) else None
@@ -230,7 +235,7 @@ class NumpySession:
             return RawResult(float(losses.sum()), loop({k: v[i] for k, v in per_ex.items()} for i in range(n)))
         if method == "none_vectorized":
             if train_mode:  # vmap runs one forward pass per example
-                singles = self._singles(x, y)
+                singles = self._singles(x, y, range(n))
                 return RawResult(sum(float(loss) for loss, _ in singles),
                                  {k: sum(g[k] for _, g in singles) for k in self.params})
             losses, per_ex = self._losses_and_grads(x, y, "none", per_example=True)
@@ -239,7 +244,7 @@ class NumpySession:
             loss, grads = self._losses_and_grads(x, y, method, masks=masks)
             return RawResult(float(loss), grads)
         if method == "one_by_one":
-            singles = self._singles(x, y)
+            singles = self._singles(x, y, self.job.fed_alone(case))
             return RawResult(sum(float(loss) for loss, _ in singles), loop(g for _, g in singles))
         raise ValueError(f"unknown method {method!r}")
 

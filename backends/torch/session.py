@@ -169,7 +169,8 @@ class TorchSession:
         self.batch_masks, self.single_masks = [
             None if m is None else [torch.from_numpy(a).to(self.device, dtype) for a in m] for m in masks]
         self.x = torch.from_numpy(job.batch["x"]).to(self.device, dtype)
-        self.y = torch.from_numpy(job.batch["y"]).to(self.device, torch.int64)
+        # With the switch 'padding' some targets are IGNORE_INDEX (-100), CrossEntropyLoss's default ignore_index.
+        self.y = torch.from_numpy(job.targets()).to(self.device, torch.int64)
         self._inputs = CaseInputs(job, (self.x, self.y), lambda x, y: (
             torch.from_numpy(x).to(self.device, dtype), torch.from_numpy(y).to(self.device, torch.int64)))
         # The switch 'class_weights': CrossEntropyLoss(weight=w), torch's own weighted reductions.
@@ -226,7 +227,8 @@ class TorchSession:
     def _compute(self, method: str) -> RawResult:
         for p in self.model.parameters():
             p.grad = None  # nothing accumulated by an earlier call may leak into this one
-        method, x, y = self._inputs(method)
+        case = method
+        method, x, y = self._inputs(case)
         # Dropout masks exist for the batch only (core refuses dropout together with parts).
         batch_masks, single_masks = (self.batch_masks, self.single_masks) if x is self.x else (None, None)
 
@@ -273,7 +275,7 @@ class TorchSession:
             loss_fn = nn.CrossEntropyLoss(weight=self.class_weight, reduction="mean")
             total = torch.zeros((), dtype=x.dtype, device=x.device)
             read = None
-            for i in range(len(y)):
+            for i in self.job.fed_alone(case):  # padding is not fed: its mean would be 0/0
                 loss = loss_fn(model(x[i:i + 1], None if single_masks is None else
                                      [m[i:i + 1] for m in single_masks]), y[i:i + 1])
                 loss.backward()

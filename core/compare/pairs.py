@@ -77,10 +77,13 @@ def tolerance_for(model: MLP, n_examples: int, term_scale: dict[str, float] | No
 def problem_term_scale(params: dict, batch: dict, model: MLP) -> dict[str, float]:
     """T_p for every tensor, from the float64 reference (pure numpy, computed in this process)."""
     from gradparity.backends.numpy.session import term_scale
+    from gradparity.backends.protocol import IGNORE_INDEX
 
     with np.errstate(all="ignore"):  # an overflowing problem is reported by its results, not warned here
         masks = [batch[f"dropout/batch/{i}"] for i in range(len(model.hidden)) if f"dropout/batch/{i}" in batch]
-        scale = term_scale(params, batch["x"], batch["y"], model.to_dict(), masks or None)
+        # Padding examples (the switch 'padding') add no term: their targets are the ignored class.
+        y = batch["y"] if "valid" not in batch else np.where(batch["valid"] > 0, batch["y"], IGNORE_INDEX)
+        scale = term_scale(params, batch["x"], y, model.to_dict(), masks or None)
     # A non-finite T_p would make every pair disagree; without it S_p falls back to the results.
     return {k: v for k, v in scale.items() if math.isfinite(v)}
 

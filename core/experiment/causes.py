@@ -56,6 +56,17 @@ be checked against it:
   example of ``none_vectorized``) has no variance, normalizes to the layer's
   shift, and passes no gradient to the layers before it; torch refuses a
   training-mode batch of one outright, which its report rows show.
+- ``padding = p``: the batch's last p examples are padding, their targets the
+  ignored class ``IGNORE_INDEX`` (-100), each framework's own way: torch
+  ``CrossEntropyLoss(ignore_index=-100)``, Keras ``ignore_class=-100``, a
+  mask in optax/numpy. Every mean is over the valid examples (the common
+  convention becomes 1/V, V the valid count), and ``one_by_one`` feeds only
+  valid examples (a padding example alone has no loss: 0/0). An example
+  stands for a token: with ``micro_batches = k`` the micro-batches hold
+  different numbers of valid tokens, and ``accumulate`` says how their
+  results are combined: "mean" (a mean of micro-batch means, the 2024
+  transformers accumulation bug), or "num_items" (every micro-batch's summed
+  loss over the whole batch's valid count, the ``num_items_in_batch`` fix).
 
 The parts (extra or sub-batches) run natively as cases 'METHOD@PART' in the
 workers; core combines them (``rules``): a method's result is
@@ -68,17 +79,19 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 # SEPARATE_FORWARD: the methods with one forward pass per example, part of the backends' contract.
-from gradparity.backends.protocol import SEPARATE_FORWARD
+from gradparity.backends.protocol import IGNORE_INDEX, SEPARATE_FORWARD
 from gradparity.experiment.methods import METHODS
 from gradparity.experiment.models import BATCHNORM_EPSILON
 
 #: Switches, in the order the report lists them.
 SWITCHES = ("unzeroed_gradients", "missing_normalization", "double_normalization", "short_last_batch",
-            "replicas", "micro_batches", "accumulate", "class_weights", "autocast", "dropout", "batchnorm")
+            "replicas", "micro_batches", "accumulate", "class_weights", "autocast", "dropout", "batchnorm",
+            "padding")
 #: The switches that put the model in training mode (layers whose output depends on the forward pass).
 TRAIN_MODE_SWITCHES = ("dropout", "batchnorm")
-#: How micro-batch results are combined: added (no 1/k) or averaged.
-ACCUMULATE = ("sum", "mean")
+#: How micro-batch results are combined: added (no 1/k), averaged, or weighted by their valid counts
+#: (each micro-batch's summed loss divided by the whole batch's valid count: num_items_in_batch).
+ACCUMULATE = ("sum", "mean", "num_items")
 #: The reduced-precision formats ``autocast`` takes ("none": off).
 AUTOCAST = ("none", "bfloat16", "float16")
 #: The switches that need parts (extra or sub-batches); at most one per run.
@@ -96,6 +109,7 @@ AFFECTS = {
     "autocast": ("none_loop", "none_vectorized", "sum", "mean", "one_by_one"),
     "dropout": SEPARATE_FORWARD,
     "batchnorm": SEPARATE_FORWARD,
+    "padding": ("none_loop", "none_vectorized", "sum", "mean", "one_by_one"),
 }
 #: The diagnose cause each switch produces.
 CAUSE_IDS = {
@@ -107,6 +121,7 @@ CAUSE_IDS = {
     "autocast": "reduced_precision",
     "dropout": "dropout_train_mode",
     "batchnorm": "batchnorm_train_mode",
+    "padding": "accumulation_normalization",
 }
 
 
@@ -125,6 +140,7 @@ class Causes:
     autocast: str = "none"
     dropout: float = 0.0
     batchnorm: bool = False
+    padding: int = 0
 
     def on(self) -> list[str]:
         """The switches that are on, in SWITCHES order."""
@@ -148,10 +164,13 @@ class Causes:
             "replicas": f"the batch is split over {self.replicas} data-parallel replicas whose results are "
                         "averaged (all-reduce mean)",
             "micro_batches": f"the batch is split into {self.micro_batches} micro-batches whose results are "
-                             + ("added without dividing by their number" if self.accumulate == "sum" else
-                                "averaged (a mean of micro-batch means)"),
+                             + {"sum": "added without dividing by their number",
+                                "mean": "averaged (a mean of micro-batch means)",
+                                "num_items": "weighted by their valid counts (summed losses over the batch's "
+                                             "valid count: num_items_in_batch)"}[self.accumulate],
             "accumulate": "micro-batch results averaged, as optax.MultiSteps and Keras' "
-                          "gradient_accumulation_steps do",
+                          "gradient_accumulation_steps do" if self.accumulate == "mean" else
+                          "micro-batch results weighted by their valid counts, the num_items_in_batch fix",
             "class_weights": f"class-weighted cross-entropy, weights {list(self.class_weights)}, each "
                              "framework's own way (torch's mean divides by the sum of the weights of the "
                              "targets, Keras' sum_over_batch_size and jnp.mean by N)",
@@ -164,6 +183,8 @@ class Causes:
                          f"{BATCHNORM_EPSILON:g}); an example alone (one_by_one, none_vectorized) is normalized "
                          "by its own statistics: no variance, so its output is the layer's shift and the layers "
                          "before it get no gradient (torch refuses a training-mode batch of one outright)",
+            "padding": f"the batch's last {self.padding} examples are padding (target {IGNORE_INDEX}, ignored by "
+                       "each framework's loss); means are over the valid examples, one_by_one feeds valid ones",
         }
         return {name: text[name] for name in self.on()}
 
@@ -199,6 +220,23 @@ def check(causes: Causes, methods: tuple[str, ...], batch_size: int, dtype: str 
     for name in causes.on():
         if not set(AFFECTS[name]) & set(methods):
             problems.append(f"causes.{name} changes {', '.join(AFFECTS[name])}, and methods has none of them")
+    if causes.padding:
+        others = [name for name in causes.on() if name not in ("padding", "micro_batches", "accumulate")]
+        if others:
+            problems.append(f"causes.padding combines with micro_batches and accumulate only, not with "
+                            f"{', '.join(others)}; turn them off")
+        if causes.padding >= batch_size:
+            problems.append(f"causes.padding = {causes.padding} leaves no valid example in the batch of {batch_size}")
+        k = causes.micro_batches
+        if k > 1 and k <= batch_size:
+            valid = np.arange(batch_size) < batch_size - causes.padding
+            empty = [i for i, part in enumerate(np.array_split(valid, k)) if not part.any()]
+            if empty:
+                problems.append(f"causes.padding = {causes.padding} leaves micro-batch {empty[0]} of {k} with no "
+                                "valid example (its mean would be 0/0); pad fewer or split into fewer")
+    if causes.accumulate == "num_items" and not causes.padding:
+        problems.append("causes.accumulate = 'num_items' weighs micro-batches by their valid counts; set "
+                        "causes.padding too (without padding it equals 'mean' on equal splits)")
     if causes.accumulate != "sum" and causes.micro_batches <= 1:
         problems.append(f"causes.accumulate = {causes.accumulate!r} says how micro-batches are combined; set "
                         "causes.micro_batches too")
@@ -214,14 +252,33 @@ def check(causes: Causes, methods: tuple[str, ...], batch_size: int, dtype: str 
 
 def part_arrays(causes: Causes, x: np.ndarray, y: np.ndarray, extra_x: np.ndarray | None = None,
                 extra_y: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """The parts as batch arrays 'parts/NAME/x|y': the short last batch (given), or sub-batches of (x, y)."""
+    """The parts as batch arrays 'parts/NAME/x|y' (and 'parts/NAME/valid' with padding): the short last
+    batch (given), or sub-batches of (x, y)."""
     if causes.short_last_batch:
         return {"parts/last/x": extra_x, "parts/last/y": extra_y}
     k = causes.replicas if causes.replicas > 1 else causes.micro_batches if causes.micro_batches > 1 else 0
     out = {}
     for i, (xs, ys) in enumerate(zip(np.array_split(x, k), np.array_split(y, k)) if k else ()):
         out[f"parts/p{i}/x"], out[f"parts/p{i}/y"] = xs, ys
+    if causes.padding:
+        valid = valid_mask(causes, len(y))
+        out["valid"] = valid
+        for i, vs in enumerate(np.array_split(valid, k) if k else ()):
+            out[f"parts/p{i}/valid"] = vs
     return out
+
+
+def valid_mask(causes: Causes, n: int) -> np.ndarray:
+    """The switch 'padding': 1 for the batch's valid examples, 0 for its last ``causes.padding`` (int8)."""
+    return (np.arange(n) < n - causes.padding).astype(np.int8)
+
+
+def valid_count(batch: dict[str, np.ndarray], part: str | None = None) -> int:
+    """The valid (non-padding) examples of the batch or of a part."""
+    key = "valid" if part is None else f"parts/{part}/valid"
+    if key in batch:
+        return int(batch[key].sum())
+    return int(batch["y" if part is None else f"parts/{part}/y"].shape[0])
 
 
 def part_sizes(batch: dict[str, np.ndarray]) -> dict[str, int]:
@@ -254,8 +311,14 @@ def cases(methods: tuple[str, ...], batch: dict[str, np.ndarray], causes: Causes
 
 
 def rules(methods: tuple[str, ...], n: int, batch: dict[str, np.ndarray], causes: Causes) -> dict[str, Rule]:
-    """Per method, how its normalized (mean-convention) result is made from the native cases."""
+    """Per method, how its normalized (mean-convention) result is made from the native cases.
+
+    ``n`` is the batch's number of examples; with 'padding' the mean is over the valid ones, counted from
+    ``batch['valid']``.
+    """
     sizes = part_sizes(batch)
+    # Means are over the valid examples (all of them unless 'padding' marks some).
+    n = valid_count(batch)
     out = {}
     for name in methods:
         sums = METHODS[name].sums_examples
@@ -276,12 +339,20 @@ def rules(methods: tuple[str, ...], n: int, batch: dict[str, np.ndarray], causes
                              f"all-reduce mean over {k} replicas" + (f", then 1/{n}" if sums else ""))
         elif sizes and causes.micro_batches > 1:
             k = causes.micro_batches
-            averaged = causes.accumulate == "mean"
-            w = 1 / n if sums else (1 / k if averaged else 1.0)
-            how = "averaged" if averaged and not sums else "added"
-            out[name] = Rule(tuple((f"{name}@{p}", w) for p in sizes),
-                             f"{k} micro-batch results {how}" + (f", then 1/{n}" if sums else
-                                                                 "" if averaged else " (no 1/k)"))
+            if sums:
+                out[name] = Rule(tuple((f"{name}@{p}", 1 / n) for p in sizes),
+                                 f"{k} micro-batch results added, then 1/{n}")
+            elif causes.accumulate == "num_items":
+                # mean_p = S_p / v_p natively; S_p / V is the num_items_in_batch fix.
+                counts = {p: valid_count(batch, p) for p in sizes}
+                out[name] = Rule(tuple((f"{name}@{p}", counts[p] / n) for p in sizes),
+                                 f"{k} micro-batch means weighted by valid counts "
+                                 f"{'/'.join(map(str, counts.values()))} of {n} (num_items_in_batch)")
+            elif causes.accumulate == "mean":
+                out[name] = Rule(tuple((f"{name}@{p}", 1 / k) for p in sizes), f"{k} micro-batch results averaged")
+            else:
+                out[name] = Rule(tuple((f"{name}@{p}", 1.0) for p in sizes),
+                                 f"{k} micro-batch results added (no 1/k)")
         else:
             factor, label = METHODS[name].normalization_factor(n), METHODS[name].factor_label(n)
             if name == "sum" and causes.missing_normalization:
