@@ -318,7 +318,7 @@ def rules(methods: tuple[str, ...], n: int, batch: dict[str, np.ndarray], causes
     """
     sizes = part_sizes(batch)
     # Means are over the valid examples (all of them unless 'padding' marks some).
-    n = valid_count(batch)
+    n = valid_count(batch) if "valid" in batch else n
     out = {}
     for name in methods:
         sums = METHODS[name].sums_examples
