@@ -57,6 +57,7 @@ class WorkerJob:
     #: "loss_functions": ``methods`` are cases "FUNCTION@BATCH": ``payload['functions'][FUNCTION]``
     #: is the source of a ``loss_fn(logits, targets, sample_weight=None)``, and ``batch`` holds
     #: ``BATCH/logits``, ``BATCH/targets`` and optionally ``BATCH/sample_weight``.
+    #: "model_check": a user's own model (see ``ModelCase`` below and each backend's ``user_model``).
     task: str = "gradients"
     payload: dict = field(default_factory=dict)
     #: Discrepancy causes a backend reproduces natively (see gradparity.experiment.causes), e.g.
@@ -123,6 +124,8 @@ class WorkerJob:
         """The gradient names and shapes a method must return: the parameters, or the case's logits."""
         if self.task == "loss_functions":
             return {"logits": tuple(self.batch[f"{loss_case_batch(method)}/logits"].shape)}
+        if self.task == "model_check":
+            return {}  # a user's model: names and shapes are what the backend found (core checks them)
         return {name: tuple(p.shape) for name, p in self.params.items()}
 
     def save(self, job_dir: Path) -> None:
@@ -151,10 +154,14 @@ class WorkerJob:
 
 @dataclass(frozen=True)
 class RawResult:
-    """One method's native output: loss scalar and unnormalized canonical gradients."""
+    """One method's native output: loss scalar and unnormalized canonical gradients.
+
+    ``info`` is JSON-able metadata a case returns besides arrays (a user's model: its layers).
+    """
 
     loss: float
     grads: dict[str, np.ndarray]
+    info: dict | None = None
 
 
 class Session(Protocol):
@@ -244,3 +251,68 @@ def package_versions(*packages: str) -> dict[str, str]:
         except PackageNotFoundError:
             out[package] = "unknown"
     return out
+
+
+# --- Users' own models (task "model_check") ----------------------------------------------------------
+#
+# ``payload`` of a model_check job:
+#   factory     "module:function": called with no arguments, returns the framework's model (a class counts)
+#   sys_path    folders put first on sys.path before the import (the user's working folder)
+#   mode        "inference" (dropout off, batch norm on its running statistics) or "training"
+#   loss        "cross_entropy" (integer targets, logits on the last axis) or "mse"
+#   assign      {native parameter name: key of job.params} once core has mapped the weights; absent in
+#               the "describe" case, where the model keeps the weights its factory gave it
+#
+# Cases (``methods``):
+#   "describe"  loss NaN (not computed: core checks the targets against the output shape first);
+#               grads: every parameter and state variable's value, canonical layout, keyed by native name;
+#               info: {"layers": [LAYER...], "calls": [[name, type], ...], "output_shape": [...]}, where
+#               LAYER = {"name", "type", "called", "fused_activation",
+#                        "params": [{"name", "role", "shape", "trainable"}]}
+#               in the order the forward pass first calls them (never-called layers last), and "calls" is
+#               every leaf module/layer call in that order (parameter-free ones included, for naming)
+#   "mean", "sum", "none_loop", "one_by_one"
+#               the reduction methods on the mapped weights; grads keyed by ``assign``'s keys, canonical
+#               layout, trainable parameters only, native (unnormalized) as for the built-in model
+#   "forward"   localization: arrays "input/K", "output/K", "grad_output/K" for the K-th parameterized layer
+#               of "describe"'s list (first call; channels-last), "logits", and the mean loss
+#
+# Canonical layout: Dense kernels (in, out); conv kernels (*window, in, out); normalization weights are
+# "scale"; image activations and data channels-last (N, H, W, C): torch transposes its (N, C, H, W).
+
+#: Roles of a parameter in the canonical layout; "other" is kept as the framework stores it.
+PARAM_ROLES = ("kernel", "embedding", "scale", "bias", "mean", "var", "other")
+#: The reduction methods a user's model supports, and the "describe"/"forward" cases.
+MODEL_METHODS = ("mean", "sum", "none_loop", "one_by_one")
+MODEL_CASES = ("describe", "forward")
+
+
+def load_factory(job: WorkerJob):
+    """Import ``payload['factory']`` ('module:function') and return the callable (nothing called yet)."""
+    import importlib
+    import sys
+
+    for folder in reversed(job.payload.get("sys_path", [])):
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
+    module_name, _, attr = job.payload["factory"].partition(":")
+    obj = importlib.import_module(module_name)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def loss_elements(logits_shape: tuple[int, ...], loss: str) -> int:
+    """How many terms a mean-reduced loss averages: N (x T ...) for cross-entropy, every output for mse."""
+    shape = tuple(logits_shape)
+    return int(np.prod(shape[:-1] if loss == "cross_entropy" else shape))
+
+
+def numpy_loss(logits: np.ndarray, y: np.ndarray, loss: str) -> np.ndarray:
+    """Per-element losses in float64 (cross-entropy over the last axis, or squared error), for checks."""
+    z = np.asarray(logits, dtype=np.float64)
+    if loss == "mse":
+        return (z - y) ** 2
+    z = z - z.max(axis=-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    return -np.take_along_axis(logp, np.asarray(y)[..., None].astype(np.int64), axis=-1)[..., 0]

@@ -12,8 +12,8 @@ from gradparity.experiment.spec import Experiment, load_experiment
 
 __version__ = "0.1.0"
 
-__all__ = ["ConfigError", "Experiment", "GradparityError", "load_experiment", "run_experiment",
-           "__version__"]
+__all__ = ["ConfigError", "Experiment", "GradparityError", "compare_models", "load_experiment",
+           "run_experiment", "__version__"]
 
 
 def run_experiment(experiment, out_dir=None, **kwargs):
@@ -21,3 +21,10 @@ def run_experiment(experiment, out_dir=None, **kwargs):
     from gradparity.run.pipeline import run_experiment as _run
 
     return _run(experiment, out_dir, **kwargs)
+
+
+def compare_models(torch=None, jax=None, keras=None, **kwargs):
+    """Check a user's own model across frameworks; see ``gradparity.commands.check.compare_models``."""
+    from gradparity.commands.check import compare_models as _compare
+
+    return _compare(torch=torch, jax=jax, keras=keras, **kwargs)

@@ -1,4 +1,4 @@
-"""Command line: ``gradparity run`` and ``gradparity doctor``.
+"""Command line: ``gradparity run``, ``check``, ``diagnose``, ``translate``, ``compare-losses``, ``doctor``.
 
 Exit codes: 0 every comparison agrees; 1 some pair exceeds its tolerance
 (or some results are NaN/inf beside finite ones); 2 invalid config, data or
@@ -122,6 +122,30 @@ def _parser() -> argparse.ArgumentParser:
     dg.add_argument("--batchnorm", action=argparse.BooleanOptionalAction, default=None)
     dg.add_argument("--loss-reduction", help="how the loss was reduced, in words (e.g. 'class-weighted mean')")
     dg.add_argument("--json", action="store_true", help='print {"causes": [{"id", "score", "evidence", "fix"}], ...}')
+    ck = sub.add_parser("check", help="your own model in torch / Keras / Flax: same weights, same batch; do loss "
+                                      "and gradients agree, and where do they part?",
+                        description="Build each framework's model from its factory ('module:function', importable "
+                                    "from the current folder, called with no arguments), map the weights of one "
+                                    "(--weights-from) onto the others by structure, run every reduction method and "
+                                    "a layer-by-layer capture on the same batch, compare, and name the first layer "
+                                    "where a port differs.")
+    ck.add_argument("config", nargs="?", help="a TOML file: [models] torch/keras/jax = 'module:function', "
+                                              "[check] keys, [mapping.FRAMEWORK] names (flags override it)")
+    for fw in ("torch", "keras", "jax"):
+        ck.add_argument(f"--{fw}", metavar="MODULE:FUNCTION", help=f"the {fw} model's factory")
+    ck.add_argument("--data", help="an .npz with arrays 'x' (images channels-last) and 'y'")
+    ck.add_argument("--loss", help="cross_entropy (default) | mse")
+    ck.add_argument("--weights-from", help="the framework whose weights the others take (default: the first of "
+                                           "torch, keras, jax given)")
+    ck.add_argument("--methods", help="comma-separated: mean,sum,none_loop,one_by_one (default: all)")
+    ck.add_argument("--dtype", help="float32 (default) | float64")
+    ck.add_argument("--mode", help="inference (default) | training")
+    ck.add_argument("--device", help="cpu (default) | auto | gpu")
+    ck.add_argument("--precision", help="highest (default) | default")
+    ck.add_argument("--keras-backend", help="tensorflow (default) | jax | torch")
+    ck.add_argument("--timeout", type=float, help="seconds per framework worker (default 300)")
+    ck.add_argument("--out", default="gradparity-check", help="output folder (default: ./gradparity-check)")
+    ck.add_argument("--json", action="store_true", help="print report.json's document instead of the text")
     tb = sub.add_parser("loss-table", help="measure common loss configurations in every framework "
                                            "(the README's equivalence table)")
     tb.add_argument("--keras-backend", default="tensorflow", help="tensorflow | jax | torch")
@@ -231,6 +255,26 @@ def _diagnose(args) -> int:
     return dg.exit_code(result)
 
 
+def _check(args) -> int:
+    import json
+
+    from gradparity.commands.check import read_check_config, render_text, run_check
+
+    flags = {"torch": args.torch, "keras": args.keras, "jax": args.jax, "data": args.data, "loss": args.loss,
+             "weights_from": args.weights_from, "methods": None if args.methods is None else _csv(args.methods),
+             "dtype": args.dtype, "mode": args.mode, "device": args.device, "precision": args.precision,
+             "keras_backend": args.keras_backend, "timeout_s": args.timeout}
+    spec = read_check_config(args.config, {k: v for k, v in flags.items() if v is not None})
+    say = None if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    report = run_check(spec, Path(args.out), say)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=1, allow_nan=False, default=str))
+    else:
+        print(render_text(report))
+        print(f"\nwrote {Path(args.out) / 'report.json'}, report.md, inputs.npz, gradients.npz")
+    return report.exit_code
+
+
 def _loss_table(args) -> int:
     from gradparity.commands.translate import TABLE_SOURCES, table_markdown, translate_many
 
@@ -308,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
                 return _compare_losses(args)
             if args.command == "diagnose":
                 return _diagnose(args)
+            if args.command == "check":
+                return _check(args)
             from gradparity.experiment.spec import default_config_text
 
             print(default_config_text(), end="")

@@ -35,6 +35,7 @@ class MethodOutcome:
     seconds: float | None = None
     error: str | None = None
     grads: dict[str, np.ndarray] | None = field(default=None, repr=False)
+    info: dict | None = None  # what the case reported besides arrays (a user's model: its layers)
 
 
 @dataclass
@@ -192,7 +193,7 @@ def _collect(job, info, job_dir, returncode, timed_out, timeout_s, log_path,
             except (OSError, ValueError, KeyError) as exc:
                 methods[name] = MethodOutcome("error", error=f"the worker's gradient file is unreadable: {exc}")
                 continue
-            methods[name] = MethodOutcome("ok", row["loss"], row["seconds"], None, grads)
+            methods[name] = MethodOutcome("ok", row["loss"], row["seconds"], None, grads, row.get("info"))
         elif row.get("status") == "error":
             methods[name] = MethodOutcome("error", error=row.get("error"))
 

@@ -1,0 +1,556 @@
+"""``gradparity check`` / ``gradparity.compare_models``: a user's own model in several frameworks.
+
+The pipeline's stages, for a model gradparity did not build:
+
+    spec (factories, batch, loss)  -> checked here, exit 2 on bad input
+    describe                       -> one worker per framework lists its layers and parameters
+    map weights                    -> the source framework's weights onto the others (experiment.weights)
+    workers                        -> every reduction method and a 'forward' capture, mapped weights
+    normalize -> compare -> verdict   the same stages as ``gradparity run``
+    localize                       -> the first layer where a port parts from the source (compare.localize)
+    report                         -> terminal text, report.json, report.md, gradients.npz, inputs.npz
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from gradparity.backends import BACKENDS, BackendInfo
+from gradparity.backends.protocol import MODEL_METHODS, WorkerJob, loss_elements
+from gradparity.compare.localize import Localization, localize
+from gradparity.compare.normalize import UNIT_ROUNDOFF, Result, normalize
+from gradparity.compare.pairs import Comparison, Tolerance, SAFETY, compare_all
+from gradparity.compare.verdict import Verdict, decide
+from gradparity.errors import ConfigError
+from gradparity.experiment.causes import Rule
+from gradparity.experiment.weights import ModelLayout, WeightMap, map_weights
+from gradparity.run.execute import BackendOutcome, MethodOutcome, run_backend
+
+#: The frameworks a user's model may come in, in the order they are run and listed.
+FRAMEWORKS = ("torch", "keras", "jax")
+LOSSES = ("cross_entropy", "mse")
+MODES = ("inference", "training")
+SCHEMA = "gradparity.check/1"
+_FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+
+
+@dataclass(frozen=True)
+class ModelCheck:
+    """What to check: a factory per framework, one batch, a loss, where the weights come from."""
+
+    factories: dict[str, str]
+    x: np.ndarray = field(repr=False)
+    y: np.ndarray = field(repr=False)
+    loss: str = "cross_entropy"
+    weights_from: str | None = None
+    mapping: dict[str, dict[str, str]] = field(default_factory=dict)
+    methods: tuple[str, ...] = MODEL_METHODS
+    dtype: str = "float32"
+    mode: str = "inference"
+    device: str = "cpu"
+    precision: str = "highest"
+    keras_backend: str = "tensorflow"
+    timeout_s: float = 300.0
+    sys_path: tuple[str, ...] = ()
+
+    @property
+    def source(self) -> str:
+        return self.weights_from or next(f for f in FRAMEWORKS if f in self.factories)
+
+    @property
+    def frameworks(self) -> list[str]:
+        """Source first, then the others in FRAMEWORKS order."""
+        return [self.source] + [f for f in FRAMEWORKS if f in self.factories and f != self.source]
+
+    def backend(self, framework: str) -> BackendInfo:
+        return BACKENDS[f"keras-{self.keras_backend}" if framework == "keras" else framework]
+
+    def to_dict(self) -> dict:
+        return {"models": dict(self.factories), "weights_from": self.source, "loss": self.loss,
+                "mapping": self.mapping, "methods": list(self.methods), "dtype": self.dtype, "mode": self.mode,
+                "device": self.device, "precision": self.precision, "keras_backend": self.keras_backend,
+                "timeout_s": self.timeout_s, "batch": {"x_shape": list(self.x.shape), "x_dtype": str(self.x.dtype),
+                                                       "y_shape": list(self.y.shape), "y_dtype": str(self.y.dtype)}}
+
+
+def check_spec(spec: ModelCheck) -> ModelCheck:
+    """Every problem a user can fix, found before any worker starts (ConfigError lists them all)."""
+    problems = []
+    unknown = sorted(set(spec.factories) - set(FRAMEWORKS))
+    if unknown:
+        problems.append(f"unknown framework(s) {unknown}; models can be given for {', '.join(FRAMEWORKS)}")
+    if not spec.factories:
+        problems.append("no model given: name a factory for at least one of torch, keras, jax "
+                        "(e.g. torch = \"mypkg.nets:TorchNet\")")
+    for fw, factory in spec.factories.items():
+        if not isinstance(factory, str) or not _FACTORY.match(factory):
+            problems.append(f"{fw} model {factory!r} is not 'module:function' (an importable module, a colon, "
+                            "then a function or class called with no arguments that returns the model)")
+    if spec.weights_from is not None and spec.weights_from not in spec.factories:
+        problems.append(f"weights_from = {spec.weights_from!r} names no given model ({', '.join(spec.factories)})")
+    for fw, table in spec.mapping.items():
+        if fw not in spec.factories or fw == spec.weights_from:
+            problems.append(f"mapping for {fw!r}: only a framework whose weights are mapped (not the source) "
+                            "takes a mapping")
+        elif not isinstance(table, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                    for k, v in table.items()):
+            problems.append(f"mapping for {fw!r} must be a table of '{fw} name' = 'source name' strings")
+    if spec.loss not in LOSSES:
+        problems.append(f"unknown loss {spec.loss!r}; choose one of {', '.join(LOSSES)}")
+    bad = [m for m in spec.methods if m not in MODEL_METHODS]
+    if bad or not spec.methods:
+        problems.append(f"methods {bad or '[]'}: a user's model supports {', '.join(MODEL_METHODS)}")
+    for key, value, allowed in (("dtype", spec.dtype, ("float32", "float64")), ("mode", spec.mode, MODES),
+                                ("device", spec.device, ("auto", "cpu", "gpu")),
+                                ("precision", spec.precision, ("highest", "default")),
+                                ("keras_backend", spec.keras_backend, ("tensorflow", "jax", "torch"))):
+        if value not in allowed:
+            problems.append(f"{key} = {value!r}; choose one of {', '.join(allowed)}")
+    if not (isinstance(spec.timeout_s, (int, float)) and spec.timeout_s > 0):
+        problems.append(f"timeout_s = {spec.timeout_s!r} must be a positive number of seconds")
+    problems += _batch_problems(spec.x, spec.y, spec.loss)
+    if problems:
+        raise ConfigError(problems)
+    return spec
+
+
+def _batch_problems(x: np.ndarray, y: np.ndarray, loss: str) -> list[str]:
+    problems = []
+    if x.ndim == 0 or x.shape[0] == 0:
+        return [f"the batch's x has shape {list(x.shape)}: it needs at least one example (axis 0)"]
+    if y.ndim == 0 or y.shape[0] != x.shape[0]:
+        return [f"x has {x.shape[0]} examples but y has shape {list(y.shape)}: axis 0 must match"]
+    if x.dtype.kind not in "fiub":
+        problems.append(f"x has dtype {x.dtype}: numbers are needed")
+    elif x.dtype.kind == "f" and not np.all(np.isfinite(x)):
+        problems.append(f"x holds {int(np.size(x) - np.count_nonzero(np.isfinite(x)))} NaN/inf values")
+    if loss == "cross_entropy":
+        if y.dtype.kind not in "iu":
+            problems.append(f"cross_entropy needs integer class targets, y has dtype {y.dtype}")
+        elif y.size and int(y.min()) < 0:
+            problems.append(f"y holds negative class {int(y.min())}; classes are 0 .. C-1")
+    elif y.dtype.kind != "f" or not np.all(np.isfinite(y)):
+        problems.append(f"mse needs finite float targets, y has dtype {y.dtype}")
+    return problems
+
+
+def load_batch(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """(x, y) from an .npz holding arrays named 'x' and 'y'; ConfigError otherwise."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in ("x", "y") if k not in z.files]
+            if missing:
+                raise ConfigError(f"{path}: the batch file needs arrays 'x' and 'y', it has {z.files}")
+            return z["x"], z["y"]
+    except ConfigError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: cannot read the batch file as .npz: {exc}") from exc
+
+
+# --- running -------------------------------------------------------------------------------------
+
+def _job(spec: ModelCheck, framework: str, cases: tuple[str, ...], params: dict | None = None,
+         assign: dict | None = None) -> WorkerJob:
+    info = spec.backend(framework)
+    payload = {"factory": spec.factories[framework], "sys_path": list(spec.sys_path) or [os.getcwd()],
+               "mode": spec.mode, "loss": spec.loss}
+    if assign is not None:
+        payload["assign"] = assign
+    module = info.module.rsplit(".", 1)[0] + ".user_model"
+    return WorkerJob(backend=info.name, framework=info.framework, variant=info.variant, module=module,
+                     extra=info.extra, requires=info.requires, methods=cases, dtype=spec.dtype, device=spec.device,
+                     precision=spec.precision, model={"kind": "user", "factory": spec.factories[framework]},
+                     loss={"name": spec.loss}, params=params or {}, batch={"x": spec.x, "y": spec.y},
+                     task="model_check", payload=payload)
+
+
+def _run_all(jobs: dict[str, WorkerJob], spec: ModelCheck, say, parallel: bool) -> dict[str, BackendOutcome]:
+    """Every framework's job in its own worker process; concurrently when ``parallel`` (no timings are taken
+    then: concurrent workers share the cores, so the 'describe' stage only)."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(jobs) if parallel else 1) as pool:
+        futures = {fw: pool.submit(run_backend, job, spec.backend(fw), spec.timeout_s) for fw, job in jobs.items()}
+        out = {fw: f.result() for fw, f in futures.items()}
+    for fw, o in out.items():
+        say(f"  {o.backend}: {o.status} in {o.wall_seconds:.1f} s"
+            + (f" - {o.error.splitlines()[0]}" if o.error else ""))
+    return out
+
+
+def _failed_outcome(backend: str, methods: tuple[str, ...], status: str, error: str,
+                    environment: dict | None = None) -> BackendOutcome:
+    return BackendOutcome(backend, status, error, environment,
+                          {m: MethodOutcome(status, error=error) for m in methods}, 0.0)
+
+
+def _describe_failure(o: BackendOutcome) -> str | None:
+    row = o.methods.get("describe")
+    if row is None or row.status != "ok":
+        return (row.error if row is not None and row.error else o.error) or "the model could not be described"
+    return None
+
+
+def _output_problem(layout: ModelLayout, source: ModelLayout, y: np.ndarray, loss: str) -> str | None:
+    """Why a framework's output cannot be compared with the source's, or None."""
+    if layout.output_shape != source.output_shape:
+        return (f"the model returned output of shape {list(layout.output_shape)}, but the "
+                f"{source.backend} model returns {list(source.output_shape)} on the same batch")
+    return None
+
+
+def _check_targets(source: ModelLayout, y: np.ndarray, loss: str) -> None:
+    """The targets must fit the source model's output (ConfigError, before the methods run)."""
+    shape = tuple(source.output_shape)
+    if loss == "cross_entropy":
+        if tuple(y.shape) != shape[:-1]:
+            raise ConfigError(f"the {source.backend} model returns logits of shape {list(shape)}, so cross_entropy "
+                              f"needs integer targets of shape {list(shape[:-1])}; y has shape {list(y.shape)}")
+        if y.size and int(y.max()) >= shape[-1]:
+            raise ConfigError(f"y holds class {int(y.max())}, but the model has {shape[-1]} classes (0 .. "
+                              f"{shape[-1] - 1})")
+    elif tuple(y.shape) != shape:
+        raise ConfigError(f"the {source.backend} model returns outputs of shape {list(shape)}; mse needs targets "
+                          f"of that shape, y has {list(y.shape)}")
+
+
+def _rules(methods: tuple[str, ...], n: int, m: int) -> dict[str, Rule]:
+    """Mean convention: 'sum' and 'none_loop' add the M loss terms (÷M), 'one_by_one' adds N example means (÷N)."""
+    factors = {"mean": (1.0, "1"), "sum": (1 / m, f"1/{m}"), "none_loop": (1 / m, f"1/{m}"),
+               "one_by_one": (1 / n, f"1/{n}")}
+    return {name: Rule(((name, factors[name][0]),), factors[name][1]) for name in methods}
+
+
+def _tolerance(source: ModelLayout, m: int) -> Tolerance:
+    """rtol = SAFETY u sqrt(K) L: K the longest sum (loss terms or the widest fan-in), L the called layers."""
+    fan_in = [int(np.prod(p.shape[:-1])) for layer in source.called for p in source.params(layer)
+              if p.role == "kernel" and len(p.shape) >= 2]
+    return Tolerance(SAFETY, max([m, *fan_in]), max(1, len(source.called)))
+
+
+@dataclass
+class ModelReport:
+    """Everything one check measured."""
+
+    spec: ModelCheck
+    layouts: dict[str, ModelLayout]
+    maps: dict[str, WeightMap]
+    outcomes: list[BackendOutcome]
+    results: list[Result]
+    tolerance: Tolerance
+    comparisons: list[Comparison]
+    verdict: Verdict
+    localizations: list[Localization]
+    n_examples: int
+    loss_elements: int
+
+    @property
+    def exit_code(self) -> int:
+        return self.verdict.exit_code
+
+    @property
+    def first_layer(self) -> str | None:
+        """The earliest (in the source's call order) layer where any port parts from the source."""
+        source = self.layouts.get(self.spec.source)
+        named = [loc for loc in self.localizations if loc.first_layer is not None]
+        if not named:
+            return None
+        order = [c[0] for c in source.calls] if source else []
+        return min(named, key=lambda loc: order.index(loc.first_layer) if loc.first_layer in order
+                   else len(order)).first_layer
+
+    def to_dict(self) -> dict:
+        from gradparity.report.render import _finite
+
+        return {
+            "schema": SCHEMA,
+            "check": self.spec.to_dict(),
+            "n_examples": self.n_examples,
+            "loss_elements": self.loss_elements,
+            "convention": "every gradient and loss is rescaled to the gradient/value of the mean loss over the "
+                          f"{self.loss_elements} loss terms (normalization factor per row)",
+            "layers": {fw: {"layers": list(lay.layers), "calls": [list(c) for c in lay.calls],
+                            "output_shape": list(lay.output_shape)} for fw, lay in self.layouts.items()},
+            "mapping": {fw: wm.to_dict(self.layouts[self.spec.source], self.layouts[fw])
+                        for fw, wm in self.maps.items()},
+            "tolerance": self.tolerance.to_dict(),
+            "backends": [{"backend": o.backend, "status": o.status, "error": o.error, "wall_seconds": o.wall_seconds,
+                          "environment": o.environment} for o in self.outcomes],
+            "results": [{"backend": r.backend, "method": r.method, "status": r.status, "error": r.error,
+                         "loss": _finite(r.loss), "loss_native": _finite(r.loss_native),
+                         "normalization_factor": r.normalization_factor, "factor": r.factor_label,
+                         "grad_norm": _finite(r.grad_norm), "seconds": r.seconds, "dtype": r.dtype,
+                         "device": r.device, "unit_roundoff": r.unit_roundoff} for r in self.results],
+            "comparisons": [{"a": c.a, "b": c.b, "max_abs": _finite(c.max_abs), "max_rel": _finite(c.max_rel),
+                             "worst_param": c.worst_param, "loss_rel": _finite(c.loss_rel),
+                             "tolerance": c.tolerance, "agree": c.agree} for c in self.comparisons],
+            "localization": {"first_layer": self.first_layer,
+                             "by_backend": [loc.to_dict() for loc in self.localizations]},
+            "verdict": self.verdict.to_dict(),
+        }
+
+
+def compare_models(torch: str | None = None, jax: str | None = None, keras: str | None = None, *,
+                   batch: tuple[np.ndarray, np.ndarray], loss: str = "cross_entropy",
+                   weights_from: str | None = None, mapping: dict | None = None,
+                   methods: tuple[str, ...] | list[str] = MODEL_METHODS, dtype: str = "float32",
+                   mode: str = "inference", device: str = "cpu", precision: str = "highest",
+                   keras_backend: str = "tensorflow", timeout_s: float = 300.0, out: str | Path | None = None,
+                   progress: Callable[[str], None] | None = None,
+                   sys_path: list[str] | tuple[str, ...] | None = None) -> ModelReport:
+    """Check a user's model across frameworks; see the module doc. Raises ConfigError (exit 2) on bad input.
+
+    ``torch``/``jax``/``keras`` are factories 'module:function' (importable from the current folder), each
+    called with no arguments in its own worker process; ``batch`` is (x, y) as numpy, images channels-last;
+    ``weights_from`` picks the framework whose initial weights every other model takes (default: the first
+    of torch, keras, jax given); ``mapping`` = {framework: {its parameter name: source parameter name}};
+    ``sys_path``: folders the workers import the factories from (default: the current folder).
+    """
+    factories = {k: v for k, v in (("torch", torch), ("keras", keras), ("jax", jax)) if v is not None}
+    x, y = (np.asarray(a) for a in batch)
+    spec = ModelCheck(factories, x, y, loss, weights_from, dict(mapping or {}), tuple(methods), dtype, mode,
+                      device, precision, keras_backend, float(timeout_s),
+                      tuple(str(Path(p).resolve()) for p in (sys_path or [os.getcwd()])))
+    return run_check(check_spec(spec), out, progress)
+
+
+def run_check(spec: ModelCheck, out: str | Path | None = None,
+              progress: Callable[[str], None] | None = None) -> ModelReport:
+    """Run a checked spec through every stage; write the report files into ``out`` when given."""
+    from gradparity.report.outdir import OutputDir, new_run_id
+
+    say = progress or (lambda _msg: None)
+    run_id = new_run_id()
+    folder = OutputDir.claim(out, run_id, ("inputs.npz", "gradients.npz", "report.md", "report.json")) \
+        if out is not None else None
+    try:
+        report = _run_stages(spec, say)
+        if folder is not None:
+            write_check_report(report, folder, run_id)
+    finally:
+        if folder is not None:
+            folder.release()
+    return report
+
+
+def _run_stages(spec: ModelCheck, say) -> ModelReport:
+    frameworks = spec.frameworks
+    say(f"describing the model in {', '.join(frameworks)} ({spec.dtype}, {spec.mode} mode) ...")
+    described = _run_all({fw: _job(spec, fw, ("describe",)) for fw in frameworks}, spec, say, parallel=True)
+    cases = (*spec.methods, "forward")
+    failed: dict[str, BackendOutcome] = {}
+    layouts: dict[str, ModelLayout] = {}
+    for fw in frameworks:
+        o = described[fw]
+        problem = _describe_failure(o)
+        if problem:
+            failed[fw] = _failed_outcome(o.backend, cases, o.status if o.status != "ok" else "error",
+                                         f"building or running the model failed: {problem}", o.environment)
+        else:
+            layouts[fw] = ModelLayout.from_info(o.backend, o.methods["describe"].info)
+    source = spec.source
+    maps: dict[str, WeightMap] = {}
+    if source in layouts:
+        _check_targets(layouts[source], spec.y, spec.loss)
+        for fw in frameworks[1:]:
+            if fw not in layouts:
+                continue
+            problem = _output_problem(layouts[fw], layouts[source], spec.y, spec.loss)
+            if problem:
+                failed[fw] = _failed_outcome(layouts[fw].backend, cases, "error", problem,
+                                             described[fw].environment)
+                continue
+            maps[fw] = map_weights(layouts[source], layouts[fw], spec.mapping.get(fw))
+    else:
+        for fw in frameworks[1:]:
+            if fw not in failed:
+                failed[fw] = _failed_outcome(spec.backend(fw).name, cases, "error",
+                                             f"not run: the source model ({source}) could not be built, so there "
+                                             "are no weights to map")
+    values = described[source].methods["describe"].grads if source in layouts else {}
+    jobs = {}
+    for fw in frameworks:
+        if fw in failed:
+            continue
+        assign = {name: name for name in values} if fw == source else maps[fw].assign
+        jobs[fw] = _job(spec, fw, cases, values, assign)
+    if jobs:
+        say(f"computing {', '.join(spec.methods)} and the layer capture with {source}'s weights ...")
+    # One worker at a time: each row's time is measured with the cores to itself.
+    computed = _run_all(jobs, spec, say, parallel=False) if jobs else {}
+    outcomes = [computed.get(fw) or failed[fw] for fw in frameworks]
+
+    n = int(spec.y.shape[0])
+    m = loss_elements(layouts[source].output_shape, spec.loss) if source in layouts else n
+    results = normalize(outcomes, spec.methods, n, _rules(spec.methods, n, m))
+    tol = _tolerance(layouts[source], m) if source in layouts else Tolerance(SAFETY, m, 1)
+    comparisons = compare_all(results, tol)
+    verdict = decide(results, comparisons, tol, m, spec.dtype)
+    # decide() ends with what a reduction experiment did not exercise; a model check exercises other things.
+    verdict = dataclasses.replace(verdict, explanation=[line for line in verdict.explanation
+                                                        if not line.startswith("Not tested by this run")])
+    localizations = []
+    src_forward = computed.get(source)
+    for fw, wm in maps.items():
+        tgt = computed.get(fw)
+        rows = [o.methods.get("forward") if o else None for o in (src_forward, tgt)]
+        if all(r is not None and r.status == "ok" for r in rows):
+            u = max(effective(o) for o in (src_forward, tgt))
+            localizations.append(localize(layouts[source], layouts[fw], wm, rows[0].grads, rows[1].grads,
+                                          tol.rtol(u)))
+    verdict = _with_localization(verdict, localizations)
+    return ModelReport(spec, layouts, maps, outcomes, results, tol, comparisons, verdict, localizations, n, m)
+
+
+def effective(outcome: BackendOutcome) -> float:
+    from gradparity.compare.normalize import effective_unit_roundoff
+
+    return effective_unit_roundoff(outcome.environment) or UNIT_ROUNDOFF["float32"]
+
+
+def _with_localization(verdict: Verdict, localizations: list[Localization]) -> Verdict:
+    """Put each port's first differing layer at the top of the verdict's explanation."""
+    lines = [loc.explanation for loc in localizations if loc.first_layer is not None]
+    lines += [f"{loc.backend}: the forward passes agree layer by layer, but the gradient flowing into "
+              f"{loc.backward_layer}'s output differs: the backward passes part there (a custom gradient, or "
+              "an operation whose derivative differs)" for loc in localizations
+              if loc.first_layer is None and loc.backward_layer is not None]
+    return dataclasses.replace(verdict, explanation=lines + list(verdict.explanation)) if lines else verdict
+
+
+# --- report --------------------------------------------------------------------------------------
+
+def _g(x) -> str:
+    return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.3g}"
+
+
+def render_text(report: ModelReport) -> str:
+    """What a person reads: the mapping, the rows, the pairs beyond tolerance, the localization, the verdict."""
+    spec = report.spec
+    lines = [f"gradparity check: {', '.join(f'{fw} {spec.factories[fw]}' for fw in spec.frameworks)}",
+             f"batch: x {list(spec.x.shape)} {spec.x.dtype}, y {list(spec.y.shape)}; loss {spec.loss} "
+             f"(mean over {report.loss_elements} terms); {spec.dtype}; {spec.mode} mode; weights from {spec.source}"]
+    for o in report.outcomes:
+        env = o.environment or {}
+        versions = ", ".join(f"{k} {v}" for k, v in (env.get("versions") or {}).items())
+        lines.append(f"  {o.backend}: {o.status}; {versions or '-'}; device {env.get('device', '-')}; "
+                     f"dtype {env.get('dtype', '-')}")
+    source = report.layouts.get(spec.source)
+    for fw, wm in report.maps.items():
+        lines += ["", f"weights {spec.source} -> {fw} ({len(wm.assign)} tensors):"]
+        lines += ["  " + line for line in wm.lines(source, report.layouts[fw])]
+    lines += ["", f"{'backend':<18} {'method':<11} {'status':<8} {'loss (mean)':>14} {'factor':>8} "
+                  f"{'grad L2':>10} {'time (ms)':>10}"]
+    for r in report.results:
+        ms = "-" if r.seconds is None else f"{1000 * r.seconds:.3g}"
+        lines.append(f"{r.backend:<18} {r.method:<11} {r.status:<8} {_g(r.loss):>14} {r.factor_label:>8} "
+                     f"{_g(r.grad_norm):>10} {ms:>10}")
+    bad = [c for c in report.comparisons if not c.agree]
+    worst = max(report.comparisons, key=lambda c: c.max_rel / c.tolerance, default=None)
+    if worst is not None:
+        lines += ["", f"{len(report.comparisons)} pairs compared; largest max_rel {_g(worst.max_rel)} "
+                      f"({worst.a} vs {worst.b}, {worst.worst_param}; tolerance {_g(worst.tolerance)})"]
+    for c in bad[:8]:
+        lines.append(f"  beyond tolerance: {c.a} vs {c.b}: max_rel {_g(c.max_rel)} in {c.worst_param}, "
+                     f"loss {_g(c.loss_rel)} (tolerance {_g(c.tolerance)})")
+    if len(bad) > 8:
+        lines.append(f"  ... and {len(bad) - 8} more pairs beyond tolerance (report.json lists every pair)")
+    errors = [r for r in report.results if not r.ok]
+    for r in errors[:6]:
+        lines.append(f"  {r.label}: {r.status}: {(r.error or '').splitlines()[0] if r.error else ''}")
+    if report.localizations:
+        lines += ["", "localization (activations captured layer by layer, in the source's call order):"]
+        for loc in report.localizations:
+            where = (f"first differs at {loc.first_layer} ({loc.where}, max_rel {_g(loc.max_rel)})"
+                     if loc.first_layer else "every captured activation agrees")
+            lines.append(f"  {loc.backend} vs {loc.source}: {where}")
+    lines += ["", report.verdict.summary] + ["  " + line for line in report.verdict.explanation]
+    return "\n".join(lines)
+
+
+def write_check_report(report: ModelReport, folder, run_id: str) -> None:
+    """inputs.npz, gradients.npz, report.md and report.json, written as one set (report.json last)."""
+    from gradparity.report.render import _write_npz
+
+    doc = report.to_dict()
+    doc["run_id"] = run_id
+    grads = {f"{r.backend}/{r.method}/{k}": g for r in report.results if r.ok for k, g in r.grads.items()}
+    with folder.staging() as stage:
+        sums = {
+            "inputs.npz": stage.write("inputs.npz", lambda p: _write_npz(p, {"x": report.spec.x, "y": report.spec.y},
+                                                                         run_id)),
+            "gradients.npz": stage.write("gradients.npz", lambda p: _write_npz(p, grads, run_id)),
+            "report.md": stage.write("report.md", lambda p: p.write_text(
+                f"# gradparity check (run {run_id})\n\n```text\n{render_text(report)}\n```\n")),
+        }
+        doc["files"] = {name: {"sha256": digest} for name, digest in sums.items()}
+        stage.write("report.json", lambda p: p.write_text(json.dumps(doc, indent=1, allow_nan=False,
+                                                                     default=_json_default) + "\n"))
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o) if math.isfinite(o) else None
+    if isinstance(o, tuple):
+        return list(o)
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+# --- TOML and flags ------------------------------------------------------------------------------
+
+_CHECK_KEYS = ("data", "loss", "weights_from", "methods", "dtype", "mode", "device", "precision", "keras_backend",
+               "timeout_s")
+
+
+def read_check_config(path: str | Path | None, flags: dict) -> ModelCheck:
+    """A ModelCheck from a TOML file (``[models]``, ``[check]``, ``[mapping.FRAMEWORK]``) and flags over it.
+
+    Relative paths (``data``) and the factories' import folder are the TOML file's folder (the current
+    folder without a file). Unknown tables and keys are errors, with the known ones listed.
+    """
+    import tomllib
+
+    doc: dict = {}
+    base = Path.cwd()
+    if path is not None:
+        try:
+            doc = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"{path}: cannot read the check config: {exc}") from exc
+        base = Path(path).resolve().parent
+    problems = [f"unknown table [{k}] in {path}; known: [models], [check], [mapping.FRAMEWORK]"
+                for k in doc if k not in ("models", "check", "mapping")]
+    models = dict(doc.get("models", {}))
+    settings = dict(doc.get("check", {}))
+    problems += [f"unknown key {k!r} in [check]; known: {', '.join(_CHECK_KEYS)}" for k in settings
+                 if k not in _CHECK_KEYS]
+    problems += [f"unknown key {k!r} in [models]; known: {', '.join(FRAMEWORKS)}" for k in models
+                 if k not in FRAMEWORKS]
+    for fw in FRAMEWORKS:
+        if flags.get(fw) is not None:
+            models[fw] = flags[fw]
+    settings.update({k: v for k, v in flags.items() if k in _CHECK_KEYS})
+    if problems:
+        raise ConfigError(problems)
+    data = settings.pop("data", None)
+    if data is None:
+        raise ConfigError("no batch given: --data batch.npz (arrays 'x' and 'y'), or data = \"...\" in [check]")
+    data_path = Path(data) if Path(data).is_absolute() or path is None else base / data
+    x, y = load_batch(data_path)
+    try:
+        spec = ModelCheck(models, x, y, mapping=dict(doc.get("mapping", {})), sys_path=(str(base),),
+                          **{k: (tuple(v) if k == "methods" else float(v) if k == "timeout_s" else v)
+                             for k, v in settings.items()})
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"invalid check setting: {exc}") from exc
+    return check_spec(spec)

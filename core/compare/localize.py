@@ -1,0 +1,158 @@
+"""Localization: the first layer where two implementations of a model part.
+
+Each backend's 'forward' case captures, for every parameterized layer (first
+call, channels-last), its input, its output and d(mean loss)/d(output). The
+layers pair up through the weight mapping. Walking the source model's call
+order, the checkpoints are: layer k's input, layer k's output (only where
+both sides' outputs are comparable: a Keras Dense with a fused activation
+returns the activation's output, a torch Linear the affine one), then the
+final logits. The first checkpoint beyond tolerance locates the difference:
+
+- layer k's output differs, its input agrees: layer k itself (an epsilon, a
+  padding, a kernel used transposed);
+- layer k's input differs, the previous checkpoint agreed: the operations
+  between, the parameter-free calls the source made there (an activation's
+  approximation, a pooling, a reshape), or layer k-1 if its output could not
+  be compared;
+- all agree but the logits: what follows the last layer.
+
+Backward, the gradients d loss/d output are compared from the logits back:
+the last layer (in call order) whose incoming gradient differs while every
+later one agrees is where the backward passes part. Tolerances are the
+gradient comparison's relative model, per tensor relative to its largest
+entry.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from gradparity.experiment.weights import ModelLayout, WeightMap
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    layer: str      # the source's name of the layer
+    point: str      # "input" | "output" | "logits" | "grad_output"
+    max_rel: float  # max |a - b| / max(|a|, |b|)
+    tolerance: float
+
+    @property
+    def agree(self) -> bool:
+        return self.max_rel <= self.tolerance
+
+    def to_dict(self) -> dict:
+        return {"layer": self.layer, "point": self.point,
+                "max_rel": self.max_rel if math.isfinite(self.max_rel) else None,
+                "tolerance": self.tolerance, "agree": self.agree}
+
+
+@dataclass
+class Localization:
+    """Where ``backend`` first parts from ``source`` (``first_layer`` None: nowhere within tolerance)."""
+
+    source: str
+    backend: str
+    first_layer: str | None
+    where: str | None
+    max_rel: float | None
+    candidates: list[str]
+    explanation: str
+    backward_layer: str | None
+    checkpoints: list[Checkpoint] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, "backend": self.backend, "first_layer": self.first_layer,
+                "where": self.where,
+                "max_rel": self.max_rel if self.max_rel is None or math.isfinite(self.max_rel) else None,
+                "candidates": self.candidates, "explanation": self.explanation,
+                "backward_first_layer": self.backward_layer,
+                "checkpoints": [c.to_dict() for c in self.checkpoints]}
+
+
+def relative_gap(a: np.ndarray, b: np.ndarray) -> float:
+    """max |a - b| relative to the larger tensor's largest entry (inf for shapes that differ or non-finite)."""
+    if a.shape != b.shape:
+        return math.inf
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    scale = max(float(np.max(np.abs(a), initial=0.0)), float(np.max(np.abs(b), initial=0.0)))
+    d = float(np.max(np.abs(a - b), initial=0.0))
+    if not (math.isfinite(d) and math.isfinite(scale)):
+        return math.inf
+    return 0.0 if d == 0 else (d / scale if scale > 0 else math.inf)
+
+
+def _between(calls: tuple[tuple[str, str], ...], after: str | None, before: str | None) -> list[str]:
+    """The source's calls strictly between the first call of ``after`` and that of ``before``."""
+    names = [c[0] for c in calls]
+    start = names.index(after) + 1 if after in names else 0
+    end = names.index(before) if before in names else len(names)
+    return [f"{n} ({t})" for n, t in calls[start:end]]
+
+
+def localize(source: ModelLayout, target: ModelLayout, mapping: WeightMap, src: dict[str, np.ndarray],
+             tgt: dict[str, np.ndarray], rtol: float) -> Localization:
+    """Compare the two 'forward' captures in the source's call order; name the first layer that differs."""
+    called = {j for j, layer in enumerate(target.layers) if layer.get("called", True)}
+    pairs = [(i, j) for i, j in mapping.layers if source.layers[i].get("called", True) and j in called]
+    checkpoints: list[Checkpoint] = []
+
+    def check(layer: str, point: str, a_key: str, b_key: str) -> Checkpoint | None:
+        if a_key not in src or b_key not in tgt:
+            return None
+        c = Checkpoint(layer, point, relative_gap(src[a_key], tgt[b_key]), rtol)
+        checkpoints.append(c)
+        return c
+
+    first: tuple[Checkpoint, list[str], str] | None = None
+    previous_name: str | None = None
+    previous_output_checked = True
+    for i, j in pairs:
+        s_layer, t_layer = source.layers[i], target.layers[j]
+        name = s_layer["name"]
+        c_in = check(name, "input", f"input/{i}", f"input/{j}")
+        if first is None and c_in is not None and not c_in.agree:
+            between = _between(source.calls, previous_name, name)
+            candidates = ([] if previous_output_checked or previous_name is None else [previous_name]) + between
+            candidates = candidates or ([previous_name] if previous_name else [])
+            how = ("the data or its layout as the model receives it" if previous_name is None else
+                   f"after {previous_name}'s output" if previous_output_checked else f"in or after {previous_name}")
+            first = (c_in, candidates, how)
+        comparable = not (s_layer.get("fused_activation") or t_layer.get("fused_activation"))
+        c_out = check(name, "output", f"output/{i}", f"output/{j}") if comparable else None
+        if first is None and c_out is not None and not c_out.agree:
+            first = (c_out, [name], f"in {name} itself (its input agrees)")
+        previous_name, previous_output_checked = name, c_out is not None
+    c_logits = check("logits", "logits", "logits", "logits")
+    if first is None and c_logits is not None and not c_logits.agree:
+        between = _between(source.calls, previous_name, None)
+        candidates = ([] if previous_output_checked or previous_name is None else [previous_name]) + between
+        candidates = candidates or ([previous_name] if previous_name else [])
+        first = (c_logits, candidates, f"after {previous_name}" if previous_name else "in the model")
+
+    backward = None
+    for i, j in reversed(pairs):  # from the logits back: the first incoming gradient that differs
+        c = check(source.layers[i]["name"], "grad_output", f"grad_output/{i}", f"grad_output/{j}")
+        if c is not None and not c.agree:
+            backward = c.layer
+            break
+
+    if first is None:
+        return Localization(source.backend, target.backend, None, None, None, [],
+                            f"every captured activation of {target.backend} agrees with {source.backend}'s within "
+                            f"{rtol:.3g} relative", backward, checkpoints)
+    c, candidates, how = first
+    named = candidates[0].split(" (")[0] if candidates else c.layer
+    if len(candidates) > 1:
+        blame = f": in one of, in call order, {', '.join(candidates)}"
+    elif candidates and not how.startswith("in "):
+        blame = f": {candidates[0]}"
+    else:
+        blame = ""
+    explanation = (f"{target.backend} first parts from {source.backend} at {c.layer}'s {c.point}: max relative "
+                   f"difference {c.max_rel:.3g} (tolerance {c.tolerance:.3g}), so the difference arises {how}"
+                   f"{blame}. Everything before it agrees.")
+    return Localization(source.backend, target.backend, named, c.point, c.max_rel, candidates, explanation,
+                        backward, checkpoints)

@@ -1,0 +1,254 @@
+"""``gradparity check`` on users' own models: the example CNN in torch, Keras and Flax, planted porting bugs,
+models that fail, and bad input.
+
+The models are plain user code (examples/port_check, tests/port_models), built by each framework's worker
+from a 'module:function' factory. Every assertion compares numbers the frameworks computed: the faithful
+ports must agree with torch within the dtype's tolerance for every method, and each planted bug must be
+named at its layer, as torch names it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import installed
+from gradparity.cli import main
+from gradparity.commands.check import compare_models
+from gradparity.testing import assert_same_gradients, assert_same_outputs
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "port_check"
+PATH = [str(EXAMPLE), str(Path(__file__).resolve().parent / "port_models")]
+BATCH = tuple(np.load(EXAMPLE / "batch.npz")[k] for k in ("x", "y"))
+SMALL = (BATCH[0][:8], BATCH[1][:8])
+
+HAVE = {"torch": installed("torch"), "jax": installed("jax"), "keras": installed("keras-tensorflow")}
+needs = {fw: pytest.mark.skipif(not ok, reason=f"{fw} is not installed: pip install 'gradparity[{fw}]'")
+         for fw, ok in HAVE.items()}
+needs_all = pytest.mark.skipif(not all(HAVE.values()), reason="needs torch, keras and jax: pip install "
+                                                              "'gradparity[all]'")
+
+
+def check(**kwargs):
+    kwargs.setdefault("batch", SMALL)
+    kwargs.setdefault("sys_path", PATH)
+    return compare_models(**kwargs)
+
+
+# --- the faithful ports ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def faithful64():
+    return check(torch="nets_torch:TorchCNN", keras="nets_keras:keras_cnn", jax="nets_flax:flax_cnn",
+                 dtype="float64")
+
+
+@needs_all
+def test_faithful_ports_agree_with_torch_in_float64_for_every_method(faithful64):
+    r = faithful64
+    assert [o.status for o in r.outcomes] == ["ok"] * 3
+    assert len(r.results) == 12 and all(res.ok for res in r.results)
+    assert r.verdict.status == "agree", r.verdict.summary
+    # float64: the three frameworks' arithmetic differs only in rounding order (~1e-15).
+    assert max(c.max_rel for c in r.comparisons) < 1e-12
+    assert all(res.dtype == "float64" for res in r.results)
+    assert r.first_layer is None and len(r.localizations) == 2
+    assert all(c.agree for loc in r.localizations for c in loc.checkpoints)
+    # Every captured layer was compared: inputs of all five layers and the logits, in both ports.
+    for loc in r.localizations:
+        points = {(c.layer, c.point) for c in loc.checkpoints}
+        assert {("features.0", "input"), ("classifier.4", "input"), ("logits", "logits")} <= points
+
+
+@needs_all
+def test_weights_are_mapped_by_structure_and_every_mean_loss_agrees(faithful64):
+    r = faithful64
+    assert r.maps["jax"].assign["conv2.kernel"] == "features.3.weight"
+    assert r.maps["jax"].assign["norm.scale"] == "classifier.2.weight"
+    keras_kernel = next(k for k, v in r.maps["keras"].assign.items() if v == "classifier.4.weight")
+    assert keras_kernel.endswith("kernel") and "dense_1" in keras_kernel
+    # The same weights and batch give the same mean loss in every framework (float64).
+    logits = r.layouts["torch"].output_shape
+    assert tuple(logits) == (8, 10)
+    losses = {res.backend: res.loss for res in r.results if res.method == "mean"}
+    assert max(losses.values()) - min(losses.values()) < 1e-13
+
+
+@needs_all
+def test_faithful_ports_agree_in_float32_through_the_cli_and_toml(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "gradparity", "check", str(EXAMPLE / "check.toml"), "--out",
+                           str(out), "--methods", "mean,one_by_one"], capture_output=True, text=True, timeout=900,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads((out / "report.json").read_text())
+    assert doc["schema"] == "gradparity.check/1" and doc["verdict"]["status"] == "agree"
+    assert doc["localization"]["first_layer"] is None
+    assert {b["environment"]["dtype"] for b in doc["backends"]} == {"float32"}
+    # float32: differences are rounding-sized and inside the stated tolerance, well above float64's.
+    worst = max(c["max_rel"] for c in doc["comparisons"])
+    assert 1e-9 < worst <= doc["comparisons"][0]["tolerance"]
+    assert len(doc["mapping"]["keras"]["params"]) == 10 and len(doc["mapping"]["jax"]["params"]) == 10
+    with np.load(out / "gradients.npz") as z:
+        assert "jax/mean/features.0.weight" in z.files and z["jax/mean/features.0.weight"].shape == (3, 3, 1, 8)
+    assert "weights torch -> jax" in proc.stdout and "jax:conv1.kernel <- torch:features.0.weight" in proc.stdout
+
+
+# --- planted bugs ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def planted():
+    """Flax: asymmetric "SAME" padding at the stride-2 conv; Keras: tanh-approximate GELU after the LayerNorm."""
+    return check(torch="nets_torch:TorchCNN", keras="nets_keras:keras_cnn_tanh_gelu",
+                 jax="nets_flax:flax_cnn_same_padding", dtype="float64", methods=["mean"])
+
+
+@needs_all
+def test_planted_padding_and_gelu_bugs_are_named_at_their_layers(planted):
+    r = planted
+    assert r.verdict.status == "disagree" and r.exit_code == 1
+    by = {loc.backend: loc for loc in r.localizations}
+    assert by["jax"].first_layer == "features.3" and by["jax"].where == "output"
+    assert by["keras-tensorflow"].first_layer == "classifier.3" and by["keras-tensorflow"].where == "input"
+    # The earliest in torch's call order is the report's first layer.
+    assert r.first_layer == "features.3" and r.to_dict()["localization"]["first_layer"] == "features.3"
+    # Before the bug, everything agrees to float64 rounding.
+    jax_checks = by["jax"].checkpoints
+    assert all(c.agree for c in jax_checks[:jax_checks.index(next(c for c in jax_checks if not c.agree))])
+    assert "features.3" in r.verdict.explanation[0] or "features.3" in " ".join(r.verdict.explanation)
+
+
+@pytest.fixture(scope="module")
+def planted_more():
+    """Flax: LayerNorm at Flax's default epsilon; a second Flax port with a kernel read transposed."""
+    eps = check(torch="nets_torch:TorchCNN", jax="port_bugs:flax_cnn_epsilon_default", dtype="float64",
+                methods=["mean"])
+    swapped = check(torch="nets_torch:TorchCNN", jax="port_bugs:flax_cnn_swapped_kernel", dtype="float64",
+                    methods=["mean"])
+    return eps, swapped
+
+
+@needs["torch"]
+@needs["jax"]
+def test_planted_epsilon_and_transposed_kernel_are_named(planted_more):
+    eps, swapped = planted_more
+    assert eps.first_layer == "classifier.2" and eps.localizations[0].where == "output"
+    # An epsilon of 1e-6 instead of 1e-5 is a small difference: far above float64 rounding.
+    assert 1e-9 < eps.localizations[0].max_rel < 1e-2
+    assert swapped.first_layer == "features.0" and swapped.localizations[0].where == "output"
+    assert eps.verdict.status == swapped.verdict.status == "disagree"
+
+
+@needs["torch"]
+@needs["jax"]
+def test_pytest_helpers_pass_a_faithful_port_and_fail_with_the_layer():
+    report = assert_same_gradients(torch="nets_torch:TorchCNN", jax="nets_flax:flax_cnn", batch=SMALL,
+                                   sys_path=PATH, methods=["mean"])
+    assert report.verdict.status == "agree"
+    with pytest.raises(AssertionError, match=r"(?s)outputs differ.*first differs at features\.3"):
+        assert_same_outputs(torch="nets_torch:TorchCNN", jax="nets_flax:flax_cnn_same_padding", batch=SMALL,
+                            sys_path=PATH)
+
+
+# --- models that fail ----------------------------------------------------------------------------
+
+@needs_all
+def test_a_raising_factory_and_a_wrong_output_shape_become_failed_rows():
+    r = check(torch="nets_torch:TorchCNN", jax="port_bugs:flax_raises", keras="port_bugs:not_a_model",
+              methods=["mean", "sum"])
+    rows = {(res.backend, res.method): res for res in r.results}
+    assert rows[("torch", "mean")].ok and rows[("torch", "sum")].ok
+    assert "this factory fails on purpose" in rows[("jax", "mean")].error
+    assert "not a keras.Model" in rows[("keras-tensorflow", "sum")].error or "Model" in rows[
+        ("keras-tensorflow", "sum")].error
+    assert r.verdict.status == "incomplete" and r.exit_code == 3
+    r = check(torch="nets_torch:TorchCNN", jax="port_bugs:flax_wrong_shape", methods=["mean"])
+    jax_row = next(res for res in r.results if res.backend == "jax")
+    assert jax_row.status == "error" and "shape [8, 7]" in jax_row.error and "[8, 10]" in jax_row.error
+
+
+@needs["torch"]
+@needs["jax"]
+def test_a_hanging_or_crashing_model_is_stopped_and_the_others_are_kept():
+    r = check(torch="nets_torch:TorchCNN", jax="port_bugs:flax_hangs", methods=["mean"], timeout_s=20)
+    rows = {res.backend: res for res in r.results}
+    assert rows["torch"].ok and rows["jax"].status == "timeout" and "timed out" in rows["jax"].error
+    r = check(torch="nets_torch:TorchCNN", jax="port_bugs:flax_crashes", methods=["mean"])
+    rows = {res.backend: res for res in r.results}
+    assert rows["torch"].ok and rows["jax"].status == "crashed" and "SIGABRT" in rows["jax"].error
+
+
+# --- bad input: exit 2 ---------------------------------------------------------------------------
+
+def run_cli(capsys, *args) -> tuple[int, str]:
+    code = main(["check", *args])
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--torch", "nets_torch"], "is not 'module:function'"),
+    (["--torch", "nets_torch:TorchCNN", "--loss", "hinge"], "unknown loss 'hinge'"),
+    (["--torch", "nets_torch:TorchCNN", "--methods", "mean,vmap"], "methods ['vmap']"),
+    (["--torch", "nets_torch:TorchCNN", "--weights-from", "jax"], "weights_from = 'jax' names no given model"),
+    (["--torch", "nets_torch:TorchCNN", "--dtype", "float16"], "dtype = 'float16'"),
+    (["--data", "BATCH"], "no model given"),
+    (["--torch", "nets_torch:TorchCNN"], "no batch given"),
+])
+def test_bad_settings_exit_2_before_any_worker(capsys, tmp_path, args, message):
+    np.savez(tmp_path / "b.npz", x=SMALL[0], y=SMALL[1])
+    args = [str(tmp_path / "b.npz") if a == "BATCH" else a for a in args]
+    if "--data" not in args and "no batch given" not in message:
+        args += ["--data", str(tmp_path / "b.npz")]
+    code, text = run_cli(capsys, *args, "--out", str(tmp_path / "out"))
+    assert code == 2 and message in text, text
+    assert not (tmp_path / "out" / "report.json").exists()
+
+
+@pytest.mark.parametrize("x,y,message", [
+    (np.full((4, 8, 8, 1), np.nan, np.float32), np.zeros(4, np.int64), "NaN/inf"),
+    (np.zeros((4, 8, 8, 1), np.float32), np.zeros(3, np.int64), "axis 0 must match"),
+    (np.zeros((4, 8, 8, 1), np.float32), np.full(4, -1), "negative class -1"),
+    (np.zeros((4, 8, 8, 1), np.float32), np.zeros(4, np.float32), "integer class targets"),
+])
+def test_bad_batches_exit_2(capsys, tmp_path, x, y, message):
+    np.savez(tmp_path / "b.npz", x=x, y=y)
+    code, text = run_cli(capsys, "--torch", "nets_torch:TorchCNN", "--data", str(tmp_path / "b.npz"))
+    assert code == 2 and message in text, text
+
+
+def test_bad_toml_exits_2(capsys, tmp_path):
+    (tmp_path / "c.toml").write_text('[models]\ntorch = "a:b"\npytorch = "c:d"\n[check]\nbatch = "x.npz"\n')
+    code, text = run_cli(capsys, str(tmp_path / "c.toml"))
+    assert code == 2 and "unknown key 'pytorch' in [models]" in text and "unknown key 'batch' in [check]" in text
+
+
+@needs["torch"]
+def test_labels_beyond_the_models_classes_exit_2(tmp_path):
+    with pytest.raises(Exception, match=r"y holds class 12, but the model has 10 classes"):
+        check(torch="nets_torch:TorchCNN", batch=(SMALL[0], np.full(8, 12)))
+
+
+@needs["torch"]
+@needs["jax"]
+def test_an_unmappable_port_is_a_mapping_error_with_both_parameter_lists(tmp_path):
+    from gradparity.experiment.weights import MappingError
+
+    (tmp_path / "tiny_flax.py").write_text(
+        "from flax import nnx\n"
+        "class Tiny(nnx.Module):\n"
+        "    def __init__(self):\n"
+        "        self.fc = nnx.Linear(64, 10, rngs=nnx.Rngs(0))\n"
+        "    def __call__(self, x):\n"
+        "        return self.fc(x.reshape(x.shape[0], -1))\n")
+    with pytest.raises(MappingError) as info:
+        check(torch="nets_torch:TorchCNN", jax="tiny_flax:Tiny", sys_path=PATH + [str(tmp_path)])
+    text = str(info.value)
+    assert "torch has 5 layers with parameters to map, jax has 1" in text
+    assert "features.0 (Conv2d)" in text and "fc (Linear)" in text  # side by side
