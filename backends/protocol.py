@@ -307,12 +307,3 @@ def loss_elements(logits_shape: tuple[int, ...], loss: str) -> int:
     shape = tuple(logits_shape)
     return int(np.prod(shape[:-1] if loss == "cross_entropy" else shape))
 
-
-def numpy_loss(logits: np.ndarray, y: np.ndarray, loss: str) -> np.ndarray:
-    """Per-element losses in float64 (cross-entropy over the last axis, or squared error), for checks."""
-    z = np.asarray(logits, dtype=np.float64)
-    if loss == "mse":
-        return (z - y) ** 2
-    z = z - z.max(axis=-1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
-    return -np.take_along_axis(logp, np.asarray(y)[..., None].astype(np.int64), axis=-1)[..., 0]

@@ -9,7 +9,6 @@ named at its layer, as torch names it.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -45,39 +44,50 @@ def check(**kwargs):
 
 @pytest.fixture(scope="module")
 def faithful64():
-    return check(torch="nets_torch:TorchCNN", keras="nets_keras:keras_cnn", jax="nets_flax:flax_cnn",
-                 dtype="float64")
+    return check(torch="nets_torch:TorchCNN", jax="nets_flax:flax_cnn", dtype="float64")
 
 
-@needs_all
-def test_faithful_ports_agree_with_torch_in_float64_for_every_method(faithful64):
+@needs["torch"]
+@needs["jax"]
+def test_faithful_flax_port_agrees_with_torch_in_float64_for_every_method(faithful64):
     r = faithful64
-    assert [o.status for o in r.outcomes] == ["ok"] * 3
-    assert len(r.results) == 12 and all(res.ok for res in r.results)
+    assert [o.status for o in r.outcomes] == ["ok"] * 2
+    assert len(r.results) == 8 and all(res.ok for res in r.results)
     assert r.verdict.status == "agree", r.verdict.summary
-    # float64: the three frameworks' arithmetic differs only in rounding order (~1e-15).
+    # float64: the two frameworks' arithmetic differs only in rounding order (~1e-15).
     assert max(c.max_rel for c in r.comparisons) < 1e-12
     assert all(res.dtype == "float64" for res in r.results)
-    assert r.first_layer is None and len(r.localizations) == 2
-    assert all(c.agree for loc in r.localizations for c in loc.checkpoints)
-    # Every captured layer was compared: inputs of all five layers and the logits, in both ports.
-    for loc in r.localizations:
-        points = {(c.layer, c.point) for c in loc.checkpoints}
-        assert {("features.0", "input"), ("classifier.4", "input"), ("logits", "logits")} <= points
+    assert r.first_layer is None and len(r.localizations) == 1
+    loc = r.localizations[0]
+    assert all(c.agree for c in loc.checkpoints)
+    # Every layer's input and output, and the logits, were compared (Flax fuses no activation).
+    points = {(c.layer, c.point) for c in loc.checkpoints}
+    assert {(name, p) for name in ("features.0", "features.3", "classifier.1", "classifier.2", "classifier.4")
+            for p in ("input", "output")} | {("logits", "logits")} <= points
+
+
+@needs["torch"]
+@needs["jax"]
+def test_weights_are_mapped_by_structure_in_call_order(faithful64):
+    """Flax lists its state alphabetically (fc2 before norm); the call order pairs the layers."""
+    assign = faithful64.maps["jax"].assign
+    assert assign["conv2.kernel"] == "features.3.weight" and assign["norm.scale"] == "classifier.2.weight"
+    assert assign["fc2.kernel"] == "classifier.4.weight" and len(assign) == 10
+    losses = [res.loss for res in faithful64.results]
+    assert max(losses) - min(losses) < 1e-13
 
 
 @needs_all
-def test_weights_are_mapped_by_structure_and_every_mean_loss_agrees(faithful64):
-    r = faithful64
-    assert r.maps["jax"].assign["conv2.kernel"] == "features.3.weight"
-    assert r.maps["jax"].assign["norm.scale"] == "classifier.2.weight"
-    keras_kernel = next(k for k, v in r.maps["keras"].assign.items() if v == "classifier.4.weight")
-    assert keras_kernel.endswith("kernel") and "dense_1" in keras_kernel
-    # The same weights and batch give the same mean loss in every framework (float64).
-    logits = r.layouts["torch"].output_shape
-    assert tuple(logits) == (8, 10)
-    losses = {res.backend: res.loss for res in r.results if res.method == "mean"}
-    assert max(losses.values()) - min(losses.values()) < 1e-13
+def test_tensorflow_float64_gelu_is_found_and_localized():
+    """Measured (TF 2.21): tf.nn.gelu's exact form in float64 is off by up to 5e-9, so a float64 check of the
+    faithful Keras port differs from torch at about 1e-8, first seen after the fused Conv2D+GELU layers."""
+    r = check(torch="nets_torch:TorchCNN", keras="nets_keras:keras_cnn", dtype="float64", methods=["mean"])
+    loc = r.localizations[0]
+    assert r.verdict.status == "disagree" and 1e-10 < loc.max_rel < 1e-6
+    assert loc.first_layer == "features.0" and "features.1 (GELU)" in loc.candidates
+    assert "features.4 (GELU)" in loc.candidates
+    # The layers Keras does not fuse agree before their inputs carry the difference in.
+    assert loc.checkpoints[0].layer == "features.0" and loc.checkpoints[0].agree
 
 
 @needs_all
@@ -104,9 +114,10 @@ def test_faithful_ports_agree_in_float32_through_the_cli_and_toml(tmp_path):
 
 @pytest.fixture(scope="module")
 def planted():
-    """Flax: asymmetric "SAME" padding at the stride-2 conv; Keras: tanh-approximate GELU after the LayerNorm."""
+    """Flax: asymmetric "SAME" padding at the stride-2 conv; Keras: tanh-approximate GELU after the LayerNorm
+    (float32, the default: TensorFlow's float64 GELU would show first, see above)."""
     return check(torch="nets_torch:TorchCNN", keras="nets_keras:keras_cnn_tanh_gelu",
-                 jax="nets_flax:flax_cnn_same_padding", dtype="float64", methods=["mean"])
+                 jax="nets_flax:flax_cnn_same_padding", methods=["mean"])
 
 
 @needs_all
@@ -118,7 +129,7 @@ def test_planted_padding_and_gelu_bugs_are_named_at_their_layers(planted):
     assert by["keras-tensorflow"].first_layer == "classifier.3" and by["keras-tensorflow"].where == "input"
     # The earliest in torch's call order is the report's first layer.
     assert r.first_layer == "features.3" and r.to_dict()["localization"]["first_layer"] == "features.3"
-    # Before the bug, everything agrees to float64 rounding.
+    # Before the bug, everything agrees to float32 rounding.
     jax_checks = by["jax"].checkpoints
     assert all(c.agree for c in jax_checks[:jax_checks.index(next(c for c in jax_checks if not c.agree))])
     assert "features.3" in r.verdict.explanation[0] or "features.3" in " ".join(r.verdict.explanation)
@@ -126,33 +137,34 @@ def test_planted_padding_and_gelu_bugs_are_named_at_their_layers(planted):
 
 @pytest.fixture(scope="module")
 def planted_more():
-    """Flax: LayerNorm at Flax's default epsilon; a second Flax port with a kernel read transposed."""
-    eps = check(torch="nets_torch:TorchCNN", jax="port_bugs:flax_cnn_epsilon_default", dtype="float64",
-                methods=["mean"])
-    swapped = check(torch="nets_torch:TorchCNN", jax="port_bugs:flax_cnn_swapped_kernel", dtype="float64",
-                    methods=["mean"])
-    return eps, swapped
+    """Flax: the LayerNorm at Flax's default epsilon (float64: the difference is small); Keras: a convolution
+    that reads its kernel transposed."""
+    return check(torch="nets_torch:TorchCNN", jax="port_bugs_flax:flax_cnn_epsilon_default",
+                 keras="port_bugs_keras:keras_cnn_swapped_kernel", dtype="float64", methods=["mean"])
 
 
-@needs["torch"]
-@needs["jax"]
+@needs_all
 def test_planted_epsilon_and_transposed_kernel_are_named(planted_more):
-    eps, swapped = planted_more
-    assert eps.first_layer == "classifier.2" and eps.localizations[0].where == "output"
-    # An epsilon of 1e-6 instead of 1e-5 is a small difference: far above float64 rounding.
-    assert 1e-9 < eps.localizations[0].max_rel < 1e-2
-    assert swapped.first_layer == "features.0" and swapped.localizations[0].where == "output"
-    assert eps.verdict.status == swapped.verdict.status == "disagree"
+    by = {loc.backend: loc for loc in planted_more.localizations}
+    eps, swapped = by["jax"], by["keras-tensorflow"]
+    assert eps.first_layer == "classifier.2" and eps.where == "output"
+    # An epsilon of 1e-6 instead of 1e-5 is a small difference: far above float64 rounding, far below 1%.
+    assert 1e-9 < eps.max_rel < 1e-2
+    # Keras fuses the GELU into the convolution, so the first comparable checkpoint comes after it.
+    assert swapped.first_layer == "features.0" and swapped.max_rel > 1e-3
+    assert planted_more.verdict.status == "disagree"
 
 
 @needs["torch"]
-@needs["jax"]
-def test_pytest_helpers_pass_a_faithful_port_and_fail_with_the_layer():
-    report = assert_same_gradients(torch="nets_torch:TorchCNN", jax="nets_flax:flax_cnn", batch=SMALL,
-                                   sys_path=PATH, methods=["mean"])
-    assert report.verdict.status == "agree"
-    with pytest.raises(AssertionError, match=r"(?s)outputs differ.*first differs at features\.3"):
-        assert_same_outputs(torch="nets_torch:TorchCNN", jax="nets_flax:flax_cnn_same_padding", batch=SMALL,
+@needs["keras"]
+def test_pytest_helpers_pass_agreeing_methods_and_fail_with_the_layer():
+    report = assert_same_gradients(torch="nets_torch:TorchCNN", batch=SMALL, sys_path=PATH)
+    assert report.verdict.status == "agree" and len(report.results) == 4
+    with pytest.raises(AssertionError, match=r"(?s)gradients differ.*first differs at classifier\.3"):
+        assert_same_gradients(torch="nets_torch:TorchCNN", keras="nets_keras:keras_cnn_tanh_gelu", batch=SMALL,
+                              sys_path=PATH, methods=["mean"])
+    with pytest.raises(AssertionError, match=r"(?s)outputs differ.*first differs at classifier\.3"):
+        assert_same_outputs(torch="nets_torch:TorchCNN", keras="nets_keras:keras_cnn_tanh_gelu", batch=SMALL,
                             sys_path=PATH)
 
 
@@ -160,7 +172,7 @@ def test_pytest_helpers_pass_a_faithful_port_and_fail_with_the_layer():
 
 @needs_all
 def test_a_raising_factory_and_a_wrong_output_shape_become_failed_rows():
-    r = check(torch="nets_torch:TorchCNN", jax="port_bugs:flax_raises", keras="port_bugs:not_a_model",
+    r = check(torch="nets_torch:TorchCNN", jax="port_bugs_flax:flax_raises", keras="port_bugs_flax:not_a_model",
               methods=["mean", "sum"])
     rows = {(res.backend, res.method): res for res in r.results}
     assert rows[("torch", "mean")].ok and rows[("torch", "sum")].ok
@@ -168,7 +180,7 @@ def test_a_raising_factory_and_a_wrong_output_shape_become_failed_rows():
     assert "not a keras.Model" in rows[("keras-tensorflow", "sum")].error or "Model" in rows[
         ("keras-tensorflow", "sum")].error
     assert r.verdict.status == "incomplete" and r.exit_code == 3
-    r = check(torch="nets_torch:TorchCNN", jax="port_bugs:flax_wrong_shape", methods=["mean"])
+    r = check(torch="nets_torch:TorchCNN", jax="port_bugs_flax:flax_wrong_shape", methods=["mean"])
     jax_row = next(res for res in r.results if res.backend == "jax")
     assert jax_row.status == "error" and "shape [8, 7]" in jax_row.error and "[8, 10]" in jax_row.error
 
@@ -176,10 +188,10 @@ def test_a_raising_factory_and_a_wrong_output_shape_become_failed_rows():
 @needs["torch"]
 @needs["jax"]
 def test_a_hanging_or_crashing_model_is_stopped_and_the_others_are_kept():
-    r = check(torch="nets_torch:TorchCNN", jax="port_bugs:flax_hangs", methods=["mean"], timeout_s=20)
+    r = check(torch="nets_torch:TorchCNN", jax="port_bugs_flax:flax_hangs", methods=["mean"], timeout_s=12)
     rows = {res.backend: res for res in r.results}
     assert rows["torch"].ok and rows["jax"].status == "timeout" and "timed out" in rows["jax"].error
-    r = check(torch="nets_torch:TorchCNN", jax="port_bugs:flax_crashes", methods=["mean"])
+    r = check(torch="nets_torch:TorchCNN", jax="port_bugs_flax:flax_crashes", methods=["mean"])
     rows = {res.backend: res for res in r.results}
     assert rows["torch"].ok and rows["jax"].status == "crashed" and "SIGABRT" in rows["jax"].error
 

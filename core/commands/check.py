@@ -199,7 +199,7 @@ def _describe_failure(o: BackendOutcome) -> str | None:
     return None
 
 
-def _output_problem(layout: ModelLayout, source: ModelLayout, y: np.ndarray, loss: str) -> str | None:
+def _output_problem(layout: ModelLayout, source: ModelLayout) -> str | None:
     """Why a framework's output cannot be compared with the source's, or None."""
     if layout.output_shape != source.output_shape:
         return (f"the model returned output of shape {list(layout.output_shape)}, but the "
@@ -363,7 +363,7 @@ def _run_stages(spec: ModelCheck, say) -> ModelReport:
         for fw in frameworks[1:]:
             if fw not in layouts:
                 continue
-            problem = _output_problem(layouts[fw], layouts[source], spec.y, spec.loss)
+            problem = _output_problem(layouts[fw], layouts[source])
             if problem:
                 failed[fw] = _failed_outcome(layouts[fw].backend, cases, "error", problem,
                                              described[fw].environment)

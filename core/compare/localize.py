@@ -84,14 +84,6 @@ def relative_gap(a: np.ndarray, b: np.ndarray) -> float:
     return 0.0 if d == 0 else (d / scale if scale > 0 else math.inf)
 
 
-def _between(calls: tuple[tuple[str, str], ...], after: str | None, before: str | None) -> list[str]:
-    """The source's calls strictly between the first call of ``after`` and that of ``before``."""
-    names = [c[0] for c in calls]
-    start = names.index(after) + 1 if after in names else 0
-    end = names.index(before) if before in names else len(names)
-    return [f"{n} ({t})" for n, t in calls[start:end]]
-
-
 def localize(source: ModelLayout, target: ModelLayout, mapping: WeightMap, src: dict[str, np.ndarray],
              tgt: dict[str, np.ndarray], rtol: float) -> Localization:
     """Compare the two 'forward' captures in the source's call order; name the first layer that differs."""
@@ -100,37 +92,57 @@ def localize(source: ModelLayout, target: ModelLayout, mapping: WeightMap, src: 
     checkpoints: list[Checkpoint] = []
 
     def check(layer: str, point: str, a_key: str, b_key: str) -> Checkpoint | None:
-        if a_key not in src or b_key not in tgt:
+        if a_key not in src or b_key not in tgt or src[a_key].shape != tgt[b_key].shape:
+            # Not the same quantity (a ZeroPadding2D layer makes the next convolution's input larger).
             return None
         c = Checkpoint(layer, point, relative_gap(src[a_key], tgt[b_key]), rtol)
         checkpoints.append(c)
         return c
 
     first: tuple[Checkpoint, list[str], str] | None = None
-    previous_name: str | None = None
-    previous_output_checked = True
+    # The last checkpoint that agreed: (layer name, point). Everything the source called after it, up to
+    # the first checkpoint that differs, is a candidate; checkpoints skipped in between (a fused
+    # activation, a padding layer that changes the next input's shape) widen the span.
+    last_ok: tuple[str, str] | None = None
+
+    def span(until: str, inclusive: bool) -> list[str]:
+        names = [c[0] for c in source.calls]
+        if last_ok is None:
+            start = 0
+        else:
+            start = names.index(last_ok[0]) + (1 if last_ok[1] == "output" else 0) if last_ok[0] in names else 0
+        end = (names.index(until) + (1 if inclusive else 0)) if until in names else len(names)
+        return [f"{n} ({t})" for n, t in source.calls[start:end]]
+
+    def described() -> str:
+        if last_ok is None:
+            return "before the first captured layer (the data or its layout as the model receives it)"
+        return f"after {last_ok[0]}'s {last_ok[1]}, which agrees"
+
     for i, j in pairs:
+        if first is not None:
+            break
         s_layer, t_layer = source.layers[i], target.layers[j]
         name = s_layer["name"]
         c_in = check(name, "input", f"input/{i}", f"input/{j}")
-        if first is None and c_in is not None and not c_in.agree:
-            between = _between(source.calls, previous_name, name)
-            candidates = ([] if previous_output_checked or previous_name is None else [previous_name]) + between
-            candidates = candidates or ([previous_name] if previous_name else [])
-            how = ("the data or its layout as the model receives it" if previous_name is None else
-                   f"after {previous_name}'s output" if previous_output_checked else f"in or after {previous_name}")
-            first = (c_in, candidates, how)
+        if c_in is not None:
+            if not c_in.agree:
+                first = (c_in, span(name, inclusive=False), described())
+                break
+            last_ok = (name, "input")
         comparable = not (s_layer.get("fused_activation") or t_layer.get("fused_activation"))
         c_out = check(name, "output", f"output/{i}", f"output/{j}") if comparable else None
-        if first is None and c_out is not None and not c_out.agree:
-            first = (c_out, [name], f"in {name} itself (its input agrees)")
-        previous_name, previous_output_checked = name, c_out is not None
-    c_logits = check("logits", "logits", "logits", "logits")
-    if first is None and c_logits is not None and not c_logits.agree:
-        between = _between(source.calls, previous_name, None)
-        candidates = ([] if previous_output_checked or previous_name is None else [previous_name]) + between
-        candidates = candidates or ([previous_name] if previous_name else [])
-        first = (c_logits, candidates, f"after {previous_name}" if previous_name else "in the model")
+        if c_out is not None:
+            if not c_out.agree:
+                first = (c_out, span(name, inclusive=True), described())
+                break
+            last_ok = (name, "output")
+    if first is None:
+        c_logits = check("logits", "logits", "logits", "logits")
+        if c_logits is not None and not c_logits.agree:
+            first = (c_logits, span("", inclusive=False), described())
+    else:
+        check("logits", "logits", "logits", "logits")
 
     backward = None
     for i, j in reversed(pairs):  # from the logits back: the first incoming gradient that differs
@@ -144,15 +156,15 @@ def localize(source: ModelLayout, target: ModelLayout, mapping: WeightMap, src: 
                             f"every captured activation of {target.backend} agrees with {source.backend}'s within "
                             f"{rtol:.3g} relative", backward, checkpoints)
     c, candidates, how = first
-    named = candidates[0].split(" (")[0] if candidates else c.layer
-    if len(candidates) > 1:
-        blame = f": in one of, in call order, {', '.join(candidates)}"
-    elif candidates and not how.startswith("in "):
+    if not candidates:
+        blame = ", in code that is not a module or layer of its own (a functional call between them)"
+    elif len(candidates) == 1:
         blame = f": {candidates[0]}"
     else:
-        blame = ""
+        blame = f": in one of, in call order, {', '.join(candidates)}"
+    named = candidates[0].split(" (")[0] if candidates else c.layer
     explanation = (f"{target.backend} first parts from {source.backend} at {c.layer}'s {c.point}: max relative "
-                   f"difference {c.max_rel:.3g} (tolerance {c.tolerance:.3g}), so the difference arises {how}"
+                   f"difference {c.max_rel:.3g} (tolerance {c.tolerance:.3g}); the difference arises {how}"
                    f"{blame}. Everything before it agrees.")
     return Localization(source.backend, target.backend, named, c.point, c.max_rel, candidates, explanation,
                         backward, checkpoints)

@@ -160,7 +160,7 @@ def map_weights(source: ModelLayout, target: ModelLayout, explicit: dict[str, st
             problems.append(f"explicit mapping {t!r} <- {s!r}: shapes {list(t_all[t].shape)} and "
                             f"{list(s_all[s].shape)} differ (in the canonical layout: kernels (in, out))")
     if problems:
-        raise MappingError(problems + ["\n" + side_by_side(source, target)])
+        raise MappingError(problems[:-1] + [problems[-1] + "\n\n" + side_by_side(source, target)])
 
     used_sources = set(explicit.values())
     # Layers left to map by structure: those with a parameter the explicit mapping did not cover.
@@ -176,16 +176,15 @@ def map_weights(source: ModelLayout, target: ModelLayout, explicit: dict[str, st
         raise MappingError([
             f"{source.backend} has {len(s_layers)} layers with parameters to map, {target.backend} has "
             f"{len(t_layers)}: they do not pair up in call order. Map the differing ones explicitly "
-            f"(mapping = {{ \"{target.backend} name\" = \"{source.backend} name\" }}) or fix the port.",
-            "\n" + side_by_side(source, target)])
+            f"(mapping = {{ \"{target.backend} name\" = \"{source.backend} name\" }}) or fix the port.\n\n"
+            + side_by_side(source, target)])
     for (i, s_params), (j, t_params) in zip(s_layers, t_layers):
         paired = _pair_layer(s_params, t_params)
         if isinstance(paired, str):
             raise MappingError([
                 f"layer {i} does not map: {source.backend} {source.layers[i]['name']} "
                 f"({source.layers[i]['type']}) vs {target.backend} {target.layers[j]['name']} "
-                f"({target.layers[j]['type']}): {paired}",
-                "\n" + side_by_side(source, target)])
+                f"({target.layers[j]['type']}): {paired}\n\n" + side_by_side(source, target)])
         assign.update(paired)
         pairs.append((i, j))
     # Layers mapped wholly by hand still pair for localization, through their parameters.
