@@ -264,3 +264,41 @@ def test_an_unmappable_port_is_a_mapping_error_with_both_parameter_lists(tmp_pat
     text = str(info.value)
     assert "torch has 5 layers with parameters to map, jax has 1" in text
     assert "features.0 (Conv2d)" in text and "fc (Linear)" in text  # side by side
+
+
+def test_toml_reads_models_settings_and_explicit_mapping(tmp_path):
+    from gradparity.commands.check import read_check_config
+
+    np.savez(tmp_path / "b.npz", x=SMALL[0], y=SMALL[1])
+    (tmp_path / "c.toml").write_text(
+        '[models]\ntorch = "nets_torch:TorchCNN"\njax = "nets_flax:flax_cnn"\n'
+        '[check]\ndata = "b.npz"\ndtype = "float64"\nmethods = ["mean", "sum"]\nmode = "training"\n'
+        '[mapping.jax]\n"fc2.kernel" = "classifier.4.weight"\n')
+    spec = read_check_config(tmp_path / "c.toml", {"dtype": "float32"})  # flags override the file
+    assert spec.factories == {"torch": "nets_torch:TorchCNN", "jax": "nets_flax:flax_cnn"}
+    assert spec.dtype == "float32" and spec.methods == ("mean", "sum") and spec.mode == "training"
+    assert spec.mapping == {"jax": {"fc2.kernel": "classifier.4.weight"}} and spec.source == "torch"
+    assert spec.sys_path == (str(tmp_path),) and spec.x.shape == SMALL[0].shape
+    (tmp_path / "d.toml").write_text(
+        '[models]\ntorch = "a:b"\n[check]\ndata = "b.npz"\n[mapping.torch]\n"x" = "y"\n')
+    with pytest.raises(Exception, match="only a framework whose weights are mapped"):
+        read_check_config(tmp_path / "d.toml", {})
+
+
+@needs["torch"]
+@needs["jax"]
+def test_a_sequence_model_with_token_logits_maps_and_localizes_the_gelu():
+    """(N, T) integer tokens -> (N, T, C) logits: the loss averages N*T terms; embeddings map as embeddings;
+    the Flax port left at jax.nn.gelu's tanh default is named at torch's act (nn.GELU)."""
+    tokens = np.random.default_rng(0).integers(0, 11, size=(3, 4))
+    labels = np.random.default_rng(1).integers(0, 5, size=(3, 4))
+    r = check(torch="seq_torch:TinyTransformer", jax="seq_flax:default_gelu", batch=(tokens, labels),
+              dtype="float64", methods=["mean", "sum", "one_by_one"])
+    assert r.loss_elements == 12 and r.maps["jax"].assign["embed.embedding"] == "embed.weight"
+    loc = r.localizations[0]
+    assert loc.first_layer == "act" and loc.where == "input", loc.explanation
+    torch_rows = [res for res in r.results if res.backend == "torch"]
+    assert all(res.ok for res in r.results)
+    # Within torch the methods agree (sum / 12 and the mean of 3 example means over 4 tokens each).
+    assert max(c.max_rel for c in r.comparisons if c.a.startswith("torch/") and c.b.startswith("torch/")) < 1e-13
+    assert len(torch_rows) == 3 and r.verdict.status == "disagree"

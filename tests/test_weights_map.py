@@ -145,7 +145,8 @@ def test_localization_skips_outputs_behind_a_fused_activation():
     rng = np.random.default_rng(1)
     loc = localize(s, t, wm, _captures(s, rng), _captures(t, rng, {"output/0": 1e-3}), rtol=1e-6)
     # The fused output is not compared; the next input is, and blames the conv or what follows it.
-    assert not any(c.layer == "features.0" and c.point == "output" for c in loc.checkpoints)
+    assert not any(c.layer in ("features.0", "features.3") and c.point in ("output", "grad_output")
+                   for c in loc.checkpoints)
     assert loc.where == "input" and loc.candidates[:2] == ["features.0 (Conv2d)", "features.1 (GELU)"]
     assert loc.first_layer == "features.0"
 

@@ -40,6 +40,13 @@ FRAMEWORKS = ("torch", "keras", "jax")
 LOSSES = ("cross_entropy", "mse")
 MODES = ("inference", "training")
 SCHEMA = "gradparity.check/1"
+#: What training mode changes, stated in every training-mode report.
+TRAINING_NOTE = (
+    "Training mode: dropout draws its masks from each framework's own random generator (they cannot match "
+    "across frameworks, nor between methods that run separate forward passes), and batch normalization "
+    "normalizes with the statistics of the batch it sees (one_by_one feeds batches of one) and updates its "
+    "running statistics. Differences from these are expected and are not porting bugs; inference mode (the "
+    "default) compares the deterministic model.")
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 
@@ -64,7 +71,7 @@ class ModelCheck:
 
     @property
     def source(self) -> str:
-        return self.weights_from or next(f for f in FRAMEWORKS if f in self.factories)
+        return self.weights_from or next((f for f in FRAMEWORKS if f in self.factories), "")
 
     @property
     def frameworks(self) -> list[str]:
@@ -98,7 +105,7 @@ def check_spec(spec: ModelCheck) -> ModelCheck:
     if spec.weights_from is not None and spec.weights_from not in spec.factories:
         problems.append(f"weights_from = {spec.weights_from!r} names no given model ({', '.join(spec.factories)})")
     for fw, table in spec.mapping.items():
-        if fw not in spec.factories or fw == spec.weights_from:
+        if fw not in spec.factories or fw == spec.source:
             problems.append(f"mapping for {fw!r}: only a framework whose weights are mapped (not the source) "
                             "takes a mapping")
         elif not isinstance(table, dict) or not all(isinstance(k, str) and isinstance(v, str)
@@ -234,6 +241,23 @@ def _tolerance(source: ModelLayout, m: int) -> Tolerance:
     fan_in = [int(np.prod(p.shape[:-1])) for layer in source.called for p in source.params(layer)
               if p.role == "kernel" and len(p.shape) >= 2]
     return Tolerance(SAFETY, max([m, *fan_in]), max(1, len(source.called)))
+
+
+def _gradient_scale(results: list[Result], source: str, spec: ModelCheck) -> dict[str, float]:
+    """T_p for every tensor: the largest gradient entry of the source's first finished row, all tensors.
+
+    No reference computes a user's model's per-example terms, and a gradient that is zero in exact
+    arithmetic (a key's bias under softmax, a bias before a batch norm) holds only rounding noise, which
+    relative to itself is anything. So each tensor is compared relative to at least the model's largest
+    gradient entry: rounding there is what the tolerance bounds.
+    """
+    label = spec.backend(source).name
+    row = next((r for r in results if r.ok and r.backend == label), None) or next((r for r in results if r.ok),
+                                                                                 None)
+    if row is None:
+        return {}
+    scale = max((float(np.max(np.abs(g))) for g in row.grads.values() if g.size), default=0.0)
+    return {name: scale for name in row.grads} if math.isfinite(scale) and scale > 0 else {}
 
 
 @dataclass
@@ -392,6 +416,7 @@ def _run_stages(spec: ModelCheck, say) -> ModelReport:
     m = loss_elements(layouts[source].output_shape, spec.loss) if source in layouts else n
     results = normalize(outcomes, spec.methods, n, _rules(spec.methods, n, m))
     tol = _tolerance(layouts[source], m) if source in layouts else Tolerance(SAFETY, m, 1)
+    tol = dataclasses.replace(tol, term_scale=_gradient_scale(results, source, spec))
     comparisons = compare_all(results, tol)
     verdict = decide(results, comparisons, tol, m, spec.dtype)
     # decide() ends with what a reduction experiment did not exercise; a model check exercises other things.
@@ -407,6 +432,8 @@ def _run_stages(spec: ModelCheck, say) -> ModelReport:
             localizations.append(localize(layouts[source], layouts[fw], wm, rows[0].grads, rows[1].grads,
                                           tol.rtol(u)))
     verdict = _with_localization(verdict, localizations)
+    if spec.mode == "training":
+        verdict = dataclasses.replace(verdict, explanation=[TRAINING_NOTE] + list(verdict.explanation))
     return ModelReport(spec, layouts, maps, outcomes, results, tol, comparisons, verdict, localizations, n, m)
 
 

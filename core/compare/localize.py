@@ -146,6 +146,8 @@ def localize(source: ModelLayout, target: ModelLayout, mapping: WeightMap, src: 
 
     backward = None
     for i, j in reversed(pairs):  # from the logits back: the first incoming gradient that differs
+        if source.layers[i].get("fused_activation") or target.layers[j].get("fused_activation"):
+            continue  # the gradient with respect to an activation's output, not the layer's: not comparable
         c = check(source.layers[i]["name"], "grad_output", f"grad_output/{i}", f"grad_output/{j}")
         if c is not None and not c.agree:
             backward = c.layer
