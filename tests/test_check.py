@@ -160,10 +160,11 @@ def test_planted_epsilon_and_transposed_kernel_are_named(planted_more):
 def test_pytest_helpers_pass_agreeing_methods_and_fail_with_the_layer():
     report = assert_same_gradients(torch="nets_torch:TorchCNN", batch=SMALL, sys_path=PATH)
     assert report.verdict.status == "agree" and len(report.results) == 4
-    with pytest.raises(AssertionError, match=r"(?s)gradients differ.*first differs at classifier\.3"):
+    named = r"first differs at classifier\.4's input.*classifier\.3 \(GELU\)"
+    with pytest.raises(AssertionError, match=r"(?s)gradients differ.*" + named):
         assert_same_gradients(torch="nets_torch:TorchCNN", keras="nets_keras:keras_cnn_tanh_gelu", batch=SMALL,
                               sys_path=PATH, methods=["mean"])
-    with pytest.raises(AssertionError, match=r"(?s)outputs differ.*first differs at classifier\.3"):
+    with pytest.raises(AssertionError, match=r"(?s)outputs differ.*" + named):
         assert_same_outputs(torch="nets_torch:TorchCNN", keras="nets_keras:keras_cnn_tanh_gelu", batch=SMALL,
                             sys_path=PATH)
 

@@ -496,8 +496,9 @@ def render_text(report: ModelReport) -> str:
     if report.localizations:
         lines += ["", "localization (activations captured layer by layer, in the source's call order):"]
         for loc in report.localizations:
-            where = (f"first differs at {loc.first_layer} ({loc.where}, max_rel {_g(loc.max_rel)})"
-                     if loc.first_layer else "every captured activation agrees")
+            where = (f"first differs at {loc.at}'s {loc.where} (max_rel {_g(loc.max_rel)}): "
+                     f"{', '.join(loc.candidates) or loc.first_layer}" if loc.first_layer
+                     else "every captured activation agrees")
             lines.append(f"  {loc.backend} vs {loc.source}: {where}")
     lines += ["", report.verdict.summary] + ["  " + line for line in report.verdict.explanation]
     return "\n".join(lines)

@@ -62,10 +62,11 @@ class Localization:
     explanation: str
     backward_layer: str | None
     checkpoints: list[Checkpoint] = field(default_factory=list)
+    at: str | None = None  # the layer of the first checkpoint beyond tolerance ('where' is its point)
 
     def to_dict(self) -> dict:
         return {"source": self.source, "backend": self.backend, "first_layer": self.first_layer,
-                "where": self.where,
+                "at": self.at, "where": self.where,
                 "max_rel": self.max_rel if self.max_rel is None or math.isfinite(self.max_rel) else None,
                 "candidates": self.candidates, "explanation": self.explanation,
                 "backward_first_layer": self.backward_layer,
@@ -169,4 +170,4 @@ def localize(source: ModelLayout, target: ModelLayout, mapping: WeightMap, src: 
                    f"difference {c.max_rel:.3g} (tolerance {c.tolerance:.3g}); the difference arises {how}"
                    f"{blame}. Everything before it agrees.")
     return Localization(source.backend, target.backend, named, c.point, c.max_rel, candidates, explanation,
-                        backward, checkpoints)
+                        backward, checkpoints, at=c.layer)
