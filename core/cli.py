@@ -264,9 +264,14 @@ def _check(args) -> int:
              "weights_from": args.weights_from, "methods": None if args.methods is None else _csv(args.methods),
              "dtype": args.dtype, "mode": args.mode, "device": args.device, "precision": args.precision,
              "keras_backend": args.keras_backend, "timeout_s": args.timeout}
-    spec = read_check_config(args.config, {k: v for k, v in flags.items() if v is not None})
     say = None if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    report = run_check(spec, Path(args.out), say)
+    try:
+        spec = read_check_config(args.config, {k: v for k, v in flags.items() if v is not None})
+        report = run_check(spec, Path(args.out), say)
+    except ConfigError as exc:
+        if type(exc) is ConfigError:  # a MappingError or OutputError keeps its own subject
+            exc.subject = "model check"
+        raise
     if args.json:
         print(json.dumps(report.to_dict(), indent=1, allow_nan=False, default=str))
     else:

@@ -207,6 +207,7 @@ def run_cli(capsys, *args) -> tuple[int, str]:
 
 @pytest.mark.parametrize("args,message", [
     (["--torch", "nets_torch"], "is not 'module:function'"),
+    (["--torch", "no_such_nets:Net"], "no module 'no_such_nets'"),
     (["--torch", "nets_torch:TorchCNN", "--loss", "hinge"], "unknown loss 'hinge'"),
     (["--torch", "nets_torch:TorchCNN", "--methods", "mean,vmap"], "methods ['vmap']"),
     (["--torch", "nets_torch:TorchCNN", "--weights-from", "jax"], "weights_from = 'jax' names no given model"),
@@ -271,6 +272,8 @@ def test_toml_reads_models_settings_and_explicit_mapping(tmp_path):
     from gradparity.commands.check import read_check_config
 
     np.savez(tmp_path / "b.npz", x=SMALL[0], y=SMALL[1])
+    for module in ("nets_torch", "nets_flax"):  # found beside the TOML file (never imported here)
+        (tmp_path / f"{module}.py").write_text("")
     (tmp_path / "c.toml").write_text(
         '[models]\ntorch = "nets_torch:TorchCNN"\njax = "nets_flax:flax_cnn"\n'
         '[check]\ndata = "b.npz"\ndtype = "float64"\nmethods = ["mean", "sum"]\nmode = "training"\n'

@@ -171,8 +171,12 @@ class UserKerasModel:
         self.ad = _autodiff_class(self.variant)(job)  # device choice and precision, before any tensor exists
         self.training = job.payload.get("mode") == "training"
         keras.config.set_floatx(job.dtype)  # the factory's layers create their variables in the job's dtype
+        factory = load_factory(job)
+        # Keras numbers auto-named layers per process: start from zero, so the describe job and the mapped
+        # jobs name the variables alike whatever the user's module built at import.
+        keras.backend.clear_session()
         with self.ad.scope():
-            model = load_factory(job)()
+            model = factory()
             if not isinstance(model, keras.Model):
                 kind = type(model)
                 raise TypeError(f"the keras factory {job.payload['factory']} returned {kind.__module__}."

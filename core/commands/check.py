@@ -102,6 +102,9 @@ def check_spec(spec: ModelCheck) -> ModelCheck:
         if not isinstance(factory, str) or not _FACTORY.match(factory):
             problems.append(f"{fw} model {factory!r} is not 'module:function' (an importable module, a colon, "
                             "then a function or class called with no arguments that returns the model)")
+        elif not _findable(factory.split(":")[0].split(".")[0], spec.sys_path):
+            problems.append(f"{fw} model {factory!r}: no module {factory.split(':')[0].split('.')[0]!r} in "
+                            f"{', '.join(spec.sys_path) or 'the current folder'} or on the Python path")
     if spec.weights_from is not None and spec.weights_from not in spec.factories:
         problems.append(f"weights_from = {spec.weights_from!r} names no given model ({', '.join(spec.factories)})")
     for fw, table in spec.mapping.items():
@@ -128,6 +131,15 @@ def check_spec(spec: ModelCheck) -> ModelCheck:
     if problems:
         raise ConfigError(problems)
     return spec
+
+
+def _findable(top: str, folders: tuple[str, ...]) -> bool:
+    """Whether a top-level module can be found (found, not imported: the parent imports no framework)."""
+    import importlib.machinery
+    import sys
+
+    return (top in sys.builtin_module_names or
+            importlib.machinery.PathFinder.find_spec(top, [*(folders or [os.getcwd()]), *sys.path]) is not None)
 
 
 def _batch_problems(x: np.ndarray, y: np.ndarray, loss: str) -> list[str]:
