@@ -25,9 +25,10 @@ compare it with another framework's affine output.
 
 On Keras' jax and torch backends, float64 is not always float64: Keras' type
 promotion turns float64 results into float32 in some ops (keras 3.15: torch
-``matmul``, the "sum_over_batch_size" division, jax ``tanh``). That is Keras'
-own behaviour and is kept; ``environment()`` names the ops a forward pass
-demoted (``precision['keras_demoted_ops']``) and reports float32 as the dtype.
+``matmul``, the "sum_over_batch_size" division, jax ``tanh``, the
+normalization layers on both). That is Keras' own behaviour and is kept;
+``environment()`` names the ops one forward pass and its losses demoted
+(``precision['keras_demoted_ops']``) and reports float32 as the dtype.
 """
 from __future__ import annotations
 
@@ -130,7 +131,8 @@ def _demotions(seen: set):
 
     Keras' ``result_type`` maps float64 to float32 through its table ``BIT64_TO_BIT32_DTYPE`` on every
     backend but TensorFlow; the table is swapped for one that notes the op asking (the first caller
-    outside ``dtypes``; a layer's ``call`` by its class). Without that table (another Keras release) nothing is noted.
+    outside ``dtypes``; a layer's ``call`` by its class). Without that table (another Keras release)
+    nothing is noted.
     """
     from keras.src.backend.common import dtypes
 
@@ -416,7 +418,8 @@ class UserKerasModel:
 
             out, _, records = self._trace(perturb)
             loss = mean(self.y, out)
-            grads = dict(zip(zeros, torch.autograd.grad(loss, list(zeros.values()), allow_unused=True)))
+            grads = dict(zip(zeros, torch.autograd.grad(loss, list(zeros.values()), allow_unused=True)
+                             if zeros else ()))
         else:
             import jax
 
