@@ -455,16 +455,10 @@ class JaxLossSession:
 
         if job.task != "loss_functions":
             raise ValueError(f"the jax losses module runs task 'loss_functions', not {job.task!r}")
-        if job.dtype == "float64" and not jax.config.jax_enable_x64:
-            # Without x64 jax silently computes float64 inputs in float32.
-            raise RuntimeError("a float64 job needs JAX_ENABLE_X64=1 in the worker's environment "
-                               "(jax reads it at import); it is not set")
         self.job = job
         self.jax = jax
         self._gradient_session = gradient_session
-        self.device, self.device_note = gradient_session._pick_device(job.device)
-        if job.precision == "highest":
-            jax.config.update("jax_default_matmul_precision", "highest")
+        self.device, self.device_note = gradient_session.start(job)
         self.dtype = np.dtype(job.dtype)
         # Without x64, jax would truncate int64 labels to int32 with a warning anyway: do it explicitly.
         self.int_dtype = np.int64 if jax.config.jax_enable_x64 else np.int32

@@ -96,6 +96,22 @@ def _pick_device(requested: str):
         raise ValueError(f"unknown device {requested!r}") from None
 
 
+def start(job: WorkerJob):
+    """Check x64 for a float64 job, pick the device, pin precision; returns (device, note on a fallback).
+
+    Shared by every JAX session (the built-in MLP's and a user's model's).
+    """
+    if job.dtype == "float64" and not jax.config.jax_enable_x64:
+        # Without x64 jax silently computes float64 inputs in float32.
+        raise RuntimeError("a float64 job needs JAX_ENABLE_X64=1 in the worker's environment "
+                           "(jax reads it at import); it is not set")
+    device, note = _pick_device(job.device)
+    if job.precision == "highest":
+        # The global switch: every matmul and convolution jax traces from now on runs in full float32.
+        jax.config.update("jax_default_matmul_precision", "highest")
+    return device, note
+
+
 def _device_label(device) -> str:
     if device.platform == "cpu":
         return "cpu"
@@ -129,18 +145,10 @@ class JaxSession:
             raise ValueError(f"jax backend has no loss {job.loss['name']!r}")
         if job.model.get("kind", "mlp") != "mlp":
             raise ValueError(f"jax backend has no model kind {job.model['kind']!r}")
-        if job.dtype == "float64" and not jax.config.jax_enable_x64:
-            # Without x64 jax silently computes float64 inputs in float32.
-            raise RuntimeError("a float64 job needs JAX_ENABLE_X64=1 in the worker's environment "
-                               "(jax reads it at import); it is not set")
         self.job = job
-        self.device, self.device_note = _pick_device(job.device)
-        if job.precision == "highest":
-            # Global switch (every matmul jax traces from now on) plus the layers' own.
-            jax.config.update("jax_default_matmul_precision", "highest")
-            self.layer_precision = jax.lax.Precision.HIGHEST
-        else:
-            self.layer_precision = None  # the framework's default
+        self.device, self.device_note = start(job)
+        # With precision pinned, the layers' own precision too (the global switch is set by start).
+        self.layer_precision = jax.lax.Precision.HIGHEST if job.precision == "highest" else None
         dtype = jnp.dtype(job.dtype)
 
         # eval_shape: build the module without running the random initializers,

@@ -33,7 +33,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from gradparity.backends.jax.session import _device_label, _may_use_tf32, _name, _pick_device, _state_to_canonical
+from gradparity.backends.jax.session import _device_label, _may_use_tf32, _name, _state_to_canonical, start
 from gradparity.backends.protocol import PARAM_ROLES, RawResult, WorkerJob, load_factory, package_versions
 
 _NORMS = tuple(c for c in (nnx.LayerNorm, nnx.RMSNorm, nnx.BatchNorm, nnx.GroupNorm,
@@ -121,16 +121,9 @@ class UserJaxModel:
     """The user's module, split into its state on the job's device and dtype; answers every model_check case."""
 
     def __init__(self, job: WorkerJob):
-        if job.dtype == "float64" and not jax.config.jax_enable_x64:
-            # Without x64 jax silently computes float64 inputs in float32.
-            raise RuntimeError("a float64 job needs JAX_ENABLE_X64=1 in the worker's environment "
-                               "(jax reads it at import); it is not set")
         self.job = job
-        self.device, self.device_note = _pick_device(job.device)
-        if job.precision == "highest":
-            # The global switch, as the built-in model's session sets it: every matmul and convolution
-            # traced from now on runs in full float32 (the user's layers carry no precision of ours).
-            jax.config.update("jax_default_matmul_precision", "highest")
+        # The user's layers carry no precision of ours: the global switch set by start() covers them.
+        self.device, self.device_note = start(job)
         self.dtype = jnp.dtype(job.dtype)
         factory = load_factory(job)
         with jax.default_device(self.device):

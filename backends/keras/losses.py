@@ -41,8 +41,7 @@ import math
 
 import numpy as np
 
-from gradparity.backends.protocol import (RawResult, WorkerJob, compile_loss_function, loss_case,
-                                          package_versions)
+from gradparity.backends.protocol import RawResult, WorkerJob, compile_loss_function, loss_case
 from gradparity.errors import ConfigError
 from gradparity.losses.catalogue import DIVISORS, LossSemantics, Rendering, function_source
 from gradparity.losses.text import LossExpression, bind_arguments, is_number
@@ -630,6 +629,7 @@ class KerasLossSession:
         self.job = job
         self.variant = variant
         self.ad = gradient_session._VARIANTS[variant](job)  # device and precision before any tensor exists
+        self._environment = gradient_session.environment
         # Keras' loss objects compute in floatx unless given dtype=: the rendered functions rely on it.
         keras.config.set_floatx(job.dtype)
         self._functions: dict[str, object] = {}
@@ -684,18 +684,8 @@ class KerasLossSession:
         dtype = min([self.job.dtype, *op_dtypes.values()], key=lambda d: np.finfo(d).bits)
         precision = dict(self.ad.precision(), keras_floatx=keras.config.floatx(), keras_op_dtypes=op_dtypes,
                          requested=self.job.precision)
-        return {
-            "framework": "keras",
-            "versions": package_versions(*self.ad.packages),
-            "device": device,
-            "device_kind": kind,
-            "device_note": self.ad.device_note,
-            "dtype": dtype,
-            "precision": precision,
-            # The rendered losses are element-wise arithmetic and reductions: no matmul, so no TF32.
-            "tf32": False,
-            "keras_backend": keras.backend.backend(),
-        }
+        # The rendered losses are element-wise arithmetic and reductions: no matmul, so no TF32.
+        return self._environment(self.ad, device, kind, dtype, precision, tf32=False)
 
     # -------------------------------------------------------------------------------------------- compute
 

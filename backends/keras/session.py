@@ -482,6 +482,22 @@ def _replay_batchnorm(layer, h, note):
     return ops.cast(out, layer.compute_dtype)
 
 
+def environment(ad: _Autodiff, device: str, kind: str, dtype: str, precision: dict, tf32: bool) -> dict:
+    """The environment keys every Keras session reports (the protocol's ``Session.environment``); a
+    session adds its own (autocast, mode) to it."""
+    return {
+        "framework": "keras",
+        "versions": package_versions(*ad.packages),
+        "device": device,
+        "device_kind": kind,
+        "device_note": ad.device_note,
+        "dtype": dtype,
+        "precision": precision,
+        "tf32": tf32,
+        "keras_backend": keras.backend.backend(),
+    }
+
+
 class KerasSession:
     """One Keras model and its loss objects; ``compute`` dispatches to the variant's autodiff."""
 
@@ -577,18 +593,7 @@ class KerasSession:
                     and op_dtypes["matmul"] == "float32" and self.ad.tf32_enabled())
         precision = dict(self.ad.precision(), keras_op_dtypes=op_dtypes,
                          requested=self.job.precision)
-        return {
-            "framework": "keras",
-            "versions": package_versions(*self.ad.packages),
-            "device": device,
-            "device_kind": kind,
-            "device_note": self.ad.device_note,
-            "dtype": dtype,
-            "autocast": self.job.autocast,
-            "precision": precision,
-            "tf32": tf32,
-            "keras_backend": keras.backend.backend(),
-        }
+        return dict(environment(self.ad, device, kind, dtype, precision, tf32), autocast=self.job.autocast)
 
     def compute(self, method: str) -> RawResult:
         """Run ``method`` ('METHOD' or 'METHOD@PART'); its native loss and gradients."""

@@ -38,8 +38,8 @@ import sys
 import keras
 import numpy as np
 
-from gradparity.backends.keras.session import _SIGNIFICAND_BITS, _VARIANTS
-from gradparity.backends.protocol import RawResult, WorkerJob, load_factory, package_versions
+from gradparity.backends.keras.session import _SIGNIFICAND_BITS, _VARIANTS, environment
+from gradparity.backends.protocol import RawResult, WorkerJob, load_factory
 
 _KERNEL_LAYERS = {"Dense", "EinsumDense", "Conv1D", "Conv2D", "Conv3D", "Conv1DTranspose", "Conv2DTranspose",
                   "Conv3DTranspose", "DepthwiseConv1D", "DepthwiseConv2D", "SeparableConv1D", "SeparableConv2D"}
@@ -269,20 +269,11 @@ class UserKerasModel:
         # Keras' torch backend convolves with cuDNN, whose TF32 switch is on unless precision was pinned
         # (the variant's tf32_enabled reads cuBLAS', all the MLP needs).
         tf32_allowed = self.ad.tf32_enabled() or (self.variant == "torch" and self.job.precision != "highest")
-        return {
-            "framework": "keras",
-            "versions": package_versions(*self.ad.packages),
-            "device": device,
-            "device_kind": kind,
-            "device_note": self.ad.device_note,
-            "dtype": dtype,
-            "precision": dict(self.ad.precision(), keras_floatx=keras.config.floatx(),
-                              keras_demoted_ops=sorted(demoted), requested=self.job.precision),
-            "tf32": bool(kind == "gpu" and cc is not None and tuple(cc) >= (8, 0) and dtype == "float32"
-                         and tf32_allowed),
-            "mode": self.job.payload.get("mode", "inference"),
-            "keras_backend": keras.backend.backend(),
-        }
+        precision = dict(self.ad.precision(), keras_floatx=keras.config.floatx(),
+                         keras_demoted_ops=sorted(demoted), requested=self.job.precision)
+        tf32 = bool(kind == "gpu" and cc is not None and tuple(cc) >= (8, 0) and dtype == "float32" and tf32_allowed)
+        return dict(environment(self.ad, device, kind, dtype, precision, tf32),
+                    mode=self.job.payload.get("mode", "inference"))
 
     # -- the loss, natively ------------------------------------------------------------------------
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import json
 import math
 import os
 import re
@@ -27,13 +26,14 @@ import numpy as np
 from gradparity.backends import BACKENDS, BackendInfo
 from gradparity.backends.protocol import MODEL_METHODS, WorkerJob, loss_elements
 from gradparity.compare.localize import Localization, localize
-from gradparity.compare.normalize import UNIT_ROUNDOFF, Result, normalize
+from gradparity.compare.normalize import UNIT_ROUNDOFF, Result, effective_unit_roundoff, normalize
 from gradparity.compare.pairs import Comparison, Tolerance, SAFETY, compare_all
 from gradparity.compare.verdict import Verdict, decide
 from gradparity.errors import ConfigError
 from gradparity.experiment.causes import Rule
 from gradparity.experiment.weights import ModelLayout, WeightMap, map_weights
 from gradparity.run.execute import BackendOutcome, MethodOutcome, run_backend
+from gradparity.run.pipeline import REPORT_FILES
 
 #: The frameworks a user's model may come in, in the order they are run and listed.
 FRAMEWORKS = ("torch", "keras", "jax")
@@ -304,7 +304,7 @@ class ModelReport:
                    else len(order)).first_layer
 
     def to_dict(self) -> dict:
-        from gradparity.report.render import _finite
+        from gradparity.report.render import comparison_rows, result_rows
 
         return {
             "schema": SCHEMA,
@@ -320,14 +320,8 @@ class ModelReport:
             "tolerance": self.tolerance.to_dict(),
             "backends": [{"backend": o.backend, "status": o.status, "error": o.error, "wall_seconds": o.wall_seconds,
                           "environment": o.environment} for o in self.outcomes],
-            "results": [{"backend": r.backend, "method": r.method, "status": r.status, "error": r.error,
-                         "loss": _finite(r.loss), "loss_native": _finite(r.loss_native),
-                         "normalization_factor": r.normalization_factor, "factor": r.factor_label,
-                         "grad_norm": _finite(r.grad_norm), "seconds": r.seconds, "dtype": r.dtype,
-                         "device": r.device, "unit_roundoff": r.unit_roundoff} for r in self.results],
-            "comparisons": [{"a": c.a, "b": c.b, "max_abs": _finite(c.max_abs), "max_rel": _finite(c.max_rel),
-                             "worst_param": c.worst_param, "loss_rel": _finite(c.loss_rel),
-                             "tolerance": c.tolerance, "agree": c.agree} for c in self.comparisons],
+            "results": result_rows(self.results),
+            "comparisons": comparison_rows(self.comparisons),
             "localization": {"first_layer": self.first_layer,
                              "by_backend": [loc.to_dict() for loc in self.localizations]},
             "verdict": self.verdict.to_dict(),
@@ -365,8 +359,7 @@ def run_check(spec: ModelCheck, out: str | Path | None = None,
 
     say = progress or (lambda _msg: None)
     run_id = new_run_id()
-    folder = OutputDir.claim(out, run_id, ("inputs.npz", "gradients.npz", "report.md", "report.json")) \
-        if out is not None else None
+    folder = OutputDir.claim(out, run_id, REPORT_FILES) if out is not None else None
     try:
         report = _run_stages(spec, say)
         if folder is not None:
@@ -430,10 +423,7 @@ def _run_stages(spec: ModelCheck, say) -> ModelReport:
     tol = _tolerance(layouts[source], m) if source in layouts else Tolerance(SAFETY, m, 1)
     tol = dataclasses.replace(tol, term_scale=_gradient_scale(results, source, spec))
     comparisons = compare_all(results, tol)
-    verdict = decide(results, comparisons, tol, m, spec.dtype)
-    # decide() ends with what a reduction experiment did not exercise; a model check exercises other things.
-    verdict = dataclasses.replace(verdict, explanation=[line for line in verdict.explanation
-                                                        if not line.startswith("Not tested by this run")])
+    verdict = decide(results, comparisons, tol, m, spec.dtype, reduction_experiment=False)
     localizations = []
     src_forward = computed.get(source)
     for fw, wm in maps.items():
@@ -450,8 +440,7 @@ def _run_stages(spec: ModelCheck, say) -> ModelReport:
 
 
 def effective(outcome: BackendOutcome) -> float:
-    from gradparity.compare.normalize import effective_unit_roundoff
-
+    """The unit roundoff of a worker's arithmetic (float32's when it reported none)."""
     return effective_unit_roundoff(outcome.environment) or UNIT_ROUNDOFF["float32"]
 
 
@@ -518,22 +507,13 @@ def render_text(report: ModelReport) -> str:
 
 def write_check_report(report: ModelReport, folder, run_id: str) -> None:
     """inputs.npz, gradients.npz, report.md and report.json, written as one set (report.json last)."""
-    from gradparity.report.render import _write_npz
+    from gradparity.report.render import gradient_arrays, write_files
 
     doc = report.to_dict()
     doc["run_id"] = run_id
-    grads = {f"{r.backend}/{r.method}/{k}": g for r in report.results if r.ok for k, g in r.grads.items()}
-    with folder.staging() as stage:
-        sums = {
-            "inputs.npz": stage.write("inputs.npz", lambda p: _write_npz(p, {"x": report.spec.x, "y": report.spec.y},
-                                                                         run_id)),
-            "gradients.npz": stage.write("gradients.npz", lambda p: _write_npz(p, grads, run_id)),
-            "report.md": stage.write("report.md", lambda p: p.write_text(
-                f"# gradparity check (run {run_id})\n\n```text\n{render_text(report)}\n```\n")),
-        }
-        doc["files"] = {name: {"sha256": digest} for name, digest in sums.items()}
-        stage.write("report.json", lambda p: p.write_text(json.dumps(doc, indent=1, allow_nan=False,
-                                                                     default=_json_default) + "\n"))
+    markdown = f"# gradparity check (run {run_id})\n\n```text\n{render_text(report)}\n```\n"
+    write_files(folder, run_id, {"x": report.spec.x, "y": report.spec.y}, gradient_arrays(report), markdown, doc,
+                json_default=_json_default)
 
 
 def _json_default(o):

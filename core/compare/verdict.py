@@ -145,13 +145,16 @@ def _agreement_summary(ok: list[Result], comparisons: list[Comparison]) -> tuple
 
 def decide(results: list[Result], comparisons: list[Comparison], tol: Tolerance,
            n_examples: int, requested_dtype: str | None = None,
-           interrupted: Interrupted | None = None, switches: tuple[str, ...] = ()) -> Verdict:
+           interrupted: Interrupted | None = None, switches: tuple[str, ...] = (),
+           reduction_experiment: bool = True) -> Verdict:
     """Turn results and comparisons into a Verdict (status, exit code, explanation).
 
     ``requested_dtype`` is the experiment's dtype: a backend that reports
     narrower arithmetic is named, since its pairs get the wider tolerance.
     ``interrupted``: the signal that stopped the run; the verdict then covers
     only what finished, says so, and carries the signal's exit code.
+    ``reduction_experiment``: the results come from ``run`` (the agreement text then names the causes that
+    run did not exercise); False for other commands (``check``), where that text does not apply.
     Statuses, by precedence: interrupted; disagree (a pair over its bound, or
     finite results beside non-finite ones); incomplete; agree.
     """
@@ -190,9 +193,10 @@ def decide(results: list[Result], comparisons: list[Comparison], tol: Tolerance,
         lines.insert(0, line)
         if len({r.method for r in ok}) > 1:
             lines.insert(1, LINEARITY + " This run measured it: the methods above agree to rounding.")
-            lines.insert(2, UNTESTED_CAUSES if not switches else
-                         f"This run turned discrepancy switches on ({', '.join(switches)}; see the header): the "
-                         "results agree within the tolerance of the arithmetic each backend reported.")
+            if switches or reduction_experiment:
+                lines.insert(2, UNTESTED_CAUSES if not switches else
+                             f"This run turned discrepancy switches on ({', '.join(switches)}; see the header): "
+                             "the results agree within the tolerance of the arithmetic each backend reported.")
         closest = max(comparisons, key=lambda c: c.max_rel / c.tolerance)
         pct = 100.0 * closest.max_rel / closest.tolerance
         if pct > 50:

@@ -42,6 +42,25 @@ def _finite(x):
     return x
 
 
+def result_rows(results) -> list[dict]:
+    """report.json's "results": one row per backend x method (shared by every command's report)."""
+    return [{"backend": r.backend, "method": r.method, "status": r.status, "error": r.error,
+             "loss": _finite(r.loss), "loss_native": _finite(r.loss_native),
+             "normalization_factor": r.normalization_factor, "factor": r.factor_label,
+             "grad_norm": _finite(r.grad_norm), "seconds": r.seconds, "dtype": r.dtype,
+             "device": r.device, "unit_roundoff": r.unit_roundoff}
+            for r in results]
+
+
+def comparison_rows(comparisons) -> list[dict]:
+    """report.json's "comparisons": one row per pair of results."""
+    return [{"a": c.a, "b": c.b, "max_abs": _finite(c.max_abs), "max_rel": _finite(c.max_rel),
+             "worst_param": c.worst_param, "cosine": _finite(c.cosine), "loss_rel": _finite(c.loss_rel),
+             "scale": _finite(c.scale), "scaled_max_rel": _finite(c.scaled_max_rel),
+             "unit_roundoff": c.unit_roundoff, "tolerance": c.tolerance, "agree": c.agree}
+            for c in comparisons]
+
+
 def to_dict(report: Report) -> dict:
     """The report.json document."""
     exp, inputs = report.experiment, report.inputs
@@ -72,51 +91,41 @@ def to_dict(report: Report) -> dict:
              "wall_seconds": o.wall_seconds, "environment": o.environment}
             for o in report.outcomes
         ],
-        "results": [
-            {"backend": r.backend, "method": r.method, "status": r.status, "error": r.error,
-             "loss": _finite(r.loss), "loss_native": _finite(r.loss_native),
-             "normalization_factor": r.normalization_factor, "factor": r.factor_label,
-             "grad_norm": _finite(r.grad_norm), "seconds": r.seconds, "dtype": r.dtype,
-             "device": r.device, "unit_roundoff": r.unit_roundoff}
-            for r in report.results
-        ],
-        "comparisons": [
-            {"a": c.a, "b": c.b, "max_abs": _finite(c.max_abs), "max_rel": _finite(c.max_rel),
-             "worst_param": c.worst_param, "cosine": _finite(c.cosine), "loss_rel": _finite(c.loss_rel),
-             "scale": _finite(c.scale), "scaled_max_rel": _finite(c.scaled_max_rel),
-             "unit_roundoff": c.unit_roundoff, "tolerance": c.tolerance, "agree": c.agree}
-            for c in report.comparisons
-        ],
+        "results": result_rows(report.results),
+        "comparisons": comparison_rows(report.comparisons),
         "causes": {"on": report.experiment.causes.describe(), "effect": switch_effect(report)},
         "verdict": report.verdict.to_dict(),
         "files": {},  # filled by write_report: name -> sha256 of the file written with this report
     }
 
 
-def gradient_arrays(report: Report) -> dict[str, np.ndarray]:
+def gradient_arrays(report) -> dict[str, np.ndarray]:
     """Normalized gradients keyed ``BACKEND/METHOD/PARAM`` (float64), ok rows only."""
     return {f"{r.backend}/{r.method}/{name}": g
             for r in report.results if r.ok for name, g in r.grads.items()}
 
 
 def write_report(report: Report, out: OutputDir) -> dict[str, Path]:
-    """Write inputs.npz, gradients.npz, report.md and report.json into the claimed folder, as one set.
+    """Write inputs.npz, gradients.npz, report.md and report.json into the claimed folder, as one set."""
+    return write_files(out, report.run_id, report.inputs.arrays(), gradient_arrays(report),
+                       render_markdown(report), to_dict(report))
 
-    The files are staged and renamed into place together, report.json last;
-    report.json records the SHA-256 of the other three and every file carries
-    the run id.
+
+def write_files(out: OutputDir, run_id: str, inputs: dict[str, np.ndarray], gradients: dict[str, np.ndarray],
+                markdown: str, doc: dict, json_default=None) -> dict[str, Path]:
+    """A report's four files, staged and renamed into place together, report.json last.
+
+    report.json (``doc`` plus "files") records the SHA-256 of the other three; every file carries the run id.
     """
-    run_id = report.run_id
     with out.staging() as stage:
         sums = {
-            "inputs.npz": stage.write("inputs.npz", lambda p: _write_npz(p, report.inputs.arrays(), run_id)),
-            "gradients.npz": stage.write("gradients.npz",
-                                         lambda p: _write_npz(p, gradient_arrays(report), run_id)),
-            "report.md": stage.write("report.md", lambda p: p.write_text(render_markdown(report))),
+            "inputs.npz": stage.write("inputs.npz", lambda p: _write_npz(p, inputs, run_id)),
+            "gradients.npz": stage.write("gradients.npz", lambda p: _write_npz(p, gradients, run_id)),
+            "report.md": stage.write("report.md", lambda p: p.write_text(markdown)),
         }
-        doc = to_dict(report)
         doc["files"] = {name: {"sha256": digest} for name, digest in sums.items()}
-        stage.write("report.json", lambda p: p.write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n"))
+        stage.write("report.json", lambda p: p.write_text(
+            json.dumps(doc, indent=1, allow_nan=False, default=json_default) + "\n"))
     return {name: out.path / name for name in (*sums, "report.json")}
 
 
