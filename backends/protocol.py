@@ -124,7 +124,7 @@ class WorkerJob:
         """The gradient names and shapes a method must return: the parameters, or the case's logits."""
         if self.task == "loss_functions":
             return {"logits": tuple(self.batch[f"{loss_case_batch(method)}/logits"].shape)}
-        if self.task == "model_check":
+        if self.task == "model_check" and ("builtin" not in self.payload or method in MODEL_CASES):
             return {}  # a user's model: names and shapes are what the backend found (core checks them)
         return {name: tuple(p.shape) for name, p in self.params.items()}
 
@@ -287,10 +287,22 @@ MODEL_METHODS = ("mean", "sum", "none_loop", "one_by_one")
 MODEL_CASES = ("describe", "forward")
 
 
+def _builtin_models(job: WorkerJob):
+    """The job's framework's module of built-in models (``backends/FRAMEWORK/models.py``)."""
+    import importlib
+
+    return importlib.import_module(f"gradparity.backends.{job.framework}.models")
+
+
 def load_factory(job: WorkerJob):
-    """Import ``payload['factory']`` ('module:function') and return the callable (nothing called yet)."""
+    """Import ``payload['factory']`` ('module:function') and return the callable (nothing called yet); for a
+    built-in model, its framework's ``models.build`` bound to the model's dict."""
+    import functools
     import importlib
     import sys
+
+    if "builtin" in job.payload:
+        return functools.partial(_builtin_models(job).build, job.payload["builtin"])
 
     for folder in reversed(job.payload.get("sys_path", [])):
         if folder not in sys.path:
@@ -300,6 +312,24 @@ def load_factory(job: WorkerJob):
     for part in attr.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def assignment(job: WorkerJob) -> dict[str, str] | None:
+    """{native parameter name: key of ``job.params``}: what core mapped (``payload['assign']``), a built-in
+    model's own (native names onto canonical ones), or None before mapping (the "describe" case)."""
+    if "builtin" in job.payload:
+        return _builtin_models(job).assignment(job.payload["builtin"])
+    return job.payload.get("assign")
+
+
+def layer_options(job: WorkerJob) -> dict | None:
+    """The layer settings a built-in model computes with in this job's framework (recorded in the
+    environment), or None for a user's model."""
+    if "builtin" not in job.payload:
+        return None
+    from gradparity.experiment.models import LayerOptions
+
+    return LayerOptions.from_dict(job.payload["builtin"].get("options")).resolved(job.framework)
 
 
 def loss_elements(logits_shape: tuple[int, ...], loss: str) -> int:

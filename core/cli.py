@@ -34,7 +34,8 @@ def _overrides(args) -> dict:
     for flag, key, conv in (("backends", "backends", _csv), ("methods", "methods", _csv),
                             ("dtype", "dtype", str), ("device", "device", str),
                             ("precision", "precision", str), ("seed", "seed", int),
-                            ("batch_size", "data.batch_size", int), ("timeout", "timeout_s", float)):
+                            ("batch_size", "data.batch_size", int), ("timeout", "timeout_s", float),
+                            ("model", "model.kind", str), ("layer_defaults", "model.defaults", str)):
         value = getattr(args, flag, None)
         if value is None:
             continue
@@ -62,6 +63,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--dtype", help="float32 | float64")
     run.add_argument("--device", help="auto | cpu | gpu")
     run.add_argument("--precision", help="highest (no TF32) | default (framework defaults)")
+    run.add_argument("--model", help="mlp (default) | cnn | sequence: the built-in model ([model] kind)")
+    run.add_argument("--layer-defaults", help="explicit (default): the same layer settings in every framework | "
+                     "framework: each framework's own defaults (LayerNorm epsilon, GELU form, padding), "
+                     "for a CNN or sequence model")
     run.add_argument("--seed", type=int)
     run.add_argument("--batch-size", type=int)
     run.add_argument("--timeout", type=float, help="seconds per backend worker")

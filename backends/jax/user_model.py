@@ -34,7 +34,7 @@ import optax
 from flax import nnx
 
 from gradparity.backends.jax.session import _device_label, _may_use_tf32, _name, _state_to_canonical, start
-from gradparity.backends.protocol import PARAM_ROLES, RawResult, WorkerJob, load_factory, package_versions
+from gradparity.backends.protocol import PARAM_ROLES, RawResult, WorkerJob, assignment, layer_options, load_factory, package_versions
 
 _NORMS = tuple(c for c in (nnx.LayerNorm, nnx.RMSNorm, nnx.BatchNorm, nnx.GroupNorm,
                            getattr(nnx, "InstanceNorm", None)) if c is not None)
@@ -175,9 +175,9 @@ class UserJaxModel:
         self.x = jax.device_put(x, self.device)
         y = np.asarray(job.batch["y"])
         self.y = jax.device_put(y.astype(self.dtype if job.payload["loss"] == "mse" else np.int32), self.device)
-        assign = job.payload.get("assign")
-        if assign is not None:
-            self._load(assign)
+        self.assign = assignment(job)
+        if self.assign is not None:
+            self._load(self.assign)
         self._build()
 
     def _layer_name(self, path) -> str:
@@ -218,6 +218,7 @@ class UserJaxModel:
             },
             "tf32": _may_use_tf32(self.device, self.job.dtype, matmul_precision, None),
             "mode": self.job.payload.get("mode", "inference"),
+            "layer_options": layer_options(self.job),
         }
 
     # -- the model and the loss, natively -----------------------------------------------------------
@@ -276,7 +277,7 @@ class UserJaxModel:
     def _grads(self, grads) -> dict[str, np.ndarray]:
         """Canonical gradients of the mapped trainable parameters, keyed as core keyed their values."""
         flat = _state_to_canonical(grads)
-        return {key: flat[native] for native, key in self.job.payload["assign"].items() if self.owners[native][3]}
+        return {key: flat[native] for native, key in self.assign.items() if self.owners[native][3]}
 
     # -- the cases ----------------------------------------------------------------------------------
 

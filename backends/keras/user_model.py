@@ -39,7 +39,7 @@ import keras
 import numpy as np
 
 from gradparity.backends.keras.session import _SIGNIFICAND_BITS, _VARIANTS, environment
-from gradparity.backends.protocol import RawResult, WorkerJob, load_factory
+from gradparity.backends.protocol import RawResult, WorkerJob, assignment, layer_options, load_factory
 
 _KERNEL_LAYERS = {"Dense", "EinsumDense", "Conv1D", "Conv2D", "Conv3D", "Conv1DTranspose", "Conv2DTranspose",
                   "Conv3DTranspose", "DepthwiseConv1D", "DepthwiseConv2D", "SeparableConv1D", "SeparableConv2D"}
@@ -195,8 +195,9 @@ class UserKerasModel:
         self.layers = list(model._flatten_layers(include_self=True, recursive=True))
         self.owners = self._name_variables()  # native name -> (layer, variable)
         self.native = {id(v): name for name, (_, v) in self.owners.items()}
-        if job.payload.get("assign") is not None:
-            self._load(job.payload["assign"])
+        self.assign = assignment(job)
+        if self.assign is not None:
+            self._load(self.assign)
         # The state every case starts from (after loading): see the module docstring.
         self._state = [(v, _numpy(v.value)) for v in model.non_trainable_variables]
         if self.variant == "torch":  # an unseeded Dropout on Keras' torch backend draws from torch's generator
@@ -273,7 +274,7 @@ class UserKerasModel:
                          keras_demoted_ops=sorted(demoted), requested=self.job.precision)
         tf32 = bool(kind == "gpu" and cc is not None and tuple(cc) >= (8, 0) and dtype == "float32" and tf32_allowed)
         return dict(environment(self.ad, device, kind, dtype, precision, tf32),
-                    mode=self.job.payload.get("mode", "inference"))
+                    mode=self.job.payload.get("mode", "inference"), layer_options=layer_options(self.job))
 
     # -- the loss, natively ------------------------------------------------------------------------
 
@@ -306,7 +307,7 @@ class UserKerasModel:
         by_name = {self.native[id(v)]: (np.zeros(v.shape, keras.backend.standardize_dtype(v.dtype)) if g is None
                                         else _numpy(g))
                    for v, g in zip(self.model.trainable_variables, grads) if id(v) in self.native}
-        return {key: by_name[native] for native, key in self.job.payload["assign"].items() if native in by_name}
+        return {key: by_name[native] for native, key in self.assign.items() if native in by_name}
 
     # -- the cases ----------------------------------------------------------------------------------
 

@@ -249,6 +249,55 @@ class NumpySession:
         raise ValueError(f"unknown method {method!r}")
 
 
+class BuiltinSession(NumpySession):
+    """The reference for the built-in CNN and sequence models (``models.py``, differentiated by hand).
+
+    Their examples are independent (no batch statistics, no switches), so every method is the batch's
+    gradient organized as that method is: one sum, per-example gradients accumulated, or per-example
+    means (each example's mean over its T tokens) accumulated.
+    """
+
+    def __init__(self, job: WorkerJob):
+        if job.loss["name"] != "cross_entropy":
+            raise ValueError(f"numpy reference has no loss {job.loss['name']!r}")
+        self.job = job
+        self.params = {k: v.astype(np.float64) for k, v in job.params.items()}
+        x = job.batch["x"]
+        self.x = x.astype(np.float64) if x.dtype.kind == "f" else x.astype(np.int64)
+        self.y = job.batch["y"].astype(np.int64)
+        self.terms = int(np.prod(self.y.shape[1:]))  # loss terms per example: T tokens, or 1
+
+    def environment(self) -> dict:
+        from gradparity.experiment.models import LayerOptions
+
+        # The reference computes the requested settings, whatever model.defaults says.
+        return dict(super().environment(),
+                    layer_options=LayerOptions.from_dict(self.job.model.get("options")).resolved(None))
+
+    def compute(self, method: str) -> RawResult:
+        from gradparity.backends.numpy import models  # it builds on this module's MLP pieces
+
+        n = len(self.y)
+        if method == "sum":
+            loss, grads = models.loss_and_grads(self.params, self.x, self.y, self.job.model)
+            return RawResult(float(loss), grads)
+        if method == "mean":
+            loss, grads = models.loss_and_grads(self.params, self.x, self.y, self.job.model)
+            m = n * self.terms
+            return RawResult(float(loss) / m, {k: g / m for k, g in grads.items()})
+        if method in ("none_loop", "one_by_one"):
+            losses, per_ex = models.per_example(self.params, self.x, self.y, self.job.model)
+            scale = 1.0 if method == "none_loop" else 1.0 / self.terms  # one_by_one: each example's mean
+            acc = {k: np.zeros_like(v) for k, v in self.params.items()}
+            for i in range(n):  # accumulated one example after another, as autograd's .grad would
+                for k in acc:
+                    acc[k] += per_ex[k][i] * scale
+            return RawResult(float(losses.sum()) * scale, acc)
+        raise ValueError(f"the numpy reference runs {method!r} for the MLP only")
+
+
 def open_session(job: WorkerJob) -> NumpySession:
     """Open the reference session; it runs on the CPU whatever device was asked for."""
+    if job.model.get("kind", "mlp") != "mlp":
+        return BuiltinSession(job)
     return NumpySession(job)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradparity.backends.protocol import RawResult, WorkerJob, load_factory
+from gradparity.backends.protocol import RawResult, WorkerJob, assignment, layer_options, load_factory
 from gradparity.backends.torch.session import cublas_may_use_tf32, pick_device, pin_highest_precision, read_precision
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -104,9 +104,9 @@ class UserTorchModel:
         self.modules = {name or type(m).__name__: m for name, m in self.model.named_modules()}
         self.owners = {f"{mn}.{pn}" if m is not self.model else pn: (m, pn, t, tr)
                        for mn, m in self.modules.items() for pn, t, tr in _owned(m)}
-        assign = job.payload.get("assign")
-        if assign is not None:
-            self._load(assign)
+        self.assign = assignment(job)
+        if self.assign is not None:
+            self._load(self.assign)
 
     def _load(self, assign: dict[str, str]) -> None:
         """Overwrite the module's values with the canonical arrays core mapped onto them."""
@@ -134,6 +134,7 @@ class UserTorchModel:
             "tf32": on_gpu and capability >= (8, 0) and self.dtype == torch.float32
             and (self.job.precision != "highest" or cublas_may_use_tf32()),
             "mode": self.job.payload.get("mode", "inference"),
+            "layer_options": layer_options(self.job),
         }
 
     # -- the loss, natively ------------------------------------------------------------------------
@@ -149,7 +150,7 @@ class UserTorchModel:
     def _grads(self) -> dict[str, np.ndarray]:
         """Canonical gradients of the mapped trainable parameters, keyed as core keyed their values."""
         out = {}
-        for native, key in self.job.payload["assign"].items():
+        for native, key in self.assign.items():
             module, pname, tensor, trainable = self.owners[native]
             if trainable:
                 g = torch.zeros_like(tensor) if tensor.grad is None else tensor.grad

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gradparity.compare.normalize import UNIT_ROUNDOFF, Result
-from gradparity.experiment.models import MLP
+from gradparity.experiment.models import MLP, Model
 
 SAFETY = 16.0
 
@@ -68,22 +68,31 @@ class Tolerance:
         }
 
 
-def tolerance_for(model: MLP, n_examples: int, term_scale: dict[str, float] | None = None,
+def tolerance_for(model: Model, n_examples: int, term_scale: dict[str, float] | None = None,
                   safety: float = SAFETY) -> Tolerance:
-    """The tolerance model for an MLP on a batch of ``n_examples``."""
-    return Tolerance(safety, max(n_examples, *model.sizes), model.num_layers, dict(term_scale or {}))
+    """The tolerance model for a built-in model on a batch of ``n_examples``: sums as long as the batch's loss
+    terms or the model's widest dot product, as deep as its layers in series."""
+    return Tolerance(safety, max(n_examples * model.loss_terms(), *model.widths()), model.depth,
+                     dict(term_scale or {}))
 
 
-def problem_term_scale(params: dict, batch: dict, model: MLP) -> dict[str, float]:
+def problem_term_scale(params: dict, batch: dict, model: Model) -> dict[str, float]:
     """T_p for every tensor, from the float64 reference (pure numpy, computed in this process)."""
-    from gradparity.backends.numpy.session import term_scale
     from gradparity.backends.protocol import IGNORE_INDEX
 
     with np.errstate(all="ignore"):  # an overflowing problem is reported by its results, not warned here
-        masks = [batch[f"dropout/batch/{i}"] for i in range(len(model.hidden)) if f"dropout/batch/{i}" in batch]
-        # Padding examples (the switch 'padding') add no term: their targets are the ignored class.
-        y = batch["y"] if "valid" not in batch else np.where(batch["valid"] > 0, batch["y"], IGNORE_INDEX)
-        scale = term_scale(params, batch["x"], y, model.to_dict(), masks or None)
+        if isinstance(model, MLP):
+            from gradparity.backends.numpy.session import term_scale
+
+            masks = [batch[f"dropout/batch/{i}"] for i in range(len(model.hidden))
+                     if f"dropout/batch/{i}" in batch]
+            # Padding examples (the switch 'padding') add no term: their targets are the ignored class.
+            y = batch["y"] if "valid" not in batch else np.where(batch["valid"] > 0, batch["y"], IGNORE_INDEX)
+            scale = term_scale(params, batch["x"], y, model.to_dict(), masks or None)
+        else:
+            from gradparity.backends.numpy.models import term_scale
+
+            scale = term_scale(params, batch["x"], batch["y"], model.to_dict())
     # A non-finite T_p would make every pair disagree; without it S_p falls back to the results.
     return {k: v for k, v in scale.items() if math.isfinite(v)}
 

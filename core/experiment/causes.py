@@ -310,11 +310,13 @@ def cases(methods: tuple[str, ...], batch: dict[str, np.ndarray], causes: Causes
     return tuple(methods)
 
 
-def rules(methods: tuple[str, ...], n: int, batch: dict[str, np.ndarray], causes: Causes) -> dict[str, Rule]:
+def rules(methods: tuple[str, ...], n: int, batch: dict[str, np.ndarray], causes: Causes,
+          terms: int = 1) -> dict[str, Rule]:
     """Per method, how its normalized (mean-convention) result is made from the native cases.
 
     ``n`` is the batch's number of examples; with 'padding' the mean is over the valid ones, counted from
-    ``batch['valid']``.
+    ``batch['valid']``. ``terms``: loss terms per example (T tokens of a sequence model): the mean is over
+    n * terms of them, so sums divide by that, and one_by_one, adding n per-example means, by n.
     """
     sizes = part_sizes(batch)
     # Means are over the valid examples (all of them unless 'padding' marks some).
@@ -355,6 +357,8 @@ def rules(methods: tuple[str, ...], n: int, batch: dict[str, np.ndarray], causes
                                  f"{k} micro-batch results added (no 1/k)")
         else:
             factor, label = METHODS[name].normalization_factor(n), METHODS[name].factor_label(n)
+            if sums and terms > 1 and name != "one_by_one":
+                factor, label = 1.0 / (n * terms), f"1/{n * terms} ({n} examples x {terms} tokens)"
             if name == "sum" and causes.missing_normalization:
                 factor, label = 1.0, "1 (switch missing_normalization: 1/N left out)"
             if name == "mean" and causes.double_normalization:

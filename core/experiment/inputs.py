@@ -17,8 +17,8 @@ import numpy as np
 
 from gradparity.errors import ConfigError
 from gradparity.experiment.causes import dropout_masks, part_arrays
-from gradparity.experiment.models import MLP
-from gradparity.experiment.spec import DataSpec, Experiment
+from gradparity.experiment.models import CNN, MLP, Model, Sequence
+from gradparity.experiment.spec import DataSpec, Experiment, ModelSpec
 
 #: Biases are drawn from U(-BIAS_RANGE, BIAS_RANGE), not zeros, so that a
 #: backend that fails to load the biases cannot agree by accident.
@@ -29,7 +29,7 @@ BIAS_RANGE = 0.1
 class CanonicalInputs:
     """The initial parameters and the batch, in the experiment's dtype."""
 
-    model: MLP
+    model: Model
     params: dict[str, np.ndarray] = field(repr=False)
     batch: dict[str, np.ndarray] = field(repr=False)
     data_description: str
@@ -101,16 +101,20 @@ def _load_npz(spec: DataSpec) -> tuple[np.ndarray, np.ndarray, str]:
     return x, y, f"npz file {path.name} ({spec.x_key!r}, {spec.y_key!r})"
 
 
-def check_data(x: np.ndarray, y: np.ndarray, num_classes: int | None) -> tuple[int, bool]:
+def check_data(x: np.ndarray, y: np.ndarray, num_classes: int | None, images: bool = False) -> tuple[int, bool]:
     """Validate a whole dataset; return (number of classes, whether it was inferred from the labels).
 
+    ``images``: inputs are (examples, height, width, channels), for the CNN; else (examples, features).
     Raises ConfigError listing every problem: shapes, dtypes, NaN/inf, empty
     data, labels out of range.
     """
     problems = []
-    if x.ndim != 2:
-        problems.append(f"inputs must be 2-D (examples, features), got shape {x.shape}")
-    elif x.shape[1] == 0:
+    ndim = 4 if images else 2
+    if x.ndim != ndim:
+        problems.append(f"inputs must be {ndim}-D " + ("(examples, height, width, channels), channels last,"
+                                                        if images else "(examples, features),")
+                        + f" got shape {x.shape}")
+    elif 0 in x.shape[1:]:
         problems.append(f"inputs have no features (shape {x.shape}): the model needs at least one")
     if y.ndim != 1:
         problems.append(f"labels must be 1-D (examples,), got shape {y.shape}")
@@ -121,7 +125,7 @@ def check_data(x: np.ndarray, y: np.ndarray, num_classes: int | None) -> tuple[i
     numeric = np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)
     if not numeric:
         problems.append(f"inputs must be real numbers, got dtype {x.dtype}")
-    elif x.ndim == 2 and x.size and not np.all(np.isfinite(x)):
+    elif x.ndim == ndim and x.size and not np.all(np.isfinite(x)):
         bad = np.argwhere(~np.isfinite(x))
         problems.append(f"inputs contain {len(bad)} NaN/inf value(s), first at example {bad[0][0]}")
     inferred = num_classes is None
@@ -170,7 +174,7 @@ def check_size(what: str, n_bytes: float) -> None:
                           f"{_gib(2 * budget)} of memory; use a smaller problem")
 
 
-def check_problem_size(model: MLP, n_batch: int, num_classes_inferred: bool, max_label: int | None) -> None:
+def check_problem_size(model: Model, n_batch: int, num_classes_inferred: bool, max_label: int | None) -> None:
     """The largest arrays a run holds: N per-example gradients of every parameter, in float64.
 
     The reference (and the tolerance's term scale) and the vectorized methods
@@ -179,19 +183,24 @@ def check_problem_size(model: MLP, n_batch: int, num_classes_inferred: bool, max
     p = model.num_params()
     what = f"{model.describe()} ({p:,} parameters) on a batch of {n_batch}"
     if num_classes_inferred and max_label is not None:
-        what += (f", with {model.sizes[-1]:,} classes inferred from the largest label {max_label:,} "
+        what += (f", with {model.num_classes:,} classes inferred from the largest label {max_label:,} "
                  "(labels must be class indices 0..C-1; set data.num_classes if that is intended)")
-    check_size(what, 2.0 * 8.0 * n_batch * p + 8.0 * n_batch * sum(model.sizes))
+    check_size(what, 2.0 * 8.0 * n_batch * p + 8.0 * n_batch * model.loss_terms() * sum(model.widths()))
 
 
-def init_params(model: MLP, seed: int, dtype: str) -> dict[str, np.ndarray]:
-    """Glorot-uniform kernels and small uniform biases, drawn in float64 then cast to ``dtype``."""
+def init_params(model: Model, seed: int, dtype: str) -> dict[str, np.ndarray]:
+    """Glorot-uniform kernels, U(-1, 1) embeddings, scales near 1 and small uniform biases, drawn in float64
+    then cast to ``dtype``."""
     rng = _rng(seed, 0)
     params = {}
     for name, shape in model.param_shapes().items():
         if name.endswith(".kernel"):
-            limit = np.sqrt(6.0 / (shape[0] + shape[1]))
+            # Glorot: a conv kernel's fans count its window (fan_in = kh*kw*c_in, fan_out = kh*kw*c_out).
+            window = int(np.prod(shape[:-2]))
+            limit = np.sqrt(6.0 / (window * (shape[-2] + shape[-1])))
             params[name] = rng.uniform(-limit, limit, shape).astype(dtype)
+        elif name.endswith(".embedding"):
+            params[name] = rng.uniform(-1.0, 1.0, shape).astype(dtype)
         elif name.endswith(".scale"):
             # Not all ones: a scale of exactly 1 would hide a scale applied twice or not at all.
             params[name] = (1.0 + rng.uniform(-0.25, 0.25, shape)).astype(dtype)
@@ -203,14 +212,18 @@ def init_params(model: MLP, seed: int, dtype: str) -> dict[str, np.ndarray]:
 def build_inputs(exp: Experiment) -> CanonicalInputs:
     """Load and check the data, pick the batch, build the model and its initial parameters."""
     spec = exp.data
+    if exp.model.kind == "sequence":
+        return _sequence_inputs(exp)
     if spec.source == "digits":
         x, y, desc = _load_digits()
+        if exp.model.kind == "cnn":
+            x, desc = x.reshape(-1, 8, 8, 1), desc + " as 8x8x1 images"
     elif spec.source == "synthetic":
         x, y, desc = _synthetic(spec, exp.seed)
     else:
         x, y, desc = _load_npz(spec)
     x, y = np.asarray(x), np.asarray(y)
-    num_classes, inferred = check_data(x, y, spec.num_classes)
+    num_classes, inferred = check_data(x, y, spec.num_classes, images=exp.model.kind == "cnn")
 
     n = x.shape[0]
     start, stop = spec.batch_index * spec.batch_size, (spec.batch_index + 1) * spec.batch_size
@@ -224,7 +237,10 @@ def build_inputs(exp: Experiment) -> CanonicalInputs:
     weights = exp.causes.class_weights
     if weights and len(weights) != num_classes:
         raise ConfigError(f"causes.class_weights has {len(weights)} weights for {num_classes} classes")
-    model = MLP((x.shape[1], *exp.model.hidden, num_classes), exp.model.activation, exp.causes.batchnorm)
+    if exp.model.kind == "cnn":
+        model = cnn_model(exp.model, x.shape[1:], num_classes)
+    else:
+        model = MLP((x.shape[1], *exp.model.hidden, num_classes), exp.model.activation, exp.causes.batchnorm)
     check_problem_size(model, spec.batch_size, inferred, int(y.max()))
 
     order = _rng(exp.seed, 1).permutation(n) if spec.shuffle else np.arange(n)
@@ -235,9 +251,57 @@ def build_inputs(exp: Experiment) -> CanonicalInputs:
     desc += f", batch {spec.batch_index} of size {spec.batch_size}" + (" (seeded shuffle)" if spec.shuffle else "")
     if last:
         desc += f", then a short last batch of the next {last} examples (causes.short_last_batch)"
-    batch = {"x": xb, "y": yb, **part_arrays(exp.causes, xb, yb, *extra),
-             **dropout_masks(exp.causes, model.hidden, len(yb), _rng(exp.seed, 3), exp.dtype)}
+    batch = {"x": xb, "y": yb}
+    if isinstance(model, MLP):
+        batch.update(**part_arrays(exp.causes, xb, yb, *extra),
+                     **dropout_masks(exp.causes, model.hidden, len(yb), _rng(exp.seed, 3), exp.dtype))
     return CanonicalInputs(model, params, batch, desc)
+
+
+def cnn_model(spec: ModelSpec, image: tuple[int, ...], num_classes: int) -> CNN:
+    """The CNN for images of shape ``image`` (H, W, C); ConfigError when its convolutions and pooling leave
+    no pixel."""
+    model = CNN(tuple(int(v) for v in image), spec.channels, spec.strides, spec.kernel_size, spec.activation,
+                num_classes, spec.options)
+    sizes = model.feature_sizes()
+    if min(min(hw) for hw in sizes) < 1:
+        steps = " -> ".join(f"{h}x{w}" for h, w in [tuple(image[:2]), *sizes])
+        raise ConfigError(f"images of {image[0]}x{image[1]} are too small for model.kernel_size = "
+                          f"{spec.kernel_size}, strides {list(spec.strides)}, padding {spec.options.padding!r} and "
+                          f"the 2x2 pooling: {steps}")
+    return model
+
+
+def token_sequences(n: int, seq_len: int, vocab: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` sequences of ``seq_len + 1`` token ids with a rule to learn: each steps by its own stride
+    (1..3) modulo ``vocab``, with one token in ten replaced by noise."""
+    start = rng.integers(0, vocab, (n, 1))
+    stride = rng.integers(1, 4, (n, 1))
+    seq = (start + stride * np.arange(seq_len + 1)) % vocab
+    noise = rng.random(seq.shape) < 0.1
+    return np.where(noise, rng.integers(0, vocab, seq.shape), seq).astype(np.int64)
+
+
+def _sequence_inputs(exp: Experiment) -> CanonicalInputs:
+    """Token data (``data.source = 'tokens'``) for the sequence model: inputs are a sequence's first T ids,
+    targets the next T (next-token prediction)."""
+    spec, m = exp.data, exp.model
+    model = Sequence(m.vocab, m.seq_len, m.width, m.heads, m.mlp_width, m.options)
+    n = spec.num_examples
+    start, stop = spec.batch_index * spec.batch_size, (spec.batch_index + 1) * spec.batch_size
+    if stop > n:
+        raise ConfigError(f"data.batch_size = {spec.batch_size} with data.batch_index = {spec.batch_index} needs "
+                          f"{stop} sequences, but data.num_examples = {n}")
+    check_size(f"{n:,} token sequences of {m.seq_len + 1}", 8.0 * n * (m.seq_len + 1))
+    check_problem_size(model, spec.batch_size, False, None)
+    seq = token_sequences(n, m.seq_len, m.vocab, _rng(exp.seed, 2))
+    order = _rng(exp.seed, 1).permutation(n) if spec.shuffle else np.arange(n)
+    rows = seq[order[start:stop]]
+    desc = (f"synthetic token sequences ({n} of length {m.seq_len}, vocabulary {m.vocab}: stride 1-3 modulo "
+            f"the vocabulary, 10% noise; targets the next token), batch {spec.batch_index} of size "
+            f"{spec.batch_size}" + (" (seeded shuffle)" if spec.shuffle else ""))
+    return CanonicalInputs(model, init_params(model, exp.seed, exp.dtype),
+                           {"x": rows[:, :-1].copy(), "y": rows[:, 1:].copy()}, desc)
 
 
 def _rows(x: np.ndarray, y: np.ndarray, rows: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:

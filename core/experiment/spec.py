@@ -20,21 +20,46 @@ from gradparity.errors import ConfigError
 from gradparity.experiment.causes import ACCUMULATE, AUTOCAST, SWITCHES, Causes
 from gradparity.experiment.causes import check as check_causes
 from gradparity.experiment.methods import METHODS
-from gradparity.experiment.models import ACTIVATIONS
+from gradparity.experiment.models import (ACTIVATIONS, CNN_ACTIVATIONS, GELU_FORMS, LAYER_DEFAULTS, MODEL_KINDS,
+                                         PADDINGS, LayerOptions)
 from gradparity.losses.catalogue import LOSSES
 
 DTYPES = ("float32", "float64")
 DEVICES = ("auto", "cpu", "gpu")
 PRECISIONS = ("highest", "default")
-DATA_SOURCES = ("digits", "synthetic", "npz")
+DATA_SOURCES = ("digits", "synthetic", "npz", "tokens")
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
 
 
 @dataclass(frozen=True)
 class ModelSpec:
+    """[model]: the kind and its settings; fields of other kinds keep their defaults (unused)."""
+
     kind: str
-    hidden: tuple[int, ...]
-    activation: str
+    hidden: tuple[int, ...] = ()
+    activation: str = "relu"
+    # cnn
+    channels: tuple[int, ...] = (8, 16)
+    strides: tuple[int, ...] = (1, 2)
+    kernel_size: int = 3
+    # sequence
+    vocab: int = 16
+    seq_len: int = 8
+    width: int = 16
+    heads: int = 2
+    mlp_width: int = 32
+    # layer settings whose framework defaults differ (cnn, sequence)
+    options: LayerOptions = LayerOptions()
+
+    def to_dict(self) -> dict:
+        """The kind's own keys, as recorded in report.json."""
+        d = asdict(self)
+        keep = {"mlp": ("hidden", "activation"), "cnn": ("activation", "channels", "strides", "kernel_size"),
+                "sequence": ("vocab", "seq_len", "width", "heads", "mlp_width")}[self.kind]
+        out = {"kind": self.kind, **{k: list(v) if isinstance(v, tuple) else v for k, v in d.items() if k in keep}}
+        if self.kind != "mlp":
+            out["options"] = self.options.to_dict()
+        return out
 
 
 @dataclass(frozen=True)
@@ -81,7 +106,7 @@ class Experiment:
         d = asdict(self)
         d["backends"] = list(self.backends)
         d["methods"] = list(self.methods)
-        d["model"]["hidden"] = list(self.model.hidden)
+        d["model"] = self.model.to_dict()
         d["data"] = {k: v for k, v in d["data"].items() if v is not None}
         return d
 
@@ -91,7 +116,8 @@ class Experiment:
 _TOP_KEYS = ("name", "seed", "dtype", "device", "precision", "backends", "methods",
              "timeout_s", "model", "data", "loss", "keras", "causes")
 _TABLE_KEYS = {
-    "model": ("kind", "hidden", "activation"),
+    "model": ("kind", "hidden", "activation", "channels", "strides", "kernel_size", "padding", "vocab",
+              "seq_len", "width", "heads", "mlp_width", "gelu", "layernorm_epsilon", "defaults"),
     "data": ("source", "batch_size", "batch_index", "shuffle", "num_examples",
              "num_features", "num_classes", "path", "x_key", "y_key"),
     "loss": ("name",),
@@ -102,7 +128,18 @@ _SOURCE_KEYS = {
     "digits": (),
     "synthetic": ("num_examples", "num_features", "num_classes"),
     "npz": ("path", "x_key", "y_key", "num_classes"),
+    "tokens": ("num_examples",),
 }
+#: The [model] keys each kind reads ("kind" aside).
+_KIND_KEYS = {
+    "mlp": ("hidden", "activation"),
+    "cnn": ("activation", "channels", "strides", "kernel_size", "padding", "gelu", "defaults"),
+    "sequence": ("vocab", "seq_len", "width", "heads", "mlp_width", "gelu", "layernorm_epsilon", "defaults"),
+}
+#: Data sources each kind can read.
+_KIND_SOURCES = {"mlp": ("digits", "synthetic", "npz"), "cnn": ("digits", "npz"), "sequence": ("tokens",)}
+#: Methods the built-in CNN and sequence models run (none_vectorized: not built for them yet).
+BUILTIN_METHODS = ("none_loop", "sum", "mean", "one_by_one")
 
 
 def default_config_text() -> str:
@@ -261,7 +298,20 @@ def validate(cfg: dict, base_dir: Path | None = None) -> Experiment:
     if causes is not None and methods and data is not None:
         for problem in check_causes(causes, methods, data.batch_size, dtype or "float32"):
             c.fail(problem)
-    if causes is not None and model is not None and not model.hidden:
+    if model is not None and model.kind != "mlp":
+        if data is not None and data.source not in _KIND_SOURCES[model.kind]:
+            c.fail(f"model.kind = {model.kind!r} reads data.source "
+                   f"{' or '.join(map(repr, _KIND_SOURCES[model.kind]))}, not {data.source!r}")
+        unbuilt = [m for m in methods or () if m not in BUILTIN_METHODS]
+        if unbuilt:
+            c.fail(f"model.kind = {model.kind!r} runs the methods {', '.join(BUILTIN_METHODS)}; "
+                   f"{', '.join(unbuilt)} is not built for it yet")
+        if causes is not None and causes.on():
+            c.fail(f"the discrepancy switches ({', '.join('causes.' + k for k in causes.on())}) act on the "
+                   f"MLP only; model.kind = {model.kind!r} runs without them")
+    elif model is not None and data is not None and data.source == "tokens":
+        c.fail("data.source = 'tokens' feeds model.kind = 'sequence' only")
+    elif causes is not None and model is not None and not model.hidden:
         for name in ("dropout", "batchnorm"):
             if name in causes.on():
                 c.fail(f"causes.{name} acts on hidden layers, and model.hidden is empty")
@@ -321,17 +371,63 @@ def _derived_name(data: DataSpec, model: ModelSpec) -> str:
     return f"{what}-{model.kind}"
 
 
+def _positive_list(c: _Checker, path: str, value, minimum: int = 1) -> tuple[int, ...] | None:
+    if not isinstance(value, list) or not value or any(
+            isinstance(v, bool) or not isinstance(v, int) or v < minimum for v in value):
+        c.fail(f"{path} must be a non-empty list of integers >= {minimum}, got {value!r}")
+        return None
+    return tuple(value)
+
+
 def _model(c: _Checker, t: dict) -> ModelSpec | None:
-    kind = c.choice("model.kind", t.get("kind"), ("mlp",))
-    hidden = t.get("hidden")
-    if not isinstance(hidden, list) or any(
-            isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden):
-        c.fail(f"model.hidden must be a list of positive integers (may be empty), got {hidden!r}")
-        hidden = None
-    activation = c.choice("model.activation", t.get("activation"), ACTIVATIONS)
-    if kind and hidden is not None and activation:
-        return ModelSpec(kind, tuple(hidden), activation)
-    return None
+    kind = c.choice("model.kind", t.get("kind"), MODEL_KINDS)
+    if kind is None:
+        return None
+    for key in t:
+        if key != "kind" and key in _TABLE_KEYS["model"] and key not in _KIND_KEYS[kind]:
+            owners = [k for k, keys in _KIND_KEYS.items() if key in keys]
+            c.fail(f"model.{key} applies only to kind = {' or '.join(map(repr, owners))}, not {kind!r}")
+    n_problems = len(c.problems)
+    if kind == "mlp":
+        hidden = t.get("hidden")
+        if not isinstance(hidden, list) or any(
+                isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden):
+            c.fail(f"model.hidden must be a list of positive integers (may be empty), got {hidden!r}")
+            hidden = None
+        activation = c.choice("model.activation", t.get("activation"), ACTIVATIONS)
+        if hidden is not None and activation and len(c.problems) == n_problems:
+            return ModelSpec(kind, tuple(hidden), activation)
+        return None
+    defaults = ModelSpec(kind)
+    options = LayerOptions(
+        c.choice("model.defaults", t.get("defaults", "explicit"), LAYER_DEFAULTS),
+        c.choice("model.gelu", t.get("gelu", "exact"), GELU_FORMS),
+        _epsilon(c, t.get("layernorm_epsilon", defaults.options.layernorm_epsilon)),
+        c.choice("model.padding", t.get("padding", "same"), PADDINGS))
+    fields: dict[str, Any] = {"options": options}
+    if kind == "cnn":
+        fields["activation"] = c.choice("model.activation", t.get("activation", "relu"), CNN_ACTIVATIONS)
+        fields["channels"] = _positive_list(c, "model.channels", t.get("channels", list(defaults.channels)))
+        fields["strides"] = _positive_list(c, "model.strides", t.get("strides", list(defaults.strides)))
+        fields["kernel_size"] = c.integer("model.kernel_size", t.get("kernel_size", defaults.kernel_size), 1)
+        if fields["channels"] and fields["strides"] and len(fields["channels"]) != len(fields["strides"]):
+            c.fail(f"model.channels {list(fields['channels'])} and model.strides {list(fields['strides'])} "
+                   "must have one entry per convolution")
+    else:
+        for key in ("vocab", "seq_len", "width", "heads", "mlp_width"):
+            fields[key] = c.integer(f"model.{key}", t.get(key, getattr(defaults, key)), 2 if key == "vocab" else 1)
+        if fields["width"] and fields["heads"] and fields["width"] % fields["heads"]:
+            c.fail(f"model.width = {fields['width']} must be a multiple of model.heads = {fields['heads']}")
+    if len(c.problems) > n_problems or any(v is None for v in (*fields.values(), *vars(options).values())):
+        return None
+    return ModelSpec(kind, **fields)
+
+
+def _epsilon(c: _Checker, value) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        c.fail(f"model.layernorm_epsilon must be a positive number, got {value!r}")
+        return None
+    return float(value)
 
 
 def _data(c: _Checker, t: dict, base_dir: Path | None, last: int = 0) -> DataSpec | None:
@@ -369,6 +465,9 @@ def _data(c: _Checker, t: dict, base_dir: Path | None, last: int = 0) -> DataSpe
         extra["y_key"] = c.string("data.y_key", t.get("y_key", "y"))
         if "num_classes" in t:
             extra["num_classes"] = c.integer("data.num_classes", t["num_classes"], 2)
+    elif source == "tokens":
+        enough = (batch_size or 1) * ((batch_index or 0) + 1)
+        extra["num_examples"] = c.integer("data.num_examples", t.get("num_examples", enough), 1)
     if batch_size is None or batch_index is None or not isinstance(shuffle, bool):
         return None
     return DataSpec(source, batch_size, batch_index, shuffle, **extra)
@@ -400,18 +499,36 @@ def load_experiment(path: str | Path | None = None, overrides: dict[str, Any] | 
     "data.batch_size": 16}``. Raises ConfigError for an unreadable file, bad
     TOML or any invalid value.
     """
-    cfg = default_config()
+    default = default_config()
+    user: dict = {}  # what the user wrote, file and overrides: the default fills in the rest
     base_dir = None
     if path is not None:
         path = Path(path)
-        user = read_toml(path, "config file")
         # A user's list replaces ours entirely; a user's table is merged key by key.
-        cfg = _merge(cfg, user)
+        user = read_toml(path, "config file")
         base_dir = path.resolve().parent
     if overrides is not None and not isinstance(overrides, dict):
         raise ConfigError(f"overrides must be a dict of dotted keys, got {type(overrides).__name__}")
     for dotted, value in (overrides or {}).items():
         if not isinstance(dotted, str) or not dotted:
             raise ConfigError(f"override keys must be dotted names like 'data.batch_size', got {dotted!r}")
-        _set_dotted(cfg, dotted, value)
-    return validate(cfg, base_dir)
+        _set_dotted(user, dotted, value)
+    return validate(_merge(_defaults_for_kind(default, user), user), base_dir)
+
+
+def _defaults_for_kind(default: dict, user: dict) -> dict:
+    """The embedded default (written for the MLP), fitted to the model kind the user asks for.
+
+    For a CNN or sequence model it loses what they cannot use and the user did not write: the MLP's
+    ``hidden`` and ``activation``, the method none_vectorized (not built for them), and for a sequence
+    model the digits (token data instead). Validation names anything the user wrote that does not fit.
+    """
+    model = user.get("model")
+    kind = model.get("kind") if isinstance(model, dict) else None
+    if kind not in _KIND_KEYS or kind == "mlp":
+        return default
+    default = dict(default, model={"kind": kind})
+    default["methods"] = [m for m in default["methods"] if m in BUILTIN_METHODS]
+    if kind == "sequence":
+        default["data"] = dict(default["data"], source="tokens")
+    return default

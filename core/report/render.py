@@ -76,7 +76,8 @@ def to_dict(report: Report) -> dict:
         "experiment": exp.to_dict(),
         "problem": {
             "model": inputs.model.describe(),
-            "sizes": list(inputs.model.sizes),
+            **({"sizes": list(inputs.model.sizes)} if inputs.model.kind == "mlp" else
+               {"definition": inputs.model.to_dict(), "layer_settings": layer_settings(report)}),
             "num_params": inputs.model.num_params(),
             "n_examples": inputs.n_examples,
             "data": inputs.data_description,
@@ -230,7 +231,43 @@ def _header(report: Report) -> list[str]:
     ]
     if report.interrupted:
         lines.insert(0, f"INTERRUPTED by {report.interrupted}: a partial report of what finished")
-    return lines + _cause_lines(report)
+    return lines + _layer_lines(report) + _cause_lines(report)
+
+
+def layer_settings(report: Report) -> dict | None:
+    """A built-in CNN or sequence model's layer settings: those requested, and per backend those it reported
+    computing with (None for the MLP)."""
+    if report.inputs.model.kind == "mlp":
+        return None
+    return {"requested": report.inputs.model.options.to_dict(),
+            "per_backend": {o.backend: (o.environment or {}).get("layer_options") for o in report.outcomes}}
+
+
+def _layer_lines(report: Report) -> list[str]:
+    """The layer settings each backend computed with, and whether they were the same everywhere."""
+    settings = layer_settings(report)
+    if settings is None:
+        return []
+    mode = settings["requested"]["defaults"]
+
+    def text(d: dict) -> str:
+        parts = [f"GELU {d['gelu']}"]
+        if report.inputs.model.kind == "sequence":
+            parts.append(f"LayerNorm epsilon {d['layernorm_epsilon']:g}")
+        else:
+            odd = "bottom/right" if d["same_padding"] == "end" else "both sides, k//2"
+            parts.append(f"padding {d['padding']}" + (f" (odd total: {odd})" if d["padding"] == "same" else ""))
+        return ", ".join(parts)
+
+    reported = {b: text(d) for b, d in settings["per_backend"].items() if d}
+    if mode == "explicit":
+        head = "layer settings, set explicitly in every backend (model.defaults = 'explicit'): "
+    else:
+        head = ("layer settings: each framework's own defaults (model.defaults = 'framework'; the numpy reference "
+                "computes the requested values), so differences between backends include them: ")
+    if len(set(reported.values())) <= 1 and reported:
+        return [head + next(iter(reported.values())) + " (as each backend reported)"]
+    return [head + "; ".join(f"{b}: {t}" for b, t in reported.items())]
 
 
 def switch_effect(report: Report) -> dict | None:

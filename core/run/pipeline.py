@@ -49,14 +49,23 @@ class Report:
 
 def make_job(exp: Experiment, inputs: CanonicalInputs, info: BackendInfo,
              methods: tuple[str, ...] | None = None) -> WorkerJob:
-    """The job one backend's worker receives: the experiment's settings and the canonical arrays."""
+    """The job one backend's worker receives: the experiment's settings and the canonical arrays.
+
+    The MLP runs in each backend's ``session``; a built-in CNN or sequence model in a framework runs in its
+    ``user_model`` session (task "model_check", payload "builtin"), the one that runs users' own models.
+    """
+    model = inputs.model.to_dict()
+    module, task, payload = info.module, "gradients", {}
+    if model["kind"] != "mlp" and not info.reference:
+        module = info.module.rsplit(".", 1)[0] + ".user_model"
+        task, payload = "model_check", {"builtin": model, "mode": "inference", "loss": exp.loss.name}
     return WorkerJob(
-        backend=info.name, framework=info.framework, variant=info.variant, module=info.module,
+        backend=info.name, framework=info.framework, variant=info.variant, module=module,
         extra=info.extra, requires=info.requires,
         methods=causes.cases(exp.methods, inputs.batch, exp.causes) if methods is None else methods,
         dtype=exp.dtype, device=exp.device, precision=exp.precision,
-        model=inputs.model.to_dict(), loss={"name": exp.loss.name},
-        params=inputs.params, batch=inputs.batch,
+        model=model, loss={"name": exp.loss.name},
+        params=inputs.params, batch=inputs.batch, task=task, payload=payload,
         switches=causes.job_switches(exp.causes))
 
 
@@ -167,7 +176,8 @@ def _conclude(exp: Experiment, inputs: CanonicalInputs, outcomes: list[BackendOu
               run_id: str, interrupted: Interrupted | None) -> Report:
     """normalize -> compare -> verdict, over whatever the workers produced."""
     results = normalize(outcomes, exp.methods, inputs.n_examples,
-                        causes.rules(exp.methods, inputs.n_examples, inputs.batch, exp.causes))
+                        causes.rules(exp.methods, inputs.n_examples, inputs.batch, exp.causes,
+                                     inputs.model.loss_terms()))
     tol = tolerance_for(inputs.model, inputs.n_examples,
                         problem_term_scale(inputs.params, inputs.batch, inputs.model))
     comparisons = compare_all(results, tol)
