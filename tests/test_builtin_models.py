@@ -51,9 +51,13 @@ def _reference_mean(report, settings=None):
     return loss / m, {k: g / m for k, g in grads.items()}
 
 
-def _worst(result, ref_grads) -> tuple[float, str]:
-    """Largest per-tensor max|g - ref| / max|ref| of a result, and where."""
-    errs = {k: float(np.max(np.abs(result.grads[k] - g)) / np.max(np.abs(g))) for k, g in ref_grads.items()}
+def _worst(result, ref_grads, term_scale=None) -> tuple[float, str]:
+    """Largest per-tensor max|g - ref| / max(max|ref|, T_p) of a result, and where. T_p (the run's
+    tolerance.term_scale) matters for the attention key's bias: its gradient is exactly 0, and what every
+    backend returns is rounding of per-token terms of size T_p."""
+    scale = term_scale or {}
+    errs = {k: float(np.max(np.abs(result.grads[k] - g)) / max(np.max(np.abs(g)), scale.get(k, 0.0)))
+            for k, g in ref_grads.items()}
     worst = max(errs, key=errs.get)
     return errs[worst], worst
 
@@ -75,10 +79,15 @@ def test_every_framework_matches_the_reference(case):
     assert {r.backend for r in report.results if r.ok} == set(MAIN), [r.error for r in report.results if not r.ok]
     for r in report.results:
         bound = _bound(report, r)
-        err, where = _worst(r, ref)
+        err, where = _worst(r, ref, report.tolerance.term_scale)
         assert err <= bound, f"{r.label}: {where} off by {err:.3g} (bound {bound:g})"
         assert r.loss == pytest.approx(ref_loss, rel=bound), r.label
-    assert report.verdict.status == "agree", report.verdict.summary
+    disagree = [c for c in report.comparisons if not c.agree]
+    # In float64 TensorFlow's exact GELU (5e-9 off) is the one thing that parts the frameworks.
+    assert all("keras-tensorflow" in (c.a + c.b) and c.max_rel <= GELU_TF64 for c in disagree), disagree
+    tf_gelu = any(_bound(report, r) == GELU_TF64 for r in report.results)
+    assert report.verdict.status == ("disagree" if tf_gelu else "agree"), report.verdict.summary
+    assert bool(disagree) == tf_gelu
     # Every framework reports the settings it computed with: the requested ones, explicitly.
     requested = report.inputs.model.options.resolved(None)
     for o in report.outcomes:
@@ -92,7 +101,7 @@ def test_keras_on_jax_and_torch_matches_the_reference(kind):
     _, ref = _reference_mean(report)
     for r in report.results:
         assert r.ok, r.error
-        err, where = _worst(r, ref)
+        err, where = _worst(r, ref, report.tolerance.term_scale)
         assert err <= _bound(report, r), f"{r.label}: {where} off by {err:.3g}"
 
 
@@ -109,9 +118,9 @@ def test_sequence_framework_defaults_differ_by_exactly_the_defaults(tmp_path):
         env = next(o.environment for o in report.outcomes if o.backend == backend)
         assert env["layer_options"] == LayerOptions(defaults="framework").resolved(framework)
         _, own = _reference_mean(report, settings=env["layer_options"])
-        err, where = _worst(by_backend[backend], own)
+        err, where = _worst(by_backend[backend], own, report.tolerance.term_scale)
         assert err <= GELU_TF64, f"{backend} vs float64 numpy with its defaults: {where} {err:.3g}"
-        apart, _ = _worst(by_backend[backend], ref)
+        apart, _ = _worst(by_backend[backend], ref, report.tolerance.term_scale)
         defaults = FRAMEWORK_DEFAULTS[framework]
         if defaults["layernorm_epsilon"] == 1e-5 and defaults["gelu"] == "exact":
             assert apart <= GELU_TF64, backend  # torch's defaults are the explicit values
@@ -130,13 +139,13 @@ def test_cnn_framework_defaults_show_torch_symmetric_padding():
     report = _run({"model.kind": "cnn", "model.defaults": "framework", "dtype": "float64",
                    "data.batch_size": 8, "methods": ["mean"]}, MAIN)
     _, ref = _reference_mean(report)
-    apart = {r.backend: _worst(r, ref)[0] for r in report.results}
+    apart = {r.backend: _worst(r, ref, report.tolerance.term_scale)[0] for r in report.results}
     assert apart["torch"] > 1e-3, apart
     for backend in ("keras-tensorflow", "jax"):
         assert apart[backend] <= RTOL["float64"], apart
     _, symmetric = _reference_mean(report, settings=LayerOptions(defaults="framework").resolved("torch"))
     torch_row = next(r for r in report.results if r.backend == "torch")
-    assert _worst(torch_row, symmetric)[0] <= RTOL["float64"]
+    assert _worst(torch_row, symmetric, report.tolerance.term_scale)[0] <= RTOL["float64"]
 
 
 # --- the spec: what a CNN or sequence experiment accepts (no workers) -----------------------------------

@@ -34,7 +34,8 @@ import optax
 from flax import nnx
 
 from gradparity.backends.jax.session import _device_label, _may_use_tf32, _name, _state_to_canonical, start
-from gradparity.backends.protocol import PARAM_ROLES, RawResult, WorkerJob, assignment, layer_options, load_factory, package_versions
+from gradparity.backends.protocol import (PARAM_ROLES, RawResult, WorkerJob, assignment, layer_options, load_factory,
+                                         package_versions)
 
 _NORMS = tuple(c for c in (nnx.LayerNorm, nnx.RMSNorm, nnx.BatchNorm, nnx.GroupNorm,
                            getattr(nnx, "InstanceNorm", None)) if c is not None)
