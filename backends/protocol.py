@@ -332,6 +332,42 @@ def layer_options(job: WorkerJob) -> dict | None:
     return LayerOptions.from_dict(job.payload["builtin"].get("options")).resolved(job.framework)
 
 
+#: Where each backend measures its own GELU (a built-in model that uses one): evenly spaced points.
+GELU_PROBE = (-6.0, 6.0, 2001)
+
+
+def gelu_probe(job: WorkerJob) -> tuple[str, np.ndarray, np.ndarray] | None:
+    """(form, points, exact values) to measure the framework's own GELU with, when the job's built-in model
+    computes one; else None. The exact values are float64 from ``math.erf`` / ``math.tanh`` per point; the
+    points are in the job's dtype (so a float32 run measures float32 arithmetic)."""
+    import math
+
+    opts = layer_options(job)
+    model = job.payload.get("builtin", {})
+    if opts is None or not (model.get("kind") == "sequence" or model.get("activation") == "gelu"):
+        return None
+    x = np.linspace(*GELU_PROBE).astype(job.dtype)
+    if opts["gelu"] == "tanh":
+        c = math.sqrt(2.0 / math.pi)
+        exact = [0.5 * v * (1.0 + math.tanh(c * (v + 0.044715 * v ** 3))) for v in x.astype(float)]
+    else:
+        exact = [0.5 * v * (1.0 + math.erf(v / math.sqrt(2.0))) for v in x.astype(float)]
+    return opts["gelu"], x, np.asarray(exact)
+
+
+def gelu_accuracy(job: WorkerJob, gelu) -> dict | None:
+    """The framework's GELU measured on ``gelu_probe``'s points: ``gelu(x_numpy, approximate) -> numpy`` is
+    the framework's own function in the job's dtype. None when the model computes no GELU."""
+    probe = gelu_probe(job)
+    if probe is None:
+        return None
+    form, x, exact = probe
+    got = np.asarray(gelu(x, form == "tanh"), dtype=np.float64)
+    lo, hi, n = GELU_PROBE
+    return {"form": form, "max_abs_error": float(np.max(np.abs(got - exact))),
+            "points": f"{n} points in [{lo:g}, {hi:g}], {job.dtype}, against float64 math.erf/math.tanh"}
+
+
 def loss_elements(logits_shape: tuple[int, ...], loss: str) -> int:
     """How many terms a mean-reduced loss averages: N (x T ...) for cross-entropy, every output for mse."""
     shape = tuple(logits_shape)

@@ -34,7 +34,8 @@ import optax
 from flax import nnx
 
 from gradparity.backends.jax.session import _device_label, _may_use_tf32, _name, _state_to_canonical, start
-from gradparity.backends.protocol import (PARAM_ROLES, RawResult, WorkerJob, assignment, layer_options, load_factory,
+from gradparity.backends.protocol import (PARAM_ROLES, RawResult, WorkerJob, assignment, gelu_accuracy, layer_options,
+                                         load_factory,
                                          package_versions)
 
 _NORMS = tuple(c for c in (nnx.LayerNorm, nnx.RMSNorm, nnx.BatchNorm, nnx.GroupNorm,
@@ -220,6 +221,8 @@ class UserJaxModel:
             "tf32": _may_use_tf32(self.device, self.job.dtype, matmul_precision, None),
             "mode": self.job.payload.get("mode", "inference"),
             "layer_options": layer_options(self.job),
+            "gelu_accuracy": gelu_accuracy(self.job, lambda x, approx: np.asarray(
+                jax.nn.gelu(jax.device_put(x, self.device), approximate=approx))),
         }
 
     # -- the model and the loss, natively -----------------------------------------------------------

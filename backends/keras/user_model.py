@@ -39,7 +39,7 @@ import keras
 import numpy as np
 
 from gradparity.backends.keras.session import _SIGNIFICAND_BITS, _VARIANTS, environment
-from gradparity.backends.protocol import RawResult, WorkerJob, assignment, layer_options, load_factory
+from gradparity.backends.protocol import RawResult, WorkerJob, assignment, gelu_accuracy, layer_options, load_factory
 
 _KERNEL_LAYERS = {"Dense", "EinsumDense", "Conv1D", "Conv2D", "Conv3D", "Conv1DTranspose", "Conv2DTranspose",
                   "Conv3DTranspose", "DepthwiseConv1D", "DepthwiseConv2D", "SeparableConv1D", "SeparableConv2D"}
@@ -274,7 +274,15 @@ class UserKerasModel:
                          keras_demoted_ops=sorted(demoted), requested=self.job.precision)
         tf32 = bool(kind == "gpu" and cc is not None and tuple(cc) >= (8, 0) and dtype == "float32" and tf32_allowed)
         return dict(environment(self.ad, device, kind, dtype, precision, tf32),
-                    mode=self.job.payload.get("mode", "inference"), layer_options=layer_options(self.job))
+                    mode=self.job.payload.get("mode", "inference"), layer_options=layer_options(self.job),
+                    gelu_accuracy=self._gelu_accuracy())
+
+    def _gelu_accuracy(self) -> dict | None:
+        """keras.activations.gelu (what the built-in models use) measured in the job's dtype."""
+        def gelu(x, approximate):
+            with self.ad.scope():
+                return _numpy(keras.activations.gelu(keras.ops.convert_to_tensor(x), approximate=approximate))
+        return gelu_accuracy(self.job, gelu)
 
     # -- the loss, natively ------------------------------------------------------------------------
 

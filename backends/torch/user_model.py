@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradparity.backends.protocol import RawResult, WorkerJob, assignment, layer_options, load_factory
+from gradparity.backends.protocol import RawResult, WorkerJob, assignment, gelu_accuracy, layer_options, load_factory
 from gradparity.backends.torch.session import cublas_may_use_tf32, pick_device, pin_highest_precision, read_precision
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -135,6 +135,8 @@ class UserTorchModel:
             and (self.job.precision != "highest" or cublas_may_use_tf32()),
             "mode": self.job.payload.get("mode", "inference"),
             "layer_options": layer_options(self.job),
+            "gelu_accuracy": gelu_accuracy(self.job, lambda x, approx: F.gelu(
+                torch.from_numpy(x).to(self.device), approximate="tanh" if approx else "none").cpu().numpy()),
         }
 
     # -- the loss, natively ------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 import gradparity
+from gradparity.backends.protocol import GELU_PROBE
 from gradparity.compare.pairs import pair_index
 from gradparity.report.outdir import OutputDir
 from gradparity.run.pipeline import Report
@@ -260,14 +261,19 @@ def _layer_lines(report: Report) -> list[str]:
         return ", ".join(parts)
 
     reported = {b: text(d) for b, d in settings["per_backend"].items() if d}
+    measured = [f"{o.backend} {o.environment['gelu_accuracy']['max_abs_error']:.2g}" for o in report.outcomes
+                if (o.environment or {}).get("gelu_accuracy")]
+    accuracy = ([f"each framework's own GELU, max abs error on {GELU_PROBE[2]} points in "
+                 f"[{GELU_PROBE[0]:g}, {GELU_PROBE[1]:g}] (measured in its worker): " + ", ".join(measured)]
+                if measured else [])
     if mode == "explicit":
         head = "layer settings, set explicitly in every backend (model.defaults = 'explicit'): "
     else:
         head = ("layer settings: each framework's own defaults (model.defaults = 'framework'; the numpy reference "
                 "computes the requested values), so differences between backends include them: ")
     if len(set(reported.values())) <= 1 and reported:
-        return [head + next(iter(reported.values())) + " (as each backend reported)"]
-    return [head + "; ".join(f"{b}: {t}" for b, t in reported.items())]
+        return [head + next(iter(reported.values())) + " (as each backend reported)"] + accuracy
+    return [head + "; ".join(f"{b}: {t}" for b, t in reported.items())] + accuracy
 
 
 def switch_effect(report: Report) -> dict | None:
