@@ -127,6 +127,11 @@ def test_sequence_framework_defaults_differ_by_exactly_the_defaults(tmp_path):
         else:
             assert apart > 1e-5, f"{backend}'s defaults should show: {apart:.3g}"
     assert report.verdict.status == "disagree"
+    # The verdict says so with the run's own numbers: keras and jax explained by their defaults, torch not named.
+    notes = [line for line in report.verdict.explanation if "computed with its framework's defaults" in line]
+    assert [n.split()[0] for n in notes] == ["keras-tensorflow", "jax"], notes
+    assert all(n.endswith("those defaults account for the difference") for n in notes), notes
+    assert "LayerNorm epsilon 0.001" in notes[0] and "GELU tanh, LayerNorm epsilon 1e-06" in notes[1]
     doc = (tmp_path / "out" / "report.json").read_text()
     assert '"layer_settings"' in doc and '"defaults": "framework"' in doc
     md = (tmp_path / "out" / "report.md").read_text()
@@ -146,6 +151,21 @@ def test_cnn_framework_defaults_show_torch_symmetric_padding():
     _, symmetric = _reference_mean(report, settings=LayerOptions(defaults="framework").resolved("torch"))
     torch_row = next(r for r in report.results if r.backend == "torch")
     assert _worst(torch_row, symmetric, report.tolerance.term_scale)[0] <= RTOL["float64"]
+    notes = [line for line in report.verdict.explanation if "computed with its framework's defaults" in line]
+    assert len(notes) == 1 and notes[0].startswith("torch") and "odd 'same' padding symmetric" in notes[0]
+
+
+def test_tensorflow_float64_gelu_is_measured_and_named():
+    """TensorFlow's exact GELU is off by ~5e-9 in float64 (erfc-based): the worker measures it, the report
+    header lists every framework's GELU error, and the verdict names it as what parts keras-tensorflow."""
+    report = _run({"model.kind": "cnn", "model.activation": "gelu", "dtype": "float64", "data.batch_size": 4,
+                   "methods": ["mean"]}, ("numpy", "torch", "keras-tensorflow"))
+    acc = {o.backend: (o.environment or {}).get("gelu_accuracy") for o in report.outcomes}
+    assert acc["numpy"] is None  # the reference's GELU is math.erf itself
+    assert acc["torch"]["max_abs_error"] < 1e-14
+    assert 1e-10 < acc["keras-tensorflow"]["max_abs_error"] < 1e-7, acc
+    named = [line for line in report.verdict.explanation if "own GELU" in line]
+    assert report.verdict.status == "disagree" and len(named) == 1 and named[0].startswith("keras-tensorflow")
 
 
 # --- the spec: what a CNN or sequence experiment accepts (no workers) -----------------------------------

@@ -251,8 +251,10 @@ def _layer_lines(report: Report) -> list[str]:
         return []
     mode = settings["requested"]["defaults"]
 
+    model = report.inputs.model
+
     def text(d: dict) -> str:
-        parts = [f"GELU {d['gelu']}"]
+        parts = [f"GELU {d['gelu']}"] if model.kind == "sequence" or model.activation == "gelu" else []
         if report.inputs.model.kind == "sequence":
             parts.append(f"LayerNorm epsilon {d['layernorm_epsilon']:g}")
         else:

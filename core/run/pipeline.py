@@ -11,6 +11,7 @@ from typing import Callable
 
 from gradparity.backends import BACKENDS, BackendInfo
 from gradparity.backends.protocol import WorkerJob
+from gradparity.compare.layers import defaults_notes, gelu_notes
 from gradparity.compare.normalize import Result, normalize
 from gradparity.compare.pairs import Comparison, Tolerance, compare_all, problem_term_scale, tolerance_for
 from gradparity.compare.verdict import Verdict, decide
@@ -67,26 +68,6 @@ def make_job(exp: Experiment, inputs: CanonicalInputs, info: BackendInfo,
         model=model, loss={"name": exp.loss.name},
         params=inputs.params, batch=inputs.batch, task=task, payload=payload,
         switches=causes.job_switches(exp.causes))
-
-
-def gelu_notes(outcomes: list[BackendOutcome], results: list[Result], comparisons: list[Comparison],
-               tol: Tolerance) -> list[str]:
-    """For a backend in a disagreeing pair whose own GELU, measured in its worker, is off by more than its
-    rtol: say that this alone can part it from the others (TensorFlow's float64 GELU is off by ~5e-9)."""
-    notes = []
-    unit = {r.backend: r.unit_roundoff for r in results if r.unit_roundoff is not None}
-    apart = {b for c in comparisons if not c.agree for b in (c.a.split("/")[0], c.b.split("/")[0])}
-    for o in outcomes:
-        acc = (o.environment or {}).get("gelu_accuracy")
-        if not acc or o.backend not in apart or o.backend not in unit:
-            continue
-        rtol = tol.rtol(unit[o.backend])
-        if acc["max_abs_error"] > rtol:
-            notes.append(f"{o.backend}'s own GELU ({acc['form']}) is off by up to {acc['max_abs_error']:.3g} "
-                         f"(measured in its worker: {acc['points']}), more than the rtol {rtol:.3g} of its "
-                         "arithmetic: differences of that order come from the framework's GELU, not from the "
-                         "model or the reduction")
-    return notes
 
 
 def _now() -> str:
@@ -203,6 +184,8 @@ def _conclude(exp: Experiment, inputs: CanonicalInputs, outcomes: list[BackendOu
     comparisons = compare_all(results, tol)
     verdict = decide(results, comparisons, tol, inputs.n_examples, exp.dtype, interrupted,
                      tuple(exp.causes.on()))
-    verdict.explanation.extend(gelu_notes(outcomes, results, comparisons, tol))
+    # A built-in model's layer settings and its frameworks' GELU, measured (nothing for the MLP).
+    verdict.explanation.extend(defaults_notes(inputs, results, outcomes, tol)
+                               + gelu_notes(outcomes, results, comparisons, tol))
     return Report(exp, inputs, outcomes, results, tol, comparisons, verdict, started, _now(), run_id,
                   interrupted.signal_name if interrupted else None)
