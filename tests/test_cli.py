@@ -182,7 +182,7 @@ def test_recheck_example_verifies_the_file_set(tiny, tmp_path):
     assert gradparity("run", str(tiny), "--backends", "numpy", "--out", str(out)).returncode == 0
     script = os.path.join(EXAMPLES, "recheck_report.py")
     ok = subprocess.run([sys.executable, script, str(out)], capture_output=True, text=True)
-    assert ok.returncode == 0 and "3 files match" in ok.stdout, ok.stdout + ok.stderr
+    assert ok.returncode == 0 and "6 files match" in ok.stdout, ok.stdout + ok.stderr
     with np.load(out / "inputs.npz") as z:
         arrays = {k: z[k] for k in z.files}
     arrays["batch/x"] = arrays["batch/x"] + 1  # as if another run had written it

@@ -1,4 +1,5 @@
-"""Report: render a run as report.json, report.md and a terminal table; save its arrays.
+"""Report: render a run as report.json, report.md, report.html (``gradparity.report.html``) and a terminal
+table; save its arrays.
 
 Everything written is what this run measured. The files are written as one
 set into a locked folder (``gradparity.report.outdir``), report.json last, so a
@@ -108,23 +109,37 @@ def gradient_arrays(report) -> dict[str, np.ndarray]:
 
 
 def write_report(report: Report, out: OutputDir) -> dict[str, Path]:
-    """Write inputs.npz, gradients.npz, report.md and report.json into the claimed folder, as one set."""
+    """Write inputs.npz, gradients.npz, report.md, the plots, report.html and report.json into the claimed
+    folder, as one set."""
+    from gradparity.report.html import render_html
+
+    page, pngs = render_html(report)
     return write_files(out, report.run_id, report.inputs.arrays(), gradient_arrays(report),
-                       render_markdown(report), to_dict(report))
+                       render_markdown(report), to_dict(report), extra={**pngs, "report.html": page})
 
 
 def write_files(out: OutputDir, run_id: str, inputs: dict[str, np.ndarray], gradients: dict[str, np.ndarray],
-                markdown: str, doc: dict, json_default=None) -> dict[str, Path]:
-    """A report's four files, staged and renamed into place together, report.json last.
+                markdown: str, doc: dict, json_default=None,
+                extra: dict[str, str | bytes] | None = None) -> dict[str, Path]:
+    """A report's files, staged and renamed into place together, report.json last.
 
-    report.json (``doc`` plus "files") records the SHA-256 of the other three; every file carries the run id.
+    ``extra`` are further files (name -> text or bytes: a run's report.html and its PNG plots), written
+    after report.md. report.json (``doc`` plus "files") records the SHA-256 of every other file; every
+    file carries the run id.
     """
+    def writer(content):
+        if isinstance(content, bytes):
+            return lambda p: p.write_bytes(content)
+        return lambda p: p.write_text(content, encoding="utf-8")
+
     with out.staging() as stage:
         sums = {
             "inputs.npz": stage.write("inputs.npz", lambda p: _write_npz(p, inputs, run_id)),
             "gradients.npz": stage.write("gradients.npz", lambda p: _write_npz(p, gradients, run_id)),
             "report.md": stage.write("report.md", lambda p: p.write_text(markdown)),
         }
+        for name, content in (extra or {}).items():
+            sums[name] = stage.write(name, writer(content))
         doc["files"] = {name: {"sha256": digest} for name, digest in sums.items()}
         stage.write("report.json", lambda p: p.write_text(
             json.dumps(doc, indent=1, allow_nan=False, default=json_default) + "\n"))

@@ -23,8 +23,10 @@ from gradparity.report.outdir import OutputDir, new_run_id
 from gradparity.run.execute import BackendOutcome, MethodOutcome, remove_stale_job_dirs, run_backend
 
 
-#: The files a run writes into its output folder, in the order they are renamed into place.
-REPORT_FILES = ("inputs.npz", "gradients.npz", "report.md", "report.json")
+#: The files a run writes into its output folder, in the order they are renamed into place
+#: (`gradparity check` writes the same set less report.html and its plots).
+REPORT_FILES = ("inputs.npz", "gradients.npz", "report.md", "heatmap.png", "max_rel.png", "report.html",
+                "report.json")
 
 
 @dataclass
