@@ -58,6 +58,8 @@ class WorkerJob:
     #: is the source of a ``loss_fn(logits, targets, sample_weight=None)``, and ``batch`` holds
     #: ``BATCH/logits``, ``BATCH/targets`` and optionally ``BATCH/sample_weight``.
     #: "model_check": a user's own model (see ``ModelCase`` below and each backend's ``user_model``).
+    #: "optimizer_steps": ``methods`` are cases of ``payload['configs']``, run natively on a fixed gradient
+    #: sequence (see "Optimizers" below and each backend's ``optimizers``).
     task: str = "gradients"
     payload: dict = field(default_factory=dict)
     #: Discrepancy causes a backend reproduces natively (see gradparity.experiment.causes), e.g.
@@ -124,7 +126,8 @@ class WorkerJob:
         """The gradient names and shapes a method must return: the parameters, or the case's logits."""
         if self.task == "loss_functions":
             return {"logits": tuple(self.batch[f"{loss_case_batch(method)}/logits"].shape)}
-        if self.task == "model_check" and ("builtin" not in self.payload or method in MODEL_CASES):
+        if self.task == "optimizer_steps" or (self.task == "model_check" and (
+                "builtin" not in self.payload or method in MODEL_CASES)):
             return {}  # a user's model: names and shapes are what the backend found (core checks them)
         return {name: tuple(p.shape) for name, p in self.params.items()}
 
@@ -373,3 +376,46 @@ def loss_elements(logits_shape: tuple[int, ...], loss: str) -> int:
     shape = tuple(logits_shape)
     return int(np.prod(shape[:-1] if loss == "cross_entropy" else shape))
 
+
+
+# --- Optimizers on a fixed gradient sequence (task "optimizer_steps") ---------------------------------------
+#
+# ``payload``: {"configs": {CASE: OptimizerConfig.to_dict()}, "lrs": {CASE: [lr at step 1, ...]},
+#              "scales": {CASE: factor the gradients are multiplied by (default 1)}}
+# ``params``: the starting parameters; ``batch``: "grads/T/NAME", the gradient fed at step T (from 1).
+# A case returns loss NaN and grads {"T/NAME": parameters after step T}; info {"optimizer": what ran}.
+
+
+def step_gradients(job: WorkerJob) -> list[dict[str, np.ndarray]]:
+    """The gradient sequence of an optimizer job, step 1 first."""
+    out, t = [], 1
+    while f"grads/{t}/{next(iter(job.params))}" in job.batch:
+        out.append({name: job.batch[f"grads/{t}/{name}"] for name in job.params})
+        t += 1
+    return out
+
+
+class OptimizerSession:
+    """A backend's native optimizers behind the Session protocol: ``compute(case)`` runs one config."""
+
+    def __init__(self, job: WorkerJob, run_steps, describe, environment: dict):
+        self.job, self.run_steps, self.describe, self.env = job, run_steps, describe, environment
+        self.grads = step_gradients(job)
+
+    def environment(self) -> dict:
+        return dict(self.env)
+
+    def compute(self, case: str) -> RawResult:
+        config = self.job.payload["configs"][case]
+        scale = float(self.job.payload.get("scales", {}).get(case, 1.0))
+        grads = self.grads if scale == 1.0 else [{k: (g * scale).astype(g.dtype) for k, g in step.items()}
+                                                 for step in self.grads]
+        steps = self.run_steps(config, self.job.params, grads, self.job.payload["lrs"][case], self.job.dtype)
+        arrays = {f"{t}/{name}": np.asarray(v) for t, p in enumerate(steps, start=1) for name, v in p.items()}
+        return RawResult(float("nan"), arrays, {"optimizer": self.describe(config)})
+
+
+def cpu_environment(framework: str, versions: dict, dtype: str, note: str | None = None) -> dict:
+    """The environment of a backend that computes on the CPU in ``dtype`` (an optimizer job)."""
+    return {"framework": framework, "versions": versions, "device": "cpu", "device_kind": "cpu",
+            "device_note": note, "dtype": dtype, "precision": {}, "tf32": False}

@@ -155,7 +155,40 @@ def _parser() -> argparse.ArgumentParser:
                                            "(the README's equivalence table)")
     tb.add_argument("--keras-backend", default="tensorflow", help="tensorflow | jax | torch")
     tb.add_argument("--timeout", type=float, default=900.0, help="seconds per framework worker")
+    op = sub.add_parser("optimizers", help="SGD, momentum, Adam, AdamW in torch, Keras and optax on one fixed "
+                                           "gradient sequence: does each do what its source says, and where "
+                                           "do they part?")
+    op.add_argument("--backends", default="torch,keras-tensorflow,jax",
+                    help="comma-separated: torch, keras-tensorflow, keras-jax, keras-torch, jax")
+    op.add_argument("--scenarios", help="comma-separated scenario ids (default: all; see the README)")
+    op.add_argument("--dtype", default="float64", help="float64 (default) | float32")
+    op.add_argument("--steps", type=int, default=20, help="optimizer steps (default 20)")
+    op.add_argument("--seed", type=int, default=0)
+    op.add_argument("--timeout", type=float, default=600.0, help="seconds per framework worker")
+    op.add_argument("--json", action="store_true", help="print the measurements as JSON")
     return p
+
+
+def _optimizers(args) -> int:
+    import json
+
+    from gradparity.commands.optimizers import BY_ID, SCENARIOS, compare_optimizers, render_text, to_dict
+
+    if args.dtype not in ("float32", "float64"):
+        raise ConfigError(f"--dtype must be float32 or float64, got {args.dtype!r}")
+    scenarios = SCENARIOS
+    if args.scenarios:
+        unknown = [s for s in _csv(args.scenarios) if s not in BY_ID]
+        if unknown:
+            raise ConfigError(f"unknown scenario(s) {', '.join(unknown)}; known: {', '.join(BY_ID)}")
+        scenarios = tuple(BY_ID[s] for s in _csv(args.scenarios))
+    results = compare_optimizers(scenarios, tuple(_csv(args.backends)), args.dtype, args.steps, args.seed,
+                                 args.timeout, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(json.dumps(to_dict(results, args.dtype, args.steps), indent=1) if args.json
+          else render_text(results, args.dtype, args.steps))
+    if any(r.errors for r in results):
+        return 3
+    return 1 if any(e > r.semantics_rtol[b] for r in results for b, e in r.semantics.items()) else 0
 
 
 def _run(args) -> int:
@@ -187,6 +220,7 @@ def _run(args) -> int:
     else:
         print(render_text(report))
         print(f"\nwrote {out / 'report.json'}, report.md, inputs.npz, gradients.npz (run {report.run_id})")
+        print(f"open {out / 'report.html'} in a browser for the plots (heatmap.png, max_rel.png beside it)")
     return report.verdict.exit_code
 
 
@@ -364,6 +398,8 @@ def main(argv: list[str] | None = None) -> int:
                 return _diagnose(args)
             if args.command == "check":
                 return _check(args)
+            if args.command == "optimizers":
+                return _optimizers(args)
             from gradparity.experiment.spec import default_config_text
 
             print(default_config_text(), end="")

@@ -1,0 +1,175 @@
+"""Optimizers as each framework defines them: configurations, defaults, and their update rules in numpy.
+
+The same named optimizer is not the same update everywhere. Each rule below is written from the
+framework's own source (torch 2.13 ``torch/optim/{sgd,adam,adamw}.py``, keras 3.15
+``keras/src/optimizers/{sgd,adam,base_optimizer}.py``, optax 0.2.8 ``optax/_src/{alias,transform}.py``),
+in float64, and is the hand-computed yardstick each framework's native optimizer is measured against on a
+fixed gradient sequence (``backends/FRAMEWORK/optimizers.py``):
+
+- SGD momentum: torch ``b = mu*b + (1 - tau)*g`` (``b = g`` at the first step), ``p -= lr*b``; nesterov uses
+  ``g + mu*b``. optax ``trace``: ``t = g + mu*t``, the same with tau = 0. Keras ``v = mu*v - lr*g; p += v``
+  folds the learning rate into the velocity: equal to torch at a constant lr, apart under a schedule;
+  Keras nesterov ``p += mu*v - lr*g``.
+- Adam: torch and optax ``p -= lr * m_hat / (sqrt(v_hat) + eps)`` (optax: ``sqrt(v_hat + eps_root)``), with
+  bias-corrected moments; Keras ``p -= alpha * m / (sqrt(v) + eps)``, ``alpha = lr*sqrt(1 - b2^t)/(1 - b1^t)``:
+  epsilon is added to the uncorrected ``sqrt(v)`` ("epsilon hat"), i.e. eps * sqrt(1 - b2^t) in torch's terms.
+- Weight decay: torch SGD and Adam add ``wd*p`` to the gradient (L2), as an ``optax.add_decayed_weights``
+  before the optimizer does; torch AdamW, optax.adamw and every Keras optimizer's ``weight_decay`` decay
+  decoupled, ``p -= lr*wd*p`` (Keras and torch before the update, optax from the same old ``p``: identical).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+FRAMEWORKS = ("torch", "keras", "jax")
+#: Defaults a port inherits when it sets nothing (read in each framework's source).
+DEFAULTS = {
+    "torch": {"adam_eps": 1e-8, "adamw_weight_decay": 1e-2},
+    "keras": {"adam_eps": 1e-7, "adamw_weight_decay": 4e-3},
+    "jax": {"adam_eps": 1e-8, "adamw_weight_decay": 1e-4},
+}
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """One optimizer, framework-neutral; ``to_dict()`` is what a backend's ``run_steps`` receives.
+
+    ``dampening`` exists in torch only, ``eps_root`` in optax only (0 elsewhere). ``weight_decay`` means
+    what the framework's optimizer does with it (see the module doc): L2 in torch's SGD and Adam and in the
+    optax chain that mirrors them, decoupled in AdamW and in every Keras optimizer.
+    """
+
+    name: str
+    lr: float
+    momentum: float = 0.0
+    nesterov: bool = False
+    dampening: float = 0.0
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    eps_root: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def label(self) -> str:
+        parts = [f"lr={self.lr:g}"]
+        if self.name == "sgd":
+            if self.momentum:
+                parts.append(f"momentum={self.momentum:g}" + (", nesterov" if self.nesterov else ""))
+            if self.dampening:
+                parts.append(f"dampening={self.dampening:g}")
+        else:
+            parts.append(f"betas=({self.beta1:g}, {self.beta2:g}), eps={self.eps:g}")
+            if self.eps_root:
+                parts.append(f"eps_root={self.eps_root:g}")
+        if self.weight_decay:
+            parts.append(f"weight_decay={self.weight_decay:g}")
+        return f"{self.name}({', '.join(parts)})"
+
+
+def _sgd_torch(c: OptimizerConfig):
+    def step(p, g, state, lr, t):
+        if c.weight_decay:
+            g = g + c.weight_decay * p
+        if c.momentum:
+            b = g if t == 1 else c.momentum * state["b"] + (1.0 - c.dampening) * g
+            state["b"] = b
+            g = g + c.momentum * b if c.nesterov else b
+        return p - lr * g
+    return step
+
+
+def _sgd_optax(c: OptimizerConfig):
+    def step(p, g, state, lr, t):
+        if c.weight_decay:  # optax.add_decayed_weights chained first: L2, as torch
+            g = g + c.weight_decay * p
+        if c.momentum:
+            trace = g + c.momentum * state.get("t", 0.0)
+            state["t"] = trace
+            g = g + c.momentum * trace if c.nesterov else trace
+        return p - lr * g
+    return step
+
+
+def _cast(x: float, rounded: bool) -> float:
+    """A hyperparameter as ``ops.cast(x, variable.dtype)`` gives it: on Keras' TensorFlow backend, tf.cast
+    first makes a float32 tensor of the Python float, so a float64 run still sees it rounded to float32."""
+    return float(np.float32(x)) if rounded else x
+
+
+def _sgd_keras(c: OptimizerConfig, rounded: bool = False):
+    mu, wd = _cast(c.momentum, rounded), _cast(c.weight_decay, rounded)
+
+    def step(p, g, state, lr, t):
+        if c.weight_decay:
+            p = p - p * wd * lr
+        if not c.momentum:
+            return p - lr * g
+        v = mu * state.get("v", 0.0) - lr * g
+        state["v"] = v
+        return p + (mu * v - lr * g if c.nesterov else v)
+    return step
+
+
+def _adam_corrected(c: OptimizerConfig, decoupled: bool):
+    """torch Adam / AdamW and optax adam / adamw: bias-corrected moments, eps outside the square root."""
+    def step(p, g, state, lr, t):
+        if c.weight_decay and decoupled:
+            p = p - lr * c.weight_decay * p
+        elif c.weight_decay:
+            g = g + c.weight_decay * p
+        m = c.beta1 * state.get("m", 0.0) + (1.0 - c.beta1) * g
+        v = c.beta2 * state.get("v", 0.0) + (1.0 - c.beta2) * g * g
+        state["m"], state["v"] = m, v
+        m_hat, v_hat = m / (1.0 - c.beta1 ** t), v / (1.0 - c.beta2 ** t)
+        return p - lr * m_hat / (np.sqrt(v_hat + c.eps_root) + c.eps)
+    return step
+
+
+def _adam_keras(c: OptimizerConfig, rounded: bool = False):
+    wd, b1, b2 = (_cast(x, rounded) for x in (c.weight_decay, c.beta1, c.beta2))  # b1, b2: in the powers only
+
+    def step(p, g, state, lr, t):
+        if c.weight_decay:
+            p = p - p * wd * lr
+        m = state.get("m", 0.0) + (g - state.get("m", 0.0)) * (1.0 - c.beta1)
+        v = state.get("v", 0.0) + (g * g - state.get("v", 0.0)) * (1.0 - c.beta2)
+        state["m"], state["v"] = m, v
+        alpha = lr * math.sqrt(1.0 - b2 ** t) / (1.0 - b1 ** t)
+        return p - alpha * m / (np.sqrt(v) + c.eps)
+    return step
+
+
+def update_rule(framework: str, config: OptimizerConfig, float32_hyperparameters: bool = False):
+    """``step(p, g, state, lr, t) -> new p`` (``state`` a dict it updates, ``t`` from 1): ``framework``'s
+    optimizer for one parameter tensor, in numpy. ``float32_hyperparameters``: Keras with its momentum,
+    weight decay and the betas of its bias correction rounded to float32 (its TensorFlow backend does)."""
+    if config.name == "sgd":
+        if framework == "keras":
+            return _sgd_keras(config, float32_hyperparameters)
+        return {"torch": _sgd_torch, "jax": _sgd_optax}[framework](config)
+    if framework == "keras":
+        return _adam_keras(config, float32_hyperparameters)
+    # torch Adam (weight_decay: L2), optax.adam with add_decayed_weights (L2); AdamW / optax.adamw decoupled.
+    return _adam_corrected(config, decoupled=config.name == "adamw")
+
+
+def reference_steps(framework: str, config: OptimizerConfig, params: dict[str, np.ndarray],
+                    grads: list[dict[str, np.ndarray]], lrs: list[float],
+                    float32_hyperparameters: bool = False) -> list[dict[str, np.ndarray]]:
+    """The parameters after each of the ``len(grads)`` steps of ``framework``'s optimizer fed ``grads``
+    (step t's gradient, whatever the parameters are) at learning rates ``lrs``, in float64."""
+    rules = {name: update_rule(framework, config, float32_hyperparameters) for name in params}
+    states: dict[str, dict] = {name: {} for name in params}
+    p = {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
+    out = []
+    for t, (g, lr) in enumerate(zip(grads, lrs), start=1):
+        p = {k: rules[k](p[k], np.asarray(g[k], dtype=np.float64), states[k], float(lr), t) for k in p}
+        out.append(dict(p))
+    return out
