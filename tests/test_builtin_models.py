@@ -193,6 +193,9 @@ def test_defaults_fit_the_kind():
     ({"model.kind": "sequence", "model.layernorm_epsilon": 0}, "layernorm_epsilon must be a positive"),
     ({"model.kind": "cnn", "model.channels": [4, 4], "model.strides": [1]}, "one entry per convolution"),
     ({"data.source": "tokens"}, "feeds model.kind = 'sequence' only"),
+    ({"model.kind": []}, "model.kind = [] is not one of"),   # found by tests/test_properties.py
+    ({"model.kind": "cnn", "model.channels": "8"}, "model.channels must be a non-empty list"),
+    ({"model.kind": "sequence", "model.vocab": 1}, "model.vocab must be >= 2"),
 ])
 def test_bad_model_config_is_exit_2(overrides, message):
     with pytest.raises(ConfigError) as err:

@@ -525,7 +525,7 @@ def _defaults_for_kind(default: dict, user: dict) -> dict:
     """
     model = user.get("model")
     kind = model.get("kind") if isinstance(model, dict) else None
-    if kind not in _KIND_KEYS or kind == "mlp":
+    if not isinstance(kind, str) or kind not in _KIND_KEYS or kind == "mlp":  # validation names a bad kind
         return default
     default = dict(default, model={"kind": kind})
     default["methods"] = [m for m in default["methods"] if m in BUILTIN_METHODS]
