@@ -112,6 +112,11 @@ def run_steps(config: dict, params: dict[str, np.ndarray], grads: list[dict[str,
         return table[count]
 
     opt = _transformation(config, schedule)
+    k = int(config.get("accumulation", 1))
+    if k > 1:
+        # optax's accumulation: the running mean of k micro-gradients, the inner optimizer updated (and its
+        # count advanced) on every k-th call only, zero updates in between.
+        opt = optax.MultiSteps(opt, every_k_schedule=k, use_grad_mean=True)
     names = list(params)
     state_params = {n: jnp.asarray(np.asarray(params[n], dtype=dtype)) for n in names}
     state = opt.init(state_params)
@@ -130,6 +135,13 @@ def run_steps(config: dict, params: dict[str, np.ndarray], grads: list[dict[str,
 
 
 def environment_note(config: dict) -> str:
+    """One line naming the optax transformation (inside MultiSteps when accumulating) ``run_steps`` builds."""
+    k = int(config.get("accumulation", 1))
+    note = _class_note(config)
+    return note if k == 1 else f"optax.MultiSteps({note}, every_k_schedule={k}, use_grad_mean=True)"
+
+
+def _class_note(config: dict) -> str:
     """One line naming the optax transformation ``run_steps`` builds."""
     name = config["name"]
     lr = "schedule(count -> lrs[count])"

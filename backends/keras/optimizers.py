@@ -77,6 +77,10 @@ def _optimizer(config: dict, learning_rate) -> keras.optimizers.Optimizer:
     """The Keras optimizer ``config`` names, with ``learning_rate`` (a float or a schedule)."""
     name = config["name"]
     wd = float(config["weight_decay"])
+    k = int(config.get("accumulation", 1))
+    # Keras' own accumulation: apply() adds to accumulators and updates on every k-th call with (g + acc) / k;
+    # iterations still counts every call (the schedule and Adam's bias correction see micro-steps).
+    common = {"gradient_accumulation_steps": k} if k > 1 else {}
     if name == "sgd":
         # weight_decay=None, not 0.0, when there is none: any non-None value
         # makes base_optimizer apply the decay step (a no-op multiply by 1).
@@ -84,16 +88,16 @@ def _optimizer(config: dict, learning_rate) -> keras.optimizers.Optimizer:
         # floats throughout, as a user writes them (see the module docstring
         # on the tensorflow backend's float32 rounding of them).
         return keras.optimizers.SGD(learning_rate=learning_rate, momentum=float(config["momentum"]),
-                                    nesterov=bool(config["nesterov"]), weight_decay=wd or None)
+                                    nesterov=bool(config["nesterov"]), weight_decay=wd or None, **common)
     if name == "adam":
         return keras.optimizers.Adam(learning_rate=learning_rate, beta_1=float(config["beta1"]),
                                      beta_2=float(config["beta2"]), epsilon=float(config["eps"]),
-                                     weight_decay=wd or None)
+                                     weight_decay=wd or None, **common)
     if name == "adamw":
         # AdamW requires a weight decay (None raises); 0.0 decays by nothing.
         return keras.optimizers.AdamW(learning_rate=learning_rate, weight_decay=wd,
                                       beta_1=float(config["beta1"]), beta_2=float(config["beta2"]),
-                                      epsilon=float(config["eps"]))
+                                      epsilon=float(config["eps"]), **common)
     raise ValueError(f"unknown optimizer {name!r} (expected 'sgd', 'adam' or 'adamw')")
 
 
@@ -162,6 +166,12 @@ def run_steps(config: dict, params: dict[str, np.ndarray], grads: list[dict[str,
 
 
 def environment_note(config: dict) -> str:
+    """One line naming the Keras class (and its gradient_accumulation_steps) ``run_steps`` constructs."""
+    k = int(config.get("accumulation", 1))
+    return _class_note(config) + (f", gradient_accumulation_steps={k}" if k > 1 else "")
+
+
+def _class_note(config: dict) -> str:
     """One line naming the Keras class, the arguments ``run_steps`` passes, and the Keras backend."""
     name = config["name"]
     lr = "LearningRateSchedule(lrs[optimizer.iterations])"

@@ -85,8 +85,9 @@ def run_steps(config: dict, params: dict[str, np.ndarray], grads: list[dict[str,
     tensors = [torch.tensor(np.asarray(params[n]), dtype=torch_dtype, requires_grad=True) for n in names]
     optimizer = _optimizer(config, tensors)
     (group,) = optimizer.param_groups
+    k = int(config.get("accumulation", 1))
     history = []
-    for step_grads, lr in zip(grads, lrs):
+    for t, (step_grads, lr) in enumerate(zip(grads, lrs), start=1):
         # The documented way to change the learning rate between steps (what
         # torch.optim.lr_scheduler does): step() reads group["lr"] afresh
         # each time, and a Python float keeps it exact in float64.
@@ -94,8 +95,19 @@ def run_steps(config: dict, params: dict[str, np.ndarray], grads: list[dict[str,
         for name, tensor in zip(names, tensors):
             # A fresh tensor each step: SGD's first momentum buffer is a clone
             # of the gradient, and nothing may alias the caller's arrays.
-            tensor.grad = torch.tensor(np.asarray(step_grads[name]), dtype=torch_dtype)
+            g = torch.tensor(np.asarray(step_grads[name]), dtype=torch_dtype)
+            if k > 1:
+                # The manual accumulation loop: (loss / k).backward() per micro-batch adds g / k to .grad.
+                g = g / k
+                tensor.grad = g if tensor.grad is None else tensor.grad + g
+            else:
+                tensor.grad = g
+        if t % k:
+            history.append({n: t_.detach().cpu().numpy().copy() for n, t_ in zip(names, tensors)})
+            continue
         optimizer.step()
+        if k > 1:
+            optimizer.zero_grad(set_to_none=True)
         # step() updates the tensors in place: copy out each step's values.
         history.append({n: t.detach().cpu().numpy().copy() for n, t in zip(names, tensors)})
     return history
@@ -103,6 +115,13 @@ def run_steps(config: dict, params: dict[str, np.ndarray], grads: list[dict[str,
 
 def environment_note(config: dict) -> str:
     """One line naming the torch class and the arguments ``run_steps`` constructs it with."""
+    k = int(config.get("accumulation", 1))
+    note = _class_note(config)
+    return note if k == 1 else (f"a manual accumulation loop ((loss / {k}).backward() per micro-step, step() and "
+                                f"zero_grad() every {k}) around " + note)
+
+
+def _class_note(config: dict) -> str:
     name = config["name"]
     lr = "lrs[t] (param_groups[0]['lr'] set before step t)"
     if name == "sgd":

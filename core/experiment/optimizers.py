@@ -13,6 +13,10 @@ fixed gradient sequence (``backends/FRAMEWORK/optimizers.py``):
 - Adam: torch and optax ``p -= lr * m_hat / (sqrt(v_hat) + eps)`` (optax: ``sqrt(v_hat + eps_root)``), with
   bias-corrected moments; Keras ``p -= alpha * m / (sqrt(v) + eps)``, ``alpha = lr*sqrt(1 - b2^t)/(1 - b1^t)``:
   epsilon is added to the uncorrected ``sqrt(v)`` ("epsilon hat"), i.e. eps * sqrt(1 - b2^t) in torch's terms.
+- Gradient accumulation over k micro-steps: every framework updates with the mean of k gradients and counts
+  updates for Adam's bias correction, but a Keras learning-rate schedule is called with the count of micro-steps
+  (optax's inner schedule with the count of updates), and ``optax.MultiSteps`` stores its running mean in
+  float32 by default (``accumulator_dtype``), even in a float64 run.
 - Weight decay: torch SGD and Adam add ``wd*p`` to the gradient (L2), as an ``optax.add_decayed_weights``
   before the optimizer does; torch AdamW, optax.adamw and every Keras optimizer's ``weight_decay`` decay
   decoupled, ``p -= lr*wd*p`` (Keras and torch before the update, optax from the same old ``p``: identical).
@@ -53,6 +57,9 @@ class OptimizerConfig:
     beta2: float = 0.999
     eps: float = 1e-8
     eps_root: float = 0.0
+    #: Gradient accumulation over this many micro-steps (1: none): torch a manual loop adding g/k to .grad,
+    #: Keras ``gradient_accumulation_steps``, optax ``MultiSteps(use_grad_mean=True)``.
+    accumulation: int = 1
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -70,6 +77,8 @@ class OptimizerConfig:
                 parts.append(f"eps_root={self.eps_root:g}")
         if self.weight_decay:
             parts.append(f"weight_decay={self.weight_decay:g}")
+        if self.accumulation > 1:
+            parts.append(f"accumulated over {self.accumulation} micro-steps")
         return f"{self.name}({', '.join(parts)})"
 
 
@@ -162,14 +171,53 @@ def update_rule(framework: str, config: OptimizerConfig, float32_hyperparameters
 
 def reference_steps(framework: str, config: OptimizerConfig, params: dict[str, np.ndarray],
                     grads: list[dict[str, np.ndarray]], lrs: list[float],
-                    float32_hyperparameters: bool = False) -> list[dict[str, np.ndarray]]:
+                    float32_hyperparameters: bool = False,
+                    float32_accumulator: bool = True) -> list[dict[str, np.ndarray]]:
     """The parameters after each of the ``len(grads)`` steps of ``framework``'s optimizer fed ``grads``
-    (step t's gradient, whatever the parameters are) at learning rates ``lrs``, in float64."""
+    (step t's gradient, whatever the parameters are) at learning rates ``lrs``, in float64.
+
+    The two flags model precision the frameworks lose on their own: Keras on TensorFlow rounding its
+    hyperparameters to float32 (off by default), optax.MultiSteps storing its accumulator in float32 (on by
+    default, as optax does; off gives the rule in exact arithmetic)."""
     rules = {name: update_rule(framework, config, float32_hyperparameters) for name in params}
     states: dict[str, dict] = {name: {} for name in params}
     p = {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
+    k = config.accumulation
+    acc = {name: 0.0 for name in params}
     out = []
     for t, (g, lr) in enumerate(zip(grads, lrs), start=1):
-        p = {k: rules[k](p[k], np.asarray(g[k], dtype=np.float64), states[k], float(lr), t) for k in p}
+        n = (t - 1) % k  # micro-gradients already accumulated in this window
+        for name in params:
+            acc[name] = _accumulate(framework, acc[name], np.asarray(g[name], dtype=np.float64), n, k,
+                                    float32_accumulator)
+        if t % k:  # a micro-step: gradients accumulate, parameters stay
+            out.append(dict(p))
+            continue
+        # The update sees the mean of the k micro-gradients, and every optimizer counts updates (j) for Adam's
+        # bias correction (Keras: its iterations property is the call count // k). The learning rate: Keras'
+        # schedule is called with the raw call count (lrs[t - 1]), torch's manual loop steps at the lr set
+        # then (lrs[t - 1]), optax's inner schedule counts updates (lrs[j - 1]).
+        j = t // k
+        rate = float(lrs[j - 1]) if framework == "jax" else float(lr)
+        mean = {name: acc[name] / k if framework == "keras" else acc[name] for name in params}
+        p = {name: rules[name](p[name], mean[name], states[name], rate, j) for name in p}
+        acc = {name: 0.0 for name in params}
         out.append(dict(p))
     return out
+
+
+def _accumulate(framework: str, acc, g, n: int, k: int, float32_accumulator: bool = True):
+    """One micro-gradient into a window's accumulator (``n`` already in it, ``k`` per window).
+
+    torch's manual loop adds g / k to .grad (the sum is the mean); Keras adds g to a sum and divides by k at
+    the update (the caller does); optax.MultiSteps keeps a running mean, acc + (g - acc) / (n + 1), stored
+    between micro-steps in its accumulator_dtype, float32 by default even in a float64 run.
+    """
+    if k == 1 or framework == "keras":
+        return acc + g
+    if framework == "torch":
+        return acc + g / k
+    mean = acc + (g - acc) / (n + 1)
+    if n + 1 == k or not float32_accumulator:
+        return mean
+    return np.asarray(mean, dtype=np.float32).astype(np.float64)
