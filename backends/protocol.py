@@ -60,6 +60,8 @@ class WorkerJob:
     #: "model_check": a user's own model (see ``ModelCase`` below and each backend's ``user_model``).
     #: "optimizer_steps": ``methods`` are cases of ``payload['configs']``, run natively on a fixed gradient
     #: sequence (see "Optimizers" below and each backend's ``optimizers``).
+    #: "train": ``methods`` are runs of ``payload['runs']``: the MLP trained on ``batch['batches/T/x|y']``
+    #: (each backend's ``train``; returns "T/NAME" parameters after step T and "loss/T").
     task: str = "gradients"
     payload: dict = field(default_factory=dict)
     #: Discrepancy causes a backend reproduces natively (see gradparity.experiment.causes), e.g.
@@ -126,7 +128,7 @@ class WorkerJob:
         """The gradient names and shapes a method must return: the parameters, or the case's logits."""
         if self.task == "loss_functions":
             return {"logits": tuple(self.batch[f"{loss_case_batch(method)}/logits"].shape)}
-        if self.task == "optimizer_steps" or (self.task == "model_check" and (
+        if self.task in ("optimizer_steps", "train") or (self.task == "model_check" and (
                 "builtin" not in self.payload or method in MODEL_CASES)):
             return {}  # a user's model: names and shapes are what the backend found (core checks them)
         return {name: tuple(p.shape) for name, p in self.params.items()}
@@ -392,6 +394,17 @@ def step_gradients(job: WorkerJob) -> list[dict[str, np.ndarray]]:
     while f"grads/{t}/{next(iter(job.params))}" in job.batch:
         out.append({name: job.batch[f"grads/{t}/{name}"] for name in job.params})
         t += 1
+    return out
+
+
+def train_batches(job: WorkerJob) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The (x, y) of a training job's steps 1..K, from ``job.batch["batches/T/x"|"batches/T/y"]``."""
+    out, t = [], 1
+    while f"batches/{t}/x" in job.batch:
+        out.append((job.batch[f"batches/{t}/x"], job.batch[f"batches/{t}/y"]))
+        t += 1
+    if not out:
+        raise ValueError("a train job needs batches 'batches/1/x', 'batches/1/y', ...")
     return out
 
 

@@ -166,7 +166,33 @@ def _parser() -> argparse.ArgumentParser:
     op.add_argument("--seed", type=int, default=0)
     op.add_argument("--timeout", type=float, default=600.0, help="seconds per framework worker")
     op.add_argument("--json", action="store_true", help="print the measurements as JSON")
+    trn = sub.add_parser("train", help="train the built-in MLP for K steps in every framework from one start: "
+                                       "does each follow its optimizer's exact trajectory, and where do they part?")
+    trn.add_argument("--optimizer", default="momentum", help="sgd | momentum (default) | nesterov | adam | adamw")
+    trn.add_argument("--lr", type=float, help="learning rate (default: sgd 0.1, momentum 0.05, adam 1e-3)")
+    trn.add_argument("--steps", type=int, default=30)
+    trn.add_argument("--batch-size", type=int, default=32)
+    trn.add_argument("--reduction", default="mean", help="mean (default; Keras sum_over_batch_size) | sum")
+    trn.add_argument("--schedule", default="constant", help="constant (default) | step (lr halved halfway)")
+    trn.add_argument("--dtype", default="float32", help="float32 (default) | float64")
+    trn.add_argument("--backends", default="torch,keras-tensorflow,jax")
+    trn.add_argument("--seed", type=int, default=0)
+    trn.add_argument("--timeout", type=float, default=600.0, help="seconds per framework worker")
+    trn.add_argument("--json", action="store_true", help="print the measurements as JSON")
     return p
+
+
+def _train(args) -> int:
+    import json
+
+    from gradparity.commands.train import TrainSpec, render_text, run_training, to_dict
+
+    spec = TrainSpec(optimizer=args.optimizer, lr=args.lr, steps=args.steps, batch_size=args.batch_size,
+                     reduction=args.reduction, schedule=args.schedule, dtype=args.dtype, seed=args.seed,
+                     backends=tuple(_csv(args.backends)), timeout_s=args.timeout)
+    report = run_training(spec, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(json.dumps(to_dict(report), indent=1) if args.json else render_text(report))
+    return report.exit_code
 
 
 def _optimizers(args) -> int:
@@ -400,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
                 return _check(args)
             if args.command == "optimizers":
                 return _optimizers(args)
+            if args.command == "train":
+                return _train(args)
             from gradparity.experiment.spec import default_config_text
 
             print(default_config_text(), end="")

@@ -83,6 +83,21 @@ def _transformation(config: dict, schedule) -> optax.GradientTransformation:
     return opt
 
 
+def lr_schedule(lrs: list[float], dtype: str):
+    """The learning rates as an optax schedule: ``count -> lrs[count]`` (optax's count is 0 at the first update)."""
+    # The table in the job's dtype: scale_by_schedule casts the schedule's
+    # value to the update's dtype, so a float32 table would round a float64
+    # job's learning rates before the cast could help.
+    table = jnp.asarray(np.asarray(lrs, dtype=dtype))
+
+    def schedule(count):
+        # count is optax's int32 step counter (a traced value under jit):
+        # array indexing, not a Python list lookup.
+        return table[count]
+
+    return schedule
+
+
 def run_steps(config: dict, params: dict[str, np.ndarray], grads: list[dict[str, np.ndarray]],
               lrs: list[float], dtype: str) -> list[dict[str, np.ndarray]]:
     """Run optax for ``len(grads)`` steps on fixed gradients; parameters after each step.
@@ -101,17 +116,7 @@ def run_steps(config: dict, params: dict[str, np.ndarray], grads: list[dict[str,
         # Without x64 jax silently turns float64 arrays into float32.
         raise RuntimeError("a float64 job needs JAX_ENABLE_X64=1 in the worker's environment "
                            "(jax reads it at import); it is not set")
-    # The table in the job's dtype: scale_by_schedule casts the schedule's
-    # value to the update's dtype, so a float32 table would round a float64
-    # job's learning rates before the cast could help.
-    table = jnp.asarray(np.asarray(lrs, dtype=dtype))
-
-    def schedule(count):
-        # count is optax's int32 step counter (a traced value under jit):
-        # array indexing, not a Python list lookup.
-        return table[count]
-
-    opt = _transformation(config, schedule)
+    opt = _transformation(config, lr_schedule(lrs, dtype))
     k = int(config.get("accumulation", 1))
     if k > 1:
         # optax's accumulation: the running mean of k micro-gradients, the inner optimizer updated (and its

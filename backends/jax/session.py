@@ -137,6 +137,61 @@ def _may_use_tf32(device, dtype: str, matmul_precision, layer_precision) -> bool
     return tuple(int(p) for p in str(capability).split(".")[:2]) >= (8, 0)
 
 
+def linear_precision(job: WorkerJob):
+    """The Dense layers' own precision: HIGHEST when the job pins precision (``start`` sets the global
+    switch), else None (jax's default)."""
+    return jax.lax.Precision.HIGHEST if job.precision == "highest" else None
+
+
+def build_mlp(job: WorkerJob, device, layer_precision):
+    """(graphdef, params, stats) of the job's MLP: its parameters (an ``nnx.State`` of ``nnx.Param``) filled
+    from the canonical ``job.params`` in the job's dtype on ``device``, and zero running statistics."""
+    dtype = jnp.dtype(job.dtype)
+    # eval_shape: build the module without running the random initializers,
+    # then fill every parameter from the canonical arrays by its path.
+    compute_dtype = jnp.dtype(job.autocast) if job.autocast else None
+    abstract = nnx.eval_shape(lambda: MLP(job.model["sizes"], job.model["activation"], dtype,
+                                          layer_precision, nnx.Rngs(0), compute_dtype,
+                                          job.batchnorm_epsilon))
+    # The running statistics (nnx.BatchStat) are state, not parameters: training mode never reads them.
+    graphdef, abstract_state, stats = nnx.split(abstract, nnx.Param, ...)
+    stats = jax.device_put(jax.tree.map(lambda v: np.zeros(v.shape, v.dtype), stats), device)
+    flat = nnx.to_flat_state(abstract_state)
+    names = [_name(path) for path, _ in flat]
+    if sorted(names) != sorted(job.params):
+        raise ValueError(f"model parameters {sorted(names)} do not match the job's {sorted(job.params)}")
+    filled = []
+    for path, var in flat:
+        value = np.asarray(job.params[_name(path)])
+        if value.shape != var.shape:
+            raise ValueError(f"{_name(path)}: canonical shape {value.shape}, Flax expects {var.shape}")
+        filled.append((path, var.replace(jax.device_put(value.astype(dtype), device))))
+    return graphdef, nnx.from_flat_state(filled), stats
+
+
+def mlp_environment(job: WorkerJob, params, input_dtype, device, device_note, layer_precision) -> dict:
+    """The environment of a job computed by the built-in MLP's ``params`` on ``device`` (``Session.environment``)."""
+    leaves = [var.get_value() for _, var in nnx.to_flat_state(params)]
+    dtypes = sorted({str(leaf.dtype) for leaf in leaves} | {str(input_dtype)})
+    dtype = dtypes[0] if len(dtypes) == 1 else "mixed: " + ", ".join(dtypes)
+    matmul_precision = jax.config.jax_default_matmul_precision
+    return {
+        "framework": "jax",
+        "versions": package_versions("jax", "jaxlib", "flax", "optax"),
+        "device": _device_label(device),
+        "device_kind": "cpu" if device.platform == "cpu" else "gpu",
+        "device_note": device_note,
+        "dtype": job.autocast or dtype,
+        "autocast": job.autocast,
+        "precision": {
+            "jax_default_matmul_precision": None if matmul_precision is None else str(matmul_precision),
+            "linear_precision": None if layer_precision is None else str(layer_precision),
+            "requested": job.precision,
+        },
+        "tf32": _may_use_tf32(device, dtype, matmul_precision, layer_precision),
+    }
+
+
 class JaxSession:
     """Parameters and batch live on the chosen device; each method is a jitted pure function."""
 
@@ -147,30 +202,9 @@ class JaxSession:
             raise ValueError(f"jax backend has no model kind {job.model['kind']!r}")
         self.job = job
         self.device, self.device_note = start(job)
-        # With precision pinned, the layers' own precision too (the global switch is set by start).
-        self.layer_precision = jax.lax.Precision.HIGHEST if job.precision == "highest" else None
+        self.layer_precision = linear_precision(job)
         dtype = jnp.dtype(job.dtype)
-
-        # eval_shape: build the module without running the random initializers,
-        # then fill every parameter from the canonical arrays by its path.
-        compute_dtype = jnp.dtype(job.autocast) if job.autocast else None
-        abstract = nnx.eval_shape(lambda: MLP(job.model["sizes"], job.model["activation"], dtype,
-                                              self.layer_precision, nnx.Rngs(0), compute_dtype,
-                                              job.batchnorm_epsilon))
-        # The running statistics (nnx.BatchStat) are state, not parameters: training mode never reads them.
-        self.graphdef, abstract_state, stats = nnx.split(abstract, nnx.Param, ...)
-        self.stats = jax.device_put(jax.tree.map(lambda v: np.zeros(v.shape, v.dtype), stats), self.device)
-        flat = nnx.to_flat_state(abstract_state)
-        names = [_name(path) for path, _ in flat]
-        if sorted(names) != sorted(job.params):
-            raise ValueError(f"model parameters {sorted(names)} do not match the job's {sorted(job.params)}")
-        filled = []
-        for path, var in flat:
-            value = np.asarray(job.params[_name(path)])
-            if value.shape != var.shape:
-                raise ValueError(f"{_name(path)}: canonical shape {value.shape}, Flax expects {var.shape}")
-            filled.append((path, var.replace(jax.device_put(value.astype(dtype), self.device))))
-        self.params = nnx.from_flat_state(filled)
+        self.graphdef, self.params, self.stats = build_mlp(job, self.device, self.layer_precision)
         self.x = jax.device_put(np.asarray(job.batch["x"], dtype=dtype), self.device)
         # int32 labels: without x64 jax would truncate int64 with a warning anyway.
         self.y = jax.device_put(np.asarray(job.targets()).astype(np.int32), self.device)
@@ -270,25 +304,8 @@ class JaxSession:
             lambda params, x: (jnp.zeros((), x.dtype), jax.tree.map(jnp.zeros_like, params)))
 
     def environment(self) -> dict:
-        leaves = [var.get_value() for _, var in nnx.to_flat_state(self.params)]
-        dtypes = sorted({str(leaf.dtype) for leaf in leaves} | {str(self.x.dtype)})
-        dtype = dtypes[0] if len(dtypes) == 1 else "mixed: " + ", ".join(dtypes)
-        matmul_precision = jax.config.jax_default_matmul_precision
-        return {
-            "framework": "jax",
-            "versions": package_versions("jax", "jaxlib", "flax", "optax"),
-            "device": _device_label(self.device),
-            "device_kind": "cpu" if self.device.platform == "cpu" else "gpu",
-            "device_note": self.device_note,
-            "dtype": self.job.autocast or dtype,
-            "autocast": self.job.autocast,
-            "precision": {
-                "jax_default_matmul_precision": None if matmul_precision is None else str(matmul_precision),
-                "linear_precision": None if self.layer_precision is None else str(self.layer_precision),
-                "requested": self.job.precision,
-            },
-            "tf32": _may_use_tf32(self.device, dtype, matmul_precision, self.layer_precision),
-        }
+        return mlp_environment(self.job, self.params, self.x.dtype, self.device, self.device_note,
+                               self.layer_precision)
 
     def compute(self, method: str) -> RawResult:
         """Run ``method`` ('METHOD' or 'METHOD@PART') from scratch; returns the native loss and gradients as

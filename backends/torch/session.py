@@ -144,6 +144,52 @@ def _torch_name(canonical: str) -> str:
     return f"{group}.{index}.{ {'kernel': 'weight', 'scale': 'weight'}.get(leaf, leaf) }"
 
 
+def build_model(job: WorkerJob, dtype: torch.dtype, device: torch.device) -> MLP:
+    """The job's MLP in ``dtype`` on ``device``, holding the canonical ``job.params`` (a fresh module each call,
+    in training mode)."""
+    model = MLP(job.model["sizes"], job.model["activation"], job.batchnorm_epsilon, dtype, device)
+    torch_params = dict(model.named_parameters())
+    if sorted(map(_torch_name, job.params)) != sorted(torch_params):
+        raise ValueError(f"model parameters {sorted(torch_params)} do not match the job's {sorted(job.params)}")
+    with torch.no_grad():  # overwrite torch's random init with the canonical values
+        for name, value in job.params.items():
+            torch_params[_torch_name(name)].copy_(torch.from_numpy(value.T if name.endswith(".kernel") else value))
+    return model
+
+
+def to_canonical(name: str, tensor: torch.Tensor) -> np.ndarray:
+    """A parameter (or its gradient) of canonical ``name`` as numpy in the canonical layout (kernels
+    transposed). On the CPU a non-kernel array shares memory with the tensor: copy it to keep it."""
+    a = tensor.detach().cpu().numpy()
+    return np.ascontiguousarray(a.T) if name.endswith(".kernel") else a
+
+
+def mlp_environment(job: WorkerJob, model: MLP, device: torch.device, device_note: str | None) -> dict:
+    """The environment of a job computed by the built-in ``model`` on ``device`` (``Session.environment``)."""
+    dtype = model.layers[0].weight.dtype
+    on_gpu = device.type == "cuda"
+    if on_gpu:
+        index = device.index or 0
+        label = f"{device} ({torch.cuda.get_device_name(index)})"
+        capability = torch.cuda.get_device_capability(index)
+    else:
+        label, capability = "cpu", (0, 0)
+    return {
+        "framework": "torch",
+        "versions": {"torch": torch.__version__},
+        "device": label,
+        "device_kind": "gpu" if on_gpu else "cpu",
+        "device_note": device_note,
+        # Under autocast the matmuls run in the narrower format: the arithmetic that bounds rounding.
+        "dtype": job.autocast or str(dtype).removeprefix("torch."),
+        "autocast": job.autocast,
+        "precision": read_precision(job.precision),
+        # An MLP runs only cuBLAS matmuls, so cuDNN's (default-on) TF32 flag cannot apply here.
+        "tf32": on_gpu and capability >= (8, 0) and dtype == torch.float32
+        and cublas_may_use_tf32(),
+    }
+
+
 class TorchSession:
     """The model on its device with the canonical parameters loaded; computes every method."""
 
@@ -158,13 +204,7 @@ class TorchSession:
             pin_highest_precision()
         dtype = {"float32": torch.float32, "float64": torch.float64}[job.dtype]
 
-        self.model = MLP(job.model["sizes"], job.model["activation"], job.batchnorm_epsilon, dtype, self.device)
-        torch_params = dict(self.model.named_parameters())
-        if sorted(map(_torch_name, job.params)) != sorted(torch_params):
-            raise ValueError(f"model parameters {sorted(torch_params)} do not match the job's {sorted(job.params)}")
-        with torch.no_grad():  # overwrite torch's random init with the canonical values
-            for name, value in job.params.items():
-                torch_params[_torch_name(name)].copy_(torch.from_numpy(value.T if name.endswith(".kernel") else value))
+        self.model = build_model(job, dtype, self.device)
         masks = [job.dropout_masks(forward) for forward in ("batch", "single")]
         self.batch_masks, self.single_masks = [
             None if m is None else [torch.from_numpy(a).to(self.device, dtype) for a in m] for m in masks]
@@ -178,37 +218,13 @@ class TorchSession:
         self.class_weight = None if weights is None else torch.from_numpy(weights).to(self.device, dtype)
 
     def environment(self) -> dict:
-        dtype = self.model.layers[0].weight.dtype
-        on_gpu = self.device.type == "cuda"
-        if on_gpu:
-            index = self.device.index or 0
-            device = f"{self.device} ({torch.cuda.get_device_name(index)})"
-            capability = torch.cuda.get_device_capability(index)
-        else:
-            device, capability = "cpu", (0, 0)
-        return {
-            "framework": "torch",
-            "versions": {"torch": torch.__version__},
-            "device": device,
-            "device_kind": "gpu" if on_gpu else "cpu",
-            "device_note": self.device_note,
-            # Under autocast the matmuls run in the narrower format: the arithmetic that bounds rounding.
-            "dtype": self.job.autocast or str(dtype).removeprefix("torch."),
-            "autocast": self.job.autocast,
-            "precision": read_precision(self.job.precision),
-            # An MLP runs only cuBLAS matmuls, so cuDNN's (default-on) TF32 flag cannot apply here.
-            "tf32": on_gpu and capability >= (8, 0) and dtype == torch.float32
-            and cublas_may_use_tf32(),
-        }
+        return mlp_environment(self.job, self.model, self.device, self.device_note)
 
     def _grads(self, per_name: dict[str, torch.Tensor] | None = None) -> dict[str, np.ndarray]:
         """Canonical numpy gradients, from ``.grad`` or from a dict keyed like named_parameters()."""
         params = dict(self.model.named_parameters())
-        out = {}
-        for name in self.job.params:
-            g = (params[_torch_name(name)].grad if per_name is None else per_name[_torch_name(name)]).detach()
-            out[name] = np.ascontiguousarray(g.cpu().numpy().T) if name.endswith(".kernel") else g.cpu().numpy()
-        return out
+        return {name: to_canonical(name, params[_torch_name(name)].grad if per_name is None
+                                   else per_name[_torch_name(name)]) for name in self.job.params}
 
     def _read_unzeroed(self, read: dict | None) -> dict:
         """The switch 'unzeroed_gradients': add what .grad holds now (examples 0..i) to what was read."""

@@ -1,0 +1,109 @@
+"""JAX training runs (task "train"): the Flax NNX MLP trained with optax, parameters recorded every step.
+
+Contract (shared by ``backends/{torch,keras,jax}/train.py``): ``open_session(job)`` returns a session whose
+``compute(case)`` runs ``job.payload["runs"][case]`` = ``{"optimizer": OptimizerConfig dict, "lrs": [lr at
+step 1..K], "reduction": "mean" | "sum"}`` from scratch: fresh parameters from the canonical ``job.params``
+and a fresh optimizer state, then for t = 1..K the cross-entropy of batch t (``job.batch["batches/t/x"]``,
+``["batches/t/y"]``) reduced over the batch, its gradient, and one optimizer step at ``lrs[t-1]``. It returns
+``RawResult(loss=loss_K, grads={"t/NAME": parameters after step t (canonical layout, job dtype)} |
+{"loss/t": loss_t}, info={"optimizer": ..., "loop": ...})``.
+
+Here that is the functional NNX/optax idiom: ``graphdef, params = nnx.split(model)``, a loss
+``jnp.mean | jnp.sum(optax.softmax_cross_entropy_with_integer_labels(nnx.merge(graphdef, params)(x), y))``,
+and one ``jax.jit``-compiled step ``jax.value_and_grad`` -> ``opt.update`` -> ``optax.apply_updates``, with the
+model, its canonical mapping, device and precision of ``session.py`` and the optax transformation and its
+learning-rate schedule (``count -> lrs[count]``) of ``optimizers.py``. The step is compiled once per case
+(the worker's warm-up call pays it); every call starts from fresh parameters and ``opt.init``.
+
+Read at import by jax: ``JAX_ENABLE_X64`` (float64 jobs need it; see ``session.start``). Imported only
+inside a worker process.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from gradparity.backends.jax.optimizers import _transformation, environment_note, lr_schedule
+from gradparity.backends.jax.session import _state_to_canonical, build_mlp, linear_precision, mlp_environment, start
+from gradparity.backends.protocol import RawResult, WorkerJob, train_batches
+
+LOOP = ("jax.jit(step): loss, grads = jax.value_and_grad(loss_fn)(params, x_t, y_t); "
+        "updates, opt_state = opt.update(grads, opt_state, params); params = optax.apply_updates(params, updates) "
+        "[loss_fn: jnp.REDUCTION(optax.softmax_cross_entropy_with_integer_labels(nnx.merge(graphdef, params)(x), y))]")
+
+
+class JaxTrainSession:
+    """Initial parameters and batches on the device; one jitted step function per case."""
+
+    def __init__(self, job: WorkerJob):
+        if job.model.get("kind", "mlp") != "mlp" or job.batchnorm_epsilon is not None:
+            raise ValueError("jax training runs take the built-in MLP without batch normalization")
+        if any(job.switches.values()):
+            raise ValueError(f"jax training runs take no discrepancy switches (got {job.switches})")
+        self.job = job
+        self.device, self.device_note = start(job)
+        self.layer_precision = linear_precision(job)
+        # Immutable arrays: every compute() can start from these very parameters, no copy needed.
+        self.graphdef, self.params, _ = build_mlp(job, self.device, self.layer_precision)
+        dtype = jnp.dtype(job.dtype)
+        # int32 labels as session.py has them (without x64 jax would truncate int64 anyway).
+        self.batches = [(jax.device_put(np.asarray(x, dtype=dtype), self.device),
+                         jax.device_put(np.asarray(y).astype(np.int32), self.device)) for x, y in train_batches(job)]
+        if not self.batches:
+            raise ValueError("a training job needs batch['batches/1/x'] and ['batches/1/y'] at least")
+        self._steps: dict[str, tuple] = {}
+
+    def environment(self) -> dict:
+        return mlp_environment(self.job, self.params, self.batches[0][0].dtype, self.device, self.device_note,
+                               self.layer_precision)
+
+    def _compiled(self, case: str, config: dict, lrs: list[float], reduction: str):
+        """(optax transformation, jitted opt.init, jitted step) of a case, built on its first call."""
+        if case not in self._steps:
+            opt = _transformation(config, lr_schedule(lrs, self.job.dtype))
+            graphdef = self.graphdef
+            reduce = {"mean": jnp.mean, "sum": jnp.sum}[reduction]  # optax has no reduction argument
+
+            def loss_fn(params, x, y):
+                logits = nnx.merge(graphdef, params)(x)
+                return reduce(optax.softmax_cross_entropy_with_integer_labels(logits, y))
+
+            def step(params, opt_state, x, y):
+                loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
+                updates, opt_state = opt.update(grads, opt_state, params)
+                return optax.apply_updates(params, updates), opt_state, loss
+
+            # opt.init jitted too, so its zero moments and count land on the parameters' device.
+            self._steps[case] = (jax.jit(opt.init), jax.jit(step))
+        return self._steps[case]
+
+    def compute(self, case: str) -> RawResult:
+        """Train for K steps from the canonical start; the parameters after every step and every step's loss."""
+        run = self.job.payload["runs"][case]
+        config, lrs, reduction = run["optimizer"], run["lrs"], run["reduction"]
+        if len(lrs) != len(self.batches):
+            raise ValueError(f"{len(self.batches)} batches but {len(lrs)} learning rates")
+        if int(config.get("accumulation", 1)) != 1:
+            raise ValueError("training runs step the optimizer on every batch (accumulation 1)")
+        init, step = self._compiled(case, config, lrs, reduction)
+        params = self.params
+        opt_state = init(params)
+        history, losses = [], []
+        for x, y in self.batches:
+            params, opt_state, loss = step(params, opt_state, x, y)
+            # Arrays are immutable: keeping each step's params is free, read back once after the loop.
+            history.append(params)
+            losses.append(loss)
+        arrays = {f"{t}/{name}": np.array(value, copy=True)
+                  for t, p in enumerate(history, start=1) for name, value in _state_to_canonical(p).items()}
+        loss_values = [float(v) for v in losses]
+        arrays.update({f"loss/{t}": np.array(v, dtype=self.job.dtype) for t, v in enumerate(loss_values, start=1)})
+        return RawResult(loss_values[-1], arrays, {"optimizer": environment_note(config), "loop": LOOP})
+
+
+def open_session(job: WorkerJob) -> JaxTrainSession:
+    """The worker's entry for task "train": check x64, pick the device, pin precision, build the parameters."""
+    return JaxTrainSession(job)

@@ -1,0 +1,110 @@
+"""Keras 3 training trajectories (task "train", issue 9): the session's MLP trained with Keras' own optimizer.
+
+Contract (shared by ``backends/{torch,keras,jax}/train.py``)::
+
+    open_session(job) -> session with environment() and compute(case)
+
+``job.params`` are the canonical initial parameters, ``job.batch`` holds
+``batches/{t}/x`` (B, features) and ``batches/{t}/y`` (B,) for t = 1..K, and
+``job.payload["runs"][case]`` is ``{"optimizer": OptimizerConfig dict,
+"lrs": [lr at step 1..K], "reduction": "mean" | "sum"}``. ``compute(case)``
+starts from scratch (the model's variables reset to ``job.params``, a new
+optimizer) and, for t = 1..K, takes ``loss_t``, the reduced cross-entropy of
+batch t at the current parameters, its gradient, and one optimizer step at
+``lrs[t-1]``. It returns ``RawResult(loss_K, {"{t}/{name}": parameters after
+step t (canonical layout, job dtype), "loss/{t}": loss_t}, info)``.
+
+Everything but the loop is reused, not rewritten: ``KerasSession`` (device,
+precision, the functional ``keras.Model``, canonical <-> Keras names, the
+``SparseCategoricalCrossentropy(from_logits=True)`` loss objects, each Keras
+backend's autodiff, ``environment()``) and ``backends/keras/optimizers.py``
+(the optimizer class and the per-step learning rate as a
+``LearningRateSchedule`` of ``optimizer.iterations``). One step is the
+variant's own single-backward gradient, exactly what the session's ``mean`` /
+``sum`` methods compute (tf.GradientTape in a tf.function; jax.jit of
+jax.value_and_grad over ``model.stateless_call``; torch ``loss.backward()``),
+then ``optimizer.apply(grads, model.trainable_variables)``, eagerly.
+
+As in the gradient task, float64 is not float64 throughout on Keras' jax and
+torch backends (see ``session.py``: its type promotion demotes some ops to
+float32, e.g. torch ``matmul`` and the "sum_over_batch_size" division);
+``environment()`` reports the narrowest dtype any op computed in.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import keras
+import numpy as np
+
+from gradparity.backends.keras.optimizers import _optimizer, _StepTable, environment_note
+from gradparity.backends.keras.session import _REDUCTIONS, KerasSession
+from gradparity.backends.protocol import RawResult, WorkerJob, train_batches
+
+#: How one step is written on each Keras backend (the info's "loop"): the session's single-backward autodiff.
+_LOOPS = {
+    "tensorflow": "tf.function{with tf.GradientTape() as tape: loss = loss_fn(y, model(x, training=True)); "
+                  "grads = tape.gradient(loss, model.trainable_variables)}; "
+                  "optimizer.apply(grads, model.trainable_variables) (eager)",
+    "jax": "loss, grads = jax.jit(jax.value_and_grad(lambda tv: loss_fn(y, model.stateless_call(tv, ntv, x, "
+           "training=True)[0])))([v.value for v in model.trainable_variables]); "
+           "optimizer.apply(grads, model.trainable_variables) (eager)",
+    "torch": "v.value.grad = None for each variable; loss = loss_fn(y, model(x, training=True)); loss.backward(); "
+             "optimizer.apply([v.value.grad for v in model.trainable_variables], model.trainable_variables)",
+}
+
+
+class TrainSession(KerasSession):
+    """A ``KerasSession`` whose ``compute(case)`` trains the model for the job's K steps.
+
+    The session is opened on batch 1 as its batch (``x``, ``y``): that is
+    what ``environment()`` replays the forward pass on to read back the
+    dtype each op computed in. Every batch is converted to the backend's
+    tensors once, here, on the chosen device, so a timed ``compute`` is the
+    training loop alone.
+    """
+
+    def __init__(self, job: WorkerJob):
+        batches = train_batches(job)
+        # The gradient session reads its batch from batch['x'] / batch['y']; a train job has K of them.
+        super().__init__(dataclasses.replace(job, batch={"x": batches[0][0], "y": batches[0][1]}))
+        self.train_job = job
+        with self.ad.scope():
+            self.batches = [(keras.ops.convert_to_tensor(x, dtype=job.dtype), keras.ops.convert_to_tensor(y))
+                            for x, y in batches]
+
+    def compute(self, case: str) -> RawResult:
+        """Train from ``job.params`` with the run ``case``; parameters after every step and every loss."""
+        job = self.train_job
+        run = job.payload["runs"][case]
+        config, lrs, reduction = run["optimizer"], [float(lr) for lr in run["lrs"]], run["reduction"]
+        if reduction not in _REDUCTIONS:
+            raise ValueError(f"reduction {reduction!r} is not 'mean' or 'sum'")
+        if len(lrs) != len(self.batches):
+            raise ValueError(f"{len(self.batches)} batches but {len(lrs)} learning rates")
+        variables = self.model.trainable_variables
+        out: dict[str, np.ndarray] = {}
+        with self.ad.scope():  # the optimizer's slot variables and lr table on the chosen device
+            # From scratch: the same variables (their traced tf.function / jitted gradient stay valid), reset.
+            for variable, name in zip(variables, self.names):
+                variable.assign(job.params[name])
+            optimizer = _optimizer(config, _StepTable(lrs, job.dtype))
+            # Built on the model's variables before the first step, as optimizers.run_steps does.
+            optimizer.build(variables)
+            for t, (x, y) in enumerate(self.batches, start=1):
+                # No dropout or batch-norm switches in a train job: no masks.
+                loss, grads = self.ad.reduced(_REDUCTIONS[reduction], x, y, [])
+                optimizer.apply(grads, variables)
+                # The loss in the dtype Keras gave it (float32 where its promotion demoted the mean's division).
+                out[f"loss/{t}"] = np.array(keras.ops.convert_to_numpy(loss), copy=True)
+                # Copies: on the torch backend convert_to_numpy may share the variable's storage.
+                out.update({f"{t}/{name}": np.array(keras.ops.convert_to_numpy(v.value), dtype=job.dtype, copy=True)
+                            for name, v in zip(self.names, variables)})
+        return RawResult(float(out[f"loss/{len(self.batches)}"]), out,
+                         {"optimizer": environment_note(config), "loop": _LOOPS[keras.backend.backend()]})
+
+
+def open_session(job: WorkerJob) -> TrainSession:
+    """The worker's entry for task "train" on ``job.variant`` (must equal KERAS_BACKEND); may raise
+    DeviceUnavailable."""
+    return TrainSession(job)

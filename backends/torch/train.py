@@ -1,0 +1,97 @@
+"""PyTorch training runs (task "train"): the built-in MLP trained natively, parameters recorded every step.
+
+Contract (shared by ``backends/{torch,keras,jax}/train.py``): ``open_session(job)`` returns a session whose
+``compute(case)`` runs ``job.payload["runs"][case]`` = ``{"optimizer": OptimizerConfig dict, "lrs": [lr at
+step 1..K], "reduction": "mean" | "sum"}`` from scratch: a fresh model holding the canonical ``job.params``
+and a fresh optimizer, then for t = 1..K the cross-entropy of batch t (``job.batch["batches/t/x"]``,
+``["batches/t/y"]``) reduced over the batch, its gradient, and one optimizer step at ``lrs[t-1]``. It returns
+``RawResult(loss=loss_K, grads={"t/NAME": parameters after step t (canonical layout, job dtype)} |
+{"loss/t": loss_t}, info={"optimizer": ..., "loop": ...})``.
+
+Here that is the textbook loop: ``nn.CrossEntropyLoss(reduction=...)``, ``optimizer.zero_grad();
+loss.backward(); optimizer.step()``, with the model, its canonical<->torch mapping, the device and the
+precision pinning of ``session.py`` and the optimizer class and learning-rate feeding
+(``param_groups[0]["lr"]`` before each step) of ``optimizers.py``. Imported only inside a worker process.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from gradparity.backends.protocol import RawResult, WorkerJob, train_batches
+from gradparity.backends.torch.optimizers import _DTYPES, _optimizer, environment_note
+from gradparity.backends.torch.session import (_torch_name, build_model, mlp_environment, pick_device,
+                                               pin_highest_precision, to_canonical)
+
+LOOP = ("optimizer.zero_grad(); loss = nn.CrossEntropyLoss(reduction=REDUCTION)(model(x_t), y_t); "
+        "loss.backward(); optimizer.param_groups[0]['lr'] = lrs[t]; optimizer.step()")
+
+
+def batches(job: WorkerJob) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The (x, y) of steps 1..K from ``job.batch["batches/t/x"|"batches/t/y"]``."""
+    out, t = [], 1
+    while f"batches/{t}/x" in job.batch:
+        out.append((job.batch[f"batches/{t}/x"], job.batch[f"batches/{t}/y"]))
+        t += 1
+    return out
+
+
+class TorchTrainSession:
+    """The batches on the device; each ``compute(case)`` builds a fresh model and optimizer and trains."""
+
+    def __init__(self, job: WorkerJob):
+        if job.model.get("kind") != "mlp" or job.batchnorm_epsilon is not None:
+            raise ValueError("torch training runs take the built-in MLP without batch normalization")
+        if any(job.switches.values()):
+            raise ValueError(f"torch training runs take no discrepancy switches (got {job.switches})")
+        self.job = job
+        self.device, self.device_note = pick_device(job.device)
+        if job.precision == "highest":
+            pin_highest_precision()
+        self.dtype = _DTYPES[job.dtype]
+        # Converted once here, so a timed compute() is the training loop alone.
+        self.batches = [(torch.from_numpy(np.asarray(x)).to(self.device, self.dtype),
+                         torch.from_numpy(np.asarray(y)).to(self.device, torch.int64)) for x, y in train_batches(job)]
+        if not self.batches:
+            raise ValueError("a training job needs batch['batches/1/x'] and ['batches/1/y'] at least")
+
+    def environment(self) -> dict:
+        # A throwaway model: the environment reads the dtype the parameters really have.
+        return mlp_environment(self.job, build_model(self.job, self.dtype, self.device), self.device,
+                               self.device_note)
+
+    def compute(self, case: str) -> RawResult:
+        """Train for K steps from the canonical start; the parameters after every step and every step's loss."""
+        run = self.job.payload["runs"][case]
+        config, lrs, reduction = run["optimizer"], run["lrs"], run["reduction"]
+        if len(lrs) != len(self.batches):
+            raise ValueError(f"{len(self.batches)} batches but {len(lrs)} learning rates")
+        if int(config.get("accumulation", 1)) != 1:
+            raise ValueError("training runs step the optimizer on every batch (accumulation 1)")
+        model = build_model(self.job, self.dtype, self.device)
+        optimizer = _optimizer(config, list(model.parameters()))
+        (group,) = optimizer.param_groups
+        loss_fn = nn.CrossEntropyLoss(reduction=reduction)
+        named = dict(model.named_parameters())
+        losses, snapshots = [], []
+        for (x, y), lr in zip(self.batches, lrs):
+            optimizer.zero_grad()  # set_to_none: nothing of the previous step reaches this gradient
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            # As optimizers.run_steps feeds it (what an lr_scheduler does): step() reads group["lr"] afresh.
+            group["lr"] = float(lr)
+            optimizer.step()
+            # Device-side copies (step() updates in place); read back after the loop, so no host sync per step.
+            losses.append(loss.detach())
+            snapshots.append({name: named[_torch_name(name)].detach().clone() for name in self.job.params})
+        arrays = {f"{t}/{name}": np.array(to_canonical(name, value), copy=True)
+                  for t, snap in enumerate(snapshots, start=1) for name, value in snap.items()}
+        loss_values = [float(v) for v in torch.stack(losses).cpu().numpy()]
+        arrays.update({f"loss/{t}": np.array(v, dtype=self.job.dtype) for t, v in enumerate(loss_values, start=1)})
+        return RawResult(loss_values[-1], arrays, {"optimizer": environment_note(config), "loop": LOOP})
+
+
+def open_session(job: WorkerJob) -> TorchTrainSession:
+    """The worker's entry for task "train": pick the device, pin precision, convert the batches."""
+    return TorchTrainSession(job)

@@ -1,0 +1,291 @@
+"""`gradparity train`: the built-in MLP trained for K steps in every framework from one start, step by step.
+
+The pipeline's stages, for a training run: spec (flags) -> canonical inputs (seeded parameters, the digits
+shuffled by the seed and cut into K batches) -> one worker per framework (task "train", each framework's
+own model, loss, autodiff and optimizer) -> compare -> report. Every framework's parameters after every step
+are compared with
+
+- the float64 numpy trajectory that uses *that framework's* optimizer rule (``backends/numpy/train.py``):
+  agreement means the framework trains as its documented semantics say, to rounding;
+- every other framework: where two part, from which step and by how much, and whether their optimizer rules
+  (not rounding) predict it.
+
+Tolerance at step t, relative to the parameters' largest entry: ``rtol(t) = rtol_gradient(u) * t``, where
+``rtol_gradient`` is the run command's gradient tolerance for this model and batch size (rounding of one
+step's update) and the steps add up at most linearly while the trajectories stay close. Asserted at every
+step, not only the last.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from gradparity.backends import BACKENDS
+from gradparity.backends.protocol import WorkerJob
+from gradparity.compare.normalize import UNIT_ROUNDOFF, effective_unit_roundoff
+from gradparity.compare.pairs import tolerance_for
+from gradparity.errors import ConfigError
+from gradparity.experiment.inputs import _load_digits, _rng, init_params
+from gradparity.experiment.models import MLP
+from gradparity.experiment.optimizers import FRAMEWORKS, OptimizerConfig
+from gradparity.run.execute import remove_stale_job_dirs, run_backend
+
+OPTIMIZER_CHOICES = {
+    "sgd": lambda lr: OptimizerConfig("sgd", lr),
+    "momentum": lambda lr: OptimizerConfig("sgd", lr, momentum=0.9),
+    "nesterov": lambda lr: OptimizerConfig("sgd", lr, momentum=0.9, nesterov=True),
+    "adam": lambda lr: OptimizerConfig("adam", lr, eps=1e-8),
+    "adamw": lambda lr: OptimizerConfig("adamw", lr, eps=1e-8, weight_decay=0.01),
+}
+DEFAULT_LR = {"sgd": 0.1, "momentum": 0.05, "nesterov": 0.05, "adam": 1e-3, "adamw": 1e-3}
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    optimizer: str = "momentum"
+    lr: float | None = None          # None: DEFAULT_LR[optimizer]
+    steps: int = 30
+    batch_size: int = 32
+    reduction: str = "mean"
+    schedule: str = "constant"       # constant | step (lr halved after the first half)
+    dtype: str = "float32"
+    hidden: tuple[int, ...] = (32,)
+    activation: str = "relu"
+    seed: int = 0
+    backends: tuple[str, ...] = ("torch", "keras-tensorflow", "jax")
+    timeout_s: float = 600.0
+
+    def config(self) -> OptimizerConfig:
+        return OPTIMIZER_CHOICES[self.optimizer](self.lr if self.lr is not None else DEFAULT_LR[self.optimizer])
+
+    def lrs(self) -> list[float]:
+        lr = self.config().lr
+        if self.schedule == "step":
+            return [lr if t < self.steps // 2 else lr / 2 for t in range(self.steps)]
+        return [lr] * self.steps
+
+
+def check_spec(spec: TrainSpec) -> None:
+    """Every problem of the spec at once, as a ConfigError (exit 2) before any worker starts."""
+    problems = []
+    if spec.optimizer not in OPTIMIZER_CHOICES:
+        problems.append(f"optimizer {spec.optimizer!r} is not one of {', '.join(OPTIMIZER_CHOICES)}")
+    if spec.lr is not None and not (np.isfinite(spec.lr) and spec.lr > 0):
+        problems.append(f"lr must be a positive number, got {spec.lr!r}")
+    if not 1 <= spec.steps <= 10_000:
+        problems.append(f"steps must be in 1..10000, got {spec.steps}")
+    if not 1 <= spec.batch_size <= 1797:
+        problems.append(f"batch size must be in 1..1797 (the digits), got {spec.batch_size}")
+    for name, value, choices in (("reduction", spec.reduction, ("mean", "sum")),
+                                 ("schedule", spec.schedule, ("constant", "step")),
+                                 ("dtype", spec.dtype, ("float32", "float64"))):
+        if value not in choices:
+            problems.append(f"{name} {value!r} is not one of {', '.join(choices)}")
+    for b in spec.backends:
+        if b not in BACKENDS or BACKENDS[b].framework not in FRAMEWORKS:
+            problems.append(f"backend {b!r}: training runs in torch, keras-tensorflow/-jax/-torch and jax")
+    if problems:
+        raise ConfigError(problems)
+
+
+def build_batches(spec: TrainSpec) -> tuple[MLP, dict[str, np.ndarray], list[tuple[np.ndarray, np.ndarray]], str]:
+    """(model, canonical initial parameters, K batches, description): the digits shuffled by the seed, cut
+    into consecutive batches (a new shuffle each epoch), parameters as ``gradparity run`` draws them."""
+    x, y, desc = _load_digits()
+    n = len(y)
+    model = MLP((x.shape[1], *spec.hidden, 10), spec.activation)
+    rng = _rng(spec.seed, 1)
+    order, batches = np.empty(0, dtype=np.int64), []
+    for _ in range(spec.steps):
+        if len(order) < spec.batch_size:
+            order = np.concatenate([order, rng.permutation(n)])
+        rows, order = order[:spec.batch_size], order[spec.batch_size:]
+        batches.append((x[rows].astype(spec.dtype), y[rows].astype(np.int64)))
+    desc += f", {spec.steps} batches of {spec.batch_size} (seeded shuffle, reshuffled each epoch)"
+    return model, init_params(model, spec.seed, spec.dtype), batches, desc
+
+
+def make_job(spec: TrainSpec, backend: str, model: MLP, params, batches) -> WorkerJob:
+    info = BACKENDS[backend]
+    batch = {}
+    for t, (x, y) in enumerate(batches, start=1):
+        batch[f"batches/{t}/x"], batch[f"batches/{t}/y"] = x, y
+    run = {"optimizer": spec.config().to_dict(), "lrs": spec.lrs(), "reduction": spec.reduction}
+    return WorkerJob(backend=info.name, framework=info.framework, variant=info.variant,
+                     module=info.module.rsplit(".", 1)[0] + ".train", extra=info.extra, requires=info.requires,
+                     methods=("run",), dtype=spec.dtype, device="cpu", precision="highest", model=model.to_dict(),
+                     loss={"name": "cross_entropy"}, params=params, batch=batch, task="train",
+                     payload={"runs": {"run": run}})
+
+
+@dataclass
+class Trajectory:
+    backend: str
+    status: str
+    error: str | None = None
+    params: list[dict[str, np.ndarray]] = field(default_factory=list, repr=False)
+    losses: list[float] = field(default_factory=list)
+    unit_roundoff: float | None = None
+    environment: dict | None = None
+    info: dict | None = None
+    seconds: float | None = None
+    vs_rule: list[float] = field(default_factory=list)      # per step, vs numpy with its own optimizer rule
+    rule_rtol: list[float] = field(default_factory=list)
+
+    @property
+    def first_off_rule(self) -> int | None:
+        return next((t for t, (d, r) in enumerate(zip(self.vs_rule, self.rule_rtol), start=1) if d > r), None)
+
+
+@dataclass
+class Pair:
+    a: str
+    b: str
+    per_step: list[float]
+    rtol: list[float]
+    predicted: list[float]    # the numpy trajectories with each side's optimizer rule
+
+    @property
+    def first_apart(self) -> int | None:
+        return next((t for t, (d, r) in enumerate(zip(self.per_step, self.rtol), start=1) if d > r), None)
+
+
+@dataclass
+class TrainReport:
+    spec: TrainSpec
+    description: str
+    trajectories: list[Trajectory]
+    pairs: list[Pair]
+    reference_losses: dict[str, list[float]]
+
+    @property
+    def exit_code(self) -> int:
+        if any(t.status != "ok" for t in self.trajectories):
+            return 3
+        return 1 if any(t.first_off_rule for t in self.trajectories) else 0
+
+
+def _float32_hyper(spec: TrainSpec, backend: str) -> bool:
+    """Keras on TensorFlow rounds its hyperparameters to float32, which shows in a float64 run (see
+    ``gradparity optimizers``): its numpy trajectory does the same."""
+    return BACKENDS[backend].variant == "tensorflow" and spec.dtype == "float64"
+
+
+def _rel(a: dict, b: dict) -> float:
+    num = max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
+    den = max(max(float(np.max(np.abs(a[k]))), float(np.max(np.abs(b[k])))) for k in a)
+    return num / den if den else num
+
+
+def run_training(spec: TrainSpec, progress=None) -> TrainReport:
+    """Train in every backend, compute the numpy trajectories, compare step by step."""
+    from gradparity.backends.numpy.train import trajectory
+
+    check_spec(spec)
+    say = progress or (lambda _m: None)
+    model, params, batches, desc = build_batches(spec)
+    config, lrs = spec.config(), spec.lrs()
+    grad_tol = tolerance_for(model, spec.batch_size)
+    remove_stale_job_dirs()
+    rounded = {k: v.astype(np.float64) for k, v in params.items()}
+    references: dict[tuple[str, bool], tuple[list, list]] = {}
+
+    def reference(framework: str, f32_hyper: bool = False):
+        if (framework, f32_hyper) not in references:
+            references[(framework, f32_hyper)] = trajectory(rounded, batches, model.to_dict(), config, lrs,
+                                                            spec.reduction, framework, f32_hyper)
+        return references[(framework, f32_hyper)]
+
+    out = []
+    for b in spec.backends:
+        info = BACKENDS[b]
+        say(f"running {b} ({spec.steps} steps of {config.label()}, {spec.dtype}) ...")
+        outcome = run_backend(make_job(spec, b, model, params, batches), info, spec.timeout_s)
+        say(f"  {b}: {outcome.status} in {outcome.wall_seconds:.1f} s")
+        row = outcome.methods.get("run")
+        if row is None or row.status != "ok":
+            out.append(Trajectory(b, row.status if row else outcome.status,
+                                  (row.error if row else None) or outcome.error))
+            continue
+        u = effective_unit_roundoff(outcome.environment) or UNIT_ROUNDOFF[spec.dtype]
+        steps = [{k: np.asarray(row.grads[f"{t}/{k}"], dtype=np.float64) for k in params}
+                 for t in range(1, spec.steps + 1)]
+        tr = Trajectory(b, "ok", None, steps, [float(row.grads[f"loss/{t}"]) for t in range(1, spec.steps + 1)],
+                        u, outcome.environment, row.info, row.seconds)
+        ref, _ = reference(info.framework, _float32_hyper(spec, b))
+        tr.vs_rule = [_rel(p, r) for p, r in zip(steps, ref)]
+        tr.rule_rtol = [grad_tol.rtol(u) * t for t in range(1, spec.steps + 1)]
+        out.append(tr)
+    ok = [t for t in out if t.status == "ok"]
+    pairs = []
+    for a, b in itertools.combinations(ok, 2):
+        u = max(a.unit_roundoff, b.unit_roundoff)
+        ra, rb = (reference(BACKENDS[t.backend].framework, _float32_hyper(spec, t.backend))[0] for t in (a, b))
+        pairs.append(Pair(a.backend, b.backend, [_rel(x, y) for x, y in zip(a.params, b.params)],
+                          [grad_tol.rtol(u) * t for t in range(1, spec.steps + 1)],
+                          [_rel(x, y) for x, y in zip(ra, rb)]))
+    return TrainReport(spec, desc, out, pairs,
+                       {fw: reference(fw)[1] for fw in sorted({BACKENDS[t.backend].framework for t in ok})})
+
+
+def render_text(report: TrainReport) -> str:
+    s = report.spec
+    lines = [f"gradparity train: {s.steps} steps of {s.config().label()} ({s.schedule} lr), loss {s.reduction}-reduced "
+             f"cross-entropy, MLP {'-'.join(map(str, (64, *s.hidden, 10)))} {s.activation}, {s.dtype}; "
+             f"{report.description}",
+             "every framework from the same canonical parameters on the same batches; tolerance at step t: "
+             "rtol(t) = rtol_gradient(u) * t, relative to the parameters' largest entry", ""]
+    lines.append(f"{'backend':<18} {'loss step 1':>12} {'loss last':>12} {'vs numpy, own rule':>19} "
+                 f"{'first step off':>15} {'ms/step':>9}")
+    for t in report.trajectories:
+        if t.status != "ok":
+            lines.append(f"{t.backend:<18} FAILED: {(t.error or t.status).splitlines()[0]}")
+            continue
+        first = t.first_off_rule
+        ms = f"{1000 * t.seconds / s.steps:.2f}" if t.seconds else "-"
+        lines.append(f"{t.backend:<18} {t.losses[0]:>12.6f} {t.losses[-1]:>12.6f} {max(t.vs_rule):>19.3g} "
+                     f"{first if first else 'none':>15} {ms:>9}")
+    for fw, losses in report.reference_losses.items():
+        lines.append(f"{'numpy (' + fw + ' rule)':<18} {losses[0]:>12.6f} {losses[-1]:>12.6f}")
+    lines.append("")
+    for p in report.pairs:
+        first = p.first_apart
+        if first is None:
+            lines.append(f"{p.a} vs {p.b}: same trajectory within rtol at every step (largest {max(p.per_step):.3g}, "
+                         f"rtol at the last step {p.rtol[-1]:.3g})")
+            continue
+        rules_apart = any(d > r for d, r in zip(p.predicted, p.rtol))
+        why = (f"their optimizer rules differ (the float64 numpy trajectories with each rule are "
+               f"{p.predicted[-1]:.3g} apart at the last step; `gradparity optimizers` names the difference)"
+               if rules_apart else "the rules agree: rounding, amplified by training")
+        lines.append(f"{p.a} vs {p.b}: APART from step {first} ({p.per_step[first - 1]:.3g} > rtol "
+                     f"{p.rtol[first - 1]:.3g}), {p.per_step[-1]:.3g} at step {len(p.per_step)}; why: {why}")
+    off = [t for t in report.trajectories if t.status == "ok" and t.first_off_rule]
+    lines.append("")
+    if any(t.status != "ok" for t in report.trajectories):
+        lines.append("INCOMPLETE: a framework failed (above); the others are compared")
+    elif off:
+        lines.append("OFF: " + ", ".join(f"{t.backend} leaves the numpy trajectory of its own optimizer rule at "
+                                         f"step {t.first_off_rule}" for t in off))
+    else:
+        lines.append("ON TRACK: every framework follows the float64 trajectory of its own optimizer rule within "
+                     "rtol at every step")
+    return "\n".join(lines)
+
+
+def to_dict(report: TrainReport) -> dict:
+    s = report.spec
+    return {
+        "schema": "gradparity.train/1",
+        "spec": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(s).items()},
+        "optimizer": s.config().to_dict(), "lrs": s.lrs(), "data": report.description,
+        "trajectories": [{
+            "backend": t.backend, "status": t.status, "error": t.error, "losses": t.losses,
+            "vs_own_rule_per_step": t.vs_rule, "rtol_per_step": t.rule_rtol, "first_step_off_rule": t.first_off_rule,
+            "environment": t.environment, "info": t.info, "seconds": t.seconds} for t in report.trajectories],
+        "reference_losses": report.reference_losses,
+        "pairs": [{"a": p.a, "b": p.b, "per_step": p.per_step, "rtol_per_step": p.rtol,
+                   "first_apart": p.first_apart, "predicted_by_rules": p.predicted} for p in report.pairs],
+    }

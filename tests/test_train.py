@@ -1,0 +1,90 @@
+"""Training trajectories: every framework trains the MLP from one start on the same batches, step by step.
+
+Each framework's parameters after every step are compared with the float64 numpy trajectory that uses that
+framework's own optimizer rule (hand-written gradient and update): within rtol(t) = rtol_gradient(u) * t at
+every step, not only the last. Pairs part exactly where their optimizer rules say they part.
+"""
+import numpy as np
+import pytest
+
+from gradparity.backends.numpy.train import trajectory
+from gradparity.commands.train import TrainSpec, build_batches, check_spec, run_training
+from gradparity.errors import ConfigError
+from gradparity.experiment.optimizers import OptimizerConfig
+
+from conftest import installed
+
+
+def _need(*backends):
+    missing = [b for b in backends if not installed(b)]
+    if missing:
+        pytest.skip(f"not installed: {', '.join(missing)} (pip install -c constraints.txt -e '.[all]')")
+
+
+def test_reference_sgd_step_is_the_gradient_step():
+    """One plain SGD step of the numpy trajectory is p - lr * (mean-loss gradient), the gradient checked
+    against central finite differences of the mean loss along a random direction."""
+    spec = TrainSpec(optimizer="sgd", steps=1, batch_size=8, dtype="float64")
+    model, params, batches, _ = build_batches(spec)
+    steps, losses = trajectory(params, batches, model.to_dict(), OptimizerConfig("sgd", 1.0), [1.0], "mean", "torch")
+    grad = {k: params[k] - steps[0][k] for k in params}  # lr 1: the update is the gradient
+    rng = np.random.default_rng(1)
+    direction = {k: rng.standard_normal(v.shape) for k, v in params.items()}
+    h = 1e-6
+
+    def loss_at(sign):
+        shifted = {k: params[k] + sign * h * direction[k] for k in params}
+        return trajectory(shifted, batches, model.to_dict(), OptimizerConfig("sgd", 0.0), [0.0], "mean", "torch")[1][0]
+
+    fd = (loss_at(1) - loss_at(-1)) / (2 * h)
+    analytic = sum(float(np.sum(grad[k] * direction[k])) for k in params)
+    assert fd == pytest.approx(analytic, rel=1e-6)
+    assert losses[0] == pytest.approx((loss_at(1) + loss_at(-1)) / 2, rel=1e-9)
+
+
+@pytest.mark.parametrize("spec, message", [
+    (TrainSpec(optimizer="rmsprop"), "optimizer 'rmsprop'"),
+    (TrainSpec(steps=0), "steps must be"),
+    (TrainSpec(reduction="avg"), "reduction 'avg'"),
+    (TrainSpec(lr=-1.0), "lr must be a positive"),
+    (TrainSpec(backends=("numpy",)), "backend 'numpy'"),
+])
+def test_bad_specs_are_config_errors(spec, message):
+    with pytest.raises(ConfigError, match=message):
+        check_spec(spec)
+
+
+def test_every_framework_follows_its_own_rule_and_keras_parts_under_a_schedule():
+    """Momentum SGD with the lr halved halfway, float64: every framework on its own rule's trajectory at
+    every step; torch and optax together; Keras apart from the step after the change, as its rule predicts."""
+    _need("torch", "keras-jax", "jax")
+    spec = TrainSpec(optimizer="momentum", steps=8, batch_size=16, schedule="step", dtype="float64",
+                     backends=("torch", "keras-jax", "jax"), timeout_s=300)
+    report = run_training(spec)
+    assert all(t.status == "ok" for t in report.trajectories), [t.error for t in report.trajectories]
+    for t in report.trajectories:
+        assert t.first_off_rule is None, (t.backend, t.vs_rule)
+        assert max(t.vs_rule) < 1e-13, (t.backend, t.vs_rule)
+    pairs = {(p.a, p.b): p for p in report.pairs}
+    assert pairs[("torch", "jax")].first_apart is None
+    for key in (("torch", "keras-jax"), ("keras-jax", "jax")):
+        assert pairs[key].first_apart == spec.steps // 2 + 1, pairs[key].per_step
+        assert pairs[key].per_step[-1] == pytest.approx(pairs[key].predicted[-1], rel=1e-6)
+    assert report.exit_code == 0
+
+
+def test_float32_adam_stays_on_track_in_every_framework():
+    _need("torch", "keras-tensorflow", "jax")
+    spec = TrainSpec(optimizer="adam", steps=10, batch_size=16, backends=("torch", "keras-tensorflow", "jax"),
+                     timeout_s=300)
+    report = run_training(spec)
+    for t in report.trajectories:
+        assert t.status == "ok", t.error
+        assert t.first_off_rule is None, (t.backend, t.vs_rule, t.rule_rtol)
+    pairs = {(p.a, p.b): p for p in report.pairs}
+    assert pairs[("torch", "jax")].first_apart is None
+    # Keras' epsilon hat shows from step 1 on the digits, whose blank pixels give near-zero gradients: the
+    # float64 trajectories of the two rules are as far apart as the frameworks.
+    keras = pairs[("torch", "keras-tensorflow")]
+    assert keras.first_apart == 1
+    assert keras.per_step[-1] == pytest.approx(keras.predicted[-1], rel=1e-2)
