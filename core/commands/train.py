@@ -260,6 +260,8 @@ def render_text(report: TrainReport) -> str:
         why = (f"their optimizer rules differ (the float64 numpy trajectories with each rule are "
                f"{p.predicted[-1]:.3g} apart at the last step; `gradparity optimizers` names the difference)"
                if rules_apart else "the rules agree: rounding, amplified by training")
+        if rules_apart and any(_float32_hyper(s, b) for b in (p.a, p.b)):
+            why += "; keras-tensorflow's hyperparameters are rounded to float32 (part of its rule in float64)"
         lines.append(f"{p.a} vs {p.b}: APART from step {first} ({p.per_step[first - 1]:.3g} > rtol "
                      f"{p.rtol[first - 1]:.3g}), {p.per_step[-1]:.3g} at step {len(p.per_step)}; why: {why}")
     off = [t for t in report.trajectories if t.status == "ok" and t.first_off_rule]
