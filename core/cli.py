@@ -178,6 +178,9 @@ def _parser() -> argparse.ArgumentParser:
     trn.add_argument("--backends", default="torch,keras-tensorflow,jax")
     trn.add_argument("--seed", type=int, default=0)
     trn.add_argument("--timeout", type=float, default=600.0, help="seconds per framework worker")
+    trn.add_argument("--equivalence", action="store_true",
+                     help="also train with the other reduction at the lr that should give identical updates "
+                          "(sum at lr/B for SGD, the same lr for Adam) and report how far apart they are")
     trn.add_argument("--json", action="store_true", help="print the measurements as JSON")
     return p
 
@@ -189,7 +192,7 @@ def _train(args) -> int:
 
     spec = TrainSpec(optimizer=args.optimizer, lr=args.lr, steps=args.steps, batch_size=args.batch_size,
                      reduction=args.reduction, schedule=args.schedule, dtype=args.dtype, seed=args.seed,
-                     backends=tuple(_csv(args.backends)), timeout_s=args.timeout)
+                     backends=tuple(_csv(args.backends)), timeout_s=args.timeout, equivalence=args.equivalence)
     report = run_training(spec, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(json.dumps(to_dict(report), indent=1) if args.json else render_text(report))
     return report.exit_code

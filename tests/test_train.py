@@ -88,3 +88,20 @@ def test_float32_adam_stays_on_track_in_every_framework():
     keras = pairs[("torch", "keras-tensorflow")]
     assert keras.first_apart == 1
     assert keras.per_step[-1] == pytest.approx(keras.predicted[-1], rel=1e-2)
+
+
+def test_sum_at_lr_over_b_is_mean_at_lr_and_adam_differs_by_epsilon():
+    """SGD momentum: the summed loss at lr/B gives the mean's updates to rounding (B = 24, not a power of two,
+    so they are not bit-identical). Adam at the same lr: apart by exactly what the float64 rules predict (the
+    epsilon term)."""
+    _need("torch", "jax")
+    sgd = run_training(TrainSpec(optimizer="momentum", steps=6, batch_size=24, dtype="float64",
+                                 backends=("torch", "jax"), equivalence=True, timeout_s=300))
+    for t in sgd.trajectories:
+        assert t.status == "ok", t.error
+        assert 0 < max(t.vs_other) and all(d <= r for d, r in zip(t.vs_other, t.rule_rtol)), (t.backend, t.vs_other)
+    adam = run_training(TrainSpec(optimizer="adam", steps=6, batch_size=24, dtype="float64",
+                                  backends=("torch", "jax"), equivalence=True, timeout_s=300))
+    for t in adam.trajectories:
+        assert max(t.vs_other) > 1e-8  # epsilon, on the digits' near-zero gradients
+        assert max(t.vs_other) == pytest.approx(max(t.other_predicted), rel=1e-6)

@@ -56,6 +56,10 @@ class TrainSpec:
     seed: int = 0
     backends: tuple[str, ...] = ("torch", "keras-tensorflow", "jax")
     timeout_s: float = 600.0
+    #: Also train with the other reduction, at the learning rate that should make the updates identical: the
+    #: summed loss at lr / B for SGD (its gradient is B times the mean's), at the same lr for Adam (scale-free
+    #: but for epsilon). The main run keeps ``reduction``.
+    equivalence: bool = False
 
     def config(self) -> OptimizerConfig:
         return OPTIMIZER_CHOICES[self.optimizer](self.lr if self.lr is not None else DEFAULT_LR[self.optimizer])
@@ -65,6 +69,18 @@ class TrainSpec:
         if self.schedule == "step":
             return [lr if t < self.steps // 2 else lr / 2 for t in range(self.steps)]
         return [lr] * self.steps
+
+    def runs(self) -> dict[str, dict]:
+        """The runs each worker trains: "run", and with ``equivalence`` the other reduction ("other") at the
+        learning rate that should give the same updates."""
+        runs = {"run": {"optimizer": self.config().to_dict(), "lrs": self.lrs(), "reduction": self.reduction}}
+        if self.equivalence:
+            other = "sum" if self.reduction == "mean" else "mean"
+            factor = 1.0 if self.config().name in ("adam", "adamw") else (
+                1.0 / self.batch_size if other == "sum" else float(self.batch_size))
+            runs["other"] = {"optimizer": self.config().to_dict(), "lrs": [lr * factor for lr in self.lrs()],
+                             "reduction": other}
+        return runs
 
 
 def check_spec(spec: TrainSpec) -> None:
@@ -112,12 +128,12 @@ def make_job(spec: TrainSpec, backend: str, model: MLP, params, batches) -> Work
     batch = {}
     for t, (x, y) in enumerate(batches, start=1):
         batch[f"batches/{t}/x"], batch[f"batches/{t}/y"] = x, y
-    run = {"optimizer": spec.config().to_dict(), "lrs": spec.lrs(), "reduction": spec.reduction}
+    runs = spec.runs()
     return WorkerJob(backend=info.name, framework=info.framework, variant=info.variant,
                      module=info.module.rsplit(".", 1)[0] + ".train", extra=info.extra, requires=info.requires,
-                     methods=("run",), dtype=spec.dtype, device="cpu", precision="highest", model=model.to_dict(),
+                     methods=tuple(runs), dtype=spec.dtype, device="cpu", precision="highest", model=model.to_dict(),
                      loss={"name": "cross_entropy"}, params=params, batch=batch, task="train",
-                     payload={"runs": {"run": run}})
+                     payload={"runs": runs})
 
 
 @dataclass
@@ -133,6 +149,9 @@ class Trajectory:
     seconds: float | None = None
     vs_rule: list[float] = field(default_factory=list)      # per step, vs numpy with its own optimizer rule
     rule_rtol: list[float] = field(default_factory=list)
+    #: with ``equivalence``: per step, the other reduction's run vs this one, and the same for the numpy rule
+    vs_other: list[float] = field(default_factory=list)
+    other_predicted: list[float] = field(default_factory=list)
 
     @property
     def first_off_rule(self) -> int | None:
@@ -186,17 +205,18 @@ def run_training(spec: TrainSpec, progress=None) -> TrainReport:
     check_spec(spec)
     say = progress or (lambda _m: None)
     model, params, batches, desc = build_batches(spec)
-    config, lrs = spec.config(), spec.lrs()
+    config = spec.config()
     grad_tol = tolerance_for(model, spec.batch_size)
     remove_stale_job_dirs()
     rounded = {k: v.astype(np.float64) for k, v in params.items()}
-    references: dict[tuple[str, bool], tuple[list, list]] = {}
+    references: dict[tuple[str, bool, str], tuple[list, list]] = {}
 
-    def reference(framework: str, f32_hyper: bool = False):
-        if (framework, f32_hyper) not in references:
-            references[(framework, f32_hyper)] = trajectory(rounded, batches, model.to_dict(), config, lrs,
-                                                            spec.reduction, framework, f32_hyper)
-        return references[(framework, f32_hyper)]
+    def reference(framework: str, f32_hyper: bool = False, run: str = "run"):
+        if (framework, f32_hyper, run) not in references:
+            r = spec.runs()[run]
+            references[(framework, f32_hyper, run)] = trajectory(rounded, batches, model.to_dict(), config,
+                                                                 r["lrs"], r["reduction"], framework, f32_hyper)
+        return references[(framework, f32_hyper, run)]
 
     out = []
     for b in spec.backends:
@@ -217,6 +237,13 @@ def run_training(spec: TrainSpec, progress=None) -> TrainReport:
         ref, _ = reference(info.framework, _float32_hyper(spec, b))
         tr.vs_rule = [_rel(p, r) for p, r in zip(steps, ref)]
         tr.rule_rtol = [grad_tol.rtol(u) * t for t in range(1, spec.steps + 1)]
+        other = outcome.methods.get("other")
+        if spec.equivalence and other is not None and other.status == "ok":
+            other_steps = [{k: np.asarray(other.grads[f"{t}/{k}"], dtype=np.float64) for k in params}
+                           for t in range(1, spec.steps + 1)]
+            tr.vs_other = [_rel(p, q) for p, q in zip(steps, other_steps)]
+            ref_other, _ = reference(info.framework, _float32_hyper(spec, b), "other")
+            tr.other_predicted = [_rel(p, q) for p, q in zip(ref, ref_other)]
         out.append(tr)
     ok = [t for t in out if t.status == "ok"]
     pairs = []
@@ -264,6 +291,7 @@ def render_text(report: TrainReport) -> str:
             why += "; keras-tensorflow's hyperparameters are rounded to float32 (part of its rule in float64)"
         lines.append(f"{p.a} vs {p.b}: APART from step {first} ({p.per_step[first - 1]:.3g} > rtol "
                      f"{p.rtol[first - 1]:.3g}), {p.per_step[-1]:.3g} at step {len(p.per_step)}; why: {why}")
+    lines += _equivalence_lines(report)
     off = [t for t in report.trajectories if t.status == "ok" and t.first_off_rule]
     lines.append("")
     if any(t.status != "ok" for t in report.trajectories):
@@ -277,15 +305,41 @@ def render_text(report: TrainReport) -> str:
     return "\n".join(lines)
 
 
+def _equivalence_lines(report: TrainReport) -> list[str]:
+    """With ``equivalence``: per framework, how far the other reduction's run is from the main one."""
+    s = report.spec
+    if not s.equivalence:
+        return []
+    runs = s.runs()
+    other, main = runs["other"], runs["run"]
+    ratio = other["lrs"][0] / main["lrs"][0]
+    adam = s.config().name in ("adam", "adamw")
+    head = (f"update equivalence: {other['reduction']}-reduced loss at lr x {ratio:g} vs {main['reduction']} at lr "
+            + ("(Adam is invariant to the loss's scale but for epsilon, which the summed loss's B-times larger "
+               "gradients make relatively B times smaller)" if adam else
+               f"(the summed loss's gradient is B = {s.batch_size} times the mean's: identical updates up to "
+               "rounding)"))
+    lines = ["", head]
+    for t in report.trajectories:
+        if t.status != "ok" or not t.vs_other:
+            continue
+        first = next((i for i, (d, r) in enumerate(zip(t.vs_other, t.rule_rtol), start=1) if d > r), None)
+        where = "within rtol(t) at every step" if first is None else f"beyond rtol(t) from step {first}"
+        lines.append(f"  {t.backend}: largest per-step difference {max(t.vs_other):.3g} ({where}); "
+                     f"float64 numpy with its rule: {max(t.other_predicted):.3g}")
+    return lines
+
+
 def to_dict(report: TrainReport) -> dict:
     s = report.spec
     return {
         "schema": "gradparity.train/1",
         "spec": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(s).items()},
-        "optimizer": s.config().to_dict(), "lrs": s.lrs(), "data": report.description,
+        "optimizer": s.config().to_dict(), "lrs": s.lrs(), "runs": s.runs(), "data": report.description,
         "trajectories": [{
             "backend": t.backend, "status": t.status, "error": t.error, "losses": t.losses,
             "vs_own_rule_per_step": t.vs_rule, "rtol_per_step": t.rule_rtol, "first_step_off_rule": t.first_off_rule,
+            "other_reduction_per_step": t.vs_other or None, "other_reduction_predicted": t.other_predicted or None,
             "environment": t.environment, "info": t.info, "seconds": t.seconds} for t in report.trajectories],
         "reference_losses": report.reference_losses,
         "pairs": [{"a": p.a, "b": p.b, "per_step": p.per_step, "rtol_per_step": p.rtol,
