@@ -181,6 +181,9 @@ def _parser() -> argparse.ArgumentParser:
     trn.add_argument("--equivalence", action="store_true",
                      help="also train with the other reduction at the lr that should give identical updates "
                           "(sum at lr/B for SGD, the same lr for Adam) and report how far apart they are")
+    trn.add_argument("--out", default="gradparity-train",
+                     help="output folder: report.html (curves), report.json, report.md, PNGs, npz "
+                          "(default: ./gradparity-train)")
     trn.add_argument("--json", action="store_true", help="print the measurements as JSON")
     return p
 
@@ -193,8 +196,22 @@ def _train(args) -> int:
     spec = TrainSpec(optimizer=args.optimizer, lr=args.lr, steps=args.steps, batch_size=args.batch_size,
                      reduction=args.reduction, schedule=args.schedule, dtype=args.dtype, seed=args.seed,
                      backends=tuple(_csv(args.backends)), timeout_s=args.timeout, equivalence=args.equivalence)
-    report = run_training(spec, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    from gradparity.commands.train import check_spec
+    from gradparity.report.outdir import new_run_id
+    from gradparity.report.train_html import claim, write_train_report
+
+    check_spec(spec)
+    run_id = new_run_id()
+    folder = claim(args.out, run_id)
+    try:
+        report = run_training(spec, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+        write_train_report(report, folder, run_id)
+    finally:
+        folder.release()
     print(json.dumps(to_dict(report), indent=1) if args.json else render_text(report))
+    if not args.json:
+        print(f"\nwrote {Path(args.out) / 'report.html'} (open it in any browser), report.json, report.md, "
+              f"loss.png, drift.png, inputs.npz, trajectories.npz (run {run_id})")
     return report.exit_code
 
 

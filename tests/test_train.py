@@ -105,3 +105,32 @@ def test_sum_at_lr_over_b_is_mean_at_lr_and_adam_differs_by_epsilon():
     for t in adam.trajectories:
         assert max(t.vs_other) > 1e-8  # epsilon, on the digits' near-zero gradients
         assert max(t.vs_other) == pytest.approx(max(t.other_predicted), rel=1e-6)
+
+
+def test_the_cli_writes_a_report_set_that_loads_in_a_browser(tmp_path):
+    """`gradparity train --out`: report.json (schema gradparity.train/1) lists the SHA-256 of every other file;
+    report.html embeds loss.png and drift.png byte for byte and loads in headless chromium without console
+    errors (skipped without chromium)."""
+    import base64
+    import hashlib
+    import json
+    import re
+
+    from gradparity.cli import main
+    from test_html_report import _load
+
+    _need("torch", "jax")
+    out = tmp_path / "train-out"
+    code = main(["train", "--optimizer", "sgd", "--steps", "4", "--batch-size", "8", "--backends", "torch,jax",
+                 "--out", str(out)])
+    assert code == 0
+    doc = json.loads((out / "report.json").read_text())
+    assert doc["schema"] == "gradparity.train/1" and len(doc["trajectories"]) == 2
+    for name, entry in doc["files"].items():
+        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == entry["sha256"], name
+    page = (out / "report.html").read_text(encoding="utf-8")
+    embedded = [base64.b64decode(m) for m in re.findall(r'src="data:image/png;base64,([^"]+)"', page)]
+    assert embedded == [(out / "loss.png").read_bytes(), (out / "drift.png").read_bytes()]
+    assert "http://" not in page and "https://" not in page
+    attrs, console = _load(out / "report.html", tmp_path)
+    assert console == [] and attrs == {"images-total": "2", "images-loaded": "2"}

@@ -178,6 +178,8 @@ class TrainReport:
     trajectories: list[Trajectory]
     pairs: list[Pair]
     reference_losses: dict[str, list[float]]
+    params: dict[str, np.ndarray] = field(default_factory=dict, repr=False)     # the canonical start
+    batches: list = field(default_factory=list, repr=False)                     # (x, y) per step
 
     @property
     def exit_code(self) -> int:
@@ -254,7 +256,8 @@ def run_training(spec: TrainSpec, progress=None) -> TrainReport:
                           [grad_tol.rtol(u) * t for t in range(1, spec.steps + 1)],
                           [_rel(x, y) for x, y in zip(ra, rb)]))
     return TrainReport(spec, desc, out, pairs,
-                       {fw: reference(fw)[1] for fw in sorted({BACKENDS[t.backend].framework for t in ok})})
+                       {fw: reference(fw)[1] for fw in sorted({BACKENDS[t.backend].framework for t in ok})},
+                       params, batches)
 
 
 def render_text(report: TrainReport) -> str:

@@ -120,11 +120,11 @@ def write_report(report: Report, out: OutputDir) -> dict[str, Path]:
 
 def write_files(out: OutputDir, run_id: str, inputs: dict[str, np.ndarray], gradients: dict[str, np.ndarray],
                 markdown: str, doc: dict, json_default=None,
-                extra: dict[str, str | bytes] | None = None) -> dict[str, Path]:
+                extra: dict[str, str | bytes] | None = None, arrays_name: str = "gradients.npz") -> dict[str, Path]:
     """A report's files, staged and renamed into place together, report.json last.
 
     ``extra`` are further files (name -> text or bytes: a run's report.html and its PNG plots), written
-    after report.md. report.json (``doc`` plus "files") records the SHA-256 of every other file; every
+    after report.md; ``arrays_name`` names the second npz (a training run's holds trajectories). report.json (``doc`` plus "files") records the SHA-256 of every other file; every
     file carries the run id.
     """
     def writer(content):
@@ -135,7 +135,7 @@ def write_files(out: OutputDir, run_id: str, inputs: dict[str, np.ndarray], grad
     with out.staging() as stage:
         sums = {
             "inputs.npz": stage.write("inputs.npz", lambda p: _write_npz(p, inputs, run_id)),
-            "gradients.npz": stage.write("gradients.npz", lambda p: _write_npz(p, gradients, run_id)),
+            arrays_name: stage.write(arrays_name, lambda p: _write_npz(p, gradients, run_id)),
             "report.md": stage.write("report.md", lambda p: p.write_text(markdown)),
         }
         for name, content in (extra or {}).items():

@@ -1,0 +1,152 @@
+"""A training run's report files: report.html with its curves, report.md, report.json, and the arrays.
+
+``gradparity train --out DIR`` writes, as one set (``render.write_files``): report.json (the schema
+"gradparity.train/1" document), report.md (the terminal text), report.html (self-contained, plots embedded),
+loss.png and drift.png, inputs.npz (the start and the batches) and trajectories.npz (every framework's
+parameters after every step). The plots:
+
+- loss.png: the reduced loss at every step, per framework and per numpy rule;
+- drift.png: per step, each framework's distance from the float64 trajectory of its own optimizer rule and
+  every pair's distance, with the tolerance rtol(t) (relative to the parameters' largest entry, log scale).
+"""
+from __future__ import annotations
+
+import io
+
+from gradparity.commands.train import TrainReport, render_text, to_dict
+from gradparity.report.html import _CSS, _SCRIPT, _e, _figure, _table_html
+from gradparity.report.outdir import OutputDir
+
+LOSS_PNG, DRIFT_PNG = "loss.png", "drift.png"
+TRAIN_FILES = ("inputs.npz", "trajectories.npz", "report.md", "report.html", LOSS_PNG, DRIFT_PNG, "report.json")
+
+
+def _png(fig, run_id: str) -> bytes:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None, "Comment": f"gradparity run {run_id}"})
+    return buf.getvalue()
+
+
+def loss_png(report: TrainReport, run_id: str) -> bytes:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 4.5))
+    ax = fig.add_subplot()
+    for fw, losses in report.reference_losses.items():
+        ax.plot(range(1, len(losses) + 1), losses, color="0.6", linewidth=4, alpha=0.5,
+                label=f"numpy, float64, {fw}'s rule")
+    for t in report.trajectories:
+        if t.status == "ok":
+            ax.plot(range(1, len(t.losses) + 1), t.losses, marker=".", linewidth=1, label=t.backend)
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"{report.spec.reduction}-reduced cross-entropy of the step's batch")
+    ax.set_title(f"loss per step, {report.spec.config().label()}, {report.spec.dtype}")
+    ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
+    return _png(fig, run_id)
+
+
+def drift_png(report: TrainReport, run_id: str) -> bytes:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 4.5))
+    ax = fig.add_subplot()
+    floor = 1e-18  # exact agreement drawn at the floor of the log scale
+    for t in report.trajectories:
+        if t.status == "ok":
+            ax.plot(range(1, len(t.vs_rule) + 1), [max(d, floor) for d in t.vs_rule], marker=".",
+                    label=f"{t.backend} vs numpy with its rule")
+    for p in report.pairs:
+        ax.plot(range(1, len(p.per_step) + 1), [max(d, floor) for d in p.per_step], linestyle="--",
+                label=f"{p.a} vs {p.b}")
+    ok = [t for t in report.trajectories if t.status == "ok"]
+    if ok:
+        rtol = max((t.rule_rtol for t in ok), key=lambda r: r[-1])
+        ax.plot(range(1, len(rtol) + 1), rtol, color="black", linewidth=2, label="rtol(t) (least precise side)")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("max |a - b| / max |p| (parameters)")
+    ax.set_title("distance between trajectories per step")
+    ax.legend(fontsize="x-small", ncol=2)
+    ax.grid(alpha=0.3, which="both")
+    return _png(fig, run_id)
+
+
+def render_html(report: TrainReport, run_id: str) -> tuple[str, dict[str, bytes]]:
+    """report.html's text and its PNGs; a plot that cannot be drawn leaves a note, never loses the report."""
+    pngs, failures = {}, {}
+    for name, draw in ((LOSS_PNG, loss_png), (DRIFT_PNG, drift_png)):
+        try:
+            pngs[name] = draw(report, run_id)
+        except Exception as exc:  # noqa: BLE001 - the measured report matters more than a plot
+            failures[name] = f"{type(exc).__name__}: {exc}"
+    text = render_text(report).splitlines()
+    head = text[:2]
+    table_end = next(i for i, line in enumerate(text) if i > 3 and not line.strip())
+    rows = [t for t in report.trajectories]
+    table = _table_html(
+        ["backend", "status", "loss step 1", "loss last", "max vs numpy, own rule", "first step off", "optimizer"],
+        [[t.backend, t.status, f"{t.losses[0]:.6f}" if t.losses else "", f"{t.losses[-1]:.6f}" if t.losses else "",
+          f"{max(t.vs_rule):.3g}" if t.vs_rule else "", str(t.first_off_rule or "none") if t.vs_rule else "",
+          (t.info or {}).get("optimizer", t.error or "")] for t in rows],
+        ["" if t.status == "ok" and not t.first_off_rule else "bad" for t in rows], numeric={2, 3, 4})
+    verdict = text[-1]
+    status = "agree" if verdict.startswith("ON TRACK") else "incomplete" if verdict.startswith("INCOMPLETE") \
+        else "disagree"
+    parts = [
+        "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>gradparity train: {_e(report.spec.config().label())} (run {_e(run_id)})</title>",
+        f"<style>{_CSS}</style>", "</head>", "<body>",
+        '<p id="broken" class="note" hidden>An embedded plot did not load; the PNG files beside this page hold '
+        "the same plots.</p>",
+        "<h1>gradparity train</h1>",
+        '<ul class="facts">' + "".join(f"<li>{_e(line)}</li>" for line in head) + "</ul>",
+        "<h2>Verdict</h2>", f'<div class="verdict {status}">', f'<p class="summary">{_e(verdict)}</p>',
+        "<ul>" + "".join(f"<li>{_e(line)}</li>" for line in text[table_end + 1:-1] if line.strip()) + "</ul>",
+        "</div>",
+        "<h2>Plots</h2>",
+        _figure(LOSS_PNG, pngs.get(LOSS_PNG), "Loss per step for every framework and numpy rule",
+                f"The {report.spec.reduction}-reduced cross-entropy of each step's batch (nats), before that step's "
+                f"update, per framework; grey: float64 numpy with each framework's optimizer rule. "
+                f"{report.description}.", failures.get(LOSS_PNG)),
+        _figure(DRIFT_PNG, pngs.get(DRIFT_PNG), "Distance between trajectories per step, with the tolerance",
+                "Per step, max |a - b| over parameters divided by the largest parameter (dimensionless, log "
+                "scale; exact agreement drawn at 1e-18): solid, each framework against the float64 numpy "
+                "trajectory of its own optimizer rule; dashed, every pair of frameworks; black, rtol(t) = "
+                f"rtol_gradient(u) * t of the least precise side. dtype {report.spec.dtype}.",
+                failures.get(DRIFT_PNG)),
+        "<h2>Frameworks</h2>", table,
+        "<h2>Environment</h2>",
+        '<ul class="facts">' + "".join(
+            f"<li>{_e(t.backend)}: {_e((t.environment or {}).get('versions'))}; device "
+            f"{_e((t.environment or {}).get('device'))}; dtype {_e((t.environment or {}).get('dtype'))}; "
+            f"loop: {_e((t.info or {}).get('loop'))}</li>" for t in rows) + "</ul>",
+        f"<p>Written with report.json, report.md, inputs.npz and trajectories.npz (run {_e(run_id)}); report.json "
+        "lists every file's SHA-256.</p>",
+        f"<script>{_SCRIPT}</script>", "</body>", "</html>", "",
+    ]
+    return "\n".join(parts), pngs
+
+
+def claim(out_dir, run_id: str) -> OutputDir:
+    """Check and lock the output folder before any training starts (a bad --out is exit 2 up front)."""
+    return OutputDir.claim(out_dir, run_id, TRAIN_FILES)
+
+
+def write_train_report(report: TrainReport, folder: OutputDir, run_id: str) -> None:
+    """Write the training report's files into the claimed ``folder``, as one staged set."""
+    from gradparity.report.render import write_files
+
+    inputs = {f"params/{k}": v for k, v in report.params.items()}
+    for t, (x, y) in enumerate(report.batches, start=1):
+        inputs[f"batches/{t}/x"], inputs[f"batches/{t}/y"] = x, y
+    arrays = {f"{t.backend}/{step}/{k}": v for t in report.trajectories
+              for step, p in enumerate(t.params, start=1) for k, v in p.items()}
+    page, pngs = render_html(report, run_id)
+    doc = dict(to_dict(report), run_id=run_id)
+    write_files(folder, run_id, inputs, arrays, render_text(report), doc, json_default=str,
+                extra={"report.html": page, **pngs}, arrays_name="trajectories.npz")
