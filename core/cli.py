@@ -169,7 +169,7 @@ def _parser() -> argparse.ArgumentParser:
     trn = sub.add_parser("train", help="train the built-in MLP for K steps in every framework from one start: "
                                        "does each follow its optimizer's exact trajectory, and where do they part?")
     trn.add_argument("--optimizer", default="momentum", help="sgd | momentum (default) | nesterov | adam | adamw")
-    trn.add_argument("--lr", type=float, help="learning rate (default: sgd 0.1, momentum 0.05, adam 1e-3)")
+    trn.add_argument("--lr", type=float, help="learning rate (default: sgd 0.1, momentum 0.05, adam 1e-2)")
     trn.add_argument("--steps", type=int, default=30)
     trn.add_argument("--batch-size", type=int, default=32)
     trn.add_argument("--reduction", default="mean", help="mean (default; Keras sum_over_batch_size) | sum")

@@ -39,7 +39,7 @@ OPTIMIZER_CHOICES = {
     "adam": lambda lr: OptimizerConfig("adam", lr, eps=1e-8),
     "adamw": lambda lr: OptimizerConfig("adamw", lr, eps=1e-8, weight_decay=0.01),
 }
-DEFAULT_LR = {"sgd": 0.1, "momentum": 0.05, "nesterov": 0.05, "adam": 1e-3, "adamw": 1e-3}
+DEFAULT_LR = {"sgd": 0.1, "momentum": 0.05, "nesterov": 0.05, "adam": 1e-2, "adamw": 1e-2}
 
 
 @dataclass(frozen=True)
@@ -106,10 +106,24 @@ def check_spec(spec: TrainSpec) -> None:
         raise ConfigError(problems)
 
 
-def build_batches(spec: TrainSpec) -> tuple[MLP, dict[str, np.ndarray], list[tuple[np.ndarray, np.ndarray]], str]:
-    """(model, canonical initial parameters, K batches, description): the digits shuffled by the seed, cut
-    into consecutive batches (a new shuffle each epoch), parameters as ``gradparity run`` draws them."""
+#: Share of the digits held out (never trained on) to measure accuracy.
+HELD_OUT = 0.2
+
+
+def split_digits(spec: TrainSpec) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray], str]:
+    """(training split, held-out split, description): the digits in a seeded order, the last 20% held out."""
     x, y, desc = _load_digits()
+    order = _rng(spec.seed, 4).permutation(len(y))
+    cut = int(round(len(y) * (1 - HELD_OUT)))
+    train, held = order[:cut], order[cut:]
+    return ((x[train], y[train].astype(np.int64)), (x[held].astype(spec.dtype), y[held].astype(np.int64)),
+            f"{desc}: {cut} to train on, {len(held)} held out")
+
+
+def build_batches(spec: TrainSpec) -> tuple[MLP, dict[str, np.ndarray], list[tuple[np.ndarray, np.ndarray]], str]:
+    """(model, canonical initial parameters, K batches, description): the training split shuffled by the seed,
+    cut into consecutive batches (a new shuffle each epoch), parameters as ``gradparity run`` draws them."""
+    (x, y), _, desc = split_digits(spec)
     n = len(y)
     model = MLP((x.shape[1], *spec.hidden, 10), spec.activation)
     rng = _rng(spec.seed, 1)
@@ -119,8 +133,18 @@ def build_batches(spec: TrainSpec) -> tuple[MLP, dict[str, np.ndarray], list[tup
             order = np.concatenate([order, rng.permutation(n)])
         rows, order = order[:spec.batch_size], order[spec.batch_size:]
         batches.append((x[rows].astype(spec.dtype), y[rows].astype(np.int64)))
-    desc += f", {spec.steps} batches of {spec.batch_size} (seeded shuffle, reshuffled each epoch)"
+    desc += f"; {spec.steps} batches of {spec.batch_size} (seeded shuffle, reshuffled each epoch)"
     return model, init_params(model, spec.seed, spec.dtype), batches, desc
+
+
+def held_out_accuracy(model: MLP, steps: list[dict[str, np.ndarray]],
+                      held: tuple[np.ndarray, np.ndarray]) -> list[float]:
+    """Accuracy on the held-out split of the parameters after each step, by the float64 numpy forward pass
+    (the same arithmetic for every framework's parameters)."""
+    from gradparity.backends.numpy.session import forward
+
+    x, y = np.asarray(held[0], dtype=np.float64), held[1]
+    return [float(np.mean(np.argmax(forward(p, x, model.to_dict()).logits, axis=1) == y)) for p in steps]
 
 
 def make_job(spec: TrainSpec, backend: str, model: MLP, params, batches) -> WorkerJob:
@@ -152,6 +176,7 @@ class Trajectory:
     #: with ``equivalence``: per step, the other reduction's run vs this one, and the same for the numpy rule
     vs_other: list[float] = field(default_factory=list)
     other_predicted: list[float] = field(default_factory=list)
+    accuracy: list[float] = field(default_factory=list)      # held-out, after each step
 
     @property
     def first_off_rule(self) -> int | None:
@@ -178,6 +203,7 @@ class TrainReport:
     trajectories: list[Trajectory]
     pairs: list[Pair]
     reference_losses: dict[str, list[float]]
+    reference_accuracy: dict[str, list[float]] = field(default_factory=dict)
     params: dict[str, np.ndarray] = field(default_factory=dict, repr=False)     # the canonical start
     batches: list = field(default_factory=list, repr=False)                     # (x, y) per step
 
@@ -207,6 +233,7 @@ def run_training(spec: TrainSpec, progress=None) -> TrainReport:
     check_spec(spec)
     say = progress or (lambda _m: None)
     model, params, batches, desc = build_batches(spec)
+    _, held, _ = split_digits(spec)
     config = spec.config()
     grad_tol = tolerance_for(model, spec.batch_size)
     remove_stale_job_dirs()
@@ -238,6 +265,7 @@ def run_training(spec: TrainSpec, progress=None) -> TrainReport:
                         u, outcome.environment, row.info, row.seconds)
         ref, _ = reference(info.framework, _float32_hyper(spec, b))
         tr.vs_rule = [_rel(p, r) for p, r in zip(steps, ref)]
+        tr.accuracy = held_out_accuracy(model, steps, held)
         tr.rule_rtol = [grad_tol.rtol(u) * t for t in range(1, spec.steps + 1)]
         other = outcome.methods.get("other")
         if spec.equivalence and other is not None and other.status == "ok":
@@ -255,9 +283,9 @@ def run_training(spec: TrainSpec, progress=None) -> TrainReport:
         pairs.append(Pair(a.backend, b.backend, [_rel(x, y) for x, y in zip(a.params, b.params)],
                           [grad_tol.rtol(u) * t for t in range(1, spec.steps + 1)],
                           [_rel(x, y) for x, y in zip(ra, rb)]))
-    return TrainReport(spec, desc, out, pairs,
-                       {fw: reference(fw)[1] for fw in sorted({BACKENDS[t.backend].framework for t in ok})},
-                       params, batches)
+    frameworks = sorted({BACKENDS[t.backend].framework for t in ok})
+    return TrainReport(spec, desc, out, pairs, {fw: reference(fw)[1] for fw in frameworks},
+                       {fw: held_out_accuracy(model, reference(fw)[0], held) for fw in frameworks}, params, batches)
 
 
 def render_text(report: TrainReport) -> str:
@@ -267,18 +295,19 @@ def render_text(report: TrainReport) -> str:
              f"{report.description}",
              "every framework from the same canonical parameters on the same batches; tolerance at step t: "
              "rtol(t) = rtol_gradient(u) * t, relative to the parameters' largest entry", ""]
-    lines.append(f"{'backend':<18} {'loss step 1':>12} {'loss last':>12} {'vs numpy, own rule':>19} "
-                 f"{'first step off':>15} {'ms/step':>9}")
+    lines.append(f"{'backend':<18} {'loss step 1':>12} {'loss last':>12} {'held-out acc.':>14} "
+                 f"{'vs numpy, own rule':>19} {'first step off':>15} {'ms/step':>9}")
     for t in report.trajectories:
         if t.status != "ok":
             lines.append(f"{t.backend:<18} FAILED: {(t.error or t.status).splitlines()[0]}")
             continue
         first = t.first_off_rule
         ms = f"{1000 * t.seconds / s.steps:.2f}" if t.seconds else "-"
-        lines.append(f"{t.backend:<18} {t.losses[0]:>12.6f} {t.losses[-1]:>12.6f} {max(t.vs_rule):>19.3g} "
-                     f"{first if first else 'none':>15} {ms:>9}")
+        lines.append(f"{t.backend:<18} {t.losses[0]:>12.6f} {t.losses[-1]:>12.6f} {t.accuracy[-1]:>14.4f} "
+                     f"{max(t.vs_rule):>19.3g} {first if first else 'none':>15} {ms:>9}")
     for fw, losses in report.reference_losses.items():
-        lines.append(f"{'numpy (' + fw + ' rule)':<18} {losses[0]:>12.6f} {losses[-1]:>12.6f}")
+        acc = report.reference_accuracy.get(fw, [float("nan")])[-1]
+        lines.append(f"{'numpy (' + fw + ' rule)':<18} {losses[0]:>12.6f} {losses[-1]:>12.6f} {acc:>14.4f}")
     lines.append("")
     for p in report.pairs:
         first = p.first_apart
@@ -341,10 +370,11 @@ def to_dict(report: TrainReport) -> dict:
         "optimizer": s.config().to_dict(), "lrs": s.lrs(), "runs": s.runs(), "data": report.description,
         "trajectories": [{
             "backend": t.backend, "status": t.status, "error": t.error, "losses": t.losses,
+            "held_out_accuracy": t.accuracy,
             "vs_own_rule_per_step": t.vs_rule, "rtol_per_step": t.rule_rtol, "first_step_off_rule": t.first_off_rule,
             "other_reduction_per_step": t.vs_other or None, "other_reduction_predicted": t.other_predicted or None,
             "environment": t.environment, "info": t.info, "seconds": t.seconds} for t in report.trajectories],
-        "reference_losses": report.reference_losses,
+        "reference_losses": report.reference_losses, "reference_held_out_accuracy": report.reference_accuracy,
         "pairs": [{"a": p.a, "b": p.b, "per_step": p.per_step, "rtol_per_step": p.rtol,
                    "first_apart": p.first_apart, "predicted_by_rules": p.predicted} for p in report.pairs],
     }

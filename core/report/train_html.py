@@ -31,21 +31,29 @@ def _png(fig, run_id: str) -> bytes:
 
 
 def loss_png(report: TrainReport, run_id: str) -> bytes:
+    """Two panels: the batch loss per step, and the held-out accuracy after each step."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(8, 4.5))
-    ax = fig.add_subplot()
-    for fw, losses in report.reference_losses.items():
-        ax.plot(range(1, len(losses) + 1), losses, color="0.6", linewidth=4, alpha=0.5,
-                label=f"numpy, float64, {fw}'s rule")
-    for t in report.trajectories:
-        if t.status == "ok":
-            ax.plot(range(1, len(t.losses) + 1), t.losses, marker=".", linewidth=1, label=t.backend)
-    ax.set_xlabel("step")
-    ax.set_ylabel(f"{report.spec.reduction}-reduced cross-entropy of the step's batch")
-    ax.set_title(f"loss per step, {report.spec.config().label()}, {report.spec.dtype}")
-    ax.legend(fontsize="small")
-    ax.grid(alpha=0.3)
+    fig = Figure(figsize=(10, 4.5))
+    loss_ax, acc_ax = fig.subplots(1, 2)
+    for ax, ref, attr in ((loss_ax, report.reference_losses, "losses"),
+                          (acc_ax, report.reference_accuracy, "accuracy")):
+        for fw, values in ref.items():
+            ax.plot(range(1, len(values) + 1), values, color="0.6", linewidth=4, alpha=0.5,
+                    label=f"numpy, float64, {fw}'s rule")
+        for t in report.trajectories:
+            if t.status == "ok":
+                values = getattr(t, attr)
+                ax.plot(range(1, len(values) + 1), values, marker=".", linewidth=1, label=t.backend)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    loss_ax.set_ylabel(f"{report.spec.reduction}-reduced cross-entropy of the step's batch (nats)")
+    acc_ax.set_ylabel("held-out accuracy after the step (fraction)")
+    loss_ax.set_title("training loss per step")
+    acc_ax.set_title("held-out accuracy")
+    loss_ax.legend(fontsize="x-small")
+    fig.suptitle(f"{report.spec.config().label()}, {report.spec.dtype}", fontsize="small")
+    fig.tight_layout()
     return _png(fig, run_id)
 
 
@@ -88,11 +96,13 @@ def render_html(report: TrainReport, run_id: str) -> tuple[str, dict[str, bytes]
     table_end = next(i for i, line in enumerate(text) if i > 3 and not line.strip())
     rows = [t for t in report.trajectories]
     table = _table_html(
-        ["backend", "status", "loss step 1", "loss last", "max vs numpy, own rule", "first step off", "optimizer"],
+        ["backend", "status", "loss step 1", "loss last", "held-out accuracy", "max vs numpy, own rule",
+         "first step off", "optimizer"],
         [[t.backend, t.status, f"{t.losses[0]:.6f}" if t.losses else "", f"{t.losses[-1]:.6f}" if t.losses else "",
+          f"{t.accuracy[-1]:.4f}" if t.accuracy else "",
           f"{max(t.vs_rule):.3g}" if t.vs_rule else "", str(t.first_off_rule or "none") if t.vs_rule else "",
           (t.info or {}).get("optimizer", t.error or "")] for t in rows],
-        ["" if t.status == "ok" and not t.first_off_rule else "bad" for t in rows], numeric={2, 3, 4})
+        ["" if t.status == "ok" and not t.first_off_rule else "bad" for t in rows], numeric={2, 3, 4, 5})
     verdict = text[-1]
     status = "agree" if verdict.startswith("ON TRACK") else "incomplete" if verdict.startswith("INCOMPLETE") \
         else "disagree"
@@ -109,10 +119,11 @@ def render_html(report: TrainReport, run_id: str) -> tuple[str, dict[str, bytes]
         "<ul>" + "".join(f"<li>{_e(line)}</li>" for line in text[table_end + 1:-1] if line.strip()) + "</ul>",
         "</div>",
         "<h2>Plots</h2>",
-        _figure(LOSS_PNG, pngs.get(LOSS_PNG), "Loss per step for every framework and numpy rule",
-                f"The {report.spec.reduction}-reduced cross-entropy of each step's batch (nats), before that step's "
-                f"update, per framework; grey: float64 numpy with each framework's optimizer rule. "
-                f"{report.description}.", failures.get(LOSS_PNG)),
+        _figure(LOSS_PNG, pngs.get(LOSS_PNG), "Loss and held-out accuracy per step for every framework",
+                f"Left: the {report.spec.reduction}-reduced cross-entropy of each step's batch (nats), before that "
+                "step's update. Right: accuracy on the held-out digits (fraction) of the parameters after each "
+                "step, computed by one float64 numpy forward pass for every framework's parameters. Grey: float64 "
+                f"numpy with each framework's optimizer rule. {report.description}.", failures.get(LOSS_PNG)),
         _figure(DRIFT_PNG, pngs.get(DRIFT_PNG), "Distance between trajectories per step, with the tolerance",
                 "Per step, max |a - b| over parameters divided by the largest parameter (dimensionless, log "
                 "scale; exact agreement drawn at 1e-18): solid, each framework against the float64 numpy "
