@@ -61,7 +61,9 @@ class WorkerJob:
     #: "optimizer_steps": ``methods`` are cases of ``payload['configs']``, run natively on a fixed gradient
     #: sequence (see "Optimizers" below and each backend's ``optimizers``).
     #: "train": ``methods`` are runs of ``payload['runs']``: the MLP trained on ``batch['batches/T/x|y']``
-    #: (each backend's ``train``; returns "T/NAME" parameters after step T and "loss/T").
+    #: (or ``batch[PREFIX + 'batches/T/…']``, a run's "batches" key naming PREFIX); each backend's ``train``
+    #: returns "T/NAME", the parameters after step T (every step, or those of the run's "record" list), and
+    #: "loss/T" for every step.
     task: str = "gradients"
     payload: dict = field(default_factory=dict)
     #: Discrepancy causes a backend reproduces natively (see gradparity.experiment.causes), e.g.
@@ -397,15 +399,22 @@ def step_gradients(job: WorkerJob) -> list[dict[str, np.ndarray]]:
     return out
 
 
-def train_batches(job: WorkerJob) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The (x, y) of a training job's steps 1..K, from ``job.batch["batches/T/x"|"batches/T/y"]``."""
+def train_batches(job: WorkerJob, prefix: str = "") -> list[tuple[np.ndarray, np.ndarray]]:
+    """The (x, y) of a training run's steps 1..K, from ``job.batch[PREFIX + "batches/T/x"|"…/y"]`` (a run's
+    ``"batches"`` key names its PREFIX when a job holds several batch sequences, e.g. one per batch size)."""
     out, t = [], 1
-    while f"batches/{t}/x" in job.batch:
-        out.append((job.batch[f"batches/{t}/x"], job.batch[f"batches/{t}/y"]))
+    while f"{prefix}batches/{t}/x" in job.batch:
+        out.append((job.batch[f"{prefix}batches/{t}/x"], job.batch[f"{prefix}batches/{t}/y"]))
         t += 1
     if not out:
-        raise ValueError("a train job needs batches 'batches/1/x', 'batches/1/y', ...")
+        raise ValueError(f"a train job needs batches '{prefix}batches/1/x', '{prefix}batches/1/y', ...")
     return out
+
+
+def recorded_steps(run: dict, steps: int) -> set[int]:
+    """The steps whose parameters a training run returns: its ``"record"`` list, or every step."""
+    record = run.get("record")
+    return set(range(1, steps + 1)) if record is None else {int(t) for t in record}
 
 
 class OptimizerSession:

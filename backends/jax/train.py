@@ -28,7 +28,7 @@ from flax import nnx
 
 from gradparity.backends.jax.optimizers import _transformation, environment_note, lr_schedule
 from gradparity.backends.jax.session import _state_to_canonical, build_mlp, linear_precision, mlp_environment, start
-from gradparity.backends.protocol import RawResult, WorkerJob, train_batches
+from gradparity.backends.protocol import RawResult, WorkerJob, recorded_steps, train_batches
 
 LOOP = ("jax.jit(step): loss, grads = jax.value_and_grad(loss_fn)(params, x_t, y_t); "
         "updates, opt_state = opt.update(grads, opt_state, params); params = optax.apply_updates(params, updates) "
@@ -48,16 +48,24 @@ class JaxTrainSession:
         self.layer_precision = linear_precision(job)
         # Immutable arrays: every compute() can start from these very parameters, no copy needed.
         self.graphdef, self.params, _ = build_mlp(job, self.device, self.layer_precision)
-        dtype = jnp.dtype(job.dtype)
-        # int32 labels as session.py has them (without x64 jax would truncate int64 anyway).
-        self.batches = [(jax.device_put(np.asarray(x, dtype=dtype), self.device),
-                         jax.device_put(np.asarray(y).astype(np.int32), self.device)) for x, y in train_batches(job)]
-        if not self.batches:
-            raise ValueError("a training job needs batch['batches/1/x'] and ['batches/1/y'] at least")
+        self._batches: dict[str, list] = {}
+        for run in job.payload["runs"].values():  # on the device once: a timed compute() is the loop alone
+            self.batches(run)
         self._steps: dict[str, tuple] = {}
 
+    def batches(self, run: dict) -> list:
+        """The run's batches on the device (int32 labels, as session.py has them), converted on first use."""
+        prefix = run.get("batches", "")
+        if prefix not in self._batches:
+            dtype = jnp.dtype(self.job.dtype)
+            self._batches[prefix] = [(jax.device_put(np.asarray(x, dtype=dtype), self.device),
+                                      jax.device_put(np.asarray(y).astype(np.int32), self.device))
+                                     for x, y in train_batches(self.job, prefix)]
+        return self._batches[prefix]
+
     def environment(self) -> dict:
-        return mlp_environment(self.job, self.params, self.batches[0][0].dtype, self.device, self.device_note,
+        first = next(iter(self._batches.values()))
+        return mlp_environment(self.job, self.params, first[0][0].dtype, self.device, self.device_note,
                                self.layer_precision)
 
     def _compiled(self, case: str, config: dict, lrs: list[float], reduction: str):
@@ -84,21 +92,24 @@ class JaxTrainSession:
         """Train for K steps from the canonical start; the parameters after every step and every step's loss."""
         run = self.job.payload["runs"][case]
         config, lrs, reduction = run["optimizer"], run["lrs"], run["reduction"]
-        if len(lrs) != len(self.batches):
-            raise ValueError(f"{len(self.batches)} batches but {len(lrs)} learning rates")
+        batches = self.batches(run)
+        if len(lrs) != len(batches):
+            raise ValueError(f"{len(batches)} batches but {len(lrs)} learning rates")
+        record = recorded_steps(run, len(batches))
         if int(config.get("accumulation", 1)) != 1:
             raise ValueError("training runs step the optimizer on every batch (accumulation 1)")
         init, step = self._compiled(case, config, lrs, reduction)
         params = self.params
         opt_state = init(params)
         history, losses = [], []
-        for x, y in self.batches:
+        for t, (x, y) in enumerate(batches, start=1):
             params, opt_state, loss = step(params, opt_state, x, y)
             # Arrays are immutable: keeping each step's params is free, read back once after the loop.
-            history.append(params)
+            if t in record:
+                history.append((t, params))
             losses.append(loss)
         arrays = {f"{t}/{name}": np.array(value, copy=True)
-                  for t, p in enumerate(history, start=1) for name, value in _state_to_canonical(p).items()}
+                  for t, p in history for name, value in _state_to_canonical(p).items()}
         loss_values = [float(v) for v in losses]
         arrays.update({f"loss/{t}": np.array(v, dtype=self.job.dtype) for t, v in enumerate(loss_values, start=1)})
         return RawResult(loss_values[-1], arrays, {"optimizer": environment_note(config), "loop": LOOP})

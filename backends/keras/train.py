@@ -39,7 +39,7 @@ import numpy as np
 
 from gradparity.backends.keras.optimizers import _optimizer, _StepTable, environment_note
 from gradparity.backends.keras.session import _REDUCTIONS, KerasSession
-from gradparity.backends.protocol import RawResult, WorkerJob, train_batches
+from gradparity.backends.protocol import RawResult, WorkerJob, recorded_steps, train_batches
 
 #: How one step is written on each Keras backend (the info's "loop"): the session's single-backward autodiff.
 _LOOPS = {
@@ -65,13 +65,23 @@ class TrainSession(KerasSession):
     """
 
     def __init__(self, job: WorkerJob):
-        batches = train_batches(job)
+        first = train_batches(job, next(iter(job.payload["runs"].values())).get("batches", ""))
         # The gradient session reads its batch from batch['x'] / batch['y']; a train job has K of them.
-        super().__init__(dataclasses.replace(job, batch={"x": batches[0][0], "y": batches[0][1]}))
+        super().__init__(dataclasses.replace(job, batch={"x": first[0][0], "y": first[0][1]}))
         self.train_job = job
-        with self.ad.scope():
-            self.batches = [(keras.ops.convert_to_tensor(x, dtype=job.dtype), keras.ops.convert_to_tensor(y))
-                            for x, y in batches]
+        self._batches: dict[str, list] = {}
+        for run in job.payload["runs"].values():  # converted once here: a timed compute() is the loop alone
+            self.batches(run)
+
+    def batches(self, run: dict) -> list:
+        """The run's batches as the backend's tensors on the chosen device, converted on first use."""
+        prefix = run.get("batches", "")
+        if prefix not in self._batches:
+            with self.ad.scope():
+                self._batches[prefix] = [(keras.ops.convert_to_tensor(x, dtype=self.train_job.dtype),
+                                          keras.ops.convert_to_tensor(y))
+                                         for x, y in train_batches(self.train_job, prefix)]
+        return self._batches[prefix]
 
     def compute(self, case: str) -> RawResult:
         """Train from ``job.params`` with the run ``case``; parameters after every step and every loss."""
@@ -80,8 +90,10 @@ class TrainSession(KerasSession):
         config, lrs, reduction = run["optimizer"], [float(lr) for lr in run["lrs"]], run["reduction"]
         if reduction not in _REDUCTIONS:
             raise ValueError(f"reduction {reduction!r} is not 'mean' or 'sum'")
-        if len(lrs) != len(self.batches):
-            raise ValueError(f"{len(self.batches)} batches but {len(lrs)} learning rates")
+        batches = self.batches(run)
+        if len(lrs) != len(batches):
+            raise ValueError(f"{len(batches)} batches but {len(lrs)} learning rates")
+        record = recorded_steps(run, len(batches))
         variables = self.model.trainable_variables
         out: dict[str, np.ndarray] = {}
         with self.ad.scope():  # the optimizer's slot variables and lr table on the chosen device
@@ -91,16 +103,17 @@ class TrainSession(KerasSession):
             optimizer = _optimizer(config, _StepTable(lrs, job.dtype))
             # Built on the model's variables before the first step, as optimizers.run_steps does.
             optimizer.build(variables)
-            for t, (x, y) in enumerate(self.batches, start=1):
+            for t, (x, y) in enumerate(batches, start=1):
                 # No dropout or batch-norm switches in a train job: no masks.
                 loss, grads = self.ad.reduced(_REDUCTIONS[reduction], x, y, [])
                 optimizer.apply(grads, variables)
                 # The loss in the dtype Keras gave it (float32 where its promotion demoted the mean's division).
                 out[f"loss/{t}"] = np.array(keras.ops.convert_to_numpy(loss), copy=True)
                 # Copies: on the torch backend convert_to_numpy may share the variable's storage.
-                out.update({f"{t}/{name}": np.array(keras.ops.convert_to_numpy(v.value), dtype=job.dtype, copy=True)
-                            for name, v in zip(self.names, variables)})
-        return RawResult(float(out[f"loss/{len(self.batches)}"]), out,
+                if t in record:
+                    out.update({f"{t}/{name}": np.array(keras.ops.convert_to_numpy(v.value), dtype=job.dtype,
+                                                        copy=True) for name, v in zip(self.names, variables)})
+        return RawResult(float(out[f"loss/{len(batches)}"]), out,
                          {"optimizer": environment_note(config), "loop": _LOOPS[keras.backend.backend()]})
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from gradparity.backends.protocol import RawResult, WorkerJob, train_batches
+from gradparity.backends.protocol import RawResult, WorkerJob, recorded_steps, train_batches
 from gradparity.backends.torch.optimizers import _DTYPES, _optimizer, environment_note
 from gradparity.backends.torch.session import (_torch_name, build_model, mlp_environment, pick_device,
                                                pin_highest_precision, to_canonical)
@@ -50,11 +50,18 @@ class TorchTrainSession:
         if job.precision == "highest":
             pin_highest_precision()
         self.dtype = _DTYPES[job.dtype]
-        # Converted once here, so a timed compute() is the training loop alone.
-        self.batches = [(torch.from_numpy(np.asarray(x)).to(self.device, self.dtype),
-                         torch.from_numpy(np.asarray(y)).to(self.device, torch.int64)) for x, y in train_batches(job)]
-        if not self.batches:
-            raise ValueError("a training job needs batch['batches/1/x'] and ['batches/1/y'] at least")
+        self._batches: dict[str, list] = {}
+        for run in job.payload["runs"].values():  # converted once here: a timed compute() is the loop alone
+            self.batches(run)
+
+    def batches(self, run: dict) -> list:
+        """The run's batches as tensors on the device (converted on first use, then reused)."""
+        prefix = run.get("batches", "")
+        if prefix not in self._batches:
+            self._batches[prefix] = [(torch.from_numpy(np.asarray(x)).to(self.device, self.dtype),
+                                      torch.from_numpy(np.asarray(y)).to(self.device, torch.int64))
+                                     for x, y in train_batches(self.job, prefix)]
+        return self._batches[prefix]
 
     def environment(self) -> dict:
         # A throwaway model: the environment reads the dtype the parameters really have.
@@ -65,8 +72,10 @@ class TorchTrainSession:
         """Train for K steps from the canonical start; the parameters after every step and every step's loss."""
         run = self.job.payload["runs"][case]
         config, lrs, reduction = run["optimizer"], run["lrs"], run["reduction"]
-        if len(lrs) != len(self.batches):
-            raise ValueError(f"{len(self.batches)} batches but {len(lrs)} learning rates")
+        batches = self.batches(run)
+        if len(lrs) != len(batches):
+            raise ValueError(f"{len(batches)} batches but {len(lrs)} learning rates")
+        record = recorded_steps(run, len(batches))
         if int(config.get("accumulation", 1)) != 1:
             raise ValueError("training runs step the optimizer on every batch (accumulation 1)")
         model = build_model(self.job, self.dtype, self.device)
@@ -75,7 +84,7 @@ class TorchTrainSession:
         loss_fn = nn.CrossEntropyLoss(reduction=reduction)
         named = dict(model.named_parameters())
         losses, snapshots = [], []
-        for (x, y), lr in zip(self.batches, lrs):
+        for t, ((x, y), lr) in enumerate(zip(batches, lrs), start=1):
             optimizer.zero_grad()  # set_to_none: nothing of the previous step reaches this gradient
             loss = loss_fn(model(x), y)
             loss.backward()
@@ -84,9 +93,10 @@ class TorchTrainSession:
             optimizer.step()
             # Device-side copies (step() updates in place); read back after the loop, so no host sync per step.
             losses.append(loss.detach())
-            snapshots.append({name: named[_torch_name(name)].detach().clone() for name in self.job.params})
+            if t in record:
+                snapshots.append((t, {name: named[_torch_name(name)].detach().clone() for name in self.job.params}))
         arrays = {f"{t}/{name}": np.array(to_canonical(name, value), copy=True)
-                  for t, snap in enumerate(snapshots, start=1) for name, value in snap.items()}
+                  for t, snap in snapshots for name, value in snap.items()}
         loss_values = [float(v) for v in torch.stack(losses).cpu().numpy()]
         arrays.update({f"loss/{t}": np.array(v, dtype=self.job.dtype) for t, v in enumerate(loss_values, start=1)})
         return RawResult(loss_values[-1], arrays, {"optimizer": environment_note(config), "loop": LOOP})
