@@ -181,6 +181,11 @@ def _parser() -> argparse.ArgumentParser:
     trn.add_argument("--equivalence", action="store_true",
                      help="also train with the other reduction at the lr that should give identical updates "
                           "(sum at lr/B for SGD, the same lr for Adam) and report how far apart they are")
+    trn.add_argument("--sweep", action="store_true",
+                     help="sweep batch sizes x learning-rate rules (mean at lr0, mean at lr0*B/32, sum at lr0/32; "
+                          "Adam also sqrt scaling) for --epochs, every framework, and print the learning-rate recipe")
+    trn.add_argument("--batch-sizes", default="16,32,64,128", help="with --sweep (default 16,32,64,128)")
+    trn.add_argument("--epochs", type=int, default=3, help="with --sweep: epochs per batch size (default 3)")
     trn.add_argument("--out", default="gradparity-train",
                      help="output folder: report.html (curves), report.json, report.md, PNGs, npz "
                           "(default: ./gradparity-train)")
@@ -196,6 +201,18 @@ def _train(args) -> int:
     spec = TrainSpec(optimizer=args.optimizer, lr=args.lr, steps=args.steps, batch_size=args.batch_size,
                      reduction=args.reduction, schedule=args.schedule, dtype=args.dtype, seed=args.seed,
                      backends=tuple(_csv(args.backends)), timeout_s=args.timeout, equivalence=args.equivalence)
+    if args.sweep:
+        from gradparity.commands import sweep
+
+        try:
+            sizes = tuple(int(v) for v in _csv(args.batch_sizes))
+        except ValueError:
+            raise ConfigError(f"--batch-sizes must be comma-separated integers, got {args.batch_sizes!r}") from None
+        result = sweep.run_sweep(sweep.SweepSpec(spec, sizes, args.epochs),
+                                 progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+        print(json.dumps(sweep.to_dict(result), indent=1) if args.json else sweep.render_text(result))
+        return 3 if any(c.status != "ok" for c in result.cells) else 0
+
     from gradparity.commands.train import check_spec
     from gradparity.report.outdir import new_run_id
     from gradparity.report.train_html import claim, write_train_report

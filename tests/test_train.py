@@ -134,3 +134,24 @@ def test_the_cli_writes_a_report_set_that_loads_in_a_browser(tmp_path):
     assert "http://" not in page and "https://" not in page
     attrs, console = _load(out / "report.html", tmp_path)
     assert console == [] and attrs == {"images-total": "2", "images-loaded": "2"}
+
+
+def test_sweep_sum_at_lr_over_b0_is_linear_scaling_and_frameworks_agree():
+    """The sweep's sum rule (lr0 / B0 on the summed loss) and the blog's linear rule (lr0 * B / B0 on the mean)
+    are the same update at every batch size: same held-out accuracy and final parameters to rounding, in
+    every framework; the frameworks' final parameters agree within float32 rounding of a training run."""
+    from gradparity.commands.sweep import SweepSpec, recipe_lines, run_sweep
+
+    _need("torch", "jax")
+    report = run_sweep(SweepSpec(TrainSpec(optimizer="momentum", backends=("torch", "jax"), timeout_s=300),
+                                 batch_sizes=(16, 32), epochs=1))
+    assert all(c.status == "ok" for c in report.cells), [c.error for c in report.cells if c.error]
+    by = {(c.backend, c.batch_size, c.rule): c for c in report.cells}
+    for backend in ("torch", "jax"):
+        for b in (16, 32):
+            linear, summed = by[(backend, b, "mean_linear")], by[(backend, b, "sum")]
+            assert linear.accuracy == summed.accuracy
+            assert max(float(np.max(np.abs(linear.final[k] - summed.final[k]))) for k in linear.final) < 1e-5
+    assert all(v is not None and v < 1e-5 for v in report.parity.values()), report.parity
+    lines = recipe_lines(report)
+    assert lines[0].startswith("learning-rate recipe from (B0 = 32") and "linear scaling" in lines[-1]
