@@ -384,6 +384,14 @@ def loss_elements(logits_shape: tuple[int, ...], loss: str) -> int:
 
 # --- Optimizers on a fixed gradient sequence (task "optimizer_steps") ---------------------------------------
 #
+# Each ``backends/{torch,keras,jax}/optimizers.py`` exposes
+#     run_steps(config, params, grads, lrs, dtype) -> the K parameter dicts after steps 1..K
+#     environment_note(config) -> one line naming the class / transformation and its arguments
+# ``config`` is ``OptimizerConfig.to_dict()`` (gradparity.experiment.optimizers), ``params`` the start
+# {name: ndarray}, ``grads`` K gradient dicts of the same names and shapes, ``lrs`` the K per-step learning
+# rates, ``dtype`` "float32" | "float64". No model and no loss: the framework's own optimizer applies grads[t]
+# at lrs[t]; the parameters come back as numpy arrays in ``dtype``.
+#
 # ``payload``: {"configs": {CASE: OptimizerConfig.to_dict()}, "lrs": {CASE: [lr at step 1, ...]},
 #              "scales": {CASE: factor the gradients are multiplied by (default 1)}}
 # ``params``: the starting parameters; ``batch``: "grads/T/NAME", the gradient fed at step T (from 1).
@@ -411,10 +419,18 @@ def train_batches(job: WorkerJob, prefix: str = "") -> list[tuple[np.ndarray, np
     return out
 
 
-def recorded_steps(run: dict, steps: int) -> set[int]:
-    """The steps whose parameters a training run returns: its ``"record"`` list, or every step."""
+def train_run(job: WorkerJob, case: str, steps: int) -> tuple[dict, list[float], str, set[int]]:
+    """(optimizer config, per-step lrs, reduction, steps whose parameters to return) of a training run: its
+    ``"record"`` list, or every step. Raises ValueError for lrs that do not fit the ``steps`` batches or an
+    accumulating optimizer (a training run steps on every batch)."""
+    run = job.payload["runs"][case]
+    config, lrs, reduction = run["optimizer"], [float(lr) for lr in run["lrs"]], run["reduction"]
+    if len(lrs) != steps:
+        raise ValueError(f"{steps} batches but {len(lrs)} learning rates")
+    if int(config.get("accumulation", 1)) != 1:
+        raise ValueError("training runs step the optimizer on every batch (accumulation 1)")
     record = run.get("record")
-    return set(range(1, steps + 1)) if record is None else {int(t) for t in record}
+    return config, lrs, reduction, set(range(1, steps + 1)) if record is None else {int(t) for t in record}
 
 
 class OptimizerSession:

@@ -1,19 +1,6 @@
 """optax on a fixed gradient sequence: the worker side of the optimizer measurement (issue 9).
 
-Contract (shared by ``backends/{torch,keras,jax}/optimizers.py``)::
-
-    run_steps(config, params, grads, lrs, dtype) -> list of K parameter dicts
-    environment_note(config) -> str
-
-``config`` is core's optimizer dict (``name`` "sgd" | "adam" | "adamw",
-``lr``, ``momentum``, ``nesterov``, ``dampening``, ``weight_decay``,
-``beta1``, ``beta2``, ``eps``, ``eps_root``), ``params`` the initial
-parameters ``{name: ndarray}``, ``grads`` K gradient dicts with the same
-names and shapes, ``lrs`` the K per-step learning rates and ``dtype``
-"float32" | "float64". No model and no loss: an optax gradient
-transformation maps ``grads[t]`` to updates with the learning rate
-``lrs[t]``, ``optax.apply_updates`` adds them, and the parameters after
-steps 1..K come back as numpy arrays in ``dtype``.
+Contract: ``backends/protocol.py`` ("Optimizers on a fixed gradient sequence").
 
 The transformations and what they compute (optax 0.2.8,
 ``optax/_src/alias.py``, ``transform.py``):

@@ -28,7 +28,7 @@ from flax import nnx
 
 from gradparity.backends.jax.optimizers import _transformation, environment_note, lr_schedule
 from gradparity.backends.jax.session import _state_to_canonical, build_mlp, linear_precision, mlp_environment, start
-from gradparity.backends.protocol import RawResult, WorkerJob, recorded_steps, train_batches
+from gradparity.backends.protocol import RawResult, WorkerJob, train_batches, train_run
 
 LOOP = ("jax.jit(step): loss, grads = jax.value_and_grad(loss_fn)(params, x_t, y_t); "
         "updates, opt_state = opt.update(grads, opt_state, params); params = optax.apply_updates(params, updates) "
@@ -91,13 +91,8 @@ class JaxTrainSession:
     def compute(self, case: str) -> RawResult:
         """Train for K steps from the canonical start; the parameters after every step and every step's loss."""
         run = self.job.payload["runs"][case]
-        config, lrs, reduction = run["optimizer"], run["lrs"], run["reduction"]
         batches = self.batches(run)
-        if len(lrs) != len(batches):
-            raise ValueError(f"{len(batches)} batches but {len(lrs)} learning rates")
-        record = recorded_steps(run, len(batches))
-        if int(config.get("accumulation", 1)) != 1:
-            raise ValueError("training runs step the optimizer on every batch (accumulation 1)")
+        config, lrs, reduction, record = train_run(self.job, case, len(batches))
         init, step = self._compiled(case, config, lrs, reduction)
         params = self.params
         opt_state = init(params)

@@ -1,20 +1,6 @@
 """keras.optimizers on a fixed gradient sequence: the worker side of the optimizer measurement (issue 9).
 
-Contract (shared by ``backends/{torch,keras,jax}/optimizers.py``)::
-
-    run_steps(config, params, grads, lrs, dtype) -> list of K parameter dicts
-    environment_note(config) -> str
-
-``config`` is core's optimizer dict (``name`` "sgd" | "adam" | "adamw",
-``lr``, ``momentum``, ``nesterov``, ``dampening``, ``weight_decay``,
-``beta1``, ``beta2``, ``eps``, ``eps_root``), ``params`` the initial
-parameters ``{name: ndarray}``, ``grads`` K gradient dicts with the same
-names and shapes, ``lrs`` the K per-step learning rates and ``dtype``
-"float32" | "float64". No model and no loss: Keras' own optimizer class
-applies ``grads[t]`` to ``keras.Variable``s with the learning rate
-``lrs[t]``, and the variables after steps 1..K come back as numpy arrays
-in ``dtype``. The Keras backend is whatever ``KERAS_BACKEND`` named when
-keras was imported (tensorflow, jax or torch); all three run this code.
+Contract: ``backends/protocol.py`` ("Optimizers on a fixed gradient sequence").
 
 What Keras computes (keras 3.15.1, ``keras/src/optimizers/sgd.py``,
 ``adam.py``, ``adamw.py``, ``base_optimizer.py``; the torch backend swaps

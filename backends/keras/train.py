@@ -39,7 +39,7 @@ import numpy as np
 
 from gradparity.backends.keras.optimizers import _optimizer, _StepTable, environment_note
 from gradparity.backends.keras.session import _REDUCTIONS, KerasSession
-from gradparity.backends.protocol import RawResult, WorkerJob, recorded_steps, train_batches
+from gradparity.backends.protocol import RawResult, WorkerJob, train_batches, train_run
 
 #: How one step is written on each Keras backend (the info's "loop"): the session's single-backward autodiff.
 _LOOPS = {
@@ -87,13 +87,8 @@ class TrainSession(KerasSession):
         """Train from ``job.params`` with the run ``case``; parameters after every step and every loss."""
         job = self.train_job
         run = job.payload["runs"][case]
-        config, lrs, reduction = run["optimizer"], [float(lr) for lr in run["lrs"]], run["reduction"]
-        if reduction not in _REDUCTIONS:
-            raise ValueError(f"reduction {reduction!r} is not 'mean' or 'sum'")
         batches = self.batches(run)
-        if len(lrs) != len(batches):
-            raise ValueError(f"{len(batches)} batches but {len(lrs)} learning rates")
-        record = recorded_steps(run, len(batches))
+        config, lrs, reduction, record = train_run(job, case, len(batches))
         variables = self.model.trainable_variables
         out: dict[str, np.ndarray] = {}
         with self.ad.scope():  # the optimizer's slot variables and lr table on the chosen device

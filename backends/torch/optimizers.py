@@ -1,19 +1,7 @@
 """torch.optim on a fixed gradient sequence: the worker side of the optimizer measurement (issue 9).
 
-Contract (shared by ``backends/{torch,keras,jax}/optimizers.py``)::
-
-    run_steps(config, params, grads, lrs, dtype) -> list of K parameter dicts
-    environment_note(config) -> str
-
-``config`` is core's optimizer dict (``name`` "sgd" | "adam" | "adamw",
-``lr``, ``momentum``, ``nesterov``, ``dampening``, ``weight_decay``,
-``beta1``, ``beta2``, ``eps``, ``eps_root``), ``params`` the initial
-parameters ``{name: ndarray}``, ``grads`` K gradient dicts with the same
-names and shapes, ``lrs`` the K per-step learning rates and ``dtype``
-"float32" | "float64". No model and no loss: torch's own optimizer class
-is handed ``grads[t]`` as ``.grad`` at step t, with the learning rate
-``lrs[t]``, and the parameters after steps 1..K come back as numpy arrays
-in ``dtype``.
+Contract: ``backends/protocol.py`` ("Optimizers on a fixed gradient sequence"): torch's own optimizer
+class is handed ``grads[t]`` as ``.grad`` at step t, with the learning rate ``lrs[t]``.
 
 The classes and what they compute (torch 2.13, ``torch/optim/sgd.py``,
 ``adam.py``, ``adamw.py``, single-tensor path):

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from gradparity.backends.protocol import RawResult, WorkerJob, recorded_steps, train_batches
+from gradparity.backends.protocol import RawResult, WorkerJob, train_batches, train_run
 from gradparity.backends.torch.optimizers import _DTYPES, _optimizer, environment_note
 from gradparity.backends.torch.session import (_torch_name, build_model, mlp_environment, pick_device,
                                                pin_highest_precision, to_canonical)
@@ -71,13 +71,8 @@ class TorchTrainSession:
     def compute(self, case: str) -> RawResult:
         """Train for K steps from the canonical start; the parameters after every step and every step's loss."""
         run = self.job.payload["runs"][case]
-        config, lrs, reduction = run["optimizer"], run["lrs"], run["reduction"]
         batches = self.batches(run)
-        if len(lrs) != len(batches):
-            raise ValueError(f"{len(batches)} batches but {len(lrs)} learning rates")
-        record = recorded_steps(run, len(batches))
-        if int(config.get("accumulation", 1)) != 1:
-            raise ValueError("training runs step the optimizer on every batch (accumulation 1)")
+        config, lrs, reduction, record = train_run(self.job, case, len(batches))
         model = build_model(self.job, self.dtype, self.device)
         optimizer = _optimizer(config, list(model.parameters()))
         (group,) = optimizer.param_groups
