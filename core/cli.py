@@ -190,7 +190,37 @@ def _parser() -> argparse.ArgumentParser:
                      help="output folder: report.html (curves), report.json, report.md, PNGs, npz "
                           "(default: ./gradparity-train)")
     trn.add_argument("--json", action="store_true", help="print the measurements as JSON")
+    bm = sub.add_parser("benchmark", help="time the default training sweep: wall time, and time per step per "
+                                          "framework (a measurement, not a test)")
+    bm.add_argument("--optimizer", default="momentum", help="sgd | momentum (default) | nesterov | adam | adamw")
+    bm.add_argument("--batch-sizes", default="16,32,64,128")
+    bm.add_argument("--epochs", type=int, default=3)
+    bm.add_argument("--dtype", default="float32", help="float32 (default) | float64")
+    bm.add_argument("--backends", default="torch,keras-tensorflow,jax")
+    bm.add_argument("--timeout", type=float, default=600.0, help="seconds per framework worker")
+    bm.add_argument("--json", action="store_true", help="print the benchmark as JSON")
     return p
+
+
+def _benchmark(args) -> int:
+    import json
+
+    from gradparity.commands import sweep
+    from gradparity.commands.train import TrainSpec
+
+    try:
+        sizes = tuple(int(v) for v in _csv(args.batch_sizes))
+    except ValueError:
+        raise ConfigError(f"--batch-sizes must be comma-separated integers, got {args.batch_sizes!r}") from None
+    spec = TrainSpec(optimizer=args.optimizer, dtype=args.dtype, backends=tuple(_csv(args.backends)),
+                     timeout_s=args.timeout)
+    result = sweep.run_sweep(sweep.SweepSpec(spec, sizes, args.epochs),
+                             progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    if args.json:
+        print(json.dumps(sweep.to_dict(result)["benchmark"], indent=1))
+    else:
+        print("\n".join(sweep.timing_lines(result)))
+    return 3 if any(c.status != "ok" for c in result.cells) else 0
 
 
 def _train(args) -> int:
@@ -465,6 +495,8 @@ def main(argv: list[str] | None = None) -> int:
                 return _optimizers(args)
             if args.command == "train":
                 return _train(args)
+            if args.command == "benchmark":
+                return _benchmark(args)
             from gradparity.experiment.spec import default_config_text
 
             print(default_config_text(), end="")

@@ -155,3 +155,17 @@ def test_sweep_sum_at_lr_over_b0_is_linear_scaling_and_frameworks_agree():
     assert all(v is not None and v < 1e-5 for v in report.parity.values()), report.parity
     lines = recipe_lines(report)
     assert lines[0].startswith("learning-rate recipe from (B0 = 32") and "linear scaling" in lines[-1]
+
+
+def test_benchmark_command_reports_wall_time_and_time_per_step(capsys):
+    """`gradparity benchmark` reports, per framework, its worker's wall time and the time per step of the timed
+    runs (figures, not asserted: no timing assertions in tests), as JSON with --json."""
+    import json
+
+    from gradparity.cli import main
+
+    _need("torch")
+    assert main(["benchmark", "--batch-sizes", "32", "--epochs", "1", "--backends", "torch", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert set(doc) == {"total_seconds", "worker_wall_seconds", "timed_seconds", "steps"}
+    assert set(doc["worker_wall_seconds"]) == {"torch"} and doc["steps"]["torch"] == 3 * (1438 // 32)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -69,6 +70,8 @@ class Cell:
     accuracy: list[float] = field(default_factory=list)      # after each epoch
     epoch_loss: list[float] = field(default_factory=list)    # mean per-example training loss of each epoch
     final: dict | None = field(default=None, repr=False)
+    seconds: float | None = None   # the timed training call (after one warm-up call), all its steps
+    steps: int = 0
 
 
 @dataclass
@@ -78,6 +81,8 @@ class SweepReport:
     cells: list[Cell]
     parity: dict          # (batch size, rule) -> largest final-parameter difference between frameworks
     description: str
+    wall_seconds: dict = field(default_factory=dict)   # backend -> its worker's wall time, import included
+    total_seconds: float = 0.0
 
     def accuracy(self, rule: str, b: int) -> float | None:
         """The held-out accuracy after the last epoch, averaged over the frameworks that ran (they agree)."""
@@ -122,7 +127,8 @@ def run_sweep(spec: SweepSpec, progress=None) -> SweepReport:
             runs[f"{name}@{b}"] = {"optimizer": replace(config, lr=lr).to_dict(), "lrs": [lr] * len(batches),
                                    "reduction": reduction, "batches": f"b{b}/", "record": ends}
     remove_stale_job_dirs()
-    cells = []
+    cells, walls = [], {}
+    started = time.perf_counter()
     for backend in base.backends:
         info = BACKENDS[backend]
         job = WorkerJob(backend=info.name, framework=info.framework, variant=info.variant,
@@ -134,6 +140,7 @@ def run_sweep(spec: SweepSpec, progress=None) -> SweepReport:
             f"{len(rules(base.optimizer))} rules, {spec.epochs} epochs each, {base.dtype}) ...")
         outcome = run_backend(job, info, base.timeout_s * max(1, len(runs) // 4))
         say(f"  {backend}: {outcome.status} in {outcome.wall_seconds:.1f} s")
+        walls[backend] = outcome.wall_seconds
         for case, run in runs.items():
             name, b = case.split("@")[0], int(case.split("@")[1])
             lr = run["lrs"][0]
@@ -149,13 +156,30 @@ def run_sweep(spec: SweepSpec, progress=None) -> SweepReport:
             starts = [0, *ends[:-1]]
             cells.append(Cell(backend, b, name, run["reduction"], lr, "ok", None,
                               held_out_accuracy(model, steps, held),
-                              [float(np.mean(per_example[s:e])) for s, e in zip(starts, ends)], steps[-1]))
+                              [float(np.mean(per_example[s:e])) for s, e in zip(starts, ends)], steps[-1],
+                              row.seconds, ends[-1]))
     parity = {}
     for b, name in itertools.product(spec.batch_sizes, rules(base.optimizer)):
         finals = [c.final for c in cells if c.batch_size == b and c.rule == name and c.status == "ok"]
         parity[(b, name)] = max((_rel(p, q) for p, q in itertools.combinations(finals, 2)), default=None)
     return SweepReport(spec, lr0, cells, parity, f"{desc}; {spec.epochs} epochs per batch size (last short batch "
-                                                 "of each epoch dropped)")
+                                                 "of each epoch dropped)", walls, time.perf_counter() - started)
+
+
+def timing_lines(report: SweepReport) -> list[str]:
+    """The benchmark: the sweep's wall time, and per framework its worker's wall time and time per step."""
+    lines = [f"benchmark: the sweep took {report.total_seconds:.1f} s wall in all ({len(report.cells)} "
+             f"configurations x framework runs); per framework:"]
+    for backend, wall in report.wall_seconds.items():
+        cells = [c for c in report.cells if c.backend == backend and c.status == "ok" and c.seconds]
+        steps = sum(c.steps for c in cells)
+        timed = sum(c.seconds for c in cells)
+        per_step = f"{1000 * timed / steps:.3f} ms/step over {steps} steps" if steps else "no timed steps"
+        lines.append(f"  {backend:<18} worker {wall:6.1f} s wall (import, set-up, one warm-up run per "
+                     f"configuration and the timed run); timed training {timed:6.2f} s: {per_step}")
+    lines.append("  (CPU wall-clock time on this machine; one timed run per configuration after its warm-up run, "
+                 "which pays compilation; the per-step time includes keeping each step's loss for the report)")
+    return lines
 
 
 def recipe_lines(report: SweepReport) -> list[str]:
@@ -200,6 +224,7 @@ def render_text(report: SweepReport) -> str:
             continue
         lines.append(f"  B {c.batch_size:>4} {c.rule:<12} {c.backend:<18} lr {c.lr:<10.4g} "
                      f"accuracy {' '.join(f'{a:.3f}' for a in c.accuracy)}  loss {c.epoch_loss[-1]:.4f}")
+    lines += [""] + timing_lines(report)
     worst = max(((k, v) for k, v in report.parity.items() if v is not None), key=lambda kv: kv[1], default=None)
     if worst:
         (b, name), v = worst
@@ -216,4 +241,9 @@ def to_dict(report: SweepReport) -> dict:
                        "lr": c.lr, "status": c.status, "error": c.error, "held_out_accuracy_per_epoch": c.accuracy,
                        "train_loss_per_epoch": c.epoch_loss} for c in report.cells],
             "parity_final_params": [{"batch_size": b, "rule": n, "max_rel": v} for (b, n), v in report.parity.items()],
-            "recipe": recipe_lines(report)}
+            "recipe": recipe_lines(report),
+            "benchmark": {"total_seconds": report.total_seconds, "worker_wall_seconds": report.wall_seconds,
+                          "timed_seconds": {c.backend: sum(x.seconds or 0.0 for x in report.cells
+                                                           if x.backend == c.backend) for c in report.cells},
+                          "steps": {c.backend: sum(x.steps for x in report.cells if x.backend == c.backend)
+                                    for c in report.cells}}}
