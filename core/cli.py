@@ -238,9 +238,21 @@ def _train(args) -> int:
             sizes = tuple(int(v) for v in _csv(args.batch_sizes))
         except ValueError:
             raise ConfigError(f"--batch-sizes must be comma-separated integers, got {args.batch_sizes!r}") from None
-        result = sweep.run_sweep(sweep.SweepSpec(spec, sizes, args.epochs),
-                                 progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+        from gradparity.report.outdir import OutputDir, new_run_id
+        from gradparity.report.train_html import SWEEP_FILES, write_sweep_report
+
+        run_id = new_run_id()
+        folder = OutputDir.claim(args.out, run_id, SWEEP_FILES)
+        try:
+            result = sweep.run_sweep(sweep.SweepSpec(spec, sizes, args.epochs),
+                                     progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+            write_sweep_report(result, folder, run_id)
+        finally:
+            folder.release()
         print(json.dumps(sweep.to_dict(result), indent=1) if args.json else sweep.render_text(result))
+        if not args.json:
+            print(f"\nwrote {Path(args.out) / 'report.html'} (open it in any browser), report.json, report.md, "
+                  f"recipe.png, epochs.png (run {run_id})")
         return 3 if any(c.status != "ok" for c in result.cells) else 0
 
     from gradparity.commands.train import check_spec

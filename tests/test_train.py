@@ -169,3 +169,29 @@ def test_benchmark_command_reports_wall_time_and_time_per_step(capsys):
     doc = json.loads(capsys.readouterr().out)
     assert set(doc) == {"total_seconds", "worker_wall_seconds", "timed_seconds", "steps"}
     assert set(doc["worker_wall_seconds"]) == {"torch"} and doc["steps"]["torch"] == 3 * (1438 // 32)
+
+
+def test_the_sweep_writes_its_recipe_report(tmp_path):
+    """`gradparity train --sweep --out`: report.html with the recipe plot and the per-epoch plot embedded byte for
+    byte, report.json (schema gradparity.train.sweep/1) listing every file's SHA-256; loads in chromium."""
+    import base64
+    import hashlib
+    import json
+    import re
+
+    from gradparity.cli import main
+    from test_html_report import _load
+
+    _need("torch")
+    out = tmp_path / "sweep-out"
+    assert main(["train", "--sweep", "--batch-sizes", "16,32", "--epochs", "1", "--backends", "torch",
+                 "--out", str(out)]) == 0
+    doc = json.loads((out / "report.json").read_text())
+    assert doc["schema"] == "gradparity.train.sweep/1" and doc["recipe"][0].startswith("learning-rate recipe")
+    for name, entry in doc["files"].items():
+        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == entry["sha256"], name
+    page = (out / "report.html").read_text(encoding="utf-8")
+    embedded = [base64.b64decode(m) for m in re.findall(r'src="data:image/png;base64,([^"]+)"', page)]
+    assert embedded == [(out / "recipe.png").read_bytes(), (out / "epochs.png").read_bytes()]
+    attrs, console = _load(out / "report.html", tmp_path)
+    assert console == [] and attrs == {"images-total": "2", "images-loaded": "2"}

@@ -161,3 +161,107 @@ def write_train_report(report: TrainReport, folder: OutputDir, run_id: str) -> N
     doc = dict(to_dict(report), run_id=run_id)
     write_files(folder, run_id, inputs, arrays, render_text(report), doc, json_default=str,
                 extra={"report.html": page, **pngs}, arrays_name="trajectories.npz")
+
+
+# --- the sweep -----------------------------------------------------------------------------------------------
+
+RECIPE_PNG, EPOCHS_PNG = "recipe.png", "epochs.png"
+SWEEP_FILES = ("report.md", "report.html", RECIPE_PNG, EPOCHS_PNG, "report.json")
+
+
+def recipe_png(report, run_id: str) -> bytes:
+    """Held-out accuracy after the last epoch against the batch size, one line per learning-rate rule (the mean
+    over frameworks), each framework's value marked."""
+    from matplotlib.figure import Figure
+
+    from gradparity.commands.sweep import rules
+
+    fig = Figure(figsize=(8, 4.5))
+    ax = fig.add_subplot()
+    sizes = list(report.spec.batch_sizes)
+    for name in rules(report.spec.base.optimizer):
+        acc = [report.accuracy(name, b) for b in sizes]
+        ax.plot(sizes, [a if a is not None else float("nan") for a in acc], marker="o", label=name)
+        for c in report.cells:
+            if c.rule == name and c.status == "ok":
+                ax.plot([c.batch_size], [c.accuracy[-1]], marker="x", color="0.3", markersize=4, linestyle="")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sizes, [str(b) for b in sizes])
+    ax.set_xlabel("batch size B")
+    ax.set_ylabel(f"held-out accuracy after {report.spec.epochs} epochs (fraction)")
+    ax.set_title(f"{report.spec.base.optimizer}, lr0 = {report.lr0:g} at B0 = 32 (x: each framework)")
+    ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
+    return _png(fig, run_id)
+
+
+def epochs_png(report, run_id: str) -> bytes:
+    """Held-out accuracy after each epoch, one panel per batch size, one line per rule (first framework)."""
+    from matplotlib.figure import Figure
+
+    sizes = list(report.spec.batch_sizes)
+    fig = Figure(figsize=(3 * len(sizes), 3.5))
+    axes = fig.subplots(1, len(sizes), sharey=True, squeeze=False)[0]
+    first = report.spec.base.backends[0]
+    for ax, b in zip(axes, sizes):
+        for c in report.cells:
+            if c.batch_size == b and c.backend == first and c.status == "ok":
+                ax.plot(range(1, len(c.accuracy) + 1), c.accuracy, marker=".", label=c.rule)
+        ax.set_title(f"B = {b}")
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"held-out accuracy ({first})")
+    axes[0].legend(fontsize="x-small")
+    fig.tight_layout()
+    return _png(fig, run_id)
+
+
+def render_sweep_html(report, run_id: str) -> tuple[str, dict[str, bytes]]:
+    from gradparity.commands.sweep import recipe_lines, render_text, timing_lines
+
+    pngs, failures = {}, {}
+    for name, draw in ((RECIPE_PNG, recipe_png), (EPOCHS_PNG, epochs_png)):
+        try:
+            pngs[name] = draw(report, run_id)
+        except Exception as exc:  # noqa: BLE001 - the measured report matters more than a plot
+            failures[name] = f"{type(exc).__name__}: {exc}"
+    text = render_text(report).splitlines()
+    parts = [
+        "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>gradparity train --sweep: {_e(report.spec.base.optimizer)} (run {_e(run_id)})</title>",
+        f"<style>{_CSS}</style>", "</head>", "<body>",
+        '<p id="broken" class="note" hidden>An embedded plot did not load; the PNG files beside this page hold '
+        "the same plots.</p>",
+        "<h1>gradparity train --sweep</h1>", f'<ul class="facts"><li>{_e(text[0])}</li></ul>',
+        "<h2>Learning-rate recipe</h2>", "<pre>" + _e("\n".join(recipe_lines(report))) + "</pre>",
+        _figure(RECIPE_PNG, pngs.get(RECIPE_PNG), "Held-out accuracy against batch size per learning-rate rule",
+                f"Held-out accuracy (fraction of 359 digits never trained on) after {report.spec.epochs} epochs at "
+                "each batch size, per learning-rate rule (lines: mean over frameworks; x: each framework, computed "
+                f"from its own parameters). {report.description}.", failures.get(RECIPE_PNG)),
+        _figure(EPOCHS_PNG, pngs.get(EPOCHS_PNG), "Held-out accuracy after each epoch per batch size and rule",
+                f"Held-out accuracy after each epoch, one panel per batch size, in {report.spec.base.backends[0]} "
+                "(the other frameworks agree: see the text below).", failures.get(EPOCHS_PNG)),
+        "<h2>Every configuration</h2>", "<pre>" + _e("\n".join(text[1:])) + "</pre>",
+        "<h2>Benchmark</h2>", "<pre>" + _e("\n".join(timing_lines(report))) + "</pre>",
+        f"<p>Written with report.json and report.md (run {_e(run_id)}); report.json lists every file's "
+        "SHA-256.</p>", f"<script>{_SCRIPT}</script>", "</body>", "</html>", "",
+    ]
+    return "\n".join(parts), pngs
+
+
+def write_sweep_report(report, folder: OutputDir, run_id: str) -> None:
+    """The sweep's files into the claimed ``folder`` as one staged set: report.md, report.html, its PNGs, and
+    report.json last, with every other file's SHA-256."""
+    import json
+
+    from gradparity.commands.sweep import render_text, to_dict
+
+    page, pngs = render_sweep_html(report, run_id)
+    with folder.staging() as stage:
+        sums = {"report.md": stage.write("report.md", lambda p: p.write_text(render_text(report) + "\n"))}
+        sums["report.html"] = stage.write("report.html", lambda p: p.write_text(page, encoding="utf-8"))
+        for name, data in pngs.items():
+            sums[name] = stage.write(name, lambda p, data=data: p.write_bytes(data))
+        doc = dict(to_dict(report), run_id=run_id, files={n: {"sha256": d} for n, d in sums.items()})
+        stage.write("report.json", lambda p: p.write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n"))
