@@ -489,26 +489,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         with _signal_handlers():
-            if args.command == "run":
-                return _run(args)
-            if args.command == "doctor":
-                return _doctor(args)
-            if args.command == "translate":
-                return _translate(args)
-            if args.command == "loss-table":
-                return _loss_table(args)
-            if args.command == "compare-losses":
-                return _compare_losses(args)
-            if args.command == "diagnose":
-                return _diagnose(args)
-            if args.command == "check":
-                return _check(args)
-            if args.command == "optimizers":
-                return _optimizers(args)
-            if args.command == "train":
-                return _train(args)
-            if args.command == "benchmark":
-                return _benchmark(args)
+            handler = {"run": _run, "doctor": _doctor, "translate": _translate, "loss-table": _loss_table,
+                       "compare-losses": _compare_losses, "diagnose": _diagnose, "check": _check,
+                       "optimizers": _optimizers, "train": _train, "benchmark": _benchmark}.get(args.command)
+            if handler is not None:
+                return handler(args)
             from gradparity.experiment.spec import default_config_text
 
             print(default_config_text(), end="")

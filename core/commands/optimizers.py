@@ -22,6 +22,7 @@ import numpy as np
 from gradparity.backends import BACKENDS, BackendInfo
 from gradparity.backends.protocol import WorkerJob
 from gradparity.compare.normalize import UNIT_ROUNDOFF, effective_unit_roundoff
+from gradparity.compare.trajectories import first_beyond, relative_distance
 from gradparity.errors import ConfigError
 from gradparity.experiment.optimizers import DEFAULTS, FRAMEWORKS, OptimizerConfig, reference_steps
 from gradparity.run.execute import remove_stale_job_dirs, run_backend
@@ -138,12 +139,6 @@ class ScenarioResult:
     float32_hyper: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
-def _rel(a: dict, b: dict) -> float:
-    num = max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
-    den = max(max(float(np.max(np.abs(a[k]))), float(np.max(np.abs(b[k])))) for k in a)
-    return num / den if den else num
-
-
 def _job(info: BackendInfo, dtype: str, params, grads, scenarios, lr_of) -> WorkerJob:
     framework = info.framework
     batch = {f"grads/{t}/{k}": np.asarray(v, dtype=dtype)
@@ -171,6 +166,20 @@ def compare_optimizers(scenarios=SCENARIOS, backends=("torch", "keras-tensorflow
     params, grads = fixed_gradients(seed, steps)
     lr_of = {s.id: learning_rates(s, s.configs["torch"].lr, steps) for s in scenarios}
     remove_stale_job_dirs()
+    # What every worker was fed, in float64: the start and each scenario's gradients, rounded to the dtype.
+    rounded = {k: np.asarray(v, dtype=dtype).astype(np.float64) for k, v in params.items()}
+    scaled = {s.id: [{k: g[k] * s.grad_scale for k in g} for g in grads] for s in scenarios}
+    fed = {s.id: [{k: np.asarray(v, dtype=dtype).astype(np.float64) for k, v in g.items()} for g in scaled[s.id]]
+           for s in scenarios}
+    rules: dict[tuple, list] = {}
+
+    def rule(s: Scenario, framework: str, **flags) -> list[dict[str, np.ndarray]]:
+        """float64 numpy trajectory of ``framework``'s rule on the exact inputs (computed once per flags)."""
+        key = (s.id, framework, tuple(sorted(flags.items())))
+        if key not in rules:
+            rules[key] = reference_steps(framework, s.configs[framework], params, scaled[s.id], lr_of[s.id], **flags)
+        return rules[key]
+
     native: dict[str, dict] = {}
     results = {s.id: ScenarioResult(s) for s in scenarios}
     for b in backends:
@@ -179,6 +188,7 @@ def compare_optimizers(scenarios=SCENARIOS, backends=("torch", "keras-tensorflow
         outcome = run_backend(_job(info, dtype, params, grads, scenarios, lambda s: lr_of[s.id]), info, timeout_s)
         say(f"  {b}: {outcome.status} in {outcome.wall_seconds:.1f} s")
         u = effective_unit_roundoff(outcome.environment) or UNIT_ROUNDOFF[dtype]
+        bound = SAFETY * u * steps
         for s in scenarios:
             row = outcome.methods.get(s.id)
             if row is None or row.status != "ok":
@@ -188,19 +198,14 @@ def compare_optimizers(scenarios=SCENARIOS, backends=("torch", "keras-tensorflow
                     for t in range(1, steps + 1)]
             native[(b, s.id)] = [traj, u, False]
             results[s.id].notes[b] = (row.info or {}).get("optimizer", "")
-            scaled = [{k: g[k] * s.grad_scale for k in g} for g in grads]
-            rounded = {k: np.asarray(v, dtype=dtype).astype(np.float64) for k, v in params.items()}
-            ref = reference_steps(info.framework, s.configs[info.framework], rounded,
-                                  [{k: np.asarray(v, dtype=dtype).astype(np.float64) for k, v in g.items()}
-                                   for g in scaled], lr_of[s.id])
-            results[s.id].semantics[b] = max(_rel(n, r) for n, r in zip(traj, ref))
-            results[s.id].semantics_rtol[b] = SAFETY * u * steps
-            if info.variant == "tensorflow" and dtype == "float64" and results[s.id].semantics[b] > SAFETY * u * steps:
-                rounded_ref = reference_steps("keras", s.configs["keras"], rounded, [
-                    {k: np.asarray(v, dtype=dtype).astype(np.float64) for k, v in g.items()} for g in scaled],
-                    lr_of[s.id], float32_hyperparameters=True)
-                matched = max(_rel(n, r) for n, r in zip(traj, rounded_ref))
-                if matched <= SAFETY * u * steps:
+            ref = reference_steps(info.framework, s.configs[info.framework], rounded, fed[s.id], lr_of[s.id])
+            results[s.id].semantics[b] = max(relative_distance(n, r) for n, r in zip(traj, ref))
+            results[s.id].semantics_rtol[b] = bound
+            if info.variant == "tensorflow" and dtype == "float64" and results[s.id].semantics[b] > bound:
+                rounded_ref = reference_steps("keras", s.configs["keras"], rounded, fed[s.id], lr_of[s.id],
+                                              float32_hyperparameters=True)
+                matched = max(relative_distance(n, r) for n, r in zip(traj, rounded_ref))
+                if matched <= bound:
                     results[s.id].float32_hyper[b] = (results[s.id].semantics[b], matched)
                     results[s.id].semantics[b] = matched
                     native[(b, s.id)][2] = True  # the rule it follows, for the pairs' prediction
@@ -209,16 +214,14 @@ def compare_optimizers(scenarios=SCENARIOS, backends=("torch", "keras-tensorflow
         for a, b in itertools.combinations(ok, 2):
             (ta, ua, fa), (tb, ub, fb) = native[(a, s.id)], native[(b, s.id)]
             u = max(ua, ub)
-            per_step = [_rel(x, y) for x, y in zip(ta, tb)]
+            per_step = [relative_distance(x, y) for x, y in zip(ta, tb)]
             rtol = [SAFETY * u * t for t in range(1, steps + 1)]
-            first = next((t for t, (d, r) in enumerate(zip(per_step, rtol), start=1) if d > r), None)
-            scaled = [{k: g[k] * s.grad_scale for k in g} for g in grads]
-            ra, rb = (reference_steps(BACKENDS[x].framework, s.configs[BACKENDS[x].framework], params, scaled,
-                                      lr_of[s.id], float32_hyperparameters=f) for x, f in ((a, fa), (b, fb)))
-            ea, eb = (reference_steps(BACKENDS[x].framework, s.configs[BACKENDS[x].framework], params, scaled,
-                                      lr_of[s.id], float32_accumulator=False) for x in (a, b))
-            results[s.id].pairs.append(PairDrift(a, b, per_step, rtol, first, [_rel(x, y) for x, y in zip(ra, rb)],
-                                                 [_rel(x, y) for x, y in zip(ea, eb)]))
+            fw_a, fw_b = BACKENDS[a].framework, BACKENDS[b].framework
+            ra, rb = rule(s, fw_a, float32_hyperparameters=fa), rule(s, fw_b, float32_hyperparameters=fb)
+            ea, eb = rule(s, fw_a, float32_accumulator=False), rule(s, fw_b, float32_accumulator=False)
+            results[s.id].pairs.append(PairDrift(a, b, per_step, rtol, first_beyond(per_step, rtol),
+                                                 [relative_distance(x, y) for x, y in zip(ra, rb)],
+                                                 [relative_distance(x, y) for x, y in zip(ea, eb)]))
     return [results[s.id] for s in scenarios]
 
 

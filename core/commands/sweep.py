@@ -26,7 +26,8 @@ import numpy as np
 
 from gradparity.backends import BACKENDS
 from gradparity.backends.protocol import WorkerJob
-from gradparity.commands.train import (DEFAULT_LR, TrainSpec, _rel, check_spec, held_out_accuracy, split_digits)
+from gradparity.commands.train import DEFAULT_LR, TrainSpec, check_spec, held_out_accuracy, split_digits
+from gradparity.compare.trajectories import relative_distance
 from gradparity.errors import ConfigError
 from gradparity.experiment.inputs import _rng, init_params
 from gradparity.experiment.models import MLP
@@ -161,7 +162,7 @@ def run_sweep(spec: SweepSpec, progress=None) -> SweepReport:
     parity = {}
     for b, name in itertools.product(spec.batch_sizes, rules(base.optimizer)):
         finals = [c.final for c in cells if c.batch_size == b and c.rule == name and c.status == "ok"]
-        parity[(b, name)] = max((_rel(p, q) for p, q in itertools.combinations(finals, 2)), default=None)
+        parity[(b, name)] = max((relative_distance(p, q) for p, q in itertools.combinations(finals, 2)), default=None)
     return SweepReport(spec, lr0, cells, parity, f"{desc}; {spec.epochs} epochs per batch size (last short batch "
                                                  "of each epoch dropped)", walls, time.perf_counter() - started)
 

@@ -26,6 +26,7 @@ from gradparity.backends import BACKENDS
 from gradparity.backends.protocol import WorkerJob
 from gradparity.compare.normalize import UNIT_ROUNDOFF, effective_unit_roundoff
 from gradparity.compare.pairs import tolerance_for
+from gradparity.compare.trajectories import first_beyond, relative_distance
 from gradparity.errors import ConfigError
 from gradparity.experiment.inputs import _load_digits, _rng, init_params
 from gradparity.experiment.models import MLP
@@ -120,10 +121,11 @@ def split_digits(spec: TrainSpec) -> tuple[tuple[np.ndarray, np.ndarray], tuple[
             f"{desc}: {cut} to train on, {len(held)} held out")
 
 
-def build_batches(spec: TrainSpec) -> tuple[MLP, dict[str, np.ndarray], list[tuple[np.ndarray, np.ndarray]], str]:
-    """(model, canonical initial parameters, K batches, description): the training split shuffled by the seed,
-    cut into consecutive batches (a new shuffle each epoch), parameters as ``gradparity run`` draws them."""
-    (x, y), _, desc = split_digits(spec)
+def build_batches(spec: TrainSpec, split=None) -> tuple[MLP, dict[str, np.ndarray], list, str]:
+    """(model, canonical initial parameters, K batches, description): the training split (``split_digits``'s,
+    or ``split`` when the caller has it) shuffled by the seed, cut into consecutive batches (a new shuffle
+    each epoch), parameters as ``gradparity run`` draws them."""
+    (x, y), _, desc = split if split is not None else split_digits(spec)
     n = len(y)
     model = MLP((x.shape[1], *spec.hidden, 10), spec.activation)
     rng = _rng(spec.seed, 1)
@@ -180,7 +182,7 @@ class Trajectory:
 
     @property
     def first_off_rule(self) -> int | None:
-        return next((t for t, (d, r) in enumerate(zip(self.vs_rule, self.rule_rtol), start=1) if d > r), None)
+        return first_beyond(self.vs_rule, self.rule_rtol)
 
 
 @dataclass
@@ -193,7 +195,7 @@ class Pair:
 
     @property
     def first_apart(self) -> int | None:
-        return next((t for t, (d, r) in enumerate(zip(self.per_step, self.rtol), start=1) if d > r), None)
+        return first_beyond(self.per_step, self.rtol)
 
 
 @dataclass
@@ -220,20 +222,15 @@ def _float32_hyper(spec: TrainSpec, backend: str) -> bool:
     return BACKENDS[backend].variant == "tensorflow" and spec.dtype == "float64"
 
 
-def _rel(a: dict, b: dict) -> float:
-    num = max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
-    den = max(max(float(np.max(np.abs(a[k]))), float(np.max(np.abs(b[k])))) for k in a)
-    return num / den if den else num
-
-
 def run_training(spec: TrainSpec, progress=None) -> TrainReport:
     """Train in every backend, compute the numpy trajectories, compare step by step."""
     from gradparity.backends.numpy.train import trajectory
 
     check_spec(spec)
     say = progress or (lambda _m: None)
-    model, params, batches, desc = build_batches(spec)
-    _, held, _ = split_digits(spec)
+    split = split_digits(spec)
+    held = split[1]
+    model, params, batches, desc = build_batches(spec, split)
     config = spec.config()
     grad_tol = tolerance_for(model, spec.batch_size)
     remove_stale_job_dirs()
@@ -264,25 +261,25 @@ def run_training(spec: TrainSpec, progress=None) -> TrainReport:
         tr = Trajectory(b, "ok", None, steps, [float(row.grads[f"loss/{t}"]) for t in range(1, spec.steps + 1)],
                         u, outcome.environment, row.info, row.seconds)
         ref, _ = reference(info.framework, _float32_hyper(spec, b))
-        tr.vs_rule = [_rel(p, r) for p, r in zip(steps, ref)]
+        tr.vs_rule = [relative_distance(p, r) for p, r in zip(steps, ref)]
         tr.accuracy = held_out_accuracy(model, steps, held)
         tr.rule_rtol = [grad_tol.rtol(u) * t for t in range(1, spec.steps + 1)]
         other = outcome.methods.get("other")
         if spec.equivalence and other is not None and other.status == "ok":
             other_steps = [{k: np.asarray(other.grads[f"{t}/{k}"], dtype=np.float64) for k in params}
                            for t in range(1, spec.steps + 1)]
-            tr.vs_other = [_rel(p, q) for p, q in zip(steps, other_steps)]
+            tr.vs_other = [relative_distance(p, q) for p, q in zip(steps, other_steps)]
             ref_other, _ = reference(info.framework, _float32_hyper(spec, b), "other")
-            tr.other_predicted = [_rel(p, q) for p, q in zip(ref, ref_other)]
+            tr.other_predicted = [relative_distance(p, q) for p, q in zip(ref, ref_other)]
         out.append(tr)
     ok = [t for t in out if t.status == "ok"]
     pairs = []
     for a, b in itertools.combinations(ok, 2):
         u = max(a.unit_roundoff, b.unit_roundoff)
         ra, rb = (reference(BACKENDS[t.backend].framework, _float32_hyper(spec, t.backend))[0] for t in (a, b))
-        pairs.append(Pair(a.backend, b.backend, [_rel(x, y) for x, y in zip(a.params, b.params)],
+        pairs.append(Pair(a.backend, b.backend, [relative_distance(x, y) for x, y in zip(a.params, b.params)],
                           [grad_tol.rtol(u) * t for t in range(1, spec.steps + 1)],
-                          [_rel(x, y) for x, y in zip(ra, rb)]))
+                          [relative_distance(x, y) for x, y in zip(ra, rb)]))
     frameworks = sorted({BACKENDS[t.backend].framework for t in ok})
     return TrainReport(spec, desc, out, pairs, {fw: reference(fw)[1] for fw in frameworks},
                        {fw: held_out_accuracy(model, reference(fw)[0], held) for fw in frameworks}, params, batches)
@@ -355,7 +352,7 @@ def _equivalence_lines(report: TrainReport) -> list[str]:
     for t in report.trajectories:
         if t.status != "ok" or not t.vs_other:
             continue
-        first = next((i for i, (d, r) in enumerate(zip(t.vs_other, t.rule_rtol), start=1) if d > r), None)
+        first = first_beyond(t.vs_other, t.rule_rtol)
         where = "within rtol(t) at every step" if first is None else f"beyond rtol(t) from step {first}"
         lines.append(f"  {t.backend}: largest per-step difference {max(t.vs_other):.3g} ({where}); "
                      f"float64 numpy with its rule: {max(t.other_predicted):.3g}")

@@ -19,8 +19,19 @@ CNN_ACTIVATIONS = (*ACTIVATIONS, "gelu")
 BATCHNORM_EPSILON = 1e-5
 
 
+class _BuiltIn:
+    """What every built-in model answers the same way (each defines ``param_shapes``)."""
+
+    def num_params(self) -> int:
+        return sum(int(math.prod(s)) for s in self.param_shapes().values())
+
+    def loss_terms(self) -> int:
+        """Loss terms per example (its mean-reduced loss averages this many)."""
+        return 1
+
+
 @dataclass(frozen=True)
-class MLP:
+class MLP(_BuiltIn):
     """A multilayer perceptron: Dense -> activation -> ... -> Dense (logits).
 
     ``sizes`` lists every width from the input features to the number of
@@ -54,13 +65,6 @@ class MLP:
                 shapes[f"norms.{i}.scale"] = (fan_out,)
                 shapes[f"norms.{i}.bias"] = (fan_out,)
         return shapes
-
-    def num_params(self) -> int:
-        return _count(self.param_shapes())
-
-    def loss_terms(self) -> int:
-        """Loss terms per example (its mean-reduced loss averages this many)."""
-        return 1
 
     def widths(self) -> tuple[int, ...]:
         """Every layer width (the lengths of the dot products, and the classes)."""
@@ -164,12 +168,8 @@ def same_padding(size: int, kernel: int, stride: int, form: str = "end") -> tupl
     return total // 2, total - total // 2
 
 
-def _count(shapes: dict[str, tuple[int, ...]]) -> int:
-    return sum(int(math.prod(s)) for s in shapes.values())
-
-
 @dataclass(frozen=True)
-class CNN:
+class CNN(_BuiltIn):
     """A small convolutional classifier on channels-last images (N, H, W, C).
 
     For each i: ``conv.{i}`` (kernel (k, k, c_in, c_out) HWIO, bias (c_out,), stride ``strides[i]``,
@@ -216,13 +216,6 @@ class CNN:
         shapes["dense.bias"] = (self.num_classes,)
         return shapes
 
-    def num_params(self) -> int:
-        return _count(self.param_shapes())
-
-    def loss_terms(self) -> int:
-        """Loss terms per example (its mean-reduced loss averages this many)."""
-        return 1
-
     def widths(self) -> tuple[int, ...]:
         """The lengths of the dot products in a forward pass (each convolution's window, the dense layer)."""
         c_in = (self.image[2], *self.channels[:-1])
@@ -251,7 +244,7 @@ class CNN:
 
 
 @dataclass(frozen=True)
-class Sequence:
+class Sequence(_BuiltIn):
     """A one-block pre-LayerNorm transformer over token ids (N, T) giving logits (N, T, vocab).
 
     ``h = embed.embedding[x] + pos.embedding[:T]``;
@@ -287,9 +280,6 @@ class Sequence:
                        "ln_f.scale": (e,), "ln_f.bias": (e,),
                        "head.kernel": (e, self.vocab), "head.bias": (self.vocab,)})
         return shapes
-
-    def num_params(self) -> int:
-        return _count(self.param_shapes())
 
     def loss_terms(self) -> int:
         return self.seq_len

@@ -38,14 +38,13 @@ _DPI = 100
 
 # --- plots -------------------------------------------------------------------------------------
 
-def _png(fig, report: Report) -> bytes:
+def png_bytes(fig, run_id: str) -> bytes:
     """The figure as PNG bytes, carrying the run id (a tEXt "Comment" chunk: ``PIL.Image.open(p).text``)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(fig)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=_DPI,
-                metadata={"Software": None, "Comment": f"gradparity run {report.run_id}"})
+    fig.savefig(buf, format="png", dpi=_DPI, metadata={"Software": None, "Comment": f"gradparity run {run_id}"})
     return buf.getvalue()
 
 
@@ -76,7 +75,7 @@ def heatmap_png(report: Report) -> bytes:
     if not report.comparisons:
         ax.set_axis_off()
         ax.text(0.5, 0.5, "no pair of results to compare", ha="center", va="center", transform=ax.transAxes)
-        return _png(fig, report)
+        return png_bytes(fig, report.run_id)
     lo, hi = math.log10(SHARE_MIN), math.log10(SHARE_MAX)
     values = np.full((n, n), np.nan)
     for i, a in enumerate(labels):
@@ -112,7 +111,7 @@ def heatmap_png(report: Report) -> bytes:
     bar.set_ticks(ticks, labels=[f"1e{t}" if t else "1" for t in ticks])
     bar.set_label("max_rel / rtol (>1: disagree)")
     bar.ax.axhline(0.0, color="black", linewidth=1.5)
-    return _png(fig, report)
+    return png_bytes(fig, report.run_id)
 
 
 def _share_colormap(lo: float, hi: float):
@@ -165,7 +164,7 @@ def max_rel_png(report: Report) -> bytes:
         ax.set_axis_off()
         ax.text(0.5, 0.5, "no result to compare with a reference", ha="center", va="center",
                 transform=ax.transAxes)
-        return _png(fig, report)
+        return png_bytes(fig, report.run_id)
     ax.set_title(f"max_rel of each result vs {ref.label}\n{_context(report)}", fontsize=9)
     rows = [(r, pairs.get((r.label, ref.label))) for r in others]
     measured = [c.max_rel for _, c in rows if c is not None and math.isfinite(c.max_rel) and c.max_rel > 0]
@@ -192,7 +191,7 @@ def max_rel_png(report: Report) -> bytes:
                        Line2D([], [], color="black", linewidth=2, label="rtol of the pair")],
               fontsize=7, loc="upper left")
     ax.grid(axis="y", which="major", alpha=0.3)
-    return _png(fig, report)
+    return png_bytes(fig, report.run_id)
 
 
 # --- the page -----------------------------------------------------------------------------------
@@ -229,6 +228,20 @@ window.addEventListener("load", function () {
 """
 
 
+def page_head(title: str) -> list[str]:
+    """The lines that open a self-contained report page: head, inline CSS, and the note a broken plot shows."""
+    return ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
+            '<meta name="viewport" content="width=device-width, initial-scale=1">', f"<title>{_e(title)}</title>",
+            f"<style>{_CSS}</style>", "</head>", "<body>",
+            '<p id="broken" class="note" hidden>An embedded plot did not load: the file may be damaged; the PNG '
+            "files beside it hold the same plots.</p>"]
+
+
+def page_tail() -> list[str]:
+    """The lines that close a report page, with the self-check the browser test reads."""
+    return [f"<script>{_SCRIPT}</script>", "</body>", "</html>", ""]
+
+
 def _e(text) -> str:
     return html.escape(str(text), quote=True)
 
@@ -253,12 +266,13 @@ def _figure(name: str, png: bytes | None, alt: str, caption: str, failure: str |
             f"<figcaption>{_e(caption)} (also saved as {_e(name)} beside this file.)</figcaption>\n</figure>")
 
 
-def _plots(report: Report) -> tuple[dict[str, bytes], dict[str, str]]:
-    """The PNGs that could be drawn, and for the others why not (the report is never lost to a plot)."""
+def draw_plots(draws, *args) -> tuple[dict[str, bytes], dict[str, str]]:
+    """``draws``: (file name, function of ``*args`` returning PNG bytes). The PNGs that could be drawn, and for
+    the others why not (the report is never lost to a plot)."""
     pngs, failures = {}, {}
-    for name, draw in ((HEATMAP_PNG, heatmap_png), (MAX_REL_PNG, max_rel_png)):
+    for name, draw in draws:
         try:
-            pngs[name] = draw(report)
+            pngs[name] = draw(*args)
         except ImportError as exc:
             failures[name] = f"matplotlib is not importable ({exc}); pip install matplotlib"
         except Exception as exc:  # noqa: BLE001 - a plotting bug must not cost the measured report
@@ -268,7 +282,7 @@ def _plots(report: Report) -> tuple[dict[str, bytes], dict[str, str]]:
 
 def render_html(report: Report) -> tuple[str, dict[str, bytes]]:
     """report.html's text and the PNG files it embeds ({file name: bytes})."""
-    pngs, failures = _plots(report)
+    pngs, failures = draw_plots(((HEATMAP_PNG, heatmap_png), (MAX_REL_PNG, max_rel_png)), report)
     exp, verdict = report.experiment, report.verdict
     ref = _reference(report)
     rtol_text = _rtol_text(report)
@@ -277,17 +291,7 @@ def render_html(report: Report) -> tuple[str, dict[str, bytes]]:
     classes = ["failed" if not r.ok else "bad" if row[agree_col] == "NO" else ""
                for r, row in zip(report.results, rows)]
     parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en">',
-        "<head>",
-        '<meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>gradparity report: {_e(exp.name)} ({_e(verdict.status)}, run {_e(report.run_id)})</title>",
-        f"<style>{_CSS}</style>",
-        "</head>",
-        "<body>",
-        '<p id="broken" class="note" hidden>An embedded plot did not load: the file may be damaged; the PNG '
-        "files beside it hold the same plots.</p>",
+        *page_head(f"gradparity report: {exp.name} ({verdict.status}, run {report.run_id})"),
         "<h1>gradparity report</h1>",
         '<ul class="facts">' + "".join(f"<li>{_e(line)}</li>" for line in _header(report)) + "</ul>",
         "<h2>Verdict</h2>",
@@ -335,9 +339,6 @@ def render_html(report: Report) -> tuple[str, dict[str, bytes]]:
         '<ul class="facts">' + "".join(f"<li>{_e(line)}</li>" for line in _environment_lines(report)) + "</ul>",
         f"<p>Written with report.json, report.md, inputs.npz and gradients.npz (run {_e(report.run_id)}); "
         "report.json lists every file's SHA-256.</p>",
-        f"<script>{_SCRIPT}</script>",
-        "</body>",
-        "</html>",
-        "",
+        *page_tail(),
     ]
     return "\n".join(parts), pngs

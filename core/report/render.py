@@ -118,14 +118,16 @@ def write_report(report: Report, out: OutputDir) -> dict[str, Path]:
                        render_markdown(report), to_dict(report), extra={**pngs, "report.html": page})
 
 
-def write_files(out: OutputDir, run_id: str, inputs: dict[str, np.ndarray], gradients: dict[str, np.ndarray],
+def write_files(out: OutputDir, run_id: str, inputs: dict[str, np.ndarray] | None,
+                gradients: dict[str, np.ndarray] | None,
                 markdown: str, doc: dict, json_default=None,
                 extra: dict[str, str | bytes] | None = None, arrays_name: str = "gradients.npz") -> dict[str, Path]:
     """A report's files, staged and renamed into place together, report.json last.
 
     ``extra`` are further files (name -> text or bytes: a run's report.html and its PNG plots), written
-    after report.md; ``arrays_name`` names the second npz (a training run's holds trajectories). report.json (``doc`` plus "files") records the SHA-256 of every other file; every
-    file carries the run id.
+    after report.md; ``arrays_name`` names the second npz (a training run's holds trajectories); ``inputs``
+    or ``gradients`` None: that npz is not written (a sweep's report has neither). report.json (``doc`` plus
+    "files") records the SHA-256 of every other file; every file carries the run id.
     """
     def writer(content):
         if isinstance(content, bytes):
@@ -133,11 +135,12 @@ def write_files(out: OutputDir, run_id: str, inputs: dict[str, np.ndarray], grad
         return lambda p: p.write_text(content, encoding="utf-8")
 
     with out.staging() as stage:
-        sums = {
-            "inputs.npz": stage.write("inputs.npz", lambda p: _write_npz(p, inputs, run_id)),
-            arrays_name: stage.write(arrays_name, lambda p: _write_npz(p, gradients, run_id)),
-            "report.md": stage.write("report.md", lambda p: p.write_text(markdown)),
-        }
+        sums = {}
+        if inputs is not None:
+            sums["inputs.npz"] = stage.write("inputs.npz", lambda p: _write_npz(p, inputs, run_id))
+        if gradients is not None:
+            sums[arrays_name] = stage.write(arrays_name, lambda p: _write_npz(p, gradients, run_id))
+        sums["report.md"] = stage.write("report.md", lambda p: p.write_text(markdown))
         for name, content in (extra or {}).items():
             sums[name] = stage.write(name, writer(content))
         doc["files"] = {name: {"sha256": digest} for name, digest in sums.items()}

@@ -11,23 +11,12 @@ parameters after every step). The plots:
 """
 from __future__ import annotations
 
-import io
-
 from gradparity.commands.train import TrainReport, render_text, to_dict
-from gradparity.report.html import _CSS, _SCRIPT, _e, _figure, _table_html
+from gradparity.report.html import _e, _figure, _table_html, draw_plots, page_head, page_tail, png_bytes
 from gradparity.report.outdir import OutputDir
 
 LOSS_PNG, DRIFT_PNG = "loss.png", "drift.png"
 TRAIN_FILES = ("inputs.npz", "trajectories.npz", "report.md", "report.html", LOSS_PNG, DRIFT_PNG, "report.json")
-
-
-def _png(fig, run_id: str) -> bytes:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None, "Comment": f"gradparity run {run_id}"})
-    return buf.getvalue()
 
 
 def loss_png(report: TrainReport, run_id: str) -> bytes:
@@ -54,7 +43,7 @@ def loss_png(report: TrainReport, run_id: str) -> bytes:
     loss_ax.legend(fontsize="x-small")
     fig.suptitle(f"{report.spec.config().label()}, {report.spec.dtype}", fontsize="small")
     fig.tight_layout()
-    return _png(fig, run_id)
+    return png_bytes(fig, run_id)
 
 
 def drift_png(report: TrainReport, run_id: str) -> bytes:
@@ -80,17 +69,12 @@ def drift_png(report: TrainReport, run_id: str) -> bytes:
     ax.set_title("distance between trajectories per step")
     ax.legend(fontsize="x-small", ncol=2)
     ax.grid(alpha=0.3, which="both")
-    return _png(fig, run_id)
+    return png_bytes(fig, run_id)
 
 
 def render_html(report: TrainReport, run_id: str) -> tuple[str, dict[str, bytes]]:
     """report.html's text and its PNGs; a plot that cannot be drawn leaves a note, never loses the report."""
-    pngs, failures = {}, {}
-    for name, draw in ((LOSS_PNG, loss_png), (DRIFT_PNG, drift_png)):
-        try:
-            pngs[name] = draw(report, run_id)
-        except Exception as exc:  # noqa: BLE001 - the measured report matters more than a plot
-            failures[name] = f"{type(exc).__name__}: {exc}"
+    pngs, failures = draw_plots(((LOSS_PNG, loss_png), (DRIFT_PNG, drift_png)), report, run_id)
     text = render_text(report).splitlines()
     head = text[:2]
     table_end = next(i for i, line in enumerate(text) if i > 3 and not line.strip())
@@ -107,12 +91,7 @@ def render_html(report: TrainReport, run_id: str) -> tuple[str, dict[str, bytes]
     status = "agree" if verdict.startswith("ON TRACK") else "incomplete" if verdict.startswith("INCOMPLETE") \
         else "disagree"
     parts = [
-        "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>gradparity train: {_e(report.spec.config().label())} (run {_e(run_id)})</title>",
-        f"<style>{_CSS}</style>", "</head>", "<body>",
-        '<p id="broken" class="note" hidden>An embedded plot did not load; the PNG files beside this page hold '
-        "the same plots.</p>",
+        *page_head(f"gradparity train: {report.spec.config().label()} (run {run_id})"),
         "<h1>gradparity train</h1>",
         '<ul class="facts">' + "".join(f"<li>{_e(line)}</li>" for line in head) + "</ul>",
         "<h2>Verdict</h2>", f'<div class="verdict {status}">', f'<p class="summary">{_e(verdict)}</p>',
@@ -138,7 +117,7 @@ def render_html(report: TrainReport, run_id: str) -> tuple[str, dict[str, bytes]
             f"loop: {_e((t.info or {}).get('loop'))}</li>" for t in rows) + "</ul>",
         f"<p>Written with report.json, report.md, inputs.npz and trajectories.npz (run {_e(run_id)}); report.json "
         "lists every file's SHA-256.</p>",
-        f"<script>{_SCRIPT}</script>", "</body>", "</html>", "",
+        *page_tail(),
     ]
     return "\n".join(parts), pngs
 
@@ -192,7 +171,7 @@ def recipe_png(report, run_id: str) -> bytes:
     ax.set_title(f"{report.spec.base.optimizer}, lr0 = {report.lr0:g} at B0 = 32 (x: each framework)")
     ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
-    return _png(fig, run_id)
+    return png_bytes(fig, run_id)
 
 
 def epochs_png(report, run_id: str) -> bytes:
@@ -213,26 +192,16 @@ def epochs_png(report, run_id: str) -> bytes:
     axes[0].set_ylabel(f"held-out accuracy ({first})")
     axes[0].legend(fontsize="x-small")
     fig.tight_layout()
-    return _png(fig, run_id)
+    return png_bytes(fig, run_id)
 
 
 def render_sweep_html(report, run_id: str) -> tuple[str, dict[str, bytes]]:
     from gradparity.commands.sweep import recipe_lines, render_text, timing_lines
 
-    pngs, failures = {}, {}
-    for name, draw in ((RECIPE_PNG, recipe_png), (EPOCHS_PNG, epochs_png)):
-        try:
-            pngs[name] = draw(report, run_id)
-        except Exception as exc:  # noqa: BLE001 - the measured report matters more than a plot
-            failures[name] = f"{type(exc).__name__}: {exc}"
+    pngs, failures = draw_plots(((RECIPE_PNG, recipe_png), (EPOCHS_PNG, epochs_png)), report, run_id)
     text = render_text(report).splitlines()
     parts = [
-        "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>gradparity train --sweep: {_e(report.spec.base.optimizer)} (run {_e(run_id)})</title>",
-        f"<style>{_CSS}</style>", "</head>", "<body>",
-        '<p id="broken" class="note" hidden>An embedded plot did not load; the PNG files beside this page hold '
-        "the same plots.</p>",
+        *page_head(f"gradparity train --sweep: {report.spec.base.optimizer} (run {run_id})"),
         "<h1>gradparity train --sweep</h1>", f'<ul class="facts"><li>{_e(text[0])}</li></ul>',
         "<h2>Learning-rate recipe</h2>", "<pre>" + _e("\n".join(recipe_lines(report))) + "</pre>",
         _figure(RECIPE_PNG, pngs.get(RECIPE_PNG), "Held-out accuracy against batch size per learning-rate rule",
@@ -245,7 +214,7 @@ def render_sweep_html(report, run_id: str) -> tuple[str, dict[str, bytes]]:
         "<h2>Every configuration</h2>", "<pre>" + _e("\n".join(text[1:])) + "</pre>",
         "<h2>Benchmark</h2>", "<pre>" + _e("\n".join(timing_lines(report))) + "</pre>",
         f"<p>Written with report.json and report.md (run {_e(run_id)}); report.json lists every file's "
-        "SHA-256.</p>", f"<script>{_SCRIPT}</script>", "</body>", "</html>", "",
+        "SHA-256.</p>", *page_tail(),
     ]
     return "\n".join(parts), pngs
 
@@ -253,15 +222,9 @@ def render_sweep_html(report, run_id: str) -> tuple[str, dict[str, bytes]]:
 def write_sweep_report(report, folder: OutputDir, run_id: str) -> None:
     """The sweep's files into the claimed ``folder`` as one staged set: report.md, report.html, its PNGs, and
     report.json last, with every other file's SHA-256."""
-    import json
-
     from gradparity.commands.sweep import render_text, to_dict
+    from gradparity.report.render import write_files
 
     page, pngs = render_sweep_html(report, run_id)
-    with folder.staging() as stage:
-        sums = {"report.md": stage.write("report.md", lambda p: p.write_text(render_text(report) + "\n"))}
-        sums["report.html"] = stage.write("report.html", lambda p: p.write_text(page, encoding="utf-8"))
-        for name, data in pngs.items():
-            sums[name] = stage.write(name, lambda p, data=data: p.write_bytes(data))
-        doc = dict(to_dict(report), run_id=run_id, files={n: {"sha256": d} for n, d in sums.items()})
-        stage.write("report.json", lambda p: p.write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n"))
+    write_files(folder, run_id, None, None, render_text(report) + "\n", dict(to_dict(report), run_id=run_id),
+                extra={"report.html": page, **pngs})
