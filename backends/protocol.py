@@ -201,15 +201,21 @@ def loss_case(job: WorkerJob, case: str) -> tuple[str, np.ndarray, np.ndarray, n
             job.batch.get(f"{batch}/sample_weight"))
 
 
-def compile_loss_function(source: str):
-    """Execute a generated, self-contained function source and return its ``loss_fn``.
+def compile_generated(source: str) -> dict:
+    """Execute a generated, self-contained source and return its namespace.
 
     The source is gradparity's own rendering (never user text): executing it
-    is how a translation is shown to run in its framework.
+    is how a translation is shown to run in its framework, the code a user
+    pastes being the code that ran.
     """
     namespace: dict = {"__name__": "gradparity_translation"}
     exec(compile(source, "<translation>", "exec"), namespace)  # noqa: S102 - generated code, see docstring
-    return namespace["loss_fn"]
+    return namespace
+
+
+def compile_loss_function(source: str):
+    """The ``loss_fn`` a rendered loss source defines (``compile_generated``)."""
+    return compile_generated(source)["loss_fn"]
 
 
 class CaseInputs:
@@ -396,6 +402,9 @@ def loss_elements(logits_shape: tuple[int, ...], loss: str) -> int:
 #              "scales": {CASE: factor the gradients are multiplied by (default 1)}}
 # ``params``: the starting parameters; ``batch``: "grads/T/NAME", the gradient fed at step T (from 1).
 # A case returns loss NaN and grads {"T/NAME": parameters after step T}; info {"optimizer": what ran}.
+# A config with a "code" key runs that rendered source instead of the class its fields name (``gradparity
+# translate``; ``gradparity.experiment.optimizer_text.OptimizerRendering``): its ``make_optimizer`` builds the
+# optimizer, fed the same gradients and learning rates, with torch's ``before_step(optimizer, t)`` where defined.
 
 
 def step_gradients(job: WorkerJob) -> list[dict[str, np.ndarray]]:

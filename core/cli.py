@@ -77,12 +77,20 @@ def _parser() -> argparse.ArgumentParser:
     doc = sub.add_parser("doctor", help="show installed frameworks, versions and devices per backend")
     doc.add_argument("--device", default="auto", help="auto | cpu | gpu")
     sub.add_parser("default-config", help="print the embedded default experiment (TOML)")
-    tr = sub.add_parser("translate", help="render a loss for the other frameworks and check it by running it",
+    tr = sub.add_parser("translate", help="render a loss or an optimizer for the other frameworks and check it "
+                                          "by running it",
                         description="Read a loss as written in one framework (constructor, optionally with its "
                                     "call), print the code computing the same loss in the others, run the source "
                                     "and every translation on generated batches (and --data) in each framework, "
-                                    "and compare loss and d loss / d logits with a float64 reference.")
-    tr.add_argument("loss", nargs="?", help='e.g. "torch.nn.CrossEntropyLoss(label_smoothing=0.1)"')
+                                    "and compare loss and d loss / d logits with a float64 reference. Given an "
+                                    "optimizer (torch.optim.Adam(params, lr=1e-3), keras.optimizers.SGD(...), "
+                                    "optax.adamw(...)), print the configuration in the others that reproduces its "
+                                    "trajectory (or the explicit code where no argument does), run the source, each "
+                                    "translation and the naive port on fixed gradient sequences, and compare "
+                                    "their parameters with the source's at every step.")
+    tr.add_argument("loss", nargs="?", help='e.g. "torch.nn.CrossEntropyLoss(label_smoothing=0.1)" or '
+                                            '"torch.optim.Adam(params, lr=1e-3)"')
+    tr.add_argument("--steps", type=int, default=20, help="for an optimizer: steps per gradient sequence (default 20)")
     tr.add_argument("--config", help="a TOML file with one [[losses]] table: the structured form of the text")
     tr.add_argument("--to", default="torch,keras,jax", help="comma-separated targets (default: torch,keras,jax)")
     tr.add_argument("--data", help="an .npz with named arrays the text refers to, and/or a batch "
@@ -348,6 +356,11 @@ def _translate(args) -> int:
     if not (args.timeout > 0 and args.timeout < 7 * 24 * 3600):
         raise ConfigError(f"--timeout must be a positive number of seconds, got {args.timeout!r}")
     texts = _loss_texts(args)
+    if len(texts) == 1 and args.config is None:
+        from gradparity.experiment.optimizer_text import framework_of
+
+        if framework_of(texts[0]) is not None:
+            return _translate_optimizer(args, texts[0])
     if len(texts) != 1:
         raise ConfigError(f"translate takes one loss: a text or a --config file with one [[losses]] table, "
                           f"got {len(texts)}")
@@ -362,6 +375,25 @@ def _translate(args) -> int:
         print(json.dumps(report.to_dict(), indent=1, allow_nan=False))
     else:
         print(render_text(report))
+    return report.exit_code
+
+
+def _translate_optimizer(args, text: str) -> int:
+    import json
+
+    from gradparity.commands.translate_optimizer import render_text, translate_optimizer
+
+    for flag, value in (("--data", args.data), ("--targets", args.targets)):
+        if value is not None:
+            raise ConfigError(f"{flag} is for a loss; an optimizer is measured on fixed gradient sequences")
+    say = None if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    try:
+        report = translate_optimizer(text, tuple(_csv(args.to)), args.dtype, args.steps, args.seed,
+                                     args.keras_backend, args.timeout, progress=say)
+    except ConfigError as exc:
+        exc.subject = "optimizer"
+        raise
+    print(json.dumps(report.to_dict(), indent=1, allow_nan=False) if args.json else render_text(report))
     return report.exit_code
 
 

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gradparity.backends.protocol import OptimizerSession, cpu_environment, package_versions
+from gradparity.backends.protocol import OptimizerSession, compile_generated, cpu_environment, package_versions
 
 
 def _transformation(config: dict, schedule) -> optax.GradientTransformation:
@@ -103,7 +103,9 @@ def run_steps(config: dict, params: dict[str, np.ndarray], grads: list[dict[str,
         # Without x64 jax silently turns float64 arrays into float32.
         raise RuntimeError("a float64 job needs JAX_ENABLE_X64=1 in the worker's environment "
                            "(jax reads it at import); it is not set")
-    opt = _transformation(config, lr_schedule(lrs, dtype))
+    schedule = lr_schedule(lrs, dtype)
+    opt = (compile_generated(config["code"])["make_optimizer"](schedule) if config.get("code")
+           else _transformation(config, schedule))
     k = int(config.get("accumulation", 1))
     if k > 1:
         # optax's accumulation: the running mean of k micro-gradients, the inner optimizer updated (and its
@@ -128,6 +130,8 @@ def run_steps(config: dict, params: dict[str, np.ndarray], grads: list[dict[str,
 
 def environment_note(config: dict) -> str:
     """One line naming the optax transformation (inside MultiSteps when accumulating) ``run_steps`` builds."""
+    if config.get("code"):
+        return f"the rendered code's make_optimizer(learning_rate) [optax {optax.__version__}, jax {jax.__version__}]"
     k = int(config.get("accumulation", 1))
     note = _class_note(config)
     return note if k == 1 else f"optax.MultiSteps({note}, every_k_schedule={k}, use_grad_mean=True)"

@@ -39,7 +39,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from gradparity.backends.protocol import OptimizerSession, cpu_environment, package_versions
+from gradparity.backends.protocol import OptimizerSession, compile_generated, cpu_environment, package_versions
 
 
 class _StepTable(keras.optimizers.schedules.LearningRateSchedule):
@@ -127,7 +127,9 @@ def run_steps(config: dict, params: dict[str, np.ndarray], grads: list[dict[str,
     # schedule(self._iterations)) once for the weight decay and once for the
     # update, both before apply() increments iterations, so step t (from 0)
     # sees lrs[t] everywhere. Works on the tensorflow, jax and torch backends.
-    optimizer = _optimizer(config, _StepTable(lrs, dtype))
+    schedule = _StepTable(lrs, dtype)
+    optimizer = (compile_generated(config["code"])["make_optimizer"](schedule) if config.get("code")
+                 else _optimizer(config, schedule))
     # Build first, on the variables: the slot variables (SGD's momentums,
     # Adam's m and v) are created by build(), zero-initialised with each
     # variable's shape and dtype. apply() would build lazily on its first
@@ -153,6 +155,9 @@ def run_steps(config: dict, params: dict[str, np.ndarray], grads: list[dict[str,
 
 def environment_note(config: dict) -> str:
     """One line naming the Keras class (and its gradient_accumulation_steps) ``run_steps`` constructs."""
+    if config.get("code"):
+        return (f"the rendered code's make_optimizer(learning_rate) [keras {keras.__version__}, backend "
+                f"{keras.backend.backend()}]")
     k = int(config.get("accumulation", 1))
     return _class_note(config) + (f", gradient_accumulation_steps={k}" if k > 1 else "")
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from gradparity.backends.protocol import OptimizerSession, cpu_environment
+from gradparity.backends.protocol import OptimizerSession, compile_generated, cpu_environment
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -71,7 +71,9 @@ def run_steps(config: dict, params: dict[str, np.ndarray], grads: list[dict[str,
     torch_dtype = _DTYPES[dtype]
     names = list(params)
     tensors = [torch.tensor(np.asarray(params[n]), dtype=torch_dtype, requires_grad=True) for n in names]
-    optimizer = _optimizer(config, tensors)
+    code = compile_generated(config["code"]) if config.get("code") else None
+    optimizer = code["make_optimizer"](tensors, lr=float(lrs[0])) if code else _optimizer(config, tensors)
+    before_step = code.get("before_step") if code else None
     (group,) = optimizer.param_groups
     k = int(config.get("accumulation", 1))
     history = []
@@ -93,6 +95,8 @@ def run_steps(config: dict, params: dict[str, np.ndarray], grads: list[dict[str,
         if t % k:
             history.append({n: t_.detach().cpu().numpy().copy() for n, t_ in zip(names, tensors)})
             continue
+        if before_step is not None:
+            before_step(optimizer, t // k)
         optimizer.step()
         if k > 1:
             optimizer.zero_grad(set_to_none=True)
@@ -103,6 +107,8 @@ def run_steps(config: dict, params: dict[str, np.ndarray], grads: list[dict[str,
 
 def environment_note(config: dict) -> str:
     """One line naming the torch class and the arguments ``run_steps`` constructs it with."""
+    if config.get("code"):
+        return f"the rendered code's make_optimizer(params, lr) [torch {torch.__version__}]"
     k = int(config.get("accumulation", 1))
     note = _class_note(config)
     return note if k == 1 else (f"a manual accumulation loop ((loss / {k}).backward() per micro-step, step() and "

@@ -24,7 +24,7 @@ fixed gradient sequence (``backends/FRAMEWORK/optimizers.py``):
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -60,6 +60,12 @@ class OptimizerConfig:
     #: Gradient accumulation over this many micro-steps (1: none): torch a manual loop adding g/k to .grad,
     #: Keras ``gradient_accumulation_steps``, optax ``MultiSteps(use_grad_mean=True)``.
     accumulation: int = 1
+    #: Force a form the framework does not use natively ("": its own), as ``gradparity translate`` renders it:
+    #: ``epsilon_form`` "corrected" | "hat" (where Adam adds eps), ``decay_form`` "l2" | "decoupled".
+    epsilon_form: str = ""
+    decay_form: str = ""
+    #: "velocity" (the lr inside the momentum, as Keras) | "" (the framework's own form)
+    momentum_form: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -82,28 +88,88 @@ class OptimizerConfig:
         return f"{self.name}({', '.join(parts)})"
 
 
-def _sgd_torch(c: OptimizerConfig):
-    def step(p, g, state, lr, t):
-        if c.weight_decay:
-            g = g + c.weight_decay * p
-        if c.momentum:
-            b = g if t == 1 else c.momentum * state["b"] + (1.0 - c.dampening) * g
-            state["b"] = b
-            g = g + c.momentum * b if c.nesterov else b
-        return p - lr * g
-    return step
+#: What a config's ``epsilon_form`` / ``decay_form`` may force ("" keeps the framework's own form).
+EPSILON_FORMS = ("", "corrected", "hat")
+DECAY_FORMS = ("", "l2", "decoupled")
 
 
-def _sgd_optax(c: OptimizerConfig):
-    def step(p, g, state, lr, t):
-        if c.weight_decay:  # optax.add_decayed_weights chained first: L2, as torch
-            g = g + c.weight_decay * p
-        if c.momentum:
-            trace = g + c.momentum * state.get("t", 0.0)
-            state["t"] = trace
-            g = g + c.momentum * trace if c.nesterov else trace
-        return p - lr * g
-    return step
+@dataclass(frozen=True)
+class Semantics:
+    """The update an optimizer computes, framework-neutral: what ``gradparity translate`` matches.
+
+    ``family`` "sgd" | "adam"; ``decay`` "none" | "l2" (``wd*p`` added to the gradient, so momentum and Adam's
+    moments see it) | "decoupled" (``p -= lr*wd*p``, outside them); ``epsilon`` "corrected" (added to the
+    bias-corrected ``sqrt(v_hat)``: torch, optax) | "hat" (to the uncorrected ``sqrt(v)``: Keras);
+    ``velocity``: the learning rate sits inside the momentum (Keras ``v = mu*v - lr*g``), which equals the buffer
+    form (``b = mu*b + g; p -= lr*b``) while the learning rate is constant and parts from it when it changes.
+    Fields that do not apply to the family are normalised (0 / False / "") so that equal updates compare equal.
+    """
+
+    family: str
+    lr: float
+    momentum: float = 0.0
+    nesterov: bool = False
+    dampening: float = 0.0
+    velocity: bool = False
+    decay: str = "none"
+    weight_decay: float = 0.0
+    beta1: float = 0.0
+    beta2: float = 0.0
+    eps: float = 0.0
+    epsilon: str = ""
+    eps_root: float = 0.0
+
+    def at_constant_lr(self) -> "Semantics":
+        """The same update with the velocity form dropped: equal to this one while the lr is constant."""
+        return replace(self, velocity=False)
+
+    def describe(self) -> str:
+        """One line a person reads: the update this is."""
+        if self.family == "sgd":
+            if not self.momentum:
+                head = f"SGD p -= lr*g, lr {self.lr:g}"
+            else:
+                form = ("velocity v = mu*v - lr*g; p += " + ("mu*v - lr*g" if self.nesterov else "v")
+                        if self.velocity else
+                        "buffer b = mu*b + " + (f"(1 - {self.dampening:g})*g" if self.dampening else "g")
+                        + "; p -= lr*" + ("(g + mu*b)" if self.nesterov else "b"))
+                head = f"SGD with momentum mu = {self.momentum:g} ({form}), lr {self.lr:g}"
+        else:
+            where = ("the bias-corrected sqrt(v_hat)" if self.epsilon == "corrected"
+                     else "the uncorrected sqrt(v) ('epsilon hat')")
+            root = f", eps_root {self.eps_root:g} inside the square root" if self.eps_root else ""
+            head = (f"Adam, lr {self.lr:g}, betas ({self.beta1:g}, {self.beta2:g}), eps {self.eps:g} added to "
+                    f"{where}{root}")
+        decay = {"none": "no weight decay",
+                 "l2": f"L2 weight decay {self.weight_decay:g} (wd*p added to the gradient)",
+                 "decoupled": f"decoupled weight decay {self.weight_decay:g} (p -= lr*wd*p)"}[self.decay]
+        return f"{head}; {decay}"
+
+
+def semantics_of(framework: str, config: OptimizerConfig) -> Semantics:
+    """What ``framework``'s optimizer built from ``config`` computes (see the module doc for each source)."""
+    wd = config.weight_decay
+    if not wd:
+        decay = "none"
+    elif config.decay_form:
+        decay = config.decay_form
+    elif framework == "keras" or config.name == "adamw":
+        decay = "decoupled"
+    else:
+        decay = "l2"
+    if config.name == "sgd" and not config.momentum and decay == "decoupled":
+        # Without momentum the two decays are one update: p - lr*wd*p - lr*g = p - lr*(g + wd*p).
+        decay = "l2"
+    common = {"lr": config.lr, "decay": decay, "weight_decay": wd if decay != "none" else 0.0}
+    if config.name == "sgd":
+        mu = config.momentum
+        return Semantics("sgd", momentum=mu, nesterov=bool(mu and config.nesterov),
+                         dampening=config.dampening if mu else 0.0,
+                         velocity=bool(mu and (framework == "keras" or config.momentum_form == "velocity")),
+                         **common)
+    epsilon = config.epsilon_form or ("hat" if framework == "keras" else "corrected")
+    return Semantics("adam", beta1=config.beta1, beta2=config.beta2, eps=config.eps, epsilon=epsilon,
+                     eps_root=config.eps_root, **common)
 
 
 def _cast(x: float, rounded: bool) -> float:
@@ -112,46 +178,44 @@ def _cast(x: float, rounded: bool) -> float:
     return float(np.float32(x)) if rounded else x
 
 
-def _sgd_keras(c: OptimizerConfig, rounded: bool = False):
-    mu, wd = _cast(c.momentum, rounded), _cast(c.weight_decay, rounded)
+def semantic_rule(s: Semantics, rounded: bool = False):
+    """``step(p, g, state, lr, t) -> new p`` for one parameter tensor in numpy: the update ``s`` describes.
 
-    def step(p, g, state, lr, t):
-        if c.weight_decay:
-            p = p - p * wd * lr
-        if not c.momentum:
+    ``rounded``: momentum, weight decay and the betas of the bias correction rounded to float32, as Keras'
+    TensorFlow backend uses them (see ``_cast``); the moments' own betas stay exact, as there.
+    """
+    mu, wd = _cast(s.momentum, rounded), _cast(s.weight_decay, rounded)
+    b1_power, b2_power = _cast(s.beta1, rounded), _cast(s.beta2, rounded)
+
+    def sgd(p, g, state, lr, t):
+        if not s.momentum:
             return p - lr * g
-        v = mu * state.get("v", 0.0) - lr * g
-        state["v"] = v
-        return p + (mu * v - lr * g if c.nesterov else v)
-    return step
+        if s.velocity:
+            v = mu * state.get("v", 0.0) - lr * g
+            state["v"] = v
+            return p + (mu * v - lr * g if s.nesterov else v)
+        b = g if t == 1 else mu * state["b"] + (1.0 - s.dampening) * g
+        state["b"] = b
+        return p - lr * (g + mu * b if s.nesterov else b)
 
-
-def _adam_corrected(c: OptimizerConfig, decoupled: bool):
-    """torch Adam / AdamW and optax adam / adamw: bias-corrected moments, eps outside the square root."""
-    def step(p, g, state, lr, t):
-        if c.weight_decay and decoupled:
-            p = p - lr * c.weight_decay * p
-        elif c.weight_decay:
-            g = g + c.weight_decay * p
-        m = c.beta1 * state.get("m", 0.0) + (1.0 - c.beta1) * g
-        v = c.beta2 * state.get("v", 0.0) + (1.0 - c.beta2) * g * g
+    def adam(p, g, state, lr, t):
+        m = state.get("m", 0.0) + (g - state.get("m", 0.0)) * (1.0 - s.beta1)
+        v = state.get("v", 0.0) + (g * g - state.get("v", 0.0)) * (1.0 - s.beta2)
         state["m"], state["v"] = m, v
-        m_hat, v_hat = m / (1.0 - c.beta1 ** t), v / (1.0 - c.beta2 ** t)
-        return p - lr * m_hat / (np.sqrt(v_hat + c.eps_root) + c.eps)
-    return step
+        if s.epsilon == "hat":
+            alpha = lr * math.sqrt(1.0 - b2_power ** t) / (1.0 - b1_power ** t)
+            return p - alpha * m / (np.sqrt(v) + s.eps)
+        m_hat, v_hat = m / (1.0 - b1_power ** t), v / (1.0 - b2_power ** t)
+        return p - lr * m_hat / (np.sqrt(v_hat + s.eps_root) + s.eps)
 
-
-def _adam_keras(c: OptimizerConfig, rounded: bool = False):
-    wd, b1, b2 = (_cast(x, rounded) for x in (c.weight_decay, c.beta1, c.beta2))  # b1, b2: in the powers only
+    update = sgd if s.family == "sgd" else adam
 
     def step(p, g, state, lr, t):
-        if c.weight_decay:
-            p = p - p * wd * lr
-        m = state.get("m", 0.0) + (g - state.get("m", 0.0)) * (1.0 - c.beta1)
-        v = state.get("v", 0.0) + (g * g - state.get("v", 0.0)) * (1.0 - c.beta2)
-        state["m"], state["v"] = m, v
-        alpha = lr * math.sqrt(1.0 - b2 ** t) / (1.0 - b1 ** t)
-        return p - alpha * m / (np.sqrt(v) + c.eps)
+        if s.decay == "decoupled":
+            p = p - lr * wd * p
+        elif s.decay == "l2":
+            g = g + wd * p
+        return update(p, g, state, lr, t)
     return step
 
 
@@ -159,14 +223,7 @@ def update_rule(framework: str, config: OptimizerConfig, float32_hyperparameters
     """``step(p, g, state, lr, t) -> new p`` (``state`` a dict it updates, ``t`` from 1): ``framework``'s
     optimizer for one parameter tensor, in numpy. ``float32_hyperparameters``: Keras with its momentum,
     weight decay and the betas of its bias correction rounded to float32 (its TensorFlow backend does)."""
-    if config.name == "sgd":
-        if framework == "keras":
-            return _sgd_keras(config, float32_hyperparameters)
-        return {"torch": _sgd_torch, "jax": _sgd_optax}[framework](config)
-    if framework == "keras":
-        return _adam_keras(config, float32_hyperparameters)
-    # torch Adam (weight_decay: L2), optax.adam with add_decayed_weights (L2); AdamW / optax.adamw decoupled.
-    return _adam_corrected(config, decoupled=config.name == "adamw")
+    return semantic_rule(semantics_of(framework, config), float32_hyperparameters and framework == "keras")
 
 
 def reference_steps(framework: str, config: OptimizerConfig, params: dict[str, np.ndarray],

@@ -1,0 +1,141 @@
+"""keras.optimizers as text: read one (``parse``) and write one (``render``) for ``gradparity translate``.
+
+Signatures and defaults read in keras 3.15 ``keras/src/optimizers/{sgd,adam,adamw}.py``:
+``SGD(learning_rate=0.01, momentum=0.0, nesterov=False, weight_decay=None, ...)``, ``Adam(learning_rate=0.001,
+beta_1=0.9, beta_2=0.999, epsilon=1e-7, amsgrad=False, weight_decay=None, ...)``, ``AdamW(learning_rate=0.001,
+weight_decay=0.004, beta_1=0.9, beta_2=0.999, epsilon=1e-7, amsgrad=False, ...)``; every one's ``weight_decay``
+is decoupled. What they compute: ``backends/keras/optimizers.py``. Importing this module imports no framework.
+
+``render`` writes Keras' own class where its arguments suffice, else a subclass overriding ``update_step``
+(the documented way to change an optimizer's update), which runs on every Keras backend. The overrides cast
+hyperparameters as Keras' own code does (``ops.cast``), so they keep its precision on each backend: on TensorFlow
+that rounds a Python float through float32 (see ``backends/keras/optimizers.py``).
+"""
+from __future__ import annotations
+
+from gradparity.errors import ConfigError
+from gradparity.experiment.optimizer_text import OptimizerCall, OptimizerRendering, bind, number
+from gradparity.experiment.optimizers import OptimizerConfig
+
+CONSTRUCTORS = ("SGD", "Adam", "AdamW")
+#: Base-optimizer arguments that leave the update alone at these values (None: any value).
+_AS_IS = {"name": None, "clipnorm": (None,), "clipvalue": (None,), "global_clipnorm": (None,), "use_ema": (False,),
+          "loss_scale_factor": (None,), "gradient_accumulation_steps": (None, 1), "amsgrad": (False,),
+          "ema_momentum": None, "ema_overwrite_frequency": None}
+
+
+def parse(call: OptimizerCall) -> tuple[OptimizerConfig, set[str]]:
+    """(config, fields set explicitly) of ``keras.optimizers.SGD|Adam|AdamW(...)``; ConfigError otherwise."""
+    name = call.short_name
+    if name == "SGD":
+        values, explicit = bind(call, ("learning_rate", "momentum", "nesterov", "weight_decay"),
+                                {"learning_rate": 0.01, "momentum": 0.0, "nesterov": False, "weight_decay": None},
+                                _AS_IS)
+        mu = number(call, "momentum", values["momentum"])
+        if mu >= 1:
+            raise ConfigError(f"{call.name}: momentum must be in [0, 1), got {mu}")
+        config = OptimizerConfig("sgd", _lr(call, values), momentum=mu, nesterov=bool(values["nesterov"]) and mu > 0,
+                                 weight_decay=number(call, "weight_decay", values["weight_decay"], True) or 0.0)
+        return config, _fields(explicit)
+    if name in ("Adam", "AdamW"):
+        signature = (("learning_rate", "beta_1", "beta_2", "epsilon", "amsgrad", "weight_decay") if name == "Adam"
+                     else ("learning_rate", "weight_decay", "beta_1", "beta_2", "epsilon", "amsgrad"))
+        values, explicit = bind(call, signature,
+                                {"learning_rate": 0.001, "beta_1": 0.9, "beta_2": 0.999, "epsilon": 1e-7,
+                                 "weight_decay": 0.004 if name == "AdamW" else None}, _AS_IS)
+        b1, b2 = number(call, "beta_1", values["beta_1"]), number(call, "beta_2", values["beta_2"])
+        if not (b1 < 1 and b2 < 1):
+            raise ConfigError(f"{call.name}: beta_1 and beta_2 must be below 1, got {b1}, {b2}")
+        wd = number(call, "weight_decay", values["weight_decay"], allow_none=name == "Adam") or 0.0
+        config = OptimizerConfig("adamw" if name == "AdamW" else "adam", _lr(call, values), beta1=b1, beta2=b2,
+                                 eps=number(call, "epsilon", values["epsilon"]), weight_decay=wd)
+        return config, _fields(explicit)
+    raise ConfigError(f"{call.name}: gradparity translates keras.optimizers.{', keras.optimizers.'.join(CONSTRUCTORS)}")
+
+
+def _lr(call: OptimizerCall, values: dict) -> float:
+    return number(call, "learning_rate", values["learning_rate"])
+
+
+def _fields(explicit: set[str]) -> set[str]:
+    """Keras argument names -> OptimizerConfig fields."""
+    names = {"learning_rate": {"lr"}, "beta_1": {"beta1"}, "beta_2": {"beta2"}, "epsilon": {"eps"},
+             "weight_decay": {"weight_decay"}, "momentum": {"momentum"}, "nesterov": {"nesterov"}}
+    return set().union(*(names.get(k, set()) for k in explicit))
+
+
+_ADAM_STEP = '''    def update_step(self, gradient, variable, learning_rate):
+        # keras.optimizers.Adam.update_step (keras 3.15){changes}.
+        lr = ops.cast(learning_rate, variable.dtype)
+        gradient = ops.cast(gradient, variable.dtype){l2}
+        local_step = ops.cast(self.iterations + 1, variable.dtype)
+        beta_1_power = ops.power(ops.cast(self.beta_1, variable.dtype), local_step)
+        beta_2_power = ops.power(ops.cast(self.beta_2, variable.dtype), local_step)
+        m = self._momentums[self._get_variable_index(variable)]
+        v = self._velocities[self._get_variable_index(variable)]
+        alpha = lr * ops.sqrt(1 - beta_2_power) / (1 - beta_1_power)
+        self.assign_add(m, ops.multiply(ops.subtract(gradient, m), 1 - self.beta_1))
+        self.assign_add(v, ops.multiply(ops.subtract(ops.square(gradient), v), 1 - self.beta_2))
+        epsilon = {epsilon}
+        self.assign_sub(variable, ops.divide(ops.multiply(m, alpha), ops.add(ops.sqrt(v), epsilon)))
+'''
+_L2 = ("\n        # L2: wd * p added to the gradient, before the moments see it.\n"
+       "        gradient = ops.add(gradient, ops.multiply(ops.cast({wd!r}, variable.dtype), variable))")
+
+
+def render(config: OptimizerConfig) -> OptimizerRendering:
+    """Code defining ``make_optimizer(learning_rate)`` that computes what ``config`` says, ``epsilon_form`` and
+    ``decay_form`` included. ConfigError for what Keras cannot take (dampening, eps_root)."""
+    if config.dampening:
+        raise ConfigError("Keras' SGD has no dampening")
+    if config.eps_root:
+        raise ConfigError("Keras' Adam has no eps_root (epsilon inside the square root)")
+    l2 = config.decay_form == "l2" and config.weight_decay
+    corrected = config.name != "sgd" and config.epsilon_form == "corrected"
+    notes, cls, body = [], None, []
+    if l2:
+        notes.append("Keras' weight_decay is decoupled (p -= lr*wd*p, outside the momentum and Adam's moments); "
+                     "L2 adds wd*p to the gradient, in an update_step override")
+    if corrected:
+        notes.append("Keras adds epsilon to the uncorrected sqrt(v) ('epsilon hat'); on the bias-corrected "
+                     "sqrt(v_hat), as torch and optax, it is Keras' epsilon times sqrt(1 - beta_2^t), in an "
+                     "update_step override")
+    if config.name == "sgd":
+        args = (f"learning_rate=learning_rate, momentum={config.momentum!r}, nesterov={bool(config.nesterov)!r}, "
+                f"weight_decay={(config.weight_decay or None) if not l2 else None!r}")
+        if l2:
+            cls = "SGDWithL2"
+            body = [f"class {cls}(keras.optimizers.SGD):",
+                    '    """keras.optimizers.SGD with L2 weight decay (wd * p added to the gradient, as torch\'s '
+                    'SGD does)."""', "",
+                    "    def update_step(self, gradient, variable, learning_rate):",
+                    "        gradient = ops.cast(gradient, variable.dtype)" + _L2.format(wd=config.weight_decay),
+                    "        super().update_step(gradient, variable, learning_rate)"]
+    else:
+        decoupled = config.weight_decay if not l2 else 0.0
+        base = "AdamW" if config.name == "adamw" and decoupled else "Adam"
+        wd_arg = (f"weight_decay={decoupled!r}" if base == "AdamW" else f"weight_decay={decoupled or None!r}")
+        args = (f"learning_rate=learning_rate, beta_1={config.beta1!r}, beta_2={config.beta2!r}, "
+                f"epsilon={config.eps!r}, {wd_arg}")
+        if l2 or corrected:
+            cls = f"{base}" + ("WithL2" if l2 else "") + ("CorrectedEpsilon" if corrected else "")
+            changes = " with " + " and ".join(
+                ([] if not l2 else ["L2 weight decay in the gradient"])
+                + ([] if not corrected else ["epsilon on the bias-corrected sqrt(v_hat): Keras' epsilon times "
+                                             "sqrt(1 - beta_2^t)"]))
+            epsilon = "ops.multiply(self.epsilon, ops.sqrt(1 - beta_2_power))" if corrected else "self.epsilon"
+            body = [f"class {cls}(keras.optimizers.{base}):",
+                    f'    """keras.optimizers.{base}{changes}."""', "",
+                    _ADAM_STEP.format(changes=changes, l2=_L2.format(wd=config.weight_decay) if l2 else "",
+                                      epsilon=epsilon).rstrip("\n")]
+    ctor = f"{cls}({args})" if cls else f"keras.optimizers.{_native_class(config, l2)}({args})"
+    lines = ["import keras", "from keras import ops", "", ""] + (body + ["", ""] if body else []) + [
+        "def make_optimizer(learning_rate):", f"    return {ctor}"]
+    usage = f"optimizer = make_optimizer(learning_rate={config.lr!r})"
+    return OptimizerRendering("keras", cls is None, "\n".join(lines) + "\n", usage, tuple(notes))
+
+
+def _native_class(config: OptimizerConfig, l2: bool) -> str:
+    if config.name == "sgd":
+        return "SGD"
+    return "AdamW" if config.name == "adamw" and config.weight_decay and not l2 else "Adam"

@@ -1,0 +1,117 @@
+"""torch.optim optimizers as text: read one (``parse``) and write one (``render``) for ``gradparity translate``.
+
+Signatures and defaults read in torch 2.13 ``torch/optim/{sgd,adam,adamw}.py``: ``SGD(params, lr=1e-3,
+momentum=0, dampening=0, weight_decay=0, nesterov=False, *, maximize, foreach, differentiable, fused)``,
+``Adam(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *, foreach, maximize,
+capturable, differentiable, fused, decoupled_weight_decay=False)``, ``AdamW`` the same with weight_decay=1e-2.
+What they compute: ``backends/torch/optimizers.py``. Importing this module imports no framework.
+"""
+from __future__ import annotations
+
+from gradparity.errors import ConfigError
+from gradparity.experiment.optimizer_text import OptimizerCall, OptimizerRendering, bind, number
+from gradparity.experiment.optimizers import OptimizerConfig
+
+CONSTRUCTORS = ("SGD", "Adam", "AdamW")
+#: Arguments that select a code path, not the numbers (or only the value that keeps the plain algorithm).
+_AS_IS = {"foreach": None, "fused": None, "differentiable": (False,), "capturable": None,
+          "maximize": (False,), "amsgrad": (False,)}
+
+
+def parse(call: OptimizerCall) -> tuple[OptimizerConfig, set[str]]:
+    """(config, fields set explicitly) of ``torch.optim.SGD|Adam|AdamW(...)``; ConfigError otherwise."""
+    name = call.short_name
+    if name == "SGD":
+        values, explicit = bind(call, ("params", "lr", "momentum", "dampening", "weight_decay", "nesterov"),
+                                {"params": None, "lr": 1e-3, "momentum": 0.0, "dampening": 0.0,
+                                 "weight_decay": 0.0, "nesterov": False}, _AS_IS)
+        mu = number(call, "momentum", values["momentum"])
+        if values["nesterov"] and (mu <= 0 or values["dampening"]):
+            raise ConfigError(f"{call.name}: Nesterov momentum requires a momentum and zero dampening "
+                              "(torch raises the same)")
+        config = OptimizerConfig("sgd", number(call, "lr", values["lr"]), momentum=mu,
+                                 nesterov=bool(values["nesterov"]),
+                                 dampening=number(call, "dampening", values["dampening"]),
+                                 weight_decay=number(call, "weight_decay", values["weight_decay"]))
+        return config, _fields(explicit)
+    if name in ("Adam", "AdamW"):
+        values, explicit = bind(call, ("params", "lr", "betas", "eps", "weight_decay", "amsgrad"),
+                                {"params": None, "lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8,
+                                 "weight_decay": 1e-2 if name == "AdamW" else 0.0, "decoupled_weight_decay": False},
+                                _AS_IS)
+        betas = values["betas"]
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+            raise ConfigError(f"{call.name}: betas must be a pair of numbers, got {betas!r}")
+        b1, b2 = (number(call, "betas", b) for b in betas)
+        if not (b1 < 1 and b2 < 1):
+            raise ConfigError(f"{call.name}: betas must be below 1, got {betas!r}")
+        decoupled = name == "AdamW" or bool(values["decoupled_weight_decay"])
+        config = OptimizerConfig("adamw" if decoupled else "adam", number(call, "lr", values["lr"]), beta1=b1,
+                                 beta2=b2, eps=number(call, "eps", values["eps"]),
+                                 weight_decay=number(call, "weight_decay", values["weight_decay"]))
+        return config, _fields(explicit)
+    raise ConfigError(f"{call.name}: gradparity translates torch.optim.{', torch.optim.'.join(CONSTRUCTORS)}")
+
+
+def _fields(explicit: set[str]) -> set[str]:
+    """torch argument names -> OptimizerConfig fields."""
+    names = {"lr": {"lr"}, "betas": {"beta1", "beta2"}, "eps": {"eps"}, "weight_decay": {"weight_decay"},
+             "momentum": {"momentum"}, "nesterov": {"nesterov"}, "dampening": {"dampening"}}
+    return set().union(*(names.get(k, set()) for k in explicit))
+
+
+def _constructor(config: OptimizerConfig) -> str:
+    if config.name == "sgd":
+        return (f"torch.optim.SGD(params, lr=lr, momentum={config.momentum!r}, dampening={config.dampening!r}, "
+                f"weight_decay={(config.weight_decay if config.decay_form != 'decoupled' else 0.0)!r}, "
+                f"nesterov={bool(config.nesterov)!r})")
+    cls = "AdamW" if config.name == "adamw" else "Adam"
+    return (f"torch.optim.{cls}(params, lr=lr, betas=({config.beta1!r}, {config.beta2!r}), eps={config.eps!r}, "
+            f"weight_decay={config.weight_decay!r})")
+
+
+def render(config: OptimizerConfig) -> OptimizerRendering:
+    """Code defining ``make_optimizer(params, lr)`` (and ``before_step(optimizer, t)`` where the update needs
+    one) that computes what ``config`` says, ``epsilon_form``/``decay_form`` included. ConfigError for a form
+    torch cannot take (an ``eps_root``)."""
+    if config.eps_root:
+        raise ConfigError("torch's Adam has no eps_root (epsilon inside the square root)")
+    if config.name != "sgd" and config.decay_form:
+        raise ConfigError("torch renders Adam's decay as Adam (L2) or AdamW (decoupled), not a decay_form")
+    hooks, notes = [], []
+    if config.decay_form == "decoupled" and config.weight_decay:
+        notes.append("torch's SGD adds its weight_decay to the gradient (L2), which then goes through the "
+                     "momentum; the decoupled decay is a multiplication of the weights before each step")
+        hooks += ["    # Decoupled weight decay, outside the momentum: p -= lr * wd * p before the update.",
+                  "    with torch.no_grad():",
+                  "        for group in optimizer.param_groups:",
+                  "            for p in group['params']:",
+                  f"                p.mul_(1.0 - group['lr'] * {config.weight_decay!r})"]
+    if config.name == "sgd" and config.momentum and config.momentum_form == "velocity":
+        notes.append("torch multiplies the whole momentum buffer by the current lr (b = mu*b + g; p -= lr*b); "
+                     "Keras keeps the lr inside its velocity (v = mu*v - lr*g), which is torch's buffer rescaled by "
+                     "lr_before / lr_now whenever the learning rate changes")
+        hooks += ["    # Keras' velocity form: when the lr changes, rescale the buffer by lr_before / lr_now.",
+                  "    for group in optimizer.param_groups:",
+                  "        before = group.setdefault('lr_of_buffer', group['lr'])",
+                  "        if before != group['lr']:",
+                  "            for p in group['params']:",
+                  "                buffer = optimizer.state[p].get('momentum_buffer')",
+                  "                if buffer is not None:",
+                  "                    buffer.mul_(before / group['lr'])",
+                  "        group['lr_of_buffer'] = group['lr']"]
+    if config.name != "sgd" and config.epsilon_form == "hat":
+        notes.append("torch adds eps to the bias-corrected sqrt(v_hat); adding it to the uncorrected sqrt(v) "
+                     "(Keras' 'epsilon hat') is torch's eps set to eps / sqrt(1 - beta2^t) before step t")
+        hooks += ["    # Epsilon on the uncorrected sqrt(v): torch's eps at step t is eps / sqrt(1 - beta2**t).",
+                  "    for group in optimizer.param_groups:",
+                  f"        group['eps'] = {config.eps!r} / math.sqrt(1.0 - {config.beta2!r} ** t)"]
+    uses_math = config.name != "sgd" and config.epsilon_form == "hat"
+    lines = [*(["import math", ""] if uses_math else []), "import torch", "", "", "def make_optimizer(params, lr):",
+             f"    return {_constructor(config)}"]
+    if hooks:
+        lines += ["", "", "def before_step(optimizer, t):",
+                  '    """Call before the t-th optimizer.step() (t = 1, 2, ...)."""', *hooks]
+    usage = (f"optimizer = make_optimizer(model.parameters(), lr={config.lr!r})"
+             + ("; before each optimizer.step() number t: before_step(optimizer, t)" if hooks else ""))
+    return OptimizerRendering("torch", not hooks, "\n".join(lines) + "\n", usage, tuple(notes))
