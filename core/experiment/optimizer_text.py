@@ -20,6 +20,7 @@ import importlib
 from dataclasses import dataclass, field
 
 from gradparity.errors import ConfigError
+from gradparity.losses.text import dotted_name
 
 #: The leading names that say which framework an optimizer text is written for.
 PREFIXES = {"torch": "torch", "optim": "torch", "keras": "keras", "tf": "keras", "optax": "jax"}
@@ -50,17 +51,8 @@ class OptimizerCall:
         return self.name.rsplit(".", 1)[-1]
 
 
-def _dotted(node: ast.AST) -> str | None:
-    if isinstance(node, ast.Name):
-        return node.id
-    if isinstance(node, ast.Attribute):
-        head = _dotted(node.value)
-        return None if head is None else f"{head}.{node.attr}"
-    return None
-
-
 def _value(node: ast.expr, framework: str, source: str):
-    if isinstance(node, ast.Call) and _dotted(node.func) and _dotted(node.func).split(".")[0] in PREFIXES:
+    if isinstance(node, ast.Call) and dotted_name(node.func) and dotted_name(node.func).split(".")[0] in PREFIXES:
         return _call(node, framework, source)
     try:
         return ast.literal_eval(node)
@@ -69,7 +61,7 @@ def _value(node: ast.expr, framework: str, source: str):
 
 
 def _call(node: ast.Call, framework: str, source: str) -> OptimizerCall:
-    name = _dotted(node.func)
+    name = dotted_name(node.func)
     if any(isinstance(a, ast.Starred) for a in node.args) or any(k.arg is None for k in node.keywords):
         raise ConfigError(f"{name}(...): *args and **kwargs cannot be read; write the arguments out")
     return OptimizerCall(framework, name, tuple(_value(a, framework, source) for a in node.args),
@@ -83,9 +75,9 @@ def framework_of(text: str) -> str | None:
     except SyntaxError:
         return None
     node = tree.body
-    if not isinstance(node, ast.Call) or _dotted(node.func) is None:
+    if not isinstance(node, ast.Call) or dotted_name(node.func) is None:
         return None
-    name = _dotted(node.func)
+    name = dotted_name(node.func)
     framework = PREFIXES.get(name.split(".")[0])
     if framework == "torch" and ".optim." not in f".{name}." and not name.startswith("optim."):
         return None

@@ -58,11 +58,12 @@ class LossExpression:
         return self.name.rsplit(".", 1)[-1]
 
 
-def _dotted(node: ast.AST) -> str | None:
+def dotted_name(node: ast.AST) -> str | None:
+    """'a.b.c' for a Name or an Attribute chain of Names (a callee as written), None for anything else."""
     if isinstance(node, ast.Name):
         return node.id
     if isinstance(node, ast.Attribute):
-        base = _dotted(node.value)
+        base = dotted_name(node.value)
         return f"{base}.{node.attr}" if base else None
     return None
 
@@ -85,11 +86,11 @@ class _Values:
                               f"(e.g. torch.tensor([1.0, 2.0])) or pass an npz holding an array {node.id!r} "
                               "with --data")
         if isinstance(node, ast.Call):
-            callee = _dotted(node.func) or ""
+            callee = dotted_name(node.func) or ""
             if callee.rsplit(".", 1)[-1] in _ARRAY_FUNCTIONS and len(node.args) >= 1:
                 return self.value(node.args[0])
         if isinstance(node, ast.Attribute):
-            dotted = _dotted(node) or ""
+            dotted = dotted_name(node) or ""
             # An enum such as tf.keras.losses.Reduction.SUM is passed through by name.
             if ".Reduction." in f".{dotted}":
                 return ("enum", dotted)
@@ -114,12 +115,12 @@ def parse_loss_text(text: str, arrays: dict[str, np.ndarray] | None = None) -> L
     values = _Values(arrays or {})
     method = None
     # jnp.mean(optax.f(...)) / jnp.sum(...): a reduction over everything, nothing else.
-    if isinstance(node, ast.Call) and (_dotted(node.func) or "") in ("jnp.mean", "jnp.sum", "jax.numpy.mean",
+    if isinstance(node, ast.Call) and (dotted_name(node.func) or "") in ("jnp.mean", "jnp.sum", "jax.numpy.mean",
                                                                        "jax.numpy.sum") and node.args:
         if len(node.args) > 1 or node.keywords:
             raise ConfigError(f"{ast.unparse(node)!r}: only a reduction over every element can be compared "
                               "(jnp.mean(...) or jnp.sum(...) with no axis)")
-        method = (_dotted(node.func) or "").rsplit(".", 1)[-1]
+        method = (dotted_name(node.func) or "").rsplit(".", 1)[-1]
         node = node.args[0]
     # loss(...).mean() / .sum()
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and isinstance(node.func.value, ast.Call):
@@ -136,7 +137,7 @@ def parse_loss_text(text: str, arrays: dict[str, np.ndarray] | None = None) -> L
         node = node.func
     if not isinstance(node, ast.Call):
         raise ConfigError(f"expected a loss constructor or function call, got {ast.unparse(node)!r}")
-    name = _dotted(node.func)
+    name = dotted_name(node.func)
     if not name:
         raise ConfigError(f"cannot tell which loss {ast.unparse(node.func)!r} is")
     root = name.split(".", 1)[0]
