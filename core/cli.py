@@ -176,6 +176,8 @@ def _parser() -> argparse.ArgumentParser:
     op.add_argument("--json", action="store_true", help="print the measurements as JSON")
     trn = sub.add_parser("train", help="train the built-in MLP for K steps in every framework from one start: "
                                        "does each follow its optimizer's exact trajectory, and where do they part?")
+    trn.add_argument("--model", default="mlp", help="mlp (default) | cnn | sequence: the built-in model trained "
+                                                    "(cnn: the digits as 8x8x1 images; sequence: token sequences)")
     trn.add_argument("--optimizer", default="momentum", help="sgd | momentum (default) | nesterov | adam | adamw")
     trn.add_argument("--lr", type=float, help="learning rate (default: sgd 0.1, momentum 0.05, adam 1e-2)")
     trn.add_argument("--steps", type=int, default=30)
@@ -238,7 +240,10 @@ def _train(args) -> int:
 
     spec = TrainSpec(optimizer=args.optimizer, lr=args.lr, steps=args.steps, batch_size=args.batch_size,
                      reduction=args.reduction, schedule=args.schedule, dtype=args.dtype, seed=args.seed,
-                     backends=tuple(_csv(args.backends)), timeout_s=args.timeout, equivalence=args.equivalence)
+                     backends=tuple(_csv(args.backends)), timeout_s=args.timeout, equivalence=args.equivalence,
+                     model=args.model)
+    if args.sweep and args.model != "mlp":
+        raise ConfigError(f"--sweep trains the built-in MLP only, not --model {args.model}")
     if args.sweep:
         from gradparity.commands import sweep
 

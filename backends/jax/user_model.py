@@ -25,6 +25,7 @@ Read at import by jax (set by the parent, see ``BackendInfo``):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 
 import jax
@@ -35,8 +36,7 @@ from flax import nnx
 
 from gradparity.backends.jax.session import _device_label, _may_use_tf32, _name, _state_to_canonical, start
 from gradparity.backends.protocol import (PARAM_ROLES, RawResult, WorkerJob, assignment, gelu_accuracy, layer_options,
-                                         load_factory,
-                                         package_versions)
+                                         load_factory, package_versions, train_batches, train_run)
 
 _NORMS = tuple(c for c in (nnx.LayerNorm, nnx.RMSNorm, nnx.BatchNorm, nnx.GroupNorm,
                            getattr(nnx, "InstanceNorm", None)) if c is not None)
@@ -371,6 +371,83 @@ class UserJaxModel:
         return RawResult(float(loss), arrays, {"layers": list(records)})
 
 
-def open_session(job: WorkerJob) -> UserJaxModel:
-    """Import the user's factory, split its module onto the job's device and dtype, load mapped weights."""
-    return UserJaxModel(job)
+class JaxModelTraining:
+    """Task "train" for a built-in model or a user's: the split module of ``UserJaxModel`` trained with
+    optax, as ``train.py`` trains the MLP (one jitted step: ``jax.value_and_grad`` of the reduced loss,
+    ``opt.update``, ``optax.apply_updates``).
+
+    Opened on batch 1; every batch on the device once. Each ``compute(case)`` starts from the session's
+    (immutable) canonical parameters with a fresh optimizer state and returns the canonical trainable values
+    after the recorded steps ("T/KEY") and every step's loss ("loss/T").
+    """
+
+    def __init__(self, job: WorkerJob):
+        runs = job.payload["runs"]
+        first = train_batches(job, next(iter(runs.values())).get("batches", ""))
+        self.job = job
+        self.model = UserJaxModel(dataclasses.replace(job, batch={"x": first[0][0], "y": first[0][1]}))
+        self._batches: dict[str, list] = {}
+        for run in runs.values():
+            self.batches(run)
+        self._steps: dict[str, tuple] = {}
+
+    def batches(self, run: dict) -> list:
+        prefix = run.get("batches", "")
+        if prefix not in self._batches:
+            m = self.model
+            self._batches[prefix] = [
+                (jax.device_put(np.asarray(x).astype(m.dtype if np.asarray(x).dtype.kind == "f" else np.int32),
+                                m.device), jax.device_put(np.asarray(y).astype(np.int32), m.device))
+                for x, y in train_batches(self.job, prefix)]
+        return self._batches[prefix]
+
+    def environment(self) -> dict:
+        return self.model.environment()
+
+    def _compiled(self, case: str, config: dict, lrs: list[float], reduction: str):
+        from gradparity.backends.jax.optimizers import _transformation, lr_schedule
+
+        if case not in self._steps:
+            m = self.model
+            opt = _transformation(config, lr_schedule(lrs, self.job.dtype))
+
+            def loss_fn(params, x, y):
+                return m._loss(m._apply(params, x), y, reduction)
+
+            def step(params, opt_state, x, y):
+                loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
+                updates, opt_state = opt.update(grads, opt_state, params)
+                return optax.apply_updates(params, updates), opt_state, loss
+
+            self._steps[case] = (jax.jit(opt.init), jax.jit(step))
+        return self._steps[case]
+
+    def compute(self, case: str) -> RawResult:
+        from gradparity.backends.jax.optimizers import environment_note
+
+        m = self.model
+        batches = self.batches(self.job.payload["runs"][case])
+        config, lrs, reduction, record = train_run(self.job, case, len(batches))
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"a model's training run reduces by 'mean' or 'sum', not {reduction!r}")
+        init, step = self._compiled(case, config, lrs, reduction)
+        params, losses, history = m.params, [], []
+        opt_state = init(params)
+        for t, (x, y) in enumerate(batches, start=1):
+            params, opt_state, loss = step(params, opt_state, x, y)
+            if t in record:
+                history.append((t, params))
+            losses.append(loss)
+        arrays = {f"{t}/{key}": np.array(value, copy=True) for t, p in history for key, value in m._grads(p).items()}
+        values = [float(v) for v in losses]
+        arrays.update({f"loss/{t}": np.array(v, dtype=self.job.dtype) for t, v in enumerate(values, start=1)})
+        return RawResult(values[-1], arrays, {"optimizer": environment_note(config),
+                                              "loop": "jax.jit(step): value_and_grad of jnp.REDUCTION(optax."
+                                                      "softmax_cross_entropy_with_integer_labels(model(x), y)); "
+                                                      "opt.update; optax.apply_updates"})
+
+
+def open_session(job: WorkerJob) -> UserJaxModel | JaxModelTraining:
+    """Import the user's factory (or build the built-in module), split it onto the job's device and dtype, load
+    mapped weights; task "train" trains it (``JaxModelTraining``)."""
+    return JaxModelTraining(job) if job.task == "train" else UserJaxModel(job)

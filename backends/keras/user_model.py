@@ -33,13 +33,15 @@ normalization layers on both). That is Keras' own behaviour and is kept;
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sys
 
 import keras
 import numpy as np
 
 from gradparity.backends.keras.session import _SIGNIFICAND_BITS, _VARIANTS, environment
-from gradparity.backends.protocol import RawResult, WorkerJob, assignment, gelu_accuracy, layer_options, load_factory
+from gradparity.backends.protocol import (RawResult, WorkerJob, assignment, gelu_accuracy, layer_options, load_factory,
+                                         train_batches, train_run)
 
 _KERNEL_LAYERS = {"Dense", "EinsumDense", "Conv1D", "Conv2D", "Conv3D", "Conv1DTranspose", "Conv2DTranspose",
                   "Conv3DTranspose", "DepthwiseConv1D", "DepthwiseConv2D", "SeparableConv1D", "SeparableConv2D"}
@@ -447,6 +449,69 @@ class UserKerasModel:
         return RawResult(float(_numpy(loss)), arrays, {"layers": list(records)})
 
 
-def open_session(job: WorkerJob) -> UserKerasModel:
-    """Import the user's factory, build the model in floatx = the job's dtype, load mapped weights."""
-    return UserKerasModel(job)
+class KerasModelTraining:
+    """Task "train" for a built-in model or a user's: the model of ``UserKerasModel`` trained with Keras' own
+    optimizer, as ``train.py`` trains the MLP (the variant's single-backward gradient, then
+    ``optimizer.apply(grads, model.trainable_variables)``, eagerly).
+
+    Opened on batch 1; every batch converted once. Each ``compute(case)`` assigns the canonical start again,
+    builds a fresh optimizer and returns the canonical trainable values after the recorded steps ("T/KEY") and
+    every step's loss ("loss/T"); "mean" is Keras' "sum_over_batch_size" (every loss term, N·T for tokens).
+    """
+
+    def __init__(self, job: WorkerJob):
+        runs = job.payload["runs"]
+        first = train_batches(job, next(iter(runs.values())).get("batches", ""))
+        self.job = job
+        self.model = UserKerasModel(dataclasses.replace(job, batch={"x": first[0][0], "y": first[0][1]}))
+        self._batches: dict[str, list] = {}
+        for run in runs.values():
+            self.batches(run)
+
+    def batches(self, run: dict) -> list:
+        prefix = run.get("batches", "")
+        if prefix not in self._batches:
+            with self.model.ad.scope():
+                self._batches[prefix] = [
+                    (keras.ops.convert_to_tensor(x, dtype=self.job.dtype if np.asarray(x).dtype.kind == "f"
+                                                 else "int32"), keras.ops.convert_to_tensor(y, dtype="int32"))
+                    for x, y in train_batches(self.job, prefix)]
+        return self._batches[prefix]
+
+    def environment(self) -> dict:
+        return self.model.environment()
+
+    def compute(self, case: str) -> RawResult:
+        from gradparity.backends.keras.optimizers import _optimizer, _StepTable, environment_note
+
+        m = self.model
+        batches = self.batches(self.job.payload["runs"][case])
+        config, lrs, reduction, record = train_run(self.job, case, len(batches))
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"a model's training run reduces by 'mean' or 'sum', not {reduction!r}")
+        variables = m.model.trainable_variables
+        keys = {native: key for native, key in m.assign.items()}
+        out: dict[str, np.ndarray] = {}
+        with m.ad.scope():
+            m._load(m.assign)
+            m._restore()
+            optimizer = _optimizer(config, _StepTable(lrs, self.job.dtype))
+            optimizer.build(variables)
+            for t, (x, y) in enumerate(batches, start=1):
+                loss, grads = m.ad.reduced(_REDUCTIONS[reduction], x, y, [])
+                optimizer.apply(grads, variables)
+                out[f"loss/{t}"] = np.array(_numpy(loss), copy=True)
+                if t in record:
+                    out.update({f"{t}/{keys[m.native[id(v)]]}": np.array(_numpy(v.value), copy=True)
+                                for v in variables if m.native.get(id(v)) in keys})
+        return RawResult(float(out[f"loss/{len(batches)}"]), out,
+                         {"optimizer": environment_note(config),
+                          "loop": "loss, grads = the variant's single-backward gradient of "
+                                  "SparseCategoricalCrossentropy(from_logits=True, reduction=REDUCTION); "
+                                  "optimizer.apply(grads, model.trainable_variables)"})
+
+
+def open_session(job: WorkerJob) -> UserKerasModel | KerasModelTraining:
+    """Build the user's model (or the built-in one) in floatx = the job's dtype, load mapped weights; task
+    "train" trains it (``KerasModelTraining``)."""
+    return KerasModelTraining(job) if job.task == "train" else UserKerasModel(job)

@@ -322,3 +322,25 @@ def term_scale(params, x, y, model: dict, *, settings: dict | None = None) -> di
         for name, t in terms.items():
             out[name] = max(out[name], float(np.max(np.mean(t, axis=0))))
     return out
+
+
+def trajectory(params: dict[str, np.ndarray], batches: list, model: dict, config, lrs: list[float], reduction: str,
+               framework: str, float32_hyperparameters: bool = False) -> tuple[list[dict[str, np.ndarray]], list[float]]:
+    """(parameters after each step, loss at each step before its update) of training the built-in CNN or
+    sequence ``model`` on ``batches`` (x, y) with ``framework``'s optimizer rule for ``config`` (an
+    ``OptimizerConfig``), float64 throughout: the counterpart of ``backends/numpy/train.py`` for these models.
+    ``reduction`` "mean" divides the summed cross-entropy by its number of terms (N, or N·T for tokens)."""
+    from gradparity.experiment.optimizers import update_rule
+
+    p = _float64(params)
+    rules = {k: update_rule(framework, config, float32_hyperparameters) for k in p}
+    states: dict[str, dict] = {k: {} for k in p}
+    out, losses = [], []
+    for t, ((x, y), lr) in enumerate(zip(batches, lrs), start=1):
+        x = x if np.asarray(x).dtype.kind in "iu" else np.asarray(x, dtype=np.float64)
+        total, grads = loss_and_grads(p, x, y, model)
+        scale = 1.0 / np.asarray(y).size if reduction == "mean" else 1.0
+        losses.append(total * scale)
+        p = {k: rules[k](p[k], grads[k] * scale, states[k], float(lr), t) for k in p}
+        out.append(dict(p))
+    return out, losses

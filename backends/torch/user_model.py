@@ -9,12 +9,15 @@ way in and out.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradparity.backends.protocol import RawResult, WorkerJob, assignment, gelu_accuracy, layer_options, load_factory
+from gradparity.backends.protocol import (RawResult, WorkerJob, assignment, gelu_accuracy, layer_options, load_factory,
+                                         train_batches, train_run)
 from gradparity.backends.torch.session import cublas_may_use_tf32, pick_device, pin_highest_precision, read_precision
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -252,6 +255,77 @@ class UserTorchModel:
         return RawResult(loss.item(), arrays, {"layers": list(records)})
 
 
-def open_session(job: WorkerJob) -> UserTorchModel:
-    """Import the user's factory, build the module on the job's device and dtype, load mapped weights."""
-    return UserTorchModel(job)
+class TorchModelTraining:
+    """Task "train" for a built-in model or a user's (its factory, its mapping): the module of
+    ``UserTorchModel`` trained with torch's own optimizer, as ``train.py`` trains the MLP.
+
+    The session is opened on batch 1 (what ``environment()`` reports on); every batch is converted once.
+    Each ``compute(case)`` loads the canonical start again and builds a fresh optimizer over the mapped
+    trainable parameters, then for t = 1..K: ``zero_grad()``, the loss's native reduction (``mean`` over every
+    loss term, N·T for token targets, or ``sum``), ``backward()``, the lr of step t, ``step()``. It returns the
+    canonical parameters after the recorded steps ("T/KEY") and every step's loss ("loss/T").
+    """
+
+    def __init__(self, job: WorkerJob):
+        runs = job.payload["runs"]
+        first = train_batches(job, next(iter(runs.values())).get("batches", ""))
+        self.job = job
+        self.model = UserTorchModel(dataclasses.replace(job, batch={"x": first[0][0], "y": first[0][1]}))
+        self._batches: dict[str, list] = {}
+        for run in runs.values():
+            self.batches(run)
+
+    def batches(self, run: dict) -> list:
+        """The run's batches as tensors on the device (images channels-first), converted on first use."""
+        prefix = run.get("batches", "")
+        if prefix not in self._batches:
+            m = self.model
+            out = []
+            for x, y in train_batches(self.job, prefix):
+                x = np.transpose(x, (0, 3, 1, 2)) if x.ndim == 4 else x
+                xt = torch.from_numpy(np.ascontiguousarray(x)).to(m.device)
+                out.append((xt.to(m.dtype) if xt.is_floating_point() else xt,
+                            torch.from_numpy(np.asarray(y)).to(m.device, torch.int64)))
+            self._batches[prefix] = out
+        return self._batches[prefix]
+
+    def environment(self) -> dict:
+        return self.model.environment()
+
+    def compute(self, case: str) -> RawResult:
+        from gradparity.backends.torch.optimizers import _optimizer, environment_note
+
+        m = self.model
+        batches = self.batches(self.job.payload["runs"][case])
+        config, lrs, reduction, record = train_run(self.job, case, len(batches))
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"a model's training run reduces by 'mean' or 'sum', not {reduction!r}")
+        m._load(m.assign)  # from scratch: the canonical start again
+        trainable = [(key, *m.owners[native][:3]) for native, key in m.assign.items() if m.owners[native][3]]
+        optimizer = _optimizer(config, [tensor for *_, tensor in trainable])
+        (group,) = optimizer.param_groups
+        losses, snapshots = [], []
+        for t, ((x, y), lr) in enumerate(zip(batches, lrs), start=1):
+            optimizer.zero_grad()
+            loss = m._loss(m.model(x), y, reduction)
+            loss.backward()
+            group["lr"] = float(lr)
+            optimizer.step()
+            losses.append(loss.detach())
+            if t in record:
+                snapshots.append((t, [(key, module, pname, tensor.detach().clone())
+                                      for key, module, pname, tensor in trainable]))
+        arrays = {f"{t}/{key}": np.array(to_canonical(module, pname, value.cpu().numpy()), copy=True)
+                  for t, snap in snapshots for key, module, pname, value in snap}
+        values = [float(v) for v in torch.stack(losses).cpu().numpy()]
+        arrays.update({f"loss/{t}": np.array(v, dtype=self.job.dtype) for t, v in enumerate(values, start=1)})
+        return RawResult(values[-1], arrays, {"optimizer": environment_note(config),
+                                              "loop": "optimizer.zero_grad(); loss = F.cross_entropy(model(x_t)"
+                                                      ".reshape(-1, C), y_t.reshape(-1), reduction=REDUCTION); "
+                                                      "loss.backward(); optimizer.step()"})
+
+
+def open_session(job: WorkerJob) -> UserTorchModel | TorchModelTraining:
+    """Import the user's factory (or build the built-in model), on the job's device and dtype, load mapped
+    weights; task "train" trains it (``TorchModelTraining``)."""
+    return TorchModelTraining(job) if job.task == "train" else UserTorchModel(job)

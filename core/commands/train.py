@@ -61,6 +61,10 @@ class TrainSpec:
     #: summed loss at lr / B for SGD (its gradient is B times the mean's), at the same lr for Adam (scale-free
     #: but for epsilon). The main run keeps ``reduction``.
     equivalence: bool = False
+    #: The built-in model: "mlp" (hidden, activation) on the digits, "cnn" on the digits as 8x8x1 images, or
+    #: "sequence" (the causal transformer) on seeded token sequences; cnn and sequence take ``gradparity run``'s
+    #: default settings for them (``activation`` applies to the cnn).
+    model: str = "mlp"
 
     def config(self) -> OptimizerConfig:
         return OPTIMIZER_CHOICES[self.optimizer](self.lr if self.lr is not None else DEFAULT_LR[self.optimizer])
@@ -77,11 +81,30 @@ class TrainSpec:
         runs = {"run": {"optimizer": self.config().to_dict(), "lrs": self.lrs(), "reduction": self.reduction}}
         if self.equivalence:
             other = "sum" if self.reduction == "mean" else "mean"
+            terms = self.batch_size * self.terms_per_example()   # what the mean divides by
             factor = 1.0 if self.config().name in ("adam", "adamw") else (
-                1.0 / self.batch_size if other == "sum" else float(self.batch_size))
+                1.0 / terms if other == "sum" else float(terms))
             runs["other"] = {"optimizer": self.config().to_dict(), "lrs": [lr * factor for lr in self.lrs()],
                              "reduction": other}
         return runs
+
+
+    def terms_per_example(self) -> int:
+        """Loss terms one example adds (the sequence model: one per token)."""
+        return builtin_experiment(self).model.seq_len if self.model == "sequence" else 1
+
+
+MODELS = ("mlp", "cnn", "sequence")
+
+
+def builtin_experiment(spec: TrainSpec):
+    """``gradparity run``'s validated experiment for the spec's built-in model (its default settings)."""
+    from gradparity.experiment.spec import load_experiment
+
+    overrides = {"model.kind": spec.model, "seed": spec.seed, "dtype": spec.dtype}
+    if spec.model == "cnn":
+        overrides["model.activation"] = spec.activation
+    return load_experiment(None, overrides)
 
 
 def check_spec(spec: TrainSpec) -> None:
@@ -95,7 +118,7 @@ def check_spec(spec: TrainSpec) -> None:
         problems.append(f"steps must be in 1..10000, got {spec.steps}")
     if not 1 <= spec.batch_size <= 1797:
         problems.append(f"batch size must be in 1..1797 (the digits), got {spec.batch_size}")
-    for name, value, choices in (("reduction", spec.reduction, ("mean", "sum")),
+    for name, value, choices in (("model", spec.model, MODELS), ("reduction", spec.reduction, ("mean", "sum")),
                                  ("schedule", spec.schedule, ("constant", "step")),
                                  ("dtype", spec.dtype, ("float32", "float64"))):
         if value not in choices:
@@ -112,12 +135,26 @@ HELD_OUT = 0.2
 
 
 def split_digits(spec: TrainSpec) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray], str]:
-    """(training split, held-out split, description): the digits in a seeded order, the last 20% held out."""
-    x, y, desc = _load_digits()
+    """(training split, held-out split, description): the digits in a seeded order, the last 20% held out (as
+    8x8x1 images for the cnn); for the sequence model, seeded token sequences split alike."""
+    if spec.model == "sequence":
+        from gradparity.experiment.inputs import token_sequences
+
+        exp = builtin_experiment(spec)
+        m, n = exp.model, exp.data.num_examples
+        seq = token_sequences(n, m.seq_len, m.vocab, _rng(spec.seed, 2))
+        x, y = seq[:, :-1], seq[:, 1:]
+        desc = (f"synthetic token sequences ({n} of length {m.seq_len}, vocabulary {m.vocab}: stride 1-3 modulo the "
+                "vocabulary, 10% noise; targets the next token)")
+    else:
+        x, y, desc = _load_digits()
+        if spec.model == "cnn":
+            x, desc = x.reshape(-1, 8, 8, 1), desc + " as 8x8x1 images"
     order = _rng(spec.seed, 4).permutation(len(y))
     cut = int(round(len(y) * (1 - HELD_OUT)))
     train, held = order[:cut], order[cut:]
-    return ((x[train], y[train].astype(np.int64)), (x[held].astype(spec.dtype), y[held].astype(np.int64)),
+    held_x = x[held] if spec.model == "sequence" else x[held].astype(spec.dtype)   # token ids stay integers
+    return ((x[train], y[train].astype(np.int64)), (held_x, y[held].astype(np.int64)),
             f"{desc}: {cut} to train on, {len(held)} held out")
 
 
@@ -127,26 +164,44 @@ def build_batches(spec: TrainSpec, split=None) -> tuple[MLP, dict[str, np.ndarra
     each epoch), parameters as ``gradparity run`` draws them."""
     (x, y), _, desc = split if split is not None else split_digits(spec)
     n = len(y)
-    model = MLP((x.shape[1], *spec.hidden, 10), spec.activation)
+    model = build_model(spec, x.shape[1:])
     rng = _rng(spec.seed, 1)
     order, batches = np.empty(0, dtype=np.int64), []
     for _ in range(spec.steps):
         if len(order) < spec.batch_size:
             order = np.concatenate([order, rng.permutation(n)])
         rows, order = order[:spec.batch_size], order[spec.batch_size:]
-        batches.append((x[rows].astype(spec.dtype), y[rows].astype(np.int64)))
+        batches.append((x[rows] if spec.model == "sequence" else x[rows].astype(spec.dtype), y[rows].astype(np.int64)))
     desc += f"; {spec.steps} batches of {spec.batch_size} (seeded shuffle, reshuffled each epoch)"
     return model, init_params(model, spec.seed, spec.dtype), batches, desc
 
 
-def held_out_accuracy(model: MLP, steps: list[dict[str, np.ndarray]],
-                      held: tuple[np.ndarray, np.ndarray]) -> list[float]:
-    """Accuracy on the held-out split of the parameters after each step, by the float64 numpy forward pass
-    (the same arithmetic for every framework's parameters)."""
-    from gradparity.backends.numpy.session import forward
+def build_model(spec: TrainSpec, example_shape: tuple[int, ...]):
+    """The built-in model the spec names, for examples of ``example_shape`` and the digits' 10 classes."""
+    if spec.model == "mlp":
+        return MLP((example_shape[0], *spec.hidden, 10), spec.activation)
+    from gradparity.experiment.inputs import cnn_model
+    from gradparity.experiment.models import Sequence
 
-    x, y = np.asarray(held[0], dtype=np.float64), held[1]
-    return [float(np.mean(np.argmax(forward(p, x, model.to_dict()).logits, axis=1) == y)) for p in steps]
+    m = builtin_experiment(spec).model
+    if spec.model == "cnn":
+        return cnn_model(m, example_shape, 10)
+    return Sequence(m.vocab, m.seq_len, m.width, m.heads, m.mlp_width, m.options)
+
+
+def held_out_accuracy(model, steps: list[dict[str, np.ndarray]], held: tuple[np.ndarray, np.ndarray]) -> list[float]:
+    """Accuracy on the held-out split of the parameters after each step, by the float64 numpy forward pass
+    (the same arithmetic for every framework's parameters); for token targets, over every token."""
+    if isinstance(model, MLP):
+        from gradparity.backends.numpy.session import forward
+
+        x, y = np.asarray(held[0], dtype=np.float64), held[1]
+        return [float(np.mean(np.argmax(forward(p, x, model.to_dict()).logits, axis=1) == y)) for p in steps]
+    from gradparity.backends.numpy.models import logits
+
+    x, y = held
+    x = x if x.dtype.kind in "iu" else np.asarray(x, dtype=np.float64)
+    return [float(np.mean(np.argmax(logits(p, x, model.to_dict()), axis=-1) == y)) for p in steps]
 
 
 def make_job(spec: TrainSpec, backend: str, model: MLP, params, batches) -> WorkerJob:
@@ -155,11 +210,16 @@ def make_job(spec: TrainSpec, backend: str, model: MLP, params, batches) -> Work
     for t, (x, y) in enumerate(batches, start=1):
         batch[f"batches/{t}/x"], batch[f"batches/{t}/y"] = x, y
     runs = spec.runs()
+    # The MLP trains in each backend's train.py; a built-in CNN or sequence model in its user_model.py, the
+    # session that builds it for `gradparity run` (payload "builtin").
+    module, payload = ".train", {"runs": runs}
+    if not isinstance(model, MLP):
+        module, payload = ".user_model", {"runs": runs, "builtin": model.to_dict(), "mode": "training",
+                                          "loss": "cross_entropy"}
     return WorkerJob(backend=info.name, framework=info.framework, variant=info.variant,
-                     module=info.module.rsplit(".", 1)[0] + ".train", extra=info.extra, requires=info.requires,
+                     module=info.module.rsplit(".", 1)[0] + module, extra=info.extra, requires=info.requires,
                      methods=tuple(runs), dtype=spec.dtype, device="cpu", precision="highest", model=model.to_dict(),
-                     loss={"name": "cross_entropy"}, params=params, batch=batch, task="train",
-                     payload={"runs": runs})
+                     loss={"name": "cross_entropy"}, params=params, batch=batch, task="train", payload=payload)
 
 
 @dataclass
@@ -179,6 +239,8 @@ class Trajectory:
     vs_other: list[float] = field(default_factory=list)
     other_predicted: list[float] = field(default_factory=list)
     accuracy: list[float] = field(default_factory=list)      # held-out, after each step
+    #: the parameter tensor farthest from the rule at the first step off it (its own largest |difference|)
+    worst_param: str | None = None
 
     @property
     def first_off_rule(self) -> int | None:
@@ -208,6 +270,9 @@ class TrainReport:
     reference_accuracy: dict[str, list[float]] = field(default_factory=dict)
     params: dict[str, np.ndarray] = field(default_factory=dict, repr=False)     # the canonical start
     batches: list = field(default_factory=list, repr=False)                     # (x, y) per step
+    model: str = ""                                                              # what was trained, in words
+    #: tensors left out of every comparison (``rounding_only_under_adam``)
+    rounding_only: frozenset = frozenset()
 
     @property
     def exit_code(self) -> int:
@@ -222,9 +287,27 @@ def _float32_hyper(spec: TrainSpec, backend: str) -> bool:
     return BACKENDS[backend].variant == "tensorflow" and spec.dtype == "float64"
 
 
+def rounding_only_under_adam(spec: TrainSpec, model, params, batches) -> frozenset:
+    """The parameter tensors whose gradient is zero in exact arithmetic but not in floating point (the
+    attention key's bias: softmax ignores it), when the optimizer is Adam: Adam divides by sqrt(v) + eps, so
+    their gradient of pure rounding delta becomes a step of lr * min(delta / eps, 1), not lr * delta, and
+    their trajectories are rounding, amplified. Found on batch 1 by float64 numpy (largest |gradient| at most
+    1e-9 of the model's largest, not exactly 0); the MLP has none."""
+    if spec.config().name not in ("adam", "adamw") or isinstance(model, MLP):
+        return frozenset()
+    from gradparity.backends.numpy.models import loss_and_grads
+
+    x, y = batches[0]
+    x = x if np.asarray(x).dtype.kind in "iu" else np.asarray(x, dtype=np.float64)
+    _, grads = loss_and_grads({k: np.asarray(v, dtype=np.float64) for k, v in params.items()}, x, y, model.to_dict())
+    largest = max(float(np.max(np.abs(g))) for g in grads.values())
+    return frozenset(k for k, g in grads.items() if 0 < np.max(np.abs(g)) <= 1e-9 * largest)
+
+
 def run_training(spec: TrainSpec, progress=None) -> TrainReport:
     """Train in every backend, compute the numpy trajectories, compare step by step."""
-    from gradparity.backends.numpy.train import trajectory
+    from gradparity.backends.numpy.models import trajectory as model_trajectory
+    from gradparity.backends.numpy.train import trajectory as mlp_trajectory
 
     check_spec(spec)
     say = progress or (lambda _m: None)
@@ -233,9 +316,15 @@ def run_training(spec: TrainSpec, progress=None) -> TrainReport:
     model, params, batches, desc = build_batches(spec, split)
     config = spec.config()
     grad_tol = tolerance_for(model, spec.batch_size)
+    skip = rounding_only_under_adam(spec, model, params, batches)
+
+    def step_rtol(u: float) -> list[float]:
+        return [grad_tol.rtol(u) * t for t in range(1, spec.steps + 1)]
     remove_stale_job_dirs()
     rounded = {k: v.astype(np.float64) for k, v in params.items()}
     references: dict[tuple[str, bool, str], tuple[list, list]] = {}
+
+    trajectory = mlp_trajectory if isinstance(model, MLP) else model_trajectory
 
     def reference(framework: str, f32_hyper: bool = False, run: str = "run"):
         if (framework, f32_hyper, run) not in references:
@@ -261,37 +350,45 @@ def run_training(spec: TrainSpec, progress=None) -> TrainReport:
         tr = Trajectory(b, "ok", None, steps, [float(row.grads[f"loss/{t}"]) for t in range(1, spec.steps + 1)],
                         u, outcome.environment, row.info, row.seconds)
         ref, _ = reference(info.framework, _float32_hyper(spec, b))
-        tr.vs_rule = [relative_distance(p, r) for p, r in zip(steps, ref)]
+        tr.vs_rule = [relative_distance(p, r, skip) for p, r in zip(steps, ref)]
         tr.accuracy = held_out_accuracy(model, steps, held)
-        tr.rule_rtol = [grad_tol.rtol(u) * t for t in range(1, spec.steps + 1)]
+        tr.rule_rtol = step_rtol(u)
+        if tr.first_off_rule:
+            at, r = steps[tr.first_off_rule - 1], ref[tr.first_off_rule - 1]
+            tr.worst_param = max((k for k in at if k not in skip), key=lambda k: float(np.max(np.abs(at[k] - r[k]))))
         other = outcome.methods.get("other")
         if spec.equivalence and other is not None and other.status == "ok":
             other_steps = [{k: np.asarray(other.grads[f"{t}/{k}"], dtype=np.float64) for k in params}
                            for t in range(1, spec.steps + 1)]
-            tr.vs_other = [relative_distance(p, q) for p, q in zip(steps, other_steps)]
+            tr.vs_other = [relative_distance(p, q, skip) for p, q in zip(steps, other_steps)]
             ref_other, _ = reference(info.framework, _float32_hyper(spec, b), "other")
-            tr.other_predicted = [relative_distance(p, q) for p, q in zip(ref, ref_other)]
+            tr.other_predicted = [relative_distance(p, q, skip) for p, q in zip(ref, ref_other)]
         out.append(tr)
     ok = [t for t in out if t.status == "ok"]
     pairs = []
     for a, b in itertools.combinations(ok, 2):
         u = max(a.unit_roundoff, b.unit_roundoff)
         ra, rb = (reference(BACKENDS[t.backend].framework, _float32_hyper(spec, t.backend))[0] for t in (a, b))
-        pairs.append(Pair(a.backend, b.backend, [relative_distance(x, y) for x, y in zip(a.params, b.params)],
-                          [grad_tol.rtol(u) * t for t in range(1, spec.steps + 1)],
-                          [relative_distance(x, y) for x, y in zip(ra, rb)]))
+        pairs.append(Pair(a.backend, b.backend, [relative_distance(x, y, skip) for x, y in zip(a.params, b.params)],
+                          step_rtol(u),
+                          [relative_distance(x, y, skip) for x, y in zip(ra, rb)]))
     frameworks = sorted({BACKENDS[t.backend].framework for t in ok})
     return TrainReport(spec, desc, out, pairs, {fw: reference(fw)[1] for fw in frameworks},
-                       {fw: held_out_accuracy(model, reference(fw)[0], held) for fw in frameworks}, params, batches)
+                       {fw: held_out_accuracy(model, reference(fw)[0], held) for fw in frameworks}, params, batches,
+                       model.describe(), skip)
 
 
 def render_text(report: TrainReport) -> str:
     s = report.spec
     lines = [f"gradparity train: {s.steps} steps of {s.config().label()} ({s.schedule} lr), loss {s.reduction}-reduced "
-             f"cross-entropy, MLP {'-'.join(map(str, (64, *s.hidden, 10)))} {s.activation}, {s.dtype}; "
+             f"cross-entropy, {report.model}, {s.dtype}; "
              f"{report.description}",
              "every framework from the same canonical parameters on the same batches; tolerance at step t: "
              "rtol(t) = rtol_gradient(u) * t, relative to the parameters' largest entry", ""]
+    if report.rounding_only:
+        lines[-1:-1] = [f"left out of the comparison: {', '.join(sorted(report.rounding_only))}, whose gradient is "
+                        "zero in exact arithmetic (float64 numpy: pure rounding) and which Adam turns into steps of "
+                        "up to lr each (it divides by sqrt(v) + eps): their values are rounding, amplified"]
     lines.append(f"{'backend':<18} {'loss step 1':>12} {'loss last':>12} {'held-out acc.':>14} "
                  f"{'vs numpy, own rule':>19} {'first step off':>15} {'ms/step':>9}")
     for t in report.trajectories:
@@ -318,6 +415,9 @@ def render_text(report: TrainReport) -> str:
                if rules_apart else "the rules agree: rounding, amplified by training")
         if rules_apart and any(_float32_hyper(s, b) for b in (p.a, p.b)):
             why += "; keras-tensorflow's hyperparameters are rounded to float32 (part of its rule in float64)"
+        off_rule = [t.backend for t in report.trajectories if t.backend in (p.a, p.b) and t.first_off_rule]
+        if off_rule:
+            why += f"; and {', '.join(off_rule)} does not follow its own rule (below)"
         lines.append(f"{p.a} vs {p.b}: APART from step {first} ({p.per_step[first - 1]:.3g} > rtol "
                      f"{p.rtol[first - 1]:.3g}), {p.per_step[-1]:.3g} at step {len(p.per_step)}; why: {why}")
     lines += _equivalence_lines(report)
@@ -327,11 +427,23 @@ def render_text(report: TrainReport) -> str:
         lines.append("INCOMPLETE: a framework failed (above); the others are compared")
     elif off:
         lines.append("OFF: " + ", ".join(f"{t.backend} leaves the numpy trajectory of its own optimizer rule at "
-                                         f"step {t.first_off_rule}" for t in off))
+                                         f"step {t.first_off_rule} (farthest in {t.worst_param})" for t in off))
+        if any(_sparse_adam(s, t) for t in off):
+            lines.append("  known cause: Keras 3 on TensorFlow applies Adam to an embedding's sparse gradient "
+                         "(tf.IndexedSlices) one occurrence at a time, so a token that appears k times in a batch "
+                         "gets k partial moment updates instead of one Adam update of its summed gradient; SGD and "
+                         "momentum, whose updates are linear, are unaffected (gradparity train --optimizer momentum "
+                         "shows it on the same model)")
     else:
         lines.append("ON TRACK: every framework follows the float64 trajectory of its own optimizer rule within "
                      "rtol at every step")
     return "\n".join(lines)
+
+
+def _sparse_adam(spec: TrainSpec, t: Trajectory) -> bool:
+    """Whether the Keras-on-TensorFlow sparse-gradient Adam update explains ``t`` leaving its rule."""
+    return (BACKENDS[t.backend].variant == "tensorflow" and spec.config().name in ("adam", "adamw")
+            and bool(t.worst_param) and t.worst_param.endswith(".embedding"))
 
 
 def _equivalence_lines(report: TrainReport) -> list[str]:
@@ -365,10 +477,13 @@ def to_dict(report: TrainReport) -> dict:
         "schema": "gradparity.train/1",
         "spec": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(s).items()},
         "optimizer": s.config().to_dict(), "lrs": s.lrs(), "runs": s.runs(), "data": report.description,
+        "model": report.model, "left_out_rounding_only": sorted(report.rounding_only),
         "trajectories": [{
             "backend": t.backend, "status": t.status, "error": t.error, "losses": t.losses,
             "held_out_accuracy": t.accuracy,
             "vs_own_rule_per_step": t.vs_rule, "rtol_per_step": t.rule_rtol, "first_step_off_rule": t.first_off_rule,
+            "farthest_parameter_off_rule": t.worst_param, "known_cause": ("keras_tensorflow_sparse_adam"
+                                                                           if _sparse_adam(s, t) else None),
             "other_reduction_per_step": t.vs_other or None, "other_reduction_predicted": t.other_predicted or None,
             "environment": t.environment, "info": t.info, "seconds": t.seconds} for t in report.trajectories],
         "reference_losses": report.reference_losses, "reference_held_out_accuracy": report.reference_accuracy,

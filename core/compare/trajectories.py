@@ -8,10 +8,10 @@ from __future__ import annotations
 import numpy as np
 
 
-def relative_distance(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
-    """max |a_p - b_p| over every parameter entry, divided by the largest |entry| of either side (0 if both
-    are all zero)."""
-    num = max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
+def relative_distance(a: dict[str, np.ndarray], b: dict[str, np.ndarray], skip: frozenset = frozenset()) -> float:
+    """max |a_p - b_p| over every parameter entry (of the tensors not in ``skip``), divided by the largest
+    |entry| of either side (0 if both are all zero)."""
+    num = max((float(np.max(np.abs(a[k] - b[k]))) for k in a if k not in skip), default=0.0)
     den = max(max(float(np.max(np.abs(a[k]))), float(np.max(np.abs(b[k])))) for k in a)
     return num / den if den else num
 
