@@ -61,7 +61,8 @@ class WorkerJob:
     #: "optimizer_steps": ``methods`` are cases of ``payload['configs']``, run natively on a fixed gradient
     #: sequence (see "Optimizers" below and each backend's ``optimizers``).
     #: "train": ``methods`` are runs of ``payload['runs']``: the MLP trained on ``batch['batches/T/x|y']``
-    #: (or ``batch[PREFIX + 'batches/T/…']``, a run's "batches" key naming PREFIX); each backend's ``train``
+    #: (or ``batch[PREFIX + 'batches/T/…']``, a run's "batches" key naming PREFIX; a run with "weights": true
+    #: also reads the per-example weights ``…/batches/T/w``, see ``train_weights``); each backend's ``train``
     #: returns "T/NAME", the parameters after step T (every step, or those of the run's "record" list), and
     #: "loss/T" for every step.
     task: str = "gradients"
@@ -425,6 +426,34 @@ def train_batches(job: WorkerJob, prefix: str = "") -> list[tuple[np.ndarray, np
         t += 1
     if not out:
         raise ValueError(f"a train job needs batches '{prefix}batches/1/x', '{prefix}batches/1/y', ...")
+    return out
+
+
+#: A training run's reductions of the per-example losses l_i of a batch of N (weights w_i: see ``train_weights``):
+#: unweighted runs "mean" (sum_i l_i / N) and "sum"; weighted runs "sum" (sum_i w_i l_i), "weighted_mean"
+#: (sum_i w_i l_i / sum_i w_i: torch ``CrossEntropyLoss(weight=...)``, Keras "mean_with_sample_weight") and
+#: "sum_over_batch_size" (sum_i w_i l_i / N: Keras' default with ``sample_weight``).
+TRAIN_REDUCTIONS = {False: ("mean", "sum"), True: ("sum", "weighted_mean", "sum_over_batch_size")}
+
+
+def train_weights(job: WorkerJob, case: str, steps: int) -> list[np.ndarray] | None:
+    """The per-example weights of a run's steps 1..K (``job.batch[PREFIX + "batches/T/w"]``, one weight per row
+    of batch T), or None for an unweighted run (no ``"weights": true``). Raises ValueError for a reduction the
+    run cannot have (``TRAIN_REDUCTIONS``) or weights missing or not matching their batch."""
+    run = job.payload["runs"][case]
+    weighted, prefix = bool(run.get("weights")), run.get("batches", "")
+    if run["reduction"] not in TRAIN_REDUCTIONS[weighted]:
+        raise ValueError(f"a{' weighted' if weighted else 'n unweighted'} training run reduces by one of "
+                         f"{', '.join(TRAIN_REDUCTIONS[weighted])}, not {run['reduction']!r}")
+    if not weighted:
+        return None
+    out = []
+    for t in range(1, steps + 1):
+        w, y = job.batch.get(f"{prefix}batches/{t}/w"), job.batch[f"{prefix}batches/{t}/y"]
+        if w is None or w.shape != y.shape:
+            raise ValueError(f"weighted run {case!r}: '{prefix}batches/{t}/w' must hold one weight per example "
+                             f"of batch {t} ({y.shape}), got {None if w is None else w.shape}")
+        out.append(w)
     return out
 
 

@@ -196,6 +196,17 @@ def _parser() -> argparse.ArgumentParser:
                           "Adam also sqrt scaling) for --epochs, every framework, and print the learning-rate recipe")
     trn.add_argument("--batch-sizes", default="16,32,64,128", help="with --sweep (default 16,32,64,128)")
     trn.add_argument("--epochs", type=int, default=3, help="with --sweep: epochs per batch size (default 3)")
+    trn.add_argument("--class-weights", default="none",
+                     help="with --sweep: none (default) | balanced (n / (10 n_k)) | skewed (seeded, 1/4 to 4): "
+                          "per-example weights w = c[y]; the rules use the weighted mean sum(w l)/sum(w), the "
+                          "weighted sum, and Keras' sum_over_batch_size sum(w l)/N ('sobs')")
+    trn.add_argument("--last-batch", default="drop",
+                     help="with --sweep: drop (default) | keep: each epoch ends with the short batch of n mod B "
+                          "examples (the rules also run with it dropped, to compare)")
+    trn.add_argument("--lr-grid", nargs="?", const="default", default=None,
+                     help="with --sweep: also run each rule at its lr times each of these comma-separated "
+                          "multipliers (without a value: 0.25,0.5,1,2,4) and report the best measured lr per batch "
+                          "size and reduction against the rules' predictions")
     trn.add_argument("--out", default="gradparity-train",
                      help="output folder: report.html (curves), report.json, report.md, PNGs, npz "
                           "(default: ./gradparity-train)")
@@ -244,6 +255,11 @@ def _train(args) -> int:
                      model=args.model)
     if args.sweep and args.model != "mlp":
         raise ConfigError(f"--sweep trains the built-in MLP only, not --model {args.model}")
+    sweep_only = [flag for flag, value, default in (("--class-weights", args.class_weights, "none"),
+                                                    ("--last-batch", args.last_batch, "drop"),
+                                                    ("--lr-grid", args.lr_grid, None)) if value != default]
+    if sweep_only and not args.sweep:
+        raise ConfigError(f"{', '.join(sweep_only)} only with --sweep")
     if args.sweep:
         from gradparity.commands import sweep
 
@@ -251,21 +267,31 @@ def _train(args) -> int:
             sizes = tuple(int(v) for v in _csv(args.batch_sizes))
         except ValueError:
             raise ConfigError(f"--batch-sizes must be comma-separated integers, got {args.batch_sizes!r}") from None
+        try:
+            grid = (sweep.DEFAULT_GRID if args.lr_grid == "default" else
+                    tuple(float(v) for v in _csv(args.lr_grid)) if args.lr_grid is not None else ())
+        except ValueError:
+            raise ConfigError(f"--lr-grid must be comma-separated numbers, got {args.lr_grid!r}") from None
+        if args.lr_grid is not None and not grid:
+            raise ConfigError(f"--lr-grid needs at least one multiplier, got {args.lr_grid!r}")
         from gradparity.report.outdir import OutputDir, new_run_id
         from gradparity.report.train_html import SWEEP_FILES, write_sweep_report
 
+        sweep_spec = sweep.SweepSpec(spec, sizes, args.epochs, args.class_weights, args.last_batch, grid)
+        sweep.check_sweep(sweep_spec)  # bad values are exit 2 before the output folder or any worker
         run_id = new_run_id()
         folder = OutputDir.claim(args.out, run_id, SWEEP_FILES)
         try:
-            result = sweep.run_sweep(sweep.SweepSpec(spec, sizes, args.epochs),
-                                     progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+            result = sweep.run_sweep(sweep_spec, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
             write_sweep_report(result, folder, run_id)
         finally:
             folder.release()
         print(json.dumps(sweep.to_dict(result), indent=1) if args.json else sweep.render_text(result))
         if not args.json:
+            plots = ", ".join(["recipe.png", "epochs.png"] + (["grid.png"] if grid else [])
+                              + (["weights.png"] if sweep_spec.weighted else []))
             print(f"\nwrote {Path(args.out) / 'report.html'} (open it in any browser), report.json, report.md, "
-                  f"recipe.png, epochs.png (run {run_id})")
+                  f"{plots} (run {run_id})")
         return 3 if any(c.status != "ok" for c in result.cells) else 0
 
     from gradparity.commands.train import check_spec

@@ -10,8 +10,9 @@ and converts results; only the autodiff differs per Keras backend
 (``job.variant``, already in ``KERAS_BACKEND`` before this module is
 imported). Each variant is a small class with the same method names:
 
-``reduced(reduction, x, y, masks) -> (loss, grads)``
-    one reduced loss, one backward (``sum``, ``mean``);
+``reduced(reduction, x, y, masks, sample_weight=None) -> (loss, grads)``
+    one reduced loss, one backward (``sum``, ``mean``; a training run's weighted reductions pass the
+    batch's per-example ``sample_weight`` to the loss object);
 ``none_loop(x, y, masks) -> (losses, grads)``
     the "none" loss vector from one forward, one backward per example, summed;
 ``none_vectorized(x, y, masks) -> (losses, grads)``
@@ -60,6 +61,12 @@ def _feed(x, masks):
     make the backends comparable with each other and with the reference.
     """
     return [x, *masks] if masks else x
+
+
+def _reduce(loss, y, logits, sample_weight):
+    """The loss object called as Keras users call it: with ``sample_weight`` only when there is one (the switch
+    'class_weights' wraps the objects in a two-argument call)."""
+    return loss(y, logits) if sample_weight is None else loss(y, logits, sample_weight=sample_weight)
 
 
 def _rows(masks, i: int):
@@ -173,9 +180,9 @@ class _TensorFlow(_Autodiff):
         tf = self.tf
 
         @tf.function
-        def reduced(reduction, x, y, masks):  # one trace per (reduction, shape)
+        def reduced(reduction, x, y, masks, sample_weight):  # one trace per (reduction, shape, weighted or not)
             with tf.GradientTape() as tape:
-                loss = losses[reduction](y, model(_feed(x, masks), training=True))
+                loss = _reduce(losses[reduction], y, model(_feed(x, masks), training=True), sample_weight)
             return loss, tape.gradient(loss, self.variables)
 
         def one_example(elems):
@@ -191,8 +198,8 @@ class _TensorFlow(_Autodiff):
             one_example, (x, y, masks), fallback_to_while_loop=False))
         self._reduced, self._per_example = reduced, per_example
 
-    def reduced(self, reduction, x, y, masks):
-        return self._reduced(reduction, x, y, masks)
+    def reduced(self, reduction, x, y, masks, sample_weight=None):
+        return self._reduced(reduction, x, y, masks, sample_weight)
 
     def none_loop(self, x, y, masks):
         tf = self.tf
@@ -260,11 +267,11 @@ class _Jax(_Autodiff):
         jax = self.jax
         non_trainable = [v.value for v in model.non_trainable_variables]
 
-        def loss_fn(trainable, x, y, masks, reduction):
+        def loss_fn(trainable, x, y, masks, reduction, sample_weight=None):
             # stateless_call returns the normalizations' moving statistics as updates; training mode never
             # reads them, so they are dropped (and the non-trainable values passed in stay unchanged).
             logits, _ = model.stateless_call(trainable, non_trainable, _feed(x, masks), training=True)
-            return losses[reduction](y, logits)
+            return _reduce(losses[reduction], y, logits, sample_weight)
 
         def one_example(trainable, xi, yi, mi):
             return loss_fn(trainable, xi[None], yi[None], _example(mi), "sum")
@@ -280,8 +287,8 @@ class _Jax(_Autodiff):
     def _trainable(self):
         return [v.value for v in self.variables]
 
-    def reduced(self, reduction, x, y, masks):
-        return self._value_and_grad(self._trainable(), x, y, masks, reduction)
+    def reduced(self, reduction, x, y, masks, sample_weight=None):
+        return self._value_and_grad(self._trainable(), x, y, masks, reduction, sample_weight)
 
     def none_loop(self, x, y, masks):
         losses, vjp = self._forward(self._trainable(), x, y, masks)
@@ -346,9 +353,9 @@ class _Torch(_Autodiff):
     def _grads(self):
         return [v.value.grad for v in self.variables]
 
-    def reduced(self, reduction, x, y, masks):
+    def reduced(self, reduction, x, y, masks, sample_weight=None):
         self._zero()
-        loss = self.losses[reduction](y, self.model(_feed(x, masks), training=True))
+        loss = _reduce(self.losses[reduction], y, self.model(_feed(x, masks), training=True), sample_weight)
         loss.backward()
         return loss.detach(), self._grads()
 

@@ -2,14 +2,18 @@
 
 Contract (shared by ``backends/{torch,keras,jax}/train.py``): ``open_session(job)`` returns a session whose
 ``compute(case)`` runs ``job.payload["runs"][case]`` = ``{"optimizer": OptimizerConfig dict, "lrs": [lr at
-step 1..K], "reduction": "mean" | "sum"}`` from scratch: a fresh model holding the canonical ``job.params``
-and a fresh optimizer, then for t = 1..K the cross-entropy of batch t (``job.batch["batches/t/x"]``,
-``["batches/t/y"]``) reduced over the batch, its gradient, and one optimizer step at ``lrs[t-1]``. It returns
+step 1..K], "reduction": "mean" | "sum"}`` (a run with ``"weights": true``: "sum" | "weighted_mean" |
+"sum_over_batch_size" of the per-example weights ``…/batches/t/w``, see ``protocol.TRAIN_REDUCTIONS``) from
+scratch: a fresh model holding the canonical ``job.params`` and a fresh optimizer, then for t = 1..K the
+cross-entropy of batch t (``job.batch["batches/t/x"]``, ``["batches/t/y"]``; the last batch of an epoch may be
+short) reduced over the batch, its gradient, and one optimizer step at ``lrs[t-1]``. It returns
 ``RawResult(loss=loss_K, grads={"t/NAME": parameters after step t (canonical layout, job dtype)} |
 {"loss/t": loss_t}, info={"optimizer": ..., "loop": ...})``.
 
 Here that is the textbook loop: ``nn.CrossEntropyLoss(reduction=...)``, ``optimizer.zero_grad();
-loss.backward(); optimizer.step()``, with the model, its canonical<->torch mapping, the device and the
+loss.backward(); optimizer.step()``; with weights, ``nn.CrossEntropyLoss(reduction="none")`` times w, summed, and
+divided by ``w.sum()`` ("weighted_mean", what ``nn.CrossEntropyLoss(weight=class_weights)`` divides by) or by
+N ("sum_over_batch_size"), with the model, its canonical<->torch mapping, the device and the
 precision pinning of ``session.py`` and the optimizer class and learning-rate feeding
 (``param_groups[0]["lr"]`` before each step) of ``optimizers.py``. Imported only inside a worker process.
 """
@@ -19,22 +23,25 @@ import numpy as np
 import torch
 from torch import nn
 
-from gradparity.backends.protocol import RawResult, WorkerJob, train_batches, train_run
+from gradparity.backends.protocol import RawResult, WorkerJob, train_batches, train_run, train_weights
 from gradparity.backends.torch.optimizers import _DTYPES, _optimizer, environment_note
 from gradparity.backends.torch.session import (_torch_name, build_model, mlp_environment, pick_device,
                                                pin_highest_precision, to_canonical)
 
 LOOP = ("optimizer.zero_grad(); loss = nn.CrossEntropyLoss(reduction=REDUCTION)(model(x_t), y_t); "
         "loss.backward(); optimizer.param_groups[0]['lr'] = lrs[t]; optimizer.step()")
+WEIGHTED_LOOP = ("optimizer.zero_grad(); l = nn.CrossEntropyLoss(reduction='none')(model(x_t), y_t); "
+                 "loss = (l * w_t).sum() [/ w_t.sum() | / len(y_t)]; loss.backward(); "
+                 "optimizer.param_groups[0]['lr'] = lrs[t]; optimizer.step()")
 
 
-def batches(job: WorkerJob) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The (x, y) of steps 1..K from ``job.batch["batches/t/x"|"batches/t/y"]``."""
-    out, t = [], 1
-    while f"batches/{t}/x" in job.batch:
-        out.append((job.batch[f"batches/{t}/x"], job.batch[f"batches/{t}/y"]))
-        t += 1
-    return out
+def weighted_loss(reduction: str):
+    """``loss_fn(logits, y, w)`` of a weighted run: the per-example cross-entropy times w, summed, then divided
+    by nothing ("sum"), by sum(w) ("weighted_mean") or by the batch's size ("sum_over_batch_size")."""
+    per_example = nn.CrossEntropyLoss(reduction="none")
+    divide = {"sum": lambda w: 1, "weighted_mean": lambda w: w.sum(), "sum_over_batch_size": lambda w: w.shape[0]}
+    divisor = divide[reduction]
+    return lambda logits, y, w: (per_example(logits, y) * w).sum() / divisor(w)
 
 
 class TorchTrainSession:
@@ -51,8 +58,9 @@ class TorchTrainSession:
             pin_highest_precision()
         self.dtype = _DTYPES[job.dtype]
         self._batches: dict[str, list] = {}
-        for run in job.payload["runs"].values():  # converted once here: a timed compute() is the loop alone
-            self.batches(run)
+        self._weights: dict[str, list] = {}
+        # Converted once here: a timed compute() is the loop alone.
+        self._run_weights = {case: self.weights(case) for case in job.payload["runs"]}
 
     def batches(self, run: dict) -> list:
         """The run's batches as tensors on the device (converted on first use, then reused)."""
@@ -62,6 +70,19 @@ class TorchTrainSession:
                                       torch.from_numpy(np.asarray(y)).to(self.device, torch.int64))
                                      for x, y in train_batches(self.job, prefix)]
         return self._batches[prefix]
+
+    def weights(self, case: str) -> list | None:
+        """The case's per-example weights per step as tensors on the device (converted once per batch sequence),
+        or None (unweighted); its batches converted too."""
+        run = self.job.payload["runs"][case]
+        steps = len(self.batches(run))
+        weights = train_weights(self.job, case, steps)
+        if weights is None:
+            return None
+        prefix = run.get("batches", "")
+        if prefix not in self._weights:
+            self._weights[prefix] = [torch.from_numpy(np.asarray(w)).to(self.device, self.dtype) for w in weights]
+        return self._weights[prefix]
 
     def environment(self) -> dict:
         # A throwaway model: the environment reads the dtype the parameters really have.
@@ -73,15 +94,17 @@ class TorchTrainSession:
         run = self.job.payload["runs"][case]
         batches = self.batches(run)
         config, lrs, reduction, record = train_run(self.job, case, len(batches))
+        weights = self._run_weights[case]
         model = build_model(self.job, self.dtype, self.device)
         optimizer = _optimizer(config, list(model.parameters()))
         (group,) = optimizer.param_groups
-        loss_fn = nn.CrossEntropyLoss(reduction=reduction)
+        plain = nn.CrossEntropyLoss(reduction=reduction) if weights is None else None
+        weighted = weighted_loss(reduction) if weights is not None else None
         named = dict(model.named_parameters())
         losses, snapshots = [], []
         for t, ((x, y), lr) in enumerate(zip(batches, lrs), start=1):
             optimizer.zero_grad()  # set_to_none: nothing of the previous step reaches this gradient
-            loss = loss_fn(model(x), y)
+            loss = plain(model(x), y) if weights is None else weighted(model(x), y, weights[t - 1])
             loss.backward()
             # As optimizers.run_steps feeds it (what an lr_scheduler does): step() reads group["lr"] afresh.
             group["lr"] = float(lr)
@@ -94,7 +117,8 @@ class TorchTrainSession:
                   for t, snap in snapshots for name, value in snap.items()}
         loss_values = [float(v) for v in torch.stack(losses).cpu().numpy()]
         arrays.update({f"loss/{t}": np.array(v, dtype=self.job.dtype) for t, v in enumerate(loss_values, start=1)})
-        return RawResult(loss_values[-1], arrays, {"optimizer": environment_note(config), "loop": LOOP})
+        return RawResult(loss_values[-1], arrays, {"optimizer": environment_note(config),
+                                                   "loop": LOOP if weights is None else WEIGHTED_LOOP})
 
 
 def open_session(job: WorkerJob) -> TorchTrainSession:

@@ -14,6 +14,37 @@ Held-out accuracy is measured after every epoch from each framework's own parame
 forward pass for all), and the frameworks' final parameters are compared with each other. The recipe: per
 rule and batch size, the accuracy reached and how far it is from B0's; the rule to use at each B is the best
 measured one, and the linear rule "holds" up to the largest B where it stays within ``HOLDS`` of B0.
+
+Three options extend it (each off by default, so the default sweep is the one above):
+
+- ``class_weights`` ("balanced" | "skewed"): every example carries the weight of its class, w_i = c[y_i]
+  (``class_weights``; both scaled so that the training split's mean example weight is 1). "balanced" is
+  n / (K n_k) from the training split (the digits are nearly balanced: the weights stay within a few percent
+  of 1); "skewed" gives the classes, in a seeded order, weights from 1/SKEW to SKEW in geometric steps, so
+  that batches differ in their total weight. The rules then reduce with the weights, each framework natively
+  (``protocol.TRAIN_REDUCTIONS``): ``mean*`` by the weighted mean sum(w l) / sum(w) (torch
+  ``CrossEntropyLoss(weight=...)``, Keras "mean_with_sample_weight"), ``sum`` by sum(w l), and ``sobs*``
+  (same scalings as ``mean*``) by Keras' "sum_over_batch_size" sum(w l) / N. A ``sobs`` step is the weighted
+  mean's step times sum(w) / N of its batch; the report measures that factor on the batches.
+- ``last_batch`` ("keep"): every epoch ends with the short batch of the n mod B examples left over (at the
+  same lr as the others); the same rules are also run with it dropped, on the same data order, and the
+  report gives, per rule, how much an example of the short batch weighs against one of a full batch (lr
+  times its factor in the reduced loss, per unit of sample weight, from the batches) and the difference
+  keep - drop in held-out accuracy and final parameters.
+- ``lr_grid`` (multipliers, e.g. 0.25, 0.5, 1, 2, 4): every rule is also run at its learning rate times each
+  multiplier (runs with the same batches, reduction and lr are trained once); the report gives, per batch
+  size and reduction, the best measured lr and its accuracy against each rule's prediction, and where linear
+  scaling stops holding (its accuracy more than ``HOLDS`` below the grid's best).
+
+report.json stays schema "gradparity.train.sweep/1": the keys of the default sweep keep their meaning ("cells"
+are the main configurations, one per framework, batch size and rule: multiplier 1 and the chosen last-batch
+mode; "reduction" takes the weighted names with ``class_weights``), and these keys were added: top-level
+"class_weights", "last_batch", "lr_grid" (the multipliers or null), "weights" (null, or the per-class weights
+and per batch size the spread of sum(w) / N over the steps), "last_batch_effect" (null, or per batch size and
+rule: b_last, the short batch's per-example weight over a full batch's, accuracies and parameter distance
+keep vs drop), "grid" (null, or every measured (B, reduction, lr) point, the best per B and reduction with the
+rules' predictions, and where linear scaling holds), "extra_cells" (the grid's and the dropped-last-batch
+runs, each with "role", "multiplier" and "last_batch"), and per cell "role", "multiplier" and "last_batch".
 """
 from __future__ import annotations
 
@@ -25,6 +56,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from gradparity.backends import BACKENDS
+from gradparity.backends.numpy.train import loss_scale
 from gradparity.backends.protocol import WorkerJob
 from gradparity.commands.train import DEFAULT_LR, TrainSpec, check_spec, held_out_accuracy, split_digits
 from gradparity.compare.trajectories import relative_distance
@@ -36,18 +68,33 @@ from gradparity.run.execute import remove_stale_job_dirs, run_backend
 B0 = 32
 #: The linear rule "holds" at B while its held-out accuracy is within this of B0's (accuracy, fraction).
 HOLDS = 0.01
+CLASS_WEIGHTS = ("none", "balanced", "skewed")
+LAST_BATCH = ("drop", "keep")
+#: The "skewed" class weights run from 1/SKEW to SKEW (before scaling the mean example weight to 1).
+SKEW = 4.0
+#: ``--lr-grid`` without a value: small, so a grid sweep stays within a few minutes on two CPU cores.
+DEFAULT_GRID = (0.25, 0.5, 1.0, 2.0, 4.0)
+#: At most this many multipliers (every one is a full set of training runs per framework).
+MAX_GRID = 9
+CLASSES = 10
 
 
-def rules(optimizer: str) -> dict[str, callable]:
-    """Rule name -> (lr0, B) -> (reduction, lr)."""
-    if optimizer in ("adam", "adamw"):
-        return {"mean": lambda lr0, b: ("mean", lr0),
-                "mean_sqrt": lambda lr0, b: ("mean", lr0 * math.sqrt(b / B0)),
-                "mean_linear": lambda lr0, b: ("mean", lr0 * b / B0),
-                "sum": lambda lr0, b: ("sum", lr0)}
-    return {"mean": lambda lr0, b: ("mean", lr0),
-            "mean_linear": lambda lr0, b: ("mean", lr0 * b / B0),
-            "sum": lambda lr0, b: ("sum", lr0 / B0)}
+def rules(optimizer: str, weighted: bool = False) -> dict[str, callable]:
+    """Rule name -> (lr0, B) -> (reduction, lr). Weighted: ``mean*`` reduce by the weighted mean, ``sum`` by the
+    weighted sum, and ``sobs*`` (the mean's scalings) by Keras' sum_over_batch_size."""
+    adam = optimizer in ("adam", "adamw")
+    scalings = {"": lambda b: 1.0, "_sqrt": lambda b: math.sqrt(b / B0), "_linear": lambda b: b / B0}
+    if not adam:
+        del scalings["_sqrt"]
+
+    def scaled(reduction, scale):
+        return lambda lr0, b: (reduction, lr0 * scale(b))
+
+    out = {f"mean{k}": scaled("weighted_mean" if weighted else "mean", s) for k, s in scalings.items()}
+    out["sum"] = scaled("sum", (lambda b: 1.0) if adam else (lambda b: 1.0 / B0))
+    if weighted:
+        out.update({f"sobs{k}": scaled("sum_over_batch_size", s) for k, s in scalings.items()})
+    return out
 
 
 @dataclass(frozen=True)
@@ -55,11 +102,163 @@ class SweepSpec:
     base: TrainSpec
     batch_sizes: tuple[int, ...] = (16, 32, 64, 128)
     epochs: int = 3
+    class_weights: str = "none"          # none | balanced | skewed
+    last_batch: str = "drop"             # drop | keep (keep: the drop runs too, for comparison)
+    lr_grid: tuple[float, ...] = ()      # multipliers of every rule's lr; () = off
+
+    @property
+    def weighted(self) -> bool:
+        return self.class_weights != "none"
+
+    def rules(self) -> dict[str, callable]:
+        return rules(self.base.optimizer, self.weighted)
+
+
+def check_sweep(spec: SweepSpec) -> None:
+    """Every problem of the sweep's spec as one ConfigError (exit 2), before any worker starts or any output
+    folder is claimed."""
+    check_spec(spec.base)
+    problems = []
+    if not spec.batch_sizes or any(not 1 <= b <= 512 for b in spec.batch_sizes) or not 1 <= spec.epochs <= 50:
+        problems.append(f"batch sizes must be in 1..512 and epochs in 1..50, got {list(spec.batch_sizes)} and "
+                        f"{spec.epochs}")
+    if spec.class_weights not in CLASS_WEIGHTS:
+        problems.append(f"class weights {spec.class_weights!r} is not one of {', '.join(CLASS_WEIGHTS)}")
+    if spec.last_batch not in LAST_BATCH:
+        problems.append(f"last batch {spec.last_batch!r} is not one of {', '.join(LAST_BATCH)}")
+    bad = [m for m in spec.lr_grid if not (isinstance(m, (int, float)) and math.isfinite(m) and m > 0)]
+    if bad:
+        problems.append(f"lr grid multipliers must be positive numbers, got {bad}")
+    elif len(set(spec.lr_grid)) != len(spec.lr_grid) or len(spec.lr_grid) > MAX_GRID:
+        problems.append(f"lr grid: at most {MAX_GRID} distinct multipliers, got {list(spec.lr_grid)}")
+    if problems:
+        raise ConfigError(problems)
+
+
+def class_weights(y: np.ndarray, scheme: str, seed: int) -> np.ndarray | None:
+    """Per-class weights (float64, one per class) for ``scheme``, scaled so that the mean weight of the
+    examples ``y`` (the training split) is 1; None for "none"."""
+    if scheme == "none":
+        return None
+    counts = np.bincount(y, minlength=CLASSES).astype(np.float64)
+    if scheme == "balanced":
+        c = len(y) / (CLASSES * np.maximum(counts, 1.0))
+    else:
+        ranks = _rng(seed, 5).permutation(CLASSES)
+        c = SKEW ** (2.0 * ranks / (CLASSES - 1) - 1.0)
+    return c * len(y) / float(counts @ c)
+
+
+@dataclass
+class Sequence:
+    """One batch sequence of the sweep (a batch size and a last-batch mode): per step its size and, with class
+    weights, its per-example weights (as the workers get them, in the job's dtype); the steps ending epochs."""
+
+    batch_size: int
+    last_batch: str
+    sizes: list[int]
+    ends: list[int]
+    weights: list[np.ndarray] | None = field(default=None, repr=False)
+
+    @property
+    def prefix(self) -> str:
+        return f"b{self.batch_size}{'k' if self.last_batch == 'keep' else ''}/"
+
+    def example_factors(self, reduction: str, lr: float) -> list[np.ndarray]:
+        """Per step, what each example's loss gradient is multiplied by in the update: lr times its factor in the
+        reduced loss (``loss_scale``), per unit of its sample weight (so that the reduction's share shows, not
+        the class weight). Read off the batches as the workers get them."""
+        out = []
+        for t, n in enumerate(self.sizes):
+            w = None if self.weights is None else self.weights[t]
+            unit = np.ones(n) if w is None else np.asarray(w, dtype=np.float64)
+            out.append(lr * loss_scale(reduction, n, w) / unit)
+        return out
+
+    def weight_ratios(self) -> np.ndarray | None:
+        """sum(w) / N of every step: how much larger a sum_over_batch_size step is than the weighted mean's."""
+        if self.weights is None:
+            return None
+        return np.array([float(np.sum(w, dtype=np.float64)) / len(w) for w in self.weights])
+
+
+def _epoch_batches(x, y, b: int, epochs: int, seed: int, dtype: str, keep: bool = False):
+    """The training split in ``epochs`` seeded shuffles, cut into batches of ``b``; the last short batch of an
+    epoch (n mod b examples) dropped, as drop_last does, or with ``keep`` its own step at the end of the epoch.
+    The shuffles do not depend on ``keep``: the kept sequence is the dropped one plus the short batches. Also the
+    steps that end an epoch."""
+    rng = _rng(seed, 1)
+    batches, ends = [], []
+    for _ in range(epochs):
+        order = rng.permutation(len(y))
+        stops = list(range(b, len(y) + 1, b)) + ([len(y)] if keep and len(y) % b else [])
+        for start, stop in zip([0, *stops[:-1]], stops):
+            rows = order[start:stop]
+            batches.append((x[rows].astype(dtype), y[rows]))
+        ends.append(len(batches))
+    return batches, ends
+
+
+def build_sequence(x, y, b: int, epochs: int, seed: int, dtype: str, last_batch: str = "drop",
+                   weights_per_class: np.ndarray | None = None) -> tuple[Sequence, list]:
+    """A batch sequence (``_epoch_batches``) with its per-example weights w = c[y] in ``dtype`` when there are
+    class weights; and its (x, y) batches."""
+    batches, ends = _epoch_batches(x, y, b, epochs, seed, dtype, keep=last_batch == "keep")
+    seq = Sequence(b, last_batch, [len(by) for _, by in batches], ends)
+    if weights_per_class is not None:
+        seq.weights = [weights_per_class[by].astype(dtype) for _, by in batches]
+    return seq, batches
+
+
+def job_arrays(seq: Sequence, batches: list) -> dict[str, np.ndarray]:
+    """A sequence's entries of a train job's ``batch``: ``PREFIX + "batches/T/x" | "/y" | "/w"``."""
+    out = {}
+    for t, (bx, by) in enumerate(batches, start=1):
+        out[f"{seq.prefix}batches/{t}/x"], out[f"{seq.prefix}batches/{t}/y"] = bx, by
+        if seq.weights is not None:
+            out[f"{seq.prefix}batches/{t}/w"] = seq.weights[t - 1]
+    return out
+
+
+def train_job(base: TrainSpec, backend: str, model: MLP, params: dict, batch: dict, runs: dict) -> WorkerJob:
+    """The one train job a framework's worker runs for the sweep: every run of ``runs`` on ``batch``."""
+    info = BACKENDS[backend]
+    return WorkerJob(backend=info.name, framework=info.framework, variant=info.variant,
+                     module=info.module.rsplit(".", 1)[0] + ".train", extra=info.extra, requires=info.requires,
+                     methods=tuple(runs), dtype=base.dtype, device="cpu", precision="highest",
+                     model=model.to_dict(), loss={"name": "cross_entropy"}, params=params, batch=batch,
+                     task="train", payload={"runs": runs})
+
+
+@dataclass(frozen=True)
+class Config:
+    """One training configuration: a rule at a batch size, its lr times ``multiplier``, on the ``last_batch``
+    sequence. ``role``: "main" (multiplier 1, the chosen last-batch mode), "grid" (another multiplier) or "drop"
+    (with ``keep``: the same rule with the short batch dropped, for comparison)."""
+
+    batch_size: int
+    rule: str
+    multiplier: float = 1.0
+    last_batch: str = "drop"
+    role: str = "main"
+
+
+def configurations(spec: SweepSpec) -> list[Config]:
+    """The sweep's configurations: every rule at every batch size; with ``keep`` also with the short batch
+    dropped; with a grid also at every other multiplier (on the chosen last-batch mode)."""
+    out = []
+    for b in spec.batch_sizes:
+        for name in spec.rules():
+            out.append(Config(b, name, 1.0, spec.last_batch, "main"))
+            out += [Config(b, name, float(m), spec.last_batch, "grid") for m in spec.lr_grid if m != 1]
+            if spec.last_batch == "keep":
+                out.append(Config(b, name, 1.0, "drop", "drop"))
+    return out
 
 
 @dataclass
 class Cell:
-    """One (batch size, rule) in one framework."""
+    """One configuration in one framework."""
 
     backend: str
     batch_size: int
@@ -69,10 +268,15 @@ class Cell:
     status: str
     error: str | None = None
     accuracy: list[float] = field(default_factory=list)      # after each epoch
-    epoch_loss: list[float] = field(default_factory=list)    # mean per-example training loss of each epoch
+    epoch_loss: list[float] = field(default_factory=list)    # per-example training loss of each epoch (w-weighted)
     final: dict | None = field(default=None, repr=False)
     seconds: float | None = None   # the timed training call (after one warm-up call), all its steps
     steps: int = 0
+    multiplier: float = 1.0
+    last_batch: str = "drop"
+    role: str = "main"
+    #: the worker run this cell reads (configurations with the same batches, reduction and lr share one)
+    case: str = ""
 
 
 @dataclass
@@ -80,92 +284,246 @@ class SweepReport:
     spec: SweepSpec
     lr0: float
     cells: list[Cell]
-    parity: dict          # (batch size, rule) -> largest final-parameter difference between frameworks
+    parity: dict          # (batch size, rule) -> largest final-parameter difference between frameworks (main)
     description: str
     wall_seconds: dict = field(default_factory=dict)   # backend -> its worker's wall time, import included
     total_seconds: float = 0.0
+    sequences: dict = field(default_factory=dict, repr=False)   # (batch size, last batch) -> Sequence
+    class_weights: np.ndarray | None = None                      # per class, with ``spec.class_weights``
+    parity_all: dict = field(default_factory=dict)  # (B, rule, multiplier, last batch) -> largest difference
+    held_out: int = 0                                            # examples the accuracy is measured on
 
-    def accuracy(self, rule: str, b: int) -> float | None:
-        """The held-out accuracy after the last epoch, averaged over the frameworks that ran (they agree)."""
-        values = [c.accuracy[-1] for c in self.cells if c.rule == rule and c.batch_size == b and c.status == "ok"]
+    def accuracy(self, rule: str, b: int, multiplier: float = 1.0, last_batch: str | None = None) -> float | None:
+        """The held-out accuracy after the last epoch of a configuration (the main one by default), averaged
+        over the frameworks that ran (they agree)."""
+        last_batch = last_batch or self.spec.last_batch
+        values = [c.accuracy[-1] for c in self.cells if c.rule == rule and c.batch_size == b and c.status == "ok"
+                  and c.multiplier == multiplier and c.last_batch == last_batch]
         return float(np.mean(values)) if values else None
 
+    @property
+    def main_cells(self) -> list[Cell]:
+        return [c for c in self.cells if c.role == "main"]
 
-def _epoch_batches(x, y, b: int, epochs: int, seed: int, dtype: str):
-    """The training split in ``epochs`` seeded shuffles, cut into batches of ``b`` (the last short batch of an
-    epoch dropped, as drop_last does: every step sees B examples); the steps that end an epoch."""
-    rng = _rng(seed, 1)
-    batches, ends = [], []
-    for _ in range(epochs):
-        order = rng.permutation(len(y))
-        for start in range(0, len(y) - b + 1, b):
-            rows = order[start:start + b]
-            batches.append((x[rows].astype(dtype), y[rows]))
-        ends.append(len(batches))
-    return batches, ends
+
+def _step_totals(seq: Sequence, reduction: str) -> list[tuple[float, float]]:
+    """Per step (sum of the loss factors s_i, total sample weight): the reduced loss divided by the first is the
+    weight-averaged per-example loss of the step, which the second weighs into the epoch's."""
+    out = []
+    for t, n in enumerate(seq.sizes):
+        w = None if seq.weights is None else seq.weights[t]
+        out.append((float(loss_scale(reduction, n, w).sum()), float(n if w is None else np.sum(w, dtype=np.float64))))
+    return out
+
+
+def _epoch_losses(losses: list[float], totals: list[tuple[float, float]], ends: list[int]) -> list[float]:
+    """Per epoch, the per-example training loss (weighted by the sample weights) from every step's reduced loss."""
+    out, start = [], 0
+    for end in ends:
+        part = range(start, end)
+        out.append(sum(losses[t] / totals[t][0] * totals[t][1] for t in part) / sum(totals[t][1] for t in part))
+        start = end
+    return out
 
 
 def run_sweep(spec: SweepSpec, progress=None) -> SweepReport:
+    check_sweep(spec)
     base = spec.base
-    check_spec(base)
-    if not spec.batch_sizes or any(not 1 <= b <= 512 for b in spec.batch_sizes) or not 1 <= spec.epochs <= 50:
-        raise ConfigError(f"batch sizes must be in 1..512 and epochs in 1..50, got {list(spec.batch_sizes)} "
-                          f"and {spec.epochs}")
     say = progress or (lambda _m: None)
     (x, y), held, desc = split_digits(base)
     model = MLP((x.shape[1], *base.hidden, 10), base.activation)
     params = init_params(model, base.seed, base.dtype)
     lr0 = base.lr if base.lr is not None else DEFAULT_LR[base.optimizer]
     config = replace(base, lr=lr0).config()
-    batch, runs, ends_of = {}, {}, {}
-    for b in spec.batch_sizes:
-        batches, ends = _epoch_batches(x, y, b, spec.epochs, base.seed, base.dtype)
-        ends_of[b] = ends
-        for t, (bx, by) in enumerate(batches, start=1):
-            batch[f"b{b}/batches/{t}/x"], batch[f"b{b}/batches/{t}/y"] = bx, by
-        for name, rule in rules(base.optimizer).items():
-            reduction, lr = rule(lr0, b)
-            runs[f"{name}@{b}"] = {"optimizer": replace(config, lr=lr).to_dict(), "lrs": [lr] * len(batches),
-                                   "reduction": reduction, "batches": f"b{b}/", "record": ends}
+    weights_per_class = class_weights(y, spec.class_weights, base.seed)
+    configs = configurations(spec)
+    batch, sequences = {}, {}
+    for b, last in sorted({(c.batch_size, c.last_batch) for c in configs}):
+        seq, batches = build_sequence(x, y, b, spec.epochs, base.seed, base.dtype, last, weights_per_class)
+        sequences[(b, last)] = seq
+        batch.update(job_arrays(seq, batches))
+    runs, case_of, trained = {}, {}, {}
+    for c in sorted(configs, key=lambda c: c.role != "main"):  # main runs first: the others may reuse them
+        reduction, lr = spec.rules()[c.rule](lr0, c.batch_size)
+        lr *= c.multiplier
+        seq = sequences[(c.batch_size, c.last_batch)]
+        same = (seq.prefix, reduction, float(f"{lr:.12g}"))
+        # A grid or comparison run with the batches, reduction and lr of one already there is that run, trained
+        # once; every main configuration keeps its own run (as the default sweep always had).
+        case = trained.get(same) if c.role != "main" else None
+        if case is None:
+            case = f"{c.rule}@{c.batch_size}" + ("k" if c.last_batch == "keep" else "") + (
+                f"x{c.multiplier:g}" if c.multiplier != 1 else "")
+            trained.setdefault(same, case)
+            runs[case] = {"optimizer": replace(config, lr=lr).to_dict(), "lrs": [lr] * len(seq.sizes),
+                          "reduction": reduction, "batches": seq.prefix, "record": seq.ends}
+            if spec.weighted:
+                runs[case]["weights"] = True
+        case_of[c] = (case, reduction, lr)
     remove_stale_job_dirs()
     cells, walls = [], {}
     started = time.perf_counter()
+    totals = {}
     for backend in base.backends:
         info = BACKENDS[backend]
-        job = WorkerJob(backend=info.name, framework=info.framework, variant=info.variant,
-                        module=info.module.rsplit(".", 1)[0] + ".train", extra=info.extra, requires=info.requires,
-                        methods=tuple(runs), dtype=base.dtype, device="cpu", precision="highest",
-                        model=model.to_dict(), loss={"name": "cross_entropy"}, params=params, batch=batch,
-                        task="train", payload={"runs": runs})
-        say(f"running {backend} ({len(runs)} configurations: batch sizes {list(spec.batch_sizes)} x "
-            f"{len(rules(base.optimizer))} rules, {spec.epochs} epochs each, {base.dtype}) ...")
+        job = train_job(base, backend, model, params, batch, runs)
+        say(f"running {backend} ({len(runs)} training runs for {len(configs)} configurations: batch sizes "
+            f"{list(spec.batch_sizes)} x {len(spec.rules())} rules" + (f" x lr multipliers {list(spec.lr_grid)}"
+                                                                         if spec.lr_grid else "")
+            + (", last batch kept and dropped" if spec.last_batch == "keep" else "")
+            + (f", {spec.class_weights} class weights" if spec.weighted else "")
+            + f"; {spec.epochs} epochs each, {base.dtype}) ...")
         outcome = run_backend(job, info, base.timeout_s * max(1, len(runs) // 4))
         say(f"  {backend}: {outcome.status} in {outcome.wall_seconds:.1f} s")
         walls[backend] = outcome.wall_seconds
-        for case, run in runs.items():
-            name, b = case.split("@")[0], int(case.split("@")[1])
-            lr = run["lrs"][0]
+        timed = set()
+        for c in configs:
+            case, reduction, lr = case_of[c]
+            common = dict(multiplier=c.multiplier, last_batch=c.last_batch, role=c.role, case=case)
             row = outcome.methods.get(case)
             if row is None or row.status != "ok":
-                cells.append(Cell(backend, b, name, run["reduction"], lr, row.status if row else outcome.status,
-                                  (row.error if row else None) or outcome.error))
+                cells.append(Cell(backend, c.batch_size, c.rule, reduction, lr, row.status if row else outcome.status,
+                                  (row.error if row else None) or outcome.error, **common))
                 continue
-            ends = ends_of[b]
-            steps = [{k: np.asarray(row.grads[f"{t}/{k}"], dtype=np.float64) for k in params} for t in ends]
-            losses = [float(row.grads[f"loss/{t}"]) for t in range(1, ends[-1] + 1)]
-            per_example = [v / b if run["reduction"] == "sum" else v for v in losses]
-            starts = [0, *ends[:-1]]
-            cells.append(Cell(backend, b, name, run["reduction"], lr, "ok", None,
+            seq = sequences[(c.batch_size, c.last_batch)]
+            steps = [{k: np.asarray(row.grads[f"{t}/{k}"], dtype=np.float64) for k in params} for t in seq.ends]
+            losses = [float(row.grads[f"loss/{t}"]) for t in range(1, seq.ends[-1] + 1)]
+            if (c.batch_size, c.last_batch, reduction) not in totals:
+                totals[(c.batch_size, c.last_batch, reduction)] = _step_totals(seq, reduction)
+            first = case not in timed   # a shared run's time counts once
+            timed.add(case)
+            cells.append(Cell(backend, c.batch_size, c.rule, reduction, lr, "ok", None,
                               held_out_accuracy(model, steps, held),
-                              [float(np.mean(per_example[s:e])) for s, e in zip(starts, ends)], steps[-1],
-                              row.seconds, ends[-1]))
-    parity = {}
-    for b, name in itertools.product(spec.batch_sizes, rules(base.optimizer)):
-        finals = [c.final for c in cells if c.batch_size == b and c.rule == name and c.status == "ok"]
-        parity[(b, name)] = max((relative_distance(p, q) for p, q in itertools.combinations(finals, 2)), default=None)
-    return SweepReport(spec, lr0, cells, parity, f"{desc}; {spec.epochs} epochs per batch size (last short batch "
-                                                 "of each epoch dropped)", walls, time.perf_counter() - started)
+                              _epoch_losses(losses, totals[(c.batch_size, c.last_batch, reduction)], seq.ends),
+                              steps[-1], row.seconds if first else None, seq.ends[-1] if first else 0, **common))
+    parity_all = {}
+    for c in configs:
+        finals = [x.final for x in cells if (x.batch_size, x.rule, x.multiplier, x.last_batch) ==
+                  (c.batch_size, c.rule, c.multiplier, c.last_batch) and x.status == "ok"]
+        parity_all[(c.batch_size, c.rule, c.multiplier, c.last_batch)] = max(
+            (relative_distance(p, q) for p, q in itertools.combinations(finals, 2)), default=None)
+    parity = {(b, name): parity_all[(b, name, 1.0, spec.last_batch)]
+              for b, name in itertools.product(spec.batch_sizes, spec.rules())}
+    last = ("last short batch of each epoch kept as its own step (and, for comparison, dropped)"
+            if spec.last_batch == "keep" else "last short batch of each epoch dropped")
+    description = f"{desc}; {spec.epochs} epochs per batch size ({last})"
+    if spec.weighted:
+        description += f"; {spec.class_weights} class weights"
+    return SweepReport(spec, lr0, cells, parity, description, walls, time.perf_counter() - started, sequences,
+                       weights_per_class, parity_all, len(held[1]))
 
+
+# --- what the options measure ---------------------------------------------------------------------------------
+
+def weight_stats(report: SweepReport) -> list[dict] | None:
+    """With class weights, per batch size: sum(w) / N over every step of the main sequence (min, max, mean,
+    standard deviation, max / min): the factor between a sum_over_batch_size step and the weighted mean's."""
+    if report.class_weights is None:
+        return None
+    out = []
+    for b in report.spec.batch_sizes:
+        r = report.sequences[(b, report.spec.last_batch)].weight_ratios()
+        out.append({"batch_size": b, "steps": len(r), "min": float(r.min()), "max": float(r.max()),
+                    "mean": float(r.mean()), "std": float(r.std()), "max_over_min": float(r.max() / r.min())})
+    return out
+
+
+def last_batch_effect(report: SweepReport) -> list[dict] | None:
+    """With ``keep``, per batch size and rule: the short batch's size, how much one of its examples weighs in the
+    update against an example of a full batch (the mean over the short steps of ``example_factors`` over the
+    mean over the full steps; per unit of sample weight), and keep - drop in held-out accuracy (mean over
+    frameworks) and in final parameters (the largest relative distance over the frameworks)."""
+    spec = report.spec
+    if spec.last_batch != "keep":
+        return None
+    out = []
+    for b in spec.batch_sizes:
+        seq = report.sequences[(b, "keep")]
+        short = [t for t, n in enumerate(seq.sizes) if n < b]
+        for name, rule in spec.rules().items():
+            reduction, lr = rule(report.lr0, b)
+            row = {"batch_size": b, "b_last": seq.sizes[short[0]] if short else 0, "rule": name,
+                   "reduction": reduction, "lr": lr, "short_over_full": None}
+            if short:
+                factors = seq.example_factors(reduction, lr)
+                full = np.concatenate([f for t, f in enumerate(factors) if t not in short])
+                row["short_over_full"] = float(np.mean(np.concatenate([factors[t] for t in short])) / np.mean(full))
+            keep, drop = report.accuracy(name, b, 1.0, "keep"), report.accuracy(name, b, 1.0, "drop")
+            distances = []
+            for backend in spec.base.backends:
+                pair = [c.final for c in report.cells if c.backend == backend and c.batch_size == b and c.rule == name
+                        and c.multiplier == 1.0 and c.status == "ok"]
+                if len(pair) == 2:
+                    distances.append(relative_distance(*pair))
+            row.update(accuracy_keep=keep, accuracy_drop=drop,
+                       accuracy_difference=None if keep is None or drop is None else keep - drop,
+                       max_rel_param_difference=max(distances, default=None))
+            out.append(row)
+    return out
+
+
+def grid_results(report: SweepReport) -> dict | None:
+    """With an lr grid: every measured (B, reduction, lr) point with its accuracy (mean, min and max over
+    frameworks) and the (rule, multiplier) pairs that name it; per B and reduction the best point (the highest
+    mean accuracy; the smallest lr among ties; whether it is the smallest or largest lr measured, so that the
+    optimum may lie beyond) and every rule's prediction (multiplier 1) with its accuracy; where linear scaling
+    stays within ``HOLDS`` of the grid's best: at which B, up to which B from B0 on, and the first B where not."""
+    spec = report.spec
+    if not spec.lr_grid:
+        return None
+    points, best = [], []
+    for b in spec.batch_sizes:
+        reductions = dict.fromkeys(r(report.lr0, b)[0] for r in spec.rules().values())
+        for reduction in reductions:
+            measured: dict[float, dict] = {}
+            for c in report.cells:
+                if c.batch_size == b and c.reduction == reduction and c.role in ("main", "grid") and c.status == "ok":
+                    key = float(f"{c.lr:.12g}")
+                    p = measured.setdefault(key, {"batch_size": b, "reduction": reduction, "lr": c.lr,
+                                                  "multiple_of_lr0": c.lr / report.lr0, "acc": [], "named": set()})
+                    p["acc"].append(c.accuracy[-1])
+                    p["named"].add((c.rule, c.multiplier))
+            row = [dict(p, accuracy=float(np.mean(p["acc"])), accuracy_min=min(p["acc"]),
+                        accuracy_max=max(p["acc"]), named=sorted(p["named"])) for _, p in sorted(measured.items())]
+            for p in row:
+                del p["acc"]
+            points += row
+            if not row:
+                continue
+            i = int(np.argmax([p["accuracy"] for p in row]))
+            top = row[i]
+            predictions = []
+            for name, rule in spec.rules().items():
+                r, lr = rule(report.lr0, b)
+                if r == reduction:
+                    acc = report.accuracy(name, b)
+                    predictions.append({"rule": name, "lr": lr, "accuracy": acc, "best_lr_over_predicted": top["lr"] / lr})
+            best.append({"batch_size": b, "reduction": reduction, "lr": top["lr"],
+                         "multiple_of_lr0": top["multiple_of_lr0"], "accuracy": top["accuracy"],
+                         "at_grid_edge": i in (0, len(row) - 1), "predictions": predictions})
+    linear = "mean_linear"
+    gap = {}
+    for row in best:
+        for p in row["predictions"]:
+            if p["rule"] == linear and p["accuracy"] is not None:
+                gap[row["batch_size"]] = row["accuracy"] - p["accuracy"]
+    up_to, stops = _holds_up_to(spec.batch_sizes, {b: g <= HOLDS for b, g in gap.items()})
+    return {"multipliers": list(spec.lr_grid), "points": points, "best": best,
+            "linear_rule": linear, "linear_gap_to_best": {str(b): g for b, g in gap.items()},
+            "linear_holds_at": [b for b in spec.batch_sizes if b in gap and gap[b] <= HOLDS],
+            "linear_holds_up_to": up_to, "linear_stops_at": stops}
+
+
+def _holds_up_to(sizes, holds: dict[int, bool]) -> tuple[int | None, int | None]:
+    """(the largest B such that a rule holds at every measured B from B0 up to it, or None when it fails at B0;
+    the first measured B beyond B0 where it fails, or None)."""
+    measured = [b for b in sorted(sizes) if b >= B0 and b in holds]
+    stops = next((b for b in measured if not holds[b]), None)
+    kept = [b for b in measured if stops is None or b < stops]
+    return (max(kept) if kept else None), stops
+
+
+# --- text --------------------------------------------------------------------------------------------------
 
 def timing_lines(report: SweepReport) -> list[str]:
     """The benchmark: the sweep's wall time, and per framework its worker's wall time and time per step."""
@@ -183,10 +541,19 @@ def timing_lines(report: SweepReport) -> list[str]:
     return lines
 
 
+def _reduction_words(spec: SweepSpec) -> str:
+    if not spec.weighted:
+        return "mean = sum(l) / N, sum = sum(l)"
+    return ("weighted: mean* = sum(w l) / sum(w) (torch CrossEntropyLoss(weight=...), Keras mean_with_sample_weight), "
+            "sobs* = sum(w l) / N (Keras sum_over_batch_size with sample_weight), sum = sum(w l)")
+
+
 def recipe_lines(report: SweepReport) -> list[str]:
-    """The learning rate to use at each batch size, with the sweep's evidence."""
+    """The learning rate to use at each batch size, with the sweep's evidence: the rules' accuracies, and with
+    the options the weights' spread, the short batch's effect and the grid."""
     base, bs = report.spec.base, report.spec.batch_sizes
-    names = list(rules(base.optimizer))
+    table = report.spec.rules()
+    names = list(table)
     ref = report.accuracy("mean", B0) if B0 in bs else None
     lines = [f"learning-rate recipe from (B0 = {B0}, lr0 = {report.lr0:g}), {base.optimizer}, "
              f"held-out accuracy after {report.spec.epochs} epochs (mean over frameworks):"]
@@ -195,19 +562,117 @@ def recipe_lines(report: SweepReport) -> list[str]:
         accs = {n: report.accuracy(n, b) for n in names}
         cells = []
         for n in names:
-            reduction, lr = rules(base.optimizer)[n](report.lr0, b)
+            reduction, lr = table[n](report.lr0, b)
             a = accs[n]
             cells.append(f"{(f'{a:.3f}' if a is not None else 'failed') + f' (lr {lr:.3g})':>22}")
         best = max((n for n in names if accs[n] is not None), key=lambda n: accs[n], default=None)
         lines.append(f"{b:>5} " + " ".join(cells) + f"   {best or '-'}")
+    if report.spec.weighted or report.spec.last_batch == "keep":
+        lines.append(f"  reductions: {_reduction_words(report.spec)}; "
+                     f"{'short last batch kept' if report.spec.last_batch == 'keep' else 'short last batch dropped'}")
     if ref is not None:
         linear = "mean_linear"
-        holds = [b for b in bs if b >= B0 and report.accuracy(linear, b) is not None
-                 and report.accuracy(linear, b) >= ref - HOLDS]
-        beyond = [b for b in bs if b > B0 and b not in holds]
+        accs = {b: report.accuracy(linear, b) for b in bs}
+        up_to, stops = _holds_up_to(bs, {b: a is not None and a >= ref - HOLDS for b, a in accs.items()})
         lines.append(f"linear scaling (mean, lr = B * lr0 / {B0}) keeps the accuracy of B0 = {B0} ({ref:.3f}) within "
-                     f"{HOLDS:g} up to B = {max(holds) if holds else B0}"
-                     + (f"; it stops holding at B = {min(beyond)}" if beyond else " (every larger B measured)"))
+                     f"{HOLDS:g} up to B = {up_to or B0}"
+                     + (f"; it stops holding at B = {stops}" if stops else " (every larger B measured)"))
+    return lines + weight_lines(report) + last_batch_lines(report) + grid_lines(report)
+
+
+def weight_lines(report: SweepReport) -> list[str]:
+    """With class weights: the per-class weights, and per batch size how far sum(w) / N strays from batch to batch,
+    with the accuracy of the weighted mean and of sum_over_batch_size at the same lr."""
+    stats = weight_stats(report)
+    if stats is None:
+        return []
+    spec, c = report.spec, report.class_weights
+    how = ("n / (10 n_k) from the training split" if spec.class_weights == "balanced" else
+           f"per class from 1/{SKEW:g} to {SKEW:g} in geometric steps, classes in a seeded order")
+    lines = ["", f"class weights ({spec.class_weights}: {how}; scaled to mean example weight 1 over the training "
+                 f"split): " + ", ".join(f"{k}: {v:.3f}" for k, v in enumerate(c)),
+             "a sum_over_batch_size step is the weighted mean's step times sum(w) / N of its batch; measured on this "
+             "sweep's batches (every step of every epoch):",
+             f"{'B':>5} {'steps':>6} {'min':>7} {'max':>7} {'mean':>7} {'std':>7} {'max/min':>8}   accuracy "
+             f"mean vs sobs (same lr)"]
+    pairs = [(m, "sobs" + m[4:]) for m in spec.rules() if m.startswith("mean")]
+    for s in stats:
+        b = s["batch_size"]
+        accs = []
+        for m, o in pairs:
+            am, ao = report.accuracy(m, b), report.accuracy(o, b)
+            if am is not None and ao is not None:
+                accs.append(f"{m} {am:.3f} / {o} {ao:.3f}")
+        lines.append(f"{b:>5} {s['steps']:>6} {s['min']:>7.3f} {s['max']:>7.3f} {s['mean']:>7.3f} {s['std']:>7.3f} "
+                     f"{s['max_over_min']:>8.2f}   " + ", ".join(accs))
+    widest = max(stats, key=lambda s: s["max_over_min"])
+    lines.append(f"no constant lr factor converts one into the other: the factor that would give sum_over_batch_size "
+                 f"the weighted mean's step is N / sum(w), from {1 / widest['max']:.3f} to {1 / widest['min']:.3f} "
+                 f"between batches at B = {widest['batch_size']} (a {widest['max_over_min']:.2f}x range); its mean "
+                 f"over batches, 1 / {widest['mean']:.3f}, is right only on average")
+    return lines
+
+
+def last_batch_lines(report: SweepReport) -> list[str]:
+    """With ``keep``: per batch size and rule the short batch's weight per example, and keep - drop."""
+    effect = last_batch_effect(report)
+    if effect is None:
+        return []
+    lines = ["", "short last batch kept (each epoch ends with the n mod B examples left, at the rule's lr) vs dropped "
+                 "(same data order): an example's weight in the update is lr x its factor in the reduced loss "
+                 "(per unit of sample weight); short / full = that weight in the short step over a full step's:",
+             f"{'B':>5} {'b_last':>6} {'B/b_last':>8}  {'rule':<12} {'short/full':>10} {'acc keep':>9} {'acc drop':>9} "
+             f"{'keep-drop':>9} {'params keep vs drop':>20}"]
+    for e in effect:
+        ratio = f"{e['short_over_full']:.3f}" if e["short_over_full"] is not None else "-"
+        b_over = f"{e['batch_size'] / e['b_last']:.3f}" if e["b_last"] else "-"
+        acc = [f"{v:.3f}" if v is not None else "-" for v in (e["accuracy_keep"], e["accuracy_drop"])]
+        diff = f"{e['accuracy_difference']:+.3f}" if e["accuracy_difference"] is not None else "-"
+        dist = f"{e['max_rel_param_difference']:.3g}" if e["max_rel_param_difference"] is not None else "-"
+        lines.append(f"{e['batch_size']:>5} {e['b_last']:>6} {b_over:>8}  {e['rule']:<12} {ratio:>10} {acc[0]:>9} "
+                     f"{acc[1]:>9} {diff:>9} {dist:>20}")
+    lines.append("  (mean and sum_over_batch_size divide by the batch's own size, so a short-batch example weighs "
+                 "B/b_last times a full-batch one; sum weighs every example the same; the weighted mean divides by "
+                 f"the batch's own total weight; accuracy in fractions of the {report.held_out} held-out digits, "
+                 f"one example = {1 / max(report.held_out, 1):.4f}; parameters as the largest |difference| over the "
+                 "largest |parameter|)")
+    return lines
+
+
+def grid_lines(report: SweepReport) -> list[str]:
+    """With an lr grid: per batch size and reduction the best measured lr against the rules' predictions."""
+    grid = grid_results(report)
+    if grid is None:
+        return []
+    lines = ["", f"learning-rate grid: each rule's lr x {', '.join(f'{m:g}' for m in grid['multipliers'])} "
+                 f"({len(grid['points'])} distinct (B, reduction, lr) points, held-out accuracy after "
+                 f"{report.spec.epochs} epochs, mean over frameworks):",
+             f"{'B':>5} {'reduction':<20} {'points':>6} {'best lr':>10} {'x lr0':>7} {'acc':>6}   rule predictions: "
+             "lr (accuracy, best / predicted lr)"]
+    for row in grid["best"]:
+        n = sum(1 for p in grid["points"] if p["batch_size"] == row["batch_size"] and p["reduction"] == row["reduction"])
+        preds = ", ".join(f"{p['rule']} {p['lr']:.3g} ({p['accuracy']:.3f}, {p['best_lr_over_predicted']:.3g}x)"
+                          if p["accuracy"] is not None else f"{p['rule']} failed" for p in row["predictions"])
+        edge = "e" if row["at_grid_edge"] else " "
+        lines.append(f"{row['batch_size']:>5} {row['reduction']:<20} {n:>6} {row['lr']:>10.4g}{edge}"
+                     f"{row['multiple_of_lr0']:>7.3g} {row['accuracy']:>6.3f}   {preds}")
+    if any(row["at_grid_edge"] for row in grid["best"]):
+        lines.append("  e: the best lr is the smallest or largest measured at that B: the optimum may lie beyond the grid")
+    one = 1.0 / report.held_out if report.held_out else 0.0
+    apart = [p for p in grid["points"] if p["accuracy_max"] - p["accuracy_min"] > one]
+    if apart:
+        lines.append("frameworks apart by more than one held-out example (" + f"{one:.4f}" + ") at: " + "; ".join(
+            f"B {p['batch_size']} {p['reduction']} lr {p['lr']:.3g} ({p['accuracy_min']:.3f} to "
+            f"{p['accuracy_max']:.3f})" for p in apart) + " (a learning rate at which training is unstable amplifies "
+            "the frameworks' rounding differences)")
+    gap = grid["linear_gap_to_best"]
+    if gap:
+        worst = max(gap, key=lambda b: gap[b])
+        at, stops = grid["linear_holds_at"], grid["linear_stops_at"]
+        lines.append(f"linear scaling against the grid: {grid['linear_rule']} (lr0 * B / {B0}) is within {HOLDS:g} of "
+                     f"the best measured lr's accuracy at B = {', '.join(map(str, at)) or 'none'}"
+                     + (f"; from B0 = {B0} on it stops holding at B = {stops} ({gap[str(stops)]:.3f} below the best)"
+                        if stops else "") + f"; largest gap {gap[worst]:.3f} at B = {worst}")
     return lines
 
 
@@ -216,32 +681,56 @@ def render_text(report: SweepReport) -> str:
     lines = [f"gradparity train --sweep: {base.optimizer}, MLP 64-{'-'.join(map(str, base.hidden))}-10 "
              f"{base.activation}, {base.dtype}; {report.description}", ""]
     lines += recipe_lines(report)
-    lines += ["", "per framework (held-out accuracy after each epoch; mean per-example training loss of the last "
-                  "epoch):"]
-    for c in sorted(report.cells, key=lambda c: (c.batch_size, c.rule, c.backend)):
+    lines += ["", "per framework (held-out accuracy after each epoch; per-example training loss of the last "
+                  "epoch" + (", weighted by w" if report.spec.weighted else "") + "):"]
+    for c in sorted(report.main_cells, key=lambda c: (c.batch_size, c.rule, c.backend)):
         if c.status != "ok":
             lines.append(f"  B {c.batch_size:>4} {c.rule:<12} {c.backend:<18} FAILED: "
                          f"{(c.error or c.status).splitlines()[0]}")
             continue
         lines.append(f"  B {c.batch_size:>4} {c.rule:<12} {c.backend:<18} lr {c.lr:<10.4g} "
                      f"accuracy {' '.join(f'{a:.3f}' for a in c.accuracy)}  loss {c.epoch_loss[-1]:.4f}")
+    extra = [c for c in report.cells if c.role != "main"]
+    if extra:
+        failed = [c for c in extra if c.status != "ok"]
+        lines.append(f"  and {len(extra)} grid / dropped-last-batch framework runs (report.json's extra_cells), "
+                     f"{len(failed)} failed")
+        for c in failed:
+            lines.append(f"  B {c.batch_size:>4} {c.rule:<12} x{c.multiplier:g} {c.last_batch} {c.backend:<18} FAILED: "
+                         f"{(c.error or c.status).splitlines()[0]}")
     lines += [""] + timing_lines(report)
-    worst = max(((k, v) for k, v in report.parity.items() if v is not None), key=lambda kv: kv[1], default=None)
+    worst = max(((k, v) for k, v in report.parity_all.items() if v is not None), key=lambda kv: kv[1], default=None)
     if worst:
-        (b, name), v = worst
+        (b, name, m, last), v = worst
+        where = f"B {b}, {name}" + (f" x{m:g}" if m != 1 else "") + (f", last batch {last}" if last != "drop" else "")
         lines += ["", f"frameworks' final parameters: largest difference {v:.3g} (relative to the largest "
-                      f"parameter; B {b}, {name}) over all configurations"]
+                      f"parameter; {where}) over all configurations"]
     return "\n".join(lines)
 
 
+def _cell_dict(c: Cell) -> dict:
+    return {"backend": c.backend, "batch_size": c.batch_size, "rule": c.rule, "reduction": c.reduction,
+            "lr": c.lr, "status": c.status, "error": c.error, "held_out_accuracy_per_epoch": c.accuracy,
+            "train_loss_per_epoch": c.epoch_loss, "role": c.role, "multiplier": c.multiplier,
+            "last_batch": c.last_batch}
+
+
 def to_dict(report: SweepReport) -> dict:
-    return {"schema": "gradparity.train.sweep/1", "optimizer": report.spec.base.optimizer, "lr0": report.lr0,
-            "B0": B0, "epochs": report.spec.epochs, "batch_sizes": list(report.spec.batch_sizes),
+    """report.json (schema gradparity.train.sweep/1; the keys the options add: see the module docstring)."""
+    spec = report.spec
+    weights = None
+    if report.class_weights is not None:
+        weights = {"scheme": spec.class_weights, "per_class": [float(v) for v in report.class_weights],
+                   "sum_w_over_n_per_batch_size": weight_stats(report)}
+    return {"schema": "gradparity.train.sweep/1", "optimizer": spec.base.optimizer, "lr0": report.lr0,
+            "B0": B0, "epochs": spec.epochs, "batch_sizes": list(spec.batch_sizes),
             "data": report.description,
-            "cells": [{"backend": c.backend, "batch_size": c.batch_size, "rule": c.rule, "reduction": c.reduction,
-                       "lr": c.lr, "status": c.status, "error": c.error, "held_out_accuracy_per_epoch": c.accuracy,
-                       "train_loss_per_epoch": c.epoch_loss} for c in report.cells],
+            "class_weights": spec.class_weights, "last_batch": spec.last_batch,
+            "lr_grid": list(spec.lr_grid) or None,
+            "cells": [_cell_dict(c) for c in report.main_cells],
+            "extra_cells": [_cell_dict(c) for c in report.cells if c.role != "main"],
             "parity_final_params": [{"batch_size": b, "rule": n, "max_rel": v} for (b, n), v in report.parity.items()],
+            "weights": weights, "last_batch_effect": last_batch_effect(report), "grid": grid_results(report),
             "recipe": recipe_lines(report),
             "benchmark": {"total_seconds": report.total_seconds, "worker_wall_seconds": report.wall_seconds,
                           "timed_seconds": {c.backend: sum(x.seconds or 0.0 for x in report.cells

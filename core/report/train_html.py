@@ -11,6 +11,8 @@ parameters after every step). The plots:
 """
 from __future__ import annotations
 
+import numpy as np
+
 from gradparity.commands.train import TrainReport, render_text, to_dict
 from gradparity.report.html import _e, _figure, _table_html, draw_plots, page_head, page_tail, png_bytes
 from gradparity.report.outdir import OutputDir
@@ -143,9 +145,13 @@ def write_train_report(report: TrainReport, folder: OutputDir, run_id: str) -> N
 
 
 # --- the sweep -----------------------------------------------------------------------------------------------
+#
+# ``train --sweep --out DIR``: report.md, report.html, recipe.png (accuracy against batch size per rule),
+# epochs.png (accuracy per epoch), with ``--lr-grid`` grid.png (accuracy against lr per batch size and
+# reduction), with ``--class-weights`` weights.png (sum(w)/N of every batch), and report.json last.
 
-RECIPE_PNG, EPOCHS_PNG = "recipe.png", "epochs.png"
-SWEEP_FILES = ("report.md", "report.html", RECIPE_PNG, EPOCHS_PNG, "report.json")
+RECIPE_PNG, EPOCHS_PNG, GRID_PNG, WEIGHTS_PNG = "recipe.png", "epochs.png", "grid.png", "weights.png"
+SWEEP_FILES = ("report.md", "report.html", RECIPE_PNG, EPOCHS_PNG, GRID_PNG, WEIGHTS_PNG, "report.json")
 
 
 def recipe_png(report, run_id: str) -> bytes:
@@ -153,16 +159,14 @@ def recipe_png(report, run_id: str) -> bytes:
     over frameworks), each framework's value marked."""
     from matplotlib.figure import Figure
 
-    from gradparity.commands.sweep import rules
-
     fig = Figure(figsize=(8, 4.5))
     ax = fig.add_subplot()
     sizes = list(report.spec.batch_sizes)
-    for name in rules(report.spec.base.optimizer):
+    for name in report.spec.rules():
         acc = [report.accuracy(name, b) for b in sizes]
         ax.plot(sizes, [a if a is not None else float("nan") for a in acc], marker="o", label=name)
         for c in report.cells:
-            if c.rule == name and c.status == "ok":
+            if c.rule == name and c.status == "ok" and c.role == "main":
                 ax.plot([c.batch_size], [c.accuracy[-1]], marker="x", color="0.3", markersize=4, linestyle="")
     ax.set_xscale("log", base=2)
     ax.set_xticks(sizes, [str(b) for b in sizes])
@@ -183,7 +187,7 @@ def epochs_png(report, run_id: str) -> bytes:
     axes = fig.subplots(1, len(sizes), sharey=True, squeeze=False)[0]
     first = report.spec.base.backends[0]
     for ax, b in zip(axes, sizes):
-        for c in report.cells:
+        for c in report.main_cells:
             if c.batch_size == b and c.backend == first and c.status == "ok":
                 ax.plot(range(1, len(c.accuracy) + 1), c.accuracy, marker=".", label=c.rule)
         ax.set_title(f"B = {b}")
@@ -195,22 +199,108 @@ def epochs_png(report, run_id: str) -> bytes:
     return png_bytes(fig, run_id)
 
 
+def grid_png(report, run_id: str) -> bytes:
+    """With an lr grid: held-out accuracy against the learning rate, one panel per reduction, one line per batch
+    size (mean over frameworks); each rule's prediction (multiplier 1) circled and the best point starred."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FormatStrFormatter
+
+    from gradparity.commands.sweep import grid_results
+
+    grid = grid_results(report)
+    reductions = list(dict.fromkeys(p["reduction"] for p in grid["points"]))
+    fig = Figure(figsize=(4.2 * len(reductions), 4.2))
+    axes = fig.subplots(1, len(reductions), sharey=True, squeeze=False)[0]
+    for ax, reduction in zip(axes, reductions):
+        for b in report.spec.batch_sizes:
+            pts = [p for p in grid["points"] if p["batch_size"] == b and p["reduction"] == reduction]
+            if not pts:
+                continue
+            (line,) = ax.plot([p["lr"] for p in pts], [p["accuracy"] for p in pts], marker=".", label=f"B = {b}")
+            for p in pts:
+                if any(m == 1 for _, m in p["named"]):
+                    ax.plot([p["lr"]], [p["accuracy"]], marker="o", markersize=9, fillstyle="none",
+                            color=line.get_color(), linestyle="")
+            top = next(r for r in grid["best"] if r["batch_size"] == b and r["reduction"] == reduction)
+            ax.plot([top["lr"]], [top["accuracy"]], marker="*", markersize=12, color=line.get_color(), linestyle="")
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.set_xlabel("learning rate (log scale)")
+        ax.set_title(f"{reduction}-reduced loss", fontsize="small")
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_ylabel(f"held-out accuracy after {report.spec.epochs} epochs (fraction)")
+    axes[0].legend(fontsize="x-small")
+    fig.suptitle(f"{report.spec.base.optimizer}, lr0 = {report.lr0:g} at B0 = 32; rules' lr x "
+                 f"{', '.join(f'{m:g}' for m in report.spec.lr_grid)} (o: a rule's own lr; *: best)",
+                 fontsize="small")
+    fig.tight_layout()
+    return png_bytes(fig, run_id)
+
+
+def weights_png(report, run_id: str) -> bytes:
+    """With class weights: sum(w) / N of every step, per batch size (the factor between a sum_over_batch_size
+    step and the weighted mean's), as a box plot with every step's value."""
+    from matplotlib.figure import Figure
+
+    sizes = list(report.spec.batch_sizes)
+    ratios = [report.sequences[(b, report.spec.last_batch)].weight_ratios() for b in sizes]
+    fig = Figure(figsize=(8, 4.2))
+    ax = fig.add_subplot()
+    ax.boxplot(ratios, whis=(0, 100))
+    for i, r in enumerate(ratios, start=1):
+        ax.plot(np.full(len(r), i) + np.linspace(-0.15, 0.15, len(r)), r, marker=".", markersize=2, alpha=0.4,
+                linestyle="", color="0.3")
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(1, len(sizes) + 1), [f"B = {b}\n({len(r)} steps)" for b, r in zip(sizes, ratios)])
+    ax.set_ylabel("sum(w) / N of the step's batch")
+    ax.set_title(f"{report.spec.class_weights} class weights: sum_over_batch_size step / weighted-mean step",
+                 fontsize="small")
+    ax.grid(alpha=0.3, axis="y")
+    return png_bytes(fig, run_id)
+
+
+def _sweep_plots(report) -> tuple:
+    """The sweep's plots: the recipe and the epochs always, the grid and the weights with their options."""
+    draws = [(RECIPE_PNG, recipe_png), (EPOCHS_PNG, epochs_png)]
+    if report.spec.lr_grid:
+        draws.append((GRID_PNG, grid_png))
+    if report.spec.weighted:
+        draws.append((WEIGHTS_PNG, weights_png))
+    return tuple(draws)
+
+
 def render_sweep_html(report, run_id: str) -> tuple[str, dict[str, bytes]]:
     from gradparity.commands.sweep import recipe_lines, render_text, timing_lines
 
-    pngs, failures = draw_plots(((RECIPE_PNG, recipe_png), (EPOCHS_PNG, epochs_png)), report, run_id)
+    pngs, failures = draw_plots(_sweep_plots(report), report, run_id)
     text = render_text(report).splitlines()
+    options = []
+    if report.spec.lr_grid:
+        options.append(_figure(
+            GRID_PNG, pngs.get(GRID_PNG), "Held-out accuracy against the learning rate per batch size",
+            f"Held-out accuracy (fraction of the held-out digits) after {report.spec.epochs} epochs against the "
+            "learning rate (log scale), one panel per reduction, one line per batch size (mean over frameworks). "
+            "Circles: the lr a rule predicts (multiplier 1); stars: the best measured lr on the grid.",
+            failures.get(GRID_PNG)))
+    if report.spec.weighted:
+        options.append(_figure(
+            WEIGHTS_PNG, pngs.get(WEIGHTS_PNG), "sum(w)/N of every batch per batch size",
+            "Per batch size, sum(w) / N of every step's batch (dots; box: quartiles, whiskers: min and max): a "
+            "sum_over_batch_size step is the weighted mean's step times this factor, so it changes from batch to "
+            "batch and no constant lr factor turns one into the other.", failures.get(WEIGHTS_PNG)))
     parts = [
         *page_head(f"gradparity train --sweep: {report.spec.base.optimizer} (run {run_id})"),
         "<h1>gradparity train --sweep</h1>", f'<ul class="facts"><li>{_e(text[0])}</li></ul>',
         "<h2>Learning-rate recipe</h2>", "<pre>" + _e("\n".join(recipe_lines(report))) + "</pre>",
         _figure(RECIPE_PNG, pngs.get(RECIPE_PNG), "Held-out accuracy against batch size per learning-rate rule",
-                f"Held-out accuracy (fraction of 359 digits never trained on) after {report.spec.epochs} epochs at "
+                f"Held-out accuracy (fraction of the {report.held_out} digits never trained on) after "
+                f"{report.spec.epochs} epochs at "
                 "each batch size, per learning-rate rule (lines: mean over frameworks; x: each framework, computed "
                 f"from its own parameters). {report.description}.", failures.get(RECIPE_PNG)),
         _figure(EPOCHS_PNG, pngs.get(EPOCHS_PNG), "Held-out accuracy after each epoch per batch size and rule",
                 f"Held-out accuracy after each epoch, one panel per batch size, in {report.spec.base.backends[0]} "
                 "(the other frameworks agree: see the text below).", failures.get(EPOCHS_PNG)),
+        *options,
         "<h2>Every configuration</h2>", "<pre>" + _e("\n".join(text[1:])) + "</pre>",
         "<h2>Benchmark</h2>", "<pre>" + _e("\n".join(timing_lines(report))) + "</pre>",
         f"<p>Written with report.json and report.md (run {_e(run_id)}); report.json lists every file's "
