@@ -157,6 +157,10 @@ def _parser() -> argparse.ArgumentParser:
     ck.add_argument("--precision", help="highest (default) | default")
     ck.add_argument("--keras-backend", help="tensorflow (default) | jax | torch")
     ck.add_argument("--timeout", type=float, help="seconds per framework worker (default 300)")
+    ck.add_argument("--train-steps", type=int, help="then train every port this many steps on the batch from the "
+                                                    "mapped weights and compare the trajectories (default 0: no)")
+    ck.add_argument("--train-optimizer", help="sgd (default) | momentum, with --train-steps")
+    ck.add_argument("--train-lr", type=float, help="learning rate with --train-steps (default 0.01)")
     ck.add_argument("--out", default="gradparity-check", help="output folder (default: ./gradparity-check)")
     ck.add_argument("--json", action="store_true", help="print report.json's document instead of the text")
     tb = sub.add_parser("loss-table", help="measure common loss configurations in every framework "
@@ -470,7 +474,8 @@ def _check(args) -> int:
     flags = {"torch": args.torch, "keras": args.keras, "jax": args.jax, "data": args.data, "loss": args.loss,
              "weights_from": args.weights_from, "methods": None if args.methods is None else _csv(args.methods),
              "dtype": args.dtype, "mode": args.mode, "device": args.device, "precision": args.precision,
-             "keras_backend": args.keras_backend, "timeout_s": args.timeout}
+             "keras_backend": args.keras_backend, "timeout_s": args.timeout, "train_steps": args.train_steps,
+             "train_optimizer": args.train_optimizer, "train_lr": args.train_lr}
     say = None if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
     try:
         spec = read_check_config(args.config, {k: v for k, v in flags.items() if v is not None})

@@ -64,3 +64,33 @@ def test_keras_tensorflow_adam_on_an_embedding_is_not_adam_but_its_momentum_is_o
 def test_bad_model_choices_are_exit_2(argv, fragment, capsys):
     assert main(argv) == 2
     assert fragment in capsys.readouterr().err
+
+
+def _port_check(jax_factory: str, dtype: str):
+    from pathlib import Path
+
+    from gradparity.commands.check import ModelCheck, check_spec, run_check
+
+    folder = Path(__file__).resolve().parents[1] / "examples" / "port_check"
+    with np.load(folder / "batch.npz") as data:
+        x, y = data["x"], data["y"]
+    spec = ModelCheck({"torch": "nets_torch:TorchCNN", "jax": jax_factory}, x, y, methods=("mean",), dtype=dtype,
+                      train_steps=3, train_optimizer="momentum", train_lr=0.05, sys_path=(str(folder),))
+    return run_check(check_spec(spec))
+
+
+def test_a_faithful_port_trains_on_the_sources_trajectory():
+    """`check --train-steps`: the example's Flax port of the torch CNN, trained 3 momentum steps from torch's
+    weights in float64, stays on torch's trajectory at every step (exit 0)."""
+    report = _port_check("nets_flax:flax_cnn", "float64")
+    (pair,) = report.training.pairs
+    assert report.exit_code == 0 and pair["first_apart"] is None and pair["tensors"] >= 8
+    assert max(pair["per_step"]) <= pair["rtol"][0]
+
+
+def test_a_buggy_port_leaves_the_sources_trajectory_at_step_1():
+    """The planted bug (SAME padding of the stride-2 convolution): apart from step 1, exit 1."""
+    report = _port_check("nets_flax:flax_cnn_same_padding", "float32")
+    (pair,) = report.training.pairs
+    assert pair["first_apart"] == 1 and pair["per_step"][-1] > 100 * pair["rtol"][-1]
+    assert report.exit_code == 1

@@ -397,7 +397,9 @@ class JaxModelTraining:
             m = self.model
             self._batches[prefix] = [
                 (jax.device_put(np.asarray(x).astype(m.dtype if np.asarray(x).dtype.kind == "f" else np.int32),
-                                m.device), jax.device_put(np.asarray(y).astype(np.int32), m.device))
+                                m.device),
+                 jax.device_put(np.asarray(y).astype(m.dtype if self.job.payload["loss"] == "mse" else np.int32),
+                                m.device))
                 for x, y in train_batches(self.job, prefix)]
         return self._batches[prefix]
 

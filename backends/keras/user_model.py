@@ -474,7 +474,9 @@ class KerasModelTraining:
             with self.model.ad.scope():
                 self._batches[prefix] = [
                     (keras.ops.convert_to_tensor(x, dtype=self.job.dtype if np.asarray(x).dtype.kind == "f"
-                                                 else "int32"), keras.ops.convert_to_tensor(y, dtype="int32"))
+                                                 else "int32"),
+                     keras.ops.convert_to_tensor(y, dtype=self.job.dtype if self.job.payload["loss"] == "mse"
+                                                 else "int32"))
                     for x, y in train_batches(self.job, prefix)]
         return self._batches[prefix]
 

@@ -284,8 +284,9 @@ class TorchModelTraining:
             for x, y in train_batches(self.job, prefix):
                 x = np.transpose(x, (0, 3, 1, 2)) if x.ndim == 4 else x
                 xt = torch.from_numpy(np.ascontiguousarray(x)).to(m.device)
+                yt = torch.from_numpy(np.asarray(y)).to(m.device)
                 out.append((xt.to(m.dtype) if xt.is_floating_point() else xt,
-                            torch.from_numpy(np.asarray(y)).to(m.device, torch.int64)))
+                            yt.to(m.dtype) if self.job.payload["loss"] == "mse" else yt.to(torch.int64)))
             self._batches[prefix] = out
         return self._batches[prefix]
 

@@ -47,6 +47,8 @@ TRAINING_NOTE = (
     "normalizes with the statistics of the batch it sees (one_by_one feeds batches of one) and updates its "
     "running statistics. Differences from these are expected and are not porting bugs; inference mode (the "
     "default) compares the deterministic model.")
+#: Optimizers for ``train_steps``: the same update in torch, Keras and optax at a constant learning rate.
+TRAIN_OPTIMIZERS = ("sgd", "momentum")
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 
@@ -68,6 +70,12 @@ class ModelCheck:
     keras_backend: str = "tensorflow"
     timeout_s: float = 300.0
     sys_path: tuple[str, ...] = ()
+    #: After the gradients: train every framework's model for this many steps on the batch (0: do not), from
+    #: the mapped weights, with ``train_optimizer`` ("sgd" or "momentum": the same update in every framework
+    #: at a constant lr, so a trajectory that parts is the port) at ``train_lr``.
+    train_steps: int = 0
+    train_optimizer: str = "sgd"
+    train_lr: float = 0.01
 
     @property
     def source(self) -> str:
@@ -85,7 +93,8 @@ class ModelCheck:
         return {"models": dict(self.factories), "weights_from": self.source, "loss": self.loss,
                 "mapping": self.mapping, "methods": list(self.methods), "dtype": self.dtype, "mode": self.mode,
                 "device": self.device, "precision": self.precision, "keras_backend": self.keras_backend,
-                "timeout_s": self.timeout_s, "batch": {"x_shape": list(self.x.shape), "x_dtype": str(self.x.dtype),
+                "timeout_s": self.timeout_s, "train_steps": self.train_steps,
+                "train_optimizer": self.train_optimizer, "train_lr": self.train_lr, "batch": {"x_shape": list(self.x.shape), "x_dtype": str(self.x.dtype),
                                                        "y_shape": list(self.y.shape), "y_dtype": str(self.y.dtype)}}
 
 
@@ -125,6 +134,15 @@ def check_spec(spec: ModelCheck) -> ModelCheck:
                                 ("keras_backend", spec.keras_backend, ("tensorflow", "jax", "torch"))):
         if value not in allowed:
             problems.append(f"{key} = {value!r}; choose one of {', '.join(allowed)}")
+    if not (isinstance(spec.train_steps, int) and not isinstance(spec.train_steps, bool)
+            and 0 <= spec.train_steps <= 10_000):
+        problems.append(f"train_steps = {spec.train_steps!r} must be a whole number in 0..10000")
+    if spec.train_optimizer not in TRAIN_OPTIMIZERS:
+        problems.append(f"train_optimizer = {spec.train_optimizer!r}; choose one of {', '.join(TRAIN_OPTIMIZERS)} "
+                        "(whose update is the same in every framework at a constant lr)")
+    if not (isinstance(spec.train_lr, (int, float)) and not isinstance(spec.train_lr, bool)
+            and math.isfinite(spec.train_lr) and spec.train_lr > 0):
+        problems.append(f"train_lr = {spec.train_lr!r} must be a positive number")
     if not (isinstance(spec.timeout_s, (int, float)) and spec.timeout_s > 0):
         problems.append(f"timeout_s = {spec.timeout_s!r} must be a positive number of seconds")
     problems += _batch_problems(spec.x, spec.y, spec.loss)
@@ -287,9 +305,12 @@ class ModelReport:
     localizations: list[Localization]
     n_examples: int
     loss_elements: int
+    training: "TrainingParity | None" = None
 
     @property
     def exit_code(self) -> int:
+        if self.verdict.exit_code == 0 and self.training is not None and self.training.apart:
+            return 1
         return self.verdict.exit_code
 
     @property
@@ -325,6 +346,7 @@ class ModelReport:
             "localization": {"first_layer": self.first_layer,
                              "by_backend": [loc.to_dict() for loc in self.localizations]},
             "verdict": self.verdict.to_dict(),
+            "training": None if self.training is None else self.training.to_dict(),
         }
 
 
@@ -436,7 +458,74 @@ def _run_stages(spec: ModelCheck, say) -> ModelReport:
     verdict = _with_localization(verdict, localizations)
     if spec.mode == "training":
         verdict = dataclasses.replace(verdict, explanation=[TRAINING_NOTE] + list(verdict.explanation))
-    return ModelReport(spec, layouts, maps, outcomes, results, tol, comparisons, verdict, localizations, n, m)
+    training = None
+    if spec.train_steps and jobs:
+        ran = {fw: job.payload["assign"] for fw, job in jobs.items()
+               if computed.get(fw) is not None and computed[fw].status == "ok"}
+        training = _train_stage(spec, values, ran, tol, say)
+    return ModelReport(spec, layouts, maps, outcomes, results, tol, comparisons, verdict, localizations, n, m,
+                       training)
+
+
+@dataclass
+class TrainingParity:
+    """``train_steps`` steps of the same optimizer in every framework from the mapped weights, on the batch:
+    each target's trainable parameters (canonical, the source's names) against the source's at every step."""
+
+    steps: int
+    optimizer: str
+    lr: float
+    losses: dict[str, list[float]] = field(default_factory=dict)          # backend -> loss before each step
+    pairs: list[dict] = field(default_factory=list)   # {"a", "b", "per_step", "rtol", "first_apart"}
+    errors: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def apart(self) -> bool:
+        return any(p["first_apart"] is not None for p in self.pairs)
+
+    def to_dict(self) -> dict:
+        return {"steps": self.steps, "optimizer": self.optimizer, "lr": self.lr, "losses": self.losses,
+                "pairs": self.pairs, "errors": self.errors,
+                "tolerance": "rtol(t) = rtol_gradient(u) * t, relative to the parameters' largest entry"}
+
+
+def _train_stage(spec: ModelCheck, values: dict, assigns: dict[str, dict], tol: Tolerance, say) -> TrainingParity:
+    """Train every framework whose gradient stage ran, from the mapped weights, and compare step by step."""
+    from gradparity.commands.train import OPTIMIZER_CHOICES
+    from gradparity.compare.trajectories import first_beyond, relative_distance
+
+    config = OPTIMIZER_CHOICES[spec.train_optimizer](spec.train_lr)
+    run = {"optimizer": config.to_dict(), "lrs": [spec.train_lr] * spec.train_steps, "reduction": "mean"}
+    report = TrainingParity(spec.train_steps, config.label(), spec.train_lr)
+    jobs = {}
+    for fw, assign in assigns.items():
+        job = _job(spec, fw, ("train",), values, assign)
+        batch = dict(job.batch)
+        for t in range(1, spec.train_steps + 1):  # the check's one batch at every step
+            batch[f"batches/{t}/x"], batch[f"batches/{t}/y"] = spec.x, spec.y
+        jobs[fw] = dataclasses.replace(job, task="train", batch=batch, payload={**job.payload, "runs": {"train": run}})
+    say(f"training {spec.train_steps} steps of {config.label()} on the batch in {', '.join(jobs)} ...")
+    outcomes = _run_all(jobs, spec, say, parallel=False)
+    trajectories, units = {}, {}
+    for fw, o in outcomes.items():
+        row = o.methods.get("train")
+        if row is None or row.status != "ok":
+            report.errors[o.backend] = (row.error if row is not None else o.error) or o.status
+            continue
+        keys = sorted({k.split("/", 1)[1] for k in row.grads if not k.startswith("loss/")})
+        trajectories[fw] = [{k: np.asarray(row.grads[f"{t}/{k}"], dtype=np.float64) for k in keys}
+                            for t in range(1, spec.train_steps + 1)]
+        report.losses[o.backend] = [float(row.grads[f"loss/{t}"]) for t in range(1, spec.train_steps + 1)]
+        units[fw] = effective(o)
+    source = spec.source
+    for fw in (f for f in trajectories if f != source and source in trajectories):
+        shared = set(trajectories[fw][0]) & set(trajectories[source][0])
+        per_step = [relative_distance({k: a[k] for k in shared}, {k: b[k] for k in shared})
+                    for a, b in zip(trajectories[source], trajectories[fw])]
+        rtol = [tol.rtol(max(units[source], units[fw])) * t for t in range(1, spec.train_steps + 1)]
+        report.pairs.append({"a": outcomes[source].backend, "b": outcomes[fw].backend, "per_step": per_step,
+                             "rtol": rtol, "first_apart": first_beyond(per_step, rtol), "tensors": len(shared)})
+    return report
 
 
 def effective(outcome: BackendOutcome) -> float:
@@ -501,8 +590,29 @@ def render_text(report: ModelReport) -> str:
                      f"{', '.join(loc.candidates) or loc.first_layer}" if loc.first_layer
                      else "every captured activation agrees")
             lines.append(f"  {loc.backend} vs {loc.source}: {where}")
+    lines += _training_lines(report.training)
     lines += ["", report.verdict.summary] + ["  " + line for line in report.verdict.explanation]
     return "\n".join(lines)
+
+
+def _training_lines(training: TrainingParity | None) -> list[str]:
+    if training is None:
+        return []
+    lines = ["", f"training: {training.steps} steps of {training.optimizer} on the batch (mean loss), from the mapped "
+                 "weights; each port's trainable parameters against the source's at every step"]
+    for backend, losses in training.losses.items():
+        lines.append(f"  {backend}: loss {losses[0]:.6g} -> {losses[-1]:.6g}")
+    for backend, error in training.errors.items():
+        lines.append(f"  {backend}: training FAILED: {error.splitlines()[0]}")
+    for p in training.pairs:
+        if p["first_apart"] is None:
+            lines.append(f"  {p['a']} vs {p['b']}: same trajectory at every step ({p['tensors']} tensors, largest "
+                         f"{max(p['per_step']):.3g}, rtol at step {training.steps} {p['rtol'][-1]:.3g})")
+        else:
+            t = p["first_apart"]
+            lines.append(f"  {p['a']} vs {p['b']}: APART from step {t} ({p['per_step'][t - 1]:.3g} > rtol "
+                         f"{p['rtol'][t - 1]:.3g}), {p['per_step'][-1]:.3g} after step {training.steps}")
+    return lines
 
 
 def write_check_report(report: ModelReport, folder, run_id: str) -> None:
@@ -529,7 +639,7 @@ def _json_default(o):
 # --- TOML and flags ------------------------------------------------------------------------------
 
 _CHECK_KEYS = ("data", "loss", "weights_from", "methods", "dtype", "mode", "device", "precision", "keras_backend",
-               "timeout_s")
+               "timeout_s", "train_steps", "train_optimizer", "train_lr")
 
 
 def read_check_config(path: str | Path | None, flags: dict) -> ModelCheck:
@@ -569,7 +679,7 @@ def read_check_config(path: str | Path | None, flags: dict) -> ModelCheck:
     x, y = load_batch(data_path)
     try:
         spec = ModelCheck(models, x, y, mapping=dict(doc.get("mapping", {})), sys_path=(str(base),),
-                          **{k: (tuple(v) if k == "methods" else float(v) if k == "timeout_s" else v)
+                          **{k: (tuple(v) if k == "methods" else float(v) if k in ("timeout_s", "train_lr") else v)
                              for k, v in settings.items()})
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"invalid check setting: {exc}") from exc
