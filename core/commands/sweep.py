@@ -671,8 +671,11 @@ def grid_lines(report: SweepReport) -> list[str]:
         at, stops = grid["linear_holds_at"], grid["linear_stops_at"]
         lines.append(f"linear scaling against the grid: {grid['linear_rule']} (lr0 * B / {B0}) is within {HOLDS:g} of "
                      f"the best measured lr's accuracy at B = {', '.join(map(str, at)) or 'none'}"
-                     + (f"; from B0 = {B0} on it stops holding at B = {stops} ({gap[str(stops)]:.3f} below the best)"
-                        if stops else "") + f"; largest gap {gap[worst]:.3f} at B = {worst}")
+                     + ("" if not stops else
+                        f"; it fails already at B0 = {B0}, where lr0 is {gap[str(stops)]:.3f} below the grid's best "
+                        f"(lr0 is not the best lr at B0 for this configuration)" if stops == B0 else
+                        f"; from B0 = {B0} on it stops holding at B = {stops} ({gap[str(stops)]:.3f} below the best)")
+                     + f"; largest gap {gap[worst]:.3f} at B = {worst}")
     return lines
 
 
