@@ -204,6 +204,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="with --sweep: none (default) | balanced (n / (10 n_k)) | skewed (seeded, 1/4 to 4): "
                           "per-example weights w = c[y]; the rules use the weighted mean sum(w l)/sum(w), the "
                           "weighted sum, and Keras' sum_over_batch_size sum(w l)/N ('sobs')")
+    trn.add_argument("--seeds", help="with --sweep: comma-separated seeds, e.g. 0,1,2: the sweep once per seed "
+                                     "(parameters, held-out split, data order), accuracies as mean ± std")
     trn.add_argument("--last-batch", default="drop",
                      help="with --sweep: drop (default) | keep: each epoch ends with the short batch of n mod B "
                           "examples (the rules also run with it dropped, to compare)")
@@ -261,7 +263,8 @@ def _train(args) -> int:
         raise ConfigError(f"--sweep trains the built-in MLP only, not --model {args.model}")
     sweep_only = [flag for flag, value, default in (("--class-weights", args.class_weights, "none"),
                                                     ("--last-batch", args.last_batch, "drop"),
-                                                    ("--lr-grid", args.lr_grid, None)) if value != default]
+                                                    ("--lr-grid", args.lr_grid, None),
+                                                    ("--seeds", args.seeds, None)) if value != default]
     if sweep_only and not args.sweep:
         raise ConfigError(f"{', '.join(sweep_only)} only with --sweep")
     if args.sweep:
@@ -281,7 +284,11 @@ def _train(args) -> int:
         from gradparity.report.outdir import OutputDir, new_run_id
         from gradparity.report.train_html import SWEEP_FILES, write_sweep_report
 
-        sweep_spec = sweep.SweepSpec(spec, sizes, args.epochs, args.class_weights, args.last_batch, grid)
+        try:
+            seeds = tuple(int(v) for v in _csv(args.seeds)) if args.seeds is not None else ()
+        except ValueError:
+            raise ConfigError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
+        sweep_spec = sweep.SweepSpec(spec, sizes, args.epochs, args.class_weights, args.last_batch, grid, seeds)
         sweep.check_sweep(sweep_spec)  # bad values are exit 2 before the output folder or any worker
         run_id = new_run_id()
         folder = OutputDir.claim(args.out, run_id, SWEEP_FILES)

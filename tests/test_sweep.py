@@ -125,6 +125,8 @@ def test_keep_weighs_a_short_batch_example_by_the_reduction():
     (SweepSpec(TrainSpec(), lr_grid=(1.0, 1.0)), "distinct multipliers"),
     (SweepSpec(TrainSpec(), batch_sizes=(0,)), "batch sizes must be"),
     (SweepSpec(TrainSpec(optimizer="rmsprop")), "optimizer 'rmsprop'"),
+    (SweepSpec(TrainSpec(), seeds=(1, 1)), "distinct non-negative integers"),
+    (SweepSpec(TrainSpec(), seeds=(0, -1)), "distinct non-negative integers"),
 ])
 def test_bad_sweep_specs_are_config_errors(spec, message):
     with pytest.raises(ConfigError, match=message):
@@ -135,6 +137,7 @@ def test_bad_sweep_specs_are_config_errors(spec, message):
     (["--lr-grid=0.5,-2"], "positive numbers"),
     (["--lr-grid", "0.5,x"], "comma-separated numbers"),
     (["--class-weights", "heavy", "--last-batch", "pad"], "2 problems"),
+    (["--seeds", "0,x"], "comma-separated integers"),
 ])
 def test_bad_sweep_flags_exit_2_before_anything_runs(tmp_path, capsys, argv, message):
     from gradparity.cli import main
@@ -372,3 +375,22 @@ def test_the_sweep_report_with_every_option(tmp_path):
     assert doc["weights"]["scheme"] == "balanced" and len(doc["weights"]["per_class"]) == 10
     assert {e["rule"] for e in doc["last_batch_effect"]} == {"mean", "mean_linear", "sum", "sobs", "sobs_linear"}
     assert doc["grid"]["multipliers"] == [0.5, 2.0] and doc["grid"]["best"]
+
+
+def test_several_seeds_are_each_seeds_own_sweep_and_their_spread():
+    """--seeds 0,1: every cell keeps its seed; seed 1's accuracies are those of a sweep run with seed 1 alone
+    (its own parameters, split and order); the accuracy is the mean over seeds, the spread their std (ddof 1)."""
+    from gradparity.commands.sweep import run_sweep
+
+    base = TrainSpec(backends=("torch",), timeout_s=300)
+    both = run_sweep(SweepSpec(base, batch_sizes=(16, 32), epochs=1, seeds=(0, 1)))
+    alone = run_sweep(SweepSpec(base, batch_sizes=(16, 32), epochs=1, seeds=(1,)))
+    assert both.seeds == [0, 1] and {c.seed for c in alone.cells} == {1}
+    for b in (16, 32):
+        for rule in ("mean", "mean_linear", "sum"):
+            per = both.per_seed(rule, b)
+            assert per[1] == alone.accuracy(rule, b)
+            assert both.accuracy(rule, b) == pytest.approx((per[0] + per[1]) / 2, abs=1e-12)
+            assert both.spread(rule, b) == pytest.approx(abs(per[0] - per[1]) / np.sqrt(2), abs=1e-12)
+    assert any(per[0] != per[1] for per in (both.per_seed(r, b) for r in ("mean", "sum") for b in (16, 32)))
+    assert "seed-to-seed standard deviation" in "\n".join(recipe_lines(both))

@@ -44,7 +44,10 @@ and per batch size the spread of sum(w) / N over the steps), "last_batch_effect"
 rule: b_last, the short batch's per-example weight over a full batch's, accuracies and parameter distance
 keep vs drop), "grid" (null, or every measured (B, reduction, lr) point, the best per B and reduction with the
 rules' predictions, and where linear scaling holds), "extra_cells" (the grid's and the dropped-last-batch
-runs, each with "role", "multiplier" and "last_batch"), and per cell "role", "multiplier" and "last_batch".
+runs, each with "role", "multiplier" and "last_batch"), per cell "role", "multiplier", "last_batch" and "seed",
+"seeds" (the seeds run) and "accuracy_by_seed" (per batch size and rule, each seed's accuracy, mean over the
+frameworks, and their standard deviation, null with one seed). With several seeds (``seeds``) every
+accuracy is the mean over frameworks and seeds, and the recipe states the seed-to-seed spread.
 """
 from __future__ import annotations
 
@@ -70,6 +73,8 @@ B0 = 32
 HOLDS = 0.01
 CLASS_WEIGHTS = ("none", "balanced", "skewed")
 LAST_BATCH = ("drop", "keep")
+#: At most this many seeds (the sweep runs once per seed).
+MAX_SEEDS = 10
 #: The "skewed" class weights run from 1/SKEW to SKEW (before scaling the mean example weight to 1).
 SKEW = 4.0
 #: ``--lr-grid`` without a value: small, so a grid sweep stays within a few minutes on two CPU cores.
@@ -105,6 +110,9 @@ class SweepSpec:
     class_weights: str = "none"          # none | balanced | skewed
     last_batch: str = "drop"             # drop | keep (keep: the drop runs too, for comparison)
     lr_grid: tuple[float, ...] = ()      # multipliers of every rule's lr; () = off
+    #: Several seeds (each its own parameters, held-out split, data order and skewed weights; the whole sweep
+    #: once per seed); () = the base spec's seed alone.
+    seeds: tuple[int, ...] = ()
 
     @property
     def weighted(self) -> bool:
@@ -131,6 +139,9 @@ def check_sweep(spec: SweepSpec) -> None:
         problems.append(f"lr grid multipliers must be positive numbers, got {bad}")
     elif len(set(spec.lr_grid)) != len(spec.lr_grid) or len(spec.lr_grid) > MAX_GRID:
         problems.append(f"lr grid: at most {MAX_GRID} distinct multipliers, got {list(spec.lr_grid)}")
+    if spec.seeds and (len(set(spec.seeds)) != len(spec.seeds) or len(spec.seeds) > MAX_SEEDS
+                       or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in spec.seeds)):
+        problems.append(f"seeds: at most {MAX_SEEDS} distinct non-negative integers, got {list(spec.seeds)}")
     if problems:
         raise ConfigError(problems)
 
@@ -277,6 +288,7 @@ class Cell:
     role: str = "main"
     #: the worker run this cell reads (configurations with the same batches, reduction and lr share one)
     case: str = ""
+    seed: int = 0
 
 
 @dataclass
@@ -295,11 +307,28 @@ class SweepReport:
 
     def accuracy(self, rule: str, b: int, multiplier: float = 1.0, last_batch: str | None = None) -> float | None:
         """The held-out accuracy after the last epoch of a configuration (the main one by default), averaged
-        over the frameworks that ran (they agree)."""
+        over the frameworks that ran (they agree) and the seeds."""
+        values = self.per_seed(rule, b, multiplier, last_batch)
+        return float(np.mean(list(values.values()))) if values else None
+
+    def per_seed(self, rule: str, b: int, multiplier: float = 1.0, last_batch: str | None = None) -> dict:
+        """seed -> the configuration's held-out accuracy after the last epoch, averaged over the frameworks."""
         last_batch = last_batch or self.spec.last_batch
-        values = [c.accuracy[-1] for c in self.cells if c.rule == rule and c.batch_size == b and c.status == "ok"
-                  and c.multiplier == multiplier and c.last_batch == last_batch]
-        return float(np.mean(values)) if values else None
+        by_seed: dict[int, list[float]] = {}
+        for c in self.cells:
+            if (c.rule == rule and c.batch_size == b and c.status == "ok" and c.multiplier == multiplier
+                    and c.last_batch == last_batch):
+                by_seed.setdefault(c.seed, []).append(c.accuracy[-1])
+        return {seed: float(np.mean(v)) for seed, v in by_seed.items()}
+
+    def spread(self, rule: str, b: int) -> float | None:
+        """The standard deviation over seeds (ddof 1) of the main configuration's accuracy; None with one seed."""
+        values = list(self.per_seed(rule, b).values())
+        return float(np.std(values, ddof=1)) if len(values) > 1 else None
+
+    @property
+    def seeds(self) -> list[int]:
+        return sorted({c.seed for c in self.cells}) or [self.spec.base.seed]
 
     @property
     def main_cells(self) -> list[Cell]:
@@ -327,9 +356,18 @@ def _epoch_losses(losses: list[float], totals: list[tuple[float, float]], ends: 
 
 
 def run_sweep(spec: SweepSpec, progress=None) -> SweepReport:
+    """The sweep (see the module doc); with several seeds, once per seed, merged (``_merge_seeds``)."""
     check_sweep(spec)
-    base = spec.base
     say = progress or (lambda _m: None)
+    if len(spec.seeds) > 1:
+        reports = []
+        for i, seed in enumerate(spec.seeds, start=1):
+            say(f"seed {seed} ({i} of {len(spec.seeds)}):")
+            reports.append(run_sweep(replace(spec, base=replace(spec.base, seed=seed), seeds=()), progress))
+        return _merge_seeds(spec, reports)
+    if spec.seeds:
+        spec = replace(spec, base=replace(spec.base, seed=spec.seeds[0]))
+    base = spec.base
     (x, y), held, desc = split_digits(base)
     model = MLP((x.shape[1], *base.hidden, 10), base.activation)
     params = init_params(model, base.seed, base.dtype)
@@ -409,8 +447,25 @@ def run_sweep(spec: SweepSpec, progress=None) -> SweepReport:
     description = f"{desc}; {spec.epochs} epochs per batch size ({last})"
     if spec.weighted:
         description += f"; {spec.class_weights} class weights"
+    for cell in cells:
+        cell.seed = base.seed
     return SweepReport(spec, lr0, cells, parity, description, walls, time.perf_counter() - started, sequences,
                        weights_per_class, parity_all, len(held[1]))
+
+
+def _merge_seeds(spec: SweepSpec, reports: list[SweepReport]) -> SweepReport:
+    """One report of the per-seed sweeps: every cell (each keeps its seed), the largest framework difference of
+    each configuration over the seeds, the summed times; the first seed's batch sequences and class weights
+    (for the options' per-batch figures, which the seed changes only by its data order)."""
+    first = reports[0]
+    worst = lambda values: max((v for v in values if v is not None), default=None)  # noqa: E731
+    walls = {b: sum(r.wall_seconds.get(b, 0.0) for r in reports) for b in first.wall_seconds}
+    return SweepReport(spec, first.lr0, [c for r in reports for c in r.cells],
+                       {k: worst(r.parity.get(k) for r in reports) for k in first.parity},
+                       f"{first.description}; seeds {', '.join(map(str, spec.seeds))} (each its own parameters, "
+                       "held-out split and data order)", walls, sum(r.total_seconds for r in reports),
+                       first.sequences, first.class_weights,
+                       {k: worst(r.parity_all.get(k) for r in reports) for k in first.parity_all}, first.held_out)
 
 
 # --- what the options measure ---------------------------------------------------------------------------------
@@ -452,7 +507,7 @@ def last_batch_effect(report: SweepReport) -> list[dict] | None:
             distances = []
             for backend in spec.base.backends:
                 pair = [c.final for c in report.cells if c.backend == backend and c.batch_size == b and c.rule == name
-                        and c.multiplier == 1.0 and c.status == "ok"]
+                        and c.multiplier == 1.0 and c.status == "ok" and c.seed == report.seeds[0]]
                 if len(pair) == 2:
                     distances.append(relative_distance(*pair))
             row.update(accuracy_keep=keep, accuracy_drop=drop,
@@ -555,16 +610,19 @@ def recipe_lines(report: SweepReport) -> list[str]:
     table = report.spec.rules()
     names = list(table)
     ref = report.accuracy("mean", B0) if B0 in bs else None
+    seeds = report.seeds
     lines = [f"learning-rate recipe from (B0 = {B0}, lr0 = {report.lr0:g}), {base.optimizer}, "
-             f"held-out accuracy after {report.spec.epochs} epochs (mean over frameworks):"]
+             f"held-out accuracy after {report.spec.epochs} epochs (mean over frameworks"
+             + (f" and {len(seeds)} seeds, ± their standard deviation" if len(seeds) > 1 else "") + "):"]
     lines.append(f"{'B':>5} " + " ".join(f"{n:>22}" for n in names) + "   best")
     for b in bs:
         accs = {n: report.accuracy(n, b) for n in names}
         cells = []
         for n in names:
             reduction, lr = table[n](report.lr0, b)
-            a = accs[n]
-            cells.append(f"{(f'{a:.3f}' if a is not None else 'failed') + f' (lr {lr:.3g})':>22}")
+            a, sd = accs[n], report.spread(n, b)
+            text = (f"{a:.3f}" + (f"±{sd:.3f}" if sd is not None else "")) if a is not None else "failed"
+            cells.append(f"{text + f' (lr {lr:.3g})':>22}")
         best = max((n for n in names if accs[n] is not None), key=lambda n: accs[n], default=None)
         lines.append(f"{b:>5} " + " ".join(cells) + f"   {best or '-'}")
     if report.spec.weighted or report.spec.last_batch == "keep":
@@ -577,6 +635,19 @@ def recipe_lines(report: SweepReport) -> list[str]:
         lines.append(f"linear scaling (mean, lr = B * lr0 / {B0}) keeps the accuracy of B0 = {B0} ({ref:.3f}) within "
                      f"{HOLDS:g} up to B = {up_to or B0}"
                      + (f"; it stops holding at B = {stops}" if stops else " (every larger B measured)"))
+        if stops and report.spread("mean", B0) is not None and report.spread(linear, stops) is not None:
+            drop = ref - accs[stops]
+            # The standard error of a difference of two means over the seeds.
+            se = math.hypot(report.spread("mean", B0), report.spread(linear, stops)) / math.sqrt(len(seeds))
+            lines.append(f"  at B = {stops} the drop is {drop:.4f} and its standard error over {len(seeds)} seeds "
+                         f"{se:.4f}: " + ("resolved (more than twice it)" if drop > 2 * se else
+                                          "NOT resolved (within twice it): more seeds or epochs would decide"))
+        noise = [v for v in (report.spread(n, b) for n in names for b in bs) if v is not None]
+        if noise:
+            lines.append(f"  seed-to-seed standard deviation of these accuracies: median {np.median(noise):.3f}, "
+                         f"largest {max(noise):.3f} ({len(seeds)} seeds); a difference below about twice it is "
+                         "not resolved by this sweep"
+                         + (f", and HOLDS = {HOLDS:g} is within it" if np.median(noise) * 2 > HOLDS else ""))
     return lines + weight_lines(report) + last_batch_lines(report) + grid_lines(report)
 
 
@@ -686,12 +757,13 @@ def render_text(report: SweepReport) -> str:
     lines += recipe_lines(report)
     lines += ["", "per framework (held-out accuracy after each epoch; per-example training loss of the last "
                   "epoch" + (", weighted by w" if report.spec.weighted else "") + "):"]
-    for c in sorted(report.main_cells, key=lambda c: (c.batch_size, c.rule, c.backend)):
+    for c in sorted(report.main_cells, key=lambda c: (c.batch_size, c.rule, c.backend, c.seed)):
         if c.status != "ok":
             lines.append(f"  B {c.batch_size:>4} {c.rule:<12} {c.backend:<18} FAILED: "
                          f"{(c.error or c.status).splitlines()[0]}")
             continue
-        lines.append(f"  B {c.batch_size:>4} {c.rule:<12} {c.backend:<18} lr {c.lr:<10.4g} "
+        seed = f" seed {c.seed}" if len(report.seeds) > 1 else ""
+        lines.append(f"  B {c.batch_size:>4} {c.rule:<12} {c.backend:<18}{seed} lr {c.lr:<10.4g} "
                      f"accuracy {' '.join(f'{a:.3f}' for a in c.accuracy)}  loss {c.epoch_loss[-1]:.4f}")
     extra = [c for c in report.cells if c.role != "main"]
     if extra:
@@ -712,7 +784,7 @@ def render_text(report: SweepReport) -> str:
 
 
 def _cell_dict(c: Cell) -> dict:
-    return {"backend": c.backend, "batch_size": c.batch_size, "rule": c.rule, "reduction": c.reduction,
+    return {"backend": c.backend, "seed": c.seed, "batch_size": c.batch_size, "rule": c.rule, "reduction": c.reduction,
             "lr": c.lr, "status": c.status, "error": c.error, "held_out_accuracy_per_epoch": c.accuracy,
             "train_loss_per_epoch": c.epoch_loss, "role": c.role, "multiplier": c.multiplier,
             "last_batch": c.last_batch}
@@ -729,7 +801,10 @@ def to_dict(report: SweepReport) -> dict:
             "B0": B0, "epochs": spec.epochs, "batch_sizes": list(spec.batch_sizes),
             "data": report.description,
             "class_weights": spec.class_weights, "last_batch": spec.last_batch,
-            "lr_grid": list(spec.lr_grid) or None,
+            "lr_grid": list(spec.lr_grid) or None, "seeds": report.seeds,
+            "accuracy_by_seed": [{"batch_size": b, "rule": n, "per_seed": {str(k): v for k, v in
+                                                                        report.per_seed(n, b).items()},
+                                  "std": report.spread(n, b)} for b in spec.batch_sizes for n in spec.rules()],
             "cells": [_cell_dict(c) for c in report.main_cells],
             "extra_cells": [_cell_dict(c) for c in report.cells if c.role != "main"],
             "parity_final_params": [{"batch_size": b, "rule": n, "max_rel": v} for (b, n), v in report.parity.items()],

@@ -156,7 +156,8 @@ SWEEP_FILES = ("report.md", "report.html", RECIPE_PNG, EPOCHS_PNG, GRID_PNG, WEI
 
 def recipe_png(report, run_id: str) -> bytes:
     """Held-out accuracy after the last epoch against the batch size, one line per learning-rate rule (the mean
-    over frameworks), each framework's value marked."""
+    over frameworks and seeds; with several seeds, bars of one standard deviation over them), each framework's
+    value marked."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(8, 4.5))
@@ -164,7 +165,9 @@ def recipe_png(report, run_id: str) -> bytes:
     sizes = list(report.spec.batch_sizes)
     for name in report.spec.rules():
         acc = [report.accuracy(name, b) for b in sizes]
-        ax.plot(sizes, [a if a is not None else float("nan") for a in acc], marker="o", label=name)
+        spread = [report.spread(name, b) for b in sizes]
+        ax.errorbar(sizes, [a if a is not None else float("nan") for a in acc], marker="o", label=name, capsize=3,
+                    yerr=None if all(v is None for v in spread) else [v or 0.0 for v in spread])
         for c in report.cells:
             if c.rule == name and c.status == "ok" and c.role == "main":
                 ax.plot([c.batch_size], [c.accuracy[-1]], marker="x", color="0.3", markersize=4, linestyle="")
@@ -172,7 +175,9 @@ def recipe_png(report, run_id: str) -> bytes:
     ax.set_xticks(sizes, [str(b) for b in sizes])
     ax.set_xlabel("batch size B")
     ax.set_ylabel(f"held-out accuracy after {report.spec.epochs} epochs (fraction)")
-    ax.set_title(f"{report.spec.base.optimizer}, lr0 = {report.lr0:g} at B0 = 32 (x: each framework)")
+    seeds = report.seeds
+    ax.set_title(f"{report.spec.base.optimizer}, lr0 = {report.lr0:g} at B0 = 32 (x: each framework"
+                 + (f"; bars: ±1 std over {len(seeds)} seeds" if len(seeds) > 1 else "") + ")")
     ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
     return png_bytes(fig, run_id)
