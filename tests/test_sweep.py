@@ -394,3 +394,24 @@ def test_several_seeds_are_each_seeds_own_sweep_and_their_spread():
             assert both.spread(rule, b) == pytest.approx(abs(per[0] - per[1]) / np.sqrt(2), abs=1e-12)
     assert any(per[0] != per[1] for per in (both.per_seed(r, b) for r in ("mean", "sum") for b in (16, 32)))
     assert "seed-to-seed standard deviation" in "\n".join(recipe_lines(both))
+
+
+def test_framework_parity_names_the_rule_difference_or_rounding():
+    """The sweep's answer to 'do the frameworks train identically': per pair the largest final difference (here
+    planted), and why: Adam's rules differ between Keras (epsilon hat) and torch/optax, momentum's do not."""
+    from gradparity.commands.sweep import Cell, SweepReport, framework_parity
+
+    p = {"w": np.array([1.0, -2.0])}
+    cells = [Cell(backend, 32, "mean", "mean", 0.01, "ok", final={"w": p["w"] + shift})
+             for backend, shift in (("torch", 0.0), ("jax", 1e-7), ("keras-tensorflow", 0.02))]
+    for optimizer in ("adam", "momentum"):
+        spec = SweepSpec(TrainSpec(optimizer=optimizer, backends=("torch", "jax", "keras-tensorflow")),
+                         batch_sizes=(32,))
+        rows = {(r["a"], r["b"]): r for r in framework_parity(SweepReport(spec, 0.01, cells, {}, ""))}
+        assert rows[("torch", "jax")]["max_rel_final_params"] == pytest.approx(1e-7 / 2, rel=1e-6)
+        assert rows[("torch", "keras-tensorflow")]["max_rel_final_params"] == pytest.approx(0.02 / 2.0, rel=1e-6)
+        assert rows[("torch", "jax")]["same_update"]
+        assert rows[("torch", "keras-tensorflow")]["same_update"] is (optimizer == "momentum")
+        if optimizer == "adam":
+            assert "epsilon: corrected (torch) vs hat (keras-tensorflow)" in rows[("torch", "keras-tensorflow")][
+                "rule_differences"]

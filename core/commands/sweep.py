@@ -578,6 +578,56 @@ def _holds_up_to(sizes, holds: dict[int, bool]) -> tuple[int | None, int | None]
     return (max(kept) if kept else None), stops
 
 
+def framework_parity(report: SweepReport) -> list[dict]:
+    """Per pair of frameworks: the largest relative distance between their final parameters over every
+    configuration they both trained (where), and whether their optimizer rules are the same update at the
+    sweep's constant learning rates (``semantics_of``) and, if not, what differs."""
+    from gradparity.experiment.optimizers import semantics_of
+
+    config = replace(report.spec.base, lr=report.lr0).config()
+    finals: dict[tuple, dict[str, dict]] = {}
+    for c in report.cells:
+        if c.status == "ok" and c.final is not None:
+            finals.setdefault((c.batch_size, c.rule, c.multiplier, c.last_batch, c.seed), {})[c.backend] = c.final
+    out = []
+    for a, b in itertools.combinations(report.spec.base.backends, 2):
+        fa, fb = BACKENDS[a].framework, BACKENDS[b].framework
+        sa, sb = (semantics_of(f, config).at_constant_lr() for f in (fa, fb))
+        differs = [f"{k}: {getattr(sa, k)} ({a}) vs {getattr(sb, k)} ({b})" for k in vars(sa)
+                   if getattr(sa, k) != getattr(sb, k)]
+        worst, where = None, None
+        for key, by_backend in finals.items():
+            if a in by_backend and b in by_backend:
+                d = relative_distance(by_backend[a], by_backend[b])
+                if worst is None or d > worst:
+                    worst, where = d, key
+        out.append({"a": a, "b": b, "max_rel_final_params": worst,
+                    "where": None if where is None else {"batch_size": where[0], "rule": where[1],
+                                                         "multiplier": where[2], "last_batch": where[3],
+                                                         "seed": where[4]},
+                    "same_update": not differs, "rule_differences": differs})
+    return out
+
+
+def parity_lines(report: SweepReport) -> list[str]:
+    """Do the frameworks train identically? Per pair, the largest final difference and why."""
+    lines = ["do the frameworks train identically (same start, same batches, final parameters compared)?"]
+    for p in framework_parity(report):
+        if p["max_rel_final_params"] is None:
+            lines.append(f"  {p['a']} vs {p['b']}: no configuration ran in both")
+            continue
+        w = p["where"]
+        where = f"B {w['batch_size']}, {w['rule']}" + (f" x{w['multiplier']:g}" if w["multiplier"] != 1 else "") + (
+            f", seed {w['seed']}" if len(report.seeds) > 1 else "")
+        why = ("the same update in both at a constant lr (their optimizer rules agree), so the difference is "
+               "rounding, amplified by training (most where the lr is large)" if p["same_update"] else
+               "their optimizer rules differ (" + "; ".join(p["rule_differences"]) + "): `gradparity optimizers` "
+               "measures it, `gradparity translate` gives the configuration that removes it")
+        lines.append(f"  {p['a']} vs {p['b']}: largest difference {p['max_rel_final_params']:.3g} (relative to the "
+                     f"largest parameter; {where}); why: {why}")
+    return lines
+
+
 # --- text --------------------------------------------------------------------------------------------------
 
 def timing_lines(report: SweepReport) -> list[str]:
@@ -774,12 +824,8 @@ def render_text(report: SweepReport) -> str:
             lines.append(f"  B {c.batch_size:>4} {c.rule:<12} x{c.multiplier:g} {c.last_batch} {c.backend:<18} FAILED: "
                          f"{(c.error or c.status).splitlines()[0]}")
     lines += [""] + timing_lines(report)
-    worst = max(((k, v) for k, v in report.parity_all.items() if v is not None), key=lambda kv: kv[1], default=None)
-    if worst:
-        (b, name, m, last), v = worst
-        where = f"B {b}, {name}" + (f" x{m:g}" if m != 1 else "") + (f", last batch {last}" if last != "drop" else "")
-        lines += ["", f"frameworks' final parameters: largest difference {v:.3g} (relative to the largest "
-                      f"parameter; {where}) over all configurations"]
+    if len(report.spec.base.backends) > 1:
+        lines += [""] + parity_lines(report)
     return "\n".join(lines)
 
 
@@ -809,7 +855,7 @@ def to_dict(report: SweepReport) -> dict:
             "extra_cells": [_cell_dict(c) for c in report.cells if c.role != "main"],
             "parity_final_params": [{"batch_size": b, "rule": n, "max_rel": v} for (b, n), v in report.parity.items()],
             "weights": weights, "last_batch_effect": last_batch_effect(report), "grid": grid_results(report),
-            "recipe": recipe_lines(report),
+            "recipe": recipe_lines(report), "framework_parity": framework_parity(report),
             "benchmark": {"total_seconds": report.total_seconds, "worker_wall_seconds": report.wall_seconds,
                           "timed_seconds": {c.backend: sum(x.seconds or 0.0 for x in report.cells
                                                            if x.backend == c.backend) for c in report.cells},

@@ -275,7 +275,7 @@ def _sweep_plots(report) -> tuple:
 
 
 def render_sweep_html(report, run_id: str) -> tuple[str, dict[str, bytes]]:
-    from gradparity.commands.sweep import recipe_lines, render_text, timing_lines
+    from gradparity.commands.sweep import parity_lines, recipe_lines, render_text, timing_lines
 
     pngs, failures = draw_plots(_sweep_plots(report), report, run_id)
     text = render_text(report).splitlines()
@@ -306,6 +306,7 @@ def render_sweep_html(report, run_id: str) -> tuple[str, dict[str, bytes]]:
                 f"Held-out accuracy after each epoch, one panel per batch size, in {report.spec.base.backends[0]} "
                 "(the other frameworks agree: see the text below).", failures.get(EPOCHS_PNG)),
         *options,
+        "<h2>Do the frameworks train identically?</h2>", "<pre>" + _e("\n".join(parity_lines(report))) + "</pre>",
         "<h2>Every configuration</h2>", "<pre>" + _e("\n".join(text[1:])) + "</pre>",
         "<h2>Benchmark</h2>", "<pre>" + _e("\n".join(timing_lines(report))) + "</pre>",
         f"<p>Written with report.json and report.md (run {_e(run_id)}); report.json lists every file's "
