@@ -7,7 +7,8 @@ The mode travels in ``job.variant``:
 - ``missing``: imports a framework that is not installed;
 - ``wrong_shape``: returns a transposed kernel (a layout bug);
 - ``forgets_mean``: the ``mean`` method returns the summed gradient (a missing 1/N);
-- ``segfault``: the process dies of SIGSEGV while setting up.
+- ``segfault``: the process dies of SIGSEGV while setting up;
+- ``slow``: every call takes 0.2 s (to watch a worker's progress).
 
 With ``GRADPARITY_TEST_PIDFILE`` set, each worker appends "PID JOB_DIR" to that
 file when its session opens, so a test can check that no worker survives.
@@ -41,6 +42,8 @@ class FaultySession:
             os.kill(os.getpid(), signal.SIGKILL)
         if self.mode == "hang":
             time.sleep(3600)
+        if self.mode == "slow":
+            time.sleep(0.2)
         if self.mode == "raise_in_sum" and method == "sum":
             raise RuntimeError("simulated failure inside the sum method")
         raw = self.inner.compute(method)

@@ -83,3 +83,22 @@ def test_a_missing_one_over_n_is_found_and_explained(tmp_path, fake_env):
     doc = json.loads((tmp_path / "report.json").read_text())
     bad = [c for c in doc["comparisons"] if not c["agree"]]
     assert bad and all(f"{name}/mean" in (c["a"], c["b"]) for c in bad)
+
+
+def test_a_running_worker_reports_its_finished_methods(fake_env):
+    """run_backend(on_progress=...) hears, while the worker runs, how many of its methods are done: never going
+    back, never above the total, and the job still ends with every method."""
+    from gradparity.experiment.inputs import build_inputs
+    from gradparity.run.execute import run_backend
+    from gradparity.run.pipeline import make_job
+
+    info = fake("slow")
+    methods = ("sum", "mean", "one_by_one")
+    exp = dataclasses.replace(load_experiment(overrides=TINY), backends=(info.name,), methods=methods)
+    calls = []
+    outcome = run_backend(make_job(exp, build_inputs(exp), info, methods), info, 60.0, extra_env=fake_env,
+                          on_progress=lambda done, total: calls.append((done, total)))
+    assert outcome.status == "ok" and all(outcome.methods[m].status == "ok" for m in methods)
+    dones = [d for d, _ in calls]
+    assert calls and {t for _, t in calls} == {3}
+    assert dones == sorted(dones) and 0 <= dones[0] and dones[-1] <= 3 and max(dones) >= 1

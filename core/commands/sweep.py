@@ -66,6 +66,7 @@ from gradparity.compare.trajectories import relative_distance
 from gradparity.errors import ConfigError
 from gradparity.experiment.inputs import _rng, init_params
 from gradparity.experiment.models import MLP
+from gradparity.report.progress import worker_progress
 from gradparity.run.execute import remove_stale_job_dirs, run_backend
 
 B0 = 32
@@ -411,7 +412,8 @@ def run_sweep(spec: SweepSpec, progress=None) -> SweepReport:
             + (", last batch kept and dropped" if spec.last_batch == "keep" else "")
             + (f", {spec.class_weights} class weights" if spec.weighted else "")
             + f"; {spec.epochs} epochs each, {base.dtype}) ...")
-        outcome = run_backend(job, info, base.timeout_s * max(1, len(runs) // 4))
+        with worker_progress(f"  {backend}", len(runs), progress is not None) as update:
+            outcome = run_backend(job, info, base.timeout_s * max(1, len(runs) // 4), on_progress=update)
         say(f"  {backend}: {outcome.status} in {outcome.wall_seconds:.1f} s")
         walls[backend] = outcome.wall_seconds
         timed = set()

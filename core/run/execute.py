@@ -129,6 +129,7 @@ def run_backend(
     info: BackendInfo,
     timeout_s: float,
     extra_env: dict[str, str] | None = None,
+    on_progress=None,
 ) -> BackendOutcome:
     """Run ``job`` in a fresh worker process for backend ``info``; never raises for backend failures.
 
@@ -136,7 +137,8 @@ def run_backend(
     included; past that its whole process group is killed. On an interruption
     (KeyboardInterrupt, or ``Interrupted`` from a signal handler) the worker's
     group is killed, its job folder removed, and ``Interrupted`` is raised
-    carrying the methods it had finished (``.outcome``).
+    carrying the methods it had finished (``.outcome``). ``on_progress(done, total)``, when given, is called
+    about twice a second with how many of the job's methods the worker has finished (from its result file).
     """
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f"{JOB_DIR_PREFIX}{os.getpid()}-{info.name}-") as tmp:
@@ -157,7 +159,8 @@ def run_backend(
                     env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                     start_new_session=True,  # so a timeout kills the worker's own children too
                 )
-                returncode = proc.wait(timeout=timeout_s)
+                returncode = (proc.wait(timeout=timeout_s) if on_progress is None
+                              else _wait_reporting(proc, job_dir, len(job.methods), timeout_s, on_progress))
                 timed_out = False
             except subprocess.TimeoutExpired:
                 _kill_group(proc)
@@ -178,6 +181,21 @@ def run_backend(
         interrupted.outcome = outcome
         raise interrupted
     return outcome
+
+
+def _wait_reporting(proc: subprocess.Popen, job_dir: Path, total: int, timeout_s: float, on_progress) -> int:
+    """``proc.wait(timeout_s)``, telling ``on_progress(done, total)`` the finished methods every half second."""
+    deadline, reported = time.monotonic() + timeout_s, 0
+    while True:
+        try:
+            return proc.wait(timeout=max(0.0, min(0.5, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            if time.monotonic() >= deadline:
+                raise
+        state = _read_result(job_dir) or {}
+        done = sum(1 for row in (state.get("methods") or {}).values() if row.get("status") in ("ok", "error"))
+        reported = max(reported, done)   # an unreadable file (between writes) is not a step back
+        on_progress(reported, total)
 
 
 def _collect(job, info, job_dir, returncode, timed_out, timeout_s, log_path,
