@@ -241,7 +241,7 @@ def _benchmark(args) -> int:
         raise ConfigError(f"--batch-sizes must be comma-separated integers, got {args.batch_sizes!r}") from None
     spec = TrainSpec(optimizer=args.optimizer, dtype=args.dtype, backends=tuple(_csv(args.backends)),
                      timeout_s=args.timeout)
-    result = sweep.run_sweep(sweep.SweepSpec(spec, sizes, args.epochs),
+    result = sweep.run_sweep(sweep.SweepSpec(spec, sizes, args.epochs, parallel=1),
                              progress=lambda msg: print(msg, file=sys.stderr, flush=True))
     if args.json:
         print(json.dumps(sweep.to_dict(result)["benchmark"], indent=1))

@@ -295,10 +295,11 @@ def test_sweep_with_weights_keep_and_a_grid_in_torch():
 def test_sweep_sum_at_lr_over_b0_is_linear_scaling_and_frameworks_agree():
     """The sweep's sum rule (lr0 / B0 on the summed loss) and the blog's linear rule (lr0 * B / B0 on the mean)
     are the same update at every batch size: same held-out accuracy and final parameters to rounding, in
-    every framework; the frameworks' final parameters agree within float32 rounding of a training run."""
+    every framework; the frameworks' final parameters agree within float32 rounding of a training run. The two
+    workers run side by side (parallel=2), as they do where cores allow."""
     _need("torch", "jax")
     report = run_sweep(SweepSpec(TrainSpec(optimizer="momentum", backends=("torch", "jax"), timeout_s=300),
-                                 batch_sizes=(16, 32), epochs=1))
+                                 batch_sizes=(16, 32), epochs=1, parallel=2))
     assert all(c.status == "ok" for c in report.cells), [c.error for c in report.cells if c.error]
     by = {(c.backend, c.batch_size, c.rule): c for c in report.cells}
     for backend in ("torch", "jax"):
@@ -415,3 +416,14 @@ def test_framework_parity_names_the_rule_difference_or_rounding():
         if optimizer == "adam":
             assert "epsilon: corrected (torch) vs hat (keras-tensorflow)" in rows[("torch", "keras-tensorflow")][
                 "rule_differences"]
+
+
+def test_workers_run_side_by_side_where_cores_allow(monkeypatch):
+    """One framework worker per CORES_PER_WORKER cores, at most one per framework, at least one."""
+    from gradparity.commands import sweep
+
+    spec = SweepSpec(TrainSpec(backends=("torch", "keras-tensorflow", "jax")))
+    for cores, expected in ((2, 1), (8, 2), (16, 3), (None, 1)):
+        monkeypatch.setattr(sweep.os, "cpu_count", lambda cores=cores: cores)
+        assert sweep.concurrent_workers(spec) == expected
+    assert sweep.concurrent_workers(SweepSpec(TrainSpec(backends=("torch",)), parallel=4)) == 1

@@ -51,8 +51,10 @@ accuracy is the mean over frameworks and seeds, and the recipe states the seed-t
 """
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import math
+import os
 import time
 from dataclasses import dataclass, field, replace
 
@@ -114,6 +116,9 @@ class SweepSpec:
     #: Several seeds (each its own parameters, held-out split, data order and skewed weights; the whole sweep
     #: once per seed); () = the base spec's seed alone.
     seeds: tuple[int, ...] = ()
+    #: Framework workers at once: None = where cores allow (``concurrent_workers``); the benchmark runs 1, so
+    #: that no worker's timing shares the cores with another's.
+    parallel: int | None = None
 
     @property
     def weighted(self) -> bool:
@@ -356,6 +361,18 @@ def _epoch_losses(losses: list[float], totals: list[tuple[float, float]], ends: 
     return out
 
 
+#: Cores one framework worker is given when workers run side by side (each framework threads its own math).
+CORES_PER_WORKER = 4
+
+
+def concurrent_workers(spec: SweepSpec) -> int:
+    """How many framework workers run at once: ``spec.parallel``, or where cores allow, one per
+    ``CORES_PER_WORKER`` cores (one at a time on this repository's 2-core machine)."""
+    if spec.parallel is not None:
+        return max(1, min(spec.parallel, len(spec.base.backends)))
+    return max(1, min(len(spec.base.backends), (os.cpu_count() or 1) // CORES_PER_WORKER))
+
+
 def run_sweep(spec: SweepSpec, progress=None) -> SweepReport:
     """The sweep (see the module doc); with several seeds, once per seed, merged (``_merge_seeds``)."""
     check_sweep(spec)
@@ -403,18 +420,29 @@ def run_sweep(spec: SweepSpec, progress=None) -> SweepReport:
     cells, walls = [], {}
     started = time.perf_counter()
     totals = {}
-    for backend in base.backends:
-        info = BACKENDS[backend]
-        job = train_job(base, backend, model, params, batch, runs)
-        say(f"running {backend} ({len(runs)} training runs for {len(configs)} configurations: batch sizes "
-            f"{list(spec.batch_sizes)} x {len(spec.rules())} rules" + (f" x lr multipliers {list(spec.lr_grid)}"
-                                                                         if spec.lr_grid else "")
+    workers = concurrent_workers(spec)
+    what = (f"{len(runs)} training runs for {len(configs)} configurations: batch sizes {list(spec.batch_sizes)} x "
+            f"{len(spec.rules())} rules" + (f" x lr multipliers {list(spec.lr_grid)}" if spec.lr_grid else "")
             + (", last batch kept and dropped" if spec.last_batch == "keep" else "")
             + (f", {spec.class_weights} class weights" if spec.weighted else "")
-            + f"; {spec.epochs} epochs each, {base.dtype}) ...")
-        with worker_progress(f"  {backend}", len(runs), progress is not None) as update:
-            outcome = run_backend(job, info, base.timeout_s * max(1, len(runs) // 4), on_progress=update)
+            + f"; {spec.epochs} epochs each, {base.dtype}")
+
+    def run_one(backend: str):
+        job = train_job(base, backend, model, params, batch, runs)
+        say(f"running {backend} ({what}) ...")
+        # One bar at a time: concurrent workers report by their messages alone.
+        with worker_progress(f"  {backend}", len(runs), progress is not None and workers == 1) as update:
+            outcome = run_backend(job, BACKENDS[backend], base.timeout_s * max(1, len(runs) // 4),
+                                  on_progress=update)
         say(f"  {backend}: {outcome.status} in {outcome.wall_seconds:.1f} s")
+        return outcome
+
+    if workers > 1:
+        say(f"{workers} framework workers at a time ({os.cpu_count()} cores)")
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        outcomes = dict(zip(base.backends, pool.map(run_one, base.backends)))
+    for backend in base.backends:
+        outcome = outcomes[backend]
         walls[backend] = outcome.wall_seconds
         timed = set()
         for c in configs:
@@ -644,7 +672,9 @@ def timing_lines(report: SweepReport) -> list[str]:
         lines.append(f"  {backend:<18} worker {wall:6.1f} s wall (import, set-up, one warm-up run per "
                      f"configuration and the timed run); timed training {timed:6.2f} s: {per_step}")
     lines.append("  (CPU wall-clock time on this machine; one timed run per configuration after its warm-up run, "
-                 "which pays compilation; the per-step time includes keeping each step's loss for the report)")
+                 "which pays compilation; the per-step time includes keeping each step's loss for the report"
+                 + ("; the workers ran side by side, sharing the cores" if concurrent_workers(report.spec) > 1
+                    else "") + ")")
     return lines
 
 
