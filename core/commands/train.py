@@ -458,8 +458,8 @@ def _equivalence_lines(report: TrainReport) -> list[str]:
     head = (f"update equivalence: {other['reduction']}-reduced loss at lr x {ratio:g} vs {main['reduction']} at lr "
             + ("(Adam is invariant to the loss's scale but for epsilon, which the summed loss's B-times larger "
                "gradients make relatively B times smaller)" if adam else
-               f"(the summed loss's gradient is B = {s.batch_size} times the mean's: identical updates up to "
-               "rounding)"))
+               f"(the summed loss's gradient is {s.batch_size * s.terms_per_example()} times the mean's, its "
+               "number of loss terms: identical updates up to rounding)"))
     lines = ["", head]
     for t in report.trajectories:
         if t.status != "ok" or not t.vs_other:
