@@ -471,6 +471,48 @@ def train_run(job: WorkerJob, case: str, steps: int) -> tuple[dict, list[float],
     return config, lrs, reduction, set(range(1, steps + 1)) if record is None else {int(t) for t in record}
 
 
+class ModelTraining:
+    """Task "train" for a built-in model or a user's, the part every backend's ``user_model`` trainer shares.
+
+    ``open_model(job)`` builds the backend's user-model session on batch 1 of the job (its ``batch['x'|'y']``:
+    what ``environment()`` reports on). The batches of every run are converted once by the subclass's
+    ``convert(x, y)``, so a timed ``compute`` is the training loop alone; ``settings(case)`` gives a run's
+    batches, optimizer config, per-step lrs, reduction ('mean' over every loss term, or 'sum') and recorded
+    steps.
+    """
+
+    def __init__(self, job: WorkerJob, open_model):
+        import dataclasses
+
+        runs = job.payload["runs"]
+        first = train_batches(job, next(iter(runs.values())).get("batches", ""))
+        self.job = job
+        self.model = open_model(dataclasses.replace(job, batch={"x": first[0][0], "y": first[0][1]}))
+        self._batches: dict[str, list] = {}
+        for run in runs.values():
+            self.batches(run)
+
+    def convert(self, x: np.ndarray, y: np.ndarray):
+        raise NotImplementedError
+
+    def batches(self, run: dict) -> list:
+        prefix = run.get("batches", "")
+        if prefix not in self._batches:
+            self._batches[prefix] = [self.convert(x, y) for x, y in train_batches(self.job, prefix)]
+        return self._batches[prefix]
+
+    def environment(self) -> dict:
+        return self.model.environment()
+
+    def settings(self, case: str) -> tuple[list, dict, list[float], str, set[int]]:
+        """(batches, config, lrs, reduction, recorded steps) of run ``case``; ValueError for another reduction."""
+        batches = self.batches(self.job.payload["runs"][case])
+        config, lrs, reduction, record = train_run(self.job, case, len(batches))
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"a model's training run reduces by 'mean' or 'sum', not {reduction!r}")
+        return batches, config, lrs, reduction, record
+
+
 class OptimizerSession:
     """A backend's native optimizers behind the Session protocol: ``compute(case)`` runs one config."""
 

@@ -25,7 +25,6 @@ Read at import by jax (set by the parent, see ``BackendInfo``):
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 
 import jax
@@ -36,7 +35,7 @@ from flax import nnx
 
 from gradparity.backends.jax.session import _device_label, _may_use_tf32, _name, _state_to_canonical, start
 from gradparity.backends.protocol import (PARAM_ROLES, RawResult, WorkerJob, assignment, gelu_accuracy, layer_options,
-                                         load_factory, package_versions, train_batches, train_run)
+                                         load_factory, ModelTraining, package_versions)
 
 _NORMS = tuple(c for c in (nnx.LayerNorm, nnx.RMSNorm, nnx.BatchNorm, nnx.GroupNorm,
                            getattr(nnx, "InstanceNorm", None)) if c is not None)
@@ -371,7 +370,7 @@ class UserJaxModel:
         return RawResult(float(loss), arrays, {"layers": list(records)})
 
 
-class JaxModelTraining:
+class JaxModelTraining(ModelTraining):
     """Task "train" for a built-in model or a user's: the split module of ``UserJaxModel`` trained with
     optax, as ``train.py`` trains the MLP (one jitted step: ``jax.value_and_grad`` of the reduced loss,
     ``opt.update``, ``optax.apply_updates``).
@@ -382,31 +381,19 @@ class JaxModelTraining:
     """
 
     def __init__(self, job: WorkerJob):
-        runs = job.payload["runs"]
-        first = train_batches(job, next(iter(runs.values())).get("batches", ""))
-        self.job = job
-        self.model = UserJaxModel(dataclasses.replace(job, batch={"x": first[0][0], "y": first[0][1]}))
-        self._batches: dict[str, list] = {}
-        for run in runs.values():
-            self.batches(run)
         self._steps: dict[str, tuple] = {}
+        super().__init__(job, UserJaxModel)
 
-    def batches(self, run: dict) -> list:
-        prefix = run.get("batches", "")
-        if prefix not in self._batches:
-            m = self.model
-            self._batches[prefix] = [
-                (jax.device_put(np.asarray(x).astype(m.dtype if np.asarray(x).dtype.kind == "f" else np.int32),
-                                m.device),
-                 jax.device_put(np.asarray(y).astype(m.dtype if self.job.payload["loss"] == "mse" else np.int32),
-                                m.device))
-                for x, y in train_batches(self.job, prefix)]
-        return self._batches[prefix]
-
-    def environment(self) -> dict:
-        return self.model.environment()
+    def convert(self, x, y):
+        """(x, y) on the device: float inputs in the job's dtype, ids and class targets int32, mse targets in the
+        job's dtype."""
+        m = self.model
+        x, y = np.asarray(x), np.asarray(y)
+        return (jax.device_put(x.astype(m.dtype if x.dtype.kind == "f" else np.int32), m.device),
+                jax.device_put(y.astype(m.dtype if self.job.payload["loss"] == "mse" else np.int32), m.device))
 
     def _compiled(self, case: str, config: dict, lrs: list[float], reduction: str):
+        """(jitted opt.init, jitted step) of a run, built on its first call."""
         from gradparity.backends.jax.optimizers import _transformation, lr_schedule
 
         if case not in self._steps:
@@ -428,10 +415,7 @@ class JaxModelTraining:
         from gradparity.backends.jax.optimizers import environment_note
 
         m = self.model
-        batches = self.batches(self.job.payload["runs"][case])
-        config, lrs, reduction, record = train_run(self.job, case, len(batches))
-        if reduction not in ("mean", "sum"):
-            raise ValueError(f"a model's training run reduces by 'mean' or 'sum', not {reduction!r}")
+        batches, config, lrs, reduction, record = self.settings(case)
         init, step = self._compiled(case, config, lrs, reduction)
         params, losses, history = m.params, [], []
         opt_state = init(params)

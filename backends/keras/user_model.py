@@ -33,7 +33,6 @@ normalization layers on both). That is Keras' own behaviour and is kept;
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import sys
 
 import keras
@@ -41,7 +40,7 @@ import numpy as np
 
 from gradparity.backends.keras.session import _SIGNIFICAND_BITS, _VARIANTS, environment
 from gradparity.backends.protocol import (RawResult, WorkerJob, assignment, gelu_accuracy, layer_options, load_factory,
-                                         train_batches, train_run)
+                                         ModelTraining)
 
 _KERNEL_LAYERS = {"Dense", "EinsumDense", "Conv1D", "Conv2D", "Conv3D", "Conv1DTranspose", "Conv2DTranspose",
                   "Conv3DTranspose", "DepthwiseConv1D", "DepthwiseConv2D", "SeparableConv1D", "SeparableConv2D"}
@@ -449,7 +448,7 @@ class UserKerasModel:
         return RawResult(float(_numpy(loss)), arrays, {"layers": list(records)})
 
 
-class KerasModelTraining:
+class KerasModelTraining(ModelTraining):
     """Task "train" for a built-in model or a user's: the model of ``UserKerasModel`` trained with Keras' own
     optimizer, as ``train.py`` trains the MLP (the variant's single-backward gradient, then
     ``optimizer.apply(grads, model.trainable_variables)``, eagerly).
@@ -460,37 +459,22 @@ class KerasModelTraining:
     """
 
     def __init__(self, job: WorkerJob):
-        runs = job.payload["runs"]
-        first = train_batches(job, next(iter(runs.values())).get("batches", ""))
-        self.job = job
-        self.model = UserKerasModel(dataclasses.replace(job, batch={"x": first[0][0], "y": first[0][1]}))
-        self._batches: dict[str, list] = {}
-        for run in runs.values():
-            self.batches(run)
+        super().__init__(job, UserKerasModel)
 
-    def batches(self, run: dict) -> list:
-        prefix = run.get("batches", "")
-        if prefix not in self._batches:
-            with self.model.ad.scope():
-                self._batches[prefix] = [
-                    (keras.ops.convert_to_tensor(x, dtype=self.job.dtype if np.asarray(x).dtype.kind == "f"
-                                                 else "int32"),
-                     keras.ops.convert_to_tensor(y, dtype=self.job.dtype if self.job.payload["loss"] == "mse"
-                                                 else "int32"))
-                    for x, y in train_batches(self.job, prefix)]
-        return self._batches[prefix]
-
-    def environment(self) -> dict:
-        return self.model.environment()
+    def convert(self, x, y):
+        """(x, y) as the backend's tensors on the chosen device: float inputs in the job's dtype, ids and class
+        targets int32 (jax without x64 has no int64), mse targets in the job's dtype."""
+        with self.model.ad.scope():
+            return (keras.ops.convert_to_tensor(x, dtype=self.job.dtype if np.asarray(x).dtype.kind == "f"
+                                                else "int32"),
+                    keras.ops.convert_to_tensor(y, dtype=self.job.dtype if self.job.payload["loss"] == "mse"
+                                                else "int32"))
 
     def compute(self, case: str) -> RawResult:
         from gradparity.backends.keras.optimizers import _optimizer, _StepTable, environment_note
 
         m = self.model
-        batches = self.batches(self.job.payload["runs"][case])
-        config, lrs, reduction, record = train_run(self.job, case, len(batches))
-        if reduction not in ("mean", "sum"):
-            raise ValueError(f"a model's training run reduces by 'mean' or 'sum', not {reduction!r}")
+        batches, config, lrs, reduction, record = self.settings(case)
         variables = m.model.trainable_variables
         keys = {native: key for native, key in m.assign.items()}
         out: dict[str, np.ndarray] = {}

@@ -9,15 +9,13 @@ way in and out.
 """
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from gradparity.backends.protocol import (RawResult, WorkerJob, assignment, gelu_accuracy, layer_options, load_factory,
-                                         train_batches, train_run)
+                                         ModelTraining)
 from gradparity.backends.torch.session import cublas_may_use_tf32, pick_device, pin_highest_precision, read_precision
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -255,7 +253,7 @@ class UserTorchModel:
         return RawResult(loss.item(), arrays, {"layers": list(records)})
 
 
-class TorchModelTraining:
+class TorchModelTraining(ModelTraining):
     """Task "train" for a built-in model or a user's (its factory, its mapping): the module of
     ``UserTorchModel`` trained with torch's own optimizer, as ``train.py`` trains the MLP.
 
@@ -267,40 +265,22 @@ class TorchModelTraining:
     """
 
     def __init__(self, job: WorkerJob):
-        runs = job.payload["runs"]
-        first = train_batches(job, next(iter(runs.values())).get("batches", ""))
-        self.job = job
-        self.model = UserTorchModel(dataclasses.replace(job, batch={"x": first[0][0], "y": first[0][1]}))
-        self._batches: dict[str, list] = {}
-        for run in runs.values():
-            self.batches(run)
+        super().__init__(job, UserTorchModel)
 
-    def batches(self, run: dict) -> list:
-        """The run's batches as tensors on the device (images channels-first), converted on first use."""
-        prefix = run.get("batches", "")
-        if prefix not in self._batches:
-            m = self.model
-            out = []
-            for x, y in train_batches(self.job, prefix):
-                x = np.transpose(x, (0, 3, 1, 2)) if x.ndim == 4 else x
-                xt = torch.from_numpy(np.ascontiguousarray(x)).to(m.device)
-                yt = torch.from_numpy(np.asarray(y)).to(m.device)
-                out.append((xt.to(m.dtype) if xt.is_floating_point() else xt,
-                            yt.to(m.dtype) if self.job.payload["loss"] == "mse" else yt.to(torch.int64)))
-            self._batches[prefix] = out
-        return self._batches[prefix]
-
-    def environment(self) -> dict:
-        return self.model.environment()
+    def convert(self, x, y):
+        """(x, y) as tensors on the device: images channels-first, targets int64 (the job's dtype for mse)."""
+        m = self.model
+        x = np.transpose(x, (0, 3, 1, 2)) if x.ndim == 4 else x
+        xt = torch.from_numpy(np.ascontiguousarray(x)).to(m.device)
+        yt = torch.from_numpy(np.asarray(y)).to(m.device)
+        return (xt.to(m.dtype) if xt.is_floating_point() else xt,
+                yt.to(m.dtype) if self.job.payload["loss"] == "mse" else yt.to(torch.int64))
 
     def compute(self, case: str) -> RawResult:
         from gradparity.backends.torch.optimizers import _optimizer, environment_note
 
         m = self.model
-        batches = self.batches(self.job.payload["runs"][case])
-        config, lrs, reduction, record = train_run(self.job, case, len(batches))
-        if reduction not in ("mean", "sum"):
-            raise ValueError(f"a model's training run reduces by 'mean' or 'sum', not {reduction!r}")
+        batches, config, lrs, reduction, record = self.settings(case)
         m._load(m.assign)  # from scratch: the canonical start again
         trainable = [(key, *m.owners[native][:3]) for native, key in m.assign.items() if m.owners[native][3]]
         optimizer = _optimizer(config, [tensor for *_, tensor in trainable])
