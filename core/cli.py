@@ -182,7 +182,10 @@ def _parser() -> argparse.ArgumentParser:
                                        "does each follow its optimizer's exact trajectory, and where do they part?")
     trn.add_argument("--model", default="mlp", help="mlp (default) | cnn | sequence: the built-in model trained "
                                                     "(cnn: the digits as 8x8x1 images; sequence: token sequences)")
-    trn.add_argument("--optimizer", default="momentum", help="sgd | momentum (default) | nesterov | adam | adamw")
+    trn.add_argument("--optimizer", default="momentum",
+                     help="sgd | momentum (default) | nesterov | adam | adamw, or an optimizer as written in one "
+                          "framework, e.g. \"keras.optimizers.Adam(learning_rate=1e-2)\": its framework trains with "
+                          "it, the others with its translation (gradparity translate)")
     trn.add_argument("--lr", type=float, help="learning rate (default: sgd 0.1, momentum 0.05, adam 1e-2)")
     trn.add_argument("--steps", type=int, default=30)
     trn.add_argument("--batch-size", type=int, default=32)

@@ -94,3 +94,28 @@ def test_a_buggy_port_leaves_the_sources_trajectory_at_step_1():
     (pair,) = report.training.pairs
     assert pair["first_apart"] == 1 and pair["per_step"][-1] > 100 * pair["rtol"][-1]
     assert report.exit_code == 1
+
+
+def test_an_optimizer_text_trains_every_framework_with_its_translation():
+    """`train --optimizer "keras.optimizers.Adam(learning_rate=1e-2)"`: Keras trains with the text, torch with
+    the translation (epsilon hat through its before_step hook): both on the Keras rule at every step and on one
+    trajectory, where torch's own Adam parts from Keras at step 1 (the named optimizer's run, test_train)."""
+    spec = TrainSpec(optimizer="keras.optimizers.Adam(learning_rate=1e-2)", steps=6,
+                     backends=("torch", "keras-tensorflow"), timeout_s=300)
+    assert spec.framework_config("torch").epsilon_form == "hat" and spec.config().eps == 1e-7
+    assert "def before_step" in spec.rendered("torch")["code"]
+    report = run_training(spec)
+    assert report.exit_code == 0, [(t.backend, t.error) for t in report.trajectories]
+    (pair,) = report.pairs
+    assert pair.first_apart is None and max(pair.predicted) <= pair.rtol[0]
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["train", "--optimizer", "torch.optim.SGD(params, lr=0.1, momentum=0.9, dampening=0.5)"],
+     "no translation to keras"),
+    (["train", "--sweep", "--optimizer", "torch.optim.Adam(params)"], "named optimizer"),
+    (["train", "--optimizer", "torch.optim.Adam(params, amsgrad=True)"], "amsgrad"),
+])
+def test_optimizer_texts_that_cannot_train_are_exit_2(argv, fragment, capsys, tmp_path):
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 2
+    assert fragment in capsys.readouterr().err and not (tmp_path / "out").exists()

@@ -44,7 +44,10 @@ from gradparity.backends.protocol import OptimizerSession, compile_generated, cp
 
 
 def _transformation(config: dict, schedule) -> optax.GradientTransformation:
-    """The optax transformation ``config`` names, with ``schedule`` as its learning rate."""
+    """The optax transformation ``config`` names, with ``schedule`` as its learning rate; with a ``"code"`` key,
+    the one that rendered code's ``make_optimizer(learning_rate)`` builds."""
+    if config.get("code"):
+        return compile_generated(config["code"])["make_optimizer"](schedule)
     name = config["name"]
     wd = float(config["weight_decay"])
     if name == "sgd":
@@ -104,8 +107,7 @@ def run_steps(config: dict, params: dict[str, np.ndarray], grads: list[dict[str,
         raise RuntimeError("a float64 job needs JAX_ENABLE_X64=1 in the worker's environment "
                            "(jax reads it at import); it is not set")
     schedule = lr_schedule(lrs, dtype)
-    opt = (compile_generated(config["code"])["make_optimizer"](schedule) if config.get("code")
-           else _transformation(config, schedule))
+    opt = _transformation(config, schedule)
     k = int(config.get("accumulation", 1))
     if k > 1:
         # optax's accumulation: the running mean of k micro-gradients, the inner optimizer updated (and its

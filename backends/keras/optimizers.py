@@ -60,7 +60,10 @@ class _StepTable(keras.optimizers.schedules.LearningRateSchedule):
 
 
 def _optimizer(config: dict, learning_rate) -> keras.optimizers.Optimizer:
-    """The Keras optimizer ``config`` names, with ``learning_rate`` (a float or a schedule)."""
+    """The Keras optimizer ``config`` names, with ``learning_rate`` (a float or a schedule); with a ``"code"``
+    key, the one that rendered code's ``make_optimizer(learning_rate)`` builds."""
+    if config.get("code"):
+        return compile_generated(config["code"])["make_optimizer"](learning_rate)
     name = config["name"]
     wd = float(config["weight_decay"])
     k = int(config.get("accumulation", 1))
@@ -128,8 +131,7 @@ def run_steps(config: dict, params: dict[str, np.ndarray], grads: list[dict[str,
     # update, both before apply() increments iterations, so step t (from 0)
     # sees lrs[t] everywhere. Works on the tensorflow, jax and torch backends.
     schedule = _StepTable(lrs, dtype)
-    optimizer = (compile_generated(config["code"])["make_optimizer"](schedule) if config.get("code")
-                 else _optimizer(config, schedule))
+    optimizer = _optimizer(config, schedule)
     # Build first, on the variables: the slot variables (SGD's momentums,
     # Adam's m and v) are created by build(), zero-initialised with each
     # variable's shape and dtype. apply() would build lazily on its first

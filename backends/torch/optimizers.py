@@ -29,7 +29,22 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def _optimizer(config: dict, tensors: list[torch.Tensor]) -> torch.optim.Optimizer:
-    """The torch optimizer ``config`` names, over ``tensors`` (one param group)."""
+    """The torch optimizer ``config`` names, over ``tensors`` (one param group); with a ``"code"`` key, the one
+    that rendered code's ``make_optimizer(params, lr)`` builds, its ``before_step(optimizer, t)`` (if any)
+    registered as a step pre-hook, so every loop that calls ``step()`` runs it as the code says."""
+    if config.get("code"):
+        code = compile_generated(config["code"])
+        optimizer = code["make_optimizer"](tensors, lr=float(config["lr"]))
+        before_step = code.get("before_step")
+        if before_step is not None:
+            steps = [0]
+
+            def hook(opt, _args, _kwargs):
+                steps[0] += 1
+                before_step(opt, steps[0])
+
+            optimizer.register_step_pre_hook(hook)
+        return optimizer
     name = config["name"]
     # foreach=False (and fused left at None, i.e. off): with foreach=None
     # torch picks the _foreach_ ("multi tensor") implementation whenever the
@@ -71,9 +86,7 @@ def run_steps(config: dict, params: dict[str, np.ndarray], grads: list[dict[str,
     torch_dtype = _DTYPES[dtype]
     names = list(params)
     tensors = [torch.tensor(np.asarray(params[n]), dtype=torch_dtype, requires_grad=True) for n in names]
-    code = compile_generated(config["code"]) if config.get("code") else None
-    optimizer = code["make_optimizer"](tensors, lr=float(lrs[0])) if code else _optimizer(config, tensors)
-    before_step = code.get("before_step") if code else None
+    optimizer = _optimizer(config, tensors)
     (group,) = optimizer.param_groups
     k = int(config.get("accumulation", 1))
     history = []
@@ -95,8 +108,6 @@ def run_steps(config: dict, params: dict[str, np.ndarray], grads: list[dict[str,
         if t % k:
             history.append({n: t_.detach().cpu().numpy().copy() for n, t_ in zip(names, tensors)})
             continue
-        if before_step is not None:
-            before_step(optimizer, t // k)
         optimizer.step()
         if k > 1:
             optimizer.zero_grad(set_to_none=True)

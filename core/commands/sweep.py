@@ -133,6 +133,9 @@ def check_sweep(spec: SweepSpec) -> None:
     folder is claimed."""
     check_spec(spec.base)
     problems = []
+    if spec.base.optimizer_text:
+        problems.append("the sweep takes a named optimizer (sgd, momentum, nesterov, adam, adamw), not an optimizer "
+                        "text: its learning-rate rules are per optimizer family")
     if not spec.batch_sizes or any(not 1 <= b <= 512 for b in spec.batch_sizes) or not 1 <= spec.epochs <= 50:
         problems.append(f"batch sizes must be in 1..512 and epochs in 1..50, got {list(spec.batch_sizes)} and "
                         f"{spec.epochs}")

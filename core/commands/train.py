@@ -18,7 +18,7 @@ step, not only the last.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -66,8 +66,45 @@ class TrainSpec:
     #: default settings for them (``activation`` applies to the cnn).
     model: str = "mlp"
 
+    @property
+    def optimizer_text(self) -> str | None:
+        """The optimizer as written in a framework (``torch.optim.Adam(params, lr=1e-3)``), when ``optimizer``
+        is one rather than a name: its framework trains with it, every other with its translation."""
+        return self.optimizer if "(" in self.optimizer else None
+
     def config(self) -> OptimizerConfig:
+        if self.optimizer_text:
+            from gradparity.experiment.optimizer_text import parse_optimizer_text
+
+            config = parse_optimizer_text(self.optimizer_text)[1]
+            return config if self.lr is None else replace(config, lr=self.lr)
         return OPTIMIZER_CHOICES[self.optimizer](self.lr if self.lr is not None else DEFAULT_LR[self.optimizer])
+
+    def framework_config(self, framework: str) -> OptimizerConfig:
+        """The optimizer ``framework`` trains with: the named one everywhere; for an optimizer text, the text's in
+        its own framework and, in the others, the configuration ``gradparity translate`` gives (its forms set)."""
+        if not self.optimizer_text:
+            return self.config()
+        from gradparity.commands.translate_optimizer import translated_config
+        from gradparity.experiment.optimizer_text import framework_of
+        from gradparity.experiment.optimizers import semantics_of
+
+        source = framework_of(self.optimizer_text)
+        if framework == source:
+            return self.config()
+        config, reason = translated_config(framework, semantics_of(source, self.config()))
+        if config is None:
+            raise ConfigError(f"{self.optimizer_text} has no translation to {framework}: {reason}")
+        return config
+
+    def rendered(self, framework: str) -> dict:
+        """``framework_config`` as a worker receives it: with an optimizer text, the rendered code it runs."""
+        config = self.framework_config(framework)
+        if not self.optimizer_text:
+            return config.to_dict()
+        from gradparity.commands.translate_optimizer import renderer
+
+        return {**config.to_dict(), "code": renderer(framework).render(config).code}
 
     def lrs(self) -> list[float]:
         lr = self.config().lr
@@ -110,8 +147,16 @@ def builtin_experiment(spec: TrainSpec):
 def check_spec(spec: TrainSpec) -> None:
     """Every problem of the spec at once, as a ConfigError (exit 2) before any worker starts."""
     problems = []
-    if spec.optimizer not in OPTIMIZER_CHOICES:
-        problems.append(f"optimizer {spec.optimizer!r} is not one of {', '.join(OPTIMIZER_CHOICES)}")
+    if spec.optimizer_text:
+        try:
+            for b in spec.backends:
+                if b in BACKENDS and BACKENDS[b].framework in FRAMEWORKS:
+                    spec.rendered(BACKENDS[b].framework)
+        except ConfigError as exc:
+            problems += exc.problems
+    elif spec.optimizer not in OPTIMIZER_CHOICES:
+        problems.append(f"optimizer {spec.optimizer!r} is not one of {', '.join(OPTIMIZER_CHOICES)} or an "
+                        "optimizer as written in torch, Keras or optax (e.g. \"torch.optim.Adam(params, lr=1e-3)\")")
     if spec.lr is not None and not (np.isfinite(spec.lr) and spec.lr > 0):
         problems.append(f"lr must be a positive number, got {spec.lr!r}")
     if not 1 <= spec.steps <= 10_000:
@@ -210,6 +255,9 @@ def make_job(spec: TrainSpec, backend: str, model: MLP, params, batches) -> Work
     for t, (x, y) in enumerate(batches, start=1):
         batch[f"batches/{t}/x"], batch[f"batches/{t}/y"] = x, y
     runs = spec.runs()
+    if spec.optimizer_text:
+        for run in runs.values():
+            run["optimizer"] = spec.rendered(info.framework)
     # The MLP trains in each backend's train.py; a built-in CNN or sequence model in its user_model.py, the
     # session that builds it for `gradparity run` (payload "builtin").
     module, payload = ".train", {"runs": runs}
@@ -254,6 +302,9 @@ class Pair:
     per_step: list[float]
     rtol: list[float]
     predicted: list[float]    # the numpy trajectories with each side's optimizer rule
+    #: the same with exact hyperparameters on both sides (differs from ``predicted`` only for Keras on
+    #: TensorFlow in float64, which rounds them to float32)
+    predicted_exact: list[float] = field(default_factory=list)
 
     @property
     def first_apart(self) -> int | None:
@@ -329,8 +380,9 @@ def run_training(spec: TrainSpec, progress=None) -> TrainReport:
     def reference(framework: str, f32_hyper: bool = False, run: str = "run"):
         if (framework, f32_hyper, run) not in references:
             r = spec.runs()[run]
-            references[(framework, f32_hyper, run)] = trajectory(rounded, batches, model.to_dict(), config,
-                                                                 r["lrs"], r["reduction"], framework, f32_hyper)
+            references[(framework, f32_hyper, run)] = trajectory(rounded, batches, model.to_dict(),
+                                                                 spec.framework_config(framework), r["lrs"],
+                                                                 r["reduction"], framework, f32_hyper)
         return references[(framework, f32_hyper, run)]
 
     out = []
@@ -369,9 +421,10 @@ def run_training(spec: TrainSpec, progress=None) -> TrainReport:
     for a, b in itertools.combinations(ok, 2):
         u = max(a.unit_roundoff, b.unit_roundoff)
         ra, rb = (reference(BACKENDS[t.backend].framework, _float32_hyper(spec, t.backend))[0] for t in (a, b))
+        ea, eb = (reference(BACKENDS[t.backend].framework)[0] for t in (a, b))
         pairs.append(Pair(a.backend, b.backend, [relative_distance(x, y, skip) for x, y in zip(a.params, b.params)],
-                          step_rtol(u),
-                          [relative_distance(x, y, skip) for x, y in zip(ra, rb)]))
+                          step_rtol(u), [relative_distance(x, y, skip) for x, y in zip(ra, rb)],
+                          [relative_distance(x, y, skip) for x, y in zip(ea, eb)]))
     frameworks = sorted({BACKENDS[t.backend].framework for t in ok})
     return TrainReport(spec, desc, out, pairs, {fw: reference(fw)[1] for fw in frameworks},
                        {fw: held_out_accuracy(model, reference(fw)[0], held) for fw in frameworks}, params, batches,
@@ -414,7 +467,12 @@ def render_text(report: TrainReport) -> str:
                f"{p.predicted[-1]:.3g} apart at the last step; `gradparity optimizers` names the difference)"
                if rules_apart else "the rules agree: rounding, amplified by training")
         if rules_apart and any(_float32_hyper(s, b) for b in (p.a, p.b)):
-            why += "; keras-tensorflow's hyperparameters are rounded to float32 (part of its rule in float64)"
+            exact_apart = any(d > r for d, r in zip(p.predicted_exact, p.rtol))
+            why = (why + "; keras-tensorflow's hyperparameters are rounded to float32 (part of its rule in float64)"
+                   if exact_apart else
+                   "the same update with exact hyperparameters; keras-tensorflow rounds its hyperparameters to "
+                   "float32 (tf.cast of a Python float), which a float64 run shows and its rule with float32 "
+                   f"hyperparameters reproduces ({p.predicted[-1]:.3g} at the last step)")
         off_rule = [t.backend for t in report.trajectories if t.backend in (p.a, p.b) and t.first_off_rule]
         if off_rule:
             why += f"; and {', '.join(off_rule)} does not follow its own rule (below)"
@@ -488,5 +546,6 @@ def to_dict(report: TrainReport) -> dict:
             "environment": t.environment, "info": t.info, "seconds": t.seconds} for t in report.trajectories],
         "reference_losses": report.reference_losses, "reference_held_out_accuracy": report.reference_accuracy,
         "pairs": [{"a": p.a, "b": p.b, "per_step": p.per_step, "rtol_per_step": p.rtol,
-                   "first_apart": p.first_apart, "predicted_by_rules": p.predicted} for p in report.pairs],
+                   "first_apart": p.first_apart, "predicted_by_rules": p.predicted,
+                   "predicted_with_exact_hyperparameters": p.predicted_exact} for p in report.pairs],
     }
