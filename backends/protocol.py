@@ -17,7 +17,7 @@ backend's results.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Protocol
@@ -471,6 +471,14 @@ def train_run(job: WorkerJob, case: str, steps: int) -> tuple[dict, list[float],
     return config, lrs, reduction, set(range(1, steps + 1)) if record is None else {int(t) for t in record}
 
 
+def train_result(job: WorkerJob, arrays: dict[str, np.ndarray], losses: list[float], info: dict) -> RawResult:
+    """A training run's result: ``arrays`` (the parameters, "T/NAME") with every step's loss as "loss/T" in the
+    job's dtype, and the last step's loss as the result's loss."""
+    arrays = dict(arrays)
+    arrays.update({f"loss/{t}": np.array(v, dtype=job.dtype) for t, v in enumerate(losses, start=1)})
+    return RawResult(losses[-1], arrays, info)
+
+
 class ModelTraining:
     """Task "train" for a built-in model or a user's, the part every backend's ``user_model`` trainer shares.
 
@@ -482,12 +490,10 @@ class ModelTraining:
     """
 
     def __init__(self, job: WorkerJob, open_model):
-        import dataclasses
-
         runs = job.payload["runs"]
         first = train_batches(job, next(iter(runs.values())).get("batches", ""))
         self.job = job
-        self.model = open_model(dataclasses.replace(job, batch={"x": first[0][0], "y": first[0][1]}))
+        self.model = open_model(replace(job, batch={"x": first[0][0], "y": first[0][1]}))
         self._batches: dict[str, list] = {}
         for run in runs.values():
             self.batches(run)

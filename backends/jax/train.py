@@ -35,7 +35,7 @@ from flax import nnx
 
 from gradparity.backends.jax.optimizers import _transformation, environment_note
 from gradparity.backends.jax.session import _state_to_canonical, build_mlp, linear_precision, mlp_environment, start
-from gradparity.backends.protocol import RawResult, WorkerJob, train_batches, train_run, train_weights
+from gradparity.backends.protocol import RawResult, WorkerJob, train_batches, train_result, train_run, train_weights
 
 LOOP = ("jax.jit(step): loss, grads = jax.value_and_grad(loss_fn)(params, x_t, y_t[, w_t]); "
         "updates, opt_state = opt.update(grads, opt_state, params); params = optax.apply_updates(params, updates) "
@@ -144,9 +144,8 @@ class JaxTrainSession:
             losses.append(loss)
         arrays = {f"{t}/{name}": np.array(value, copy=True)
                   for t, p in history for name, value in _state_to_canonical(p).items()}
-        loss_values = [float(v) for v in losses]
-        arrays.update({f"loss/{t}": np.array(v, dtype=self.job.dtype) for t, v in enumerate(loss_values, start=1)})
-        return RawResult(loss_values[-1], arrays, {"optimizer": environment_note(config), "loop": LOOP})
+        return train_result(self.job, arrays, [float(v) for v in losses],
+                            {"optimizer": environment_note(config), "loop": LOOP})
 
 
 def open_session(job: WorkerJob) -> JaxTrainSession:

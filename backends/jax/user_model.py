@@ -35,7 +35,7 @@ from flax import nnx
 
 from gradparity.backends.jax.session import _device_label, _may_use_tf32, _name, _state_to_canonical, start
 from gradparity.backends.protocol import (PARAM_ROLES, RawResult, WorkerJob, assignment, gelu_accuracy, layer_options,
-                                         load_factory, ModelTraining, package_versions)
+                                         load_factory, ModelTraining, package_versions, train_result)
 
 _NORMS = tuple(c for c in (nnx.LayerNorm, nnx.RMSNorm, nnx.BatchNorm, nnx.GroupNorm,
                            getattr(nnx, "InstanceNorm", None)) if c is not None)
@@ -425,9 +425,7 @@ class JaxModelTraining(ModelTraining):
                 history.append((t, params))
             losses.append(loss)
         arrays = {f"{t}/{key}": np.array(value, copy=True) for t, p in history for key, value in m._grads(p).items()}
-        values = [float(v) for v in losses]
-        arrays.update({f"loss/{t}": np.array(v, dtype=self.job.dtype) for t, v in enumerate(values, start=1)})
-        return RawResult(values[-1], arrays, {"optimizer": environment_note(config),
+        return train_result(self.job, arrays, [float(v) for v in losses], {"optimizer": environment_note(config),
                                               "loop": "jax.jit(step): value_and_grad of jnp.REDUCTION(optax."
                                                       "softmax_cross_entropy_with_integer_labels(model(x), y)); "
                                                       "opt.update; optax.apply_updates"})

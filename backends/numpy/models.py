@@ -337,7 +337,6 @@ def trajectory(params: dict[str, np.ndarray], batches: list, model: dict, config
     states: dict[str, dict] = {k: {} for k in p}
     out, losses = [], []
     for t, ((x, y), lr) in enumerate(zip(batches, lrs), start=1):
-        x = x if np.asarray(x).dtype.kind in "iu" else np.asarray(x, dtype=np.float64)
         total, grads = loss_and_grads(p, x, y, model)
         scale = 1.0 / np.asarray(y).size if reduction == "mean" else 1.0
         losses.append(total * scale)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from gradparity.backends.protocol import RawResult, WorkerJob, train_batches, train_run, train_weights
+from gradparity.backends.protocol import RawResult, WorkerJob, train_batches, train_result, train_run, train_weights
 from gradparity.backends.torch.optimizers import _DTYPES, _optimizer, environment_note
 from gradparity.backends.torch.session import (_torch_name, build_model, mlp_environment, pick_device,
                                                pin_highest_precision, to_canonical)
@@ -115,10 +115,8 @@ class TorchTrainSession:
                 snapshots.append((t, {name: named[_torch_name(name)].detach().clone() for name in self.job.params}))
         arrays = {f"{t}/{name}": np.array(to_canonical(name, value), copy=True)
                   for t, snap in snapshots for name, value in snap.items()}
-        loss_values = [float(v) for v in torch.stack(losses).cpu().numpy()]
-        arrays.update({f"loss/{t}": np.array(v, dtype=self.job.dtype) for t, v in enumerate(loss_values, start=1)})
-        return RawResult(loss_values[-1], arrays, {"optimizer": environment_note(config),
-                                                   "loop": LOOP if weights is None else WEIGHTED_LOOP})
+        return train_result(self.job, arrays, [float(v) for v in torch.stack(losses).cpu().numpy()],
+                            {"optimizer": environment_note(config), "loop": LOOP if weights is None else WEIGHTED_LOOP})
 
 
 def open_session(job: WorkerJob) -> TorchTrainSession:

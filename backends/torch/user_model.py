@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradparity.backends.protocol import (RawResult, WorkerJob, assignment, gelu_accuracy, layer_options, load_factory,
-                                         ModelTraining)
+                                         ModelTraining, train_result)
 from gradparity.backends.torch.session import cublas_may_use_tf32, pick_device, pin_highest_precision, read_precision
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -298,9 +298,8 @@ class TorchModelTraining(ModelTraining):
                                       for key, module, pname, tensor in trainable]))
         arrays = {f"{t}/{key}": np.array(to_canonical(module, pname, value.cpu().numpy()), copy=True)
                   for t, snap in snapshots for key, module, pname, value in snap}
-        values = [float(v) for v in torch.stack(losses).cpu().numpy()]
-        arrays.update({f"loss/{t}": np.array(v, dtype=self.job.dtype) for t, v in enumerate(values, start=1)})
-        return RawResult(values[-1], arrays, {"optimizer": environment_note(config),
+        return train_result(self.job, arrays, [float(v) for v in torch.stack(losses).cpu().numpy()],
+                            {"optimizer": environment_note(config),
                                               "loop": "optimizer.zero_grad(); loss = F.cross_entropy(model(x_t)"
                                                       ".reshape(-1, C), y_t.reshape(-1), reduction=REDUCTION); "
                                                       "loss.backward(); optimizer.step()"})

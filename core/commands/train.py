@@ -245,7 +245,6 @@ def held_out_accuracy(model, steps: list[dict[str, np.ndarray]], held: tuple[np.
     from gradparity.backends.numpy.models import logits
 
     x, y = held
-    x = x if x.dtype.kind in "iu" else np.asarray(x, dtype=np.float64)
     return [float(np.mean(np.argmax(logits(p, x, model.to_dict()), axis=-1) == y)) for p in steps]
 
 
@@ -349,8 +348,7 @@ def rounding_only_under_adam(spec: TrainSpec, model, params, batches) -> frozens
     from gradparity.backends.numpy.models import loss_and_grads
 
     x, y = batches[0]
-    x = x if np.asarray(x).dtype.kind in "iu" else np.asarray(x, dtype=np.float64)
-    _, grads = loss_and_grads({k: np.asarray(v, dtype=np.float64) for k, v in params.items()}, x, y, model.to_dict())
+    _, grads = loss_and_grads(params, x, y, model.to_dict())   # float64 throughout, inputs cast by the reference
     largest = max(float(np.max(np.abs(g))) for g in grads.values())
     return frozenset(k for k, g in grads.items() if 0 < np.max(np.abs(g)) <= 1e-9 * largest)
 

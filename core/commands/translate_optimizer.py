@@ -27,7 +27,7 @@ from gradparity.compare.normalize import UNIT_ROUNDOFF, effective_unit_roundoff
 from gradparity.compare.trajectories import first_beyond, relative_distance
 from gradparity.errors import ConfigError
 from gradparity.experiment.optimizer_text import OptimizerRendering, parse_optimizer_text
-from gradparity.experiment.optimizers import (DEFAULTS, FRAMEWORKS, OptimizerConfig, Semantics, semantic_rule,
+from gradparity.experiment.optimizers import (DEFAULTS, FRAMEWORKS, OptimizerConfig, Semantics, reference_steps,
                                               semantics_of)
 from gradparity.backends.protocol import WorkerJob
 from gradparity.run.execute import remove_stale_job_dirs, run_backend
@@ -209,18 +209,6 @@ def _job(backend: str, dtype: str, params, grads, cases: dict[str, dict], lrs: d
                      task="optimizer_steps", payload={"configs": cases, "lrs": lrs, "scales": scales})
 
 
-def _rule_steps(s: Semantics, params, grads, lrs, rounded: bool = False) -> list[dict[str, np.ndarray]]:
-    """float64 numpy trajectory of the update ``s`` on fixed gradients."""
-    rules = {k: semantic_rule(s, rounded) for k in params}
-    states = {k: {} for k in params}
-    p = {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
-    out = []
-    for t, (g, lr) in enumerate(zip(grads, lrs), start=1):
-        p = {k: rules[k](p[k], np.asarray(g[k], dtype=np.float64), states[k], float(lr), t) for k in p}
-        out.append(dict(p))
-    return out
-
-
 def translate_optimizer(text: str, to: tuple[str, ...] = FRAMEWORKS, dtype: str = "float64", steps: int = 20,
                         seed: int = 0, keras_backend: str = "tensorflow", timeout_s: float = 600.0,
                         progress=None) -> OptimizerTranslation:
@@ -237,6 +225,16 @@ def translate_optimizer(text: str, to: tuple[str, ...] = FRAMEWORKS, dtype: str 
            for name, (scale, _) in SEQUENCES.items()}
     start = {k: np.asarray(v, dtype=dtype).astype(np.float64) for k, v in params.items()}
     runs: dict[str, dict[str, list]] = {}
+    rules: dict[tuple, list] = {}
+
+    def rule(c: Candidate, name: str, rounded: bool = False) -> list[dict[str, np.ndarray]]:
+        """float64 numpy trajectory of ``c``'s update on sequence ``name`` as the workers were fed it (once)."""
+        key = (c.case, name, rounded)
+        if key not in rules:
+            rules[key] = reference_steps(c.framework, c.config, start, fed[name], lrs[name],
+                                         float32_hyperparameters=rounded)
+        return rules[key]
+
     remove_stale_job_dirs()
     for backend in dict.fromkeys(c.backend for c in candidates):
         mine = [c for c in candidates if c.backend == backend and c.rendering is not None and not c.same_code_as]
@@ -266,12 +264,10 @@ def translate_optimizer(text: str, to: tuple[str, ...] = FRAMEWORKS, dtype: str 
             for name in SEQUENCES:
                 traj, _ = runs[c.case][name]
                 bound = SAFETY * u * steps
-                exact = max(relative_distance(n, r) for n, r in
-                            zip(traj, _rule_steps(c.semantics, start, fed[name], lrs[name])))
+                exact = max(relative_distance(n, r) for n, r in zip(traj, rule(c, name)))
                 follows = "exact" if exact <= bound else "neither"
                 if follows == "neither" and keras_tf:
-                    rounded = max(relative_distance(n, r) for n, r in
-                                  zip(traj, _rule_steps(c.semantics, start, fed[name], lrs[name], rounded=True)))
+                    rounded = max(relative_distance(n, r) for n, r in zip(traj, rule(c, name, rounded=True)))
                     if rounded <= bound:
                         follows, exact = "float32 hyperparameters", rounded
                 c.vs_rule[name] = (exact, bound, follows)
@@ -288,9 +284,7 @@ def translate_optimizer(text: str, to: tuple[str, ...] = FRAMEWORKS, dtype: str 
             (ta, ua), (tb, ub) = runs[source.case][name], runs[c.case][name]
             per_step = [relative_distance(x, y) for x, y in zip(ta, tb)]
             rtol = [SAFETY * max(ua, ub) * t for t in range(1, steps + 1)]
-            predicted = [relative_distance(x, y) for x, y in
-                         zip(_rule_steps(source.semantics, start, fed[name], lrs[name]),
-                             _rule_steps(c.semantics, start, fed[name], lrs[name]))]
+            predicted = [relative_distance(x, y) for x, y in zip(rule(source, name), rule(c, name))]
             result = SequenceResult(per_step, rtol, predicted)
             same_rule = first_beyond(predicted, rtol) is None
             rounded = any(x.vs_rule[name][2] == "float32 hyperparameters" for x in (source, c))
