@@ -12,25 +12,57 @@ from dataclasses import dataclass
 KERAS_VARIANTS = ("tensorflow", "jax", "torch")
 
 
+#: The task map: which module of a framework's package runs each kind of job (``WorkerJob.task``). The
+#: built-in MLP has its own session and trainer ("gradients", "train"); every other model (a built-in CNN or
+#: sequence model, or a user's factory) runs in ``user_model`` ("model_check", "model_train").
+TASKS = {
+    "gradients": "session",
+    "train": "train",
+    "model_check": "user_model",
+    "model_train": "user_model",
+    "loss_functions": "losses",
+    "optimizer_steps": "optimizers",
+}
+
+
 @dataclass(frozen=True)
 class BackendInfo:
     """Static facts about one backend; never imports its framework.
 
     ``name`` is the label used in reports and in ``gradients.npz`` keys,
-    ``module`` the dotted module imported in the worker, ``extra`` the pip
-    extra that installs the framework, ``requires`` the top-level modules
-    the backend imports (a missing one becomes a 'missing' row naming
-    ``extra``), ``variant`` the Keras backend for the Keras rows.
+    ``modules`` the (task, dotted module) pairs its worker can import (see
+    ``TASKS``; ``module_for``), ``extra`` the pip extra that installs the
+    framework, ``requires`` the top-level modules the backend imports (a
+    missing one becomes a 'missing' row naming ``extra``), ``losses`` the
+    model losses its reduction methods support, ``variant`` the Keras backend
+    for the Keras rows.
     """
 
     name: str
     framework: str
-    module: str
+    modules: tuple[tuple[str, str], ...]
     extra: str | None
     requires: tuple[str, ...]
     losses: frozenset[str]
     variant: str | None = None
     reference: bool = False
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """The tasks this backend runs."""
+        return tuple(task for task, _ in self.modules)
+
+    def module_for(self, task: str) -> str:
+        """The module a worker imports for ``task``; ValueError when this backend does not run it."""
+        for known, module in self.modules:
+            if known == task:
+                return module
+        raise ValueError(f"backend {self.name!r} does not run {task!r} jobs (it runs: {', '.join(self.tasks)})")
+
+    @property
+    def module(self) -> str:
+        """The module of the built-in MLP's reduction methods (task "gradients")."""
+        return self.module_for("gradients")
 
     def environment_variables(self, dtype: str, device: str, job_dir: str) -> dict[str, str]:
         """Variables the worker process must start with (read by frameworks at import)."""
@@ -59,10 +91,18 @@ class BackendInfo:
 
 _CE = frozenset({"cross_entropy"})
 
+
+def package_modules(package: str, tasks=tuple(TASKS)) -> tuple[tuple[str, str], ...]:
+    """(task, module) pairs of a backend package laid out as ``TASKS`` says (``package.session``, ...)."""
+    return tuple((task, f"{package}.{TASKS[task]}") for task in tasks)
+
+
 _ALL = [
-    BackendInfo("numpy", "numpy", "gradparity.backends.numpy.session", None, ("numpy",), _CE, reference=True),
-    BackendInfo("torch", "torch", "gradparity.backends.torch.session", "torch", ("torch",), _CE),
-    BackendInfo("jax", "jax", "gradparity.backends.jax.session", "jax", ("jax", "jaxlib", "flax", "optax"), _CE),
+    BackendInfo("numpy", "numpy", package_modules("gradparity.backends.numpy", ("gradients",)), None, ("numpy",),
+                _CE, reference=True),
+    BackendInfo("torch", "torch", package_modules("gradparity.backends.torch"), "torch", ("torch",), _CE),
+    BackendInfo("jax", "jax", package_modules("gradparity.backends.jax"), "jax", ("jax", "jaxlib", "flax", "optax"),
+                _CE),
 ]
 _KERAS_REQUIRES = {
     "tensorflow": ("keras", "tensorflow"),
@@ -73,7 +113,7 @@ _ALL += [
     BackendInfo(
         f"keras-{v}",
         "keras",
-        "gradparity.backends.keras.session",
+        package_modules("gradparity.backends.keras"),
         "keras" if v == "tensorflow" else f"keras,{v}",
         _KERAS_REQUIRES[v],
         _CE,
@@ -83,14 +123,34 @@ _ALL += [
 ]
 
 # The legacy Keras 2 package (tf_keras): loss functions only (``gradparity translate``), no reduction methods.
-_ALL.append(BackendInfo("tf-keras", "tf_keras", "gradparity.backends.tf_keras.session", "tf-keras",
-                        ("tf_keras", "tensorflow"), frozenset()))
+_ALL.append(BackendInfo("tf-keras", "tf_keras", package_modules("gradparity.backends.tf_keras", ("loss_functions",)),
+                        "tf-keras", ("tf_keras", "tensorflow"), frozenset()))
 
 BACKENDS: dict[str, BackendInfo] = {b.name: b for b in _ALL}
 
 #: Names a user may write besides the labels above; "keras" takes its Keras
 #: backend from the experiment's ``[keras] backend``.
 ALIASES = ("keras",)
+
+
+def make_job(info: BackendInfo, task: str, methods, *, dtype: str, device: str = "cpu",
+             precision: str = "highest", model: dict | None = None, loss: dict | None = None,
+             params: dict | None = None, batch: dict | None = None, payload: dict | None = None,
+             switches: dict | None = None):
+    """The one way to build the job ``info``'s worker runs for ``task`` (a key of ``TASKS``).
+
+    The backend's facts (name, framework, variant, the module for ``task``,
+    extra, requires) come from ``info``; the rest is what the command
+    decided. ValueError when the backend does not run ``task``.
+    """
+    from gradparity.backends.protocol import WorkerJob
+
+    return WorkerJob(backend=info.name, framework=info.framework, variant=info.variant,
+                     module=info.module_for(task), extra=info.extra, requires=info.requires,
+                     methods=tuple(methods), dtype=dtype, device=device, precision=precision,
+                     model=dict(model or {}), loss=dict(loss or {}), params=dict(params or {}),
+                     batch=dict(batch or {}), task=task, payload=dict(payload or {}),
+                     switches=dict(switches or {}))
 
 
 def resolve_backend_name(name: str, keras_backend: str) -> str:

@@ -33,6 +33,9 @@ SEPARATE_FORWARD = ("none_vectorized", "one_by_one")
 IGNORE_INDEX = -100
 INPUTS_FILE = "inputs.npz"
 RESULT_FILE = "result.json"
+#: Environment variable naming a lock file that workers running side by side hold while they time a method,
+#: so that no timed call shares the cores with another worker's (``gradparity.run.runner``).
+TIMING_LOCK_ENV = "GRADPARITY_TIMING_LOCK"
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,9 @@ class WorkerJob:
     #: also reads the per-example weights ``…/batches/T/w``, see ``train_weights``); each backend's ``train``
     #: returns "T/NAME", the parameters after step T (every step, or those of the run's "record" list), and
     #: "loss/T" for every step.
+    #: "model_train": the same runs for a model built by ``user_model`` (a built-in CNN / sequence model, or a
+    #: user's factory; see ``ModelTraining``), same arrays. ``gradparity.backends.TASKS`` maps each task to
+    #: the module that runs it.
     task: str = "gradients"
     payload: dict = field(default_factory=dict)
     #: Discrepancy causes a backend reproduces natively (see gradparity.experiment.causes), e.g.
@@ -131,7 +137,7 @@ class WorkerJob:
         """The gradient names and shapes a method must return: the parameters, or the case's logits."""
         if self.task == "loss_functions":
             return {"logits": tuple(self.batch[f"{loss_case_batch(method)}/logits"].shape)}
-        if self.task in ("optimizer_steps", "train") or (self.task == "model_check" and (
+        if self.task in ("optimizer_steps", "train", "model_train") or (self.task == "model_check" and (
                 "builtin" not in self.payload or method in MODEL_CASES)):
             return {}  # a user's model: names and shapes are what the backend found (core checks them)
         return {name: tuple(p.shape) for name, p in self.params.items()}
@@ -480,7 +486,7 @@ def train_result(job: WorkerJob, arrays: dict[str, np.ndarray], losses: list[flo
 
 
 class ModelTraining:
-    """Task "train" for a built-in model or a user's, the part every backend's ``user_model`` trainer shares.
+    """Task "model_train" for a built-in model or a user's, the part every backend's ``user_model`` trainer shares.
 
     ``open_model(job)`` builds the backend's user-model session on batch 1 of the job (its ``batch['x'|'y']``:
     what ``environment()`` reports on). The batches of every run are converted once by the subclass's

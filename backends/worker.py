@@ -8,6 +8,7 @@ This is the only place a backend module (and so its framework) is imported.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gradparity.backends.protocol import RESULT_FILE, DeviceUnavailable, WorkerJob
+from gradparity.backends.protocol import RESULT_FILE, TIMING_LOCK_ENV, DeviceUnavailable, WorkerJob
 
 #: Timed calls per method after one warm-up call; the report gives their median.
 TIMED_CALLS = 3
@@ -59,6 +60,23 @@ def _check_grads(job: WorkerJob, method: str, grads: dict) -> dict[str, np.ndarr
             raise ValueError(f"gradient of {name} has shape {g.shape}, expected {shape}")
         out[name] = g
     return out
+
+
+@contextlib.contextmanager
+def _timing_turn():
+    """Hold the runner's timing lock (when workers run side by side) for the duration of the timed calls."""
+    path = os.environ.get(TIMING_LOCK_ENV)
+    if not path:
+        yield
+        return
+    import fcntl
+
+    with open(path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _die_with_parent() -> None:
@@ -135,10 +153,11 @@ def run(job_dir: Path) -> int:
             # The median of TIMED_CALLS for gradients (one descheduled call must not be the timing); a training
             # run or a loss function is timed once (a whole run, or no timing reported).
             timed = job.task == "gradients" or (job.task == "model_check" and "builtin" in job.payload)
-            for _ in range(TIMED_CALLS if timed else 1):
-                start = time.perf_counter()
-                raw = session.compute(method)
-                times.append(time.perf_counter() - start)
+            with _timing_turn():
+                for _ in range(TIMED_CALLS if timed else 1):
+                    start = time.perf_counter()
+                    raw = session.compute(method)
+                    times.append(time.perf_counter() - start)
             seconds = float(np.median(times))
             grads = _check_grads(job, method, raw.grads)
             grads_file = f"grads-{method}.npz"

@@ -1,16 +1,19 @@
 """Command line: ``gradparity run``, ``check``, ``diagnose``, ``translate``, ``compare-losses``, ``doctor``.
 
-Exit codes: 0 every comparison agrees; 1 some pair exceeds its tolerance
-(or some results are NaN/inf beside finite ones); 2 invalid config, data or
-output folder (nothing was run); 3 incomplete (no disagreement, but some
-results could not be computed); 4 an internal error of gradparity itself (a
-bug: please report it); 128 + N stopped by signal N (130 SIGINT, 143
-SIGTERM, 129 SIGHUP), after writing a partial report of what finished.
+Exit codes (``gradparity.exit_codes``): 0 agree / match / clean; 1 disagree / mismatch / cause found; 2 invalid
+input, nothing run (a bad flag is argparse's usage error, exit 2 too); 3 incomplete; 4 internal error; 128 + N
+stopped by signal N, after writing a partial report of what finished.
+
+Every parser rejects abbreviated flags (``--dtyp`` is not ``--dtype``) and answers an unknown flag or command
+with the closest valid ones. Options shared by several commands are declared once, by the ``_add_*`` helpers
+below; their defaults differ per command on purpose, and each help text states its command's default.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
+import math
 import signal
 import sys
 import threading
@@ -18,10 +21,9 @@ import traceback
 from pathlib import Path
 
 from gradparity import __version__
-from gradparity.compare.verdict import EXIT_INVALID
 from gradparity.errors import ConfigError, GradparityError, Interrupted
-
-EXIT_INTERNAL = 4
+from gradparity.exit_codes import EXIT_INTERNAL, EXIT_INVALID
+from gradparity.report.jsonout import dumps
 
 
 def _csv(text: str) -> list[str]:
@@ -46,9 +48,130 @@ def _overrides(args) -> dict:
     return o
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse without abbreviations (every parser and subparser), and with a "did you mean" for an unknown flag
+    (``--backend`` -> ``--backends``, ``--dtyp=float64`` -> ``--dtype``) or command (``rnu`` -> ``run``): still
+    argparse's usage error, exit 2, the suggestions taken from the chosen command's own flags."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
+
+    def parse_args(self, args=None, namespace=None):
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:
+            parser = self._command_parser(namespace)
+            parser.error(f"unrecognized arguments: {' '.join(extras)}{parser._suggest(extras)}")
+        return namespace
+
+    def _command_parser(self, namespace) -> argparse.ArgumentParser:
+        """The subcommand's parser where one was chosen (its usage and flags), else this one."""
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                chosen = getattr(namespace, action.dest, None) if action.dest is not argparse.SUPPRESS else None
+                return action.choices.get(chosen, self)
+        return self
+
+    def _suggest(self, extras: list[str]) -> str:
+        """'; did you mean --backends?' for each unknown flag with a close valid one of this parser ('' if none)."""
+        valid = sorted({o for a in self._actions for o in a.option_strings
+                        if o.startswith("--") and a.help is not argparse.SUPPRESS})
+        hints = []
+        for token in extras:
+            flag = token.split("=", 1)[0]
+            if not flag.startswith("-") or flag in ("-", "--"):
+                continue
+            close = difflib.get_close_matches(flag, valid, n=3, cutoff=0.6)
+            if close:
+                hints.append((flag, " or ".join(close)))
+        if len(hints) == 1:
+            return f"; did you mean {hints[0][1]}?"
+        return "".join(f"; {flag}: did you mean {close}?" for flag, close in hints)
+
+    def _check_value(self, action, value):
+        """An invalid choice (a command, a fixed-choice flag) names the closest valid ones."""
+        try:
+            super()._check_value(action, value)
+        except argparse.ArgumentError as exc:
+            close = difflib.get_close_matches(str(value), [str(c) for c in action.choices or ()], n=3, cutoff=0.6)
+            if not close:
+                raise
+            raise argparse.ArgumentError(action, f"{exc.message}; did you mean {' or '.join(map(repr, close))}?") \
+                from None
+
+
+# --- options shared by several commands: each declared here once, with one help text -----------------------
+# The defaults differ per command on purpose (a loss translation runs longer than a probe); every helper states
+# the command's default in the help. A None default leaves the value to the command's config file.
+
+class _Seconds(argparse.Action):
+    """``--timeout``: a positive, finite number of seconds, at most a week; anything else is a usage error
+    (exit 2) for every command, before any work."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from gradparity.experiment.spec import MAX_TIMEOUT_S
+
+        # argparse hands '--timeout=--' over as [] without calling float().
+        if not isinstance(values, float) or not (math.isfinite(values) and 0 < values <= MAX_TIMEOUT_S):
+            got = repr(values) if isinstance(values, float) else "no number"
+            raise argparse.ArgumentError(
+                self, f"must be a positive number of seconds, at most {MAX_TIMEOUT_S:g} (a week), got {got}")
+        setattr(namespace, self.dest, values)
+
+
+def _default(default, text: str | None) -> str:
+    """'(default: X)' for a help text: ``text`` where the value comes from elsewhere (a config), else the value."""
+    return f"(default: {text if text is not None else f'{default:g}' if isinstance(default, float) else default})"
+
+
+def _add_timeout(parser, default: float | None, *, worker: str = "framework worker",
+                 default_text: str | None = None) -> None:
+    parser.add_argument("--timeout", type=float, action=_Seconds, default=default, metavar="S",
+                        help=f"seconds per {worker}, a positive number {_default(default, default_text)}")
+
+
+def _add_json(parser, what: str) -> None:
+    parser.add_argument("--json", action="store_true",
+                        help=f"print {what} as JSON instead of the text (strict JSON: NaN and inf are null)")
+
+
+def _add_dtype(parser, default: str | None, *, choices: str = "float32 | float64", note: str = "",
+               default_text: str | None = None) -> None:
+    parser.add_argument("--dtype", default=default,
+                        help=f"{choices}: what the frameworks compute in{note} {_default(default, default_text)}")
+
+
+def _add_backends(parser, default: str | None, choices: str, *, default_text: str | None = None) -> None:
+    parser.add_argument("--backends", default=default,
+                        help=f"comma-separated: {choices} {_default(default, default_text)}")
+
+
+def _add_seed(parser, default: int | None, *, default_text: str | None = None) -> None:
+    parser.add_argument("--seed", type=int, default=default,
+                        help="the random seed of everything generated (data, parameters, gradient sequences) "
+                             + _default(default, default_text))
+
+
+def _add_out(parser, default: str, writes: str) -> None:
+    parser.add_argument("--out", default=default, help=f"output folder: {writes} (default: ./{default})")
+
+
+def _add_keras_backend(parser, default: str | None = "tensorflow", *, default_text: str | None = None) -> None:
+    from gradparity.backends import KERAS_VARIANTS
+
+    parser.add_argument("--keras-backend", default=default,
+                        help=f"{' | '.join(KERAS_VARIANTS)}: the backend Keras runs on "
+                             + _default(default, default_text))
+
+
+def _add_device(parser, default: str | None, *, choices: str = "auto | cpu | gpu",
+                default_text: str | None = None) -> None:
+    parser.add_argument("--device", default=default, help=f"{choices} {_default(default, default_text)}")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="gradparity",
+    p = _Parser(
+        prog="gradparity", allow_abbrev=False,
         description="Compare batch gradients across loss reductions and frameworks, normalized.")
     p.add_argument("--version", action="version", version=f"gradparity {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
@@ -57,25 +180,33 @@ def _parser() -> argparse.ArgumentParser:
                                      "is given) and write report.json, report.md, inputs.npz and "
                                      "gradients.npz.")
     run.add_argument("config", nargs="?", help="experiment TOML, merged over the embedded default")
-    run.add_argument("--backends", help="comma-separated: numpy,torch,keras,jax "
-                                        "(keras-tensorflow, keras-jax, keras-torch)")
+    _add_backends(run, None, "numpy,torch,keras,jax (keras-tensorflow, keras-jax, keras-torch)",
+                  default_text="the experiment's backends; embedded: numpy,torch,keras,jax")
     run.add_argument("--methods", help="comma-separated: none_loop,none_vectorized,sum,mean,one_by_one")
-    run.add_argument("--dtype", help="float32 | float64")
-    run.add_argument("--device", help="auto | cpu | gpu")
+    _add_dtype(run, None, default_text="the experiment's dtype; embedded: float32")
+    _add_device(run, None, default_text="the experiment's device; embedded: auto")
     run.add_argument("--precision", help="highest (no TF32) | default (framework defaults)")
     run.add_argument("--model", help="mlp (default) | cnn | sequence: the built-in model ([model] kind)")
     run.add_argument("--layer-defaults", help="explicit (default): the same layer settings in every framework | "
                      "framework: each framework's own defaults (LayerNorm epsilon, GELU form, padding), "
                      "for a CNN or sequence model")
-    run.add_argument("--seed", type=int)
+    _add_seed(run, None, default_text="the experiment's seed; embedded: 0")
     run.add_argument("--batch-size", type=int)
-    run.add_argument("--timeout", type=float, help="seconds per backend worker")
-    run.add_argument("--out", default="gradparity-out", help="output folder (default: ./gradparity-out)")
+    _add_timeout(run, None, worker="backend worker", default_text="the experiment's timeout_s; embedded: 600")
+    _add_out(run, "gradparity-out", "report.json, report.md, report.html, its plots, inputs.npz, gradients.npz")
     run.add_argument("--check", action="store_true",
                      help="validate the experiment and its data, print it, run nothing")
     run.add_argument("--quiet", action="store_true", help="print only the verdict")
-    doc = sub.add_parser("doctor", help="show installed frameworks, versions and devices per backend")
-    doc.add_argument("--device", default="auto", help="auto | cpu | gpu")
+    doc = sub.add_parser("doctor", help="show installed frameworks and versions per backend (--devices: and the "
+                                        "device each would use)",
+                         description="List every backend with whether its modules are installed, their versions "
+                                     "and the pip extra that installs a missing one, without importing any "
+                                     "framework (seconds). --devices (or --device gpu) also opens a session in "
+                                     "each backend's worker, as a run would, and reports the device it picks.")
+    doc.add_argument("--devices", action="store_true",
+                     help="also start each backend's worker to report its device and TF32 (imports every "
+                          "framework: a minute or more)")
+    _add_device(doc, "auto", default_text="auto; gpu implies --devices")
     sub.add_parser("default-config", help="print the embedded default experiment (TOML)")
     tr = sub.add_parser("translate", help="render a loss or an optimizer for the other frameworks and check it "
                                           "by running it",
@@ -97,12 +228,12 @@ def _parser() -> argparse.ArgumentParser:
                                    "('logits', 'targets', optional 'sample_weight')")
     tr.add_argument("--targets", help="class_index | probabilities: what torch's CrossEntropyLoss is given "
                                       "(default class_index)")
-    tr.add_argument("--keras-backend", default="tensorflow", help="tensorflow | jax | torch")
-    tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--dtype", default="float64", help="float64 (default) | float32: what the frameworks compute in; "
-                                                       "the reference is float64 on the same rounded batches")
-    tr.add_argument("--timeout", type=float, default=600.0, help="seconds per framework worker")
-    tr.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_keras_backend(tr)
+    _add_seed(tr, 0)
+    _add_dtype(tr, "float64", choices="float64 | float32", note="; the reference is float64 on the same rounded "
+                                                               "batches")
+    _add_timeout(tr, 600.0)
+    _add_json(tr, "the report")
     cl = sub.add_parser("compare-losses", help="run several loss configurations on the same batches and say "
                                                "which are equal, a constant factor apart, or a batch-dependent one",
                         description="Run each loss configuration (as written in PyTorch, Keras or JAX code) "
@@ -112,10 +243,10 @@ def _parser() -> argparse.ArgumentParser:
     cl.add_argument("losses", nargs="*", help="two or more loss texts (with --config: any number)")
     cl.add_argument("--config", help="a TOML file of [[losses]] tables (the structured form), after the texts")
     cl.add_argument("--targets", help="class_index | probabilities (for torch's CrossEntropyLoss)")
-    cl.add_argument("--keras-backend", default="tensorflow", help="tensorflow | jax | torch")
-    cl.add_argument("--seed", type=int, default=0)
-    cl.add_argument("--timeout", type=float, default=600.0, help="seconds per framework worker")
-    cl.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_keras_backend(cl)
+    _add_seed(cl, 0)
+    _add_timeout(cl, 600.0)
+    _add_json(cl, "the report")
     dg = sub.add_parser("diagnose", help="why do these gradients differ? rank known causes against the numbers",
                         description="Read a gradparity report folder, an .npz of gradients keyed METHOD/PARAM, or a "
                                     "table of pairwise max |a - b| (CSV a,b,max_abs, JSON rows, or lines like "
@@ -134,7 +265,7 @@ def _parser() -> argparse.ArgumentParser:
     dg.add_argument("--dropout", action=argparse.BooleanOptionalAction, default=None)
     dg.add_argument("--batchnorm", action=argparse.BooleanOptionalAction, default=None)
     dg.add_argument("--loss-reduction", help="how the loss was reduced, in words (e.g. 'class-weighted mean')")
-    dg.add_argument("--json", action="store_true", help='print {"causes": [{"id", "score", "evidence", "fix"}], ...}')
+    _add_json(dg, 'the causes ({"causes": [{"id", "score", "evidence", "fix"}], ...})')
     ck = sub.add_parser("check", help="your own model in torch / Keras / Flax: same weights, same batch; do loss "
                                       "and gradients agree, and where do they part?",
                         description="Build each framework's model from its factory ('module:function', importable "
@@ -151,33 +282,32 @@ def _parser() -> argparse.ArgumentParser:
     ck.add_argument("--weights-from", help="the framework whose weights the others take (default: the first of "
                                            "torch, keras, jax given)")
     ck.add_argument("--methods", help="comma-separated: mean,sum,none_loop,one_by_one (default: all)")
-    ck.add_argument("--dtype", help="float32 (default) | float64")
+    _add_dtype(ck, None, default_text="the config's dtype, else float32")
     ck.add_argument("--mode", help="inference (default) | training")
-    ck.add_argument("--device", help="cpu (default) | auto | gpu")
+    _add_device(ck, None, choices="cpu | auto | gpu", default_text="the config's device, else cpu")
     ck.add_argument("--precision", help="highest (default) | default")
-    ck.add_argument("--keras-backend", help="tensorflow (default) | jax | torch")
-    ck.add_argument("--timeout", type=float, help="seconds per framework worker (default 300)")
+    _add_keras_backend(ck, None, default_text="the config's keras_backend, else tensorflow")
+    _add_timeout(ck, None, default_text="the config's timeout_s, else 300")
     ck.add_argument("--train-steps", type=int, help="then train every port this many steps on the batch from the "
                                                     "mapped weights and compare the trajectories (default 0: no)")
     ck.add_argument("--train-optimizer", help="sgd (default) | momentum, with --train-steps")
     ck.add_argument("--train-lr", type=float, help="learning rate with --train-steps (default 0.01)")
-    ck.add_argument("--out", default="gradparity-check", help="output folder (default: ./gradparity-check)")
-    ck.add_argument("--json", action="store_true", help="print report.json's document instead of the text")
+    _add_out(ck, "gradparity-check", "report.json, report.md, inputs.npz, gradients.npz")
+    _add_json(ck, "report.json's document")
     tb = sub.add_parser("loss-table", help="measure common loss configurations in every framework "
                                            "(the README's equivalence table)")
-    tb.add_argument("--keras-backend", default="tensorflow", help="tensorflow | jax | torch")
-    tb.add_argument("--timeout", type=float, default=900.0, help="seconds per framework worker")
+    _add_keras_backend(tb)
+    _add_timeout(tb, 900.0)
     op = sub.add_parser("optimizers", help="SGD, momentum, Adam, AdamW in torch, Keras and optax on one fixed "
                                            "gradient sequence: does each do what its source says, and where "
                                            "do they part?")
-    op.add_argument("--backends", default="torch,keras-tensorflow,jax",
-                    help="comma-separated: torch, keras-tensorflow, keras-jax, keras-torch, jax")
+    _add_backends(op, "torch,keras-tensorflow,jax", "torch, keras-tensorflow, keras-jax, keras-torch, jax")
     op.add_argument("--scenarios", help="comma-separated scenario ids (default: all; see the README)")
-    op.add_argument("--dtype", default="float64", help="float64 (default) | float32")
+    _add_dtype(op, "float64", choices="float64 | float32")
     op.add_argument("--steps", type=int, default=20, help="optimizer steps (default 20)")
-    op.add_argument("--seed", type=int, default=0)
-    op.add_argument("--timeout", type=float, default=600.0, help="seconds per framework worker")
-    op.add_argument("--json", action="store_true", help="print the measurements as JSON")
+    _add_seed(op, 0)
+    _add_timeout(op, 600.0)
+    _add_json(op, "the measurements")
     trn = sub.add_parser("train", help="train the built-in MLP for K steps in every framework from one start: "
                                        "does each follow its optimizer's exact trajectory, and where do they part?")
     trn.add_argument("--model", default="mlp", help="mlp (default) | cnn | sequence: the built-in model trained "
@@ -191,10 +321,10 @@ def _parser() -> argparse.ArgumentParser:
     trn.add_argument("--batch-size", type=int, default=32)
     trn.add_argument("--reduction", default="mean", help="mean (default; Keras sum_over_batch_size) | sum")
     trn.add_argument("--schedule", default="constant", help="constant (default) | step (lr halved halfway)")
-    trn.add_argument("--dtype", default="float32", help="float32 (default) | float64")
-    trn.add_argument("--backends", default="torch,keras-tensorflow,jax")
-    trn.add_argument("--seed", type=int, default=0)
-    trn.add_argument("--timeout", type=float, default=600.0, help="seconds per framework worker")
+    _add_dtype(trn, "float32")
+    _add_backends(trn, "torch,keras-tensorflow,jax", "torch, keras-tensorflow, keras-jax, keras-torch, jax")
+    _add_seed(trn, 0)
+    _add_timeout(trn, 600.0)
     trn.add_argument("--equivalence", action="store_true",
                      help="also train with the other reduction at the lr that should give identical updates "
                           "(sum at lr/B for SGD, the same lr for Adam) and report how far apart they are")
@@ -216,25 +346,21 @@ def _parser() -> argparse.ArgumentParser:
                      help="with --sweep: also run each rule at its lr times each of these comma-separated "
                           "multipliers (without a value: 0.25,0.5,1,2,4) and report the best measured lr per batch "
                           "size and reduction against the rules' predictions")
-    trn.add_argument("--out", default="gradparity-train",
-                     help="output folder: report.html (curves), report.json, report.md, PNGs, npz "
-                          "(default: ./gradparity-train)")
-    trn.add_argument("--json", action="store_true", help="print the measurements as JSON")
+    _add_out(trn, "gradparity-train", "report.html (curves), report.json, report.md, PNGs, npz")
+    _add_json(trn, "the measurements")
     bm = sub.add_parser("benchmark", help="time the default training sweep: wall time, and time per step per "
                                           "framework (a measurement, not a test)")
     bm.add_argument("--optimizer", default="momentum", help="sgd | momentum (default) | nesterov | adam | adamw")
     bm.add_argument("--batch-sizes", default="16,32,64,128")
     bm.add_argument("--epochs", type=int, default=3)
-    bm.add_argument("--dtype", default="float32", help="float32 (default) | float64")
-    bm.add_argument("--backends", default="torch,keras-tensorflow,jax")
-    bm.add_argument("--timeout", type=float, default=600.0, help="seconds per framework worker")
-    bm.add_argument("--json", action="store_true", help="print the benchmark as JSON")
+    _add_dtype(bm, "float32")
+    _add_backends(bm, "torch,keras-tensorflow,jax", "torch, keras-tensorflow, keras-jax, keras-torch, jax")
+    _add_timeout(bm, 600.0)
+    _add_json(bm, "the benchmark")
     return p
 
 
 def _benchmark(args) -> int:
-    import json
-
     from gradparity.commands import sweep
     from gradparity.commands.train import TrainSpec
 
@@ -247,15 +373,13 @@ def _benchmark(args) -> int:
     result = sweep.run_sweep(sweep.SweepSpec(spec, sizes, args.epochs, parallel=1),
                              progress=lambda msg: print(msg, file=sys.stderr, flush=True))
     if args.json:
-        print(json.dumps(sweep.to_dict(result)["benchmark"], indent=1))
+        print(dumps(sweep.to_dict(result)["benchmark"]))
     else:
         print("\n".join(sweep.timing_lines(result)))
     return 3 if any(c.status != "ok" for c in result.cells) else 0
 
 
 def _train(args) -> int:
-    import json
-
     from gradparity.commands.train import TrainSpec, render_text, run_training, to_dict
 
     spec = TrainSpec(optimizer=args.optimizer, lr=args.lr, steps=args.steps, batch_size=args.batch_size,
@@ -300,7 +424,7 @@ def _train(args) -> int:
             write_sweep_report(result, folder, run_id)
         finally:
             folder.release()
-        print(json.dumps(sweep.to_dict(result), indent=1) if args.json else sweep.render_text(result))
+        print(dumps(sweep.to_dict(result)) if args.json else sweep.render_text(result))
         if not args.json:
             plots = ", ".join(["recipe.png", "epochs.png"] + (["grid.png"] if grid else [])
                               + (["weights.png"] if sweep_spec.weighted else []))
@@ -320,7 +444,7 @@ def _train(args) -> int:
         write_train_report(report, folder, run_id)
     finally:
         folder.release()
-    print(json.dumps(to_dict(report), indent=1) if args.json else render_text(report))
+    print(dumps(to_dict(report)) if args.json else render_text(report))
     if not args.json:
         print(f"\nwrote {Path(args.out) / 'report.html'} (open it in any browser), report.json, report.md, "
               f"loss.png, drift.png, inputs.npz, trajectories.npz (run {run_id})")
@@ -328,8 +452,6 @@ def _train(args) -> int:
 
 
 def _optimizers(args) -> int:
-    import json
-
     from gradparity.commands.optimizers import BY_ID, SCENARIOS, compare_optimizers, render_text, to_dict
 
     if args.dtype not in ("float32", "float64"):
@@ -342,7 +464,7 @@ def _optimizers(args) -> int:
         scenarios = tuple(BY_ID[s] for s in _csv(args.scenarios))
     results = compare_optimizers(scenarios, tuple(_csv(args.backends)), args.dtype, args.steps, args.seed,
                                  args.timeout, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
-    print(json.dumps(to_dict(results, args.dtype, args.steps), indent=1) if args.json
+    print(dumps(to_dict(results, args.dtype, args.steps)) if args.json
           else render_text(results, args.dtype, args.steps))
     if any(r.errors for r in results):
         return 3
@@ -391,15 +513,11 @@ def _loss_texts(args) -> list[str]:
 
 
 def _translate(args) -> int:
-    import json
-
     from gradparity.backends import KERAS_VARIANTS
     from gradparity.commands.translate import render_text, translate
 
     if args.keras_backend not in KERAS_VARIANTS:
         raise ConfigError(f"--keras-backend must be one of {', '.join(KERAS_VARIANTS)}, got {args.keras_backend!r}")
-    if not (args.timeout > 0 and args.timeout < 7 * 24 * 3600):
-        raise ConfigError(f"--timeout must be a positive number of seconds, got {args.timeout!r}")
     texts = _loss_texts(args)
     if len(texts) == 1 and args.config is None:
         from gradparity.experiment.optimizer_text import framework_of
@@ -417,15 +535,13 @@ def _translate(args) -> int:
         exc.subject = "loss or data"
         raise
     if args.json:
-        print(json.dumps(report.to_dict(), indent=1, allow_nan=False))
+        print(dumps(report.to_dict()))
     else:
         print(render_text(report))
     return report.exit_code
 
 
 def _translate_optimizer(args, text: str) -> int:
-    import json
-
     from gradparity.commands.translate_optimizer import render_text, translate_optimizer
 
     for flag, value in (("--data", args.data), ("--targets", args.targets)):
@@ -438,13 +554,11 @@ def _translate_optimizer(args, text: str) -> int:
     except ConfigError as exc:
         exc.subject = "optimizer"
         raise
-    print(json.dumps(report.to_dict(), indent=1, allow_nan=False) if args.json else render_text(report))
+    print(dumps(report.to_dict()) if args.json else render_text(report))
     return report.exit_code
 
 
 def _compare_losses(args) -> int:
-    import json
-
     from gradparity.backends import KERAS_VARIANTS
     from gradparity.commands.compare_losses import compare_losses, render_text
 
@@ -456,13 +570,11 @@ def _compare_losses(args) -> int:
     except ConfigError as exc:
         exc.subject = "loss configurations"
         raise
-    print(json.dumps(report.to_dict(), indent=1, allow_nan=False) if args.json else render_text(report))
+    print(dumps(report.to_dict()) if args.json else render_text(report))
     return report.exit_code
 
 
 def _diagnose(args) -> int:
-    import json
-
     from gradparity.commands import diagnose as dg
     flags = {k: getattr(args, k) for k in ("batch_size", "dataset_size", "micro_batches", "replicas", "padding",
                                           "dtype", "dropout", "batchnorm", "loss_reduction")}
@@ -472,13 +584,11 @@ def _diagnose(args) -> int:
     except ConfigError as exc:
         exc.subject = "diagnose input"
         raise
-    print(json.dumps(result.to_dict(), indent=1, allow_nan=False) if args.json else dg.render_text(result))
+    print(dumps(result.to_dict()) if args.json else dg.render_text(result))
     return dg.exit_code(result)
 
 
 def _check(args) -> int:
-    import json
-
     from gradparity.commands.check import read_check_config, render_text, run_check
 
     flags = {"torch": args.torch, "keras": args.keras, "jax": args.jax, "data": args.data, "loss": args.loss,
@@ -495,7 +605,7 @@ def _check(args) -> int:
             exc.subject = "model check"
         raise
     if args.json:
-        print(json.dumps(report.to_dict(), indent=1, allow_nan=False, default=str))
+        print(dumps(report.to_dict()))
     else:
         print(render_text(report))
         print(f"\nwrote {Path(args.out) / 'report.json'}, report.md, inputs.npz, gradients.npz")
@@ -512,17 +622,24 @@ def _loss_table(args) -> int:
 
 
 def _doctor(args) -> int:
-    from gradparity import __version__
-    from gradparity.commands.doctor import probe, render
+    """What is installed, per backend, without importing a framework; the device probe (a worker per backend,
+    importing every framework) only with --devices or --device gpu."""
+    import platform
+
+    from gradparity.commands.doctor import installed, probe, render, render_installed, versions
     from gradparity.experiment.spec import DEVICES
 
     if args.device not in DEVICES:
         raise GradparityError(f"--device must be one of {', '.join(DEVICES)}, got {args.device!r}")
-    import platform
-
     print(f"gradparity {__version__}, Python {platform.python_version()}, {platform.platform()}")
-    outcomes = probe(args.device)
-    print(render(outcomes))
+    print("installed: " + ", ".join(f"{d} {v}" if v else f"{d} not installed" for d, v in versions().items()))
+    print(render_installed(installed()))
+    if not (args.devices or args.device == "gpu"):
+        print("\n(devices not checked: `gradparity doctor --devices` starts each backend's worker, as a run does, "
+              "and reports the device it picks)")
+        return 0
+    print(f"\ndevices (--device {args.device}; one worker per backend, importing its framework):")
+    print(render(probe(args.device)))
     return 0
 
 

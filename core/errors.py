@@ -40,14 +40,17 @@ class Interrupted(BaseException):
 
     A BaseException, like KeyboardInterrupt, so that no ``except Exception``
     swallows it. ``outcome`` carries what the interrupted backend had
-    finished; ``report`` the partial report the pipeline built (and wrote)
-    before re-raising. The process should exit with ``exit_code`` (128 + signal).
+    finished; ``outcomes`` every job's outcome when the runner
+    (``gradparity.run.runner.run_jobs``) was stopped; ``report`` the partial
+    report the command built (and wrote) before re-raising. The process
+    should exit with ``exit_code`` (128 + signal).
     """
 
     def __init__(self, signum: int, outcome=None, report=None):
         super().__init__(signum)
         self.signum = int(signum)
         self.outcome = outcome
+        self.outcomes = None
         self.report = report
 
     @property

@@ -7,7 +7,7 @@ backend and method, and reports, per dtype, the largest
 
 over all pairs of results. gradparity's SAFETY factor must sit well above the
 largest ratio that rounding alone produces. Figures are measurements of this run
-on this machine; they go in the README with their context.
+on this machine; they go in docs/concepts.md (Tolerances) with their context.
 
     python examples/calibrate_tolerance.py --backends numpy,torch,jax,keras-tensorflow --out calib.json
 """
@@ -18,7 +18,7 @@ import json
 import math
 import sys
 
-from gradparity.compare.pairs import SAFETY
+from gradparity.compare.tolerance import SAFETY
 from gradparity.experiment.spec import load_experiment
 from gradparity.run.pipeline import run_experiment
 

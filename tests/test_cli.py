@@ -38,8 +38,11 @@ def tiny(tmp_path):
     return path
 
 
+FRAMEWORKS = ("torch", "jax", "keras-tensorflow")
+
+
 def framework():
-    return next((b for b in ("torch", "jax", "keras-tensorflow") if installed(b)), None)
+    return next((b for b in FRAMEWORKS if installed(b)), None)
 
 
 def recheck(comparison, grads, term_scale):
@@ -55,6 +58,7 @@ def recheck(comparison, grads, term_scale):
     return worst
 
 
+@pytest.mark.frameworks(*FRAMEWORKS, required=False)  # numpy and the first framework installed
 def test_run_writes_a_complete_recheckable_report(tiny, tmp_path):
     backends = ["numpy"] + ([framework()] if framework() else [])
     out = tmp_path / "out"
@@ -105,8 +109,9 @@ def test_missing_framework_is_a_failed_row_naming_the_extra(tiny, tmp_path):
     # Shadows an installed jax, as if it were not installed.
     (shadow / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'jax'\", name='jax')\n")
     out = tmp_path / "out"
+    # The shadow makes the jax worker import no framework: the fast tier may let it start.
     proc = gradparity("run", str(tiny), "--backends", "numpy,jax", "--out", str(out),
-                      env={"PYTHONPATH": str(shadow.parent)})
+                      env={"PYTHONPATH": str(shadow.parent), "GRADPARITY_NO_FRAMEWORK_WORKERS": ""})
     assert proc.returncode == 3, proc.stdout + proc.stderr
     doc = json.loads((out / "report.json").read_text())
     jax_rows = [r for r in doc["results"] if r["backend"] == "jax"]
@@ -189,3 +194,196 @@ def test_recheck_example_verifies_the_file_set(tiny, tmp_path):
     np.savez(out / "inputs.npz", **arrays)
     bad = subprocess.run([sys.executable, script, str(out)], capture_output=True, text=True)
     assert bad.returncode == 1 and "inputs.npz is not the file written with report.json" in bad.stdout
+
+
+# --- one pipeline under every command: flags, exit codes, JSON, doctor ----------------------------------------
+
+FRAMEWORK_MODULES = ("torch", "tensorflow", "keras", "jax", "jaxlib", "flax", "optax", "tf_keras")
+
+
+def _commands_with(flag):
+    from gradparity.cli import _parser
+
+    sub = next(a for a in _parser()._actions if a.choices and "run" in a.choices)
+    return sorted(name for name, p in sub.choices.items() if any(flag in a.option_strings for a in p._actions))
+
+
+def _only_a_usage_error(proc, command):
+    """Exit 2 from argparse, before any work: stderr holds the usage and the error, no worker's progress line."""
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stdout == "" and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
+    error = f"gradparity {command}: error: " if command else "gradparity: error: "
+    for line in proc.stderr.splitlines():
+        assert line.startswith(("usage: ", " ", error)), f"not argparse's usage error: {line!r}\n{proc.stderr}"
+    assert error in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("argv, suggestion", [
+    (["run", "--dtyp", "float64"], "did you mean --dtype?"),
+    (["train", "--epoch", "1", "--sweep"], "did you mean --epochs?"),
+    (["run", "--backend", "torch"], "did you mean --backends?"),
+    (["run", "--backend=torch"], "did you mean --backends?"),
+    (["compare-losses", "--keras-backnd", "jax"], "did you mean --keras-backend?"),
+    (["translate", "x", "--time=3"], "did you mean --timeout"),
+])
+def test_abbreviated_or_misspelled_flags_are_usage_errors_with_a_suggestion(argv, suggestion, tmp_path):
+    proc = gradparity(*argv, cwd=tmp_path)
+    _only_a_usage_error(proc, argv[0])
+    unknown = next(a for a in argv[1:] if a.startswith("--"))
+    assert "unrecognized arguments: " + unknown in proc.stderr and suggestion in proc.stderr, proc.stderr
+    assert not os.listdir(tmp_path), "a rejected command wrote files"
+
+
+def test_an_unknown_command_names_the_closest_one():
+    proc = gradparity("rnu", "--backends", "numpy")
+    _only_a_usage_error(proc, None)
+    assert "invalid choice: 'rnu'" in proc.stderr and "did you mean 'run'?" in proc.stderr, proc.stderr
+
+
+def test_every_parser_rejects_abbreviations():
+    from gradparity.cli import _parser
+
+    parser = _parser()
+    sub = next(a for a in parser._actions if a.choices and "run" in a.choices)
+    assert parser.allow_abbrev is False
+    assert all(p.allow_abbrev is False for p in sub.choices.values())
+
+
+TIMEOUT_COMMANDS = _commands_with("--timeout")
+
+
+def test_the_timeout_commands_are_all_there():
+    assert set(TIMEOUT_COMMANDS) >= {"run", "translate", "compare-losses", "check", "loss-table", "optimizers",
+                                     "train", "benchmark"}
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "inf", "0"])
+@pytest.mark.parametrize("command", TIMEOUT_COMMANDS)
+def test_a_bad_timeout_is_exit_2_before_any_worker(command, value, tmp_path):
+    proc = gradparity(command, "--timeout", value, cwd=tmp_path)
+    _only_a_usage_error(proc, command)
+    assert "argument --timeout: must be a positive number of seconds" in proc.stderr, proc.stderr
+    assert not os.listdir(tmp_path), "a rejected command wrote files"
+
+
+def test_every_timeout_help_states_its_default():
+    from gradparity.cli import _parser
+
+    sub = next(a for a in _parser()._actions if a.choices and "run" in a.choices)
+    for name in TIMEOUT_COMMANDS:
+        action = next(a for a in sub.choices[name]._actions if "--timeout" in a.option_strings)
+        assert "(default: " in action.help, (name, action.help)
+        if action.default is not None:
+            assert f"(default: {action.default:g})" in action.help, (name, action.help)
+
+
+def test_exit_codes_are_one_module():
+    from gradparity import cli, exit_codes
+    from gradparity.commands import compare_losses, diagnose, translate, translate_optimizer
+    from gradparity.compare import verdict
+
+    assert (exit_codes.AGREE, exit_codes.DISAGREE, exit_codes.INVALID, exit_codes.INCOMPLETE,
+            exit_codes.INTERNAL) == (0, 1, 2, 3, 4)
+    assert exit_codes.from_signal(2) == 130 and "SIGTERM" in exit_codes.describe(143)
+    assert cli.EXIT_INTERNAL is exit_codes.INTERNAL and cli.EXIT_INVALID is exit_codes.INVALID
+    assert (verdict.EXIT_AGREE, verdict.EXIT_DISAGREE, verdict.EXIT_INVALID, verdict.EXIT_INCOMPLETE) == (0, 1, 2, 3)
+    assert (diagnose.EXIT_CLEAN, diagnose.EXIT_CAUSE, diagnose.EXIT_UNKNOWN) == (0, 1, 3)
+    assert (compare_losses.EXIT_CONSISTENT, compare_losses.EXIT_MISREAD, compare_losses.EXIT_INCOMPLETE) == (0, 1, 3)
+    for module in (translate, translate_optimizer):
+        assert (module.EXIT_MATCH, module.EXIT_MISMATCH, module.EXIT_INCOMPLETE) == (0, 1, 3)
+
+
+def _strict_loads(text):
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_json_policy_non_finite_numbers_become_null():
+    from pathlib import Path
+
+    from gradparity.report.jsonout import dumps
+
+    doc = {"nan": float("nan"), "inf": float("-inf"), "f32": np.float32("inf"), "i64": np.int64(7),
+           "array": np.array([1.5, np.nan]), "nested": [{"x": (np.float64("nan"), 2.0)}], "path": Path("a/b"),
+           np.int32(3): np.bool_(True)}
+    out = _strict_loads(dumps(doc))
+    assert out == {"nan": None, "inf": None, "f32": None, "i64": 7, "array": [1.5, None],
+                   "nested": [{"x": [None, 2.0]}], "path": str(Path("a/b")), "3": True}
+    with pytest.raises(ValueError, match="not strict JSON"):
+        _strict_loads(json.dumps({"x": float("nan")}))  # the parser used above does refuse NaN
+
+
+def test_report_json_and_json_output_are_strict(tiny, tmp_path):
+    out = tmp_path / "out"
+    assert gradparity("run", str(tiny), "--backends", "numpy", "--out", str(out)).returncode == 0
+    _strict_loads((out / "report.json").read_text())
+    proc = gradparity("diagnose", str(out), "--json")
+    assert proc.returncode in (0, 1, 3), proc.stderr
+    _strict_loads(proc.stdout)
+
+
+_DOCTOR_SCRIPT = textwrap.dedent("""
+    import sys
+    {block}
+    from gradparity.cli import main
+    code = main(["doctor"])
+    frameworks = {frameworks!r}
+    print("LOADED:" + ",".join(sorted(m for m in sys.modules if m.split(".")[0] in frameworks)))
+    sys.exit(code)
+""")
+
+
+def _doctor_in_process(block=""):
+    code = _DOCTOR_SCRIPT.format(block=block, frameworks=FRAMEWORK_MODULES)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
+def test_doctor_imports_no_framework_and_lists_every_backend():
+    from gradparity.backends import BACKENDS
+
+    proc = _doctor_in_process()
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "LOADED:\n" in proc.stdout, "doctor imported a framework: " + proc.stdout.splitlines()[-1]
+    assert proc.stdout.startswith("gradparity ") and "Python " in proc.stdout.splitlines()[0]
+    assert "installed: numpy " in proc.stdout and ("torch " in proc.stdout)
+    lines = proc.stdout.splitlines()
+    for name, info in BACKENDS.items():
+        line = next(l for l in lines if l.startswith(name + " "))
+        if " ok " in line:
+            for module in info.requires:
+                assert f"{module} " in line, line  # each required module with its version
+        else:
+            assert " missing " in line and "not installed" in line and "pip install 'gradparity[" in line, line
+    assert "--devices" in proc.stdout  # says how to check the devices
+    assert "running " not in proc.stderr  # no worker started
+
+
+def test_doctor_names_a_missing_module_and_its_extra():
+    block = textwrap.dedent("""
+        class _Hide:
+            def find_spec(self, name, path=None, target=None):
+                if name == "optax":
+                    raise ModuleNotFoundError("hidden", name=name)
+        sys.meta_path.insert(0, _Hide())
+    """)
+    proc = _doctor_in_process(block)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    jax = next(l for l in proc.stdout.splitlines() if l.startswith("jax "))
+    assert " missing " in jax and "optax not installed" in jax and "pip install 'gradparity[jax]'" in jax, jax
+    keras_jax = next(l for l in proc.stdout.splitlines() if l.startswith("keras-jax "))
+    assert " ok " in keras_jax, keras_jax
+
+
+def test_doctor_devices_probes_each_backend_in_its_worker():
+    """``--devices``: the old probe (a worker per backend, importing its framework), after the fast listing."""
+    from gradparity.backends import BACKENDS
+
+    proc = gradparity("doctor", "--devices", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    head, _, devices = proc.stdout.partition("\ndevices (--device cpu")
+    assert devices, proc.stdout
+    for name in BACKENDS:
+        line = next(l for l in devices.splitlines() if l.startswith(name + " "))
+        assert (" ok " in line and "device cpu" in line) or (" missing " in line and "pip install" in line), line

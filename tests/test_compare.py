@@ -6,8 +6,10 @@ import pytest
 
 from gradparity.backends.numpy.session import NumpySession, term_scale
 from gradparity.backends.protocol import WorkerJob
-from gradparity.compare.normalize import UNIT_ROUNDOFF, Result, normalize
-from gradparity.compare.pairs import SAFETY, compare_all, compare_pair, tolerance_for
+from gradparity.compare.normalize import Result, normalize
+from gradparity.compare.tolerance import UNIT_ROUNDOFF
+from gradparity.compare.pairs import compare_all, compare_pair
+from gradparity.compare.tolerance import SAFETY, tolerance_for
 from gradparity.compare.verdict import EXIT_AGREE, EXIT_DISAGREE, EXIT_INCOMPLETE, decide
 from gradparity.experiment.inputs import init_params
 from gradparity.experiment.methods import METHODS

@@ -15,8 +15,6 @@ from gradparity.cli import main
 from gradparity.commands import diagnose as dg
 from gradparity.errors import ConfigError
 
-from conftest import installed
-
 N = 64
 SEED_TABLE = """\
 Maximum discrepancy between reduction = none and sum: 0.0316
@@ -241,7 +239,7 @@ def test_cli_json_has_the_documented_shape(tmp_path, capsys):
     assert all(set(c) == {"id", "score", "evidence", "fix"} for c in doc["causes"])
 
 
-@pytest.mark.skipif(not installed("torch"), reason="needs torch: pip install 'gradparity[torch]'")
+@pytest.mark.frameworks("torch")
 def test_the_seed_reproduction_written_in_torch(tmp_path):
     """examples/seed_question_torch.py, the question's code with its bug and then fixed: diagnose names the
     bug first on its table and on its gradients, and calls the fixed gradients clean."""
@@ -263,8 +261,8 @@ def test_readme_shows_what_diagnose_prints_for_the_seed_table():
     import os
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    readme = open(os.path.join(root, "README.md"), encoding="utf-8").read()
-    shown = readme.split("<!-- seed-diagnosis:start -->\n```text\n", 1)[1].split("\n```\n<!-- seed-diagnosis:end", 1)[0]
+    page = open(os.path.join(root, "docs", "commands", "diagnose.md"), encoding="utf-8").read()
+    shown = page.split("<!-- seed-diagnosis:start -->\n```text\n", 1)[1].split("\n```\n<!-- seed-diagnosis:end", 1)[0]
     proc = subprocess.run([sys.executable, "-m", "gradparity", "diagnose", "examples/seed_table.txt"],
                           capture_output=True, text=True, cwd=root, timeout=120)
     assert proc.returncode == 1 and proc.stdout.rstrip("\n") == shown

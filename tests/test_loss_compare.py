@@ -9,10 +9,6 @@ import pytest
 from gradparity.cli import main
 from gradparity.commands import compare_losses as lc
 
-from conftest import installed
-
-ALL = all(installed(b) for b in ("torch", "jax", "keras-tensorflow"))
-
 CONFIGS = [
     "torch.nn.MSELoss(reduction='sum')",
     "keras.losses.MeanSquaredError(reduction='sum')",
@@ -22,7 +18,7 @@ CONFIGS = [
 ]
 
 
-@pytest.mark.skipif(not ALL, reason="needs torch, jax and keras: pip install 'gradparity[all]'")
+@pytest.mark.frameworks("torch", "jax", "keras-tensorflow")
 def test_every_kind_of_relation_is_measured():
     proc = subprocess.run([sys.executable, "-m", "gradparity", "compare-losses", *CONFIGS, "--json"],
                           capture_output=True, text=True, timeout=900)
@@ -43,9 +39,8 @@ def test_every_kind_of_relation_is_measured():
     assert sorted(map(sorted, doc["classes"])) == [[0, 2], [1], [3], [4]]
 
 
-def test_incompatible_configurations_are_exit_2(capsys, monkeypatch):
-    started = []
-    monkeypatch.setattr(lc, "run_backend", lambda *a, **k: started.append(a))
+def test_incompatible_configurations_are_exit_2(capsys, workers_started):
+    started = workers_started
     assert main(["compare-losses", "torch.nn.CrossEntropyLoss()", "torch.nn.MSELoss()"]) == 2
     assert "same kind of targets" in capsys.readouterr().err
     assert main(["compare-losses", "torch.nn.MSELoss()"]) == 2
@@ -53,7 +48,7 @@ def test_incompatible_configurations_are_exit_2(capsys, monkeypatch):
     assert not started
 
 
-@pytest.mark.skipif(not ALL, reason="needs torch, jax and keras: pip install 'gradparity[all]'")
+@pytest.mark.frameworks("torch", "jax", "keras-tensorflow")
 def test_the_structured_example_measures_each_frameworks_own_divisor():
     """examples/compare_losses.toml: three means over N (or N*T) are equal; the sum is N times them, per batch."""
     proc = subprocess.run([sys.executable, "-m", "gradparity", "compare-losses", "--config",

@@ -82,11 +82,8 @@ def test_a_bad_file_is_a_config_error(tmp_path, content, message):
         read_loss_file(str(path))
 
 
-def test_cli_reads_tables_and_refuses_bad_ones_before_any_worker(tmp_path, capsys, monkeypatch):
-    started = []
-    monkeypatch.setattr("gradparity.run.execute.run_backend", lambda *a, **k: started.append(a))
-    monkeypatch.setattr("gradparity.commands.translate.run_backend", lambda *a, **k: started.append(a))
-    monkeypatch.setattr("gradparity.commands.compare_losses.run_backend", lambda *a, **k: started.append(a))
+def test_cli_reads_tables_and_refuses_bad_ones_before_any_worker(tmp_path, capsys, workers_started):
+    started = workers_started
     two = tmp_path / "two.toml"
     two.write_text("[[losses]]\nloss = 'torch.nn.MSELoss'\n\n[[losses]]\nloss = 'torch.nn.L1Loss'\n")
     assert main(["translate", "--config", str(two)]) == 2

@@ -6,16 +6,12 @@ d loss / d logits. What the legacy reductions divide by is measured here
 too, by running tf_keras itself (in a subprocess: this process imports no
 framework).
 """
-import importlib.util
 import json
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-
-if importlib.util.find_spec("tf_keras") is None or importlib.util.find_spec("tensorflow") is None:
-    pytest.skip("tf_keras (legacy Keras 2) is not installed: pip install tf-keras", allow_module_level=True)
 
 from gradparity.backends import BACKENDS, BackendInfo
 from gradparity.backends.numpy.losses import reduce_loss
@@ -29,8 +25,9 @@ from loss_grid import W5, grid_batches, grid_id, semantics_grid
 
 SCCE = "tf.keras.losses.SparseCategoricalCrossentropy"
 RED = "tf.keras.losses.Reduction"
-INFO = BACKENDS.get("tf-keras") or BackendInfo("tf-keras", "tf_keras", "gradparity.backends.tf_keras.session",
-                                               "tf-keras", ("tf_keras", "tensorflow"), frozenset())
+INFO = BACKENDS["tf-keras"]
+#: Reading and rendering need no framework; running the renderings and measuring tf_keras do.
+needs_tf_keras = pytest.mark.frameworks("tf-keras")
 
 
 def read(text, targets=None, arrays=None):
@@ -201,6 +198,7 @@ def grid_run():
     return outcome, per_sem
 
 
+@needs_tf_keras
 @pytest.mark.parametrize("i", range(len(GRID)), ids=[grid_id(s) for s in GRID])
 def test_rendering_matches_the_reference(grid_run, i):
     outcome, per_sem = grid_run
@@ -217,6 +215,7 @@ def test_rendering_matches_the_reference(grid_run, i):
                                    err_msg=f"{b.name}\n{render(sem).code}")
 
 
+@needs_tf_keras
 def test_worker_environment(grid_run):
     env = grid_run[0].environment
     assert env["framework"] == "tf_keras" and env["dtype"] == "float64" and env["device_kind"] == "cpu"
@@ -285,6 +284,7 @@ def facts():
     return out, a
 
 
+@needs_tf_keras
 def test_measured_sum_over_batch_size_with_sample_weights_divides_by_n(facts):
     out, a = facts
     divisor = out["sum_w"] / out["sobs_w"]
@@ -295,6 +295,7 @@ def test_measured_sum_over_batch_size_with_sample_weights_divides_by_n(facts):
     assert out["sobs_w"] == pytest.approx(reduce_loss(sem, a["z2"], a["y2"], a["w2"])[0], rel=1e-12)
 
 
+@needs_tf_keras
 def test_measured_n_weights_on_a_token_loss_broadcast_and_divide_by_n_times_t(facts):
     """Unlike Keras 3, tf_keras expands (N,) weights to (N, 1): they broadcast, and the divisor is N*T."""
     out, a = facts
@@ -304,11 +305,13 @@ def test_measured_n_weights_on_a_token_loss_broadcast_and_divide_by_n_times_t(fa
     assert out["sobs3_n"] == pytest.approx(reduce_loss(sem, a["z3"], y, a["w3"])[0], rel=1e-12)
 
 
+@needs_tf_keras
 def test_measured_auto_is_sum_over_batch_size_outside_a_strategy(facts):
     out, _ = facts
     assert out["auto_w"] == out["sobs_w"] == out["default_w"]
 
 
+@needs_tf_keras
 def test_measured_auto_and_sum_over_batch_size_raise_inside_a_strategy(facts):
     """Called directly (a custom loop) inside a tf.distribute strategy; gradparity does not model this."""
     out, _ = facts
@@ -316,6 +319,7 @@ def test_measured_auto_and_sum_over_batch_size_raise_inside_a_strategy(facts):
     assert out["strategy_sum"] is None
 
 
+@needs_tf_keras
 def test_measured_ignore_class_divides_by_the_valid_count(facts):
     out, a = facts
     valid = int(np.sum(a["y3"] != -1))
@@ -329,12 +333,14 @@ def test_measured_ignore_class_divides_by_the_valid_count(facts):
     assert out["ign_sobs_w"] == pytest.approx(reduce_loss(sem_w, a["z3"], a["y3"], a["w3"])[0], rel=1e-12)
 
 
+@needs_tf_keras
 def test_measured_ignore_class_with_every_target_ignored_gives_nan(facts):
     """mask * total/valid is 0 * inf there: NaN, where Keras 3 (and the numpy reference) give 0."""
     out, _ = facts
     assert np.isnan(out["ign_all"])
 
 
+@needs_tf_keras
 def test_measured_huber_rounds_a_python_float_delta_to_float32(facts):
     out, _ = facts
     assert out["huber_07"] == out["huber_07_f32"]

@@ -46,7 +46,7 @@ from hypothesis.extra import numpy as hnp
 
 import gradparity
 import gradparity.run.execute as execute_mod
-import gradparity.run.pipeline as pipeline_mod
+import gradparity.run.runner as runner_mod
 from gradparity.backends.numpy import session as numpy_backend
 from gradparity.cli import main
 from gradparity.run.execute import BackendOutcome, MethodOutcome
@@ -207,8 +207,8 @@ def _text_stream(errors: str):
 def invoke(argv: list[str]) -> Run:
     """``gradparity <argv>`` in this process, workers replaced by StandIn; argparse's SystemExit is an exit code."""
     stand_in = StandIn()
-    saved = (pipeline_mod.run_backend, execute_mod.run_backend)
-    pipeline_mod.run_backend = execute_mod.run_backend = stand_in
+    saved = (runner_mod.run_backend, execute_mod.run_backend)
+    runner_mod.run_backend = execute_mod.run_backend = stand_in
     out_buf, out = _text_stream("strict")
     err_buf, err = _text_stream("backslashreplace")
     code, escaped = None, None
@@ -223,7 +223,7 @@ def invoke(argv: list[str]) -> Run:
     except BaseException as exc:  # escaped main(): a real run would end in a traceback
         escaped = exc
     finally:
-        pipeline_mod.run_backend, execute_mod.run_backend = saved
+        runner_mod.run_backend, execute_mod.run_backend = saved
         out.flush()
         err.flush()
     return Run(list(argv), code, out_buf.getvalue().decode("utf-8", "replace"),

@@ -25,12 +25,6 @@ from conftest import installed
 N_TRAIN = 1438
 
 
-def _need(*backends):
-    missing = [b for b in backends if not installed(b)]
-    if missing:
-        pytest.skip(f"not installed: {', '.join(missing)} (pip install -c constraints.txt -e '.[all]')")
-
-
 def _digits(dtype="float64"):
     spec = TrainSpec(dtype=dtype)
     (x, y), held, _ = split_digits(spec)
@@ -206,7 +200,8 @@ def weighted_runs():
     return runs, configs, seq, batches, model, params, outcomes
 
 
-@pytest.mark.parametrize("backend", ["torch", "jax", "keras-tensorflow"])
+@pytest.mark.parametrize("backend", [pytest.param(b, marks=pytest.mark.frameworks(b))
+                                     for b in ("torch", "jax", "keras-tensorflow")])
 def test_weighted_short_batch_training_follows_the_float64_trajectory(weighted_runs, backend):
     """Each framework's native weighted reductions (torch CrossEntropyLoss(reduction='none') * w; optax
     per-example losses * w; Keras' loss object with sample_weight and its own reduction names) and its step on
@@ -214,11 +209,9 @@ def test_weighted_short_batch_training_follows_the_float64_trajectory(weighted_r
     rtol(t) = rtol_gradient(u) * t at every step; the weighted mean and sum_over_batch_size trajectories are far
     more than that apart, so a framework that ignored the weights or divided by the wrong total would fail."""
     from gradparity.backends import BACKENDS
-    from gradparity.compare.normalize import UNIT_ROUNDOFF, effective_unit_roundoff
-    from gradparity.compare.pairs import tolerance_for
+    from gradparity.compare.tolerance import UNIT_ROUNDOFF, effective_unit_roundoff, tolerance_for
     from gradparity.compare.trajectories import relative_distance
 
-    _need(backend)
     runs, configs, seq, batches, model, params, outcomes = weighted_runs
     outcome = outcomes[backend]
     assert outcome.status == "ok", outcome.error
@@ -243,12 +236,12 @@ def test_weighted_short_batch_training_follows_the_float64_trajectory(weighted_r
     assert apart > 10 * rtol * 23, apart  # 0.016 against rtol(23) = 3.5e-4 in float32
 
 
+@pytest.mark.frameworks("torch")
 def test_sweep_with_weights_keep_and_a_grid_in_torch():
     """A torch sweep (1 epoch, B = 16 and 64, skewed class weights, the short batch kept, lr x 0.5 and 2):
     sum(w)/N per batch size as computed here from the labels; the short batch's per-example weight over a full
     batch's is B / b_last under mean-like sobs and 1 under sum; keep - drop is reported per rule; the grid's best
     lr per (B, reduction) is the argmax of its points' accuracies; report.json keeps schema /1 with the new keys."""
-    _need("torch")
     spec = SweepSpec(TrainSpec(optimizer="momentum", backends=("torch",), timeout_s=300), batch_sizes=(16, 64),
                      epochs=1, class_weights="skewed", last_batch="keep", lr_grid=(0.5, 2.0))
     report = run_sweep(spec)
@@ -292,12 +285,12 @@ def test_sweep_with_weights_keep_and_a_grid_in_torch():
 
 # --- the default sweep (moved from test_train.py) -------------------------------------------------------------
 
+@pytest.mark.frameworks("torch", "jax")
 def test_sweep_sum_at_lr_over_b0_is_linear_scaling_and_frameworks_agree():
     """The sweep's sum rule (lr0 / B0 on the summed loss) and the blog's linear rule (lr0 * B / B0 on the mean)
     are the same update at every batch size: same held-out accuracy and final parameters to rounding, in
     every framework; the frameworks' final parameters agree within float32 rounding of a training run. The two
     workers run side by side (parallel=2), as they do where cores allow."""
-    _need("torch", "jax")
     report = run_sweep(SweepSpec(TrainSpec(optimizer="momentum", backends=("torch", "jax"), timeout_s=300),
                                  batch_sizes=(16, 32), epochs=1, parallel=2))
     assert all(c.status == "ok" for c in report.cells), [c.error for c in report.cells if c.error]
@@ -312,6 +305,7 @@ def test_sweep_sum_at_lr_over_b0_is_linear_scaling_and_frameworks_agree():
     assert lines[0].startswith("learning-rate recipe from (B0 = 32") and "linear scaling" in lines[-1]
 
 
+@pytest.mark.frameworks("torch")
 def test_benchmark_command_reports_wall_time_and_time_per_step(capsys):
     """`gradparity benchmark` reports, per framework, its worker's wall time and the time per step of the timed
     runs (figures, not asserted: no timing assertions in tests), as JSON with --json."""
@@ -319,7 +313,6 @@ def test_benchmark_command_reports_wall_time_and_time_per_step(capsys):
 
     from gradparity.cli import main
 
-    _need("torch")
     assert main(["benchmark", "--batch-sizes", "32", "--epochs", "1", "--backends", "torch", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert set(doc) == {"total_seconds", "worker_wall_seconds", "timed_seconds", "steps"}
@@ -346,13 +339,13 @@ def _report_files(out, tmp_path, pngs):
     return doc
 
 
+@pytest.mark.frameworks("torch")
 def test_the_sweep_writes_its_recipe_report(tmp_path):
     """`gradparity train --sweep --out`: report.html with the recipe plot and the per-epoch plot embedded byte for
     byte, report.json (schema gradparity.train.sweep/1) listing every file's SHA-256; loads in chromium. The
     options are off: their keys are null and no other runs are made."""
     from gradparity.cli import main
 
-    _need("torch")
     out = tmp_path / "sweep-out"
     assert main(["train", "--sweep", "--batch-sizes", "16,32", "--epochs", "1", "--backends", "torch",
                  "--out", str(out)]) == 0
@@ -363,12 +356,12 @@ def test_the_sweep_writes_its_recipe_report(tmp_path):
     assert len(doc["cells"]) == 2 * 3
 
 
+@pytest.mark.frameworks("torch")
 def test_the_sweep_report_with_every_option(tmp_path):
     """With --class-weights, --last-batch keep and --lr-grid, report.html also embeds grid.png and weights.png and
     report.json carries the weights' spread, the short batch's effect and the grid."""
     from gradparity.cli import main
 
-    _need("torch")
     out = tmp_path / "sweep-options"
     assert main(["train", "--sweep", "--batch-sizes", "32", "--epochs", "1", "--backends", "torch",
                  "--class-weights", "balanced", "--last-batch", "keep", "--lr-grid", "0.5,2", "--out", str(out)]) == 0
@@ -378,6 +371,7 @@ def test_the_sweep_report_with_every_option(tmp_path):
     assert doc["grid"]["multipliers"] == [0.5, 2.0] and doc["grid"]["best"]
 
 
+@pytest.mark.frameworks("torch")
 def test_several_seeds_are_each_seeds_own_sweep_and_their_spread():
     """--seeds 0,1: every cell keeps its seed; seed 1's accuracies are those of a sweep run with seed 1 alone
     (its own parameters, split and order); the accuracy is the mean over seeds, the spread their std (ddof 1)."""

@@ -371,7 +371,7 @@ class UserJaxModel:
 
 
 class JaxModelTraining(ModelTraining):
-    """Task "train" for a built-in model or a user's: the split module of ``UserJaxModel`` trained with
+    """Task "model_train" for a built-in model or a user's: the split module of ``UserJaxModel`` trained with
     optax, as ``train.py`` trains the MLP (one jitted step: ``jax.value_and_grad`` of the reduced loss,
     ``opt.update``, ``optax.apply_updates``).
 
@@ -433,5 +433,5 @@ class JaxModelTraining(ModelTraining):
 
 def open_session(job: WorkerJob) -> UserJaxModel | JaxModelTraining:
     """Import the user's factory (or build the built-in module), split it onto the job's device and dtype, load
-    mapped weights; task "train" trains it (``JaxModelTraining``)."""
-    return JaxModelTraining(job) if job.task == "train" else UserJaxModel(job)
+    mapped weights; task "model_train" trains it (``JaxModelTraining``)."""
+    return JaxModelTraining(job) if job.task == "model_train" else UserJaxModel(job)

@@ -449,7 +449,7 @@ class UserKerasModel:
 
 
 class KerasModelTraining(ModelTraining):
-    """Task "train" for a built-in model or a user's: the model of ``UserKerasModel`` trained with Keras' own
+    """Task "model_train" for a built-in model or a user's: the model of ``UserKerasModel`` trained with Keras' own
     optimizer, as ``train.py`` trains the MLP (the variant's single-backward gradient, then
     ``optimizer.apply(grads, model.trainable_variables)``, eagerly).
 
@@ -499,5 +499,5 @@ class KerasModelTraining(ModelTraining):
 
 def open_session(job: WorkerJob) -> UserKerasModel | KerasModelTraining:
     """Build the user's model (or the built-in one) in floatx = the job's dtype, load mapped weights; task
-    "train" trains it (``KerasModelTraining``)."""
-    return KerasModelTraining(job) if job.task == "train" else UserKerasModel(job)
+    "model_train" trains it (``KerasModelTraining``)."""
+    return KerasModelTraining(job) if job.task == "model_train" else UserKerasModel(job)

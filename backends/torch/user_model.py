@@ -254,7 +254,7 @@ class UserTorchModel:
 
 
 class TorchModelTraining(ModelTraining):
-    """Task "train" for a built-in model or a user's (its factory, its mapping): the module of
+    """Task "model_train" for a built-in model or a user's (its factory, its mapping): the module of
     ``UserTorchModel`` trained with torch's own optimizer, as ``train.py`` trains the MLP.
 
     The session is opened on batch 1 (what ``environment()`` reports on); every batch is converted once.
@@ -307,5 +307,5 @@ class TorchModelTraining(ModelTraining):
 
 def open_session(job: WorkerJob) -> UserTorchModel | TorchModelTraining:
     """Import the user's factory (or build the built-in model), on the job's device and dtype, load mapped
-    weights; task "train" trains it (``TorchModelTraining``)."""
-    return TorchModelTraining(job) if job.task == "train" else UserTorchModel(job)
+    weights; task "model_train" trains it (``TorchModelTraining``)."""
+    return TorchModelTraining(job) if job.task == "model_train" else UserTorchModel(job)

@@ -12,7 +12,6 @@ The pipeline's stages, for a model gradparity did not build:
 """
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import math
 import os
@@ -23,16 +22,19 @@ from typing import Callable
 
 import numpy as np
 
-from gradparity.backends import BACKENDS, BackendInfo
+from gradparity.backends import BACKENDS, BackendInfo, make_job
 from gradparity.backends.protocol import MODEL_METHODS, WorkerJob, loss_elements
 from gradparity.compare.localize import Localization, localize
-from gradparity.compare.normalize import UNIT_ROUNDOFF, Result, effective_unit_roundoff, normalize
-from gradparity.compare.pairs import Comparison, Tolerance, SAFETY, compare_all
+from gradparity.compare.normalize import Result, normalize
+from gradparity.compare.pairs import Comparison, compare_all
+from gradparity.compare.tolerance import (UNIT_ROUNDOFF, Tolerance, effective_unit_roundoff, gradient_tolerance,
+                                          training_rtol)
 from gradparity.compare.verdict import Verdict, decide
 from gradparity.errors import ConfigError
 from gradparity.experiment.causes import Rule
 from gradparity.experiment.weights import ModelLayout, WeightMap, map_weights
-from gradparity.run.execute import BackendOutcome, MethodOutcome, run_backend
+from gradparity.run.execute import BackendOutcome, MethodOutcome
+from gradparity.run.runner import WorkerRun, run_jobs
 from gradparity.run.pipeline import REPORT_FILES
 
 #: The frameworks a user's model may come in, in the order they are run and listed.
@@ -181,46 +183,34 @@ def _batch_problems(x: np.ndarray, y: np.ndarray, loss: str) -> list[str]:
 
 
 def load_batch(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """(x, y) from an .npz holding arrays named 'x' and 'y'; ConfigError otherwise."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            missing = [k for k in ("x", "y") if k not in z.files]
-            if missing:
-                raise ConfigError(f"{path}: the batch file needs arrays 'x' and 'y', it has {z.files}")
-            return z["x"], z["y"]
-    except ConfigError:
-        raise
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{path}: cannot read the batch file as .npz: {exc}") from exc
+    """(x, y) from an .npz holding arrays named 'x' and 'y'; ConfigError otherwise (any unreadable file)."""
+    from gradparity.experiment.files import read_npz
+
+    arrays = read_npz(path, "the batch file", ("x", "y"),
+                      hint="the batch file needs arrays 'x' and 'y': np.savez(path, x=..., y=...)")
+    return arrays["x"], arrays["y"]
 
 
 # --- running -------------------------------------------------------------------------------------
 
 def _job(spec: ModelCheck, framework: str, cases: tuple[str, ...], params: dict | None = None,
-         assign: dict | None = None) -> WorkerJob:
-    info = spec.backend(framework)
-    payload = {"factory": spec.factories[framework], "sys_path": list(spec.sys_path) or [os.getcwd()],
-               "mode": spec.mode, "loss": spec.loss}
+         assign: dict | None = None, task: str = "model_check", batch: dict | None = None,
+         payload: dict | None = None) -> WorkerJob:
+    """The job of ``framework``'s model session: its factory, the check's settings, ``cases`` on the batch."""
+    base = {"factory": spec.factories[framework], "sys_path": list(spec.sys_path) or [os.getcwd()],
+            "mode": spec.mode, "loss": spec.loss}
     if assign is not None:
-        payload["assign"] = assign
-    module = info.module.rsplit(".", 1)[0] + ".user_model"
-    return WorkerJob(backend=info.name, framework=info.framework, variant=info.variant, module=module,
-                     extra=info.extra, requires=info.requires, methods=cases, dtype=spec.dtype, device=spec.device,
-                     precision=spec.precision, model={"kind": "user", "factory": spec.factories[framework]},
-                     loss={"name": spec.loss}, params=params or {}, batch={"x": spec.x, "y": spec.y},
-                     task="model_check", payload=payload)
+        base["assign"] = assign
+    return make_job(spec.backend(framework), task, cases, dtype=spec.dtype, device=spec.device,
+                    precision=spec.precision, model={"kind": "user", "factory": spec.factories[framework]},
+                    loss={"name": spec.loss}, params=params, batch={"x": spec.x, "y": spec.y, **(batch or {})},
+                    payload={**base, **(payload or {})})
 
 
-def _run_all(jobs: dict[str, WorkerJob], spec: ModelCheck, say, parallel: bool) -> dict[str, BackendOutcome]:
-    """Every framework's job in its own worker process; concurrently when ``parallel`` (no timings are taken
-    then: concurrent workers share the cores, so the 'describe' stage only)."""
-    with concurrent.futures.ThreadPoolExecutor(max_workers=len(jobs) if parallel else 1) as pool:
-        futures = {fw: pool.submit(run_backend, job, spec.backend(fw), spec.timeout_s) for fw, job in jobs.items()}
-        out = {fw: f.result() for fw, f in futures.items()}
-    for fw, o in out.items():
-        say(f"  {o.backend}: {o.status} in {o.wall_seconds:.1f} s"
-            + (f" - {o.error.splitlines()[0]}" if o.error else ""))
-    return out
+def _run_all(jobs: dict[str, WorkerJob], spec: ModelCheck, say) -> dict[str, BackendOutcome]:
+    """Every framework's job in its own worker process, side by side (timed calls take turns)."""
+    return run_jobs([WorkerRun(job, spec.backend(fw), spec.timeout_s, key=fw) for fw, job in jobs.items()],
+                    say=say, parallel=len(jobs))
 
 
 def _failed_outcome(backend: str, methods: tuple[str, ...], status: str, error: str,
@@ -270,7 +260,7 @@ def _tolerance(source: ModelLayout, m: int) -> Tolerance:
     """rtol = SAFETY u sqrt(K) L: K the longest sum (loss terms or the widest fan-in), L the called layers."""
     fan_in = [int(np.prod(p.shape[:-1])) for layer in source.called for p in source.params(layer)
               if p.role == "kernel" and len(p.shape) >= 2]
-    return Tolerance(SAFETY, max([m, *fan_in]), max(1, len(source.called)))
+    return gradient_tolerance(max([m, *fan_in]), len(source.called))
 
 
 def _gradient_scale(results: list[Result], source: str, spec: ModelCheck) -> dict[str, float]:
@@ -395,7 +385,7 @@ def run_check(spec: ModelCheck, out: str | Path | None = None,
 def _run_stages(spec: ModelCheck, say) -> ModelReport:
     frameworks = spec.frameworks
     say(f"describing the model in {', '.join(frameworks)} ({spec.dtype}, {spec.mode} mode) ...")
-    described = _run_all({fw: _job(spec, fw, ("describe",)) for fw in frameworks}, spec, say, parallel=True)
+    described = _run_all({fw: _job(spec, fw, ("describe",)) for fw in frameworks}, spec, say)
     cases = (*spec.methods, "forward")
     failed: dict[str, BackendOutcome] = {}
     layouts: dict[str, ModelLayout] = {}
@@ -436,13 +426,13 @@ def _run_stages(spec: ModelCheck, say) -> ModelReport:
     if jobs:
         say(f"computing {', '.join(spec.methods)} and the layer capture with {source}'s weights ...")
     # One worker at a time: each row's time is measured with the cores to itself.
-    computed = _run_all(jobs, spec, say, parallel=False) if jobs else {}
+    computed = _run_all(jobs, spec, say) if jobs else {}
     outcomes = [computed.get(fw) or failed[fw] for fw in frameworks]
 
     n = int(spec.y.shape[0])
     m = loss_elements(layouts[source].output_shape, spec.loss) if source in layouts else n
     results = normalize(outcomes, spec.methods, n, _rules(spec.methods, n, m))
-    tol = _tolerance(layouts[source], m) if source in layouts else Tolerance(SAFETY, m, 1)
+    tol = _tolerance(layouts[source], m) if source in layouts else gradient_tolerance(m, 1)
     tol = dataclasses.replace(tol, term_scale=_gradient_scale(results, source, spec))
     comparisons = compare_all(results, tol)
     verdict = decide(results, comparisons, tol, m, spec.dtype, reduction_experiment=False)
@@ -499,13 +489,13 @@ def _train_stage(spec: ModelCheck, values: dict, assigns: dict[str, dict], tol: 
     report = TrainingParity(spec.train_steps, config.label(), spec.train_lr)
     jobs = {}
     for fw, assign in assigns.items():
-        job = _job(spec, fw, ("train",), values, assign)
-        batch = dict(job.batch)
+        batch = {}
         for t in range(1, spec.train_steps + 1):  # the check's one batch at every step
             batch[f"batches/{t}/x"], batch[f"batches/{t}/y"] = spec.x, spec.y
-        jobs[fw] = dataclasses.replace(job, task="train", batch=batch, payload={**job.payload, "runs": {"train": run}})
+        jobs[fw] = _job(spec, fw, ("train",), values, assign, task="model_train", batch=batch,
+                        payload={"runs": {"train": run}})
     say(f"training {spec.train_steps} steps of {config.label()} on the batch in {', '.join(jobs)} ...")
-    outcomes = _run_all(jobs, spec, say, parallel=False)
+    outcomes = _run_all(jobs, spec, say)
     trajectories, units = {}, {}
     for fw, o in outcomes.items():
         row = o.methods.get("train")
@@ -522,7 +512,7 @@ def _train_stage(spec: ModelCheck, values: dict, assigns: dict[str, dict], tol: 
         shared = set(trajectories[fw][0]) & set(trajectories[source][0])
         per_step = [relative_distance({k: a[k] for k in shared}, {k: b[k] for k in shared})
                     for a, b in zip(trajectories[source], trajectories[fw])]
-        rtol = [tol.rtol(max(units[source], units[fw])) * t for t in range(1, spec.train_steps + 1)]
+        rtol = training_rtol(tol, max(units[source], units[fw]), spec.train_steps)
         report.pairs.append({"a": outcomes[source].backend, "b": outcomes[fw].backend, "per_step": per_step,
                              "rtol": rtol, "first_apart": first_beyond(per_step, rtol), "tensors": len(shared)})
     return report
@@ -648,18 +638,18 @@ def read_check_config(path: str | Path | None, flags: dict) -> ModelCheck:
     Relative paths (``data``) and the factories' import folder are the TOML file's folder (the current
     folder without a file). Unknown tables and keys are errors, with the known ones listed.
     """
-    import tomllib
+    from gradparity.experiment.files import read_toml
 
     doc: dict = {}
     base = Path.cwd()
     if path is not None:
-        try:
-            doc = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"{path}: cannot read the check config: {exc}") from exc
+        doc = read_toml(path, "the check config")
         base = Path(path).resolve().parent
     problems = [f"unknown table [{k}] in {path}; known: [models], [check], [mapping.FRAMEWORK]"
                 for k in doc if k not in ("models", "check", "mapping")]
+    bad = [k for k in ("models", "check", "mapping") if not isinstance(doc.get(k, {}), dict)]
+    if bad:  # `models = "x"` is valid TOML but no table
+        raise ConfigError(problems + [f"[{k}] in {path} must be a table, got {doc[k]!r}" for k in bad])
     models = dict(doc.get("models", {}))
     settings = dict(doc.get("check", {}))
     problems += [f"unknown key {k!r} in [check]; known: {', '.join(_CHECK_KEYS)}" for k in settings
@@ -675,6 +665,8 @@ def read_check_config(path: str | Path | None, flags: dict) -> ModelCheck:
     data = settings.pop("data", None)
     if data is None:
         raise ConfigError("no batch given: --data batch.npz (arrays 'x' and 'y'), or data = \"...\" in [check]")
+    if not isinstance(data, (str, os.PathLike)):
+        raise ConfigError(f"data = {data!r} in [check] must be the path of an .npz file, as a string")
     data_path = Path(data) if Path(data).is_absolute() or path is None else base / data
     x, y = load_batch(data_path)
     try:

@@ -28,15 +28,15 @@ import numpy as np
 
 from gradparity.commands.translate import (FRAMEWORKS, OPTIONAL_FRAMEWORKS, Translation, backend_for, loss_module,
                                            measure, sum_function)
-from gradparity.compare.normalize import UNIT_ROUNDOFF
-from gradparity.compare.pairs import SAFETY, Tolerance, connected_components
+from gradparity.compare.pairs import connected_components
+from gradparity.compare.tolerance import UNIT_ROUNDOFF, loss_rtol
 from gradparity.errors import ConfigError
 from gradparity.losses.batches import LossBatch, check_loss_batch, generate_batches, loss_classes, make_loss_job
 from gradparity.losses.catalogue import DIVISOR_LABELS, LOSSES, LossSemantics
 from gradparity.losses.text import parse_loss_text
-from gradparity.run.execute import run_backend
+from gradparity.run.runner import WorkerRun, run_jobs
 
-EXIT_CONSISTENT, EXIT_MISREAD, EXIT_INCOMPLETE = 0, 1, 3
+from gradparity.exit_codes import EXIT_CONSISTENT, EXIT_INCOMPLETE, EXIT_MISREAD  # 0, 1, 3
 
 
 @dataclass(frozen=True)
@@ -171,7 +171,7 @@ def compare_losses(texts: list[str], seed: int = 0, targets: str | None = None, 
     references = [{b.name: reduce_loss(sem, b.logits, b.targets, b.sample_weight if sem.sample_weight else None)
                    for b in batches} for sem in sems]
     configs = [Translation(r, "configuration", backend_for(fw, keras_backend).name) for fw, _, r in parsed]
-    outcomes = {}
+    runs = []
     for fw in FRAMEWORKS + OPTIONAL_FRAMEWORKS:
         mine = [i for i, (f, _, _) in enumerate(parsed) if f == fw]
         if not mine:
@@ -179,10 +179,12 @@ def compare_losses(texts: list[str], seed: int = 0, targets: str | None = None, 
         info = backend_for(fw, keras_backend)
         functions = {f"L{i}": parsed[i][2].function for i in mine}
         functions.update({f"S{i}": sum_function(fw, sems[i]) for i in mine})  # for the measured divisor
-        say(f"running {len(mine)} {fw} configuration(s) on {len(batches)} batches ({info.name}) ...")
-        outcomes[fw] = run_backend(make_loss_job(info, functions, batches), info, timeout_s)
-        for i in mine:
-            measure(configs[i], outcomes[fw], f"L{i}", batches, references[i], sum_case=f"S{i}")
+        runs.append(WorkerRun(make_loss_job(info, functions, batches), info, timeout_s, key=fw,
+                              label=f"running {len(mine)} {fw} configuration(s) on {len(batches)} batches "
+                                    f"({info.name}) ..."))
+    outcomes = run_jobs(runs, say=say, parallel=len(runs))
+    for i, (fw, _, _) in enumerate(parsed):
+        measure(configs[i], outcomes[fw], f"L{i}", batches, references[i], sum_case=f"S{i}")
     divisors = [{name: d for name, (_, _, d) in ref.items()} for ref in references]
     report = LossComparison(list(texts), sems, batches, configs, divisors)
 
@@ -195,7 +197,7 @@ def compare_losses(texts: list[str], seed: int = 0, targets: str | None = None, 
                        for b in batches}
     u = max((UNIT_ROUNDOFF.get((c.environment or {}).get("dtype"), UNIT_ROUNDOFF["float32"]) for c in configs),
             default=UNIT_ROUNDOFF["float32"])
-    rtol = Tolerance(SAFETY, max(int(np.prod(b.logits.shape)) for b in batches), 2).rtol(u)
+    rtol = loss_rtol(max(int(np.prod(b.logits.shape)) for b in batches), u)
     for i in range(len(texts)):
         for j in range(i + 1, len(texts)):
             if i in rows and j in rows:

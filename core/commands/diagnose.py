@@ -26,8 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from gradparity.compare.normalize import UNIT_ROUNDOFF
-from gradparity.compare.pairs import SAFETY, Tolerance, connected_components
+from gradparity.compare.pairs import connected_components
+from gradparity.compare.tolerance import (NARROW_FORMATS, UNIT_ROUNDOFF, factor_bound, gradient_tolerance,
+                                          narrow_rounding)
 from gradparity.errors import ConfigError
 
 #: The fixed vocabulary of causes: id -> (what it is, the fix).
@@ -293,19 +294,17 @@ def read_table(text: str, name: str = "the table") -> Observations:
     return Observations(name, labels, diffs, resolution=resolution)
 
 
-def read_gradients(path: str, label_parts: int = 1) -> Observations:
+def read_gradients(path: str, label_parts: int = 1, label: str = "gradients file") -> Observations:
     """Observations from an npz of gradients keyed METHOD/PARAM: the first ``label_parts`` parts of a key
     name the result (1 for a user's METHOD/PARAM, whose PARAM may hold '/' as Keras paths do; 2 for a
-    gradparity report's BACKEND/METHOD/PARAM), the rest the parameter."""
-    try:
-        with np.load(Path(path), allow_pickle=False) as z:
-            arrays = {k: np.asarray(z[k], dtype=np.float64) for k in z.files}
-    except FileNotFoundError:
-        raise ConfigError(f"{path!r} does not exist") from None
-    except (OSError, ValueError, EOFError) as exc:
-        raise ConfigError(f"cannot read {path!r} as .npz: {exc}") from None
-    except AttributeError:
-        raise ConfigError(f"{path!r} must be an .npz of arrays keyed METHOD/PARAM") from None
+    gradparity report's BACKEND/METHOD/PARAM), the rest the parameter. ``label`` names the file in errors."""
+    from gradparity.experiment.files import read_npz, where
+
+    arrays = {}
+    for key, value in read_npz(path, label, hint="an .npz of arrays keyed METHOD/PARAM").items():
+        if value.dtype.kind not in "fiub":
+            raise ConfigError(f"{where(path, label)}: {key!r} has dtype {value.dtype}; gradients are real numbers")
+        arrays[key] = np.asarray(value, dtype=np.float64)
     grads: dict[str, dict[str, np.ndarray]] = {}
     for key, value in arrays.items():
         parts = key.split("/")
@@ -341,25 +340,30 @@ def from_gradients(grads: dict[str, dict[str, np.ndarray]], source: str) -> Obse
 
 def read_report(folder: str) -> tuple[Observations, Info]:
     """Observations from a gradparity report folder (report.json + gradients.npz), with what it records."""
+    from gradparity.experiment.files import read_json, where
+
     path = Path(folder)
-    try:
-        doc = json.loads((path / "report.json").read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{folder!r} holds no report.json: give a gradparity report folder") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"cannot read {folder}/report.json: {exc}") from None
-    obs = read_gradients(str(path / "gradients.npz"), label_parts=2)
+    report = path / "report.json"
+    if not report.exists() and not report.is_symlink():
+        raise ConfigError(f"{folder!r} holds no report.json: give a gradparity report folder")
+    doc = read_json(report, "report file")
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{where(report, 'report file')} is not a gradparity report: it holds a JSON "
+                          f"{type(doc).__name__}, not an object")
+    obs = read_gradients(str(path / "gradients.npz"), label_parts=2, label="report gradients file")
     obs.source = f"report {folder}"
-    exp = doc.get("experiment", {})
-    info = Info(batch_size=exp.get("data", {}).get("batch_size"), dtype=exp.get("dtype"))
-    return obs, info
+    exp = doc.get("experiment")
+    data = exp.get("data") if isinstance(exp, dict) else None
+    recorded = {"batch_size": data.get("batch_size") if isinstance(data, dict) else None,
+                "dtype": exp.get("dtype") if isinstance(exp, dict) else None}
+    return obs, Info.from_dict(recorded, where(report, "report file"))
 
 
 def read_info(path: str | None) -> Info:
     """The --info TOML (every key optional)."""
     if path is None:
         return Info()
-    from gradparity.experiment.spec import read_toml
+    from gradparity.experiment.files import read_toml
 
     return Info.from_dict(read_toml(path, "--info"), f"--info {path!r}")
 
@@ -378,22 +382,13 @@ def _roles(label: str) -> set[str]:
     return {role for role, words in _ROLE_WORDS.items() if key in words}
 
 
-#: Formats so narrow that the agreement model's safety factor would allow differences of order 1.
-_NARROW = ("tf32", "float16", "bfloat16")
-
-
-def _narrow_bound(dtype: str, n_terms: int) -> float:
-    """Rounding in a narrow format: about u sqrt(K) of the gradient's scale (4 u sqrt(K), no safety factor)."""
-    return 4 * UNIT_ROUNDOFF[dtype] * math.sqrt(max(n_terms, 1))
-
-
 def _rtol(info: Info, n_terms: int) -> float:
     """The bound for 'rounding-sized': gradparity's agreement model (SAFETY u sqrt(K) L, L = 2) for float32
     and float64, the narrow bound for tf32/float16/bfloat16."""
     dtype = info.dtype or "float32"
-    if dtype in _NARROW:
-        return _narrow_bound(dtype, n_terms)
-    return Tolerance(SAFETY, max(n_terms, 1), 2).rtol(UNIT_ROUNDOFF[dtype])
+    if dtype in NARROW_FORMATS:
+        return narrow_rounding(dtype, n_terms)
+    return gradient_tolerance(n_terms, 2).rtol(UNIT_ROUNDOFF[dtype])
 
 
 def _flat(params: dict[str, np.ndarray]) -> np.ndarray:
@@ -430,7 +425,7 @@ def classify_pairs(obs: Observations, rtol: float | None,
         r = float(ga @ gb) / denom if denom > 0 else math.inf
         if math.isfinite(r) and r != 0:
             resid = float(np.max(np.abs(ga - r * gb))) / max(float(np.max(np.abs(ga))), 1e-300)
-            if resid <= max(rtol, 1e-12) * 4:
+            if resid <= factor_bound(rtol):
                 out.append(PairPattern(a, b, d, "factor", rel, r))
                 continue
         out.append(PairPattern(a, b, d, "large", rel))
@@ -515,7 +510,7 @@ def _test_clean(an: _Analysis) -> Cause:
             ev = [f"all {len(an.pairs)} pairs agree within rounding: largest max|a-b|/max|a| {_g(worst)} "
                   f"<= bound {_g(an.rtol)} ({an.info.dtype or 'float32'})"]
             # Within a narrow format's rounding but not float32's: no bug, and reduced precision is the reason.
-            narrow = (an.info.dtype in _NARROW
+            narrow = (an.info.dtype in NARROW_FORMATS
                       and worst > _rtol(Info(dtype="float32"), an.info.batch_size or 256))
             return Cause("clean", 0.9 if narrow else 1.0, ev, CAUSES["clean"][1])
         res = f" (< {an.obs.resolution:g}, the printed precision)" if an.obs.resolution else ""
@@ -636,7 +631,7 @@ def _test_unzeroed(an: _Analysis) -> Cause:
                     if c in (a, b) or an.cluster_of(c) in (an.cluster_of(lo), an.cluster_of(hi)):
                         continue
                     scale = max(float(np.max(np.abs(flat[hi]))), 1e-300)
-                    if float(np.max(np.abs(delta - flat[c]))) / scale <= max(an.rtol or 0.0, 1e-12) * 4:
+                    if float(np.max(np.abs(delta - flat[c]))) / scale <= factor_bound(an.rtol):
                         return Cause(cid, 0.95, [f"{hi} - {lo} = {c} (within rounding): {hi} holds {c}'s "
                                                  "gradient on top of its own"], fix)
         for p in an.factors:
@@ -804,9 +799,9 @@ def _test_precision(an: _Analysis) -> Cause:
     dtype = an.info.dtype or "float32"
     worst = max((p.rel or 0.0) for p in an.pairs)
     k = an.info.batch_size or 256
-    wide = _rtol(Info(dtype="float32"), k) if dtype in _NARROW else an.rtol
+    wide = _rtol(Info(dtype="float32"), k) if dtype in NARROW_FORMATS else an.rtol
     if worst <= wide:
-        return Cause(cid, 0.0, [f"every pair agrees within {'float32' if dtype in _NARROW else dtype}'s rounding "
+        return Cause(cid, 0.0, [f"every pair agrees within {'float32' if dtype in NARROW_FORMATS else dtype}'s rounding "
                                 f"(largest {_g(worst)} relative <= {_g(wide)})"], fix)
     flat = an.flat
     cosine = min(float(flat[p.a] @ flat[p.b]) / max(float(np.linalg.norm(flat[p.a]) * np.linalg.norm(flat[p.b])),
@@ -814,9 +809,9 @@ def _test_precision(an: _Analysis) -> Cause:
     for name, label in (("tf32", "tf32 or float16"), ("bfloat16", "bfloat16")):
         # Rounding in a narrower format moves each entry by about u sqrt(K) of the gradient's scale, not
         # more, and keeps the direction.
-        bound = _narrow_bound(name, k)
+        bound = narrow_rounding(name, k)
         if worst <= bound and cosine >= 1 - bound and not an.factors:
-            told = dtype in _NARROW
+            told = dtype in NARROW_FORMATS
             return Cause(cid, 0.95 if told else 0.6,
                          [f"every pair differs by at most {_g(worst)} relative: beyond float32's bound {_g(wide)} "
                           f"but within {label} rounding (4 u sqrt(K) = {_g(bound)}), in the same direction "
@@ -940,7 +935,7 @@ def render_text(d: Diagnosis) -> str:
     return "\n".join(lines)
 
 
-EXIT_CLEAN, EXIT_CAUSE, EXIT_UNKNOWN = 0, 1, 3
+from gradparity.exit_codes import EXIT_CAUSE, EXIT_CLEAN, EXIT_UNKNOWN  # noqa: E402 (0, 1, 3)
 
 
 def load(source: str, info: Info) -> Observations:
@@ -962,11 +957,9 @@ def load(source: str, info: Info) -> Observations:
     if path.suffix == ".npz":
         obs = read_gradients(source)
     else:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"cannot read {source!r} as a text table: {exc}") from None
-        obs = read_table(text, source)
+        from gradparity.experiment.files import read_text
+
+        obs = read_table(read_text(path, "table file", "a text table"), source)
     obs.info = info
     return obs
 

@@ -19,15 +19,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from gradparity.backends import BACKENDS, BackendInfo
+from gradparity.backends import BACKENDS, BackendInfo, make_job
 from gradparity.backends.protocol import WorkerJob
-from gradparity.compare.normalize import UNIT_ROUNDOFF, effective_unit_roundoff
+from gradparity.compare.tolerance import SAFETY, UNIT_ROUNDOFF, effective_unit_roundoff, step_rtol
 from gradparity.compare.trajectories import first_beyond, relative_distance
 from gradparity.errors import ConfigError
 from gradparity.experiment.optimizers import DEFAULTS, FRAMEWORKS, OptimizerConfig, reference_steps
-from gradparity.run.execute import remove_stale_job_dirs, run_backend
+from gradparity.run.runner import WorkerRun, run_jobs
 
-SAFETY = 16.0
 PARAM_SHAPES = {"kernel": (4, 3), "bias": (3,)}
 
 
@@ -140,18 +139,13 @@ class ScenarioResult:
 
 
 def _job(info: BackendInfo, dtype: str, params, grads, scenarios, lr_of) -> WorkerJob:
-    framework = info.framework
     batch = {f"grads/{t}/{k}": np.asarray(v, dtype=dtype)
              for t, g in enumerate(grads, start=1) for k, v in g.items()}
-    payload = {"configs": {s.id: s.configs[framework].to_dict() for s in scenarios},
+    payload = {"configs": {s.id: s.configs[info.framework].to_dict() for s in scenarios},
                "lrs": {s.id: lr_of(s) for s in scenarios},
                "scales": {s.id: s.grad_scale for s in scenarios}}
-    return WorkerJob(backend=info.name, framework=framework, variant=info.variant,
-                     module=info.module.rsplit(".", 1)[0] + ".optimizers", extra=info.extra,
-                     requires=info.requires, methods=tuple(s.id for s in scenarios), dtype=dtype, device="cpu",
-                     precision="highest", model={}, loss={},
-                     params={k: np.asarray(v, dtype=dtype) for k, v in params.items()}, batch=batch,
-                     task="optimizer_steps", payload=payload)
+    return make_job(info, "optimizer_steps", [s.id for s in scenarios], dtype=dtype,
+                    params={k: np.asarray(v, dtype=dtype) for k, v in params.items()}, batch=batch, payload=payload)
 
 
 def compare_optimizers(scenarios=SCENARIOS, backends=("torch", "keras-tensorflow", "jax"), dtype: str = "float64",
@@ -165,7 +159,6 @@ def compare_optimizers(scenarios=SCENARIOS, backends=("torch", "keras-tensorflow
     say = progress or (lambda _m: None)
     params, grads = fixed_gradients(seed, steps)
     lr_of = {s.id: learning_rates(s, s.configs["torch"].lr, steps) for s in scenarios}
-    remove_stale_job_dirs()
     # What every worker was fed, in float64: the start and each scenario's gradients, rounded to the dtype.
     rounded = {k: np.asarray(v, dtype=dtype).astype(np.float64) for k, v in params.items()}
     scaled = {s.id: [{k: g[k] * s.grad_scale for k in g} for g in grads] for s in scenarios}
@@ -182,13 +175,14 @@ def compare_optimizers(scenarios=SCENARIOS, backends=("torch", "keras-tensorflow
 
     native: dict[str, dict] = {}
     results = {s.id: ScenarioResult(s) for s in scenarios}
+    outcomes = run_jobs([WorkerRun(_job(BACKENDS[b], dtype, params, grads, scenarios, lambda s: lr_of[s.id]),
+                                   BACKENDS[b], timeout_s,
+                                   label=f"running {b} ({len(scenarios)} optimizers, {steps} steps, {dtype}) ...")
+                         for b in backends], say=say, parallel=len(backends))
     for b in backends:
-        info = BACKENDS[b]
-        say(f"running {b} ({len(scenarios)} optimizers, {steps} steps, {dtype}) ...")
-        outcome = run_backend(_job(info, dtype, params, grads, scenarios, lambda s: lr_of[s.id]), info, timeout_s)
-        say(f"  {b}: {outcome.status} in {outcome.wall_seconds:.1f} s")
+        info, outcome = BACKENDS[b], outcomes[b]
         u = effective_unit_roundoff(outcome.environment) or UNIT_ROUNDOFF[dtype]
-        bound = SAFETY * u * steps
+        bound = step_rtol(u, steps)[-1]
         for s in scenarios:
             row = outcome.methods.get(s.id)
             if row is None or row.status != "ok":
@@ -215,7 +209,7 @@ def compare_optimizers(scenarios=SCENARIOS, backends=("torch", "keras-tensorflow
             (ta, ua, fa), (tb, ub, fb) = native[(a, s.id)], native[(b, s.id)]
             u = max(ua, ub)
             per_step = [relative_distance(x, y) for x, y in zip(ta, tb)]
-            rtol = [SAFETY * u * t for t in range(1, steps + 1)]
+            rtol = step_rtol(u, steps)
             fw_a, fw_b = BACKENDS[a].framework, BACKENDS[b].framework
             ra, rb = rule(s, fw_a, float32_hyperparameters=fa), rule(s, fw_b, float32_hyperparameters=fb)
             ea, eb = rule(s, fw_a, float32_accumulator=False), rule(s, fw_b, float32_accumulator=False)

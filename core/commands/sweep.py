@@ -51,7 +51,6 @@ accuracy is the mean over frameworks and seeds, and the recipe states the seed-t
 """
 from __future__ import annotations
 
-import concurrent.futures
 import itertools
 import math
 import os
@@ -60,7 +59,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from gradparity.backends import BACKENDS
+from gradparity.backends import BACKENDS, make_job
 from gradparity.backends.numpy.train import loss_scale
 from gradparity.backends.protocol import WorkerJob
 from gradparity.commands.train import DEFAULT_LR, TrainSpec, check_spec, held_out_accuracy, split_digits
@@ -68,8 +67,7 @@ from gradparity.compare.trajectories import relative_distance
 from gradparity.errors import ConfigError
 from gradparity.experiment.inputs import _rng, init_params
 from gradparity.experiment.models import MLP
-from gradparity.report.progress import worker_progress
-from gradparity.run.execute import remove_stale_job_dirs, run_backend
+from gradparity.run.runner import WorkerRun, run_jobs
 
 B0 = 32
 #: The linear rule "holds" at B while its held-out accuracy is within this of B0's (accuracy, fraction).
@@ -242,12 +240,8 @@ def job_arrays(seq: Sequence, batches: list) -> dict[str, np.ndarray]:
 
 def train_job(base: TrainSpec, backend: str, model: MLP, params: dict, batch: dict, runs: dict) -> WorkerJob:
     """The one train job a framework's worker runs for the sweep: every run of ``runs`` on ``batch``."""
-    info = BACKENDS[backend]
-    return WorkerJob(backend=info.name, framework=info.framework, variant=info.variant,
-                     module=info.module.rsplit(".", 1)[0] + ".train", extra=info.extra, requires=info.requires,
-                     methods=tuple(runs), dtype=base.dtype, device="cpu", precision="highest",
-                     model=model.to_dict(), loss={"name": "cross_entropy"}, params=params, batch=batch,
-                     task="train", payload={"runs": runs})
+    return make_job(BACKENDS[backend], "train", runs, dtype=base.dtype, model=model.to_dict(),
+                    loss={"name": "cross_entropy"}, params=params, batch=batch, payload={"runs": runs})
 
 
 @dataclass(frozen=True)
@@ -419,7 +413,6 @@ def run_sweep(spec: SweepSpec, progress=None) -> SweepReport:
             if spec.weighted:
                 runs[case]["weights"] = True
         case_of[c] = (case, reduction, lr)
-    remove_stale_job_dirs()
     cells, walls = [], {}
     started = time.perf_counter()
     totals = {}
@@ -430,20 +423,11 @@ def run_sweep(spec: SweepSpec, progress=None) -> SweepReport:
             + (f", {spec.class_weights} class weights" if spec.weighted else "")
             + f"; {spec.epochs} epochs each, {base.dtype}")
 
-    def run_one(backend: str):
-        job = train_job(base, backend, model, params, batch, runs)
-        say(f"running {backend} ({what}) ...")
-        # One bar at a time: concurrent workers report by their messages alone.
-        with worker_progress(f"  {backend}", len(runs), progress is not None and workers == 1) as update:
-            outcome = run_backend(job, BACKENDS[backend], base.timeout_s * max(1, len(runs) // 4),
-                                  on_progress=update)
-        say(f"  {backend}: {outcome.status} in {outcome.wall_seconds:.1f} s")
-        return outcome
-
     if workers > 1:
         say(f"{workers} framework workers at a time ({os.cpu_count()} cores)")
-    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-        outcomes = dict(zip(base.backends, pool.map(run_one, base.backends)))
+    outcomes = run_jobs([WorkerRun(train_job(base, b, model, params, batch, runs), BACKENDS[b],
+                                   base.timeout_s * max(1, len(runs) // 4), label=f"running {b} ({what}) ...")
+                         for b in base.backends], say=say, parallel=workers, bars=progress is not None)
     for backend in base.backends:
         outcome = outcomes[backend]
         walls[backend] = outcome.wall_seconds

@@ -22,16 +22,15 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from gradparity.backends import BACKENDS
+from gradparity.backends import BACKENDS, make_job
 from gradparity.backends.protocol import WorkerJob
-from gradparity.compare.normalize import UNIT_ROUNDOFF, effective_unit_roundoff
-from gradparity.compare.pairs import tolerance_for
+from gradparity.compare.tolerance import UNIT_ROUNDOFF, effective_unit_roundoff, tolerance_for, training_rtol
 from gradparity.compare.trajectories import first_beyond, relative_distance
 from gradparity.errors import ConfigError
 from gradparity.experiment.inputs import _load_digits, _rng, init_params
 from gradparity.experiment.models import MLP
 from gradparity.experiment.optimizers import FRAMEWORKS, OptimizerConfig
-from gradparity.run.execute import remove_stale_job_dirs, run_backend
+from gradparity.run.runner import WorkerRun, run_jobs
 
 OPTIMIZER_CHOICES = {
     "sgd": lambda lr: OptimizerConfig("sgd", lr),
@@ -248,7 +247,8 @@ def held_out_accuracy(model, steps: list[dict[str, np.ndarray]], held: tuple[np.
     return [float(np.mean(np.argmax(logits(p, x, model.to_dict()), axis=-1) == y)) for p in steps]
 
 
-def make_job(spec: TrainSpec, backend: str, model: MLP, params, batches) -> WorkerJob:
+def train_job(spec: TrainSpec, backend: str, model: MLP, params, batches) -> WorkerJob:
+    """The job of one framework's worker: the spec's runs of ``model`` from ``params`` on ``batches``."""
     info = BACKENDS[backend]
     batch = {}
     for t, (x, y) in enumerate(batches, start=1):
@@ -257,16 +257,14 @@ def make_job(spec: TrainSpec, backend: str, model: MLP, params, batches) -> Work
     if spec.optimizer_text:
         for run in runs.values():
             run["optimizer"] = spec.rendered(info.framework)
-    # The MLP trains in each backend's train.py; a built-in CNN or sequence model in its user_model.py, the
-    # session that builds it for `gradparity run` (payload "builtin").
-    module, payload = ".train", {"runs": runs}
+    # The MLP trains in each backend's trainer (task "train"); a built-in CNN or sequence model in its model
+    # session, the one that builds it for `gradparity run` (task "model_train", payload "builtin").
+    task, payload = "train", {"runs": runs}
     if not isinstance(model, MLP):
-        module, payload = ".user_model", {"runs": runs, "builtin": model.to_dict(), "mode": "training",
-                                          "loss": "cross_entropy"}
-    return WorkerJob(backend=info.name, framework=info.framework, variant=info.variant,
-                     module=info.module.rsplit(".", 1)[0] + module, extra=info.extra, requires=info.requires,
-                     methods=tuple(runs), dtype=spec.dtype, device="cpu", precision="highest", model=model.to_dict(),
-                     loss={"name": "cross_entropy"}, params=params, batch=batch, task="train", payload=payload)
+        task, payload = "model_train", {"runs": runs, "builtin": model.to_dict(), "mode": "training",
+                                        "loss": "cross_entropy"}
+    return make_job(info, task, runs, dtype=spec.dtype, model=model.to_dict(), loss={"name": "cross_entropy"},
+                    params=params, batch=batch, payload=payload)
 
 
 @dataclass
@@ -367,9 +365,6 @@ def run_training(spec: TrainSpec, progress=None) -> TrainReport:
     grad_tol = tolerance_for(model, spec.batch_size)
     skip = rounding_only_under_adam(spec, model, params, batches)
 
-    def step_rtol(u: float) -> list[float]:
-        return [grad_tol.rtol(u) * t for t in range(1, spec.steps + 1)]
-    remove_stale_job_dirs()
     rounded = {k: v.astype(np.float64) for k, v in params.items()}
     references: dict[tuple[str, bool, str], tuple[list, list]] = {}
 
@@ -384,11 +379,11 @@ def run_training(spec: TrainSpec, progress=None) -> TrainReport:
         return references[(framework, f32_hyper, run)]
 
     out = []
+    outcomes = run_jobs([WorkerRun(train_job(spec, b, model, params, batches), BACKENDS[b], spec.timeout_s,
+                                   label=f"running {b} ({spec.steps} steps of {config.label()}, {spec.dtype}) ...")
+                         for b in spec.backends], say=say, parallel=len(spec.backends))
     for b in spec.backends:
-        info = BACKENDS[b]
-        say(f"running {b} ({spec.steps} steps of {config.label()}, {spec.dtype}) ...")
-        outcome = run_backend(make_job(spec, b, model, params, batches), info, spec.timeout_s)
-        say(f"  {b}: {outcome.status} in {outcome.wall_seconds:.1f} s")
+        info, outcome = BACKENDS[b], outcomes[b]
         row = outcome.methods.get("run")
         if row is None or row.status != "ok":
             out.append(Trajectory(b, row.status if row else outcome.status,
@@ -402,7 +397,7 @@ def run_training(spec: TrainSpec, progress=None) -> TrainReport:
         ref, _ = reference(info.framework, _float32_hyper(spec, b))
         tr.vs_rule = [relative_distance(p, r, skip) for p, r in zip(steps, ref)]
         tr.accuracy = held_out_accuracy(model, steps, held)
-        tr.rule_rtol = step_rtol(u)
+        tr.rule_rtol = training_rtol(grad_tol, u, spec.steps)
         if tr.first_off_rule:
             at, r = steps[tr.first_off_rule - 1], ref[tr.first_off_rule - 1]
             tr.worst_param = max((k for k in at if k not in skip), key=lambda k: float(np.max(np.abs(at[k] - r[k]))))
@@ -421,7 +416,7 @@ def run_training(spec: TrainSpec, progress=None) -> TrainReport:
         ra, rb = (reference(BACKENDS[t.backend].framework, _float32_hyper(spec, t.backend))[0] for t in (a, b))
         ea, eb = (reference(BACKENDS[t.backend].framework)[0] for t in (a, b))
         pairs.append(Pair(a.backend, b.backend, [relative_distance(x, y, skip) for x, y in zip(a.params, b.params)],
-                          step_rtol(u), [relative_distance(x, y, skip) for x, y in zip(ra, rb)],
+                          training_rtol(grad_tol, u, spec.steps), [relative_distance(x, y, skip) for x, y in zip(ra, rb)],
                           [relative_distance(x, y, skip) for x, y in zip(ea, eb)]))
     frameworks = sorted({BACKENDS[t.backend].framework for t in ok})
     return TrainReport(spec, desc, out, pairs, {fw: reference(fw)[1] for fw in frameworks},

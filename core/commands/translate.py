@@ -16,26 +16,26 @@ import dataclasses
 import importlib
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from gradparity.backends import BACKENDS, BackendInfo
-from gradparity.compare.normalize import UNIT_ROUNDOFF, effective_unit_roundoff
-from gradparity.compare.pairs import SAFETY, Tolerance, relative_difference
+from gradparity.compare.pairs import relative_difference
+from gradparity.compare.tolerance import UNIT_ROUNDOFF, effective_unit_roundoff, loss_rtol
 from gradparity.errors import ConfigError
 from gradparity.losses.batches import LossBatch, check_loss_batch, generate_batches, make_loss_job
 from gradparity.losses.catalogue import DIVISOR_LABELS, DIVISORS, LossSemantics, Rendering
 from gradparity.losses.text import parse_loss_text
-from gradparity.run.execute import BackendOutcome, run_backend
+from gradparity.run.execute import BackendOutcome
+from gradparity.run.runner import WorkerRun, run_jobs
 
 FRAMEWORKS = ("torch", "keras", "jax")
 #: Also accepted by --to and as a source: the legacy Keras 2 package (its own extra, tf-keras).
 OPTIONAL_FRAMEWORKS = ("tf_keras",)
 TARGETS_HINTS = ("class_index", "probabilities")
 DTYPES = ("float64", "float32")
-EXIT_MATCH, EXIT_MISMATCH, EXIT_INCOMPLETE = 0, 1, 3
+from gradparity.exit_codes import EXIT_INCOMPLETE, EXIT_MATCH, EXIT_MISMATCH  # 0, 1, 3
 
 
 def loss_module(framework: str):
@@ -135,17 +135,12 @@ def _finite(value):
 
 
 def _load_data(path: str | None) -> dict[str, np.ndarray]:
+    """Every array of the --data .npz (none without it); ConfigError for any unreadable file."""
     if path is None:
         return {}
-    try:
-        with np.load(Path(path), allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    except FileNotFoundError:
-        raise ConfigError(f"--data {path!r} does not exist") from None
-    except (OSError, ValueError, EOFError) as exc:
-        raise ConfigError(f"cannot read --data {path!r} as .npz: {exc}") from None
-    except AttributeError:  # a single .npy array
-        raise ConfigError(f"--data {path!r} must be an .npz of named arrays") from None
+    from gradparity.experiment.files import read_npz
+
+    return read_npz(path, "--data", hint="np.savez(path, logits=..., targets=...), and any array the loss names")
 
 
 def _user_batch(arrays: dict[str, np.ndarray], sem: LossSemantics) -> LossBatch | None:
@@ -231,7 +226,7 @@ def measure(t: Translation, outcome: BackendOutcome, function: str, batches: lis
         return
     u = effective_unit_roundoff(outcome.environment) or UNIT_ROUNDOFF["float32"]
     longest = max(int(np.prod(b.logits.shape)) for b in batches)
-    t.rtol = Tolerance(SAFETY, longest, 2).rtol(u)
+    t.rtol = loss_rtol(longest, u)
     failures = []
     for b in batches:
         row = outcome.methods[f"{function}@{b.name}"]
@@ -292,6 +287,7 @@ def translate_many(texts: list[str], to: tuple[str, ...] = FRAMEWORKS, data: str
                         for role, r in renderings]
         plans.append((text, framework, sem, batches, reference, translations))
 
+    runs, measured = [], {}
     for fw in FRAMEWORKS + OPTIONAL_FRAMEWORKS:
         mine = [(i, t) for i, p in enumerate(plans) for t in p[5] if t.rendering.framework == fw]
         if not mine:
@@ -304,10 +300,14 @@ def translate_many(texts: list[str], to: tuple[str, ...] = FRAMEWORKS, data: str
         all_batches = [b for i, _ in mine for b in plans[i][3]]
         cases = tuple(f"{f}{i}@{b.name}" for i in dict.fromkeys(i for i, _ in mine) for f in "LS"
                       for b in plans[i][3])
-        say(f"running {len(mine)} {fw} loss function(s) on {len(all_batches)} batches ({info.name}) ...")
-        outcome = run_backend(make_loss_job(info, functions, all_batches, dtype=dtype, cases=cases), info, timeout_s)
+        runs.append(WorkerRun(make_loss_job(info, functions, all_batches, dtype=dtype, cases=cases), info, timeout_s,
+                              key=fw, label=f"running {len(mine)} {fw} loss function(s) on {len(all_batches)} "
+                                            f"batches ({info.name}) ..."))
+        measured[fw] = mine
+    outcomes = run_jobs(runs, say=say, parallel=len(runs))
+    for fw, mine in measured.items():
         for i, t in mine:
-            measure(t, outcome, f"L{i}", plans[i][3], plans[i][4], sum_case=f"S{i}")
+            measure(t, outcomes[fw], f"L{i}", plans[i][3], plans[i][4], sum_case=f"S{i}")
 
     reports = []
     for text, framework, sem, batches, reference, translations in plans:

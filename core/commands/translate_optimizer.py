@@ -21,18 +21,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from gradparity.backends import BACKENDS, KERAS_VARIANTS
-from gradparity.commands.optimizers import SAFETY, fixed_gradients
-from gradparity.compare.normalize import UNIT_ROUNDOFF, effective_unit_roundoff
+from gradparity.backends import BACKENDS, KERAS_VARIANTS, make_job
+from gradparity.commands.optimizers import fixed_gradients
+from gradparity.compare.tolerance import SAFETY, UNIT_ROUNDOFF, effective_unit_roundoff, step_rtol
 from gradparity.compare.trajectories import first_beyond, relative_distance
 from gradparity.errors import ConfigError
 from gradparity.experiment.optimizer_text import OptimizerRendering, parse_optimizer_text
 from gradparity.experiment.optimizers import (DEFAULTS, FRAMEWORKS, OptimizerConfig, Semantics, reference_steps,
                                               semantics_of)
 from gradparity.backends.protocol import WorkerJob
-from gradparity.run.execute import remove_stale_job_dirs, run_backend
+from gradparity.run.runner import WorkerRun, run_jobs
 
-EXIT_MATCH, EXIT_MISMATCH, EXIT_INCOMPLETE = 0, 1, 3
+from gradparity.exit_codes import EXIT_INCOMPLETE, EXIT_MATCH, EXIT_MISMATCH  # 0, 1, 3
 #: name -> (gradient scale, schedule): see the module doc.
 SEQUENCES = {"unit": (1.0, "constant"), "tiny": (1e-7, "constant"), "schedule": (1.0, "step")}
 CONSTANT_LR = ("unit", "tiny")
@@ -200,13 +200,10 @@ def _lrs(lr: float, schedule: str, steps: int) -> list[float]:
 
 
 def _job(backend: str, dtype: str, params, grads, cases: dict[str, dict], lrs: dict, scales: dict) -> WorkerJob:
-    info = BACKENDS[backend]
     batch = {f"grads/{t}/{k}": np.asarray(v, dtype=dtype) for t, g in enumerate(grads, start=1) for k, v in g.items()}
-    return WorkerJob(backend=info.name, framework=info.framework, variant=info.variant,
-                     module=info.module.rsplit(".", 1)[0] + ".optimizers", extra=info.extra, requires=info.requires,
-                     methods=tuple(cases), dtype=dtype, device="cpu", precision="highest", model={}, loss={},
-                     params={k: np.asarray(v, dtype=dtype) for k, v in params.items()}, batch=batch,
-                     task="optimizer_steps", payload={"configs": cases, "lrs": lrs, "scales": scales})
+    return make_job(BACKENDS[backend], "optimizer_steps", cases, dtype=dtype,
+                    params={k: np.asarray(v, dtype=dtype) for k, v in params.items()}, batch=batch,
+                    payload={"configs": cases, "lrs": lrs, "scales": scales})
 
 
 def translate_optimizer(text: str, to: tuple[str, ...] = FRAMEWORKS, dtype: str = "float64", steps: int = 20,
@@ -235,18 +232,20 @@ def translate_optimizer(text: str, to: tuple[str, ...] = FRAMEWORKS, dtype: str 
                                          float32_hyperparameters=rounded)
         return rules[key]
 
-    remove_stale_job_dirs()
+    worker_runs, mine_of = [], {}
     for backend in dict.fromkeys(c.backend for c in candidates):
         mine = [c for c in candidates if c.backend == backend and c.rendering is not None and not c.same_code_as]
         cases = {f"{c.case}@{name}": {**c.config.to_dict(), "code": c.rendering.code}
                  for c in mine for name in SEQUENCES}
-        say(f"running {backend}: {len(mine)} rendering(s) x {len(SEQUENCES)} gradient sequences, {steps} steps, "
-            f"{dtype} ...")
-        outcome = run_backend(_job(backend, dtype, params, grads, cases,
-                                   {case: lrs[case.split("@")[1]] for case in cases},
-                                   {case: SEQUENCES[case.split("@")[1]][0] for case in cases}), BACKENDS[backend],
-                              timeout_s)
-        say(f"  {backend}: {outcome.status} in {outcome.wall_seconds:.1f} s")
+        job = _job(backend, dtype, params, grads, cases, {case: lrs[case.split("@")[1]] for case in cases},
+                   {case: SEQUENCES[case.split("@")[1]][0] for case in cases})
+        worker_runs.append(WorkerRun(job, BACKENDS[backend], timeout_s,
+                                     label=f"running {backend}: {len(mine)} rendering(s) x {len(SEQUENCES)} "
+                                           f"gradient sequences, {steps} steps, {dtype} ..."))
+        mine_of[backend] = mine
+    outcomes = run_jobs(worker_runs, say=say, parallel=len(worker_runs))
+    for backend, mine in mine_of.items():
+        outcome = outcomes[backend]
         u = effective_unit_roundoff(outcome.environment) or UNIT_ROUNDOFF[dtype]
         for c in mine:
             c.versions = dict((outcome.environment or {}).get("versions", {}))
@@ -263,7 +262,7 @@ def translate_optimizer(text: str, to: tuple[str, ...] = FRAMEWORKS, dtype: str 
             keras_tf = BACKENDS[backend].variant == "tensorflow" and dtype == "float64"
             for name in SEQUENCES:
                 traj, _ = runs[c.case][name]
-                bound = SAFETY * u * steps
+                bound = step_rtol(u, steps)[-1]
                 exact = max(relative_distance(n, r) for n, r in zip(traj, rule(c, name)))
                 follows = "exact" if exact <= bound else "neither"
                 if follows == "neither" and keras_tf:
@@ -283,7 +282,7 @@ def translate_optimizer(text: str, to: tuple[str, ...] = FRAMEWORKS, dtype: str 
         for name in SEQUENCES:
             (ta, ua), (tb, ub) = runs[source.case][name], runs[c.case][name]
             per_step = [relative_distance(x, y) for x, y in zip(ta, tb)]
-            rtol = [SAFETY * max(ua, ub) * t for t in range(1, steps + 1)]
+            rtol = step_rtol(max(ua, ub), steps)
             predicted = [relative_distance(x, y) for x, y in zip(rule(source, name), rule(c, name))]
             result = SequenceResult(per_step, rtol, predicted)
             same_rule = first_beyond(predicted, rtol) is None

@@ -8,7 +8,8 @@ with that backend's settings, and each framework's GELU as its worker measured i
 from __future__ import annotations
 
 from gradparity.compare.normalize import Result
-from gradparity.compare.pairs import Comparison, Tolerance, relative_difference
+from gradparity.compare.pairs import Comparison, relative_difference
+from gradparity.compare.tolerance import Tolerance
 from gradparity.run.execute import BackendOutcome
 
 

@@ -10,12 +10,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from gradparity.compare.tolerance import effective_unit_roundoff
 from gradparity.run.execute import BackendOutcome
-
-#: Unit roundoff u = 2^-(p) for p significand bits (incl. the implicit one), round to nearest.
-UNIT_ROUNDOFF = {"float64": 2.0 ** -53, "float32": 2.0 ** -24, "tf32": 2.0 ** -11, "float16": 2.0 ** -11,
-                 "bfloat16": 2.0 ** -8}
-
 
 @dataclass(frozen=True)
 class Result:
@@ -43,15 +39,6 @@ class Result:
     @property
     def ok(self) -> bool:
         return self.status == "ok"
-
-
-def effective_unit_roundoff(environment: dict | None) -> float | None:
-    """u of the arithmetic a backend actually did: its dtype's, or TF32's when TF32 was possible."""
-    if not environment or environment.get("dtype") not in UNIT_ROUNDOFF:
-        return None
-    if environment["dtype"] == "float32" and environment.get("tf32"):
-        return UNIT_ROUNDOFF["tf32"]
-    return UNIT_ROUNDOFF[environment["dtype"]]
 
 
 def nonfinite_problem(loss: float, grads: dict[str, np.ndarray]) -> str | None:

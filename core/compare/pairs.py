@@ -1,15 +1,7 @@
 """Compare every pair of normalized results; derive tolerances, a verdict and its explanation.
 
-The tolerance model (stated in the README and in every report)::
-
-    rtol = SAFETY * u * sqrt(K) * L
-
-``u`` is the unit roundoff of the less precise result of the pair
-(float32 2^-24, float64 2^-53, TF32 2^-11 when a backend could use it),
-``K`` the longest sum in the forward/backward pass (the batch size or the
-widest layer, whichever is larger), ``L`` the number of layers (rounding
-compounds through each), ``SAFETY`` a margin calibrated so that rounding
-alone never crosses it (see the README's calibration figures).
+The tolerance model, ``rtol = SAFETY * u * sqrt(K) * L``, and its calibration are in
+``gradparity.compare.tolerance`` with every other bound the tool uses.
 
 A pair agrees when, for every parameter tensor p, the largest elementwise
 difference is at most ``rtol * S_p`` and the losses differ by at most
@@ -24,78 +16,12 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-from gradparity.compare.normalize import UNIT_ROUNDOFF, Result
-from gradparity.experiment.models import MLP, Model
-
-SAFETY = 16.0
-
-
-@dataclass(frozen=True)
-class Tolerance:
-    """The relative tolerance model for one problem; ``rtol(u)`` gives the bound for a pair.
-
-    ``term_scale`` maps each parameter tensor to T_p (see module doc), or is
-    empty where no reference could compute it (then S_p uses the results alone).
-    """
-
-    safety: float
-    longest_sum: int  # K
-    depth: int        # L
-    term_scale: dict[str, float] = field(default_factory=dict)
-
-    def rtol(self, unit_roundoff: float) -> float:
-        return self.safety * unit_roundoff * math.sqrt(self.longest_sum) * self.depth
-
-    def formula(self) -> str:
-        return (f"rtol = {self.safety:g} * u * sqrt(K={self.longest_sum}) * L={self.depth}; "
-                f"agree when max|a_p - b_p| / S_p <= rtol for every parameter tensor p, "
-                f"S_p = max(max|a_p|, max|b_p|, T_p), T_p = max entry of mean_i |grad l_i|, "
-                f"and |loss_a - loss_b| / max(|loss_a|, |loss_b|) <= rtol")
-
-    def to_dict(self) -> dict:
-        return {
-            "formula": self.formula(),
-            "safety": self.safety,
-            "K": self.longest_sum,
-            "L": self.depth,
-            "rtol": {name: self.rtol(u) for name, u in UNIT_ROUNDOFF.items()},
-            "unit_roundoff": dict(UNIT_ROUNDOFF),
-            "term_scale": dict(self.term_scale),
-        }
-
-
-def tolerance_for(model: Model, n_examples: int, term_scale: dict[str, float] | None = None,
-                  safety: float = SAFETY) -> Tolerance:
-    """The tolerance model for a built-in model on a batch of ``n_examples``: sums as long as the batch's loss
-    terms or the model's widest dot product, as deep as its layers in series."""
-    return Tolerance(safety, max(n_examples * model.loss_terms(), *model.widths()), model.depth,
-                     dict(term_scale or {}))
-
-
-def problem_term_scale(params: dict, batch: dict, model: Model) -> dict[str, float]:
-    """T_p for every tensor, from the float64 reference (pure numpy, computed in this process)."""
-    from gradparity.backends.protocol import IGNORE_INDEX
-
-    with np.errstate(all="ignore"):  # an overflowing problem is reported by its results, not warned here
-        if isinstance(model, MLP):
-            from gradparity.backends.numpy.session import term_scale
-
-            masks = [batch[f"dropout/batch/{i}"] for i in range(len(model.hidden))
-                     if f"dropout/batch/{i}" in batch]
-            # Padding examples (the switch 'padding') add no term: their targets are the ignored class.
-            y = batch["y"] if "valid" not in batch else np.where(batch["valid"] > 0, batch["y"], IGNORE_INDEX)
-            scale = term_scale(params, batch["x"], y, model.to_dict(), masks or None)
-        else:
-            from gradparity.backends.numpy.models import term_scale
-
-            scale = term_scale(params, batch["x"], batch["y"], model.to_dict())
-    # A non-finite T_p would make every pair disagree; without it S_p falls back to the results.
-    return {k: v for k, v in scale.items() if math.isfinite(v)}
-
+from gradparity.compare.normalize import Result
+from gradparity.compare.tolerance import UNIT_ROUNDOFF, Tolerance
 
 @dataclass(frozen=True)
 class Comparison:

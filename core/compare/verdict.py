@@ -11,11 +11,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from gradparity.compare.normalize import UNIT_ROUNDOFF, Result
-from gradparity.compare.pairs import Comparison, Tolerance, connected_components, pair_index
+from gradparity.compare.normalize import Result
+from gradparity.compare.pairs import Comparison, connected_components, pair_index
+from gradparity.compare.tolerance import UNIT_ROUNDOFF, Tolerance
 from gradparity.errors import Interrupted
 
-EXIT_AGREE, EXIT_DISAGREE, EXIT_INVALID, EXIT_INCOMPLETE = 0, 1, 2, 3
+from gradparity.exit_codes import EXIT_AGREE, EXIT_DISAGREE, EXIT_INCOMPLETE, EXIT_INVALID  # noqa: F401 (re-exported)
 
 LINEARITY = (
     "The gradient is linear in the per-example losses (grad of sum_i l_i = sum_i grad l_i, "

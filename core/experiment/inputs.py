@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,28 +76,13 @@ def _synthetic(spec: DataSpec, seed: int) -> tuple[np.ndarray, np.ndarray, str]:
 
 def _load_npz(spec: DataSpec) -> tuple[np.ndarray, np.ndarray, str]:
     """Read ``x_key`` and ``y_key`` from an .npz (never unpickling); any unreadable file is a ConfigError."""
+    from gradparity.experiment.files import read_npz
+
     path = Path(spec.path)
-    try:
-        loaded = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise ConfigError(f"data.path {str(path)!r} does not exist") from None
-    except IsADirectoryError:
-        raise ConfigError(f"data.path {str(path)!r} is a folder, not an .npz file") from None
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise ConfigError(f"cannot read data.path {str(path)!r} as .npz: {exc}") from None
-    if not isinstance(loaded, np.lib.npyio.NpzFile):
-        raise ConfigError(f"data.path {str(path)!r} is a single .npy array, not an .npz with "
-                          f"arrays {spec.x_key!r} and {spec.y_key!r} (save it with np.savez(path, x=..., y=...))")
-    try:
-        with loaded as z:
-            missing = [k for k in (spec.x_key, spec.y_key) if k not in z.files]
-            if missing:
-                raise ConfigError(f"{path} has no array {' or '.join(map(repr, missing))}; "
-                                  f"it holds {', '.join(z.files) or 'nothing'} (set data.x_key / data.y_key)")
-            x, y = z[spec.x_key], z[spec.y_key]
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise ConfigError(f"cannot read data.path {str(path)!r} as .npz: {exc}") from None
-    return x, y, f"npz file {path.name} ({spec.x_key!r}, {spec.y_key!r})"
+    arrays = read_npz(path, "data.path", (spec.x_key, spec.y_key),
+                      hint=f"save it with np.savez(path, {spec.x_key}=..., {spec.y_key}=...), "
+                           "or set data.x_key / data.y_key")
+    return arrays[spec.x_key], arrays[spec.y_key], f"npz file {path.name} ({spec.x_key!r}, {spec.y_key!r})"
 
 
 def check_data(x: np.ndarray, y: np.ndarray, num_classes: int | None, images: bool = False) -> tuple[int, bool]:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from gradparity.backends import BackendInfo
+from gradparity.backends import BackendInfo, make_job
 from gradparity.backends.protocol import WorkerJob
 from gradparity.errors import ConfigError
 from gradparity.losses.catalogue import LossSemantics
@@ -145,8 +145,5 @@ def make_loss_job(info: BackendInfo, functions: dict[str, str], batches: list[Lo
         arrays.update(b.arrays())
     if cases is None:
         cases = tuple(f"{f}@{b.name}" for f in functions for b in batches)
-    return WorkerJob(
-        backend=info.name, framework=info.framework, variant=info.variant,
-        module=info.module.rsplit(".", 1)[0] + ".losses", extra=info.extra, requires=info.requires,
-        methods=cases, dtype=dtype, device=device, precision="highest", model={}, loss={},
-        params={}, batch=arrays, task="loss_functions", payload={"functions": dict(functions)})
+    return make_job(info, "loss_functions", cases, dtype=dtype, device=device, batch=arrays,
+                    payload={"functions": dict(functions)})

@@ -110,7 +110,7 @@ def loss_text(table: dict, where: str = "losses[0]") -> str:
 
 def read_loss_file(path: str) -> list[str]:
     """The loss texts of a TOML file's [[losses]] tables, in order; ConfigError for anything unreadable."""
-    from gradparity.experiment.spec import read_toml
+    from gradparity.experiment.files import read_toml
 
     doc = read_toml(path, "--config")
     unknown = sorted(set(doc) - set(FILE_KEYS))

@@ -8,7 +8,6 @@ their SHA-256 and every file carries the run id.
 """
 from __future__ import annotations
 
-import json
 import math
 import platform
 import zipfile
@@ -19,6 +18,7 @@ import numpy as np
 import gradparity
 from gradparity.backends.protocol import GELU_PROBE
 from gradparity.compare.pairs import pair_index
+from gradparity.report.jsonout import dumps
 from gradparity.report.outdir import OutputDir
 from gradparity.run.pipeline import Report
 
@@ -145,7 +145,7 @@ def write_files(out: OutputDir, run_id: str, inputs: dict[str, np.ndarray] | Non
             sums[name] = stage.write(name, writer(content))
         doc["files"] = {name: {"sha256": digest} for name, digest in sums.items()}
         stage.write("report.json", lambda p: p.write_text(
-            json.dumps(doc, indent=1, allow_nan=False, default=json_default) + "\n"))
+            dumps(doc, default=json_default) + "\n"))
     return {name: out.path / name for name in (*sums, "report.json")}
 
 

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,6 +77,11 @@ def _read_result(job_dir: Path) -> dict | None:
         return None
 
 
+#: Set (to anything non-empty) to refuse every worker that would import a framework: it becomes a failed row
+#: at once. The fast test tier sets it, so a test that starts a framework worker there fails visibly instead
+#: of slowing the tier down; a dry run of a command on a machine without the frameworks can use it too.
+NO_FRAMEWORK_WORKERS_ENV = "GRADPARITY_NO_FRAMEWORK_WORKERS"
+
 #: Prefix of every worker's job folder; the parent's pid follows, so stale folders can be found.
 JOB_DIR_PREFIX = "gradparity-job-"
 
@@ -124,12 +130,19 @@ def _kill_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+class StopFlag(threading.Event):
+    """Set by the runner when a signal stops a run: every worker waiting on it is killed; ``signum`` says which."""
+
+    signum: int = signal.SIGINT
+
+
 def run_backend(
     job: WorkerJob,
     info: BackendInfo,
     timeout_s: float,
     extra_env: dict[str, str] | None = None,
     on_progress=None,
+    stop: StopFlag | None = None,
 ) -> BackendOutcome:
     """Run ``job`` in a fresh worker process for backend ``info``; never raises for backend failures.
 
@@ -137,10 +150,17 @@ def run_backend(
     included; past that its whole process group is killed. On an interruption
     (KeyboardInterrupt, or ``Interrupted`` from a signal handler) the worker's
     group is killed, its job folder removed, and ``Interrupted`` is raised
-    carrying the methods it had finished (``.outcome``). ``on_progress(done, total)``, when given, is called
-    about twice a second with how many of the job's methods the worker has finished (from its result file).
+    carrying the methods it had finished (``.outcome``). When ``stop`` is set (by the runner, from another
+    thread) the worker is killed within a fraction of a second and the outcome, status "interrupted", is
+    returned instead. ``on_progress(done, total)``, when given, is called about twice a second with how many
+    of the job's methods the worker has finished (from its result file).
     """
     start = time.perf_counter()
+    if os.environ.get(NO_FRAMEWORK_WORKERS_ENV) and not set(info.requires) <= {"numpy"}:
+        error = (f"not started: {NO_FRAMEWORK_WORKERS_ENV} is set, so no worker that imports a framework runs "
+                 f"(backend '{info.name}' needs {', '.join(info.requires)})")
+        return BackendOutcome(info.name, "error", error, None,
+                              {m: MethodOutcome("error", error=error) for m in job.methods}, 0.0)
     with tempfile.TemporaryDirectory(prefix=f"{JOB_DIR_PREFIX}{os.getpid()}-{info.name}-") as tmp:
         job_dir = Path(tmp)
         job.save(job_dir)
@@ -159,9 +179,12 @@ def run_backend(
                     env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                     start_new_session=True,  # so a timeout kills the worker's own children too
                 )
-                returncode = (proc.wait(timeout=timeout_s) if on_progress is None
-                              else _wait_reporting(proc, job_dir, len(job.methods), timeout_s, on_progress))
+                returncode = _wait(proc, job_dir, len(job.methods), timeout_s, on_progress, stop)
                 timed_out = False
+            except _Stopped:
+                _kill_group(proc)
+                interrupted = Interrupted(stop.signum)
+                returncode, timed_out = proc.returncode, False
             except subprocess.TimeoutExpired:
                 _kill_group(proc)
                 returncode, timed_out = proc.returncode, True
@@ -177,25 +200,34 @@ def run_backend(
                 raise
         outcome = _collect(job, info, job_dir, returncode, timed_out, timeout_s, log_path, interrupted)
     outcome.wall_seconds = time.perf_counter() - start
-    if interrupted is not None:
+    if interrupted is not None and not (stop is not None and stop.is_set()):
         interrupted.outcome = outcome
         raise interrupted
     return outcome
 
 
-def _wait_reporting(proc: subprocess.Popen, job_dir: Path, total: int, timeout_s: float, on_progress) -> int:
-    """``proc.wait(timeout_s)``, telling ``on_progress(done, total)`` the finished methods every half second."""
+class _Stopped(Exception):
+    """The runner's stop flag was set while this worker ran."""
+
+
+def _wait(proc: subprocess.Popen, job_dir: Path, total: int, timeout_s: float, on_progress,
+          stop: StopFlag | None) -> int:
+    """``proc.wait(timeout_s)`` in short slices: between them, tell ``on_progress(done, total)`` the finished
+    methods and raise ``_Stopped`` as soon as ``stop`` is set."""
     deadline, reported = time.monotonic() + timeout_s, 0
     while True:
         try:
-            return proc.wait(timeout=max(0.0, min(0.5, deadline - time.monotonic())))
+            return proc.wait(timeout=max(0.0, min(0.2, deadline - time.monotonic())))
         except subprocess.TimeoutExpired:
             if time.monotonic() >= deadline:
                 raise
-        state = _read_result(job_dir) or {}
-        done = sum(1 for row in (state.get("methods") or {}).values() if row.get("status") in ("ok", "error"))
-        reported = max(reported, done)   # an unreadable file (between writes) is not a step back
-        on_progress(reported, total)
+        if stop is not None and stop.is_set():
+            raise _Stopped
+        if on_progress is not None:
+            state = _read_result(job_dir) or {}
+            done = sum(1 for row in (state.get("methods") or {}).values() if row.get("status") in ("ok", "error"))
+            reported = max(reported, done)   # an unreadable file (between writes) is not a step back
+            on_progress(reported, total)
 
 
 def _collect(job, info, job_dir, returncode, timed_out, timeout_s, log_path,

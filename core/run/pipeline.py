@@ -9,18 +9,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from gradparity.backends import BACKENDS, BackendInfo
+from gradparity.backends import BACKENDS, BackendInfo, make_job
 from gradparity.backends.protocol import WorkerJob
 from gradparity.compare.layers import defaults_notes, gelu_notes
 from gradparity.compare.normalize import Result, normalize
-from gradparity.compare.pairs import Comparison, Tolerance, compare_all, problem_term_scale, tolerance_for
+from gradparity.compare.pairs import Comparison, compare_all
+from gradparity.compare.tolerance import Tolerance, problem_term_scale, tolerance_for
 from gradparity.compare.verdict import Verdict, decide
 from gradparity.errors import Interrupted
 from gradparity.experiment import causes
 from gradparity.experiment.inputs import CanonicalInputs, build_inputs
 from gradparity.experiment.spec import Experiment
 from gradparity.report.outdir import OutputDir, new_run_id
-from gradparity.run.execute import BackendOutcome, MethodOutcome, remove_stale_job_dirs, run_backend
+from gradparity.run.execute import BackendOutcome
+from gradparity.run.runner import WorkerRun, run_jobs
 
 
 #: The files a run writes into its output folder, in the order they are renamed into place
@@ -50,36 +52,26 @@ class Report:
     interrupted: str | None = None
 
 
-def make_job(exp: Experiment, inputs: CanonicalInputs, info: BackendInfo,
-             methods: tuple[str, ...] | None = None) -> WorkerJob:
+def experiment_job(exp: Experiment, inputs: CanonicalInputs, info: BackendInfo,
+                   methods: tuple[str, ...] | None = None) -> WorkerJob:
     """The job one backend's worker receives: the experiment's settings and the canonical arrays.
 
-    The MLP runs in each backend's ``session``; a built-in CNN or sequence model in a framework runs in its
-    ``user_model`` session (task "model_check", payload "builtin"), the one that runs users' own models.
+    The MLP runs in each backend's reduction session (task "gradients"); a built-in CNN or sequence model in a
+    framework runs in its model session (task "model_check", payload "builtin"), the one that runs users' own
+    models; the numpy reference computes every built-in model in its own session.
     """
     model = inputs.model.to_dict()
-    module, task, payload = info.module, "gradients", {}
+    task, payload = "gradients", {}
     if model["kind"] != "mlp" and not info.reference:
-        module = info.module.rsplit(".", 1)[0] + ".user_model"
         task, payload = "model_check", {"builtin": model, "mode": "inference", "loss": exp.loss.name}
-    return WorkerJob(
-        backend=info.name, framework=info.framework, variant=info.variant, module=module,
-        extra=info.extra, requires=info.requires,
-        methods=causes.cases(exp.methods, inputs.batch, exp.causes) if methods is None else methods,
-        dtype=exp.dtype, device=exp.device, precision=exp.precision,
-        model=model, loss={"name": exp.loss.name},
-        params=inputs.params, batch=inputs.batch, task=task, payload=payload,
-        switches=causes.job_switches(exp.causes))
+    return make_job(info, task, causes.cases(exp.methods, inputs.batch, exp.causes) if methods is None else methods,
+                    dtype=exp.dtype, device=exp.device, precision=exp.precision, model=model,
+                    loss={"name": exp.loss.name}, params=inputs.params, batch=inputs.batch, payload=payload,
+                    switches=causes.job_switches(exp.causes))
 
 
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def _not_started(name: str, methods: tuple[str, ...], signal_name: str) -> BackendOutcome:
-    error = f"not started: the run was interrupted by {signal_name} before this backend's turn"
-    return BackendOutcome(name, "interrupted", error, None,
-                          {m: MethodOutcome("interrupted", error=error) for m in methods}, 0.0)
 
 
 def _progress_line(exp: Experiment, info: BackendInfo) -> str:
@@ -129,29 +121,15 @@ def run_experiment(
     inputs = build_inputs(exp)
     out = OutputDir.claim(out_dir, run_id, REPORT_FILES) if out_dir is not None else None
     try:
-        remove_stale_job_dirs()
-        outcomes: list[BackendOutcome] = []
+        runs = [WorkerRun(experiment_job(exp, inputs, registry[name]), registry[name], exp.timeout_s,
+                          label=_progress_line(exp, registry[name])) for name in exp.backends]
         interrupted: Interrupted | None = None
         try:
-            for name in exp.backends:
-                say(_progress_line(exp, registry[name]))
-                try:
-                    outcome = run_backend(make_job(exp, inputs, registry[name]), registry[name],
-                                          exp.timeout_s, extra_env)
-                except (Interrupted, KeyboardInterrupt) as exc:
-                    if isinstance(exc, Interrupted) and exc.outcome is not None:
-                        outcomes.append(exc.outcome)
-                    raise
-                outcomes.append(outcome)
-                say(f"  {name}: {outcome.status} in {outcome.wall_seconds:.1f} s"
-                    + (f" - {outcome.error.splitlines()[0]}" if outcome.error else ""))
-        except (Interrupted, KeyboardInterrupt) as exc:
-            interrupted = exc if isinstance(exc, Interrupted) else Interrupted(signal.SIGINT)
-            finished = {o.backend for o in outcomes}
-            outcomes += [_not_started(n, causes.cases(exp.methods, inputs.batch, exp.causes),
-                                      interrupted.signal_name)
-                         for n in exp.backends if n not in finished]
-            say(f"  interrupted by {interrupted.signal_name}: stopping and writing what finished")
+            outcomes = list(run_jobs(runs, say=say, parallel=len(runs), extra_env=extra_env).values())
+        except Interrupted as exc:
+            interrupted = exc
+            outcomes = list(exc.outcomes.values())
+            say(f"  interrupted by {interrupted.signal_name}: writing what finished")
         report = None
         try:
             with _signals_deferred():
