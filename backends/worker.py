@@ -62,21 +62,45 @@ def _check_grads(job: WorkerJob, method: str, grads: dict) -> dict[str, np.ndarr
     return out
 
 
-@contextlib.contextmanager
-def _timing_turn():
-    """Hold the runner's timing lock (when workers run side by side) for the duration of the timed calls."""
-    path = os.environ.get(TIMING_LOCK_ENV)
-    if not path:
-        yield
-        return
-    import fcntl
+class TimingTurns:
+    """Workers side by side take turns for their timed calls, and time nothing while another one computes.
 
-    with open(path, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    With the runner's lock file (``TIMING_LOCK_ENV``) every worker holds it shared while it imports, builds and
+    warms up, and exclusively while it times a method: an exclusive hold waits until no other worker is busy, so
+    imports and compilations overlap while every timing has the cores to itself. Without the variable (one
+    worker at a time) this does nothing. A killed worker's hold ends with its process.
+    """
+
+    def __init__(self):
+        path = os.environ.get(TIMING_LOCK_ENV)
+        self._file = open(path, "a") if path else None
+        self._lock(shared=True)
+
+    def _lock(self, shared: bool) -> None:
+        if self._file is not None:
+            import fcntl
+
+            fcntl.flock(self._file, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+
+    @contextlib.contextmanager
+    def alone(self):
+        """Hold the lock exclusively for the block (the timed calls), then go back to a shared hold."""
+        if self._file is None:
+            yield
+            return
+        import fcntl
+
+        fcntl.flock(self._file, fcntl.LOCK_UN)  # a shared hold must go first, or two workers would wait forever
+        self._lock(shared=False)
         try:
             yield
         finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+            self._lock(shared=True)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 def _die_with_parent() -> None:
@@ -118,6 +142,15 @@ def run(job_dir: Path) -> int:
         _write_atomic(result_path, json.dumps(state, indent=1))
 
     save()
+    turns = TimingTurns()
+    try:
+        return _run_methods(job, job_dir, state, save, turns)
+    finally:
+        turns.close()
+
+
+def _run_methods(job: WorkerJob, job_dir: Path, state: dict, save, turns: TimingTurns) -> int:
+    """Open the backend's session and run every method, saving ``state`` after each step."""
     try:
         # A framework may be imported at module import or lazily in open_session: both count.
         module = importlib.import_module(job.module)
@@ -153,7 +186,7 @@ def run(job_dir: Path) -> int:
             # The median of TIMED_CALLS for gradients (one descheduled call must not be the timing); a training
             # run or a loss function is timed once (a whole run, or no timing reported).
             timed = job.task == "gradients" or (job.task == "model_check" and "builtin" in job.payload)
-            with _timing_turn():
+            with turns.alone():
                 for _ in range(TIMED_CALLS if timed else 1):
                     start = time.perf_counter()
                     raw = session.compute(method)

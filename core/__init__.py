@@ -10,15 +10,15 @@ its backend's worker.
 from gradparity.errors import ConfigError, GradparityError
 from gradparity.experiment.spec import Experiment, load_experiment
 
-__version__ = "0.1.0"
+from gradparity.version import __version__
 
 __all__ = ["ConfigError", "Experiment", "GradparityError", "compare_models", "load_experiment",
            "run_experiment", "__version__"]
 
 
 def run_experiment(experiment, out_dir=None, **kwargs):
-    """Run an Experiment end to end; see ``gradparity.run.pipeline.run_experiment``."""
-    from gradparity.run.pipeline import run_experiment as _run
+    """Run an Experiment end to end; see ``gradparity.commands.run.run_experiment``."""
+    from gradparity.commands.run import run_experiment as _run
 
     return _run(experiment, out_dir, **kwargs)
 

@@ -20,7 +20,7 @@ import threading
 import traceback
 from pathlib import Path
 
-from gradparity import __version__
+from gradparity.version import __version__
 from gradparity.errors import ConfigError, GradparityError, Interrupted
 from gradparity.exit_codes import EXIT_INTERNAL, EXIT_INVALID
 from gradparity.report.jsonout import dumps
@@ -409,7 +409,7 @@ def _train(args) -> int:
         if args.lr_grid is not None and not grid:
             raise ConfigError(f"--lr-grid needs at least one multiplier, got {args.lr_grid!r}")
         from gradparity.report.outdir import OutputDir, new_run_id
-        from gradparity.report.train_html import SWEEP_FILES, write_sweep_report
+        from gradparity.commands.train_report import SWEEP_FILES, write_sweep_report
 
         try:
             seeds = tuple(int(v) for v in _csv(args.seeds)) if args.seeds is not None else ()
@@ -434,7 +434,7 @@ def _train(args) -> int:
 
     from gradparity.commands.train import check_spec
     from gradparity.report.outdir import new_run_id
-    from gradparity.report.train_html import claim, write_train_report
+    from gradparity.commands.train_report import claim, write_train_report
 
     check_spec(spec)
     run_id = new_run_id()
@@ -475,7 +475,7 @@ def _run(args) -> int:
     from gradparity.experiment.inputs import build_inputs
     from gradparity.experiment.spec import load_experiment
     from gradparity.report.render import render_text
-    from gradparity.run.pipeline import run_experiment
+    from gradparity.commands.run import run_experiment
 
     exp = load_experiment(args.config, _overrides(args))
     if args.check:

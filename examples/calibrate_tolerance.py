@@ -20,7 +20,7 @@ import sys
 
 from gradparity.compare.tolerance import SAFETY
 from gradparity.experiment.spec import load_experiment
-from gradparity.run.pipeline import run_experiment
+from gradparity.commands.run import run_experiment
 
 PROBLEMS = [  # (features, hidden, classes, N, activation)
     (64, [32], 10, 64, "relu"),

@@ -15,11 +15,14 @@ from gradparity.cli import main
 from gradparity.commands import diagnose as dg
 from gradparity.experiment.causes import CAUSE_IDS
 from gradparity.experiment.spec import load_experiment
-from gradparity.run.pipeline import run_experiment
+from gradparity.commands.run import run_experiment
 
 from conftest import installed
 
-BACKENDS = [b for b in ("numpy", "torch", "keras-tensorflow", "jax") if installed(b)]
+FRAMEWORKS = ("torch", "keras-tensorflow", "jax")
+BACKENDS = ["numpy", *(b for b in FRAMEWORKS if installed(b))]
+#: The tests that run every installed backend (numpy alone where no framework is).
+every_installed = pytest.mark.frameworks(*FRAMEWORKS, required=False)
 N = 8
 RTOL = 1e-10  # float64 throughout; the switches are exact rescalings and re-orderings
 
@@ -162,6 +165,7 @@ def expected(name: str, report, backend: str) -> dict[str, dict[str, np.ndarray]
     return out
 
 
+@every_installed
 @pytest.mark.parametrize("name", FORMULA_SWITCHES)
 def test_every_backend_computes_what_the_switch_stands_for(runs, name):
     report, _ = runs[name]
@@ -176,6 +180,7 @@ def test_every_backend_computes_what_the_switch_stands_for(runs, name):
     assert report.verdict.status == "disagree"  # every formula switch changes some method
 
 
+@every_installed
 def test_autocast_runs_every_framework_in_bfloat16_and_holds_it_to_that_rounding(runs):
     """Each framework reports bfloat16 arithmetic; its results differ from the float64 reference by more than
     float32 rounding allows and by less than bfloat16's; the numpy reference stays float64."""
@@ -194,6 +199,7 @@ def test_autocast_runs_every_framework_in_bfloat16_and_holds_it_to_that_rounding
     assert any("computed in bfloat16" in line for line in report.verdict.explanation)
 
 
+@every_installed
 @pytest.mark.parametrize("name", list(SWITCHES))
 def test_diagnose_names_the_switch_from_the_report(runs, name, capsys):
     _, folder = runs[name]
@@ -205,6 +211,7 @@ def test_diagnose_names_the_switch_from_the_report(runs, name, capsys):
     assert doc["causes"][0]["id"] == CAUSE_IDS[name], doc["causes"][:3]
 
 
+@every_installed
 def test_num_items_in_batch_fixes_padded_accumulation(tmp_path):
     """The same padded micro-batches as the 'padding' run, combined the num_items_in_batch way (each
     micro-batch's summed loss over the batch's valid count): every method in every backend agrees."""
@@ -216,6 +223,7 @@ def test_num_items_in_batch_fixes_padded_accumulation(tmp_path):
     assert len([r for r in report.results if r.ok]) == 5 * len(BACKENDS)
 
 
+@every_installed
 def test_the_report_says_what_the_switch_did(runs):
     report, folder = runs["missing_normalization"]
     text = (folder / "report.md").read_text()
@@ -278,6 +286,7 @@ def test_a_short_last_batch_needs_the_examples(capsys):
         build_inputs(exp)
 
 
+@every_installed
 def test_a_clean_run_is_diagnosed_clean(tmp_path, capsys):
     """No switch: every backend agrees, and diagnose on the report folder says clean (exit 0)."""
     exp = load_experiment(None, {"backends": BACKENDS, "data.source": "synthetic", "data.batch_size": N})
@@ -290,6 +299,7 @@ def test_a_clean_run_is_diagnosed_clean(tmp_path, capsys):
     assert doc["causes"][0]["id"] == "clean" and doc["causes"][0]["score"] == 1.0
 
 
+@every_installed
 def test_diagnose_sees_only_what_the_report_records_not_the_switch(runs):
     """The report's own switch settings are not read as the user's knowledge: the diagnosis must come from
     the numbers (and the batch size and dtype the run records)."""

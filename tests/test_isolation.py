@@ -7,7 +7,7 @@ import numpy as np
 from gradparity.backends import BACKENDS
 from gradparity.compare.verdict import EXIT_DISAGREE, EXIT_INCOMPLETE
 from gradparity.experiment.spec import load_experiment
-from gradparity.run.pipeline import run_experiment
+from gradparity.commands.run import run_experiment
 
 from conftest import TINY, fake
 
@@ -92,7 +92,7 @@ def test_a_running_worker_reports_its_finished_methods(fake_env):
     back, never above the total, and the job still ends with every method."""
     from gradparity.experiment.inputs import build_inputs
     from gradparity.run.execute import run_backend
-    from gradparity.run.pipeline import experiment_job
+    from gradparity.commands.run import experiment_job
 
     info = fake("slow")
     methods = ("sum", "mean", "one_by_one")

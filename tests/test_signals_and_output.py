@@ -24,7 +24,7 @@ from gradparity.errors import OutputError
 from gradparity.experiment.spec import load_experiment
 from gradparity.report.outdir import OutputDir, sha256
 from gradparity.run.execute import JOB_DIR_PREFIX, remove_stale_job_dirs
-from gradparity.run.pipeline import run_experiment
+from gradparity.commands.run import run_experiment
 
 from conftest import TESTS, TINY
 

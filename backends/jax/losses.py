@@ -489,7 +489,7 @@ class JaxLossSession:
         return {
             "framework": "jax",
             "versions": package_versions("jax", "jaxlib", "optax"),
-            "device": self._gradient_session._device_label(self.device),
+            "device": self._gradient_session.device_label(self.device),
             "device_kind": "cpu" if self.device.platform == "cpu" else "gpu",
             "device_note": self.device_note,
             "dtype": str(self.jax.numpy.zeros((), self.dtype).dtype),

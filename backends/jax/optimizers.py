@@ -43,7 +43,7 @@ import optax
 from gradparity.backends.protocol import OptimizerSession, compile_generated, cpu_environment, package_versions
 
 
-def _transformation(config: dict, schedule) -> optax.GradientTransformation:
+def build_transformation(config: dict, schedule) -> optax.GradientTransformation:
     """The optax transformation ``config`` names, with ``schedule`` as its learning rate; with a ``"code"`` key,
     the one that rendered code's ``make_optimizer(learning_rate)`` builds."""
     if config.get("code"):
@@ -107,7 +107,7 @@ def run_steps(config: dict, params: dict[str, np.ndarray], grads: list[dict[str,
         raise RuntimeError("a float64 job needs JAX_ENABLE_X64=1 in the worker's environment "
                            "(jax reads it at import); it is not set")
     schedule = lr_schedule(lrs, dtype)
-    opt = _transformation(config, schedule)
+    opt = build_transformation(config, schedule)
     k = int(config.get("accumulation", 1))
     if k > 1:
         # optax's accumulation: the running mean of k micro-gradients, the inner optimizer updated (and its

@@ -70,13 +70,13 @@ class MLP(nnx.Module):
         return x
 
 
-def _name(path) -> str:
+def path_name(path) -> str:
     return ".".join(str(key) for key in path)
 
 
-def _state_to_canonical(state) -> dict[str, np.ndarray]:
+def state_to_canonical(state) -> dict[str, np.ndarray]:
     """NNX state (params or their gradients) -> canonical {name: numpy array}; blocks until computed."""
-    return {_name(path): np.asarray(var.get_value()) for path, var in nnx.to_flat_state(state)}
+    return {path_name(path): np.asarray(var.get_value()) for path, var in nnx.to_flat_state(state)}
 
 
 def _pick_device(requested: str):
@@ -112,14 +112,14 @@ def start(job: WorkerJob):
     return device, note
 
 
-def _device_label(device) -> str:
+def device_label(device) -> str:
     if device.platform == "cpu":
         return "cpu"
     vendor = "rocm" if "rocm" in str(getattr(device.client, "platform_version", "")).lower() else "cuda"
     return f"{vendor}:{device.id} ({device.device_kind})"
 
 
-def _may_use_tf32(device, dtype: str, matmul_precision, layer_precision) -> bool:
+def may_use_tf32(device, dtype: str, matmul_precision, layer_precision) -> bool:
     """True when float32 matmuls in this run could have run in TF32.
 
     JAX's GPU default precision lets XLA use TF32 on compute capability >= 8.0;
@@ -157,14 +157,14 @@ def build_mlp(job: WorkerJob, device, layer_precision):
     graphdef, abstract_state, stats = nnx.split(abstract, nnx.Param, ...)
     stats = jax.device_put(jax.tree.map(lambda v: np.zeros(v.shape, v.dtype), stats), device)
     flat = nnx.to_flat_state(abstract_state)
-    names = [_name(path) for path, _ in flat]
+    names = [path_name(path) for path, _ in flat]
     if sorted(names) != sorted(job.params):
         raise ValueError(f"model parameters {sorted(names)} do not match the job's {sorted(job.params)}")
     filled = []
     for path, var in flat:
-        value = np.asarray(job.params[_name(path)])
+        value = np.asarray(job.params[path_name(path)])
         if value.shape != var.shape:
-            raise ValueError(f"{_name(path)}: canonical shape {value.shape}, Flax expects {var.shape}")
+            raise ValueError(f"{path_name(path)}: canonical shape {value.shape}, Flax expects {var.shape}")
         filled.append((path, var.replace(jax.device_put(value.astype(dtype), device))))
     return graphdef, nnx.from_flat_state(filled), stats
 
@@ -178,7 +178,7 @@ def mlp_environment(job: WorkerJob, params, input_dtype, device, device_note, la
     return {
         "framework": "jax",
         "versions": package_versions("jax", "jaxlib", "flax", "optax"),
-        "device": _device_label(device),
+        "device": device_label(device),
         "device_kind": "cpu" if device.platform == "cpu" else "gpu",
         "device_note": device_note,
         "dtype": job.autocast or dtype,
@@ -188,7 +188,7 @@ def mlp_environment(job: WorkerJob, params, input_dtype, device, device_note, la
             "linear_precision": None if layer_precision is None else str(layer_precision),
             "requested": job.precision,
         },
-        "tf32": _may_use_tf32(device, dtype, matmul_precision, layer_precision),
+        "tf32": may_use_tf32(device, dtype, matmul_precision, layer_precision),
     }
 
 
@@ -330,7 +330,7 @@ class JaxSession:
             grads = read if unzeroed else acc
         else:
             raise ValueError(f"unknown method {method!r}")
-        return RawResult(float(loss), _state_to_canonical(grads))
+        return RawResult(float(loss), state_to_canonical(grads))
 
 
 def open_session(job: WorkerJob) -> JaxSession:

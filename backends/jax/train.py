@@ -33,8 +33,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from gradparity.backends.jax.optimizers import _transformation, environment_note
-from gradparity.backends.jax.session import _state_to_canonical, build_mlp, linear_precision, mlp_environment, start
+from gradparity.backends.jax.optimizers import build_transformation, environment_note
+from gradparity.backends.jax.session import state_to_canonical, build_mlp, linear_precision, mlp_environment, start
 from gradparity.backends.protocol import RawResult, WorkerJob, train_batches, train_result, train_run, train_weights
 
 LOOP = ("jax.jit(step): loss, grads = jax.value_and_grad(loss_fn)(params, x_t, y_t[, w_t]); "
@@ -108,14 +108,14 @@ class JaxTrainSession:
                 return reduce(optax.softmax_cross_entropy_with_integer_labels(logits, y), w)
 
             def step(params, opt_state, x, y, w, table):
-                opt = _transformation(config, lambda count: table[count])
+                opt = build_transformation(config, lambda count: table[count])
                 loss, grads = jax.value_and_grad(loss_fn)(params, x, y, w)
                 updates, opt_state = opt.update(grads, opt_state, params)
                 return optax.apply_updates(params, updates), opt_state, loss
 
             # The state's structure does not depend on the schedule's values. opt.init jitted too, so its zero
             # moments and count land on the parameters' device.
-            init = _transformation(config, lambda count: jnp.zeros((), jnp.dtype(self.job.dtype))).init
+            init = build_transformation(config, lambda count: jnp.zeros((), jnp.dtype(self.job.dtype))).init
             self._steps[key] = (jax.jit(init), jax.jit(step))
         return self._steps[key]
 
@@ -143,7 +143,7 @@ class JaxTrainSession:
                 history.append((t, params))
             losses.append(loss)
         arrays = {f"{t}/{name}": np.array(value, copy=True)
-                  for t, p in history for name, value in _state_to_canonical(p).items()}
+                  for t, p in history for name, value in state_to_canonical(p).items()}
         return train_result(self.job, arrays, [float(v) for v in losses],
                             {"optimizer": environment_note(config), "loop": LOOP})
 

@@ -33,7 +33,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from gradparity.backends.jax.session import _device_label, _may_use_tf32, _name, _state_to_canonical, start
+from gradparity.backends.jax.session import device_label, may_use_tf32, path_name, state_to_canonical, start
 from gradparity.backends.protocol import (PARAM_ROLES, RawResult, WorkerJob, assignment, gelu_accuracy, layer_options,
                                          load_factory, ModelTraining, package_versions, train_result)
 
@@ -162,7 +162,7 @@ class UserJaxModel:
             for path, var in nnx.to_flat_state(state):
                 owner = next(path[:k] for k in range(len(path) - 1, -1, -1) if path[:k] in self.modules)
                 attr = path[len(owner)] if len(path) == len(owner) + 1 else None
-                self.owners[_name(path)] = (owner, attr, var, trainable)
+                self.owners[path_name(path)] = (owner, attr, var, trainable)
         owning = {owner for owner, *_ in self.owners.values()}
         leaves = {p for p in self.modules if not any(len(q) > len(p) and q[:len(p)] == p for q in self.modules)}
         # Recorded calls: as in torch, every leaf module and every module owning variables (the root only
@@ -183,7 +183,7 @@ class UserJaxModel:
 
     def _layer_name(self, path) -> str:
         """A module's reported name: its path joined with '.', the class name for the root (as torch does)."""
-        return _name(path) or type(self.modules[path]).__name__
+        return path_name(path) or type(self.modules[path]).__name__
 
     def _load(self, assign: dict[str, str]) -> None:
         """Overwrite the state's values with the canonical arrays core mapped onto them."""
@@ -209,7 +209,7 @@ class UserJaxModel:
         return {
             "framework": "jax",
             "versions": package_versions("jax", "jaxlib", "flax", "optax"),
-            "device": _device_label(self.device),
+            "device": device_label(self.device),
             "device_kind": "cpu" if self.device.platform == "cpu" else "gpu",
             "device_note": self.device_note,
             "dtype": dtype,
@@ -217,7 +217,7 @@ class UserJaxModel:
                 "jax_default_matmul_precision": None if matmul_precision is None else str(matmul_precision),
                 "requested": self.job.precision,
             },
-            "tf32": _may_use_tf32(self.device, self.job.dtype, matmul_precision, None),
+            "tf32": may_use_tf32(self.device, self.job.dtype, matmul_precision, None),
             "mode": self.job.payload.get("mode", "inference"),
             "layer_options": layer_options(self.job),
             "gelu_accuracy": gelu_accuracy(self.job, lambda x, approx: np.asarray(
@@ -279,7 +279,7 @@ class UserJaxModel:
 
     def _grads(self, grads) -> dict[str, np.ndarray]:
         """Canonical gradients of the mapped trainable parameters, keyed as core keyed their values."""
-        flat = _state_to_canonical(grads)
+        flat = state_to_canonical(grads)
         return {key: flat[native] for native, key in self.assign.items() if self.owners[native][3]}
 
     # -- the cases ----------------------------------------------------------------------------------
@@ -394,11 +394,11 @@ class JaxModelTraining(ModelTraining):
 
     def _compiled(self, case: str, config: dict, lrs: list[float], reduction: str):
         """(jitted opt.init, jitted step) of a run, built on its first call."""
-        from gradparity.backends.jax.optimizers import _transformation, lr_schedule
+        from gradparity.backends.jax.optimizers import build_transformation, lr_schedule
 
         if case not in self._steps:
             m = self.model
-            opt = _transformation(config, lr_schedule(lrs, self.job.dtype))
+            opt = build_transformation(config, lr_schedule(lrs, self.job.dtype))
 
             def loss_fn(params, x, y):
                 return m._loss(m._apply(params, x), y, reduction)

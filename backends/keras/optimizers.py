@@ -42,7 +42,7 @@ import numpy as np
 from gradparity.backends.protocol import OptimizerSession, compile_generated, cpu_environment, package_versions
 
 
-class _StepTable(keras.optimizers.schedules.LearningRateSchedule):
+class StepTable(keras.optimizers.schedules.LearningRateSchedule):
     """``lrs[step]``: the learning rate Keras asks for with ``optimizer.iterations`` (0 at the first apply)."""
 
     def __init__(self, lrs, dtype):
@@ -59,7 +59,7 @@ class _StepTable(keras.optimizers.schedules.LearningRateSchedule):
         return {"lrs": self.lrs, "dtype": keras.backend.standardize_dtype(self.table.dtype)}
 
 
-def _optimizer(config: dict, learning_rate) -> keras.optimizers.Optimizer:
+def build_optimizer(config: dict, learning_rate) -> keras.optimizers.Optimizer:
     """The Keras optimizer ``config`` names, with ``learning_rate`` (a float or a schedule); with a ``"code"``
     key, the one that rendered code's ``make_optimizer(learning_rate)`` builds."""
     if config.get("code"):
@@ -130,8 +130,8 @@ def run_steps(config: dict, params: dict[str, np.ndarray], grads: list[dict[str,
     # schedule(self._iterations)) once for the weight decay and once for the
     # update, both before apply() increments iterations, so step t (from 0)
     # sees lrs[t] everywhere. Works on the tensorflow, jax and torch backends.
-    schedule = _StepTable(lrs, dtype)
-    optimizer = _optimizer(config, schedule)
+    schedule = StepTable(lrs, dtype)
+    optimizer = build_optimizer(config, schedule)
     # Build first, on the variables: the slot variables (SGD's momentums,
     # Adam's m and v) are created by build(), zero-initialised with each
     # variable's shape and dtype. apply() would build lazily on its first

@@ -45,7 +45,7 @@ import dataclasses
 import keras
 import numpy as np
 
-from gradparity.backends.keras.optimizers import _optimizer, _StepTable, environment_note
+from gradparity.backends.keras.optimizers import build_optimizer, StepTable, environment_note
 from gradparity.backends.keras.session import _REDUCTIONS, KerasSession
 from gradparity.backends.protocol import RawResult, WorkerJob, train_batches, train_run, train_weights
 
@@ -127,7 +127,7 @@ class TrainSession(KerasSession):
             # From scratch: the same variables (their traced tf.function / jitted gradient stay valid), reset.
             for variable, name in zip(variables, self.names):
                 variable.assign(job.params[name])
-            optimizer = _optimizer(config, _StepTable(lrs, job.dtype))
+            optimizer = build_optimizer(config, StepTable(lrs, job.dtype))
             # Built on the model's variables before the first step, as optimizers.run_steps does.
             optimizer.build(variables)
             for t, (x, y) in enumerate(batches, start=1):

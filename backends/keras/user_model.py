@@ -471,7 +471,7 @@ class KerasModelTraining(ModelTraining):
                                                 else "int32"))
 
     def compute(self, case: str) -> RawResult:
-        from gradparity.backends.keras.optimizers import _optimizer, _StepTable, environment_note
+        from gradparity.backends.keras.optimizers import build_optimizer, StepTable, environment_note
 
         m = self.model
         batches, config, lrs, reduction, record = self.settings(case)
@@ -481,7 +481,7 @@ class KerasModelTraining(ModelTraining):
         with m.ad.scope():
             m._load(m.assign)
             m._restore()
-            optimizer = _optimizer(config, _StepTable(lrs, self.job.dtype))
+            optimizer = build_optimizer(config, StepTable(lrs, self.job.dtype))
             optimizer.build(variables)
             for t, (x, y) in enumerate(batches, start=1):
                 loss, grads = m.ad.reduced(_REDUCTIONS[reduction], x, y, [])

@@ -25,10 +25,10 @@ import torch
 
 from gradparity.backends.protocol import OptimizerSession, compile_generated, cpu_environment
 
-_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-def _optimizer(config: dict, tensors: list[torch.Tensor]) -> torch.optim.Optimizer:
+def build_optimizer(config: dict, tensors: list[torch.Tensor]) -> torch.optim.Optimizer:
     """The torch optimizer ``config`` names, over ``tensors`` (one param group); with a ``"code"`` key, the one
     that rendered code's ``make_optimizer(params, lr)`` builds, its ``before_step(optimizer, t)`` (if any)
     registered as a step pre-hook, so every loop that calls ``step()`` runs it as the code says."""
@@ -83,10 +83,10 @@ def run_steps(config: dict, params: dict[str, np.ndarray], grads: list[dict[str,
     """
     if len(lrs) != len(grads):
         raise ValueError(f"{len(grads)} gradient steps but {len(lrs)} learning rates")
-    torch_dtype = _DTYPES[dtype]
+    torch_dtype = TORCH_DTYPES[dtype]
     names = list(params)
     tensors = [torch.tensor(np.asarray(params[n]), dtype=torch_dtype, requires_grad=True) for n in names]
-    optimizer = _optimizer(config, tensors)
+    optimizer = build_optimizer(config, tensors)
     (group,) = optimizer.param_groups
     k = int(config.get("accumulation", 1))
     history = []

@@ -138,7 +138,7 @@ class MLP(nn.Module):
         return x
 
 
-def _torch_name(canonical: str) -> str:
+def torch_name(canonical: str) -> str:
     """The module's parameter name for a canonical one (kernels are Linear weights, scales BatchNorm weights)."""
     group, index, leaf = canonical.split(".")
     return f"{group}.{index}.{ {'kernel': 'weight', 'scale': 'weight'}.get(leaf, leaf) }"
@@ -149,11 +149,11 @@ def build_model(job: WorkerJob, dtype: torch.dtype, device: torch.device) -> MLP
     in training mode)."""
     model = MLP(job.model["sizes"], job.model["activation"], job.batchnorm_epsilon, dtype, device)
     torch_params = dict(model.named_parameters())
-    if sorted(map(_torch_name, job.params)) != sorted(torch_params):
+    if sorted(map(torch_name, job.params)) != sorted(torch_params):
         raise ValueError(f"model parameters {sorted(torch_params)} do not match the job's {sorted(job.params)}")
     with torch.no_grad():  # overwrite torch's random init with the canonical values
         for name, value in job.params.items():
-            torch_params[_torch_name(name)].copy_(torch.from_numpy(value.T if name.endswith(".kernel") else value))
+            torch_params[torch_name(name)].copy_(torch.from_numpy(value.T if name.endswith(".kernel") else value))
     return model
 
 
@@ -223,8 +223,8 @@ class TorchSession:
     def _grads(self, per_name: dict[str, torch.Tensor] | None = None) -> dict[str, np.ndarray]:
         """Canonical numpy gradients, from ``.grad`` or from a dict keyed like named_parameters()."""
         params = dict(self.model.named_parameters())
-        return {name: to_canonical(name, params[_torch_name(name)].grad if per_name is None
-                                   else per_name[_torch_name(name)]) for name in self.job.params}
+        return {name: to_canonical(name, params[torch_name(name)].grad if per_name is None
+                                   else per_name[torch_name(name)]) for name in self.job.params}
 
     def _read_unzeroed(self, read: dict | None) -> dict:
         """The switch 'unzeroed_gradients': add what .grad holds now (examples 0..i) to what was read."""

@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from gradparity.backends.protocol import RawResult, WorkerJob, train_batches, train_result, train_run, train_weights
-from gradparity.backends.torch.optimizers import _DTYPES, _optimizer, environment_note
-from gradparity.backends.torch.session import (_torch_name, build_model, mlp_environment, pick_device,
+from gradparity.backends.torch.optimizers import TORCH_DTYPES, build_optimizer, environment_note
+from gradparity.backends.torch.session import (torch_name, build_model, mlp_environment, pick_device,
                                                pin_highest_precision, to_canonical)
 
 LOOP = ("optimizer.zero_grad(); loss = nn.CrossEntropyLoss(reduction=REDUCTION)(model(x_t), y_t); "
@@ -56,7 +56,7 @@ class TorchTrainSession:
         self.device, self.device_note = pick_device(job.device)
         if job.precision == "highest":
             pin_highest_precision()
-        self.dtype = _DTYPES[job.dtype]
+        self.dtype = TORCH_DTYPES[job.dtype]
         self._batches: dict[str, list] = {}
         self._weights: dict[str, list] = {}
         # Converted once here: a timed compute() is the loop alone.
@@ -96,7 +96,7 @@ class TorchTrainSession:
         config, lrs, reduction, record = train_run(self.job, case, len(batches))
         weights = self._run_weights[case]
         model = build_model(self.job, self.dtype, self.device)
-        optimizer = _optimizer(config, list(model.parameters()))
+        optimizer = build_optimizer(config, list(model.parameters()))
         (group,) = optimizer.param_groups
         plain = nn.CrossEntropyLoss(reduction=reduction) if weights is None else None
         weighted = weighted_loss(reduction) if weights is not None else None
@@ -112,7 +112,7 @@ class TorchTrainSession:
             # Device-side copies (step() updates in place); read back after the loop, so no host sync per step.
             losses.append(loss.detach())
             if t in record:
-                snapshots.append((t, {name: named[_torch_name(name)].detach().clone() for name in self.job.params}))
+                snapshots.append((t, {name: named[torch_name(name)].detach().clone() for name in self.job.params}))
         arrays = {f"{t}/{name}": np.array(to_canonical(name, value), copy=True)
                   for t, snap in snapshots for name, value in snap.items()}
         return train_result(self.job, arrays, [float(v) for v in torch.stack(losses).cpu().numpy()],

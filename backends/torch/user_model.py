@@ -277,13 +277,13 @@ class TorchModelTraining(ModelTraining):
                 yt.to(m.dtype) if self.job.payload["loss"] == "mse" else yt.to(torch.int64))
 
     def compute(self, case: str) -> RawResult:
-        from gradparity.backends.torch.optimizers import _optimizer, environment_note
+        from gradparity.backends.torch.optimizers import build_optimizer, environment_note
 
         m = self.model
         batches, config, lrs, reduction, record = self.settings(case)
         m._load(m.assign)  # from scratch: the canonical start again
         trainable = [(key, *m.owners[native][:3]) for native, key in m.assign.items() if m.owners[native][3]]
-        optimizer = _optimizer(config, [tensor for *_, tensor in trainable])
+        optimizer = build_optimizer(config, [tensor for *_, tensor in trainable])
         (group,) = optimizer.param_groups
         losses, snapshots = [], []
         for t, ((x, y), lr) in enumerate(zip(batches, lrs), start=1):

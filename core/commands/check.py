@@ -34,8 +34,8 @@ from gradparity.errors import ConfigError
 from gradparity.experiment.causes import Rule
 from gradparity.experiment.weights import ModelLayout, WeightMap, map_weights
 from gradparity.run.execute import BackendOutcome, MethodOutcome
+from gradparity.report.render import REPORT_FILES
 from gradparity.run.runner import WorkerRun, run_jobs
-from gradparity.run.pipeline import REPORT_FILES
 
 #: The frameworks a user's model may come in, in the order they are run and listed.
 FRAMEWORKS = ("torch", "keras", "jax")

@@ -69,9 +69,9 @@ class LossComparison:
     summary: str = ""
 
     def to_dict(self) -> dict:
-        from gradparity.commands.translate import _finite
+        from gradparity.report.jsonout import strict
 
-        return _finite({
+        return strict({
             "configurations": [
                 {"index": i, "text": text, "meaning": sem.describe(), "semantics": sem.to_dict(),
                  "divisor_rule": sem.divisor, "divisors": self.divisors[i], **c.to_dict()}

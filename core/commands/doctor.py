@@ -15,7 +15,7 @@ from gradparity.backends import BACKENDS
 from gradparity.experiment.spec import load_experiment
 from gradparity.losses.batches import make_loss_job
 from gradparity.run.execute import BackendOutcome
-from gradparity.run.pipeline import experiment_job
+from gradparity.commands.run import experiment_job
 from gradparity.run.runner import WorkerRun, run_jobs
 
 

@@ -65,7 +65,7 @@ from gradparity.backends.protocol import WorkerJob
 from gradparity.commands.train import DEFAULT_LR, TrainSpec, check_spec, held_out_accuracy, split_digits
 from gradparity.compare.trajectories import relative_distance
 from gradparity.errors import ConfigError
-from gradparity.experiment.inputs import _rng, init_params
+from gradparity.experiment.inputs import seeded_rng, init_params
 from gradparity.experiment.models import MLP
 from gradparity.run.runner import WorkerRun, run_jobs
 
@@ -162,7 +162,7 @@ def class_weights(y: np.ndarray, scheme: str, seed: int) -> np.ndarray | None:
     if scheme == "balanced":
         c = len(y) / (CLASSES * np.maximum(counts, 1.0))
     else:
-        ranks = _rng(seed, 5).permutation(CLASSES)
+        ranks = seeded_rng(seed, 5).permutation(CLASSES)
         c = SKEW ** (2.0 * ranks / (CLASSES - 1) - 1.0)
     return c * len(y) / float(counts @ c)
 
@@ -205,7 +205,7 @@ def _epoch_batches(x, y, b: int, epochs: int, seed: int, dtype: str, keep: bool 
     epoch (n mod b examples) dropped, as drop_last does, or with ``keep`` its own step at the end of the epoch.
     The shuffles do not depend on ``keep``: the kept sequence is the dropped one plus the short batches. Also the
     steps that end an epoch."""
-    rng = _rng(seed, 1)
+    rng = seeded_rng(seed, 1)
     batches, ends = [], []
     for _ in range(epochs):
         order = rng.permutation(len(y))

@@ -27,7 +27,7 @@ from gradparity.backends.protocol import WorkerJob
 from gradparity.compare.tolerance import UNIT_ROUNDOFF, effective_unit_roundoff, tolerance_for, training_rtol
 from gradparity.compare.trajectories import first_beyond, relative_distance
 from gradparity.errors import ConfigError
-from gradparity.experiment.inputs import _load_digits, _rng, init_params
+from gradparity.experiment.inputs import digits_dataset, seeded_rng, init_params
 from gradparity.experiment.models import MLP
 from gradparity.experiment.optimizers import FRAMEWORKS, OptimizerConfig
 from gradparity.run.runner import WorkerRun, run_jobs
@@ -186,15 +186,15 @@ def split_digits(spec: TrainSpec) -> tuple[tuple[np.ndarray, np.ndarray], tuple[
 
         exp = builtin_experiment(spec)
         m, n = exp.model, exp.data.num_examples
-        seq = token_sequences(n, m.seq_len, m.vocab, _rng(spec.seed, 2))
+        seq = token_sequences(n, m.seq_len, m.vocab, seeded_rng(spec.seed, 2))
         x, y = seq[:, :-1], seq[:, 1:]
         desc = (f"synthetic token sequences ({n} of length {m.seq_len}, vocabulary {m.vocab}: stride 1-3 modulo the "
                 "vocabulary, 10% noise; targets the next token)")
     else:
-        x, y, desc = _load_digits()
+        x, y, desc = digits_dataset()
         if spec.model == "cnn":
             x, desc = x.reshape(-1, 8, 8, 1), desc + " as 8x8x1 images"
-    order = _rng(spec.seed, 4).permutation(len(y))
+    order = seeded_rng(spec.seed, 4).permutation(len(y))
     cut = int(round(len(y) * (1 - HELD_OUT)))
     train, held = order[:cut], order[cut:]
     held_x = x[held] if spec.model == "sequence" else x[held].astype(spec.dtype)   # token ids stay integers
@@ -209,7 +209,7 @@ def build_batches(spec: TrainSpec, split=None) -> tuple[MLP, dict[str, np.ndarra
     (x, y), _, desc = split if split is not None else split_digits(spec)
     n = len(y)
     model = build_model(spec, x.shape[1:])
-    rng = _rng(spec.seed, 1)
+    rng = seeded_rng(spec.seed, 1)
     order, batches = np.empty(0, dtype=np.int64), []
     for _ in range(spec.steps):
         if len(order) < spec.batch_size:

@@ -28,6 +28,7 @@ from gradparity.losses.batches import LossBatch, check_loss_batch, generate_batc
 from gradparity.losses.catalogue import DIVISOR_LABELS, DIVISORS, LossSemantics, Rendering
 from gradparity.losses.text import parse_loss_text
 from gradparity.run.execute import BackendOutcome
+from gradparity.report.jsonout import strict
 from gradparity.run.runner import WorkerRun, run_jobs
 
 FRAMEWORKS = ("torch", "keras", "jax")
@@ -109,7 +110,7 @@ class TranslationReport:
 
     def to_dict(self) -> dict:
         """The --json document; non-finite numbers become null (JSON has no NaN/inf)."""
-        return _finite(self._dict())
+        return strict(self._dict())
 
     def _dict(self) -> dict:
         return {
@@ -120,18 +121,6 @@ class TranslationReport:
             "translations": [t.to_dict() for t in self.translations],
             "verdict": {"status": self.status, "exit_code": self.exit_code, "summary": self.summary},
         }
-
-
-def _finite(value):
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
 
 
 def _load_data(path: str | None) -> dict[str, np.ndarray]:

@@ -49,12 +49,12 @@ class CanonicalInputs:
                 for k, v in self.arrays().items()}
 
 
-def _rng(seed: int, stream: int) -> np.random.Generator:
+def seeded_rng(seed: int, stream: int) -> np.random.Generator:
     # Independent streams: changing the data does not change the parameters.
     return np.random.default_rng([seed, stream])
 
 
-def _load_digits() -> tuple[np.ndarray, np.ndarray, str]:
+def digits_dataset() -> tuple[np.ndarray, np.ndarray, str]:
     from sklearn.datasets import load_digits  # data ships inside scikit-learn: no download
 
     d = load_digits()
@@ -64,7 +64,7 @@ def _load_digits() -> tuple[np.ndarray, np.ndarray, str]:
 def _synthetic(spec: DataSpec, seed: int) -> tuple[np.ndarray, np.ndarray, str]:
     check_size(f"synthetic data of {spec.num_examples:,} x {spec.num_features:,} float64 values",
                8.0 * spec.num_examples * (spec.num_features + 1))
-    rng = _rng(seed, 2)
+    rng = seeded_rng(seed, 2)
     x = rng.standard_normal((spec.num_examples, spec.num_features))
     y = rng.integers(0, spec.num_classes, spec.num_examples)
     # Every class present when there is room, so the output layer is fully exercised.
@@ -175,7 +175,7 @@ def check_problem_size(model: Model, n_batch: int, num_classes_inferred: bool, m
 def init_params(model: Model, seed: int, dtype: str) -> dict[str, np.ndarray]:
     """Glorot-uniform kernels, U(-1, 1) embeddings, scales near 1 and small uniform biases, drawn in float64
     then cast to ``dtype``."""
-    rng = _rng(seed, 0)
+    rng = seeded_rng(seed, 0)
     params = {}
     for name, shape in model.param_shapes().items():
         if name.endswith(".kernel"):
@@ -199,7 +199,7 @@ def build_inputs(exp: Experiment) -> CanonicalInputs:
     if exp.model.kind == "sequence":
         return _sequence_inputs(exp)
     if spec.source == "digits":
-        x, y, desc = _load_digits()
+        x, y, desc = digits_dataset()
         if exp.model.kind == "cnn":
             x, desc = x.reshape(-1, 8, 8, 1), desc + " as 8x8x1 images"
     elif spec.source == "synthetic":
@@ -227,7 +227,7 @@ def build_inputs(exp: Experiment) -> CanonicalInputs:
         model = MLP((x.shape[1], *exp.model.hidden, num_classes), exp.model.activation, exp.causes.batchnorm)
     check_problem_size(model, spec.batch_size, inferred, int(y.max()))
 
-    order = _rng(exp.seed, 1).permutation(n) if spec.shuffle else np.arange(n)
+    order = seeded_rng(exp.seed, 1).permutation(n) if spec.shuffle else np.arange(n)
     xb, yb = _rows(x, y, order[start:stop], exp.dtype)
     extra = _rows(x, y, order[stop:stop + last], exp.dtype) if last else (None, None)
 
@@ -238,7 +238,7 @@ def build_inputs(exp: Experiment) -> CanonicalInputs:
     batch = {"x": xb, "y": yb}
     if isinstance(model, MLP):
         batch.update(**part_arrays(exp.causes, xb, yb, *extra),
-                     **dropout_masks(exp.causes, model.hidden, len(yb), _rng(exp.seed, 3), exp.dtype))
+                     **dropout_masks(exp.causes, model.hidden, len(yb), seeded_rng(exp.seed, 3), exp.dtype))
     return CanonicalInputs(model, params, batch, desc)
 
 
@@ -278,8 +278,8 @@ def _sequence_inputs(exp: Experiment) -> CanonicalInputs:
                           f"{stop} sequences, but data.num_examples = {n}")
     check_size(f"{n:,} token sequences of {m.seq_len + 1}", 8.0 * n * (m.seq_len + 1))
     check_problem_size(model, spec.batch_size, False, None)
-    seq = token_sequences(n, m.seq_len, m.vocab, _rng(exp.seed, 2))
-    order = _rng(exp.seed, 1).permutation(n) if spec.shuffle else np.arange(n)
+    seq = token_sequences(n, m.seq_len, m.vocab, seeded_rng(exp.seed, 2))
+    order = seeded_rng(exp.seed, 1).permutation(n) if spec.shuffle else np.arange(n)
     rows = seq[order[start:stop]]
     desc = (f"synthetic token sequences ({n} of length {m.seq_len}, vocabulary {m.vocab}: stride 1-3 modulo "
             f"the vocabulary, 10% noise; targets the next token), batch {spec.batch_index} of size "

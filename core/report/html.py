@@ -23,8 +23,8 @@ import io
 import math
 
 from gradparity.compare.pairs import pair_index
-from gradparity.report.render import _environment_lines, _errors, _g, _header, _reference, _rows
-from gradparity.run.pipeline import Report
+from gradparity.report.render import environment_lines, error_lines, fmt_g, header_line, reference_label, report_rows
+from gradparity.compare.results import Report
 
 HEATMAP_PNG = "heatmap.png"
 MAX_REL_PNG = "max_rel.png"
@@ -154,7 +154,7 @@ def max_rel_png(report: Report) -> bytes:
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
-    ref = _reference(report)
+    ref = reference_label(report)
     pairs = pair_index(report.comparisons)
     others = [r for r in report.results if ref is None or r.label != ref.label]
     width = max(5.5, 0.5 * len(others) + 2.5)
@@ -231,7 +231,7 @@ window.addEventListener("load", function () {
 def page_head(title: str) -> list[str]:
     """The lines that open a self-contained report page: head, inline CSS, and the note a broken plot shows."""
     return ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
-            '<meta name="viewport" content="width=device-width, initial-scale=1">', f"<title>{_e(title)}</title>",
+            '<meta name="viewport" content="width=device-width, initial-scale=1">', f"<title>{html_escape(title)}</title>",
             f"<style>{_CSS}</style>", "</head>", "<body>",
             '<p id="broken" class="note" hidden>An embedded plot did not load: the file may be damaged; the PNG '
             "files beside it hold the same plots.</p>"]
@@ -242,28 +242,28 @@ def page_tail() -> list[str]:
     return [f"<script>{_SCRIPT}</script>", "</body>", "</html>", ""]
 
 
-def _e(text) -> str:
+def html_escape(text) -> str:
     return html.escape(str(text), quote=True)
 
 
-def _table_html(head: list[str], rows: list[list[str]], classes: list[str] | None = None,
+def html_table(head: list[str], rows: list[list[str]], classes: list[str] | None = None,
                 numeric: set[int] = frozenset()) -> str:
-    out = ["<table>", "<thead><tr>" + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr></thead>", "<tbody>"]
+    out = ["<table>", "<thead><tr>" + "".join(f"<th>{html_escape(h)}</th>" for h in head) + "</tr></thead>", "<tbody>"]
     for k, row in enumerate(rows):
         cls = f' class="{classes[k]}"' if classes and classes[k] else ""
-        cells = "".join(f'<td class="num">{_e(c)}</td>' if i in numeric else f"<td>{_e(c)}</td>"
+        cells = "".join(f'<td class="num">{html_escape(c)}</td>' if i in numeric else f"<td>{html_escape(c)}</td>"
                         for i, c in enumerate(row))
         out.append(f"<tr{cls}>{cells}</tr>")
     out += ["</tbody>", "</table>"]
     return "\n".join(out)
 
 
-def _figure(name: str, png: bytes | None, alt: str, caption: str, failure: str | None) -> str:
+def figure_html(name: str, png: bytes | None, alt: str, caption: str, failure: str | None) -> str:
     if png is None:
-        return f'<p class="note">{_e(name)} could not be drawn: {_e(failure)}</p>'
+        return f'<p class="note">{html_escape(name)} could not be drawn: {html_escape(failure)}</p>'
     data = base64.b64encode(png).decode("ascii")
-    return (f'<figure id="{_e(name)}">\n<img src="data:image/png;base64,{data}" alt="{_e(alt)}">\n'
-            f"<figcaption>{_e(caption)} (also saved as {_e(name)} beside this file.)</figcaption>\n</figure>")
+    return (f'<figure id="{html_escape(name)}">\n<img src="data:image/png;base64,{data}" alt="{html_escape(alt)}">\n'
+            f"<figcaption>{html_escape(caption)} (also saved as {html_escape(name)} beside this file.)</figcaption>\n</figure>")
 
 
 def draw_plots(draws, *args) -> tuple[dict[str, bytes], dict[str, str]]:
@@ -284,23 +284,23 @@ def render_html(report: Report) -> tuple[str, dict[str, bytes]]:
     """report.html's text and the PNG files it embeds ({file name: bytes})."""
     pngs, failures = draw_plots(((HEATMAP_PNG, heatmap_png), (MAX_REL_PNG, max_rel_png)), report)
     exp, verdict = report.experiment, report.verdict
-    ref = _reference(report)
+    ref = reference_label(report)
     rtol_text = _rtol_text(report)
-    head, rows = _rows(report)
+    head, rows = report_rows(report)
     agree_col = head.index("agree")
     classes = ["failed" if not r.ok else "bad" if row[agree_col] == "NO" else ""
                for r, row in zip(report.results, rows)]
     parts = [
         *page_head(f"gradparity report: {exp.name} ({verdict.status}, run {report.run_id})"),
         "<h1>gradparity report</h1>",
-        '<ul class="facts">' + "".join(f"<li>{_e(line)}</li>" for line in _header(report)) + "</ul>",
+        '<ul class="facts">' + "".join(f"<li>{html_escape(line)}</li>" for line in header_line(report)) + "</ul>",
         "<h2>Verdict</h2>",
-        f'<div class="verdict {_e(verdict.status)}">',
-        f'<p class="summary">{_e(verdict.summary)}</p>',
-        "<ul>" + "".join(f"<li>{_e(line)}</li>" for line in verdict.explanation) + "</ul>",
+        f'<div class="verdict {html_escape(verdict.status)}">',
+        f'<p class="summary">{html_escape(verdict.summary)}</p>',
+        "<ul>" + "".join(f"<li>{html_escape(line)}</li>" for line in verdict.explanation) + "</ul>",
         "</div>",
         "<h2>Plots</h2>",
-        _figure(HEATMAP_PNG, pngs.get(HEATMAP_PNG),
+        figure_html(HEATMAP_PNG, pngs.get(HEATMAP_PNG),
                 "Heat map of max_rel / rtol for every pair of results",
                 "Every pair of results (rows x columns: backend/method), coloured by max_rel / rtol, the share "
                 "of its tolerance the pair used (dimensionless; log colour scale from 1e-4 to 1e2, values "
@@ -309,7 +309,7 @@ def render_html(report: Report) -> tuple[str, dict[str, bytes]]:
                 "disagrees (max_rel or the loss difference above rtol). Grey 'n/a': a failed result, not "
                 f"compared. {_context(report)}; {rtol_text}; the pair's rtol is that of its less precise side.",
                 failures.get(HEATMAP_PNG)),
-        _figure(MAX_REL_PNG, pngs.get(MAX_REL_PNG),
+        figure_html(MAX_REL_PNG, pngs.get(MAX_REL_PNG),
                 f"Bar chart of each result's max_rel against {ref.label if ref else 'the reference'}, "
                 "with each pair's tolerance",
                 f"max_rel of each result against the reference {ref.label if ref else '(none)'} (dimensionless: "
@@ -319,25 +319,25 @@ def render_html(report: Report) -> tuple[str, dict[str, bytes]]:
         "<h2>Results</h2>",
         "<p>Times are wall-clock milliseconds, the median of 3 calls after one warm-up call, gradients "
         "copied to host memory included.</p>",
-        _table_html(head, rows, classes, numeric={5, 7, 8, 9}),
+        html_table(head, rows, classes, numeric={5, 7, 8, 9}),
     ]
-    errors = _errors(report)
+    errors = error_lines(report)
     if errors:
-        parts += ["<h2>Errors</h2>"] + [f"<pre>{_e(e)}</pre>" for e in errors]
+        parts += ["<h2>Errors</h2>"] + [f"<pre>{html_escape(e)}</pre>" for e in errors]
     comps = sorted(report.comparisons, key=lambda c: (c.agree, -(c.max_rel / c.tolerance)))
     parts += [
         "<h2>Comparisons</h2>",
         f"<p>{len(report.comparisons)} pairs, disagreeing first, then by share of tolerance used. max_rel is "
         "relative to each parameter tensor's scale S_p (see the tolerance line).</p>",
-        _table_html(["a", "b", "max_abs", "max_rel", "max_rel / rtol", "worst param", "cosine", "loss_rel", "rtol",
+        html_table(["a", "b", "max_abs", "max_rel", "max_rel / rtol", "worst param", "cosine", "loss_rel", "rtol",
                      "agree"],
-                    [[c.a, c.b, _g(c.max_abs), _g(c.max_rel), _g(c.max_rel / c.tolerance if c.tolerance else None),
-                      c.worst_param, f"{c.cosine:.9f}", _g(c.loss_rel), _g(c.tolerance), "yes" if c.agree else "NO"]
+                    [[c.a, c.b, fmt_g(c.max_abs), fmt_g(c.max_rel), fmt_g(c.max_rel / c.tolerance if c.tolerance else None),
+                      c.worst_param, f"{c.cosine:.9f}", fmt_g(c.loss_rel), fmt_g(c.tolerance), "yes" if c.agree else "NO"]
                      for c in comps],
                     ["" if c.agree else "bad" for c in comps], numeric={2, 3, 4, 6, 7, 8}),
         "<h2>Environment</h2>",
-        '<ul class="facts">' + "".join(f"<li>{_e(line)}</li>" for line in _environment_lines(report)) + "</ul>",
-        f"<p>Written with report.json, report.md, inputs.npz and gradients.npz (run {_e(report.run_id)}); "
+        '<ul class="facts">' + "".join(f"<li>{html_escape(line)}</li>" for line in environment_lines(report)) + "</ul>",
+        f"<p>Written with report.json, report.md, inputs.npz and gradients.npz (run {html_escape(report.run_id)}); "
         "report.json lists every file's SHA-256.</p>",
         *page_tail(),
     ]

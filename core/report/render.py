@@ -15,14 +15,21 @@ from pathlib import Path
 
 import numpy as np
 
-import gradparity
+from gradparity.version import __version__
 from gradparity.backends.protocol import GELU_PROBE
 from gradparity.compare.pairs import pair_index
-from gradparity.report.jsonout import dumps
+from gradparity.report.jsonout import dumps, strict
 from gradparity.report.outdir import OutputDir
-from gradparity.run.pipeline import Report
+from gradparity.compare.results import Report
 
 SCHEMA_VERSION = 1
+
+
+#: The files a run writes into its output folder, in the order they are renamed into place
+#: (`gradparity check` writes the same set less report.html and its plots).
+REPORT_FILES = ("inputs.npz", "gradients.npz", "report.md", "heatmap.png", "max_rel.png", "report.html",
+                "report.json")
+
 
 
 # --- files -------------------------------------------------------------------
@@ -37,28 +44,21 @@ def _write_npz(path: Path, arrays: dict[str, np.ndarray], run_id: str) -> None:
 
 # --- JSON ------------------------------------------------------------------
 
-def _finite(x):
-    """JSON has no NaN/inf: write null (the 'agree' field still says false)."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
-
-
 def result_rows(results) -> list[dict]:
     """report.json's "results": one row per backend x method (shared by every command's report)."""
     return [{"backend": r.backend, "method": r.method, "status": r.status, "error": r.error,
-             "loss": _finite(r.loss), "loss_native": _finite(r.loss_native),
+             "loss": strict(r.loss), "loss_native": strict(r.loss_native),
              "normalization_factor": r.normalization_factor, "factor": r.factor_label,
-             "grad_norm": _finite(r.grad_norm), "seconds": r.seconds, "dtype": r.dtype,
+             "grad_norm": strict(r.grad_norm), "seconds": r.seconds, "dtype": r.dtype,
              "device": r.device, "unit_roundoff": r.unit_roundoff}
             for r in results]
 
 
 def comparison_rows(comparisons) -> list[dict]:
     """report.json's "comparisons": one row per pair of results."""
-    return [{"a": c.a, "b": c.b, "max_abs": _finite(c.max_abs), "max_rel": _finite(c.max_rel),
-             "worst_param": c.worst_param, "cosine": _finite(c.cosine), "loss_rel": _finite(c.loss_rel),
-             "scale": _finite(c.scale), "scaled_max_rel": _finite(c.scaled_max_rel),
+    return [{"a": c.a, "b": c.b, "max_abs": strict(c.max_abs), "max_rel": strict(c.max_rel),
+             "worst_param": c.worst_param, "cosine": strict(c.cosine), "loss_rel": strict(c.loss_rel),
+             "scale": strict(c.scale), "scaled_max_rel": strict(c.scaled_max_rel),
              "unit_roundoff": c.unit_roundoff, "tolerance": c.tolerance, "agree": c.agree}
             for c in comparisons]
 
@@ -68,7 +68,7 @@ def to_dict(report: Report) -> dict:
     exp, inputs = report.experiment, report.inputs
     return {
         "schema_version": SCHEMA_VERSION,
-        "gradparity_version": gradparity.__version__,
+        "gradparity_version": __version__,
         "run_id": report.run_id,
         "interrupted": report.interrupted,
         "started_utc": report.started_utc,
@@ -151,7 +151,7 @@ def write_files(out: OutputDir, run_id: str, inputs: dict[str, np.ndarray] | Non
 
 # --- text rendering --------------------------------------------------------
 
-def _g(x, digits=3) -> str:
+def fmt_g(x, digits=3) -> str:
     if x is None:
         return "-"
     if isinstance(x, float) and not math.isfinite(x):
@@ -159,7 +159,7 @@ def _g(x, digits=3) -> str:
     return f"{x:.{digits}g}"
 
 
-def _reference(report: Report):
+def reference_label(report: Report):
     """The row every other row is shown against: numpy/mean, else the first ok row."""
     ok = [r for r in report.results if r.ok]
     for r in ok:
@@ -168,8 +168,8 @@ def _reference(report: Report):
     return ok[0] if ok else None
 
 
-def _rows(report: Report) -> tuple[list[str], list[list[str]]]:
-    ref = _reference(report)
+def report_rows(report: Report) -> tuple[list[str], list[list[str]]]:
+    ref = reference_label(report)
     pairs = pair_index(report.comparisons)
     head = ["backend", "method", "status", "device", "dtype", "loss (mean)", "factor", "grad L2 norm",
             "time (ms)", f"max_rel vs {ref.label if ref else '-'}", "agree"]
@@ -178,9 +178,9 @@ def _rows(report: Report) -> tuple[list[str], list[list[str]]]:
         c = pairs.get((r.label, ref.label)) if ref and r.label != ref.label else None
         if r.ok:
             rows.append([r.backend, r.method, r.status, (r.device or "-")[:24], r.dtype or "-",
-                         f"{r.loss:.10g}", r.factor_label, _g(r.grad_norm, 6),
-                         _g(r.seconds * 1e3 if r.seconds is not None else None),
-                         "(reference)" if r is ref else _g(c.max_rel if c else None),
+                         f"{r.loss:.10g}", r.factor_label, fmt_g(r.grad_norm, 6),
+                         fmt_g(r.seconds * 1e3 if r.seconds is not None else None),
+                         "(reference)" if r is ref else fmt_g(c.max_rel if c else None),
                          "" if c is None else ("yes" if c.agree else "NO")])
         else:
             rows.append([r.backend, r.method, r.status.upper(), "-", r.dtype or "-", "-", r.factor_label,
@@ -203,7 +203,7 @@ def _table(head: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
-def _errors(report: Report) -> list[str]:
+def error_lines(report: Report) -> list[str]:
     """Each distinct error once: per backend when the whole backend failed, else per row."""
     out, seen = [], set()
     for o in report.outcomes:
@@ -216,7 +216,7 @@ def _errors(report: Report) -> list[str]:
     return out
 
 
-def _environment_lines(report: Report, full: bool = True) -> list[str]:
+def environment_lines(report: Report, full: bool = True) -> list[str]:
     """One line per backend; ``full`` lists every precision setting read back (else only TF32)."""
     lines = []
     for o in report.outcomes:
@@ -235,17 +235,17 @@ def _environment_lines(report: Report, full: bool = True) -> list[str]:
     return lines
 
 
-def _header(report: Report) -> list[str]:
+def header_line(report: Report) -> list[str]:
     exp, inp, tol = report.experiment, report.inputs, report.tolerance
     rtol = tol.to_dict()["rtol"]
     lines = [
-        f"gradparity {gradparity.__version__}: experiment {exp.name!r}, {inp.model.describe()}, "
+        f"gradparity {__version__}: experiment {exp.name!r}, {inp.model.describe()}, "
         f"{exp.loss.name}, {inp.data_description}",
         f"dtype {exp.dtype}, device {exp.device}, precision {exp.precision}, seed {exp.seed}; "
         f"every result rescaled to the mean-loss gradient",
         f"tolerance: {tol.formula()}",
-        f"rtol by arithmetic: float32 {_g(rtol['float32'])}, float64 {_g(rtol['float64'])}, "
-        f"TF32 {_g(rtol['tf32'])}",
+        f"rtol by arithmetic: float32 {fmt_g(rtol['float32'])}, float64 {fmt_g(rtol['float64'])}, "
+        f"TF32 {fmt_g(rtol['tf32'])}",
         f"run {report.run_id}, {report.started_utc} to {report.finished_utc}",
     ]
     if report.interrupted:
@@ -314,8 +314,8 @@ def _cause_lines(report: Report) -> list[str]:
     lines = [f"discrepancy switch causes.{name} ON: {text}" for name, text in on.items()]
     effect = switch_effect(report)
     if effect is not None:
-        times = f", {effect['times_rtol']:.3g} x its rtol {_g(effect['rtol'])}" if effect["times_rtol"] else ""
-        lines.append(f"effect: largest difference {effect['a']} vs {effect['b']}, max_rel {_g(effect['max_rel'])}"
+        times = f", {effect['times_rtol']:.3g} x its rtol {fmt_g(effect['rtol'])}" if effect["times_rtol"] else ""
+        lines.append(f"effect: largest difference {effect['a']} vs {effect['b']}, max_rel {fmt_g(effect['max_rel'])}"
                      f"{times}; the switches are this run's only departure from its experiment; "
                      "`gradparity diagnose` on this report ranks the causes")
     return lines
@@ -323,10 +323,10 @@ def _cause_lines(report: Report) -> list[str]:
 
 def render_text(report: Report) -> str:
     """The terminal view: context, the results table, errors, the verdict and its explanation."""
-    head, rows = _rows(report)
-    parts = (_header(report) + [""] + _environment_lines(report, full=False)
+    head, rows = report_rows(report)
+    parts = (header_line(report) + [""] + environment_lines(report, full=False)
              + ["(precision settings read back per backend: report.md)", "", _table(head, rows), ""])
-    errors = _errors(report)
+    errors = error_lines(report)
     if errors:
         parts += ["Errors:"] + [f"  {e}" for e in errors] + [""]
     parts.append(report.verdict.summary)
@@ -336,17 +336,17 @@ def render_text(report: Report) -> str:
 
 def render_markdown(report: Report) -> str:
     """report.md: the same content as report.json, for people."""
-    head, rows = _rows(report)
+    head, rows = report_rows(report)
     md = ["# gradparity report", ""]
-    md += [f"- {line}" for line in _header(report)]
+    md += [f"- {line}" for line in header_line(report)]
     md += ["", "## Verdict", "", f"**{report.verdict.summary}**", ""]
     md += [f"- {line}" for line in report.verdict.explanation]
-    md += ["", "## Environment", ""] + [f"- {line}" for line in _environment_lines(report)]
+    md += ["", "## Environment", ""] + [f"- {line}" for line in environment_lines(report)]
     md += ["", "## Results", "", "Times are wall-clock milliseconds, the median of 3 calls after one warm-up call, "
            "gradients copied to host memory included.", ""]
     md += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     md += ["| " + " | ".join(r) + " |" for r in rows]
-    errors = _errors(report)
+    errors = error_lines(report)
     if errors:
         md += ["", "## Errors", ""] + ["```\n" + e + "\n```" for e in errors]
     md += ["", "## Comparisons", "",
@@ -355,8 +355,8 @@ def render_markdown(report: Report) -> str:
            "| a | b | max_abs | max_rel | worst param | cosine | loss_rel | rtol | agree |",
            "|---|---|---|---|---|---|---|---|---|"]
     for c in sorted(report.comparisons, key=lambda c: (c.agree, -(c.max_rel / c.tolerance))):
-        md.append(f"| {c.a} | {c.b} | {_g(c.max_abs)} | {_g(c.max_rel)} | {c.worst_param} | "
-                  f"{c.cosine:.9f} | {_g(c.loss_rel)} | {_g(c.tolerance)} | {'yes' if c.agree else '**NO**'} |")
+        md.append(f"| {c.a} | {c.b} | {fmt_g(c.max_abs)} | {fmt_g(c.max_rel)} | {c.worst_param} | "
+                  f"{c.cosine:.9f} | {fmt_g(c.loss_rel)} | {fmt_g(c.tolerance)} | {'yes' if c.agree else '**NO**'} |")
     md += ["", "## Problem", "", f"- parameters: {report.inputs.model.num_params()} "
            f"({', '.join(f'{k} {v}' for k, v in report.inputs.model.param_shapes().items())})",
            "- inputs.npz checksums (SHA-256, 16 hex): "

@@ -22,6 +22,7 @@ import contextlib
 import os
 import signal
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -104,6 +105,16 @@ def _bars(runs: Sequence[WorkerRun], enabled: bool):
         yield lambda r: (lambda done, total: bar.update(tasks[id(r)], completed=done, total=total))
 
 
+def _serialized(say: Callable[[str], None]) -> Callable[[str], None]:
+    """``say`` for several threads: one message at a time, so lines from concurrent workers never interleave."""
+    lock = threading.Lock()
+
+    def one_at_a_time(msg: str) -> None:
+        with lock:
+            say(msg)
+    return one_at_a_time
+
+
 def _wait_all(futures) -> None:
     """Wait for every future in short slices, so that a signal handler runs (and may raise) meanwhile."""
     pending = set(futures)
@@ -119,7 +130,7 @@ def run_jobs(runs: Sequence[WorkerRun], *, say: Callable[[str], None] | None = N
     once (and never more than ``memory_cap()``). Raises ``Interrupted`` (with ``.outcomes``: every job's
     outcome, the unfinished ones "interrupted") when a signal or Ctrl-C stopped the run.
     """
-    say = say or (lambda _msg: None)
+    say = _serialized(say or (lambda _msg: None))
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         raise ValueError(f"run_jobs needs one key per job, got {names}")
@@ -165,6 +176,25 @@ def run_jobs(runs: Sequence[WorkerRun], *, say: Callable[[str], None] | None = N
         interrupted.outcomes = outcomes
         raise interrupted
     return outcomes
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """Hold SIGINT/SIGTERM/SIGHUP while a finished run is compared and written, so its files form a set (every
+    command that writes a report does it inside this block).
+
+    A signal that arrives meanwhile is delivered when this block ends (the
+    report is complete by then). Only the main thread can do this.
+    """
+    held = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def run_one(run: WorkerRun, **options) -> BackendOutcome:

@@ -1,55 +1,27 @@
-"""The whole job, one direction: spec -> canonical inputs -> workers -> normalize -> compare -> report."""
+"""``gradparity run``: spec -> canonical inputs -> workers -> normalize -> compare -> report, one direction."""
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import signal
-import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from gradparity.backends import BACKENDS, BackendInfo, make_job
 from gradparity.backends.protocol import WorkerJob
 from gradparity.compare.layers import defaults_notes, gelu_notes
-from gradparity.compare.normalize import Result, normalize
-from gradparity.compare.pairs import Comparison, compare_all
-from gradparity.compare.tolerance import Tolerance, problem_term_scale, tolerance_for
-from gradparity.compare.verdict import Verdict, decide
+from gradparity.compare.normalize import normalize
+from gradparity.compare.pairs import compare_all
+from gradparity.compare.results import Report
+from gradparity.compare.tolerance import problem_term_scale, tolerance_for
+from gradparity.compare.verdict import decide
 from gradparity.errors import Interrupted
 from gradparity.experiment import causes
 from gradparity.experiment.inputs import CanonicalInputs, build_inputs
 from gradparity.experiment.spec import Experiment
 from gradparity.report.outdir import OutputDir, new_run_id
+from gradparity.report.render import REPORT_FILES
 from gradparity.run.execute import BackendOutcome
-from gradparity.run.runner import WorkerRun, run_jobs
-
-
-#: The files a run writes into its output folder, in the order they are renamed into place
-#: (`gradparity check` writes the same set less report.html and its plots).
-REPORT_FILES = ("inputs.npz", "gradients.npz", "report.md", "heatmap.png", "max_rel.png", "report.html",
-                "report.json")
-
-
-@dataclass
-class Report:
-    """Everything one run measured; ``gradparity.report.render`` renders and writes it.
-
-    ``interrupted`` names the signal that stopped the run early (None when
-    it ran to the end); the results then cover only what finished.
-    """
-
-    experiment: Experiment
-    inputs: CanonicalInputs
-    outcomes: list[BackendOutcome]
-    results: list[Result]
-    tolerance: Tolerance
-    comparisons: list[Comparison]
-    verdict: Verdict
-    started_utc: str
-    finished_utc: str
-    run_id: str = ""
-    interrupted: str | None = None
+from gradparity.run.runner import WorkerRun, run_jobs, signals_deferred
 
 
 def experiment_job(exp: Experiment, inputs: CanonicalInputs, info: BackendInfo,
@@ -78,24 +50,6 @@ def _progress_line(exp: Experiment, info: BackendInfo) -> str:
     arithmetic = (f"float64 reference on {exp.dtype}-rounded inputs, cpu" if info.reference
                   else f"{exp.dtype}, device={exp.device}")
     return f"running {info.name} ({len(exp.methods)} methods, {arithmetic}) ..."
-
-
-@contextlib.contextmanager
-def _signals_deferred():
-    """Hold SIGINT/SIGTERM/SIGHUP while a finished run is compared and written, so its files form a set.
-
-    A signal that arrives meanwhile is delivered when this block ends (the
-    report is complete by then). Only the main thread can do this.
-    """
-    held = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def run_experiment(
@@ -132,7 +86,7 @@ def run_experiment(
             say(f"  interrupted by {interrupted.signal_name}: writing what finished")
         report = None
         try:
-            with _signals_deferred():
+            with signals_deferred():
                 report = _conclude(exp, inputs, outcomes, started, run_id, interrupted)
                 if out is not None:
                     from gradparity.report.render import write_report

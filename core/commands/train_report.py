@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from gradparity.commands.train import TrainReport, render_text, to_dict
-from gradparity.report.html import _e, _figure, _table_html, draw_plots, page_head, page_tail, png_bytes
+from gradparity.report.html import html_escape, figure_html, html_table, draw_plots, page_head, page_tail, png_bytes
 from gradparity.report.outdir import OutputDir
 
 LOSS_PNG, DRIFT_PNG = "loss.png", "drift.png"
@@ -81,7 +81,7 @@ def render_html(report: TrainReport, run_id: str) -> tuple[str, dict[str, bytes]
     head = text[:2]
     table_end = next(i for i, line in enumerate(text) if i > 3 and not line.strip())
     rows = [t for t in report.trajectories]
-    table = _table_html(
+    table = html_table(
         ["backend", "status", "loss step 1", "loss last", "held-out accuracy", "max vs numpy, own rule",
          "first step off", "optimizer"],
         [[t.backend, t.status, f"{t.losses[0]:.6f}" if t.losses else "", f"{t.losses[-1]:.6f}" if t.losses else "",
@@ -95,17 +95,17 @@ def render_html(report: TrainReport, run_id: str) -> tuple[str, dict[str, bytes]
     parts = [
         *page_head(f"gradparity train: {report.spec.config().label()} (run {run_id})"),
         "<h1>gradparity train</h1>",
-        '<ul class="facts">' + "".join(f"<li>{_e(line)}</li>" for line in head) + "</ul>",
-        "<h2>Verdict</h2>", f'<div class="verdict {status}">', f'<p class="summary">{_e(verdict)}</p>',
-        "<ul>" + "".join(f"<li>{_e(line)}</li>" for line in text[table_end + 1:-1] if line.strip()) + "</ul>",
+        '<ul class="facts">' + "".join(f"<li>{html_escape(line)}</li>" for line in head) + "</ul>",
+        "<h2>Verdict</h2>", f'<div class="verdict {status}">', f'<p class="summary">{html_escape(verdict)}</p>',
+        "<ul>" + "".join(f"<li>{html_escape(line)}</li>" for line in text[table_end + 1:-1] if line.strip()) + "</ul>",
         "</div>",
         "<h2>Plots</h2>",
-        _figure(LOSS_PNG, pngs.get(LOSS_PNG), "Loss and held-out accuracy per step for every framework",
+        figure_html(LOSS_PNG, pngs.get(LOSS_PNG), "Loss and held-out accuracy per step for every framework",
                 f"Left: the {report.spec.reduction}-reduced cross-entropy of each step's batch (nats), before that "
                 "step's update. Right: accuracy on the held-out digits (fraction) of the parameters after each "
                 "step, computed by one float64 numpy forward pass for every framework's parameters. Grey: float64 "
                 f"numpy with each framework's optimizer rule. {report.description}.", failures.get(LOSS_PNG)),
-        _figure(DRIFT_PNG, pngs.get(DRIFT_PNG), "Distance between trajectories per step, with the tolerance",
+        figure_html(DRIFT_PNG, pngs.get(DRIFT_PNG), "Distance between trajectories per step, with the tolerance",
                 "Per step, max |a - b| over parameters divided by the largest parameter (dimensionless, log "
                 "scale; exact agreement drawn at 1e-18): solid, each framework against the float64 numpy "
                 "trajectory of its own optimizer rule; dashed, every pair of frameworks; black, rtol(t) = "
@@ -114,10 +114,10 @@ def render_html(report: TrainReport, run_id: str) -> tuple[str, dict[str, bytes]
         "<h2>Frameworks</h2>", table,
         "<h2>Environment</h2>",
         '<ul class="facts">' + "".join(
-            f"<li>{_e(t.backend)}: {_e((t.environment or {}).get('versions'))}; device "
-            f"{_e((t.environment or {}).get('device'))}; dtype {_e((t.environment or {}).get('dtype'))}; "
-            f"loop: {_e((t.info or {}).get('loop'))}</li>" for t in rows) + "</ul>",
-        f"<p>Written with report.json, report.md, inputs.npz and trajectories.npz (run {_e(run_id)}); report.json "
+            f"<li>{html_escape(t.backend)}: {html_escape((t.environment or {}).get('versions'))}; device "
+            f"{html_escape((t.environment or {}).get('device'))}; dtype {html_escape((t.environment or {}).get('dtype'))}; "
+            f"loop: {html_escape((t.info or {}).get('loop'))}</li>" for t in rows) + "</ul>",
+        f"<p>Written with report.json, report.md, inputs.npz and trajectories.npz (run {html_escape(run_id)}); report.json "
         "lists every file's SHA-256.</p>",
         *page_tail(),
     ]
@@ -281,35 +281,35 @@ def render_sweep_html(report, run_id: str) -> tuple[str, dict[str, bytes]]:
     text = render_text(report).splitlines()
     options = []
     if report.spec.lr_grid:
-        options.append(_figure(
+        options.append(figure_html(
             GRID_PNG, pngs.get(GRID_PNG), "Held-out accuracy against the learning rate per batch size",
             f"Held-out accuracy (fraction of the held-out digits) after {report.spec.epochs} epochs against the "
             "learning rate (log scale), one panel per reduction, one line per batch size (mean over frameworks). "
             "Circles: the lr a rule predicts (multiplier 1); stars: the best measured lr on the grid.",
             failures.get(GRID_PNG)))
     if report.spec.weighted:
-        options.append(_figure(
+        options.append(figure_html(
             WEIGHTS_PNG, pngs.get(WEIGHTS_PNG), "sum(w)/N of every batch per batch size",
             "Per batch size, sum(w) / N of every step's batch (dots; box: quartiles, whiskers: min and max): a "
             "sum_over_batch_size step is the weighted mean's step times this factor, so it changes from batch to "
             "batch and no constant lr factor turns one into the other.", failures.get(WEIGHTS_PNG)))
     parts = [
         *page_head(f"gradparity train --sweep: {report.spec.base.optimizer} (run {run_id})"),
-        "<h1>gradparity train --sweep</h1>", f'<ul class="facts"><li>{_e(text[0])}</li></ul>',
-        "<h2>Learning-rate recipe</h2>", "<pre>" + _e("\n".join(recipe_lines(report))) + "</pre>",
-        _figure(RECIPE_PNG, pngs.get(RECIPE_PNG), "Held-out accuracy against batch size per learning-rate rule",
+        "<h1>gradparity train --sweep</h1>", f'<ul class="facts"><li>{html_escape(text[0])}</li></ul>',
+        "<h2>Learning-rate recipe</h2>", "<pre>" + html_escape("\n".join(recipe_lines(report))) + "</pre>",
+        figure_html(RECIPE_PNG, pngs.get(RECIPE_PNG), "Held-out accuracy against batch size per learning-rate rule",
                 f"Held-out accuracy (fraction of the {report.held_out} digits never trained on) after "
                 f"{report.spec.epochs} epochs at "
                 "each batch size, per learning-rate rule (lines: mean over frameworks; x: each framework, computed "
                 f"from its own parameters). {report.description}.", failures.get(RECIPE_PNG)),
-        _figure(EPOCHS_PNG, pngs.get(EPOCHS_PNG), "Held-out accuracy after each epoch per batch size and rule",
+        figure_html(EPOCHS_PNG, pngs.get(EPOCHS_PNG), "Held-out accuracy after each epoch per batch size and rule",
                 f"Held-out accuracy after each epoch, one panel per batch size, in {report.spec.base.backends[0]} "
                 "(the other frameworks agree: see the text below).", failures.get(EPOCHS_PNG)),
         *options,
-        "<h2>Do the frameworks train identically?</h2>", "<pre>" + _e("\n".join(parity_lines(report))) + "</pre>",
-        "<h2>Every configuration</h2>", "<pre>" + _e("\n".join(text[1:])) + "</pre>",
-        "<h2>Benchmark</h2>", "<pre>" + _e("\n".join(timing_lines(report))) + "</pre>",
-        f"<p>Written with report.json and report.md (run {_e(run_id)}); report.json lists every file's "
+        "<h2>Do the frameworks train identically?</h2>", "<pre>" + html_escape("\n".join(parity_lines(report))) + "</pre>",
+        "<h2>Every configuration</h2>", "<pre>" + html_escape("\n".join(text[1:])) + "</pre>",
+        "<h2>Benchmark</h2>", "<pre>" + html_escape("\n".join(timing_lines(report))) + "</pre>",
+        f"<p>Written with report.json and report.md (run {html_escape(run_id)}); report.json lists every file's "
         "SHA-256.</p>", *page_tail(),
     ]
     return "\n".join(parts), pngs
