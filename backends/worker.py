@@ -63,39 +63,61 @@ def _check_grads(job: WorkerJob, method: str, grads: dict) -> dict[str, np.ndarr
 
 
 class TimingTurns:
-    """Workers side by side take turns for their timed calls, and time nothing while another one computes.
+    """Workers side by side take turns for their timed calls, and none times while another imports.
 
-    With the runner's lock file (``TIMING_LOCK_ENV``) every worker holds it shared while it imports, builds and
-    warms up, and exclusively while it times a method: an exclusive hold waits until no other worker is busy, so
-    imports and compilations overlap while every timing has the cores to itself. Without the variable (one
-    worker at a time) this does nothing. A killed worker's hold ends with its process.
+    With the runner's lock file (``TIMING_LOCK_ENV``) a worker holds it shared while it imports its framework
+    and opens its session (``setting_up``), and exclusively while it times a method (``alone``): a timing waits
+    until no other worker is importing or timing, so imports overlap while no timing shares the cores with an
+    import. A setup that takes longer than ``WAIT_S`` (a hung import) does not hold the others' timings hostage:
+    past it they time anyway and say so (``note``). Without the variable (one worker at a time) this does
+    nothing. A killed worker's hold ends with its process.
     """
+
+    WAIT_S = 20.0
 
     def __init__(self):
         path = os.environ.get(TIMING_LOCK_ENV)
         self._file = open(path, "a") if path else None
-        self._lock(shared=True)
-
-    def _lock(self, shared: bool) -> None:
-        if self._file is not None:
-            import fcntl
-
-            fcntl.flock(self._file, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        self.note: str | None = None
 
     @contextlib.contextmanager
-    def alone(self):
-        """Hold the lock exclusively for the block (the timed calls), then go back to a shared hold."""
+    def setting_up(self):
+        """Hold the lock shared for the block (import, session)."""
         if self._file is None:
             yield
             return
         import fcntl
 
-        fcntl.flock(self._file, fcntl.LOCK_UN)  # a shared hold must go first, or two workers would wait forever
-        self._lock(shared=False)
+        fcntl.flock(self._file, fcntl.LOCK_SH)
         try:
             yield
         finally:
-            self._lock(shared=True)
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def alone(self):
+        """Hold the lock exclusively for the block (the timed calls), waiting at most ``WAIT_S`` for it."""
+        if self._file is None or self.note is not None:
+            yield
+            return
+        import fcntl
+
+        deadline = time.monotonic() + self.WAIT_S
+        while True:
+            try:
+                fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    self.note = (f"timed while another worker was still setting up (waited {self.WAIT_S:g} s): "
+                                 "timings may include its load")
+                    yield
+                    return
+                time.sleep(0.02)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
 
     def close(self) -> None:
         if self._file is not None:
@@ -153,9 +175,10 @@ def _run_methods(job: WorkerJob, job_dir: Path, state: dict, save, turns: Timing
     """Open the backend's session and run every method, saving ``state`` after each step."""
     try:
         # A framework may be imported at module import or lazily in open_session: both count.
-        module = importlib.import_module(job.module)
-        session = module.open_session(job)
-        env = dict(session.environment())
+        with turns.setting_up():
+            module = importlib.import_module(job.module)
+            session = module.open_session(job)
+            env = dict(session.environment())
     except ModuleNotFoundError as exc:
         if exc.name and exc.name.split(".")[0] in job.requires:
             state.update(status="missing", error=_missing_message(job, exc))
@@ -192,6 +215,8 @@ def _run_methods(job: WorkerJob, job_dir: Path, state: dict, save, turns: Timing
                     raw = session.compute(method)
                     times.append(time.perf_counter() - start)
             seconds = float(np.median(times))
+            if turns.note and state["environment"] is not None:
+                state["environment"]["timing_note"] = turns.note
             grads = _check_grads(job, method, raw.grads)
             grads_file = f"grads-{method}.npz"
             np.savez(job_dir / (grads_file + ".tmp.npz"), **grads)
