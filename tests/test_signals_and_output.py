@@ -224,3 +224,26 @@ def test_unwritable_out_is_exit_2(tmp_path, capsys, workers_started):
                  "--out", str(target / "sub")])
     err = capsys.readouterr().err
     assert code == 2 and "cannot" in err and "Traceback" not in err and not started
+
+
+def test_a_report_replaces_the_earlier_reports_files_and_keeps_the_users(tmp_path, capsys):
+    """A folder that held another command's report: its files that the new report does not write are removed
+    (diagnose must never read one run's gradients.npz beside another run's report.json); a user's own file
+    stays. The earlier report is a real `gradparity run`; the new one is written as `train --sweep` writes
+    its report (no npz, an html page and PNGs of its own)."""
+    from gradparity.report.outdir import OutputDir
+    from gradparity.report.render import write_files
+
+    out = tmp_path / "shared"
+    assert main(["run", "--backends", "numpy", "--methods", "sum,mean", "--batch-size", "8", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert (out / "gradients.npz").is_file() and (out / "heatmap.png").is_file()
+    (out / "notes.txt").write_text("mine")
+    folder = OutputDir.claim(out, "0123456789ab")
+    try:
+        write_files(folder, "0123456789ab", None, None, "# sweep\n", {"schema": "x"},
+                    extra={"report.html": "<html></html>", "recipe.png": b"\x89PNG"})
+    finally:
+        folder.release()
+    left = sorted(p.name for p in out.iterdir())
+    assert left == ["notes.txt", "recipe.png", "report.html", "report.json", "report.md"], left

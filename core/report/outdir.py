@@ -9,7 +9,8 @@
   ends, however it ends, so no stale lock is ever left behind.
 - **Written as a set.** Every file of a report is written into a hidden staging
   folder inside the output folder, then renamed into place, ``report.json``
-  last; each carries the run id (report.json and report.md in their text,
+  last, after the files of the report it replaces (any command's, as its
+  report.json lists them) are removed; each carries the run id (report.json and report.md in their text,
   the npz files in their zip comment) and report.json lists the SHA-256 of
   the others, so a reader can check that the files belong together.
 - **Modes follow the umask**, like any file a user's program creates.
@@ -147,10 +148,30 @@ class OutputDir:
         stage = Stage(stage_dir, file_mode())
         try:
             yield stage
+            for name in self.earlier_report_files():
+                if name not in stage.order:
+                    (self.path / name).unlink(missing_ok=True)
             for name in stage.order:
                 os.replace(stage_dir / name, self.path / name)
         finally:
             shutil.rmtree(stage_dir, ignore_errors=True)
+
+    def earlier_report_files(self) -> list[str]:
+        """The files of the gradparity report already in this folder (any command's), as its report.json lists
+        them: a new report replaces the whole set, so that no reader (``gradparity diagnose``, a person) mixes
+        one run's files with another's. Files gradparity did not write are never touched."""
+        import json
+
+        try:
+            doc = json.loads((self.path / "report.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return []
+        files = doc.get("files") if isinstance(doc, dict) else None
+        if not isinstance(files, dict):
+            return []
+        return [name for name in files
+                if isinstance(name, str) and name == Path(name).name and not name.startswith(".")
+                and (self.path / name).is_file()]
 
 
 class Stage:
