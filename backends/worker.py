@@ -1,4 +1,4 @@
-"""Worker process entry point: ``python -m gradparity.backends.worker JOB_DIR``.
+"""Worker process entry point: ``python -m gradparity.backends.worker JOB_DIR`` (or ``--serve``: many jobs).
 
 Runs one backend on one job and writes, into JOB_DIR, ``result.json`` plus
 one ``grads-<method>.npz`` per finished method. ``result.json`` is rewritten
@@ -232,6 +232,66 @@ def _run_methods(job: WorkerJob, job_dir: Path, state: dict, save, turns: Timing
     return 0
 
 
+def serve() -> int:
+    """``python -m gradparity.backends.worker --serve``: run job after job in this process (``gradparity.run.pool``).
+
+    Each line on stdin is ``JOB_DIR<TAB>TIMING_LOCK`` (the lock may be empty); the job runs as ``run`` would
+    run it in a fresh process, and its result file's final status tells the parent it ended. Between two jobs,
+    every module imported from outside gradparity and the installed packages (a user's factory module, a test's
+    model file) is forgotten and ``sys.path`` restored, so the next job imports its own afresh. Ends at EOF.
+    """
+    import sysconfig
+
+    installed = tuple({os.path.realpath(p) for p in (sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"],
+                                                     sysconfig.get_paths()["stdlib"], sys.prefix, sys.base_prefix)})
+    base_path = list(sys.path)
+    for line in sys.stdin:
+        job_dir, _, lock = line.rstrip("\n").partition("\t")
+        if not job_dir:
+            continue
+        if lock:
+            os.environ[TIMING_LOCK_ENV] = lock
+        else:
+            os.environ.pop(TIMING_LOCK_ENV, None)
+        try:
+            run(Path(job_dir))
+        finally:
+            sys.path[:] = base_path
+            _forget_user_modules(installed)
+    return 0
+
+
+def _forget_user_modules(installed: tuple[str, ...]) -> None:
+    """Drop from ``sys.modules`` every module whose file lies outside ``installed`` and is not gradparity's."""
+    for name, module in list(sys.modules.items()):
+        path = getattr(module, "__file__", None)
+        if not path or name == "gradparity" or name.startswith("gradparity."):
+            continue
+        if not os.path.realpath(path).startswith(installed):
+            del sys.modules[name]
+
+
+def _watch_parent() -> None:
+    """A served worker's parent death signal: Linux sends PR_SET_PDEATHSIG when the *thread* that started the
+    process ends, and the runner's threads end after every run, so a served worker instead checks, twice a
+    second, that its parent is still the gradparity process that started it (and exits when it is not)."""
+    import threading
+
+    expected = os.environ.get("GRADPARITY_PARENT_PID")
+    if not expected:
+        return
+
+    def watch():
+        while str(os.getppid()) == expected:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="gradparity-parent-watch", daemon=True).start()
+
+
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--serve"]:
+        _watch_parent()
+        sys.exit(serve())
     _die_with_parent()
     sys.exit(run(Path(sys.argv[1])))

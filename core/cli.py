@@ -349,7 +349,13 @@ def _parser() -> argparse.ArgumentParser:
     _add_out(trn, "gradparity-train", "report.html (curves), report.json, report.md, PNGs, npz")
     _add_json(trn, "the measurements")
     bm = sub.add_parser("benchmark", help="time the default training sweep: wall time, and time per step per "
-                                          "framework (a measurement, not a test)")
+                                          "framework; or (--verdict) the default run against its floor "
+                                          "(a measurement, not a test)")
+    bm.add_argument("--verdict", action="store_true",
+                    help="time the default `gradparity run` against its floor (one fresh process importing torch, "
+                         "TensorFlow+Keras and JAX+Flax and computing one gradient of the default MLP in each), "
+                         "alternately, --repeat pairs; report the medians and their ratio")
+    bm.add_argument("--repeat", type=int, default=3, help="with --verdict: pairs of runs (default: 3)")
     bm.add_argument("--optimizer", default="momentum", help="sgd | momentum (default) | nesterov | adam | adamw")
     bm.add_argument("--batch-sizes", default="16,32,64,128")
     bm.add_argument("--epochs", type=int, default=3)
@@ -364,6 +370,16 @@ def _benchmark(args) -> int:
     from gradparity.commands import sweep
     from gradparity.commands.train import TrainSpec
 
+    if args.verdict:
+        from gradparity.commands import benchmark
+
+        if not 1 <= args.repeat <= 50:
+            raise ConfigError(f"--repeat must be in 1..50, got {args.repeat}")
+        floor, run = benchmark.time_to_verdict(args.repeat, args.timeout,
+                                               lambda msg: print(msg, file=sys.stderr, flush=True))
+        print(dumps(benchmark.to_dict(floor, run)) if args.json else benchmark.render(floor, run))
+        return 0 if set(floor.codes) == set(run.codes) == {0} else 3
+
     try:
         sizes = tuple(int(v) for v in _csv(args.batch_sizes))
     except ValueError:
@@ -376,7 +392,7 @@ def _benchmark(args) -> int:
         print(dumps(sweep.to_dict(result)["benchmark"]))
     else:
         print("\n".join(sweep.timing_lines(result)))
-    return 3 if any(c.status != "ok" for c in result.cells) else 0
+    return result.exit_code
 
 
 def _train(args) -> int:
@@ -430,7 +446,7 @@ def _train(args) -> int:
                               + (["weights.png"] if sweep_spec.weighted else []))
             print(f"\nwrote {Path(args.out) / 'report.html'} (open it in any browser), report.json, report.md, "
                   f"{plots} (run {run_id})")
-        return 3 if any(c.status != "ok" for c in result.cells) else 0
+        return result.exit_code
 
     from gradparity.commands.train import check_spec
     from gradparity.report.outdir import new_run_id
@@ -604,6 +620,10 @@ def _check(args) -> int:
         if type(exc) is ConfigError:  # a MappingError or OutputError keeps its own subject
             exc.subject = "model check"
         raise
+    except Interrupted as exc:
+        if exc.report is None:
+            raise
+        report = exc.report  # the partial report was written; print it, then exit 128 + N
     if args.json:
         print(dumps(report.to_dict()))
     else:

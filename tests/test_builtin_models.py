@@ -12,12 +12,10 @@ import numpy as np
 import pytest
 
 from gradparity import load_experiment, run_experiment
-from gradparity.backends.numpy import models as reference
+from gradparity.reference import models as reference
 from gradparity.errors import ConfigError
 from gradparity.experiment.inputs import build_inputs
 from gradparity.experiment.models import FRAMEWORK_DEFAULTS, LayerOptions
-
-from conftest import installed
 
 RTOL = {"float64": 1e-11, "float32": 2e-4}
 GELU_TF64 = 1e-7
@@ -31,12 +29,10 @@ CASES = {
                                        "model.layernorm_epsilon": 1e-3, "data.batch_size": 6},
 }
 MAIN = ("numpy", "torch", "keras-tensorflow", "jax")
+needs_main = pytest.mark.frameworks(*MAIN[1:])
 
 
 def _run(overrides: dict, backends, tmp_path=None):
-    missing = [b for b in backends if not installed(b)]
-    if missing:
-        pytest.skip(f"not installed: {', '.join(missing)} (pip install -c constraints.txt -e '.[all]')")
     exp = load_experiment(None, {"device": "cpu", "timeout_s": 300, "backends": list(backends), **overrides})
     return run_experiment(exp, tmp_path)
 
@@ -72,6 +68,7 @@ def _bound(report, result) -> float:
     return bound
 
 
+@needs_main
 @pytest.mark.parametrize("case", list(CASES))
 def test_every_framework_matches_the_reference(case):
     report = _run(CASES[case], MAIN)
@@ -94,6 +91,7 @@ def test_every_framework_matches_the_reference(case):
         assert o.environment["layer_options"] == requested, o.backend
 
 
+@pytest.mark.frameworks("keras-jax", "keras-torch")
 @pytest.mark.parametrize("kind", ["cnn", "sequence"])
 def test_keras_on_jax_and_torch_matches_the_reference(kind):
     report = _run({"model.kind": kind, "dtype": "float64", "data.batch_size": 6,
@@ -105,6 +103,7 @@ def test_keras_on_jax_and_torch_matches_the_reference(kind):
         assert err <= _bound(report, r), f"{r.label}: {where} off by {err:.3g}"
 
 
+@needs_main
 def test_sequence_framework_defaults_differ_by_exactly_the_defaults(tmp_path):
     """Left unset, LayerNorm's epsilon (torch 1e-5, Keras 1e-3, Flax 1e-6) and GELU's form (Flax tanh) make
     Keras and JAX differ from torch; each differs from the reference by what float64 numpy computes with
@@ -138,6 +137,7 @@ def test_sequence_framework_defaults_differ_by_exactly_the_defaults(tmp_path):
     assert "each framework's own defaults" in md and "LayerNorm epsilon 0.001" in md
 
 
+@needs_main
 def test_cnn_framework_defaults_show_torch_symmetric_padding():
     """A stride-2 'same' convolution on 8x8: torch's idiom padding=1 pads both sides, Keras and Flax pad
     bottom/right; with each framework's defaults torch alone departs from the reference."""
@@ -155,6 +155,7 @@ def test_cnn_framework_defaults_show_torch_symmetric_padding():
     assert len(notes) == 1 and notes[0].startswith("torch") and "odd 'same' padding symmetric" in notes[0]
 
 
+@pytest.mark.frameworks("torch", "keras-tensorflow")
 def test_tensorflow_float64_gelu_is_measured_and_named():
     """TensorFlow's exact GELU is off by ~5e-9 in float64 (erfc-based): the worker measures it, the report
     header lists every framework's GELU error, and the verdict names it as what parts keras-tensorflow."""

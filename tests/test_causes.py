@@ -10,12 +10,12 @@ the switch's cause first.
 import numpy as np
 import pytest
 
-from gradparity.backends.numpy.session import backward, cross_entropy, forward
 from gradparity.cli import main
 from gradparity.commands import diagnose as dg
 from gradparity.experiment.causes import CAUSE_IDS
 from gradparity.experiment.spec import load_experiment
 from gradparity.commands.run import run_experiment
+from gradparity.reference.mlp import backward, cross_entropy, forward
 
 from conftest import installed
 

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from gradparity.backends.numpy.session import NumpySession, term_scale
+from gradparity.backends.numpy.session import NumpySession
 from gradparity.backends.protocol import WorkerJob
 from gradparity.compare.normalize import Result, normalize
 from gradparity.compare.tolerance import UNIT_ROUNDOFF
@@ -14,6 +14,7 @@ from gradparity.compare.verdict import EXIT_AGREE, EXIT_DISAGREE, EXIT_INCOMPLET
 from gradparity.experiment.inputs import init_params
 from gradparity.experiment.methods import METHODS
 from gradparity.experiment.models import MLP
+from gradparity.reference.mlp import term_scale
 from gradparity.run.execute import BackendOutcome, MethodOutcome
 
 MODEL = MLP((8, 6, 4), "tanh")

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from gradparity.backends.numpy.losses import divisor, reduce_loss
+from gradparity.reference.losses import divisor, reduce_loss
 from gradparity.errors import ConfigError
 from gradparity.losses.batches import generate_batches
 from gradparity.losses.catalogue import LossSemantics

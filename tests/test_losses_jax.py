@@ -7,7 +7,6 @@ d logits, on (N, C) and (N, T, C) batches whose divisors differ.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import itertools
 import json
 import os
@@ -20,16 +19,14 @@ import pytest
 
 from gradparity.backends import BACKENDS
 from gradparity.backends.jax.losses import parse, render
-from gradparity.backends.numpy.losses import reduce_loss
+from gradparity.reference.losses import reduce_loss
 from gradparity.errors import ConfigError
 from gradparity.losses.batches import DEFAULT_SHAPES, LossBatch, generate_batches, make_loss_job
 from gradparity.losses.catalogue import DIVISORS, LOSSES, LossSemantics
 from gradparity.losses.text import parse_loss_text
 from gradparity.run.execute import run_backend
 
-HAVE_JAX = all(importlib.util.find_spec(m) is not None for m in ("jax", "optax", "flax"))
-needs_jax = pytest.mark.skipif(not HAVE_JAX, reason="jax, flax and optax are not installed: "
-                                                    "pip install 'gradparity[jax]'")
+needs_jax = pytest.mark.frameworks("jax")
 
 CW = (1.0, 2.0, 0.5, 3.0, 1.5)
 PW = (1.0, 2.0, 3.0, 0.5, 1.0)

@@ -8,7 +8,6 @@ the same source runs on every Keras backend. What Keras' reductions divide
 by is measured here too, by running Keras itself.
 """
 import dataclasses
-import importlib.util
 import subprocess
 import sys
 
@@ -16,15 +15,13 @@ import numpy as np
 import pytest
 
 from gradparity.backends.keras.losses import parse, render
-from gradparity.backends.numpy.losses import reduce_loss
+from gradparity.reference.losses import reduce_loss
 from gradparity.errors import ConfigError
 from gradparity.losses.batches import generate_batches
 from gradparity.losses.catalogue import DIVISORS, LOSSES, LossSemantics
 from gradparity.losses.text import LossExpression, parse_loss_text
 
-HAS = {name: importlib.util.find_spec(name) is not None for name in ("keras", "tensorflow", "jax", "torch")}
-needs_keras_tf = pytest.mark.skipif(not (HAS["keras"] and HAS["tensorflow"]),
-                                    reason="keras and tensorflow are not installed: pip install 'gradparity[keras]'")
+needs_keras_tf = pytest.mark.frameworks("keras-tensorflow")
 
 from loss_grid import PW5, W5, grid_id, run_grid, semantics_grid
 SCCE = "keras.losses.SparseCategoricalCrossentropy"
@@ -260,8 +257,6 @@ def check_against_reference(outcome, per_sem, semantics, i, float32=False):
 @pytest.fixture(scope="module")
 def grid_run():
     """Every rendering of GRID on its own batches, in one keras-tensorflow worker."""
-    if not (HAS["keras"] and HAS["tensorflow"]):
-        pytest.skip("keras and tensorflow are not installed: pip install 'gradparity[keras]'")
     return run_grid("keras-tensorflow", GRID, render)
 
 
@@ -304,11 +299,10 @@ SUBSET = [
 ]
 
 
-@pytest.mark.parametrize("variant", ["jax", "torch"])
+@pytest.mark.parametrize("variant", [pytest.param(v, marks=pytest.mark.frameworks(f"keras-{v}"))
+                                     for v in ("jax", "torch")])
 def test_renderings_run_on_every_keras_backend(variant):
     """The same sources on keras-jax and keras-torch: float64 where Keras computes float64 there."""
-    if not (HAS["keras"] and HAS[variant]):
-        pytest.skip(f"keras and {variant} are not installed: pip install 'gradparity[keras,{variant}]'")
     outcome, per_sem = run_grid(f"keras-{variant}", SUBSET, render, tag="K")
     env = outcome.environment
     assert env["keras_backend"] == variant and env["precision"]["keras_floatx"] == "float64"
@@ -331,10 +325,8 @@ def run_keras(variant: str, code: str) -> dict:
     """Run ``code`` in a fresh Python on Keras' ``variant`` backend (floatx float64); the JSON it prints last.
 
     A subprocess, because Keras picks its backend once, at import, and this
-    test process must import no framework.
+    test process must import no framework. Its callers declare ``frameworks("keras-<variant>")``.
     """
-    if not (HAS["keras"] and HAS[variant]):
-        pytest.skip(f"keras and {variant} are not installed: pip install 'gradparity[keras,{variant}]'")
     prologue = (
         "import os, sys, json, numpy as np\n"
         f"os.environ.update(KERAS_BACKEND={variant!r}, TF_CPP_MIN_LOG_LEVEL='3', CUDA_VISIBLE_DEVICES='',\n"
@@ -388,6 +380,7 @@ def keras_tf():
     return out, _fact_arrays()
 
 
+@needs_keras_tf
 def test_measured_sum_over_batch_size_with_sample_weights_divides_by_n(keras_tf):
     out, a = keras_tf
     divisor = out["sum_w"] / out["sobs_w"]
@@ -398,6 +391,7 @@ def test_measured_sum_over_batch_size_with_sample_weights_divides_by_n(keras_tf)
     assert out["sobs_w"] == pytest.approx(ref, rel=1e-12)
 
 
+@needs_keras_tf
 def test_measured_mean_with_sample_weight_sums_n_weights_on_a_token_loss(keras_tf):
     """(N,) weights on an (N, T) loss raise in Keras; as (N, 1) they divide by sum_n w_n, not T times it."""
     out, a = keras_tf
@@ -410,6 +404,7 @@ def test_measured_mean_with_sample_weight_sums_n_weights_on_a_token_loss(keras_t
     assert out["mwsw_n1"] == pytest.approx(reduce_loss(sem, a["z3"], y, a["w3"])[0], rel=1e-12)
 
 
+@needs_keras_tf
 def test_measured_ignore_class_mean_divides_by_the_valid_count(keras_tf):
     out, a = keras_tf
     valid = int(np.sum(a["y3"] != -1))
@@ -420,6 +415,7 @@ def test_measured_ignore_class_mean_divides_by_the_valid_count(keras_tf):
     assert out["ign_sobs"] == pytest.approx(reduce_loss(sem, a["z3"], a["y3"])[0], rel=1e-12)
 
 
+@pytest.mark.frameworks("keras-torch")
 def test_measured_keras_torch_masked_losses_write_into_the_sample_weight():
     """keras 3.15.1, torch backend: with ignore_class, the loss multiplies the caller's sample_weight tensor in
     place (mask, rescaled by total/valid for 'sum_over_batch_size'), and (N, 1) weights on an (N, T) loss fail.
@@ -443,6 +439,7 @@ def test_measured_keras_torch_masked_losses_write_into_the_sample_weight():
     assert out["n1"] is not None
 
 
+@needs_keras_tf
 def test_loss_fn_takes_numpy_and_gives_zero_when_nothing_counts():
     """A rendered function called with plain numpy arrays; on a batch with every target ignored, Keras' rule
     gives 0 (divide_no_nan), natively and written out."""

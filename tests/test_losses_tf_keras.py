@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from gradparity.backends import BACKENDS, BackendInfo
-from gradparity.backends.numpy.losses import reduce_loss
+from gradparity.reference.losses import reduce_loss
 from gradparity.backends.tf_keras.losses import AUTO_NOTE, notes_for, parse, render
 from gradparity.errors import ConfigError
 from gradparity.losses.batches import make_loss_job

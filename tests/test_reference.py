@@ -8,12 +8,13 @@ largest gradient entry is far above both and far below any real bug.
 import numpy as np
 import pytest
 
-from gradparity.backends.numpy.session import NumpySession, cross_entropy, forward
+from gradparity.backends.numpy.session import NumpySession
 from gradparity.backends.protocol import WorkerJob
 from gradparity.experiment.causes import SEPARATE_FORWARD, Causes, dropout_masks
 from gradparity.experiment.inputs import init_params
 from gradparity.experiment.methods import METHODS
 from gradparity.experiment.models import ACTIVATIONS, MLP
+from gradparity.reference.mlp import cross_entropy, forward
 
 FD_RTOL = 1e-7
 

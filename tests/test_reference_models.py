@@ -1,4 +1,4 @@
-"""The float64 numpy reference of the built-in CNN and Sequence models (backends/numpy/models.py).
+"""The float64 numpy reference of the built-in CNN and Sequence models (core/reference/models.py).
 
 The backward pass is checked against central finite differences of a loss computed from ``logits`` with
 the test's own cross-entropy, along a few random unit directions per tensor and along the gradient
@@ -13,9 +13,9 @@ import math
 import numpy as np
 import pytest
 
-from gradparity.backends.numpy.models import logits, loss_and_grads, per_example, term_scale
 from gradparity.backends.protocol import IGNORE_INDEX
 from gradparity.experiment.models import CNN, LayerOptions, Sequence
+from gradparity.reference.models import logits, loss_and_grads, per_example, term_scale
 
 FD_RTOL = 1e-6
 FD_H = 1e-6

@@ -9,8 +9,6 @@ B / b_last (b_last = n mod B by hand), and the grid's best lr against the argmax
 import numpy as np
 import pytest
 
-from gradparity.backends.numpy.session import backward, cross_entropy, forward
-from gradparity.backends.numpy.train import loss_scale, trajectory
 from gradparity.commands.sweep import (B0, SweepSpec, build_sequence, check_sweep, class_weights, job_arrays,
                                        last_batch_effect, recipe_lines, run_sweep, to_dict, train_job)
 from gradparity.commands.train import TrainSpec, split_digits
@@ -18,6 +16,8 @@ from gradparity.errors import ConfigError
 from gradparity.experiment.inputs import init_params
 from gradparity.experiment.models import MLP
 from gradparity.experiment.optimizers import OptimizerConfig
+from gradparity.reference.mlp import backward, cross_entropy, forward
+from gradparity.reference.train import loss_scale, trajectory
 
 from conftest import installed
 

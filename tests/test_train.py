@@ -7,18 +7,10 @@ every step, not only the last. Pairs part exactly where their optimizer rules sa
 import numpy as np
 import pytest
 
-from gradparity.backends.numpy.train import trajectory
+from gradparity.reference.train import trajectory
 from gradparity.commands.train import TrainSpec, build_batches, check_spec, run_training
 from gradparity.errors import ConfigError
 from gradparity.experiment.optimizers import OptimizerConfig
-
-from conftest import installed
-
-
-def _need(*backends):
-    missing = [b for b in backends if not installed(b)]
-    if missing:
-        pytest.skip(f"not installed: {', '.join(missing)} (pip install -c constraints.txt -e '.[all]')")
 
 
 def test_reference_sgd_step_is_the_gradient_step():
@@ -54,10 +46,10 @@ def test_bad_specs_are_config_errors(spec, message):
         check_spec(spec)
 
 
+@pytest.mark.frameworks("torch", "keras-jax", "jax")
 def test_every_framework_follows_its_own_rule_and_keras_parts_under_a_schedule():
     """Momentum SGD with the lr halved halfway, float64: every framework on its own rule's trajectory at
     every step; torch and optax together; Keras apart from the step after the change, as its rule predicts."""
-    _need("torch", "keras-jax", "jax")
     spec = TrainSpec(optimizer="momentum", steps=8, batch_size=16, schedule="step", dtype="float64",
                      backends=("torch", "keras-jax", "jax"), timeout_s=300)
     report = run_training(spec)
@@ -73,8 +65,8 @@ def test_every_framework_follows_its_own_rule_and_keras_parts_under_a_schedule()
     assert report.exit_code == 0
 
 
+@pytest.mark.frameworks("torch", "keras-tensorflow", "jax")
 def test_float32_adam_stays_on_track_in_every_framework():
-    _need("torch", "keras-tensorflow", "jax")
     spec = TrainSpec(optimizer="adam", steps=10, batch_size=16, backends=("torch", "keras-tensorflow", "jax"),
                      timeout_s=300)
     report = run_training(spec)
@@ -90,11 +82,11 @@ def test_float32_adam_stays_on_track_in_every_framework():
     assert keras.per_step[-1] == pytest.approx(keras.predicted[-1], rel=1e-2)
 
 
+@pytest.mark.frameworks("torch", "jax")
 def test_sum_at_lr_over_b_is_mean_at_lr_and_adam_differs_by_epsilon():
     """SGD momentum: the summed loss at lr/B gives the mean's updates to rounding (B = 24, not a power of two,
     so they are not bit-identical). Adam at the same lr: apart by exactly what the float64 rules predict (the
     epsilon term)."""
-    _need("torch", "jax")
     sgd = run_training(TrainSpec(optimizer="momentum", steps=6, batch_size=24, dtype="float64",
                                  backends=("torch", "jax"), equivalence=True, timeout_s=300))
     for t in sgd.trajectories:
@@ -107,6 +99,7 @@ def test_sum_at_lr_over_b_is_mean_at_lr_and_adam_differs_by_epsilon():
         assert max(t.vs_other) == pytest.approx(max(t.other_predicted), rel=1e-6)
 
 
+@pytest.mark.frameworks("torch", "jax")
 def test_the_cli_writes_a_report_set_that_loads_in_a_browser(tmp_path):
     """`gradparity train --out`: report.json (schema gradparity.train/1) lists the SHA-256 of every other file;
     report.html embeds loss.png and drift.png byte for byte and loads in headless chromium without console
@@ -119,7 +112,6 @@ def test_the_cli_writes_a_report_set_that_loads_in_a_browser(tmp_path):
     from gradparity.cli import main
     from test_html_report import _load
 
-    _need("torch", "jax")
     out = tmp_path / "train-out"
     code = main(["train", "--optimizer", "sgd", "--steps", "4", "--batch-size", "8", "--backends", "torch,jax",
                  "--out", str(out)])

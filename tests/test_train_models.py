@@ -13,7 +13,7 @@ from gradparity.experiment.optimizers import OptimizerConfig
 def test_the_reference_mean_divides_by_every_token():
     """For the sequence model the mean averages N*T loss terms: one SGD step on the mean at lr equals one on
     the sum at lr / (N*T), to float64 rounding (and not at lr / N)."""
-    from gradparity.backends.numpy.models import trajectory
+    from gradparity.reference.models import trajectory
 
     spec = TrainSpec(model="sequence", steps=1, dtype="float64", batch_size=8)
     model, params, batches, _ = build_batches(spec, split_digits(spec))
@@ -28,6 +28,7 @@ def test_the_reference_mean_divides_by_every_token():
     assert max(np.max(np.abs(mean[k] - per_example[k])) for k in params) > 1e-3
 
 
+@pytest.mark.frameworks("torch", "jax", "keras-tensorflow")
 def test_the_cnn_trains_as_its_rule_says_in_every_framework():
     """float64, momentum: torch, JAX and Keras on TensorFlow each within rtol(t) of the float64 numpy
     trajectory of their own rule at every step; torch and JAX the same trajectory."""
@@ -42,6 +43,7 @@ def test_the_cnn_trains_as_its_rule_says_in_every_framework():
     assert "cnn 8x8x1" in report.model
 
 
+@pytest.mark.frameworks("keras-tensorflow", "torch")
 def test_keras_tensorflow_adam_on_an_embedding_is_not_adam_but_its_momentum_is_on_track():
     """The sequence model in float32: with momentum Keras on TensorFlow follows its rule at every step; with Adam
     it leaves it at step 1, farthest in the token embedding (sparse IndexedSlices updates per occurrence), while
@@ -79,6 +81,7 @@ def _port_check(jax_factory: str, dtype: str):
     return run_check(check_spec(spec))
 
 
+@pytest.mark.frameworks("torch", "jax")
 def test_a_faithful_port_trains_on_the_sources_trajectory():
     """`check --train-steps`: the example's Flax port of the torch CNN, trained 3 momentum steps from torch's
     weights in float64, stays on torch's trajectory at every step (exit 0)."""
@@ -88,6 +91,7 @@ def test_a_faithful_port_trains_on_the_sources_trajectory():
     assert max(pair["per_step"]) <= pair["rtol"][0]
 
 
+@pytest.mark.frameworks("torch", "jax")
 def test_a_buggy_port_leaves_the_sources_trajectory_at_step_1():
     """The planted bug (SAME padding of the stride-2 convolution): apart from step 1, exit 1."""
     report = _port_check("nets_flax:flax_cnn_same_padding", "float32")
@@ -96,6 +100,7 @@ def test_a_buggy_port_leaves_the_sources_trajectory_at_step_1():
     assert report.exit_code == 1
 
 
+@pytest.mark.frameworks("torch", "keras-tensorflow")
 def test_an_optimizer_text_trains_every_framework_with_its_translation():
     """`train --optimizer "keras.optimizers.Adam(learning_rate=1e-2)"`: Keras trains with the text, torch with
     the translation (epsilon hat through its before_step hook): both on the Keras rule at every step and on one

@@ -179,7 +179,7 @@ def _outcome(rows: dict) -> "tr.BackendOutcome":
 def test_measured_divisor_is_the_frameworks_own_sum_over_its_loss():
     """The measured divisor comes from the worker's numbers (its weighted sum / its loss), not the reference's:
     a framework whose sum disagrees with the reference's numerator is a mismatch even when its loss matches."""
-    from gradparity.backends.numpy.losses import reduce_loss
+    from gradparity.reference.losses import reduce_loss
     from gradparity.losses.batches import generate_batches
     from gradparity.losses.catalogue import LossSemantics
 

@@ -1,1 +1,1 @@
-"""The numpy backend: ``session`` computes the reduction methods (the float64 reference, by hand)."""
+"""The numpy backend: ``session`` runs the float64 reference (``gradparity.reference``) as a worker."""

@@ -30,12 +30,12 @@ from gradparity.compare.pairs import Comparison, compare_all
 from gradparity.compare.tolerance import (UNIT_ROUNDOFF, Tolerance, effective_unit_roundoff, gradient_tolerance,
                                           training_rtol)
 from gradparity.compare.verdict import Verdict, decide
-from gradparity.errors import ConfigError
+from gradparity.errors import ConfigError, Interrupted
 from gradparity.experiment.causes import Rule
 from gradparity.experiment.weights import ModelLayout, WeightMap, map_weights
 from gradparity.run.execute import BackendOutcome, MethodOutcome
 from gradparity.report.render import REPORT_FILES
-from gradparity.run.runner import WorkerRun, run_jobs
+from gradparity.run.runner import WorkerRun, not_started, run_jobs, signals_deferred
 
 #: The frameworks a user's model may come in, in the order they are run and listed.
 FRAMEWORKS = ("torch", "keras", "jax")
@@ -372,34 +372,60 @@ def run_check(spec: ModelCheck, out: str | Path | None = None,
     say = progress or (lambda _msg: None)
     run_id = new_run_id()
     folder = OutputDir.claim(out, run_id, REPORT_FILES) if out is not None else None
+    stop = _Stop()
     try:
-        report = _run_stages(spec, say)
+        report = _run_stages(spec, say, stop)
         if folder is not None:
-            write_check_report(report, folder, run_id)
+            with signals_deferred():
+                write_check_report(report, folder, run_id)
     finally:
         if folder is not None:
             folder.release()
+    if stop.interrupted is not None:
+        stop.interrupted.report = report
+        raise stop.interrupted
     return report
 
 
-def _run_stages(spec: ModelCheck, say) -> ModelReport:
+class _Stop:
+    """The signal that stopped a check, if one did: the stage it stopped returns what finished, and the stages
+    after it do not run (their rows say so); the report is written, then ``Interrupted`` is raised with it."""
+
+    interrupted: Interrupted | None = None
+
+    def run(self, jobs: dict[str, WorkerJob], spec: ModelCheck, say) -> dict[str, BackendOutcome]:
+        """``_run_all``, or every job's "not started" outcome once a signal has stopped the check."""
+        if self.interrupted is not None:
+            return {fw: not_started(WorkerRun(job, spec.backend(fw), spec.timeout_s, key=fw),
+                                    self.interrupted.signal_name) for fw, job in jobs.items()}
+        try:
+            return _run_all(jobs, spec, say)
+        except Interrupted as exc:
+            self.interrupted = exc
+            say(f"  interrupted by {exc.signal_name}: writing what finished")
+            return exc.outcomes
+
+
+def _run_stages(spec: ModelCheck, say, stop: "_Stop") -> ModelReport:
     frameworks = spec.frameworks
     say(f"describing the model in {', '.join(frameworks)} ({spec.dtype}, {spec.mode} mode) ...")
-    described = _run_all({fw: _job(spec, fw, ("describe",)) for fw in frameworks}, spec, say)
+    described = stop.run({fw: _job(spec, fw, ("describe",)) for fw in frameworks}, spec, say)
     cases = (*spec.methods, "forward")
     failed: dict[str, BackendOutcome] = {}
     layouts: dict[str, ModelLayout] = {}
     for fw in frameworks:
         o = described[fw]
         problem = _describe_failure(o)
-        if problem:
+        if problem and o.status == "interrupted":
+            failed[fw] = _failed_outcome(o.backend, cases, "interrupted", problem, o.environment)
+        elif problem:
             failed[fw] = _failed_outcome(o.backend, cases, o.status if o.status != "ok" else "error",
                                          f"building or running the model failed: {problem}", o.environment)
         else:
             layouts[fw] = ModelLayout.from_info(o.backend, o.methods["describe"].info)
     source = spec.source
     maps: dict[str, WeightMap] = {}
-    if source in layouts:
+    if source in layouts and stop.interrupted is None:
         _check_targets(layouts[source], spec.y, spec.loss)
         for fw in frameworks[1:]:
             if fw not in layouts:
@@ -426,7 +452,7 @@ def _run_stages(spec: ModelCheck, say) -> ModelReport:
     if jobs:
         say(f"computing {', '.join(spec.methods)} and the layer capture with {source}'s weights ...")
     # One worker at a time: each row's time is measured with the cores to itself.
-    computed = _run_all(jobs, spec, say) if jobs else {}
+    computed = stop.run(jobs, spec, say) if jobs else {}
     outcomes = [computed.get(fw) or failed[fw] for fw in frameworks]
 
     n = int(spec.y.shape[0])
@@ -435,7 +461,7 @@ def _run_stages(spec: ModelCheck, say) -> ModelReport:
     tol = _tolerance(layouts[source], m) if source in layouts else gradient_tolerance(m, 1)
     tol = dataclasses.replace(tol, term_scale=_gradient_scale(results, source, spec))
     comparisons = compare_all(results, tol)
-    verdict = decide(results, comparisons, tol, m, spec.dtype, reduction_experiment=False)
+    verdict = decide(results, comparisons, tol, m, spec.dtype, stop.interrupted, reduction_experiment=False)
     localizations = []
     src_forward = computed.get(source)
     for fw, wm in maps.items():
@@ -449,10 +475,10 @@ def _run_stages(spec: ModelCheck, say) -> ModelReport:
     if spec.mode == "training":
         verdict = dataclasses.replace(verdict, explanation=[TRAINING_NOTE] + list(verdict.explanation))
     training = None
-    if spec.train_steps and jobs:
+    if spec.train_steps and jobs and stop.interrupted is None:
         ran = {fw: job.payload["assign"] for fw, job in jobs.items()
                if computed.get(fw) is not None and computed[fw].status == "ok"}
-        training = _train_stage(spec, values, ran, tol, say)
+        training = _train_stage(spec, values, ran, tol, say, stop)
     return ModelReport(spec, layouts, maps, outcomes, results, tol, comparisons, verdict, localizations, n, m,
                        training)
 
@@ -479,7 +505,8 @@ class TrainingParity:
                 "tolerance": "rtol(t) = rtol_gradient(u) * t, relative to the parameters' largest entry"}
 
 
-def _train_stage(spec: ModelCheck, values: dict, assigns: dict[str, dict], tol: Tolerance, say) -> TrainingParity:
+def _train_stage(spec: ModelCheck, values: dict, assigns: dict[str, dict], tol: Tolerance, say,
+                 stop: _Stop) -> TrainingParity:
     """Train every framework whose gradient stage ran, from the mapped weights, and compare step by step."""
     from gradparity.commands.train import OPTIMIZER_CHOICES
     from gradparity.compare.trajectories import first_beyond, relative_distance
@@ -495,7 +522,7 @@ def _train_stage(spec: ModelCheck, values: dict, assigns: dict[str, dict], tol: 
         jobs[fw] = _job(spec, fw, ("train",), values, assign, task="model_train", batch=batch,
                         payload={"runs": {"train": run}})
     say(f"training {spec.train_steps} steps of {config.label()} on the batch in {', '.join(jobs)} ...")
-    outcomes = _run_all(jobs, spec, say)
+    outcomes = stop.run(jobs, spec, say)
     trajectories, units = {}, {}
     for fw, o in outcomes.items():
         row = o.methods.get("train")

@@ -156,7 +156,7 @@ def compare_losses(texts: list[str], seed: int = 0, targets: str | None = None, 
     say = progress or (lambda _msg: None)
     if len(texts) < 2:
         raise ConfigError("compare-losses needs at least two loss configurations")
-    from gradparity.backends.numpy.losses import reduce_loss
+    from gradparity.reference.losses import reduce_loss
 
     parsed = []
     for text in texts:

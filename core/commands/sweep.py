@@ -54,19 +54,20 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import signal
 import time
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from gradparity.backends import BACKENDS, make_job
-from gradparity.backends.numpy.train import loss_scale
 from gradparity.backends.protocol import WorkerJob
 from gradparity.commands.train import DEFAULT_LR, TrainSpec, check_spec, held_out_accuracy, split_digits
 from gradparity.compare.trajectories import relative_distance
-from gradparity.errors import ConfigError
+from gradparity.errors import ConfigError, Interrupted
 from gradparity.experiment.inputs import seeded_rng, init_params
 from gradparity.experiment.models import MLP
+from gradparity.reference.train import loss_scale
 from gradparity.run.runner import WorkerRun, run_jobs
 
 B0 = 32
@@ -307,6 +308,14 @@ class SweepReport:
     class_weights: np.ndarray | None = None                      # per class, with ``spec.class_weights``
     parity_all: dict = field(default_factory=dict)  # (B, rule, multiplier, last batch) -> largest difference
     held_out: int = 0                                            # examples the accuracy is measured on
+    interrupted: int | None = None     # the signal that stopped the sweep (unfinished cells say so), or None
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal when interrupted; 3 when a cell failed; else 0."""
+        if self.interrupted is not None:
+            return 128 + self.interrupted
+        return 3 if any(c.status != "ok" for c in self.cells) else 0
 
     def accuracy(self, rule: str, b: int, multiplier: float = 1.0, last_batch: str | None = None) -> float | None:
         """The held-out accuracy after the last epoch of a configuration (the main one by default), averaged
@@ -379,6 +388,8 @@ def run_sweep(spec: SweepSpec, progress=None) -> SweepReport:
         for i, seed in enumerate(spec.seeds, start=1):
             say(f"seed {seed} ({i} of {len(spec.seeds)}):")
             reports.append(run_sweep(replace(spec, base=replace(spec.base, seed=seed), seeds=()), progress))
+            if reports[-1].interrupted is not None:
+                break  # the seeds after it never ran: the merged report says the sweep was interrupted
         return _merge_seeds(spec, reports)
     if spec.seeds:
         spec = replace(spec, base=replace(spec.base, seed=spec.seeds[0]))
@@ -425,9 +436,13 @@ def run_sweep(spec: SweepSpec, progress=None) -> SweepReport:
 
     if workers > 1:
         say(f"{workers} framework workers at a time ({os.cpu_count()} cores)")
-    outcomes = run_jobs([WorkerRun(train_job(base, b, model, params, batch, runs), BACKENDS[b],
-                                   base.timeout_s * max(1, len(runs) // 4), label=f"running {b} ({what}) ...")
-                         for b in base.backends], say=say, parallel=workers, bars=progress is not None)
+    interrupted = None
+    try:
+        outcomes = run_jobs([WorkerRun(train_job(base, b, model, params, batch, runs), BACKENDS[b],
+                                       base.timeout_s * max(1, len(runs) // 4), label=f"running {b} ({what}) ...")
+                             for b in base.backends], say=say, parallel=workers, bars=progress is not None)
+    except Interrupted as exc:  # the cells of what finished are kept; the others say "interrupted"
+        interrupted, outcomes = exc.signum, exc.outcomes
     for backend in base.backends:
         outcome = outcomes[backend]
         walls[backend] = outcome.wall_seconds
@@ -467,7 +482,7 @@ def run_sweep(spec: SweepSpec, progress=None) -> SweepReport:
     for cell in cells:
         cell.seed = base.seed
     return SweepReport(spec, lr0, cells, parity, description, walls, time.perf_counter() - started, sequences,
-                       weights_per_class, parity_all, len(held[1]))
+                       weights_per_class, parity_all, len(held[1]), interrupted)
 
 
 def _merge_seeds(spec: SweepSpec, reports: list[SweepReport]) -> SweepReport:
@@ -482,7 +497,8 @@ def _merge_seeds(spec: SweepSpec, reports: list[SweepReport]) -> SweepReport:
                        f"{first.description}; seeds {', '.join(map(str, spec.seeds))} (each its own parameters, "
                        "held-out split and data order)", walls, sum(r.total_seconds for r in reports),
                        first.sequences, first.class_weights,
-                       {k: worst(r.parity_all.get(k) for r in reports) for k in first.parity_all}, first.held_out)
+                       {k: worst(r.parity_all.get(k) for r in reports) for k in first.parity_all}, first.held_out,
+                       reports[-1].interrupted)
 
 
 # --- what the options measure ---------------------------------------------------------------------------------
@@ -821,7 +837,9 @@ def grid_lines(report: SweepReport) -> list[str]:
 
 def render_text(report: SweepReport) -> str:
     base = report.spec.base
-    lines = [f"gradparity train --sweep: {base.optimizer}, MLP 64-{'-'.join(map(str, base.hidden))}-10 "
+    lines = [f"INTERRUPTED by {signal.Signals(report.interrupted).name}: only what finished before it is reported",
+             ""] if report.interrupted is not None else []
+    lines += [f"gradparity train --sweep: {base.optimizer}, MLP 64-{'-'.join(map(str, base.hidden))}-10 "
              f"{base.activation}, {base.dtype}; {report.description}", ""]
     lines += recipe_lines(report)
     lines += ["", "per framework (held-out accuracy after each epoch; per-example training loss of the last "
@@ -867,6 +885,7 @@ def to_dict(report: SweepReport) -> dict:
             "data": report.description,
             "class_weights": spec.class_weights, "last_batch": spec.last_batch,
             "lr_grid": list(spec.lr_grid) or None, "seeds": report.seeds,
+            "interrupted": signal.Signals(report.interrupted).name if report.interrupted is not None else None,
             "accuracy_by_seed": [{"batch_size": b, "rule": n, "per_seed": {str(k): v for k, v in
                                                                         report.per_seed(n, b).items()},
                                   "std": report.spread(n, b)} for b in spec.batch_sizes for n in spec.rules()],

@@ -5,7 +5,7 @@ shuffled by the seed and cut into K batches) -> one worker per framework (task "
 own model, loss, autodiff and optimizer) -> compare -> report. Every framework's parameters after every step
 are compared with
 
-- the float64 numpy trajectory that uses *that framework's* optimizer rule (``backends/numpy/train.py``):
+- the float64 numpy trajectory that uses *that framework's* optimizer rule (``core/reference/train.py``):
   agreement means the framework trains as its documented semantics say, to rounding;
 - every other framework: where two part, from which step and by how much, and whether their optimizer rules
   (not rounding) predict it.
@@ -18,6 +18,7 @@ step, not only the last.
 from __future__ import annotations
 
 import itertools
+import signal
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -26,7 +27,7 @@ from gradparity.backends import BACKENDS, make_job
 from gradparity.backends.protocol import WorkerJob
 from gradparity.compare.tolerance import UNIT_ROUNDOFF, effective_unit_roundoff, tolerance_for, training_rtol
 from gradparity.compare.trajectories import first_beyond, relative_distance
-from gradparity.errors import ConfigError
+from gradparity.errors import ConfigError, Interrupted
 from gradparity.experiment.inputs import digits_dataset, seeded_rng, init_params
 from gradparity.experiment.models import MLP
 from gradparity.experiment.optimizers import FRAMEWORKS, OptimizerConfig
@@ -237,11 +238,11 @@ def held_out_accuracy(model, steps: list[dict[str, np.ndarray]], held: tuple[np.
     """Accuracy on the held-out split of the parameters after each step, by the float64 numpy forward pass
     (the same arithmetic for every framework's parameters); for token targets, over every token."""
     if isinstance(model, MLP):
-        from gradparity.backends.numpy.session import forward
+        from gradparity.reference.mlp import forward
 
         x, y = np.asarray(held[0], dtype=np.float64), held[1]
         return [float(np.mean(np.argmax(forward(p, x, model.to_dict()).logits, axis=1) == y)) for p in steps]
-    from gradparity.backends.numpy.models import logits
+    from gradparity.reference.models import logits
 
     x, y = held
     return [float(np.mean(np.argmax(logits(p, x, model.to_dict()), axis=-1) == y)) for p in steps]
@@ -321,9 +322,17 @@ class TrainReport:
     model: str = ""                                                              # what was trained, in words
     #: tensors left out of every comparison (``rounding_only_under_adam``)
     rounding_only: frozenset = frozenset()
+    #: the signal that stopped the run (its unfinished trajectories say "interrupted"), or None
+    interrupted: int | None = None
+
+    @property
+    def interrupted_by(self) -> str | None:
+        return None if self.interrupted is None else signal.Signals(self.interrupted).name
 
     @property
     def exit_code(self) -> int:
+        if self.interrupted is not None:
+            return 128 + self.interrupted
         if any(t.status != "ok" for t in self.trajectories):
             return 3
         return 1 if any(t.first_off_rule for t in self.trajectories) else 0
@@ -343,7 +352,7 @@ def rounding_only_under_adam(spec: TrainSpec, model, params, batches) -> frozens
     1e-9 of the model's largest, not exactly 0); the MLP has none."""
     if spec.config().name not in ("adam", "adamw") or isinstance(model, MLP):
         return frozenset()
-    from gradparity.backends.numpy.models import loss_and_grads
+    from gradparity.reference.models import loss_and_grads
 
     x, y = batches[0]
     _, grads = loss_and_grads(params, x, y, model.to_dict())   # float64 throughout, inputs cast by the reference
@@ -353,8 +362,8 @@ def rounding_only_under_adam(spec: TrainSpec, model, params, batches) -> frozens
 
 def run_training(spec: TrainSpec, progress=None) -> TrainReport:
     """Train in every backend, compute the numpy trajectories, compare step by step."""
-    from gradparity.backends.numpy.models import trajectory as model_trajectory
-    from gradparity.backends.numpy.train import trajectory as mlp_trajectory
+    from gradparity.reference.models import trajectory as model_trajectory
+    from gradparity.reference.train import trajectory as mlp_trajectory
 
     check_spec(spec)
     say = progress or (lambda _m: None)
@@ -379,9 +388,13 @@ def run_training(spec: TrainSpec, progress=None) -> TrainReport:
         return references[(framework, f32_hyper, run)]
 
     out = []
-    outcomes = run_jobs([WorkerRun(train_job(spec, b, model, params, batches), BACKENDS[b], spec.timeout_s,
-                                   label=f"running {b} ({spec.steps} steps of {config.label()}, {spec.dtype}) ...")
-                         for b in spec.backends], say=say, parallel=len(spec.backends))
+    interrupted = None
+    try:
+        outcomes = run_jobs([WorkerRun(train_job(spec, b, model, params, batches), BACKENDS[b], spec.timeout_s,
+                                       label=f"running {b} ({spec.steps} steps of {config.label()}, {spec.dtype}) ...")
+                             for b in spec.backends], say=say, parallel=len(spec.backends))
+    except Interrupted as exc:  # what finished is compared and reported; the report says the run was stopped
+        interrupted, outcomes = exc.signum, exc.outcomes
     for b in spec.backends:
         info, outcome = BACKENDS[b], outcomes[b]
         row = outcome.methods.get("run")
@@ -421,12 +434,14 @@ def run_training(spec: TrainSpec, progress=None) -> TrainReport:
     frameworks = sorted({BACKENDS[t.backend].framework for t in ok})
     return TrainReport(spec, desc, out, pairs, {fw: reference(fw)[1] for fw in frameworks},
                        {fw: held_out_accuracy(model, reference(fw)[0], held) for fw in frameworks}, params, batches,
-                       model.describe(), skip)
+                       model.describe(), skip, interrupted)
 
 
 def render_text(report: TrainReport) -> str:
     s = report.spec
-    lines = [f"gradparity train: {s.steps} steps of {s.config().label()} ({s.schedule} lr), loss {s.reduction}-reduced "
+    lines = [f"INTERRUPTED by {report.interrupted_by}: only what finished before it is reported", ""] \
+        if report.interrupted is not None else []
+    lines += [f"gradparity train: {s.steps} steps of {s.config().label()} ({s.schedule} lr), loss {s.reduction}-reduced "
              f"cross-entropy, {report.model}, {s.dtype}; "
              f"{report.description}",
              "every framework from the same canonical parameters on the same batches; tolerance at step t: "
@@ -529,6 +544,7 @@ def to_dict(report: TrainReport) -> dict:
         "spec": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(s).items()},
         "optimizer": s.config().to_dict(), "lrs": s.lrs(), "runs": s.runs(), "data": report.description,
         "model": report.model, "left_out_rounding_only": sorted(report.rounding_only),
+        "interrupted": report.interrupted_by,
         "trajectories": [{
             "backend": t.backend, "status": t.status, "error": t.error, "losses": t.losses,
             "held_out_accuracy": t.accuracy,

@@ -263,7 +263,7 @@ def translate_many(texts: list[str], to: tuple[str, ...] = FRAMEWORKS, data: str
     loss runs only on its own batches (named 'L<i>-b<j>').
     """
     say = progress or (lambda _msg: None)
-    from gradparity.backends.numpy.losses import reduce_loss
+    from gradparity.reference.losses import reduce_loss
 
     plans = []
     for i, text in enumerate(texts):

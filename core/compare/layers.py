@@ -26,7 +26,7 @@ def defaults_notes(inputs, results: list[Result], outcomes: list[BackendOutcome]
     model = inputs.model
     if model.kind == "mlp":
         return []
-    from gradparity.backends.numpy import models as reference
+    from gradparity.reference import models as reference
 
     requested = model.options.resolved(None)
     uses_gelu = model.kind == "sequence" or model.activation == "gelu"

@@ -126,7 +126,7 @@ def problem_term_scale(params: dict, batch: dict, model) -> dict[str, float]:
 
     with np.errstate(all="ignore"):  # an overflowing problem is reported by its results, not warned here
         if isinstance(model, MLP):
-            from gradparity.backends.numpy.session import term_scale
+            from gradparity.reference.mlp import term_scale
 
             masks = [batch[f"dropout/batch/{i}"] for i in range(len(model.hidden))
                      if f"dropout/batch/{i}" in batch]
@@ -134,7 +134,7 @@ def problem_term_scale(params: dict, batch: dict, model) -> dict[str, float]:
             y = batch["y"] if "valid" not in batch else np.where(batch["valid"] > 0, batch["y"], IGNORE_INDEX)
             scale = term_scale(params, batch["x"], y, model.to_dict(), masks or None)
         else:
-            from gradparity.backends.numpy.models import term_scale
+            from gradparity.reference.models import term_scale
 
             scale = term_scale(params, batch["x"], batch["y"], model.to_dict())
     # A non-finite T_p would make every pair disagree; without it S_p falls back to the results.

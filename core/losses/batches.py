@@ -121,7 +121,7 @@ def check_loss_batch(sem: LossSemantics, batch: LossBatch) -> None:
             elif s.shape not in (z.shape[:1], z.shape[:-1]):
                 problems.append(f"{batch.name}: sample_weight must be {z.shape[:1]} or {z.shape[:-1]}, got {s.shape}")
     if not problems:
-        from gradparity.backends.numpy.losses import divisor
+        from gradparity.reference.losses import divisor
 
         weight = batch.sample_weight if sem.sample_weight else None
         if divisor(sem, t, z.shape, weight) == 0:

@@ -12,7 +12,7 @@ A loss as any framework computes it is described here by ``LossSemantics``:
 - ``D`` the divisor, one of ``DIVISORS``: a rule evaluated on each batch.
 
 Every framework backend renders a ``LossSemantics`` as its own code, and the
-numpy reference (``gradparity.backends.numpy.losses``) computes it in
+numpy reference (``gradparity.reference.losses``) computes it in
 float64, so a translation is checked by running it, not by reading it.
 """
 from __future__ import annotations

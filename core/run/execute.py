@@ -6,6 +6,7 @@ its results incrementally, so methods finished before a crash are kept.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -20,8 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from gradparity.backends import BackendInfo
-from gradparity.backends.protocol import RESULT_FILE, WorkerJob
+from gradparity.backends.protocol import RESULT_FILE, TIMING_LOCK_ENV, WorkerJob
 from gradparity.errors import Interrupted
+from gradparity.run.pool import active_pool
 
 #: How a whole backend ended. 'ok': the worker finished (single methods may still have failed).
 BACKEND_STATUSES = ("ok", "missing", "error", "crashed", "timeout", "interrupted")
@@ -161,43 +163,56 @@ def run_backend(
                  f"(backend '{info.name}' needs {', '.join(info.requires)})")
         return BackendOutcome(info.name, "error", error, None,
                               {m: MethodOutcome("error", error=error) for m in job.methods}, 0.0)
-    with tempfile.TemporaryDirectory(prefix=f"{JOB_DIR_PREFIX}{os.getpid()}-{info.name}-") as tmp:
+    pool = active_pool()
+    with tempfile.TemporaryDirectory(prefix=f"{JOB_DIR_PREFIX}{os.getpid()}-{info.name}-") as tmp, \
+            contextlib.ExitStack() as resources:
         job_dir = Path(tmp)
         job.save(job_dir)
         env = dict(os.environ)
-        env.update(info.environment_variables(job.dtype, job.device, str(job_dir)))
+        env.update(info.environment_variables(job.dtype, job.device,
+                                              str(pool.home(info.name) if pool is not None else job_dir)))
         env.update(extra_env or {})
         env["PYTHONUNBUFFERED"] = "1"
         env["GRADPARITY_PARENT_PID"] = str(os.getpid())
-        log_path = job_dir / "worker.log"
         interrupted: Interrupted | None = None
         proc: subprocess.Popen | None = None
-        with open(log_path, "wb") as log:
-            try:
+        served = None
+        timed_out = False
+        try:
+            if pool is not None:
+                # A served worker outlives this run's timing lock: it gets the lock with each job instead.
+                lock = env.pop(TIMING_LOCK_ENV, None)
+                served = pool.acquire(info.name, env, (job.dtype, job.device, job.precision))
+                proc, log_path = served.proc, served.log_path
+                served.submit(job_dir, lock)
+            else:
+                log_path = job_dir / "worker.log"
+                log = resources.enter_context(open(log_path, "wb"))
                 proc = subprocess.Popen(
                     [sys.executable, "-m", "gradparity.backends.worker", str(job_dir)],
                     env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                     start_new_session=True,  # so a timeout kills the worker's own children too
                 )
-                returncode = _wait(proc, job_dir, len(job.methods), timeout_s, on_progress, stop)
-                timed_out = False
-            except _Stopped:
+            returncode = _wait(proc, job_dir, len(job.methods), timeout_s, on_progress, stop, served is not None)
+        except _Stopped:
+            _kill_group(proc)
+            interrupted = Interrupted(stop.signum)
+            returncode = proc.returncode
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            returncode, timed_out = proc.returncode, True
+        except (KeyboardInterrupt, Interrupted) as exc:
+            # The worker runs in its own session, so it outlives the parent unless killed here.
+            if proc is not None:
                 _kill_group(proc)
-                interrupted = Interrupted(stop.signum)
-                returncode, timed_out = proc.returncode, False
-            except subprocess.TimeoutExpired:
+            interrupted = exc if isinstance(exc, Interrupted) else Interrupted(signal.SIGINT)
+            returncode = proc.returncode if proc else None
+        except BaseException:
+            if proc is not None:
                 _kill_group(proc)
-                returncode, timed_out = proc.returncode, True
-            except (KeyboardInterrupt, Interrupted) as exc:
-                # The worker runs in its own session, so it outlives the parent unless killed here.
-                if proc is not None:
-                    _kill_group(proc)
-                interrupted = exc if isinstance(exc, Interrupted) else Interrupted(signal.SIGINT)
-                returncode, timed_out = (proc.returncode if proc else None), False
-            except BaseException:
-                if proc is not None:
-                    _kill_group(proc)
-                raise
+            raise
+        if served is not None and proc.poll() is None:
+            pool.release(served)  # the job ended normally: the worker serves the next one
         outcome = _collect(job, info, job_dir, returncode, timed_out, timeout_s, log_path, interrupted)
     outcome.wall_seconds = time.perf_counter() - start
     if interrupted is not None and not (stop is not None and stop.is_set()):
@@ -210,19 +225,26 @@ class _Stopped(Exception):
     """The runner's stop flag was set while this worker ran."""
 
 
+#: The result file's status once a worker has ended a job (``done``, or a setup that failed).
+_FINAL = ("done", "missing", "error")
+
+
 def _wait(proc: subprocess.Popen, job_dir: Path, total: int, timeout_s: float, on_progress,
-          stop: StopFlag | None) -> int:
+          stop: StopFlag | None, served: bool = False) -> int:
     """``proc.wait(timeout_s)`` in short slices: between them, tell ``on_progress(done, total)`` the finished
-    methods and raise ``_Stopped`` as soon as ``stop`` is set."""
+    methods and raise ``_Stopped`` as soon as ``stop`` is set. A ``served`` worker does not exit after the
+    job: its result file's final status ends the wait (0)."""
     deadline, reported = time.monotonic() + timeout_s, 0
     while True:
         try:
-            return proc.wait(timeout=max(0.0, min(0.2, deadline - time.monotonic())))
+            return proc.wait(timeout=max(0.0, min(0.05 if served else 0.2, deadline - time.monotonic())))
         except subprocess.TimeoutExpired:
             if time.monotonic() >= deadline:
                 raise
         if stop is not None and stop.is_set():
             raise _Stopped
+        if served and (_read_result(job_dir) or {}).get("status") in _FINAL:
+            return 0
         if on_progress is not None:
             state = _read_result(job_dir) or {}
             done = sum(1 for row in (state.get("methods") or {}).values() if row.get("status") in ("ok", "error"))

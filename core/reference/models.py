@@ -9,7 +9,7 @@ embeddings with their textbook derivatives. Every public function takes the mode
 dict, e.g. a framework's defaults, to compute in float64 what that framework's port computes).
 
 The loss is the SUM of softmax cross-entropy over all loss terms (N for the CNN, N*T tokens for the
-sequence model); a target ``IGNORE_INDEX`` contributes nothing, as in ``session.cross_entropy``.
+sequence model); a target ``IGNORE_INDEX`` contributes nothing, as in ``mlp.cross_entropy``.
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import math
 
 import numpy as np
 
-from gradparity.backends.numpy.session import _ACTIVATIONS, cross_entropy
 from gradparity.experiment.models import CNN, Sequence, model_from_dict, same_padding
+from gradparity.reference.mlp import _ACTIVATIONS, cross_entropy
 
 _SQRT_2 = math.sqrt(2.0)
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -304,7 +304,7 @@ def per_example(params, x, y, model: dict, *, settings: dict | None = None) -> t
 
 def term_scale(params, x, y, model: dict, *, settings: dict | None = None) -> dict[str, float]:
     """Per tensor, the largest entry of mean_i |g_i|, g_i example i's gradient: the scale of the terms that
-    the batch gradient adds up (as ``session.term_scale``), which bounds its rounding error.
+    the batch gradient adds up (as ``mlp.term_scale``), which bounds its rounding error.
 
     For the sequence model's dense biases, the terms are per token, and where they cancel within an example
     the example's gradient understates them: the attention key's bias has a gradient of exactly 0 (a
@@ -328,7 +328,7 @@ def trajectory(params: dict[str, np.ndarray], batches: list, model: dict, config
                framework: str, float32_hyperparameters: bool = False) -> tuple[list[dict[str, np.ndarray]], list[float]]:
     """(parameters after each step, loss at each step before its update) of training the built-in CNN or
     sequence ``model`` on ``batches`` (x, y) with ``framework``'s optimizer rule for ``config`` (an
-    ``OptimizerConfig``), float64 throughout: the counterpart of ``backends/numpy/train.py`` for these models.
+    ``OptimizerConfig``), float64 throughout: the counterpart of ``train.py`` for these models.
     ``reduction`` "mean" divides the summed cross-entropy by its number of terms (N, or N·T for tokens)."""
     from gradparity.experiment.optimizers import update_rule
 

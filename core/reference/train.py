@@ -1,7 +1,7 @@
 """numpy reference for training runs: the MLP's exact gradient and one framework's optimizer rule, in float64.
 
 The frameworks' trajectories are measured against this one (``gradparity train``): the same canonical start,
-the same batches, the gradient of the same reduced loss by the hand-written backward pass of ``session.py``,
+the same batches, the gradient of the same reduced loss by the hand-written backward pass of ``mlp.py``,
 and the update of ``gradparity.experiment.optimizers.update_rule`` for the framework being compared, so a
 difference that remains is the framework's arithmetic, not its optimizer's documented semantics.
 
@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from gradparity.backends.numpy.session import backward, cross_entropy, forward
 from gradparity.backends.protocol import TRAIN_REDUCTIONS
 from gradparity.experiment.optimizers import OptimizerConfig, update_rule
+from gradparity.reference.mlp import backward, cross_entropy, forward
 
 
 def loss_scale(reduction: str, n: int, weights: np.ndarray | None = None) -> np.ndarray:
