@@ -10,6 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 KERAS_VARIANTS = ("tensorflow", "jax", "torch")
+#: The frameworks a model, a loss or an optimizer is written in (a user's port, a loss text, an optimizer text),
+#: in the order a report lists them; "keras" runs on the Keras backend of ``KERAS_VARIANTS`` the user picks.
+FRAMEWORKS = ("torch", "keras", "jax")
 
 
 #: The task map: which module of a framework's package runs each kind of job (``WorkerJob.task``). The

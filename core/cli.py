@@ -21,6 +21,7 @@ import traceback
 from pathlib import Path
 
 from gradparity.version import __version__
+from gradparity.backends import FRAMEWORKS
 from gradparity.errors import ConfigError, GradparityError, Interrupted
 from gradparity.exit_codes import EXIT_INTERNAL, EXIT_INVALID
 from gradparity.report.jsonout import dumps
@@ -275,7 +276,7 @@ def _parser() -> argparse.ArgumentParser:
                                     "where a port differs.")
     ck.add_argument("config", nargs="?", help="a TOML file: [models] torch/keras/jax = 'module:function', "
                                               "[check] keys, [mapping.FRAMEWORK] names (flags override it)")
-    for fw in ("torch", "keras", "jax"):
+    for fw in FRAMEWORKS:
         ck.add_argument(f"--{fw}", metavar="MODULE:FUNCTION", help=f"the {fw} model's factory")
     ck.add_argument("--data", help="an .npz with arrays 'x' (images channels-last) and 'y'")
     ck.add_argument("--loss", help="cross_entropy (default) | mse")

@@ -22,7 +22,7 @@ from typing import Callable
 
 import numpy as np
 
-from gradparity.backends import BACKENDS, BackendInfo, make_job
+from gradparity.backends import BACKENDS, FRAMEWORKS, BackendInfo, make_job
 from gradparity.backends.protocol import MODEL_METHODS, WorkerJob, loss_elements
 from gradparity.compare.localize import Localization, localize
 from gradparity.compare.normalize import Result, normalize
@@ -35,10 +35,10 @@ from gradparity.experiment.causes import Rule
 from gradparity.experiment.weights import ModelLayout, WeightMap, map_weights
 from gradparity.run.execute import BackendOutcome, MethodOutcome
 from gradparity.report.render import REPORT_FILES
+from gradparity.run.pool import shared_workers
 from gradparity.run.runner import WorkerRun, not_started, run_jobs, signals_deferred
 
 #: The frameworks a user's model may come in, in the order they are run and listed.
-FRAMEWORKS = ("torch", "keras", "jax")
 LOSSES = ("cross_entropy", "mse")
 MODES = ("inference", "training")
 SCHEMA = "gradparity.check/1"
@@ -374,7 +374,10 @@ def run_check(spec: ModelCheck, out: str | Path | None = None,
     folder = OutputDir.claim(out, run_id, REPORT_FILES) if out is not None else None
     stop = _Stop()
     try:
-        report = _run_stages(spec, say, stop)
+        # The stages (describe, methods and capture, training) run one after the other on each framework:
+        # one served worker per framework takes them all, importing its framework once.
+        with shared_workers():
+            report = _run_stages(spec, say, stop)
         if folder is not None:
             with signals_deferred():
                 write_check_report(report, folder, run_id)

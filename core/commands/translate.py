@@ -20,7 +20,7 @@ from typing import Callable
 
 import numpy as np
 
-from gradparity.backends import BACKENDS, BackendInfo
+from gradparity.backends import BACKENDS, FRAMEWORKS, BackendInfo
 from gradparity.compare.pairs import relative_difference
 from gradparity.compare.tolerance import UNIT_ROUNDOFF, effective_unit_roundoff, loss_rtol
 from gradparity.errors import ConfigError
@@ -31,7 +31,6 @@ from gradparity.run.execute import BackendOutcome
 from gradparity.report.jsonout import strict
 from gradparity.run.runner import WorkerRun, run_jobs
 
-FRAMEWORKS = ("torch", "keras", "jax")
 #: Also accepted by --to and as a source: the legacy Keras 2 package (its own extra, tf-keras).
 OPTIONAL_FRAMEWORKS = ("tf_keras",)
 TARGETS_HINTS = ("class_index", "probabilities")

@@ -28,8 +28,9 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
+from gradparity.backends import FRAMEWORKS  # noqa: F401 - the optimizer commands import it from here
+
 OPTIMIZERS = ("sgd", "adam", "adamw")
-FRAMEWORKS = ("torch", "keras", "jax")
 #: Defaults a port inherits when it sets nothing (read in each framework's source).
 DEFAULTS = {
     "torch": {"adam_eps": 1e-8, "adamw_weight_decay": 1e-2},
