@@ -1,13 +1,53 @@
-"""Shared fixtures: tiny experiments, fault-injecting backends, framework availability."""
+"""Shared fixtures (tiny experiments, fault-injecting backends), framework availability, and the two test tiers.
+
+Declaring a framework
+---------------------
+A test that needs a framework, in a worker or in this process, says so once, with the ``frameworks`` marker;
+the names are backend names of ``gradparity.backends.BACKENDS`` other than "numpy" (torch, jax,
+keras-tensorflow, keras-jax, keras-torch, tf-keras)::
+
+    @pytest.mark.frameworks("torch", "jax")                   # a test function or a class
+    pytestmark = pytest.mark.frameworks("keras-tensorflow")   # a whole module
+    pytest.param("jax", marks=pytest.mark.frameworks("jax"))  # one parametrized case
+
+Every ``frameworks`` mark on a test counts (function, class, module, parametrization), and
+``pytest_collection_modifyitems`` below gives such a test
+
+- a skip, naming the missing modules and the pip extra, unless every module in ``BACKENDS[name].requires`` of
+  every named backend is installed (found with ``importlib.util.find_spec``, not imported), and
+- the ``slow`` marker.
+
+``required=False`` (``@pytest.mark.frameworks("torch", "jax", required=False)``) is for a test that runs every
+framework it finds installed and numpy alone where none is: it is marked slow, never skipped. An unknown name is
+a usage error, so a typo cannot quietly run a test nowhere.
+
+The tiers
+---------
+::
+
+    python -m pytest -m "not slow"   # fast: no framework is imported or started (a few minutes on 2 cores)
+    python -m pytest -m slow         # every test that declares a framework
+    python -m pytest                 # both
+
+When the ``-m`` expression says ``not slow``, this conftest sets ``GRADPARITY_NO_FRAMEWORK_WORKERS=1`` in
+``os.environ`` for the session (subprocesses such as ``python -m gradparity`` inherit it), so a framework worker
+started by a test that did not declare its framework is refused ("not started: ...", see
+``gradparity.run.execute``) and the test fails; and a test that imports a framework into this process fails
+too. tests/test_tiers.py checks that the two tiers are both non-empty and together the whole suite.
+"""
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
+import re
+import sys
 from pathlib import Path
 
 import pytest
 
 from gradparity.backends import BACKENDS, BackendInfo
+from gradparity.run.execute import NO_FRAMEWORK_WORKERS_ENV
 
 TESTS = Path(__file__).resolve().parent
 
@@ -19,15 +59,21 @@ TINY = {
 }
 
 
+@functools.cache
+def missing_modules(backend: str) -> tuple[str, ...]:
+    """The modules ``backend`` needs that cannot be found (found, not imported)."""
+    return tuple(m for m in BACKENDS[backend].requires if importlib.util.find_spec(m) is None)
+
+
 def installed(backend: str) -> bool:
     """True when every module the backend needs can be found (found, not imported)."""
-    return all(importlib.util.find_spec(m) is not None for m in BACKENDS[backend].requires)
+    return not missing_modules(backend)
 
 
 def fake(mode: str) -> BackendInfo:
     """A registry entry for tests/fake_backends.py in failure ``mode`` (see that module)."""
     requires = ("numpy", "framework_that_is_not_installed") if mode == "missing" else ("numpy",)
-    return BackendInfo(f"fake-{mode}", "fake", "fake_backends", "fake", requires,
+    return BackendInfo(f"fake-{mode}", "fake", (("gradients", "fake_backends"),), "fake", requires,
                        frozenset({"cross_entropy"}), variant=mode)
 
 
@@ -36,3 +82,93 @@ def fake_env():
     """Environment for workers that must import tests/fake_backends.py."""
     path = os.environ.get("PYTHONPATH", "")
     return {"PYTHONPATH": str(TESTS) + (os.pathsep + path if path else "")}
+
+
+@pytest.fixture
+def workers_started(monkeypatch):
+    """The list of jobs a command tried to start in a worker (none is started): for tests of bad input, which
+    must be refused before any worker starts. Every command starts its workers through the one runner."""
+    started = []
+    monkeypatch.setattr("gradparity.run.runner.run_backend", lambda job, info, *a, **k: started.append(info.name))
+    return started
+
+
+# --- the tiers: the ``frameworks`` marker, ``slow``, and the fast tier's guard ------------------------------
+
+#: What the ``frameworks`` marker takes: every backend but the numpy reference.
+FRAMEWORK_BACKENDS = tuple(name for name in BACKENDS if name != "numpy")
+#: The top-level modules no fast-tier test may import into this process.
+FRAMEWORK_MODULES = ("torch", "tensorflow", "keras", "jax", "jaxlib", "flax", "optax", "tf_keras")
+
+
+def is_fast_tier(config) -> bool:
+    """True when the ``-m`` expression leaves the slow tests out (it says ``not slow``)."""
+    return re.search(r"\bnot\s+slow\b", config.getoption("markexpr") or "") is not None
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "frameworks(*backends, required=True): the test runs these framework backends (names of "
+                   "gradparity.backends.BACKENDS, numpy excepted); it is marked slow, and skipped unless all are "
+                   "installed (never skipped with required=False: it uses those it finds). See tests/conftest.py.")
+    config.addinivalue_line(
+        "markers", "slow: starts or imports a framework; tests/conftest.py adds it to every test marked "
+                   "frameworks. The fast tier is -m 'not slow'.")
+    if is_fast_tier(config):
+        os.environ[NO_FRAMEWORK_WORKERS_ENV] = "1"
+
+
+def _declared(item) -> tuple[list[str], list[str]]:
+    """(required, optional) backend names of every ``frameworks`` mark on ``item``; UsageError for a bad mark."""
+    required, optional = [], []
+    for mark in item.iter_markers("frameworks"):
+        unknown = [n for n in mark.args if n not in FRAMEWORK_BACKENDS]
+        extra = set(mark.kwargs) - {"required"}
+        if not mark.args or unknown or extra:
+            raise pytest.UsageError(
+                f"{item.nodeid}: @pytest.mark.frameworks({', '.join(map(repr, mark.args))}) "
+                + (f"takes no {sorted(extra)}; " if extra else "")
+                + f"takes one or more of {', '.join(FRAMEWORK_BACKENDS)}"
+                + (f", not {', '.join(map(repr, unknown))}" if unknown else ""))
+        names = required if mark.kwargs.get("required", True) else optional
+        names.extend(n for n in mark.args if n not in names)
+    return required, optional
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest's own -m deselection, which must see the slow marks
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        required, optional = _declared(item)
+        if not (required or optional):
+            continue
+        item.add_marker(pytest.mark.slow)
+        missing = [b for b in required if not installed(b)]
+        if missing:
+            modules = sorted({m for b in missing for m in missing_modules(b)})
+            extras = list(dict.fromkeys(part for b in missing for part in BACKENDS[b].extra.split(",")))
+            item.add_marker(pytest.mark.skip(
+                reason=f"needs {', '.join(required)}; not installed: {', '.join(modules)} "
+                       f"(pip install 'gradparity[{','.join(extras)}]')"))
+
+
+def _check_no_framework_imported(item):
+    """Around each phase of a fast-tier test: a framework module that appeared in this process fails the test."""
+    if not is_fast_tier(item.config):
+        return (yield)
+    before = {m for m in FRAMEWORK_MODULES if m in sys.modules}
+    result = yield
+    new = [m for m in FRAMEWORK_MODULES if m in sys.modules and m not in before]
+    if new:
+        pytest.fail(f"{item.nodeid} imported {', '.join(new)} in the fast tier (-m 'not slow'): declare it with "
+                    f"@pytest.mark.frameworks(...) (tests/conftest.py)", pytrace=False)
+    return result
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    return (yield from _check_no_framework_imported(item))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    return (yield from _check_no_framework_imported(item))

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import installed
 from gradparity.cli import main
 from gradparity.commands.check import compare_models
 from gradparity.testing import assert_same_gradients, assert_same_outputs
@@ -27,11 +26,7 @@ PATH = [str(EXAMPLE), str(Path(__file__).resolve().parent / "port_models")]
 BATCH = tuple(np.load(EXAMPLE / "batch.npz")[k] for k in ("x", "y"))
 SMALL = (BATCH[0][:8], BATCH[1][:8])
 
-HAVE = {"torch": installed("torch"), "jax": installed("jax"), "keras": installed("keras-tensorflow")}
-needs = {fw: pytest.mark.skipif(not ok, reason=f"{fw} is not installed: pip install 'gradparity[{fw}]'")
-         for fw, ok in HAVE.items()}
-needs_all = pytest.mark.skipif(not all(HAVE.values()), reason="needs torch, keras and jax: pip install "
-                                                              "'gradparity[all]'")
+needs_all = pytest.mark.frameworks("torch", "keras-tensorflow", "jax")
 
 
 def check(**kwargs):
@@ -47,8 +42,7 @@ def faithful64():
     return check(torch="nets_torch:TorchCNN", jax="nets_flax:flax_cnn", dtype="float64")
 
 
-@needs["torch"]
-@needs["jax"]
+@pytest.mark.frameworks("torch", "jax")
 def test_faithful_flax_port_agrees_with_torch_in_float64_for_every_method(faithful64):
     r = faithful64
     assert [o.status for o in r.outcomes] == ["ok"] * 2
@@ -66,8 +60,7 @@ def test_faithful_flax_port_agrees_with_torch_in_float64_for_every_method(faithf
             for p in ("input", "output")} | {("logits", "logits")} <= points
 
 
-@needs["torch"]
-@needs["jax"]
+@pytest.mark.frameworks("torch", "jax")
 def test_weights_are_mapped_by_structure_in_call_order(faithful64):
     """Flax lists its state alphabetically (fc2 before norm); the call order pairs the layers."""
     assign = faithful64.maps["jax"].assign
@@ -155,8 +148,7 @@ def test_planted_epsilon_and_transposed_kernel_are_named(planted_more):
     assert planted_more.verdict.status == "disagree"
 
 
-@needs["torch"]
-@needs["keras"]
+@pytest.mark.frameworks("torch", "keras-tensorflow")
 def test_pytest_helpers_pass_agreeing_methods_and_fail_with_the_layer():
     report = assert_same_gradients(torch="nets_torch:TorchCNN", batch=SMALL, sys_path=PATH)
     assert report.verdict.status == "agree" and len(report.results) == 4
@@ -186,8 +178,7 @@ def test_a_raising_factory_and_a_wrong_output_shape_become_failed_rows():
     assert jax_row.status == "error" and "shape [8, 7]" in jax_row.error and "[8, 10]" in jax_row.error
 
 
-@needs["torch"]
-@needs["jax"]
+@pytest.mark.frameworks("torch", "jax")
 def test_a_hanging_or_crashing_model_is_stopped_and_the_others_are_kept():
     r = check(torch="nets_torch:TorchCNN", jax="port_bugs_flax:flax_hangs", methods=["mean"], timeout_s=12)
     rows = {res.backend: res for res in r.results}
@@ -243,14 +234,13 @@ def test_bad_toml_exits_2(capsys, tmp_path):
     assert code == 2 and "unknown key 'pytorch' in [models]" in text and "unknown key 'batch' in [check]" in text
 
 
-@needs["torch"]
+@pytest.mark.frameworks("torch")
 def test_labels_beyond_the_models_classes_exit_2(tmp_path):
     with pytest.raises(Exception, match=r"y holds class 12, but the model has 10 classes"):
         check(torch="nets_torch:TorchCNN", batch=(SMALL[0], np.full(8, 12)))
 
 
-@needs["torch"]
-@needs["jax"]
+@pytest.mark.frameworks("torch", "jax")
 def test_an_unmappable_port_is_a_mapping_error_with_both_parameter_lists(tmp_path):
     from gradparity.experiment.weights import MappingError
 
@@ -289,8 +279,7 @@ def test_toml_reads_models_settings_and_explicit_mapping(tmp_path):
         read_check_config(tmp_path / "d.toml", {})
 
 
-@needs["torch"]
-@needs["jax"]
+@pytest.mark.frameworks("torch", "jax")
 def test_a_sequence_model_with_token_logits_maps_and_localizes_the_gelu():
     """(N, T) integer tokens -> (N, T, C) logits: the loss averages N*T terms; embeddings map as embeddings;
     the Flax port left at jax.nn.gelu's tanh default is named at torch's act (nn.GELU)."""

@@ -8,7 +8,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from conftest import installed
+from conftest import FRAMEWORK_BACKENDS, installed
 
 TINY_TOML = textwrap.dedent("""
     name = "tiny"
@@ -376,6 +376,7 @@ def test_doctor_names_a_missing_module_and_its_extra():
     assert " ok " in keras_jax, keras_jax
 
 
+@pytest.mark.frameworks(*FRAMEWORK_BACKENDS, required=False)  # a worker per installed backend
 def test_doctor_devices_probes_each_backend_in_its_worker():
     """``--devices``: the old probe (a worker per backend, importing its framework), after the fast listing."""
     from gradparity.backends import BACKENDS

@@ -11,7 +11,6 @@ import sys
 import pytest
 
 from gradparity.commands import diagnose as dg
-from conftest import installed
 
 CASES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "framework_cases")
 
@@ -24,7 +23,7 @@ def run_case(script: str, tmp_path, *args: str) -> dg.Observations:
     return dg.read_gradients(str(out))
 
 
-@pytest.mark.skipif(not installed("jax"), reason="needs jax, flax, optax: pip install 'gradparity[jax]'")
+@pytest.mark.frameworks("jax")
 def test_jax_micro_batch_means_added_without_one_over_k(tmp_path):
     obs = run_case("jax_accumulation.py", tmp_path)
     obs.info = dg.Info(micro_batches=3, dtype="float64")
@@ -34,8 +33,7 @@ def test_jax_micro_batch_means_added_without_one_over_k(tmp_path):
     assert sorted(map(sorted, d.clusters)) == [["accumulated"], ["full_batch", "multisteps"]]
 
 
-@pytest.mark.skipif(not installed("keras-tensorflow"), reason="needs keras and tensorflow: pip install "
-                                                              "'gradparity[keras]'")
+@pytest.mark.frameworks("keras-tensorflow")
 def test_keras_sum_over_batch_size_against_mean_with_sample_weight(tmp_path):
     obs = run_case("keras_weighted_means.py", tmp_path)
     assert obs.labels == ["sum_over_batch_size", "mean_with_sample_weight"]  # Keras paths keep their '/'
@@ -44,7 +42,7 @@ def test_keras_sum_over_batch_size_against_mean_with_sample_weight(tmp_path):
     assert d.top.id == "weighted_mean_mismatch", dg.render_text(d)
 
 
-@pytest.mark.skipif(not installed("jax"), reason="needs jax, flax, optax: pip install 'gradparity[jax]'")
+@pytest.mark.frameworks("jax")
 def test_optax_multisteps_accumulates_in_float32_by_default(tmp_path):
     """Measured (optax 0.2.8): MultiSteps' accumulator is float32 unless accumulator_dtype says otherwise, so a
     float64 run's averaged gradient is off by float32 rounding, not float64's."""
@@ -56,8 +54,7 @@ def test_optax_multisteps_accumulates_in_float32_by_default(tmp_path):
     assert 1e-12 < rel < 2.0 ** -24 * 64, rel  # beyond float64 rounding, within float32's
 
 
-@pytest.mark.skipif(not installed("keras-tensorflow"), reason="needs keras and tensorflow: pip install "
-                                                              "'gradparity[keras]'")
+@pytest.mark.frameworks("keras-tensorflow")
 def test_keras_gradient_accumulation_steps_averages_micro_batch_means(tmp_path):
     """Measured (keras 3.15): optimizer.gradient_accumulation_steps applies the plain average of the micro-batch
     gradients. Equal micro-batches give the full-batch gradient; uneven ones (4, 4, 2) do not, since the short
@@ -75,7 +72,7 @@ def test_keras_gradient_accumulation_steps_averages_micro_batch_means(tmp_path):
     assert rel("accumulated_uneven", "full_batch_uneven") > 0.05
 
 
-@pytest.mark.skipif(not installed("torch"), reason="needs torch: pip install 'gradparity[torch]'")
+@pytest.mark.frameworks("torch")
 def test_torch_dropout_left_in_training_mode(tmp_path):
     """nn.Dropout without model.eval(): every forward pass draws a fresh mask, so even sum and mean differ."""
     obs = run_case("torch_dropout.py", tmp_path)
@@ -85,7 +82,7 @@ def test_torch_dropout_left_in_training_mode(tmp_path):
     assert len(d.clusters) == 4  # no two methods agree
 
 
-@pytest.mark.skipif(not installed("torch"), reason="needs torch: pip install 'gradparity[torch]'")
+@pytest.mark.frameworks("torch")
 def test_torch_reseeding_before_each_method_draws_the_same_dropout_masks(tmp_path):
     """Measured (torch 2.13, CPU): with torch.manual_seed(0) before each method, one (16, 12) mask and sixteen
     (1, 12) masks come from the same stream in the same order, so even one_by_one sees the batch's masks and
@@ -95,7 +92,7 @@ def test_torch_reseeding_before_each_method_draws_the_same_dropout_masks(tmp_pat
     assert dg.diagnose(obs).top.id == "clean"
 
 
-@pytest.mark.skipif(not installed("jax"), reason="needs jax, flax, optax: pip install 'gradparity[jax]'")
+@pytest.mark.frameworks("jax")
 def test_flax_batchnorm_in_training_mode(tmp_path):
     """nnx.BatchNorm(use_running_average=False): vmap and one example at a time normalize single examples,
     which have no variance, so nothing before the normalization gets a gradient from them."""

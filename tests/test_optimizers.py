@@ -16,8 +16,6 @@ from gradparity.commands.optimizers import BY_ID, SCENARIOS, compare_optimizers,
 from gradparity.errors import ConfigError
 from gradparity.experiment.optimizers import OptimizerConfig, reference_steps
 
-from conftest import installed
-
 
 def _scalar_steps(framework, config, grads, lrs, p0=1.0):
     out = reference_steps(framework, config, {"p": np.array(p0)}, [{"p": np.array(g)} for g in grads], lrs)
@@ -88,18 +86,15 @@ KERAS_APART = {"sgd_momentum": False, "sgd_momentum_schedule": True, "sgd_nester
                "adam_accumulation": True}
 
 
-def _need(*backends):
-    missing = [b for b in backends if not installed(b)]
-    if missing:
-        pytest.skip(f"not installed: {', '.join(missing)} (pip install -c constraints.txt -e '.[all]')")
+MAIN = ("torch", "keras-tensorflow", "jax")
 
 
 @pytest.fixture(scope="module")
 def float64_results():
-    _need("torch", "keras-tensorflow", "jax")
-    return compare_optimizers(SCENARIOS, ("torch", "keras-tensorflow", "jax"), "float64", steps=10)
+    return compare_optimizers(SCENARIOS, MAIN, "float64", steps=10)
 
 
+@pytest.mark.frameworks(*MAIN)
 def test_every_native_optimizer_does_what_its_source_says(float64_results):
     for r in float64_results:
         assert not r.errors, r.errors
@@ -107,6 +102,7 @@ def test_every_native_optimizer_does_what_its_source_says(float64_results):
             assert err <= r.semantics_rtol[backend], f"{r.scenario.id} {backend}: {err:.3g}"
 
 
+@pytest.mark.frameworks(*MAIN)
 def test_frameworks_part_exactly_where_the_rules_say(float64_results):
     """With exact hyperparameters the rules part Keras from torch and optax where KERAS_APART says; Keras on
     TensorFlow rounds its hyperparameters to float32 even in float64, so in this float64 run it is apart
@@ -132,9 +128,9 @@ def test_frameworks_part_exactly_where_the_rules_say(float64_results):
             assert next(t for t, d in enumerate(p.predicted_exact, start=1) if d > 1e-12) == first_change
 
 
+@pytest.mark.frameworks("torch", "keras-jax", "keras-torch", "jax")
 @pytest.mark.parametrize("dtype", ["float32"])
 def test_float32_and_the_other_keras_backends(dtype):
-    _need("torch", "keras-jax", "keras-torch", "jax")
     scenarios = (BY_ID["sgd_momentum_schedule"], BY_ID["adamw_same"], BY_ID["adam_accumulation"])
     results = compare_optimizers(scenarios, ("torch", "keras-jax", "keras-torch", "jax"), dtype, steps=6)
     for r in results:

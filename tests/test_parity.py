@@ -17,10 +17,10 @@ from gradparity.experiment.methods import METHODS
 from gradparity.experiment.models import MLP
 from gradparity.run.execute import run_backend
 
-from conftest import installed
-
 RTOL = {"float64": 1e-12, "float32": 1e-5}
 FRAMEWORK_BACKENDS = ("torch", "jax", "keras-tensorflow", "keras-jax", "keras-torch")
+#: One case per backend, each declaring its framework.
+BACKEND_PARAMS = [pytest.param(b, marks=pytest.mark.frameworks(b)) for b in FRAMEWORK_BACKENDS]
 CASES = [  # (dtype, activation, sizes, N, device): two hidden layers, odd batches, every activation once
     ("float64", "tanh", (12, 9, 7, 5), 11, "cpu"),
     ("float64", "sigmoid", (6, 4, 3), 1, "cpu"),
@@ -41,15 +41,9 @@ def make_job(backend, dtype, activation, sizes, n, device="cpu", methods=tuple(M
                            init_params(model, 3, dtype), batch)
 
 
-def need(backend):
-    if not installed(backend):
-        pytest.skip(f"{backend} not installed (pip install 'gradparity[{BACKENDS[backend].extra}]')")
-
-
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1]}-{c[4]}")
-@pytest.mark.parametrize("backend", FRAMEWORK_BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_backend_matches_numpy_reference(backend, case):
-    need(backend)
     dtype, activation, sizes, n, device = case
     info, job = make_job(backend, dtype, activation, sizes, n, device=device)
     outcome = run_backend(job, info, timeout_s=300)
@@ -79,9 +73,8 @@ def test_backend_matches_numpy_reference(backend, case):
             assert err <= RTOL[effective] * float(np.max(np.abs(g))), f"{backend}/{name} {p}: {err}"
 
 
-@pytest.mark.parametrize("backend", FRAMEWORK_BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_gpu_request_without_a_gpu_is_a_clear_error_row(backend):
-    need(backend)
     info, job = make_job(backend, "float32", "relu", (4, 3, 2), 2, device="gpu", methods=("mean",))
     outcome = run_backend(job, info, timeout_s=300)
     if outcome.status == "ok":

@@ -21,11 +21,13 @@ from gradparity.experiment.optimizers import FRAMEWORKS, Semantics, semantic_rul
 
 # --------------------------------------------------------------------------------------------- reading the text
 
+@pytest.mark.frameworks("torch", "jax")  # imports torch and optax into this process
 def test_defaults_are_each_frameworks_own():
     """What a text leaves out is the framework's default, read here from the installed framework's signature
     (not from gradparity): torch AdamW weight decay and eps, optax adamw's weight decay."""
-    torch = pytest.importorskip("torch")
-    optax = pytest.importorskip("optax")
+    import optax
+    import torch
+
     sig = inspect.signature(torch.optim.AdamW).parameters
     _, config, explicit = parse_optimizer_text("torch.optim.AdamW(model.parameters())")
     assert (config.weight_decay, config.eps, config.lr) == (sig["weight_decay"].default, sig["eps"].default,
@@ -149,6 +151,7 @@ def _seq(report, framework, role):
     return next(c for c in report.candidates if c.framework == framework and c.role == role)
 
 
+@pytest.mark.frameworks("torch", "keras-tensorflow", "jax")
 def test_torch_adam_is_reproduced_in_keras_and_optax_and_the_naive_keras_port_is_not():
     report = translate_optimizer("torch.optim.Adam(params, lr=1e-2)", steps=12)
     assert report.exit_code == 0, report.summary
@@ -165,6 +168,7 @@ def test_torch_adam_is_reproduced_in_keras_and_optax_and_the_naive_keras_port_is
     assert abs(tiny.per_step[-1] - tiny.predicted[-1]) <= 1e-6 * tiny.predicted[-1]
 
 
+@pytest.mark.frameworks("torch", "keras-tensorflow", "jax")
 def test_keras_momentum_with_decay_is_reproduced_in_torch_under_a_schedule_too():
     """Keras SGD (velocity form, decoupled decay): torch's hook form reproduces it at every step of all three
     sequences; optax's chain only while the lr is constant, and the report says so (exit 0)."""
@@ -184,6 +188,7 @@ def test_keras_momentum_with_decay_is_reproduced_in_torch_under_a_schedule_too()
     assert naive.sequences["unit"].first_apart == 1   # torch's L2 decay goes through the momentum
 
 
+@pytest.mark.frameworks("torch", "jax")  # the torch source, its naive port to jax
 def test_no_translation_is_exit_1_with_the_reason_and_json(capsys):
     code = main(["translate", "torch.optim.SGD(params, lr=0.1, momentum=0.9, dampening=0.5)", "--to", "jax",
                  "--steps", "6", "--json"])
@@ -195,6 +200,7 @@ def test_no_translation_is_exit_1_with_the_reason_and_json(capsys):
     assert naive["vs_source"]["unit"]["first_apart"] == 2   # dampening first acts on the second step
 
 
+@pytest.mark.frameworks("torch", "keras-tensorflow", "jax")
 def test_keras_adam_epsilon_hat_is_reproduced_by_a_torch_hook_and_an_optax_schedule():
     """Keras Adam adds epsilon to sqrt(v): torch's eps set per step (before_step) and optax's eps as a schedule
     of the count (inject_hyperparams) reproduce it at every step, tiny gradients included."""
