@@ -172,3 +172,14 @@ def pytest_runtest_setup(item):
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item):
     return (yield from _check_no_framework_imported(item))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_worker_processes():
+    """One served worker process per backend and environment for the whole session (``gradparity.run.pool``):
+    the tests that run jobs in this process pay each framework's import once, not once per job. A job that
+    crashes, hangs or is stopped still takes its worker down, so the isolation tests test the same thing."""
+    from gradparity.run.pool import shared_workers
+
+    with shared_workers(max_idle=8):
+        yield

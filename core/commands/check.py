@@ -116,6 +116,8 @@ def check_spec(spec: ModelCheck) -> ModelCheck:
         elif not _findable(factory.split(":")[0].split(".")[0], spec.sys_path):
             problems.append(f"{fw} model {factory!r}: no module {factory.split(':')[0].split('.')[0]!r} in "
                             f"{', '.join(spec.sys_path) or 'the current folder'} or on the Python path")
+        else:
+            problems += [f"{fw} model {factory!r}: {p}" for p in _factory_problems(factory, spec.sys_path)]
     if spec.weights_from is not None and spec.weights_from not in spec.factories:
         problems.append(f"weights_from = {spec.weights_from!r} names no given model ({', '.join(spec.factories)})")
     for fw, table in spec.mapping.items():
@@ -160,6 +162,49 @@ def _findable(top: str, folders: tuple[str, ...]) -> bool:
 
     return (top in sys.builtin_module_names or
             importlib.machinery.PathFinder.find_spec(top, [*(folders or [os.getcwd()]), *sys.path]) is not None)
+
+
+def _factory_problems(factory: str, folders: tuple[str, ...]) -> list[str]:
+    """What is wrong with a factory's module as written, read from its source without importing it (the parent
+    imports no framework): a syntax error, or no top-level definition of the factory's name. Nothing is said
+    where the source cannot tell (a compiled module, a star import, a module-level ``__getattr__``)."""
+    import ast
+    import importlib.machinery
+    import sys
+
+    module, _, attr = factory.partition(":")
+    parts = module.split(".")
+    spec = importlib.machinery.PathFinder.find_spec(parts[0], [*(folders or [os.getcwd()]), *sys.path])
+    for part in parts[1:]:
+        locations = spec.submodule_search_locations if spec is not None else None
+        spec = importlib.machinery.PathFinder.find_spec(part, list(locations)) if locations else None
+    origin = getattr(spec, "origin", None)
+    if spec is None or not origin or not origin.endswith(".py"):
+        return []
+    try:
+        tree = ast.parse(Path(origin).read_bytes(), origin)
+    except SyntaxError as exc:
+        return [f"{origin} does not parse: {exc.msg} (line {exc.lineno})"]
+    except (OSError, ValueError):
+        return []
+    names: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            if any(a.name == "*" for a in node.names):
+                return []
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+        else:
+            names.update(n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store))
+    if "__getattr__" in names:
+        return []
+    name = attr.split(".")[0]
+    if name in names:
+        return []
+    defined = sorted(n for n in names if not n.startswith("_"))
+    return [f"{origin} defines no {name!r} at its top level"
+            + (f" (it defines {', '.join(defined[:12])}{' ...' if len(defined) > 12 else ''})" if defined else "")]
 
 
 def _batch_problems(x: np.ndarray, y: np.ndarray, loss: str) -> list[str]:
