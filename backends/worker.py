@@ -209,7 +209,9 @@ def _run_methods(job: WorkerJob, job_dir: Path, state: dict, save, turns: Timing
             # The median of TIMED_CALLS for gradients (one descheduled call must not be the timing); a training
             # run or a loss function is timed once (a whole run, or no timing reported).
             timed = job.task == "gradients" or (job.task == "model_check" and "builtin" in job.payload)
-            with turns.alone():
+            # The timings a report shows (the reduction methods, a training run's time per step) take their
+            # turn; a check of a user's model, a loss function or an optimizer case reports none.
+            with turns.alone() if timed or job.task in ("train", "model_train") else contextlib.nullcontext():
                 for _ in range(TIMED_CALLS if timed else 1):
                     start = time.perf_counter()
                     raw = session.compute(method)
