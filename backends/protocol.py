@@ -485,6 +485,18 @@ def train_result(job: WorkerJob, arrays: dict[str, np.ndarray], losses: list[flo
     return RawResult(losses[-1], arrays, info)
 
 
+def step_params(arrays: dict[str, np.ndarray], steps, names) -> list[dict[str, np.ndarray]]:
+    """Decode a trajectory (a training run's or an optimizer case's arrays, "T/NAME"): for each step T of
+    ``steps``, the parameters ``names`` after it, as float64. The one reader of the encoding that
+    ``train_result`` and ``OptimizerSession`` write."""
+    return [{k: np.asarray(arrays[f"{t}/{k}"], dtype=np.float64) for k in names} for t in steps]
+
+
+def step_losses(arrays: dict[str, np.ndarray], count: int) -> list[float]:
+    """Decode a training run's per-step losses ("loss/T", T = 1..count)."""
+    return [float(arrays[f"loss/{t}"]) for t in range(1, count + 1)]
+
+
 class ModelTraining:
     """Task "model_train" for a built-in model or a user's, the part every backend's ``user_model`` trainer shares.
 

@@ -132,37 +132,32 @@ def test_check_stops_within_seconds_and_writes_what_finished(sig, tmp_path):
     assert f"INTERRUPTED by {sig.name}" in stdout
 
 
-def test_train_stops_within_seconds_and_writes_what_finished(tmp_path):
-    proc = start(["train", "--backends", "torch", "--model", "sequence", "--steps", "10000", "--out", "out"],
-                 tmp_path)
+def interrupt_while_training(argv: list[str], tmp_path: Path, sig: signal.Signals) -> tuple[dict, str]:
+    """Start a training command, send ``sig`` once its worker has trained a few seconds, and check that it
+    stops within seconds with 128 + sig, no traceback and no worker left; (its report.json, its stdout)."""
+    proc = start(argv, tmp_path)
     workers = wait_for_workers(proc, settle=6.0)   # importing torch: the training loop is running by now
     assert workers, "no worker was training when the signal came"
     sent = time.monotonic()
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130, stdout + stderr
+    assert proc.returncode == 128 + sig, stdout + stderr
     assert time.monotonic() - sent < 15
     assert "Traceback" not in stderr
     assert gone(workers), "a worker outlived the command"
+    assert stdout.startswith(f"INTERRUPTED by {sig.name}")
     doc = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert doc["interrupted"] == "SIGINT"
+    assert doc["interrupted"] == sig.name
+    return doc, stdout
+
+
+def test_train_stops_within_seconds_and_writes_what_finished(tmp_path):
+    doc, _ = interrupt_while_training(["train", "--backends", "torch", "--model", "sequence", "--steps", "10000",
+                                       "--out", "out"], tmp_path, signal.SIGINT)
     assert [t["status"] for t in doc["trajectories"]] == ["interrupted"]
-    assert stdout.startswith("INTERRUPTED by SIGINT")
 
 
 def test_sweep_stops_within_seconds_and_writes_what_finished(tmp_path):
-    proc = start(["train", "--sweep", "--backends", "torch", "--epochs", "20", "--batch-sizes", "4,8",
-                  "--out", "out"], tmp_path)
-    workers = wait_for_workers(proc, settle=6.0)
-    assert workers, "no worker was training when the signal came"
-    sent = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 143, stdout + stderr
-    assert time.monotonic() - sent < 15
-    assert "Traceback" not in stderr
-    assert gone(workers), "a worker outlived the command"
-    doc = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert doc["interrupted"] == "SIGTERM"
+    doc, _ = interrupt_while_training(["train", "--sweep", "--backends", "torch", "--epochs", "20",
+                                       "--batch-sizes", "4,8", "--out", "out"], tmp_path, signal.SIGTERM)
     assert {c["status"] for c in doc["cells"]} == {"interrupted"}
-    assert stdout.startswith("INTERRUPTED by SIGTERM")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import platform
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -76,11 +77,14 @@ def _children_cpu() -> float:
 
 def _time_once(t: Timing, timeout_s: float) -> None:
     cpu0, start = _children_cpu(), time.perf_counter()
-    proc = subprocess.run(t.command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL, timeout=timeout_s)
+    try:
+        code = subprocess.run(t.command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, timeout=timeout_s).returncode
+    except subprocess.TimeoutExpired:  # run() killed it at --timeout: a failed run (exit 3), not a traceback
+        code = -signal.SIGKILL
     t.wall.append(time.perf_counter() - start)
     t.cpu.append(_children_cpu() - cpu0)
-    t.codes.append(proc.returncode)
+    t.codes.append(code)
 
 
 def time_to_verdict(repeat: int = 3, timeout_s: float = 600.0, progress=None) -> tuple[Timing, Timing]:

@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 
 from gradparity.backends import BACKENDS, FRAMEWORKS, BackendInfo, make_job
-from gradparity.backends.protocol import MODEL_METHODS, WorkerJob, loss_elements
+from gradparity.backends.protocol import MODEL_METHODS, WorkerJob, loss_elements, step_losses, step_params
 from gradparity.compare.localize import Localization, localize
 from gradparity.compare.normalize import Result, normalize
 from gradparity.compare.pairs import Comparison, compare_all
@@ -185,7 +185,8 @@ def _factory_problems(factory: str, folders: tuple[str, ...]) -> list[str]:
         tree = ast.parse(Path(origin).read_bytes(), origin)
     except SyntaxError as exc:
         return [f"{origin} does not parse: {exc.msg} (line {exc.lineno})"]
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
+        # RecursionError: nested too deeply for ast.parse in this process, not necessarily for the worker's import
         return []
     names: set[str] = set()
     for node in tree.body:
@@ -578,9 +579,8 @@ def _train_stage(spec: ModelCheck, values: dict, assigns: dict[str, dict], tol: 
             report.errors[o.backend] = (row.error if row is not None else o.error) or o.status
             continue
         keys = sorted({k.split("/", 1)[1] for k in row.grads if not k.startswith("loss/")})
-        trajectories[fw] = [{k: np.asarray(row.grads[f"{t}/{k}"], dtype=np.float64) for k in keys}
-                            for t in range(1, spec.train_steps + 1)]
-        report.losses[o.backend] = [float(row.grads[f"loss/{t}"]) for t in range(1, spec.train_steps + 1)]
+        trajectories[fw] = step_params(row.grads, range(1, spec.train_steps + 1), keys)
+        report.losses[o.backend] = step_losses(row.grads, spec.train_steps)
         units[fw] = effective(o)
     source = spec.source
     for fw in (f for f in trajectories if f != source and source in trajectories):

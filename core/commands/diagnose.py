@@ -248,6 +248,8 @@ def _table_rows(text: str, name: str) -> list[tuple[str, str, str]]:
             doc = json.loads(stripped)
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{name} is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise ConfigError(f"{name} is not valid JSON: nested too deeply") from None
         rows = doc.get("rows") if isinstance(doc, dict) else doc
         if not isinstance(rows, list) or not all(isinstance(r, dict) and {"a", "b", "max_abs"} <= set(r)
                                                  for r in rows):

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gradparity.backends import BACKENDS, BackendInfo, make_job
-from gradparity.backends.protocol import WorkerJob
+from gradparity.backends.protocol import WorkerJob, step_params
 from gradparity.compare.tolerance import SAFETY, UNIT_ROUNDOFF, effective_unit_roundoff, step_rtol
 from gradparity.compare.trajectories import first_beyond, relative_distance
 from gradparity.errors import ConfigError
@@ -156,6 +156,8 @@ def compare_optimizers(scenarios=SCENARIOS, backends=("torch", "keras-tensorflow
             raise ConfigError(f"optimizers run in torch, keras-tensorflow/-jax/-torch and jax, not {b!r}")
     if steps < 2:
         raise ConfigError(f"steps must be at least 2, got {steps}")
+    if steps > 10_000:  # as translate's: every step's gradients are drawn and held in memory
+        raise ConfigError(f"steps must be at most 10000, got {steps}")
     say = progress or (lambda _m: None)
     params, grads = fixed_gradients(seed, steps)
     lr_of = {s.id: learning_rates(s, s.configs["torch"].lr, steps) for s in scenarios}
@@ -188,8 +190,7 @@ def compare_optimizers(scenarios=SCENARIOS, backends=("torch", "keras-tensorflow
             if row is None or row.status != "ok":
                 results[s.id].errors[b] = (row.error if row is not None else outcome.error) or outcome.status
                 continue
-            traj = [{k: np.asarray(row.grads[f"{t}/{k}"], dtype=np.float64) for k in params}
-                    for t in range(1, steps + 1)]
+            traj = step_params(row.grads, range(1, steps + 1), params)
             native[(b, s.id)] = [traj, u, False]
             results[s.id].notes[b] = (row.info or {}).get("optimizer", "")
             ref = reference_steps(info.framework, s.configs[info.framework], rounded, fed[s.id], lr_of[s.id])

@@ -61,7 +61,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from gradparity.backends import BACKENDS, make_job
-from gradparity.backends.protocol import WorkerJob
+from gradparity.backends.protocol import WorkerJob, step_losses, step_params
 from gradparity.commands.train import DEFAULT_LR, TrainSpec, check_spec, held_out_accuracy, split_digits
 from gradparity.compare.trajectories import relative_distance
 from gradparity.errors import ConfigError, Interrupted
@@ -456,8 +456,8 @@ def run_sweep(spec: SweepSpec, progress=None) -> SweepReport:
                                   (row.error if row else None) or outcome.error, **common))
                 continue
             seq = sequences[(c.batch_size, c.last_batch)]
-            steps = [{k: np.asarray(row.grads[f"{t}/{k}"], dtype=np.float64) for k in params} for t in seq.ends]
-            losses = [float(row.grads[f"loss/{t}"]) for t in range(1, seq.ends[-1] + 1)]
+            steps = step_params(row.grads, seq.ends, params)
+            losses = step_losses(row.grads, seq.ends[-1])
             if (c.batch_size, c.last_batch, reduction) not in totals:
                 totals[(c.batch_size, c.last_batch, reduction)] = _step_totals(seq, reduction)
             first = case not in timed   # a shared run's time counts once

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from gradparity.backends import BACKENDS, make_job
-from gradparity.backends.protocol import WorkerJob
+from gradparity.backends.protocol import WorkerJob, step_losses, step_params
 from gradparity.compare.tolerance import UNIT_ROUNDOFF, effective_unit_roundoff, tolerance_for, training_rtol
 from gradparity.compare.trajectories import first_beyond, relative_distance
 from gradparity.errors import ConfigError, Interrupted
@@ -403,9 +403,8 @@ def run_training(spec: TrainSpec, progress=None) -> TrainReport:
                                   (row.error if row else None) or outcome.error))
             continue
         u = effective_unit_roundoff(outcome.environment) or UNIT_ROUNDOFF[spec.dtype]
-        steps = [{k: np.asarray(row.grads[f"{t}/{k}"], dtype=np.float64) for k in params}
-                 for t in range(1, spec.steps + 1)]
-        tr = Trajectory(b, "ok", None, steps, [float(row.grads[f"loss/{t}"]) for t in range(1, spec.steps + 1)],
+        steps = step_params(row.grads, range(1, spec.steps + 1), params)
+        tr = Trajectory(b, "ok", None, steps, step_losses(row.grads, spec.steps),
                         u, outcome.environment, row.info, row.seconds)
         ref, _ = reference(info.framework, _float32_hyper(spec, b))
         tr.vs_rule = [relative_distance(p, r, skip) for p, r in zip(steps, ref)]
@@ -416,8 +415,7 @@ def run_training(spec: TrainSpec, progress=None) -> TrainReport:
             tr.worst_param = max((k for k in at if k not in skip), key=lambda k: float(np.max(np.abs(at[k] - r[k]))))
         other = outcome.methods.get("other")
         if spec.equivalence and other is not None and other.status == "ok":
-            other_steps = [{k: np.asarray(other.grads[f"{t}/{k}"], dtype=np.float64) for k in params}
-                           for t in range(1, spec.steps + 1)]
+            other_steps = step_params(other.grads, range(1, spec.steps + 1), params)
             tr.vs_other = [relative_distance(p, q, skip) for p, q in zip(steps, other_steps)]
             ref_other, _ = reference(info.framework, _float32_hyper(spec, b), "other")
             tr.other_predicted = [relative_distance(p, q, skip) for p, q in zip(ref, ref_other)]

@@ -29,7 +29,7 @@ from gradparity.errors import ConfigError
 from gradparity.experiment.optimizer_text import OptimizerRendering, parse_optimizer_text
 from gradparity.experiment.optimizers import (DEFAULTS, FRAMEWORKS, OptimizerConfig, Semantics, reference_steps,
                                               semantics_of)
-from gradparity.backends.protocol import WorkerJob
+from gradparity.backends.protocol import WorkerJob, step_params
 from gradparity.run.runner import WorkerRun, run_jobs
 
 from gradparity.exit_codes import EXIT_INCOMPLETE, EXIT_MATCH, EXIT_MISMATCH  # 0, 1, 3
@@ -257,8 +257,8 @@ def translate_optimizer(text: str, to: tuple[str, ...] = FRAMEWORKS, dtype: str 
                 continue
             c.status = "ok"
             c.note = (rows["unit"].info or {}).get("optimizer", "")
-            runs[c.case] = {name: ([{k: np.asarray(row.grads[f"{t}/{k}"], dtype=np.float64) for k in params}
-                                    for t in range(1, steps + 1)], u) for name, row in rows.items()}
+            runs[c.case] = {name: (step_params(row.grads, range(1, steps + 1), params), u)
+                            for name, row in rows.items()}
             keras_tf = BACKENDS[backend].variant == "tensorflow" and dtype == "float64"
             for name in SEQUENCES:
                 traj, _ = runs[c.case][name]
