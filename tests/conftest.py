@@ -181,5 +181,5 @@ def shared_worker_processes():
     crashes, hangs or is stopped still takes its worker down, so the isolation tests test the same thing."""
     from gradparity.run.pool import shared_workers
 
-    with shared_workers(max_idle=8):
+    with shared_workers(max_idle=12):
         yield

@@ -262,8 +262,9 @@ def test_toml_reads_models_settings_and_explicit_mapping(tmp_path):
     from gradparity.commands.check import read_check_config
 
     np.savez(tmp_path / "b.npz", x=SMALL[0], y=SMALL[1])
-    for module in ("nets_torch", "nets_flax"):  # found beside the TOML file (never imported here)
-        (tmp_path / f"{module}.py").write_text("")
+    # Found beside the TOML file and read, never imported here.
+    (tmp_path / "nets_torch.py").write_text("import torch\n\n\nclass TorchCNN(torch.nn.Module):\n    pass\n")
+    (tmp_path / "nets_flax.py").write_text("from flax import nnx\n\n\ndef flax_cnn():\n    return nnx.Linear(2, 2, rngs=nnx.Rngs(0))\n")
     (tmp_path / "c.toml").write_text(
         '[models]\ntorch = "nets_torch:TorchCNN"\njax = "nets_flax:flax_cnn"\n'
         '[check]\ndata = "b.npz"\ndtype = "float64"\nmethods = ["mean", "sum"]\nmode = "training"\n'

@@ -10,6 +10,7 @@ import pytest
 
 from gradparity.cli import main
 from gradparity.commands import translate as tr
+from gradparity.compare.tolerance import SAFETY, Tolerance
 from gradparity.errors import ConfigError
 
 needs_all = pytest.mark.frameworks("torch", "jax", "keras-tensorflow")
@@ -151,7 +152,7 @@ def test_every_table_configuration_matches_in_float32_within_float32_rounding():
         assert r.status == "match", tr.render_text(r)
         for t in r.translations:
             assert t.environment["dtype"] == "float32"
-            assert t.rtol == pytest.approx(tr.Tolerance(tr.SAFETY, 105, 2).rtol(2.0 ** -24))
+            assert t.rtol == pytest.approx(Tolerance(SAFETY, 105, 2).rtol(2.0 ** -24))
             worst = max(max(b.loss_rel, b.grad_rel) for b in t.batches)
             assert 0 < worst < t.rtol  # really float32 arithmetic (not exact), within its bound
     assert all(b.logits.dtype == np.float32 for b in reports[0].batches)
