@@ -1,0 +1,127 @@
+"""Tasks "model_check" and "model_train": a user's model (or a built-in one) built in its framework."""
+from __future__ import annotations
+
+import numpy as np
+
+from gradparity.backends.protocol.jobs import WorkerJob
+
+
+# --- Users' own models (task "model_check") ----------------------------------------------------------
+#
+# ``payload`` of a model_check job:
+#   factory     "module:function": called with no arguments, returns the framework's model (a class counts)
+#   sys_path    folders put first on sys.path before the import (the user's working folder)
+#   mode        "inference" (dropout off, batch norm on its running statistics) or "training"
+#   loss        "cross_entropy" (integer targets, logits on the last axis) or "mse"
+#   assign      {native parameter name: key of job.params} once core has mapped the weights; absent in
+#               the "describe" case, where the model keeps the weights its factory gave it
+#
+# Cases (``methods``):
+#   "describe"  loss NaN (not computed: core checks the targets against the output shape first);
+#               grads: every parameter and state variable's value, canonical layout, keyed by native name;
+#               info: {"layers": [LAYER...], "calls": [[name, type], ...], "output_shape": [...]}, where
+#               LAYER = {"name", "type", "called", "fused_activation",
+#                        "params": [{"name", "role", "shape", "trainable"}]}
+#               in the order the forward pass first calls them (never-called layers last), and "calls" is
+#               every leaf module/layer call in that order (parameter-free ones included, for naming)
+#   "mean", "sum", "none_loop", "one_by_one"
+#               the reduction methods on the mapped weights; grads keyed by ``assign``'s keys, canonical
+#               layout, trainable parameters only, native (unnormalized) as for the built-in model
+#   "forward"   localization: arrays "input/K", "output/K", "grad_output/K" for the K-th parameterized layer
+#               of "describe"'s list (first call; channels-last), "logits", and the mean loss
+#
+# Canonical layout: Dense kernels (in, out); conv kernels (*window, in, out); normalization weights are
+# "scale"; image activations and data channels-last (N, H, W, C): torch transposes its (N, C, H, W).
+
+#: Roles of a parameter in the canonical layout; "other" is kept as the framework stores it.
+PARAM_ROLES = ("kernel", "embedding", "scale", "bias", "mean", "var", "other")
+#: The reduction methods a user's model supports, and the "describe"/"forward" cases.
+MODEL_METHODS = ("mean", "sum", "none_loop", "one_by_one")
+MODEL_CASES = ("describe", "forward")
+
+
+def _builtin_models(job: WorkerJob):
+    """The job's framework's module of built-in models (``backends/FRAMEWORK/models.py``)."""
+    import importlib
+
+    return importlib.import_module(f"gradparity.backends.{job.framework}.models")
+
+
+def load_factory(job: WorkerJob):
+    """Import ``payload['factory']`` ('module:function') and return the callable (nothing called yet); for a
+    built-in model, its framework's ``models.build`` bound to the model's dict."""
+    import functools
+    import importlib
+    import sys
+
+    if "builtin" in job.payload:
+        return functools.partial(_builtin_models(job).build, job.payload["builtin"])
+
+    for folder in reversed(job.payload.get("sys_path", [])):
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
+    module_name, _, attr = job.payload["factory"].partition(":")
+    obj = importlib.import_module(module_name)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def assignment(job: WorkerJob) -> dict[str, str] | None:
+    """{native parameter name: key of ``job.params``}: what core mapped (``payload['assign']``), a built-in
+    model's own (native names onto canonical ones), or None before mapping (the "describe" case)."""
+    if "builtin" in job.payload:
+        return _builtin_models(job).assignment(job.payload["builtin"])
+    return job.payload.get("assign")
+
+
+def layer_options(job: WorkerJob) -> dict | None:
+    """The layer settings a built-in model computes with in this job's framework (recorded in the
+    environment), or None for a user's model."""
+    if "builtin" not in job.payload:
+        return None
+    from gradparity.experiment.models import LayerOptions
+
+    return LayerOptions.from_dict(job.payload["builtin"].get("options")).resolved(job.framework)
+
+
+#: Where each backend measures its own GELU (a built-in model that uses one): evenly spaced points.
+GELU_PROBE = (-6.0, 6.0, 2001)
+
+
+def gelu_probe(job: WorkerJob) -> tuple[str, np.ndarray, np.ndarray] | None:
+    """(form, points, exact values) to measure the framework's own GELU with, when the job's built-in model
+    computes one; else None. The exact values are float64 from ``math.erf`` / ``math.tanh`` per point; the
+    points are in the job's dtype (so a float32 run measures float32 arithmetic)."""
+    import math
+
+    opts = layer_options(job)
+    model = job.payload.get("builtin", {})
+    if opts is None or not (model.get("kind") == "sequence" or model.get("activation") == "gelu"):
+        return None
+    x = np.linspace(*GELU_PROBE).astype(job.dtype)
+    if opts["gelu"] == "tanh":
+        c = math.sqrt(2.0 / math.pi)
+        exact = [0.5 * v * (1.0 + math.tanh(c * (v + 0.044715 * v ** 3))) for v in x.astype(float)]
+    else:
+        exact = [0.5 * v * (1.0 + math.erf(v / math.sqrt(2.0))) for v in x.astype(float)]
+    return opts["gelu"], x, np.asarray(exact)
+
+
+def gelu_accuracy(job: WorkerJob, gelu) -> dict | None:
+    """The framework's GELU measured on ``gelu_probe``'s points: ``gelu(x_numpy, approximate) -> numpy`` is
+    the framework's own function in the job's dtype. None when the model computes no GELU."""
+    probe = gelu_probe(job)
+    if probe is None:
+        return None
+    form, x, exact = probe
+    got = np.asarray(gelu(x, form == "tanh"), dtype=np.float64)
+    lo, hi, n = GELU_PROBE
+    return {"form": form, "max_abs_error": float(np.max(np.abs(got - exact))),
+            "points": f"{n} points in [{lo:g}, {hi:g}], {job.dtype}, against float64 math.erf/math.tanh"}
+
+
+def loss_elements(logits_shape: tuple[int, ...], loss: str) -> int:
+    """How many terms a mean-reduced loss averages: N (x T ...) for cross-entropy, every output for mse."""
+    shape = tuple(logits_shape)
+    return int(np.prod(shape[:-1] if loss == "cross_entropy" else shape))
