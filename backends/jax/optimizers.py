@@ -1,6 +1,6 @@
 """optax on a fixed gradient sequence: the worker side of the optimizer measurement (issue 9).
 
-Contract: ``backends/protocol.py`` ("Optimizers on a fixed gradient sequence").
+Contract: ``backends/protocol/optimizers.py``.
 
 The transformations and what they compute (optax 0.2.8,
 ``optax/_src/alias.py``, ``transform.py``):

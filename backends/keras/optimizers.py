@@ -1,6 +1,6 @@
 """keras.optimizers on a fixed gradient sequence: the worker side of the optimizer measurement (issue 9).
 
-Contract: ``backends/protocol.py`` ("Optimizers on a fixed gradient sequence").
+Contract: ``backends/protocol/optimizers.py``.
 
 What Keras computes (keras 3.15.1, ``keras/src/optimizers/sgd.py``,
 ``adam.py``, ``adamw.py``, ``base_optimizer.py``; the torch backend swaps

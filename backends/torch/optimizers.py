@@ -1,6 +1,6 @@
 """torch.optim on a fixed gradient sequence: the worker side of the optimizer measurement (issue 9).
 
-Contract: ``backends/protocol.py`` ("Optimizers on a fixed gradient sequence"): torch's own optimizer
+Contract: ``backends/protocol/optimizers.py``: torch's own optimizer
 class is handed ``grads[t]`` as ``.grad`` at step t, with the learning rate ``lrs[t]``.
 
 The classes and what they compute (torch 2.13, ``torch/optim/sgd.py``,
