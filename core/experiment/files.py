@@ -12,6 +12,7 @@ numpy and the standard library only; nothing here ever unpickles.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
@@ -40,9 +41,22 @@ def where(path: str | Path, label: str) -> str:
     return f"{label} {str(path)!r}"
 
 
+@contextlib.contextmanager
+def _reading(path: Path, label: str, kind: str):
+    """Turn what opening or reading ``path`` raises into a ConfigError naming it (missing, a folder, unreadable)."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise ConfigError(f"{where(path, label)} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{where(path, label)} is a folder, not {kind}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {where(path, label)}: {exc.strerror or exc}") from None
+
+
 def _head(path: Path, label: str, n: int, kind: str) -> bytes:
     """The first ``n`` bytes of a regular file; ConfigError when it is missing, a folder or unreadable."""
-    try:
+    with _reading(path, label, kind):
         mode = os.stat(path).st_mode
         if stat.S_ISDIR(mode):
             raise ConfigError(f"{where(path, label)} is a folder, not {kind}")
@@ -50,12 +64,6 @@ def _head(path: Path, label: str, n: int, kind: str) -> bytes:
             raise ConfigError(f"{where(path, label)} is not a regular file ({kind} is read by seeking in it)")
         with open(path, "rb") as f:
             return f.read(n)
-    except FileNotFoundError:
-        raise ConfigError(f"{where(path, label)} does not exist") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{where(path, label)} is a folder, not {kind}") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read {where(path, label)}: {exc.strerror or exc}") from None
 
 
 def read_npz(path: str | Path, label: str, keys: Iterable[str] | None = None,
@@ -121,14 +129,8 @@ def _why(exc, member: str | None) -> str:
 def read_bytes(path: str | Path, label: str, kind: str = "a file") -> bytes:
     """A file's bytes; ConfigError when it is missing, a folder or unreadable."""
     path = Path(path)
-    try:
+    with _reading(path, label, kind):
         return path.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError(f"{where(path, label)} does not exist") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{where(path, label)} is a folder, not {kind}") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read {where(path, label)}: {exc.strerror or exc}") from None
 
 
 def _utf8(data: bytes, path: Path, label: str, kind: str, bom: bool = False) -> str:
