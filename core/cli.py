@@ -89,6 +89,13 @@ class _Parser(argparse.ArgumentParser):
             return f"; did you mean {hints[0][1]}?"
         return "".join(f"; {flag}: did you mean {close}?" for flag, close in hints)
 
+    def _get_values(self, action, arg_strings):
+        """``--dtype=--`` (or ``--dtype --`` last): argparse (3.11) would hand the flag [] without calling its
+        type or action's checks; it is a missing value, a usage error (exit 2) like ``--dtype`` alone."""
+        if action.option_strings and action.nargs is None and arg_strings == ["--"]:
+            raise argparse.ArgumentError(action, "expected one argument")
+        return super()._get_values(action, arg_strings)
+
     def _check_value(self, action, value):
         """An invalid choice (a command, a fixed-choice flag) names the closest valid ones."""
         try:
@@ -147,8 +154,18 @@ def _add_backends(parser, default: str | None, choices: str, *, default_text: st
                         help=f"comma-separated: {choices} {_default(default, default_text)}")
 
 
+class _Seed(argparse.Action):
+    """``--seed``: a whole number >= 0 (numpy's generators take no negative seed); anything else is a usage error
+    (exit 2) for every command, before any work."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if not isinstance(values, int) or values < 0:
+            raise argparse.ArgumentError(self, f"must be a whole number >= 0, got {values!r}")
+        setattr(namespace, self.dest, values)
+
+
 def _add_seed(parser, default: int | None, *, default_text: str | None = None) -> None:
-    parser.add_argument("--seed", type=int, default=default,
+    parser.add_argument("--seed", type=int, action=_Seed, default=default,
                         help="the random seed of everything generated (data, parameters, gradient sequences) "
                              + _default(default, default_text))
 
@@ -479,6 +496,8 @@ def _optimizers(args) -> int:
         if unknown:
             raise ConfigError(f"unknown scenario(s) {', '.join(unknown)}; known: {', '.join(BY_ID)}")
         scenarios = tuple(BY_ID[s] for s in _csv(args.scenarios))
+        if not scenarios:
+            raise ConfigError(f"--scenarios {args.scenarios!r} names no scenario; known: {', '.join(BY_ID)}")
     results = compare_optimizers(scenarios, tuple(_csv(args.backends)), args.dtype, args.steps, args.seed,
                                  args.timeout, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(dumps(to_dict(results, args.dtype, args.steps)) if args.json
@@ -634,8 +653,11 @@ def _check(args) -> int:
 
 
 def _loss_table(args) -> int:
+    from gradparity.backends import KERAS_VARIANTS
     from gradparity.commands.translate import TABLE_SOURCES, table_markdown, translate_many
 
+    if args.keras_backend not in KERAS_VARIANTS:
+        raise ConfigError(f"--keras-backend must be one of {', '.join(KERAS_VARIANTS)}, got {args.keras_backend!r}")
     reports = translate_many(list(TABLE_SOURCES), keras_backend=args.keras_backend, timeout_s=args.timeout,
                              data=None, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(table_markdown(reports))

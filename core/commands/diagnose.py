@@ -281,6 +281,8 @@ def _table_rows(text: str, name: str) -> list[tuple[str, str, str]]:
 def read_table(text: str, name: str = "the table") -> Observations:
     """Observations from a table of pairwise max |a - b| (see ``_table_rows`` for the accepted forms)."""
     rows = _table_rows(text, name)
+    if not rows:  # a CSV header alone, a JSON [] or {"rows": []}: nothing to diagnose
+        raise ConfigError(f"{name}: the table has no rows; give at least one pair's max |a - b|")
     diffs: dict[tuple[str, str], float] = {}
     decimals = []
     for a, b, v in rows:
@@ -506,7 +508,8 @@ class _Analysis:
 
 
 def _test_clean(an: _Analysis) -> Cause:
-    if len(an.clusters) == 1:
+    # No large pair but several clusters: a table whose pairs do not link every result, each pair given agreeing.
+    if len(an.clusters) == 1 or not an.large:
         if an.obs.grads is not None:
             worst = max((p.rel or 0.0 for p in an.pairs), default=0.0)
             ev = [f"all {len(an.pairs)} pairs agree within rounding: largest max|a-b|/max|a| {_g(worst)} "

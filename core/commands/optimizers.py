@@ -151,6 +151,8 @@ def _job(info: BackendInfo, dtype: str, params, grads, scenarios, lr_of) -> Work
 def compare_optimizers(scenarios=SCENARIOS, backends=("torch", "keras-tensorflow", "jax"), dtype: str = "float64",
                        steps: int = 20, seed: int = 0, timeout_s: float = 600.0, progress=None) -> list[ScenarioResult]:
     """Run every scenario natively in each backend (one worker each) and measure semantics and parity."""
+    if not backends or not scenarios:
+        raise ConfigError("nothing to compare: --backends and --scenarios each need at least one name")
     for b in backends:
         if b not in BACKENDS or BACKENDS[b].framework not in FRAMEWORKS:
             raise ConfigError(f"optimizers run in torch, keras-tensorflow/-jax/-torch and jax, not {b!r}")

@@ -146,7 +146,7 @@ def builtin_experiment(spec: TrainSpec):
 
 def check_spec(spec: TrainSpec) -> None:
     """Every problem of the spec at once, as a ConfigError (exit 2) before any worker starts."""
-    problems = []
+    problems = [] if spec.backends else ["--backends names no backend: give at least one, e.g. torch,jax"]
     if spec.optimizer_text:
         try:
             for b in spec.backends:

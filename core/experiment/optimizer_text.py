@@ -69,7 +69,15 @@ def _call(node: ast.Call, framework: str, source: str) -> OptimizerCall:
 
 
 def framework_of(text: str) -> str | None:
-    """The framework an optimizer text is written for, or None when it does not name a known optimizer."""
+    """The framework an optimizer text is written for, or None when it does not name a known optimizer (or is
+    nested too deeply to read: ast.parse and dotted_name recurse; or holds a byte of argv that is not UTF-8)."""
+    try:
+        return _framework_of(text)
+    except (RecursionError, UnicodeEncodeError):
+        return None
+
+
+def _framework_of(text: str) -> str | None:
     try:
         tree = ast.parse(text.strip(), mode="eval")
     except SyntaxError:
@@ -102,7 +110,10 @@ def parse_optimizer_text(text: str):
         raise ConfigError(f"not an optimizer gradparity reads: {text!r} (expected e.g. torch.optim.Adam(params, "
                           "lr=1e-3), keras.optimizers.SGD(learning_rate=0.01, momentum=0.9) or optax.adamw(1e-3))")
     source = text.strip()
-    call = _call(ast.parse(source, mode="eval").body, framework, source)
+    try:
+        call = _call(ast.parse(source, mode="eval").body, framework, source)
+    except RecursionError:  # optax.chain(optax.chain(...)) nested deeper than _call can recurse
+        raise ConfigError(f"the optimizer text is nested too deeply to read: {text[:80]!r}...") from None
     config, explicit = _backend(framework).parse(call)
     return framework, config, explicit
 

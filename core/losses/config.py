@@ -62,7 +62,7 @@ def _one_argument(text, where: str) -> str:
         raise ConfigError(f"{where}: expected an argument as written in code, e.g. \"logits\", got {text!r}")
     try:
         call = ast.parse(f"f({text})", mode="eval").body
-    except SyntaxError:
+    except (SyntaxError, RecursionError):
         call = None
     if not (isinstance(call, ast.Call) and len(call.args) + len(call.keywords) == 1
             and not any(isinstance(a, ast.Starred) for a in call.args)

@@ -104,6 +104,15 @@ def _call_info(node: ast.Call) -> LossCall:
 
 def parse_loss_text(text: str, arrays: dict[str, np.ndarray] | None = None) -> LossExpression:
     """Parse ``text`` into a LossExpression; ConfigError for anything that is not a loss expression."""
+    try:
+        return _parse_loss_text(text, arrays)
+    except RecursionError:  # ast.parse, ast.unparse and dotted_name recurse: '-' * 1000 + '1', 'a' + '.a' * 1000
+        raise ConfigError("the loss text is nested too deeply to read") from None
+    except UnicodeEncodeError:  # a byte of argv that is not UTF-8 ('\udcff'): ast.parse cannot encode it
+        raise ConfigError(f"the loss text holds bytes that are not UTF-8 text: {text!r}") from None
+
+
+def _parse_loss_text(text: str, arrays: dict[str, np.ndarray] | None) -> LossExpression:
     if not isinstance(text, str) or not text.strip():
         raise ConfigError("the loss text is empty; write it as in your code, e.g. "
                           "\"torch.nn.CrossEntropyLoss(label_smoothing=0.1)\"")
