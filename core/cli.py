@@ -485,6 +485,19 @@ def _train(args) -> int:
     return report.exit_code
 
 
+def _finished(call):
+    """(the command's result, None), or (the partial result an interruption carries, the ``Interrupted``): the
+    commands that print their report print what finished, then exit 128 + N."""
+    try:
+        return call(), None
+    except Interrupted as exc:
+        if exc.report is None:
+            raise
+        print(f"gradparity: interrupted by {exc.signal_name}; the report below covers what finished (the rest "
+              "says 'interrupted')", file=sys.stderr, flush=True)
+        return exc.report, exc
+
+
 def _optimizers(args) -> int:
     from gradparity.commands.optimizers import BY_ID, SCENARIOS, compare_optimizers, render_text, to_dict
 
@@ -498,10 +511,13 @@ def _optimizers(args) -> int:
         scenarios = tuple(BY_ID[s] for s in _csv(args.scenarios))
         if not scenarios:
             raise ConfigError(f"--scenarios {args.scenarios!r} names no scenario; known: {', '.join(BY_ID)}")
-    results = compare_optimizers(scenarios, tuple(_csv(args.backends)), args.dtype, args.steps, args.seed,
-                                 args.timeout, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    results, stopped = _finished(lambda: compare_optimizers(
+        scenarios, tuple(_csv(args.backends)), args.dtype, args.steps, args.seed, args.timeout,
+        progress=lambda msg: print(msg, file=sys.stderr, flush=True)))
     print(dumps(to_dict(results, args.dtype, args.steps)) if args.json
           else render_text(results, args.dtype, args.steps))
+    if stopped is not None:
+        return stopped.exit_code
     if any(r.errors for r in results):
         return 3
     return 1 if any(e > r.semantics_rtol[b] for r in results for b, e in r.semantics.items()) else 0
@@ -565,8 +581,9 @@ def _translate(args) -> int:
                           f"got {len(texts)}")
     say = None if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
     try:
-        report = translate(texts[0], tuple(_csv(args.to)), args.data, args.targets, args.seed,
-                           args.keras_backend, args.timeout, progress=say, dtype=args.dtype)
+        report, stopped = _finished(lambda: translate(texts[0], tuple(_csv(args.to)), args.data, args.targets,
+                                                      args.seed, args.keras_backend, args.timeout, progress=say,
+                                                      dtype=args.dtype))
     except ConfigError as exc:
         exc.subject = "loss or data"
         raise
@@ -574,7 +591,7 @@ def _translate(args) -> int:
         print(dumps(report.to_dict()))
     else:
         print(render_text(report))
-    return report.exit_code
+    return stopped.exit_code if stopped is not None else report.exit_code
 
 
 def _translate_optimizer(args, text: str) -> int:
@@ -585,13 +602,14 @@ def _translate_optimizer(args, text: str) -> int:
             raise ConfigError(f"{flag} is for a loss; an optimizer is measured on fixed gradient sequences")
     say = None if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
     try:
-        report = translate_optimizer(text, tuple(_csv(args.to)), args.dtype, args.steps, args.seed,
-                                     args.keras_backend, args.timeout, progress=say)
+        report, stopped = _finished(lambda: translate_optimizer(text, tuple(_csv(args.to)), args.dtype, args.steps,
+                                                                args.seed, args.keras_backend, args.timeout,
+                                                                progress=say))
     except ConfigError as exc:
         exc.subject = "optimizer"
         raise
     print(dumps(report.to_dict()) if args.json else render_text(report))
-    return report.exit_code
+    return stopped.exit_code if stopped is not None else report.exit_code
 
 
 def _compare_losses(args) -> int:
@@ -602,12 +620,13 @@ def _compare_losses(args) -> int:
         raise ConfigError(f"--keras-backend must be one of {', '.join(KERAS_VARIANTS)}, got {args.keras_backend!r}")
     say = None if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
     try:
-        report = compare_losses(_loss_texts(args), args.seed, args.targets, args.keras_backend, args.timeout, say)
+        report, stopped = _finished(lambda: compare_losses(_loss_texts(args), args.seed, args.targets,
+                                                           args.keras_backend, args.timeout, say))
     except ConfigError as exc:
         exc.subject = "loss configurations"
         raise
     print(dumps(report.to_dict()) if args.json else render_text(report))
-    return report.exit_code
+    return stopped.exit_code if stopped is not None else report.exit_code
 
 
 def _diagnose(args) -> int:
@@ -658,10 +677,11 @@ def _loss_table(args) -> int:
 
     if args.keras_backend not in KERAS_VARIANTS:
         raise ConfigError(f"--keras-backend must be one of {', '.join(KERAS_VARIANTS)}, got {args.keras_backend!r}")
-    reports = translate_many(list(TABLE_SOURCES), keras_backend=args.keras_backend, timeout_s=args.timeout,
-                             data=None, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    reports, stopped = _finished(lambda: translate_many(
+        list(TABLE_SOURCES), keras_backend=args.keras_backend, timeout_s=args.timeout, data=None,
+        progress=lambda msg: print(msg, file=sys.stderr, flush=True)))
     print(table_markdown(reports))
-    return max(r.exit_code for r in reports)
+    return stopped.exit_code if stopped is not None else max(r.exit_code for r in reports)
 
 
 def _doctor(args) -> int:

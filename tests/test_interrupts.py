@@ -161,3 +161,18 @@ def test_sweep_stops_within_seconds_and_writes_what_finished(tmp_path):
     doc, _ = interrupt_while_training(["train", "--sweep", "--backends", "torch", "--epochs", "20",
                                        "--batch-sizes", "4,8", "--out", "out"], tmp_path, signal.SIGTERM)
     assert {c["status"] for c in doc["cells"]} == {"interrupted"}
+
+
+def test_optimizers_prints_what_finished_and_exits_128_plus_n(tmp_path):
+    """A command without a report folder prints its report of what finished, each unfinished row saying so."""
+    proc = start(["optimizers", "--backends", "torch,jax", "--steps", "10000", "--json"], tmp_path)
+    workers = wait_for_workers(proc, settle=4.0)
+    assert workers, "no worker was running when the signal came"
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stdout + stderr
+    assert "Traceback" not in stderr and "the report below covers what finished" in stderr
+    assert gone(workers), "a worker outlived the command"
+    doc = json.loads(stdout)
+    errors = [e for s in doc["scenarios"] for e in s["errors"].values()]
+    assert errors and all("interrupted by SIGINT" in e or "not started" in e for e in errors)

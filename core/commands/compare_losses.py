@@ -34,7 +34,7 @@ from gradparity.errors import ConfigError
 from gradparity.losses.batches import LossBatch, check_loss_batch, generate_batches, loss_classes, make_loss_job
 from gradparity.losses.catalogue import DIVISOR_LABELS, LOSSES, LossSemantics
 from gradparity.losses.text import parse_loss_text
-from gradparity.run.runner import WorkerRun, run_jobs
+from gradparity.run.runner import WorkerRun, raise_if_stopped, run_jobs_until_stopped
 
 from gradparity.exit_codes import EXIT_CONSISTENT, EXIT_INCOMPLETE, EXIT_MISREAD  # 0, 1, 3
 
@@ -182,7 +182,7 @@ def compare_losses(texts: list[str], seed: int = 0, targets: str | None = None, 
         runs.append(WorkerRun(make_loss_job(info, functions, batches), info, timeout_s, key=fw,
                               label=f"running {len(mine)} {fw} configuration(s) on {len(batches)} batches "
                                     f"({info.name}) ..."))
-    outcomes = run_jobs(runs, say=say, parallel=len(runs))
+    outcomes, stopped = run_jobs_until_stopped(runs, say=say, parallel=len(runs))
     for i, (fw, _, _) in enumerate(parsed):
         measure(configs[i], outcomes[fw], f"L{i}", batches, references[i], sum_case=f"S{i}")
     divisors = [{name: d for name, (_, _, d) in ref.items()} for ref in references]
@@ -218,7 +218,7 @@ def compare_losses(texts: list[str], seed: int = 0, targets: str | None = None, 
         report.status, report.exit_code = "measured", EXIT_CONSISTENT
         report.summary = (f"{len(report.classes)} equivalence class(es) among {len(texts)} configurations on "
                           f"{len(batches)} batches; every configuration computed what it was read as")
-    return report
+    return raise_if_stopped(stopped, report)
 
 
 def render_text(report: LossComparison) -> str:

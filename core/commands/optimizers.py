@@ -25,7 +25,7 @@ from gradparity.compare.tolerance import SAFETY, UNIT_ROUNDOFF, effective_unit_r
 from gradparity.compare.trajectories import first_beyond, relative_distance
 from gradparity.errors import ConfigError
 from gradparity.experiment.optimizers import DEFAULTS, FRAMEWORKS, OptimizerConfig, reference_steps
-from gradparity.run.runner import WorkerRun, run_jobs
+from gradparity.run.runner import WorkerRun, raise_if_stopped, run_jobs_until_stopped
 
 PARAM_SHAPES = {"kernel": (4, 3), "bias": (3,)}
 
@@ -179,7 +179,7 @@ def compare_optimizers(scenarios=SCENARIOS, backends=("torch", "keras-tensorflow
 
     native: dict[str, dict] = {}
     results = {s.id: ScenarioResult(s) for s in scenarios}
-    outcomes = run_jobs([WorkerRun(_job(BACKENDS[b], dtype, params, grads, scenarios, lambda s: lr_of[s.id]),
+    outcomes, stopped = run_jobs_until_stopped([WorkerRun(_job(BACKENDS[b], dtype, params, grads, scenarios, lambda s: lr_of[s.id]),
                                    BACKENDS[b], timeout_s,
                                    label=f"running {b} ({len(scenarios)} optimizers, {steps} steps, {dtype}) ...")
                          for b in backends], say=say, parallel=len(backends))
@@ -219,7 +219,7 @@ def compare_optimizers(scenarios=SCENARIOS, backends=("torch", "keras-tensorflow
             results[s.id].pairs.append(PairDrift(a, b, per_step, rtol, first_beyond(per_step, rtol),
                                                  [relative_distance(x, y) for x, y in zip(ra, rb)],
                                                  [relative_distance(x, y) for x, y in zip(ea, eb)]))
-    return [results[s.id] for s in scenarios]
+    return raise_if_stopped(stopped, [results[s.id] for s in scenarios])
 
 
 def render_text(results: list[ScenarioResult], dtype: str, steps: int) -> str:

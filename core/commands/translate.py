@@ -23,13 +23,13 @@ import numpy as np
 from gradparity.backends import BACKENDS, FRAMEWORKS, BackendInfo
 from gradparity.compare.pairs import relative_difference
 from gradparity.compare.tolerance import UNIT_ROUNDOFF, effective_unit_roundoff, loss_rtol
-from gradparity.errors import ConfigError
+from gradparity.errors import ConfigError, Interrupted
 from gradparity.losses.batches import LossBatch, check_loss_batch, generate_batches, make_loss_job
 from gradparity.losses.catalogue import DIVISOR_LABELS, DIVISORS, LossSemantics, Rendering
 from gradparity.losses.text import parse_loss_text
 from gradparity.run.execute import BackendOutcome
 from gradparity.report.jsonout import strict
-from gradparity.run.runner import WorkerRun, run_jobs
+from gradparity.run.runner import WorkerRun, raise_if_stopped, run_jobs_until_stopped
 
 #: Also accepted by --to and as a source: the legacy Keras 2 package (its own extra, tf-keras).
 OPTIONAL_FRAMEWORKS = ("tf_keras",)
@@ -249,7 +249,11 @@ def translate(text: str, to: tuple[str, ...] = FRAMEWORKS, data: str | None = No
               progress: Callable[[str], None] | None = None, dtype: str = "float64") -> TranslationReport:
     """Parse, render, run every rendering in its framework's worker (in ``dtype``), compare with the
     float64 reference computed on the same ``dtype``-rounded batches."""
-    return translate_many([text], to, data, targets, seed, keras_backend, timeout_s, progress, dtype)[0]
+    try:
+        return translate_many([text], to, data, targets, seed, keras_backend, timeout_s, progress, dtype)[0]
+    except Interrupted as exc:  # the one report of what finished
+        exc.report = exc.report[0] if exc.report else None
+        raise
 
 
 def translate_many(texts: list[str], to: tuple[str, ...] = FRAMEWORKS, data: str | None = None,
@@ -292,7 +296,7 @@ def translate_many(texts: list[str], to: tuple[str, ...] = FRAMEWORKS, data: str
                               key=fw, label=f"running {len(mine)} {fw} loss function(s) on {len(all_batches)} "
                                             f"batches ({info.name}) ..."))
         measured[fw] = mine
-    outcomes = run_jobs(runs, say=say, parallel=len(runs))
+    outcomes, stopped = run_jobs_until_stopped(runs, say=say, parallel=len(runs))
     for fw, mine in measured.items():
         for i, t in mine:
             measure(t, outcomes[fw], f"L{i}", plans[i][3], plans[i][4], sum_case=f"S{i}")
@@ -302,7 +306,7 @@ def translate_many(texts: list[str], to: tuple[str, ...] = FRAMEWORKS, data: str
         status, code, summary = _verdict(translations, batches)
         reports.append(TranslationReport(text, framework, sem, batches, translations, status, code, summary,
                                          {name: d for name, (_, _, d) in reference.items()}))
-    return reports
+    return raise_if_stopped(stopped, reports)
 
 
 def _verdict(translations: list[Translation], batches: list[LossBatch]) -> tuple[str, int, str]:

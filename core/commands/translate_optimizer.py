@@ -30,7 +30,7 @@ from gradparity.experiment.optimizer_text import OptimizerRendering, parse_optim
 from gradparity.experiment.optimizers import (DEFAULTS, FRAMEWORKS, OptimizerConfig, Semantics, reference_steps,
                                               semantics_of)
 from gradparity.backends.protocol import WorkerJob, step_params
-from gradparity.run.runner import WorkerRun, run_jobs
+from gradparity.run.runner import WorkerRun, raise_if_stopped, run_jobs_until_stopped
 
 from gradparity.exit_codes import EXIT_INCOMPLETE, EXIT_MATCH, EXIT_MISMATCH  # 0, 1, 3
 #: name -> (gradient scale, schedule): see the module doc.
@@ -243,7 +243,7 @@ def translate_optimizer(text: str, to: tuple[str, ...] = FRAMEWORKS, dtype: str 
                                      label=f"running {backend}: {len(mine)} rendering(s) x {len(SEQUENCES)} "
                                            f"gradient sequences, {steps} steps, {dtype} ..."))
         mine_of[backend] = mine
-    outcomes = run_jobs(worker_runs, say=say, parallel=len(worker_runs))
+    outcomes, stopped = run_jobs_until_stopped(worker_runs, say=say, parallel=len(worker_runs))
     for backend, mine in mine_of.items():
         outcome = outcomes[backend]
         u = effective_unit_roundoff(outcome.environment) or UNIT_ROUNDOFF[dtype]
@@ -289,7 +289,8 @@ def translate_optimizer(text: str, to: tuple[str, ...] = FRAMEWORKS, dtype: str 
             rounded = any(x.vs_rule[name][2] == "float32 hyperparameters" for x in (source, c))
             result.rounding_only = bool(result.first_apart and same_rule and rounded)
             c.sequences[name] = result
-    return _finish(OptimizerTranslation(text, framework, config, semantics, dtype, steps, candidates))
+    return raise_if_stopped(stopped, _finish(OptimizerTranslation(text, framework, config, semantics, dtype, steps,
+                                                                  candidates)))
 
 
 def _finish(report: OptimizerTranslation) -> OptimizerTranslation:

@@ -197,6 +197,28 @@ def signals_deferred():
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
+def run_jobs_until_stopped(runs: Sequence[WorkerRun], **options) -> tuple[dict[str, BackendOutcome],
+                                                                        Interrupted | None]:
+    """``run_jobs`` with an interruption returned, not raised: (every job's outcome, the ``Interrupted`` or None).
+
+    For a command that reports what finished and then stops: it builds its report from the outcomes (the
+    unfinished ones say "interrupted"), sets the exception's ``report`` and raises it, and the command line
+    prints that report and exits 128 + N.
+    """
+    try:
+        return run_jobs(runs, **options), None
+    except Interrupted as exc:
+        return exc.outcomes, exc
+
+
+def raise_if_stopped(stopped: Interrupted | None, report):
+    """``report``, or ``stopped`` raised carrying it (see ``run_jobs_until_stopped``)."""
+    if stopped is not None:
+        stopped.report = report
+        raise stopped
+    return report
+
+
 def run_one(run: WorkerRun, **options) -> BackendOutcome:
     """``run_jobs`` for a single job: its outcome."""
     return run_jobs([run], **options)[run.name]
