@@ -26,11 +26,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import io
 import math
 import os
 import re
-import resource
 import tempfile
 import tomllib
 import warnings
@@ -50,6 +48,7 @@ import gradparity.run.runner as runner_mod
 from gradparity.backends.numpy import session as numpy_backend
 from gradparity.cli import main
 from gradparity.run.execute import BackendOutcome, MethodOutcome
+from cli_harness import memory_guard, text_stream
 from toml_writer import to_toml
 
 # --- what the README promises (written out here, independent of the code under test) ----
@@ -152,38 +151,6 @@ class StandIn:
 
 # --- running the CLI in this process ----------------------------------------------------------
 
-def _vm_size_bytes() -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmSize:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-@contextlib.contextmanager
-def memory_guard(headroom: int = 6 * 2 ** 30):
-    """Cap this process's address space while the CLI runs, so that a size check that lets a
-    huge problem through gives a MemoryError (exit 4, a failed test) instead of swapping or an
-    out-of-memory kill of the whole test run. Every valid case here needs a few MiB."""
-    vm = _vm_size_bytes()
-    if vm is None or not hasattr(resource, "RLIMIT_AS"):
-        yield
-        return
-    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    limit = vm + headroom
-    if hard != resource.RLIM_INFINITY:
-        limit = min(limit, hard)
-    if soft != resource.RLIM_INFINITY:
-        limit = min(limit, soft)
-    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
-
-
 @dataclass
 class Run:
     argv: list[str]
@@ -199,19 +166,13 @@ class Run:
                 f"stderr tail:\n{tail}")
 
 
-def _text_stream(errors: str):
-    """Like the real sys.stdout (UTF-8, strict) / sys.stderr (UTF-8, backslashreplace)."""
-    buf = io.BytesIO()
-    return buf, io.TextIOWrapper(buf, encoding="utf-8", errors=errors, write_through=True)
-
-
 def invoke(argv: list[str]) -> Run:
     """``gradparity <argv>`` in this process, workers replaced by StandIn; argparse's SystemExit is an exit code."""
     stand_in = StandIn()
     saved = (runner_mod.run_backend, execute_mod.run_backend)
     runner_mod.run_backend = execute_mod.run_backend = stand_in
-    out_buf, out = _text_stream("strict")
-    err_buf, err = _text_stream("backslashreplace")
+    out_buf, out = text_stream("strict")
+    err_buf, err = text_stream("backslashreplace")
     code, escaped = None, None
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), memory_guard():

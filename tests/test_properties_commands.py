@@ -37,7 +37,6 @@ import io
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -57,6 +56,7 @@ import gradparity.commands.benchmark as benchmark_mod
 import gradparity.run.execute as execute_mod
 import gradparity.run.runner as runner_mod
 from gradparity.run.execute import BackendOutcome, MethodOutcome
+from cli_harness import memory_guard, text_stream
 from toml_writer import to_toml
 
 #: A report of failed workers has no curves to label: matplotlib says so, harmlessly.
@@ -126,43 +126,6 @@ class FakeSubprocess:
         raise AssertionError(f"harness: gradparity.commands.benchmark used subprocess.{name}; give the stand-in it")
 
 
-def _vm_size_bytes() -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmSize:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-@contextlib.contextmanager
-def memory_guard(headroom: int = 6 * 2 ** 30):
-    """Cap this process's address space while the CLI runs, so that an input that makes a command allocate
-    without bound is a MemoryError (exit 4, a failed test) instead of swapping or an out-of-memory kill."""
-    vm = _vm_size_bytes()
-    if vm is None or not hasattr(resource, "RLIMIT_AS"):
-        yield
-        return
-    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    limit = vm + headroom
-    if hard != resource.RLIM_INFINITY:
-        limit = min(limit, hard)
-    if soft != resource.RLIM_INFINITY:
-        limit = min(limit, soft)
-    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
-
-
-def _text_stream(errors: str):
-    """Like the real sys.stdout (UTF-8, strict) / sys.stderr (UTF-8, backslashreplace)."""
-    buf = io.BytesIO()
-    return buf, io.TextIOWrapper(buf, encoding="utf-8", errors=errors, write_through=True)
-
-
 @dataclass
 class Run:
     argv: list[str]
@@ -185,8 +148,8 @@ def invoke(argv: list[str], cwd: Path, stdin: str = "") -> Run:
     worker replaced by a Stub; argparse's SystemExit is an exit code."""
     assert not any("\x00" in a for a in argv), "harness: a real argv cannot hold a NUL byte"
     stub = Stub()
-    out_buf, out = _text_stream("strict")
-    err_buf, err = _text_stream("backslashreplace")
+    out_buf, out = text_stream("strict")
+    err_buf, err = text_stream("backslashreplace")
     code, system_exit, escaped = None, None, None
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(runner_mod, "run_backend", stub)

@@ -1,0 +1,46 @@
+"""What the property suites share to run ``gradparity.cli.main`` in this process as a real process would: the
+real streams' encodings, and a cap on memory."""
+from __future__ import annotations
+
+import contextlib
+import io
+import resource
+from pathlib import Path
+
+
+def _vm_size_bytes() -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+@contextlib.contextmanager
+def memory_guard(headroom: int = 6 * 2 ** 30):
+    """Cap this process's address space while the CLI runs, so that a size check that lets a
+    huge problem through gives a MemoryError (exit 4, a failed test) instead of swapping or an
+    out-of-memory kill of the whole test run. Every valid case here needs a few MiB."""
+    vm = _vm_size_bytes()
+    if vm is None or not hasattr(resource, "RLIMIT_AS"):
+        yield
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = vm + headroom
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    if soft != resource.RLIM_INFINITY:
+        limit = min(limit, soft)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def text_stream(errors: str):
+    """Like the real sys.stdout (UTF-8, strict) / sys.stderr (UTF-8, backslashreplace)."""
+    buf = io.BytesIO()
+    return buf, io.TextIOWrapper(buf, encoding="utf-8", errors=errors, write_through=True)
