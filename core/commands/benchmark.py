@@ -17,38 +17,39 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from dataclasses import dataclass, field
 
 #: The floor's program (run with ``python -c``): imports and one gradient of the default MLP per framework.
-FLOOR_PROGRAM = r'''
-import os
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-import numpy as np
-rng = np.random.default_rng(0)
-x = rng.standard_normal((64, 64)).astype(np.float32)
-y = rng.integers(0, 10, 64)
+FLOOR_PROGRAM = textwrap.dedent(r'''
+    import os
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    import numpy as np
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 64)).astype(np.float32)
+    y = rng.integers(0, 10, 64)
 
-import torch
-net = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
-torch.nn.functional.cross_entropy(net(torch.from_numpy(x)), torch.from_numpy(y)).backward()
+    import torch
+    net = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+    torch.nn.functional.cross_entropy(net(torch.from_numpy(x)), torch.from_numpy(y)).backward()
 
-import keras
-import tensorflow as tf
-model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(32, activation="relu"), keras.layers.Dense(10)])
-loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-with tf.GradientTape() as tape:
-    value = loss(y, model(x))
-tape.gradient(value, model.trainable_variables)
+    import keras
+    import tensorflow as tf
+    model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(32, activation="relu"), keras.layers.Dense(10)])
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    with tf.GradientTape() as tape:
+        value = loss(y, model(x))
+    tape.gradient(value, model.trainable_variables)
 
-import jax
-import optax
-from flax import nnx
-mlp = nnx.Sequential(nnx.Linear(64, 32, rngs=nnx.Rngs(0)), nnx.relu, nnx.Linear(32, 10, rngs=nnx.Rngs(1)))
-nnx.grad(lambda m: optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean())(mlp)
-'''
+    import jax
+    import optax
+    from flax import nnx
+    mlp = nnx.Sequential(nnx.Linear(64, 32, rngs=nnx.Rngs(0)), nnx.relu, nnx.Linear(32, 10, rngs=nnx.Rngs(1)))
+    nnx.grad(lambda m: optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean())(mlp)
+    ''')
 
 
 @dataclass
