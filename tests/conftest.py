@@ -181,5 +181,17 @@ def shared_worker_processes():
     crashes, hangs or is stopped still takes its worker down, so the isolation tests test the same thing."""
     from gradparity.run.pool import shared_workers
 
-    with shared_workers(max_idle=12):
+    with shared_workers(max_idle=12) as pool:
         yield
+        _POOL_STATS.update(started=pool.started, reused=pool.reused)
+
+
+#: What the session's pool did, for the summary line (filled when the session ends).
+_POOL_STATS: dict[str, int] = {}
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line saying how many worker processes the session started and how many jobs reused one."""
+    if _POOL_STATS.get("started") or _POOL_STATS.get("reused"):
+        terminalreporter.write_line(f"served workers: {_POOL_STATS['started']} started, "
+                                    f"{_POOL_STATS['reused']} jobs ran in one already started")
