@@ -44,3 +44,28 @@ def text_stream(errors: str):
     """Like the real sys.stdout (UTF-8, strict) / sys.stderr (UTF-8, backslashreplace)."""
     buf = io.BytesIO()
     return buf, io.TextIOWrapper(buf, encoding="utf-8", errors=errors, write_through=True)
+
+
+def call_main(main, argv: list[str]) -> tuple[int | None, object, str, str, BaseException | None]:
+    """``main(argv)`` as a process would run it: (exit code, argparse's SystemExit code or None, stdout,
+    stderr, the exception that escaped ``main`` or None). SystemExit is an exit code; the streams are encoded
+    as the real ones are; memory is capped (``memory_guard``)."""
+    out_buf, out = text_stream("strict")
+    err_buf, err = text_stream("backslashreplace")
+    code, system_exit, escaped = None, None, None
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), memory_guard():
+            try:
+                code = main(list(argv))
+            except SystemExit as exc:  # argparse: 2 for a usage error, 0 for --help
+                system_exit = exc.code
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # escaped main(): a real run would end in a traceback
+        escaped = exc
+    finally:
+        out.flush()
+        err.flush()
+    return (code, system_exit, out_buf.getvalue().decode("utf-8", "replace"),
+            err_buf.getvalue().decode("utf-8", "replace"), escaped)

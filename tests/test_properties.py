@@ -48,7 +48,7 @@ import gradparity.run.runner as runner_mod
 from gradparity.backends.numpy import session as numpy_backend
 from gradparity.cli import main
 from gradparity.run.execute import BackendOutcome, MethodOutcome
-from cli_harness import memory_guard, text_stream
+from cli_harness import call_main
 from toml_writer import to_toml
 
 # --- what the README promises (written out here, independent of the code under test) ----
@@ -171,25 +171,11 @@ def invoke(argv: list[str]) -> Run:
     stand_in = StandIn()
     saved = (runner_mod.run_backend, execute_mod.run_backend)
     runner_mod.run_backend = execute_mod.run_backend = stand_in
-    out_buf, out = text_stream("strict")
-    err_buf, err = text_stream("backslashreplace")
-    code, escaped = None, None
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), memory_guard():
-            try:
-                code = main(list(argv))
-            except SystemExit as exc:  # argparse: 2 for a usage error
-                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    except KeyboardInterrupt:
-        raise
-    except BaseException as exc:  # escaped main(): a real run would end in a traceback
-        escaped = exc
+        code, _, stdout, stderr, escaped = call_main(main, argv)
     finally:
         runner_mod.run_backend, execute_mod.run_backend = saved
-        out.flush()
-        err.flush()
-    return Run(list(argv), code, out_buf.getvalue().decode("utf-8", "replace"),
-               err_buf.getvalue().decode("utf-8", "replace"), stand_in.calls, escaped)
+    return Run(list(argv), code, stdout, stderr, stand_in.calls, escaped)
 
 
 def _safe(test, path: Path) -> bool:

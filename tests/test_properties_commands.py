@@ -30,7 +30,6 @@ GRADPARITY_PROPERTY_TRACE=FILE logs each example's time, exit code and argv (to 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import datetime as dt
 import io
@@ -53,10 +52,11 @@ from hypothesis.extra import numpy as hnp
 
 import gradparity.cli as cli
 import gradparity.commands.benchmark as benchmark_mod
+import gradparity.commands.translate as translate_mod
 import gradparity.run.execute as execute_mod
 import gradparity.run.runner as runner_mod
 from gradparity.run.execute import BackendOutcome, MethodOutcome
-from cli_harness import memory_guard, text_stream
+from cli_harness import call_main
 from toml_writer import to_toml
 
 #: A report of failed workers has no curves to label: matplotlib says so, harmlessly.
@@ -148,9 +148,6 @@ def invoke(argv: list[str], cwd: Path, stdin: str = "") -> Run:
     worker replaced by a Stub; argparse's SystemExit is an exit code."""
     assert not any("\x00" in a for a in argv), "harness: a real argv cannot hold a NUL byte"
     stub = Stub()
-    out_buf, out = text_stream("strict")
-    err_buf, err = text_stream("backslashreplace")
-    code, system_exit, escaped = None, None, None
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(runner_mod, "run_backend", stub)
         mp.setattr(execute_mod, "run_backend", stub)
@@ -159,22 +156,8 @@ def invoke(argv: list[str], cwd: Path, stdin: str = "") -> Run:
         mp.setattr(benchmark_mod, "_children_cpu", processes.children_cpu)
         mp.setattr(sys, "stdin", io.StringIO(stdin))
         mp.chdir(cwd)
-        try:
-            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), memory_guard():
-                try:
-                    code = cli.main(list(argv))
-                except SystemExit as exc:  # argparse: 2 for a usage error, 0 for --help
-                    system_exit = exc.code
-                    code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        except KeyboardInterrupt:
-            raise
-        except BaseException as exc:  # escaped main(): a real run would end in a traceback
-            escaped = exc
-        finally:
-            out.flush()
-            err.flush()
-    return Run(list(argv), code, system_exit, out_buf.getvalue().decode("utf-8", "replace"),
-               err_buf.getvalue().decode("utf-8", "replace"), stub.started, escaped)
+        code, system_exit, stdout, stderr, escaped = call_main(cli.main, argv)
+    return Run(list(argv), code, system_exit, stdout, stderr, stub.started, escaped)
 
 
 def check(run: Run, out: Path | None = None, unknown_flag: bool = False, context: str = "") -> None:
@@ -659,22 +642,11 @@ def run_example(argv: Argv, writes_out: bool = False) -> Run:
 # Loss and optimizer texts
 # ==========================================================================================
 
-VALID_LOSS_TEXTS = (
-    "torch.nn.CrossEntropyLoss()",
-    "torch.nn.CrossEntropyLoss(reduction='sum')",
-    "torch.nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 0.5, 1.0, 3.0]))",
-    "torch.nn.CrossEntropyLoss(ignore_index=-100, label_smoothing=0.1)",
-    "torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor([1.0, 2.0, 3.0, 0.5, 1.0]))",
-    "torch.nn.MSELoss(reduction='sum')",
+#: Valid loss texts: the configurations `gradparity loss-table` measures, and a few spellings users write.
+VALID_LOSS_TEXTS = translate_mod.TABLE_SOURCES + (
     "nn.CrossEntropyLoss(weight=w)",
-    "keras.losses.SparseCategoricalCrossentropy(from_logits=True)(targets, logits, sample_weight=w)",
-    "keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=-100)",
-    "keras.losses.BinaryCrossentropy(from_logits=True, label_smoothing=0.1)",
-    "keras.losses.MeanSquaredError(reduction='sum')",
     "tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=tf.keras.losses.Reduction.SUM)",
-    "optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()",
     "jnp.mean(optax.sigmoid_binary_cross_entropy(logits, labels))",
-    "optax.sigmoid_binary_cross_entropy(logits, labels).sum()",
 )
 VALID_OPTIMIZER_TEXTS = (
     "torch.optim.Adam(params, lr=1e-3)",
