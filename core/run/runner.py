@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import os
 import signal
 import tempfile
 import threading
@@ -33,8 +32,9 @@ from gradparity.errors import Interrupted
 from gradparity.run.execute import (BackendOutcome, MethodOutcome, StopFlag, remove_stale_job_dirs,
                                     run_backend)
 
-#: Memory one framework worker may take on the problems gradparity builds itself (TensorFlow + Keras is the
-#: largest; measured at about 1.3 GiB resident for the default run): the memory cap on concurrent workers.
+#: Memory one framework worker may take on the problems gradparity builds itself, with a margin: TensorFlow +
+#: Keras is the largest (about 0.8 GiB resident measured here during the test suite). The memory cap on
+#: concurrent workers divides the free memory by it.
 WORKER_MEMORY_BYTES = 2 * 2**30
 
 
@@ -217,13 +217,3 @@ def raise_if_stopped(stopped: Interrupted | None, report):
         stopped.report = report
         raise stopped
     return report
-
-
-def run_one(run: WorkerRun, **options) -> BackendOutcome:
-    """``run_jobs`` for a single job: its outcome."""
-    return run_jobs([run], **options)[run.name]
-
-
-def cpu_parallel() -> int:
-    """Workers that may run side by side when each wants its own cores: one per 4 cores (at least 1)."""
-    return max(1, (os.cpu_count() or 1) // 4)
