@@ -243,10 +243,12 @@ def _wait(proc: subprocess.Popen, job_dir: Path, total: int, timeout_s: float, o
                 raise
         if stop is not None and stop.is_set():
             raise _Stopped
-        if served and (_read_result(job_dir) or {}).get("status") in _FINAL:
+        if not served and on_progress is None:
+            continue
+        state = _read_result(job_dir) or {}   # read once a slice, for both uses below
+        if served and state.get("status") in _FINAL:
             return 0
         if on_progress is not None:
-            state = _read_result(job_dir) or {}
             done = sum(1 for row in (state.get("methods") or {}).values() if row.get("status") in ("ok", "error"))
             reported = max(reported, done)   # an unreadable file (between writes) is not a step back
             on_progress(reported, total)
