@@ -118,12 +118,15 @@ def test_a_signal_stops_every_worker_and_writes_a_partial_report(sig, code, tmp_
     status = {(r["backend"], r["method"]): r["status"] for r in doc["results"]}
     assert status[("numpy", "sum")] == status[("numpy", "mean")] == "ok"  # finished before: kept
     assert status[("fake-hang", "sum")] == "interrupted"
-    assert status[("jax", "sum")] == "interrupted"  # stopped while it ran beside the others, or never started
-    jax_error = next(r["error"] for r in doc["results"] if r["backend"] == "jax")
-    assert sig.name in jax_error and ("not started" in jax_error or "the worker was stopped" in jax_error)
+    # jax runs beside the others: finished before the signal (its rows kept, like numpy's), or stopped by it.
+    if status[("jax", "sum")] != "ok":
+        assert status[("jax", "sum")] == status[("jax", "mean")] == "interrupted"
+        jax_error = next(r["error"] for r in doc["results"] if r["backend"] == "jax")
+        assert sig.name in jax_error and ("not started" in jax_error or "the worker was stopped" in jax_error)
     assert f"INTERRUPTED by {sig.name}" in stdout
     with np.load(out / "gradients.npz") as z:
-        assert sorted({k.split("/")[0] for k in z.files}) == ["numpy"]
+        finished = ["jax", "numpy"] if status[("jax", "sum")] == "ok" else ["numpy"]
+        assert sorted({k.split("/")[0] for k in z.files}) == finished
 
 
 def test_a_killed_parent_takes_its_worker_with_it(tmp_path):
