@@ -15,14 +15,15 @@ KERAS_VARIANTS = ("tensorflow", "jax", "torch")
 FRAMEWORKS = ("torch", "keras", "jax")
 
 
-#: The task map: which module of a framework's package runs each kind of job (``WorkerJob.task``). The
-#: built-in MLP has its own session and trainer ("gradients", "train"); every other model (a built-in CNN or
-#: sequence model, or a user's factory) runs in ``user_model`` ("model_check", "model_train").
+#: The task map: which module of a framework's package runs each kind of job (``WorkerJob.task``). One model
+#: session per framework (``session``) computes the reduction methods of every model, built-in (the MLP, the
+#: CNN, the sequence model: "gradients") or a user's factory ("model_check"); one trainer (``train``) trains
+#: every model ("train": built-in, "model_train": a user's factory).
 TASKS = {
     "gradients": "session",
+    "model_check": "session",
     "train": "train",
-    "model_check": "user_model",
-    "model_train": "user_model",
+    "model_train": "train",
     "loss_functions": "losses",
     "optimizer_steps": "optimizers",
 }

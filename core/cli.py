@@ -299,7 +299,8 @@ def _parser() -> argparse.ArgumentParser:
     ck.add_argument("--loss", help="cross_entropy (default) | mse")
     ck.add_argument("--weights-from", help="the framework whose weights the others take (default: the first of "
                                            "torch, keras, jax given)")
-    ck.add_argument("--methods", help="comma-separated: mean,sum,none_loop,one_by_one (default: all)")
+    ck.add_argument("--methods", help="comma-separated, of mean,sum,none_loop,none_vectorized,one_by_one "
+                                      "(default: mean,sum,none_loop,one_by_one)")
     _add_dtype(ck, None, default_text="the config's dtype, else float32")
     ck.add_argument("--mode", help="inference (default) | training")
     _add_device(ck, None, choices="cpu | auto | gpu", default_text="the config's device, else cpu")

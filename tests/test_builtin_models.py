@@ -173,7 +173,7 @@ def test_tensorflow_float64_gelu_is_measured_and_named():
 
 def test_defaults_fit_the_kind():
     exp = load_experiment(None, {"model.kind": "sequence"})
-    assert exp.data.source == "tokens" and "none_vectorized" not in exp.methods
+    assert exp.data.source == "tokens" and exp.methods == load_experiment(None, {}).methods
     assert exp.model.to_dict()["kind"] == "sequence" and "hidden" not in exp.model.to_dict()
     inputs = build_inputs(exp)
     assert inputs.batch["x"].shape == (64, 8) and inputs.batch["y"].shape == (64, 8)
@@ -184,8 +184,9 @@ def test_defaults_fit_the_kind():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"model.kind": "cnn", "methods": ["none_vectorized", "sum"]}, "none_vectorized is not built"),
-    ({"model.kind": "cnn", "causes.unzeroed_gradients": True}, "act on the MLP only"),
+    ({"model.kind": "cnn", "causes.dropout": 0.1}, "causes.dropout act on the MLP's hidden layers"),
+    ({"model.kind": "sequence", "causes.batchnorm": True}, "model.kind = 'sequence' has none"),
+    ({"model.kind": "sequence", "causes.class_weights": [1.0, 2.0]}, "2 weights for a vocabulary of 16"),
     ({"model.kind": "cnn", "model.hidden": [4]}, "model.hidden applies only to kind = 'mlp'"),
     ({"model.kind": "sequence", "model.width": 10, "model.heads": 3}, "multiple of model.heads"),
     ({"model.kind": "sequence", "data.source": "digits", "data.shuffle": True}, "reads data.source 'tokens'"),

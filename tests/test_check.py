@@ -60,6 +60,18 @@ def test_faithful_flax_port_agrees_with_torch_in_float64_for_every_method(faithf
             for p in ("input", "output")} | {("logits", "logits")} <= points
 
 
+@needs_all
+def test_none_vectorized_runs_on_users_ports_and_agrees_with_the_mean():
+    """Per-example gradients of a user's own model in one vectorized call (torch.func.vmap, tf.vectorized_map,
+    jax.vmap), summed, are the mean's gradient times N, in every framework: the ports agree within float32's
+    tolerance (float64 would single out TensorFlow's GELU, as the test below shows)."""
+    r = check(torch="nets_torch:TorchCNN", keras="nets_keras:keras_cnn", jax="nets_flax:flax_cnn",
+              dtype="float32", methods=["none_vectorized", "mean"])
+    assert all(res.ok for res in r.results) and len(r.results) == 6, [res.error for res in r.results]
+    assert r.verdict.status == "agree", r.verdict.summary
+    assert {res.method for res in r.results} == {"none_vectorized", "mean"}
+
+
 @pytest.mark.frameworks("torch", "jax")
 def test_weights_are_mapped_by_structure_in_call_order(faithful64):
     """Flax lists its state alphabetically (fc2 before norm); the call order pairs the layers."""

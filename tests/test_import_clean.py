@@ -4,6 +4,7 @@ The modules are discovered, not listed: every module of the installed `gradparit
 side of the framework backends, which the registry names (the module each framework backend runs a task in,
 and the `models` module those build their networks with). A new parent-side module is checked the day it lands.
 """
+import importlib
 import pkgutil
 import subprocess
 import sys
@@ -15,23 +16,17 @@ from gradparity.backends import BACKENDS
 FRAMEWORKS = ("torch", "tensorflow", "keras", "jax", "jaxlib", "flax", "optax", "tf_keras")
 
 
-#: Tasks whose module the parent imports too: a framework's ``losses`` reads and renders loss texts in the
-#: parent and imports its framework only inside the worker's session.
-PARENT_READABLE_TASKS = ("loss_functions",)
-
-
 def worker_side_modules() -> set[str]:
-    """The modules only a worker imports: each framework backend's task modules and its package's models."""
+    """The modules only a worker imports: every module of a framework backend's package but its ``*_text``
+    modules (``loss_text``, ``optimizer_text``: they read and render texts in the parent)."""
     out = set()
     for info in BACKENDS.values():
         if set(info.requires) <= {"numpy"}:
             continue
-        for task in info.tasks:
-            if task in PARENT_READABLE_TASKS:
-                continue
-            module = info.module_for(task)
-            out.add(module)
-            out.add(module.rsplit(".", 1)[0] + ".models")
+        package = info.module_for(info.tasks[0]).rsplit(".", 1)[0]
+        for m in pkgutil.iter_modules(importlib.import_module(package).__path__):
+            if not m.name.endswith("_text"):
+                out.add(f"{package}.{m.name}")
     return out
 
 
@@ -48,7 +43,7 @@ def test_discovery_sees_every_layer():
     modules = parent_side_modules()
     for expected in ("gradparity.cli", "gradparity.run.runner", "gradparity.compare.tolerance",
                      "gradparity.experiment.files", "gradparity.backends.protocol", "gradparity.backends.worker",
-                     "gradparity.backends.torch.losses", "gradparity.backends.jax.optimizer_text"):
+                     "gradparity.backends.torch.loss_text", "gradparity.backends.jax.optimizer_text"):
         assert expected in modules
     assert "gradparity.backends.torch.session" not in modules and "gradparity.backends.jax.models" not in modules
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from gradparity.backends import BACKENDS
-from gradparity.backends.jax.losses import parse, render
+from gradparity.backends.jax.loss_text import parse, render
 from gradparity.reference.losses import reduce_loss
 from gradparity.errors import ConfigError
 from gradparity.losses.batches import DEFAULT_SHAPES, LossBatch, generate_batches, make_loss_job
@@ -245,7 +245,7 @@ def test_render_rejects_semantics_outside_the_catalogue():
 
 
 def test_module_imports_no_framework():
-    code = ("import sys, gradparity.backends.jax.losses\n"
+    code = ("import sys, gradparity.backends.jax.loss_text\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'jaxlib', 'optax', 'flax')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

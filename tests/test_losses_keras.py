@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from gradparity.backends.keras.losses import parse, render
+from gradparity.backends.keras.loss_text import parse, render
 from gradparity.reference.losses import reduce_loss
 from gradparity.errors import ConfigError
 from gradparity.losses.batches import generate_batches
@@ -155,7 +155,7 @@ def test_native_renderings_use_the_loss_object(sem, must_say):
 
 def test_torch_class_weights_become_a_sample_weight():
     """torch CE(weight=w) (ignore_index -100) == Keras SCCE(ignore_class=-100, mean_with_sample_weight), w[targets]."""
-    from gradparity.backends.torch.losses import parse as parse_torch
+    from gradparity.backends.torch.loss_text import parse as parse_torch
 
     sem = parse_torch(parse_loss_text("torch.nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 0.5, 3.0, 1.5]))"))
     assert sem == LossSemantics("cross_entropy", "class_weight_sum", class_weight=W5, ignore_index=-100)
@@ -207,7 +207,7 @@ def test_render_rejects_semantics_no_framework_computes():
 
 
 def test_module_imports_no_framework():
-    code = ("import sys, gradparity.backends.keras.losses as m\n"
+    code = ("import sys, gradparity.backends.keras.loss_text as m\n"
             "from gradparity.losses.catalogue import LossSemantics\n"
             "m.render(LossSemantics('cross_entropy', 'valid', ignore_index=-100, sample_weight=True))\n"
             "m.parse(m.LossExpression('keras', 'Huber', kwargs={'delta': 0.5}))\n"

@@ -15,7 +15,7 @@ import pytest
 
 from gradparity.backends import BACKENDS, BackendInfo
 from gradparity.reference.losses import reduce_loss
-from gradparity.backends.tf_keras.losses import AUTO_NOTE, notes_for, parse, render
+from gradparity.backends.tf_keras.loss_text import AUTO_NOTE, notes_for, parse, render
 from gradparity.errors import ConfigError
 from gradparity.losses.batches import make_loss_job
 from gradparity.losses.catalogue import DIVISORS, LOSSES, LossSemantics
@@ -167,7 +167,7 @@ def test_explicit_renderings_write_the_arithmetic(sem, must_say, note):
 
 
 def test_module_imports_no_framework():
-    code = ("import sys, gradparity.backends.tf_keras.losses as m\n"
+    code = ("import sys, gradparity.backends.tf_keras.loss_text as m\n"
             "from gradparity.losses.catalogue import LossSemantics\n"
             "m.render(LossSemantics('cross_entropy', 'valid', ignore_index=-100, sample_weight=True))\n"
             "m.parse(m.LossExpression('tf_keras', 'Huber', kwargs={'delta': 0.5}))\n"

@@ -12,7 +12,7 @@ import pytest
 
 from gradparity.backends import BACKENDS
 from gradparity.reference.losses import reduce_loss
-from gradparity.backends.torch.losses import parse, render
+from gradparity.backends.torch.loss_text import parse, render
 from gradparity.errors import ConfigError
 from gradparity.losses.batches import generate_batches, make_loss_job
 from gradparity.losses.catalogue import DIVISORS, LOSSES, LossSemantics
@@ -168,7 +168,7 @@ def test_render_rejects_semantics_no_framework_computes():
 
 
 def test_module_imports_no_torch():
-    code = ("import sys, gradparity.backends.torch.losses as m\n"
+    code = ("import sys, gradparity.backends.torch.loss_text as m\n"
             "from gradparity.losses.catalogue import LossSemantics\n"
             "m.render(LossSemantics('cross_entropy', 'valid', ignore_index=-100, sample_weight=True))\n"
             "print(sorted(k for k in sys.modules if k.split('.')[0] == 'torch'))")

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from gradparity.backends import BACKENDS
+from gradparity.backends import make_job as build_job
 from gradparity.backends.numpy.session import NumpySession
-from gradparity.backends.protocol import WorkerJob
+from gradparity.backends.protocol import builtin_payload
 from gradparity.experiment.inputs import init_params
 from gradparity.experiment.methods import METHODS
 from gradparity.experiment.models import MLP
@@ -36,9 +37,9 @@ def make_job(backend, dtype, activation, sizes, n, device="cpu", methods=tuple(M
     model = MLP(sizes, activation)
     batch = {"x": rng.standard_normal((n, sizes[0])).astype(dtype),
              "y": rng.integers(0, sizes[-1], n).astype(np.int64)}
-    return info, WorkerJob(info.name, info.framework, info.variant, info.module, info.extra, info.requires,
-                           methods, dtype, device, "highest", model.to_dict(), {"name": "cross_entropy"},
-                           init_params(model, 3, dtype), batch)
+    return info, build_job(info, "gradients", methods, dtype=dtype, device=device, model=model.to_dict(),
+                           loss={"name": "cross_entropy"}, params=init_params(model, 3, dtype), batch=batch,
+                           payload=builtin_payload(model.to_dict(), mode="inference"))
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1]}-{c[4]}")

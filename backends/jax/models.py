@@ -1,9 +1,11 @@
-"""JAX / Flax NNX: the built-in CNN and sequence models (``gradparity.experiment.models``) as Flax users write them.
+"""JAX / Flax NNX: the built-in models (``gradparity.experiment.models``: the MLP, the CNN, the sequence model) as
+Flax users write them.
 
-Run by the user-model session (``user_model.py``, payload "builtin"): it casts the layers' dtypes to
-the job's, puts the parameters on the device and loads the canonical weights through ``assignment``.
-Flax's layout is the canonical one (Linear kernels (in, out), Conv kernels HWIO, ``nnx.Embed``
-tables (vocab, width), LayerNorm ``scale`` / ``bias``, images channels-last), and the modules are
+Run by the model session (``session.py``, payload "builtin") and the trainer (``train.py``): the session casts
+the layers' dtypes to the job's (under the switch 'autocast' the layers' ``dtype`` is the narrow compute dtype,
+``param_dtype`` the job's), puts the parameters on the device and loads the canonical weights through
+``assignment``. Flax's layout is the canonical one (Linear kernels (in, out), Conv kernels HWIO, ``nnx.Embed``
+tables (vocab, width), LayerNorm / BatchNorm ``scale`` / ``bias``, images channels-last), and the modules are
 laid out so that every NNX state path is the canonical name: nothing is renamed or transposed. The
 layer settings are the ones core resolved for jax (``LayerOptions.resolved("jax")``): explicit
 values, or Flax's own defaults.
@@ -16,8 +18,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gradparity.backends.jax.session import _ACTIVATIONS
-from gradparity.experiment.models import CNN, LayerOptions, Sequence, model_from_dict
+from gradparity.experiment.models import CNN, MLP, LayerOptions, Sequence, model_from_dict
+
+#: The elementwise activations of the built-in models (GELU aside: ``activation`` resolves its form).
+ACTIVATIONS = {
+    "relu": jax.nn.relu,  # derivative 0 at z == 0, like the reference's (z > 0)
+    "tanh": jnp.tanh,
+    "sigmoid": jax.nn.sigmoid,
+    "identity": lambda z: z,
+}
 
 #: ``nnx.LayerNorm(use_fast_variance=...)``: Flax's default True computes var = E[x^2] - E[x]^2 in one pass
 #: (clipped at 0); False computes E[(x - E[x])^2], the reference's two-pass form. Kept at the default, as a
@@ -27,12 +36,12 @@ from gradparity.experiment.models import CNN, LayerOptions, Sequence, model_from
 USE_FAST_VARIANCE = True
 
 
-def _activation(name: str, gelu: str):
+def activation(name: str, gelu: str = "exact"):
     """The elementwise activation ``name``; "gelu" in the resolved form (exact erf or tanh approximation)."""
     if name == "gelu":
         # jax.nn.gelu (and nnx.gelu) default to the tanh approximation; exact is erf.
         return functools.partial(jax.nn.gelu, approximate=gelu == "tanh")
-    return _ACTIVATIONS[name]
+    return ACTIVATIONS[name]
 
 
 def _conv_padding(opts: dict, k: int):
@@ -43,6 +52,37 @@ def _conv_padding(opts: dict, k: int):
     if opts["same_padding"] == "end":
         return "SAME"
     return ((k // 2, k // 2), (k // 2, k // 2))
+
+
+class FlaxMLP(nnx.Module):
+    """Dense layers ``sizes[0] -> ... -> sizes[-1]``; the activation after all but the last (logits).
+
+    With ``eps`` an ``nnx.BatchNorm`` in training mode (batch statistics, Flax's default
+    ``use_fast_variance``: var = E[x^2] - E[x]^2) sits before every hidden activation;
+    ``__call__(x, masks)`` multiplies hidden activation i by ``masks[i]`` (the switch 'dropout',
+    core's masks: jax's generator could not be compared with other frameworks'); no masks: plain.
+    """
+
+    def __init__(self, spec: MLP, eps: float | None, rngs: nnx.Rngs):
+        sizes = spec.sizes
+        # nnx.List (not nnx.Sequential, which would interleave the activations)
+        # so layer i lives at state path ('layers', i, ...), the canonical name.
+        self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])])
+        self.norms = None if eps is None else nnx.List([
+            nnx.BatchNorm(width, use_running_average=False, epsilon=eps, rngs=rngs) for width in sizes[1:-1]
+        ])
+        self.act = activation(spec.activation)
+
+    def __call__(self, x: jax.Array, masks=None) -> jax.Array:
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                if self.norms is not None:
+                    x = self.norms[i](x)
+                x = self.act(x)
+                if masks is not None:
+                    x = x * masks[i]
+        return x
 
 
 class FlaxCNN(nnx.Module):
@@ -56,7 +96,7 @@ class FlaxCNN(nnx.Module):
             nnx.Conv(a, b, (k, k), strides=(s, s), padding=_conv_padding(opts, k), rngs=rngs)
             for a, b, s in zip(widths[:-1], widths[1:], spec.strides)
         ])
-        self.act = _activation(spec.activation, opts["gelu"])
+        self.act = activation(spec.activation, opts["gelu"])
         self.dense = nnx.Linear(spec.flat_features, spec.num_classes, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -106,7 +146,7 @@ class Block(nnx.Module):
         self.ln2 = nnx.LayerNorm(spec.width, epsilon=eps, use_fast_variance=USE_FAST_VARIANCE, rngs=rngs)
         self.mlp = nnx.List([nnx.Linear(spec.width, spec.mlp_width, rngs=rngs),
                              nnx.Linear(spec.mlp_width, spec.width, rngs=rngs)])
-        self.act = _activation("gelu", opts["gelu"])
+        self.act = activation("gelu", opts["gelu"])
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x + self.attn(self.ln1(x))
@@ -131,15 +171,20 @@ class FlaxSequence(nnx.Module):
 
 def build(model: dict) -> nnx.Module:
     """The built-in model ``model`` (a ``to_dict()``) as an ``nnx.Module`` with Flax's default initialization
-    (seed 0; the session overwrites it), computing with the settings resolved for jax."""
+    (seed 0; the session overwrites it) and default dtypes (the session sets them), computing with the settings
+    resolved for jax."""
     spec = model_from_dict(model)
     opts = LayerOptions.from_dict(model.get("options")).resolved("jax")
     rngs = nnx.Rngs(0)
+    if isinstance(spec, MLP):
+        # The epsilon the job's dict carries (explicit: Flax's default and Keras' differ).
+        norm = model.get("batchnorm")
+        return FlaxMLP(spec, float(norm["epsilon"]) if norm else None, rngs)
     if isinstance(spec, CNN):
         return FlaxCNN(spec, opts, rngs)
     if isinstance(spec, Sequence):
         return FlaxSequence(spec, opts, rngs)
-    raise ValueError(f"jax has no built-in model kind {model.get('kind')!r} here (the MLP runs in session.py)")
+    raise ValueError(f"jax has no built-in model kind {model.get('kind')!r}")
 
 
 def assignment(model: dict) -> dict[str, str]:

@@ -1,22 +1,49 @@
-"""JAX backend: a Flax NNX MLP, optax cross-entropy, gradients by jax.grad / vjp / vmap.
+"""JAX / Flax NNX: the model session of every model, built-in (the MLP, the CNN, the sequence model: task
+"gradients", payload "builtin") or a user's own ``nnx.Module`` (task "model_check", payload "factory").
 
-The model is an ``nnx.Module`` used through its functional view:
-``graphdef, params = nnx.split(model)`` once, then a pure
-``apply(params, x) = nnx.merge(graphdef, params)(x)`` that jax.grad,
-jax.vjp and jax.vmap transform like any function of a pytree. Every
-gradient function is ``jax.jit``-compiled (the native idiom); the worker's
+The module comes from ``protocol.load_factory(job)`` (a user's factory, or ``models.build`` bound to the built-in
+model's dict) and is used through its functional view: ``nnx.split`` into the trainable parameters
+(``nnx.Param``), the statistics (``nnx.BatchStat``) and the rest (RNG streams, counters: state, not
+parameters), then every computation merges a fresh copy, so a forward pass that writes state (batch statistics
+in training mode, a dropout stream) never changes what the next call sees. ``apply(params, x) =
+nnx.merge(graphdef, params, ...)(x)`` is a pure function of a pytree that jax.grad, jax.vjp and jax.vmap
+transform; every gradient function is ``jax.jit``-compiled once per session (the native idiom): the worker's
 warm-up call pays the compilation, the timed call does not.
 
-Parameter names are mapped through NNX state paths, ``('layers', i,
-'kernel')`` <-> ``layers.{i}.kernel``, in both directions and checked for
-an exact match, so nothing depends on dict or pytree ordering. Flax
-kernels are ``(in, out)`` like the canonical layout: no transposes.
+The factory must return an ``nnx.Module`` (Flax's NNX API; Flax linen modules, which keep their parameters
+outside the module, are not supported). Flax's layout is already the canonical one: ``nnx.Linear`` kernels are
+(in, out), ``nnx.Conv`` kernels (*window, in, out), normalization weights are ``scale`` and activations are
+channels-last, so nothing is transposed; names are NNX state paths joined with '.' (``('layers', 0, 'kernel')``
+<-> ``layers.0.kernel``), mapped onto the canonical ones by ``protocol.assignment`` (a built-in model's own
+identity map, or what core mapped for a user's model) and checked by shape.
 
-Read at import by jax (set by the parent, see ``BackendInfo``):
-``JAX_ENABLE_X64`` (float64 jobs need it), ``JAX_PLATFORMS``,
-``XLA_PYTHON_CLIENT_PREALLOCATE=false``.
+Cases (``compute``): "describe" and "forward" (a user's model's layers and localization); the reduction methods
+``protocol.SESSION_METHODS`` on the batch, and "METHOD@PART" on a part (``protocol.CaseInputs``). optax has no
+``reduction`` argument: "mean" is ``jnp.mean`` over every loss term (N, or N*T for a sequence's tokens), "sum"
+``jnp.sum``; ``none_loop`` (one forward, one vjp pullback per example) and ``none_vectorized`` (``jax.vmap`` of a
+one-example ``value_and_grad``) sum the per-example summed losses; ``one_by_one`` feeds each example alone and
+sums their means.
+
+The discrepancy switches, natively: 'unzeroed_gradients' (the per-example loops read a never-zeroed accumulator
+after every example), 'class_weights' (optax has no weights: the per-term losses times ``w[y]``, then the mean
+over every term), 'padding' (optax has no ignore_index: targets ``IGNORE_INDEX`` masked out, means over the valid
+terms; ``one_by_one`` feeds ``job.fed_alone`` only), 'autocast' (Flax's mixed precision: every layer's ``dtype``
+the narrow compute dtype, ``param_dtype`` the job's; the loss is taken in the job's dtype), 'dropout' (the
+built-in MLP's explicit masks) and batch normalization (the built-in MLP's, training mode: an example alone is
+normalized by its own statistics).
+
+NNX has no forward hooks: for "describe" / "forward" layers are observed by wrapping ``__call__`` of their classes
+for the length of one eager forward pass. A layer called only from inside an NNX transform (``nnx.jit``,
+``nnx.remat``, ``nnx.scan``, which call copies of it) or through a method other than ``__call__`` is therefore not
+seen as called.
+
+Imported only inside a worker process. Read at import by jax (set by the parent, see ``BackendInfo``):
+``JAX_ENABLE_X64`` (float64 jobs need it), ``JAX_PLATFORMS``, ``XLA_PYTHON_CLIENT_PREALLOCATE=false``.
 """
 from __future__ import annotations
+
+import contextlib
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -24,50 +51,13 @@ import numpy as np
 import optax
 from flax import nnx
 
-from gradparity.backends.protocol import (IGNORE_INDEX, SEPARATE_FORWARD, CaseInputs, DeviceUnavailable, RawResult,
-                                          WorkerJob, jax_precision_is_full_f32, package_versions)
+from gradparity.backends.jax.device import device_label, linear_precision, may_use_tf32, start
+from gradparity.backends.protocol import (IGNORE_INDEX, PARAM_ROLES, SEPARATE_FORWARD, CaseInputs, RawResult,
+                                          WorkerJob, assignment, first_forward, gelu_accuracy, layer_options,
+                                          load_factory, package_versions)
 
-_ACTIVATIONS = {
-    "relu": jax.nn.relu,  # derivative 0 at z == 0, like the reference's (z > 0)
-    "tanh": jnp.tanh,
-    "sigmoid": jax.nn.sigmoid,
-    "identity": lambda z: z,
-}
-
-class MLP(nnx.Module):
-    """Dense layers ``sizes[0] -> ... -> sizes[-1]``; ``activation`` after all but the last (logits).
-
-    With ``eps`` an ``nnx.BatchNorm`` in training mode (batch statistics, Flax's default
-    ``use_fast_variance``: var = E[x^2] - E[x]^2) sits before every hidden activation;
-    ``__call__(x, masks)`` multiplies hidden activation i by ``masks[i]`` (the switch 'dropout',
-    core's masks: jax's generator could not be compared with other frameworks').
-    """
-
-    def __init__(self, sizes, activation, dtype, precision, rngs, compute_dtype=None, eps=None):
-        # nnx.List (not nnx.Sequential, which would interleave the activations)
-        # so layer i lives at state path ('layers', i, ...), the canonical name.
-        # compute_dtype (the switch 'autocast'): Flax's mixed precision, parameters stay in dtype.
-        self.layers = nnx.List([
-            nnx.Linear(a, b, dtype=compute_dtype or dtype, param_dtype=dtype, precision=precision, rngs=rngs)
-            for a, b in zip(sizes[:-1], sizes[1:])
-        ])
-        self.norms = None if eps is None else nnx.List([
-            nnx.BatchNorm(width, use_running_average=False, epsilon=eps, dtype=compute_dtype or dtype,
-                          param_dtype=dtype, rngs=rngs)
-            for width in sizes[1:-1]
-        ])
-        self.activation = _ACTIVATIONS[activation]
-
-    def __call__(self, x, masks=None):
-        for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if i < len(self.layers) - 1:
-                if self.norms is not None:
-                    x = self.norms[i](x)
-                x = self.activation(x)
-                if masks is not None:
-                    x = x * masks[i]
-        return x
+_NORMS = tuple(c for c in (nnx.LayerNorm, nnx.RMSNorm, nnx.BatchNorm, nnx.GroupNorm,
+                           getattr(nnx, "InstanceNorm", None)) if c is not None)
 
 
 def path_name(path) -> str:
@@ -75,208 +65,328 @@ def path_name(path) -> str:
 
 
 def state_to_canonical(state) -> dict[str, np.ndarray]:
-    """NNX state (params or their gradients) -> canonical {name: numpy array}; blocks until computed."""
+    """NNX state (params or their gradients) -> {name: numpy array}; blocks until computed."""
     return {path_name(path): np.asarray(var.get_value()) for path, var in nnx.to_flat_state(state)}
 
 
-def _pick_device(requested: str):
-    """Return (device, note) for 'cpu' | 'gpu' | 'auto' (see the contract's device rules)."""
-    if requested == "cpu":
-        return jax.devices("cpu")[0], None
+def _is_float_dtype(value) -> bool:
+    """Whether a layer's ``dtype`` / ``param_dtype`` attribute names a floating dtype (None: not set)."""
     try:
-        # RuntimeError when jax has no GPU platform (CPU-only jaxlib, no visible
-        # card, or a CUDA plugin that failed to initialize).
-        return jax.devices("gpu")[0], None
-    except RuntimeError as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if requested == "gpu":
-            raise DeviceUnavailable(f"device 'gpu' was requested but jax sees no GPU ({reason})") from None
-        if requested == "auto":
-            return jax.devices("cpu")[0], "no GPU visible to jax; ran on the CPU"
-        raise ValueError(f"unknown device {requested!r}") from None
+        return value is not None and jnp.issubdtype(jnp.dtype(value), jnp.floating)
+    except TypeError:
+        return False
 
 
-def start(job: WorkerJob):
-    """Check x64 for a float64 job, pick the device, pin precision; returns (device, note on a fallback).
+def _is_plain_matmul(module: nnx.Module, kernel) -> bool:
+    """Whether a LinearGeneral / Einsum kernel is a Dense kernel (in, out): 2-D, contracting the input's last axis."""
+    if getattr(kernel, "ndim", 0) != 2:
+        return False
+    if isinstance(module, nnx.LinearGeneral):
+        return not getattr(module, "batch_axis", None)
+    spec = module.einsum_str.replace(" ", "")  # e.g. "...i,ij->...j" or "bi,ij->bj"
+    lhs, _, out = spec.partition("->")
+    x, _, w = lhs.partition(",")
+    return len(w) == 2 and x[-1:] == w[0] and out == x[:-1] + w[1]
 
-    Shared by every JAX session (the built-in MLP's and a user's model's).
+
+def _role(module: nnx.Module, attr, variable: nnx.Variable) -> str:
+    """The canonical role of the variable stored directly at ``module.<attr>`` (``attr`` None: deeper)."""
+    if attr == "bias":
+        return "bias"
+    if attr == "kernel" and (isinstance(module, (nnx.Linear, nnx.Conv)) or (
+            isinstance(module, (nnx.LinearGeneral, nnx.Einsum)) and _is_plain_matmul(module, variable))):
+        return "kernel"
+    if attr == "embedding" and isinstance(module, nnx.Embed):
+        return "embedding"
+    if attr == "scale" and isinstance(module, _NORMS):
+        return "scale"
+    if isinstance(variable, nnx.BatchStat) and isinstance(module, nnx.BatchNorm) and attr in ("mean", "var"):
+        return attr
+    return "other"
+
+
+@contextlib.contextmanager
+def _watch(watched: dict[int, tuple[nnx.Module, str]], on_return):
+    """Route every call of a watched module (``id`` -> (module, name)) through ``on_return(module, name, args,
+    output)``.
+
+    The wrapper is set on the classes that define the watched modules' ``__call__`` (Python looks
+    ``__call__`` up on the type, so an instance attribute would not do) and removed on exit; other
+    instances of those classes pass straight through. ``on_return`` runs after the call returns, as
+    a torch forward hook does, and its result replaces the output. A module's nested calls of its own
+    ``__call__`` (``super().__call__``) count once.
     """
-    if job.dtype == "float64" and not jax.config.jax_enable_x64:
-        # Without x64 jax silently computes float64 inputs in float32.
-        raise RuntimeError("a float64 job needs JAX_ENABLE_X64=1 in the worker's environment "
-                           "(jax reads it at import); it is not set")
-    device, note = _pick_device(job.device)
-    if job.precision == "highest":
-        # The global switch: every matmul and convolution jax traces from now on runs in full float32.
-        jax.config.update("jax_default_matmul_precision", "highest")
-    return device, note
+    active: set[int] = set()
+
+    def wrap(original):
+        @functools.wraps(original)
+        def __call__(self, *args, **kwargs):
+            key = id(self)
+            if key not in watched or key in active:
+                return original(self, *args, **kwargs)
+            active.add(key)
+            try:
+                output = original(self, *args, **kwargs)
+            finally:
+                active.discard(key)
+            return on_return(self, watched[key][1], args, output)
+        return __call__
+
+    originals = {}
+    for module, _ in watched.values():
+        owner = next((c for c in type(module).__mro__ if "__call__" in vars(c)), None)
+        if owner is not None and owner not in originals:
+            originals[owner] = vars(owner)["__call__"]
+    try:
+        for owner, original in originals.items():
+            owner.__call__ = wrap(original)
+        yield
+    finally:
+        for owner, original in originals.items():
+            owner.__call__ = original
 
 
-def device_label(device) -> str:
-    if device.platform == "cpu":
-        return "cpu"
-    vendor = "rocm" if "rocm" in str(getattr(device.client, "platform_version", "")).lower() else "cuda"
-    return f"{vendor}:{device.id} ({device.device_kind})"
-
-
-def may_use_tf32(device, dtype: str, matmul_precision, layer_precision) -> bool:
-    """True when float32 matmuls in this run could have run in TF32.
-
-    JAX's GPU default precision lets XLA use TF32 on compute capability >= 8.0;
-    only a full-float32 setting (global or per layer) rules it out.
-    """
-    if device.platform != "gpu" or dtype != "float32":
-        return False
-    if layer_precision == jax.lax.Precision.HIGHEST:
-        return False
-    if jax_precision_is_full_f32(matmul_precision):
-        return False
-    capability = getattr(device, "compute_capability", None)  # e.g. "9.0" on CUDA
-    if capability is None:
-        return True  # unknown hardware: cannot rule TF32 out
-    return tuple(int(p) for p in str(capability).split(".")[:2]) >= (8, 0)
-
-
-def linear_precision(job: WorkerJob):
-    """The Dense layers' own precision: HIGHEST when the job pins precision (``start`` sets the global
-    switch), else None (jax's default)."""
-    return jax.lax.Precision.HIGHEST if job.precision == "highest" else None
-
-
-def build_mlp(job: WorkerJob, device, layer_precision):
-    """(graphdef, params, stats) of the job's MLP: its parameters (an ``nnx.State`` of ``nnx.Param``) filled
-    from the canonical ``job.params`` in the job's dtype on ``device``, and zero running statistics."""
-    dtype = jnp.dtype(job.dtype)
-    # eval_shape: build the module without running the random initializers,
-    # then fill every parameter from the canonical arrays by its path.
-    compute_dtype = jnp.dtype(job.autocast) if job.autocast else None
-    abstract = nnx.eval_shape(lambda: MLP(job.model["sizes"], job.model["activation"], dtype,
-                                          layer_precision, nnx.Rngs(0), compute_dtype,
-                                          job.batchnorm_epsilon))
-    # The running statistics (nnx.BatchStat) are state, not parameters: training mode never reads them.
-    graphdef, abstract_state, stats = nnx.split(abstract, nnx.Param, ...)
-    stats = jax.device_put(jax.tree.map(lambda v: np.zeros(v.shape, v.dtype), stats), device)
-    flat = nnx.to_flat_state(abstract_state)
-    names = [path_name(path) for path, _ in flat]
-    if sorted(names) != sorted(job.params):
-        raise ValueError(f"model parameters {sorted(names)} do not match the job's {sorted(job.params)}")
-    filled = []
-    for path, var in flat:
-        value = np.asarray(job.params[path_name(path)])
-        if value.shape != var.shape:
-            raise ValueError(f"{path_name(path)}: canonical shape {value.shape}, Flax expects {var.shape}")
-        filled.append((path, var.replace(jax.device_put(value.astype(dtype), device))))
-    return graphdef, nnx.from_flat_state(filled), stats
-
-
-def mlp_environment(job: WorkerJob, params, input_dtype, device, device_note, layer_precision) -> dict:
-    """The environment of a job computed by the built-in MLP's ``params`` on ``device`` (``Session.environment``)."""
-    leaves = [var.get_value() for _, var in nnx.to_flat_state(params)]
-    dtypes = sorted({str(leaf.dtype) for leaf in leaves} | {str(input_dtype)})
-    dtype = dtypes[0] if len(dtypes) == 1 else "mixed: " + ", ".join(dtypes)
-    matmul_precision = jax.config.jax_default_matmul_precision
-    return {
-        "framework": "jax",
-        "versions": package_versions("jax", "jaxlib", "flax", "optax"),
-        "device": device_label(device),
-        "device_kind": "cpu" if device.platform == "cpu" else "gpu",
-        "device_note": device_note,
-        "dtype": job.autocast or dtype,
-        "autocast": job.autocast,
-        "precision": {
-            "jax_default_matmul_precision": None if matmul_precision is None else str(matmul_precision),
-            "linear_precision": None if layer_precision is None else str(layer_precision),
-            "requested": job.precision,
-        },
-        "tf32": may_use_tf32(device, dtype, matmul_precision, layer_precision),
-    }
-
-
-class JaxSession:
-    """Parameters and batch live on the chosen device; each method is a jitted pure function."""
+class ModelSession:
+    """The job's module split into its state on the job's device and dtype; answers every case of tasks
+    "gradients" and "model_check" (and is the model ``train.ModelTrainer`` trains)."""
 
     def __init__(self, job: WorkerJob):
-        if job.loss["name"] != "cross_entropy":
-            raise ValueError(f"jax backend has no loss {job.loss['name']!r}")
-        if job.model.get("kind", "mlp") != "mlp":
-            raise ValueError(f"jax backend has no model kind {job.model['kind']!r}")
         self.job = job
+        self.builtin = "builtin" in job.payload
+        self.loss_name = job.payload.get("loss", "cross_entropy")
+        self._check_switches()
         self.device, self.device_note = start(job)
-        self.layer_precision = linear_precision(job)
-        dtype = jnp.dtype(job.dtype)
-        self.graphdef, self.params, self.stats = build_mlp(job, self.device, self.layer_precision)
-        self.x = jax.device_put(np.asarray(job.batch["x"], dtype=dtype), self.device)
-        # int32 labels: without x64 jax would truncate int64 with a warning anyway.
-        self.y = jax.device_put(np.asarray(job.targets()).astype(np.int32), self.device)
-        self._inputs = CaseInputs(job, (self.x, self.y), lambda x, y: (
-            jax.device_put(np.asarray(x, dtype=dtype), self.device),
-            jax.device_put(np.asarray(y).astype(np.int32), self.device)))
+        self.dtype = jnp.dtype(job.dtype)
+        # The switch 'autocast': the layers compute in this dtype over parameters in the job's.
+        self.compute_dtype = jnp.dtype(job.autocast) if job.autocast else None
+        # A built-in model's layers carry the pinned precision themselves (as a port that sets it does); a
+        # user's layers carry none of ours: the global switch set by start() covers both.
+        self.layer_precision = linear_precision(job) if self.builtin else None
+        factory = load_factory(job)
+        with jax.default_device(self.device):
+            model = factory()
+        if not isinstance(model, nnx.Module):
+            linen = any(c.__module__.startswith("flax.linen") for c in type(model).__mro__)
+            raise TypeError(f"the jax factory {job.payload.get('factory')} returned {type(model).__name__}, not a "
+                            "flax.nnx.Module" + (" (Flax linen modules are not supported: port it to nnx)"
+                                                 if linen else ""))
+        self._set_dtypes(model)
+        # Mode is a static attribute (deterministic, use_running_average): set before splitting.
+        if job.payload.get("mode") == "training":
+            model.train()
+        else:
+            model.eval()
+
+        # Module table (path -> module) and, per module, the variables it owns directly.
+        self.modules = dict(nnx.iter_modules(model))
+        self.graphdef, params, stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+
+        def to_job(a):  # like torch's model.to(device, dtype): floating state in the job's dtype
+            a = jnp.asarray(a, self.dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
+            return jax.device_put(a, self.device)
+
+        self.params, self.stats = jax.tree.map(to_job, (params, stats))
+        self.rest = jax.device_put(rest, self.device)
+        # native name -> (owner path, attr, Variable, trainable); the Variables are those of self.params / stats.
+        self.owners: dict[str, tuple] = {}
+        for state, trainable in ((self.params, True), (self.stats, False)):
+            for path, var in nnx.to_flat_state(state):
+                owner = next(path[:k] for k in range(len(path) - 1, -1, -1) if path[:k] in self.modules)
+                attr = path[len(owner)] if len(path) == len(owner) + 1 else None
+                self.owners[path_name(path)] = (owner, attr, var, trainable)
+        owning = {owner for owner, *_ in self.owners.values()}
+        leaves = {p for p in self.modules if not any(len(q) > len(p) and q[:len(p)] == p for q in self.modules)}
+        # Recorded calls: as in torch, every leaf module and every module owning variables (the root only
+        # when it owns variables itself).
+        self.watched = {p: self._layer_name(p) for p in self.modules if p in owning or (p in leaves and p != ())}
+        self.layer_names = {self._layer_name(p) for p in owning}
+
+        self.x, self.y = self.convert(job.batch["x"], job.targets())
+        self._inputs = CaseInputs(job, (self.x, self.y), self.convert)
+        self.assign = assignment(job)
+        if self.assign is not None:
+            self._load(self.assign)
+        weights = job.class_weights
+        self.class_weight = None if weights is None else jax.device_put(weights.astype(self.dtype), self.device)
         self.masks = {forward: None if m is None else [jax.device_put(a, self.device) for a in m]
                       for forward in ("batch", "single") for m in [job.dropout_masks(forward)]}
         self._build()
 
+    def _check_switches(self) -> None:
+        """Refuse the switches this model cannot take, before anything is built."""
+        job = self.job
+        if job.task == "gradients" and self.loss_name != "cross_entropy":
+            raise ValueError(f"jax backend has no loss {self.loss_name!r}")
+        if self.loss_name != "cross_entropy" and (job.class_weights is not None or job.padded):
+            raise ValueError("the switches 'class_weights' and 'padding' act on a cross-entropy loss, "
+                             f"not on {self.loss_name!r}")
+        if job.class_weights is not None and job.padded:
+            raise ValueError("the switches 'class_weights' and 'padding' do not combine")
+        is_mlp = self.builtin and job.payload["builtin"].get("kind", "mlp") == "mlp"
+        if not is_mlp and (job.dropout_masks("batch") is not None or job.dropout_masks("single") is not None):
+            kind = "a user's model" if not self.builtin else f"the built-in {job.payload['builtin']['kind']}"
+            raise ValueError(f"the switch 'dropout' masks the built-in MLP's hidden layers; {kind} has none "
+                             "(its own dropout layers follow payload 'mode')")
+
+    def _set_dtypes(self, model: nnx.Module) -> None:
+        """Like torch's model.to(dtype): Flax layers keep a computation dtype of their own (nnx.Embed pins its
+        parameters' dtype at construction), so a float64 job would still compute them in float32. Under
+        'autocast' every layer's ``dtype`` (None included: a layer that infers it) is the compute dtype."""
+        for _, module in nnx.iter_modules(model):
+            attrs = vars(module)
+            if "dtype" in attrs and self.compute_dtype is not None and (
+                    attrs["dtype"] is None or _is_float_dtype(attrs["dtype"])):
+                module.dtype = self.compute_dtype
+            elif _is_float_dtype(attrs.get("dtype")):
+                module.dtype = self.dtype
+            if _is_float_dtype(attrs.get("param_dtype")):
+                module.param_dtype = self.dtype
+            if self.layer_precision is not None and "precision" in attrs:
+                module.precision = self.layer_precision
+
+    def convert(self, x, y) -> tuple:
+        """(x, y) on the device: float inputs in the job's dtype, ids int32 (without x64 jax would truncate
+        int64 with a warning anyway), class targets int32, mse targets in the job's dtype."""
+        x, y = np.asarray(x), np.asarray(y)
+        x = x.astype(self.dtype) if x.dtype.kind == "f" else x.astype(np.int32) if x.dtype.kind in "iu" else x
+        y = y.astype(self.dtype if self.loss_name == "mse" else np.int32)
+        return jax.device_put(x, self.device), jax.device_put(y, self.device)
+
+    def _layer_name(self, path) -> str:
+        """A module's reported name: its path joined with '.', the class name for the root (as torch does)."""
+        return path_name(path) or type(self.modules[path]).__name__
+
+    def _load(self, assign: dict[str, str]) -> None:
+        """Overwrite the state's values with the canonical arrays core mapped onto them."""
+        for native, key in assign.items():
+            if native not in self.owners:
+                raise ValueError(f"{native}: the model has no parameter or batch statistic of that name "
+                                 f"(it has: {', '.join(self.owners)})")
+            var = self.owners[native][2]
+            value = np.asarray(self.job.params[key])
+            if tuple(value.shape) != tuple(var.shape):
+                raise ValueError(f"{native}: mapped value has shape {value.shape}, the module's is {tuple(var.shape)}")
+            var.set_value(jax.device_put(value.astype(var.dtype), self.device))
+
+    def environment(self) -> dict:
+        leaves = [v.get_value() for _, v in nnx.to_flat_state(self.params)] + [self.x]
+        try:  # what the model really computes in: a layer of the user's may cast to a dtype of its own
+            leaves += jax.tree.leaves(jax.eval_shape(self._merged_call, self.params, self.x))
+        except Exception:  # noqa: BLE001 - a broken forward pass is each case's error, not the setup's
+            pass
+        dtypes = sorted({str(a.dtype) for a in leaves if jnp.issubdtype(a.dtype, jnp.floating)})
+        dtype = dtypes[0] if len(dtypes) == 1 else "mixed: " + ", ".join(dtypes)
+        matmul_precision = jax.config.jax_default_matmul_precision
+        return {
+            "framework": "jax",
+            "versions": package_versions("jax", "jaxlib", "flax", "optax"),
+            "device": device_label(self.device),
+            "device_kind": "cpu" if self.device.platform == "cpu" else "gpu",
+            "device_note": self.device_note,
+            # Under autocast the narrow format: the arithmetic that bounds the rounding.
+            "dtype": self.job.autocast or dtype,
+            "autocast": self.job.autocast,
+            "precision": {
+                "jax_default_matmul_precision": None if matmul_precision is None else str(matmul_precision),
+                "linear_precision": None if self.layer_precision is None else str(self.layer_precision),
+                "requested": self.job.precision,
+            },
+            "tf32": may_use_tf32(self.device, self.job.dtype, matmul_precision, self.layer_precision),
+            "mode": self.job.payload.get("mode", "inference"),
+            "layer_options": layer_options(self.job),
+            "gelu_accuracy": gelu_accuracy(self.job, lambda x, approx: np.asarray(
+                jax.nn.gelu(jax.device_put(x, self.device), approximate=approx))),
+        }
+
+    # -- the model and the loss, natively -----------------------------------------------------------
+
+    def _merged(self, params) -> nnx.Module:
+        """A fresh module from ``params`` and copies of the other state.
+
+        The copies are new Variables made in the current trace: NNX refuses writes (batch statistics in
+        training mode, RNG counters) to Variables made outside it, and nothing written survives the call.
+        """
+        stats, rest = jax.tree.map(lambda a: a, (self.stats, self.rest))
+        return nnx.merge(self.graphdef, params, stats, rest)
+
+    def _merged_call(self, params, x, masks=None):
+        """The module's raw output (``masks``: the built-in MLP's dropout masks, else None)."""
+        model = self._merged(params)
+        return model(x) if masks is None else model(x, masks)
+
+    def _cast(self, out):
+        """Under 'autocast' the output comes out in the compute dtype; the loss is taken in the job's dtype, as
+        mixed-precision training does."""
+        return out if self.compute_dtype is None else out.astype(self.dtype)
+
+    def apply(self, params, x, masks=None):
+        """The output the loss reads: a pure function of ``params`` (what jax.grad / vjp / vmap transform)."""
+        return self._cast(self._merged_call(params, x, masks))
+
+    def terms(self, out, y):
+        """The loss terms, unreduced: (N,) per class label, (N, T) per token, every output for mse; with
+        'padding' the ignored targets' terms 0, with 'class_weights' each term times ``w[y]``."""
+        if self.loss_name == "mse":
+            return optax.squared_error(out, y)  # (out - y)^2, not optax.l2_loss (which halves it)
+        if self.job.padded:
+            # optax has no ignore_index: the user's own mask (a padding target would index out of range).
+            valid = y != IGNORE_INDEX
+            return jnp.where(valid, optax.softmax_cross_entropy_with_integer_labels(out, jnp.where(valid, y, 0)), 0)
+        terms = optax.softmax_cross_entropy_with_integer_labels(out, y)  # logits (N, ..., C), targets (N, ...)
+        # The switch 'class_weights': optax has no weights; w[y] times the per-term losses.
+        return terms if self.class_weight is None else terms * self.class_weight[y]
+
+    def reduce(self, terms, y, reduction: str):
+        """The user's own reduction (optax has none): "mean" (over the valid terms with 'padding'), "sum", or
+        "examples" (per example, its terms summed: shape (N,))."""
+        if reduction == "sum":
+            return jnp.sum(terms)
+        if reduction == "mean":
+            if self.job.padded:  # the mean over valid targets, as a padded token batch is averaged
+                return jnp.sum(terms) / jnp.sum(y != IGNORE_INDEX)
+            return jnp.mean(terms)
+        return terms if terms.ndim == 1 else terms.reshape(terms.shape[0], -1).sum(axis=1)
+
+    def loss(self, params, x, y, reduction: str, masks=None):
+        return self.reduce(self.terms(self.apply(params, x, masks), y), y, reduction)
+
     def _build(self):
-        graphdef, stats, padded = self.graphdef, self.stats, self.job.padded
-        weights = self.job.class_weights
-        class_weight = None if weights is None else jax.device_put(weights.astype(self.x.dtype), self.device)
+        """The jitted gradient functions of the reduction methods (pure functions of the parameters)."""
+        def reduced(reduction):
+            return lambda params, x, y, masks: self.loss(params, x, y, reduction, masks)
 
-        def losses_fn(params, x, y, masks):
-            """Per-example losses, shape (N,): optax returns them unreduced."""
-            # Under 'autocast' the logits come out in the compute dtype; the loss is taken in the input
-            # dtype, as mixed-precision training does.
-            # Fresh running statistics in this trace: training mode writes them, and NNX refuses writes
-            # to state made outside the transformation (they are never read back).
-            logits = nnx.merge(graphdef, params, jax.tree.map(jnp.zeros_like, stats))(x, masks).astype(x.dtype)
-            if padded:
-                # optax has no ignore_index: the user's own mask (a padding target would index out of range).
-                valid = y != IGNORE_INDEX
-                losses = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, y, 0))
-                return jnp.where(valid, losses, 0)
-            losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-            # The switch 'class_weights': optax has no weights; w[y] times the per-example losses.
-            return losses if class_weight is None else losses * class_weight[y]
-
-        # optax has no `reduction` argument: the reduction is the user's own jnp.sum / jnp.mean.
-        def sum_loss(params, x, y, masks):
-            return jnp.sum(losses_fn(params, x, y, masks))
-
-        def mean_loss(params, x, y, masks):
-            if padded:  # the mean over valid targets, as a padded token batch is averaged
-                return jnp.sum(losses_fn(params, x, y, masks)) / jnp.sum(y != IGNORE_INDEX)
-            return jnp.mean(losses_fn(params, x, y, masks))
-
-        def single_loss(params, xi, yi, mi):
-            """Loss of one unbatched example (the function vmap maps over), with its own mask rows."""
-            return losses_fn(params, xi[None], yi[None], None if mi is None else [m[None] for m in mi])[0]
+        def per_example_pullback(params, x, y, masks):
+            sums, pullback = jax.vjp(lambda p: self.loss(p, x, y, "examples", masks), params)
+            return sums, pullback, lambda i: pullback(jax.nn.one_hot(i, sums.shape[0], dtype=sums.dtype))[0]
 
         def none_loop(params, x, y, masks):
-            # One forward, then one pullback per example with cotangent e_i:
-            # JAX's loss[i].backward(retain_graph=True); the vjp residuals are the retained graph.
-            losses, pullback = jax.vjp(lambda p: losses_fn(p, x, y, masks), params)
-            n = losses.shape[0]
+            # One forward, then one pullback per example with cotangent e_i: JAX's
+            # loss[i].backward(retain_graph=True); the vjp residuals are the retained graph.
+            sums, _, grad_of = per_example_pullback(params, x, y, masks)
 
             def body(i, acc):
-                (grads,) = pullback(jax.nn.one_hot(i, n, dtype=losses.dtype))
-                return jax.tree.map(jnp.add, acc, grads)
+                return jax.tree.map(jnp.add, acc, grad_of(i))
 
-            total = jax.lax.fori_loop(0, n, body, jax.tree.map(jnp.zeros_like, params))
-            return jnp.sum(losses), total
+            return jnp.sum(sums), jax.lax.fori_loop(0, sums.shape[0], body, jax.tree.map(jnp.zeros_like, params))
 
         def none_loop_unzeroed(params, x, y, masks):
             # The switch 'unzeroed_gradients': the accumulator is carried over (never reset) and read
             # after every example, so example i is counted N - i times.
-            losses, pullback = jax.vjp(lambda p: losses_fn(p, x, y, masks), params)
-            n = losses.shape[0]
+            sums, _, grad_of = per_example_pullback(params, x, y, masks)
 
             def body(i, state):
                 acc, read = state
-                (grads,) = pullback(jax.nn.one_hot(i, n, dtype=losses.dtype))
-                acc = jax.tree.map(jnp.add, acc, grads)
+                acc = jax.tree.map(jnp.add, acc, grad_of(i))
                 return acc, jax.tree.map(jnp.add, read, acc)
 
             zeros = jax.tree.map(jnp.zeros_like, params)
-            _, read = jax.lax.fori_loop(0, n, body, (zeros, zeros))
-            return jnp.sum(losses), read
+            _, read = jax.lax.fori_loop(0, sums.shape[0], body, (zeros, zeros))
+            return jnp.sum(sums), read
+
+        def single_loss(params, xi, yi, mi):
+            """Loss of one unbatched example (the function vmap maps over), with its own mask rows."""
+            masks = None if mi is None else [m[None] for m in mi]
+            return self.loss(params, xi[None], yi[None], "examples", masks)[0]
 
         def none_vectorized(params, x, y, masks):
             # masks: the single-example rows (a None maps to None: an empty pytree).
@@ -288,29 +398,38 @@ class JaxSession:
             xi = jax.lax.dynamic_slice_in_dim(x, i, 1)
             yi = jax.lax.dynamic_slice_in_dim(y, i, 1)
             mi = None if masks is None else [jax.lax.dynamic_slice_in_dim(m, i, 1) for m in masks]
-            loss, grads = jax.value_and_grad(mean_loss)(params, xi, yi, mi)
+            loss, grads = jax.value_and_grad(reduced("mean"))(params, xi, yi, mi)
             return loss_acc + loss, jax.tree.map(jnp.add, grads_acc, grads)
 
         self._fns = {
             "none_loop": jax.jit(none_loop),
             "none_vectorized": jax.jit(none_vectorized),
-            "sum": jax.jit(jax.value_and_grad(sum_loss)),
-            "mean": jax.jit(jax.value_and_grad(mean_loss)),
+            "sum": jax.jit(jax.value_and_grad(reduced("sum"))),
+            "mean": jax.jit(jax.value_and_grad(reduced("mean"))),
         }
         self._none_loop_unzeroed = jax.jit(none_loop_unzeroed)
         self._one_example_step = jax.jit(one_example_step)
         # Jitted so the zeros land on the params' device, not on jax's default one.
         self._zero_accumulators = jax.jit(
-            lambda params, x: (jnp.zeros((), x.dtype), jax.tree.map(jnp.zeros_like, params)))
+            lambda params: (jnp.zeros((), self.dtype), jax.tree.map(jnp.zeros_like, params)))
 
-    def environment(self) -> dict:
-        return mlp_environment(self.job, self.params, self.x.dtype, self.device, self.device_note,
-                               self.layer_precision)
+    def canonical(self, state) -> dict[str, np.ndarray]:
+        """Canonical arrays of the mapped trainable parameters (or their gradients), keyed as core keyed their
+        values."""
+        flat = state_to_canonical(state)
+        return {key: flat[native] for native, key in self.assign.items() if self.owners[native][3]}
 
-    def compute(self, method: str) -> RawResult:
-        """Run ``method`` ('METHOD' or 'METHOD@PART') from scratch; returns the native loss and gradients as
-        numpy (computed, not pending)."""
-        case = method
+    # -- the cases ----------------------------------------------------------------------------------
+
+    def compute(self, case: str) -> RawResult:
+        """Run one case from scratch (every function starts from the unchanged split state); returns the native
+        loss and gradients as numpy (computed, not pending)."""
+        if case == "describe":
+            return self._describe()
+        if case == "forward":
+            return self._forward()
+        if self.assign is None:
+            raise ValueError(f"case {case!r} needs the weights mapped (payload 'assign')")
         method, x, y = self._inputs(case)
         # Dropout masks exist for the batch only (core refuses dropout together with parts).
         on_batch = x is self.x
@@ -321,7 +440,7 @@ class JaxSession:
         elif method == "none_loop":
             loss, grads = self._none_loop_unzeroed(self.params, x, y, masks)
         elif method == "one_by_one":
-            loss, acc = self._zero_accumulators(self.params, x)
+            loss, acc = self._zero_accumulators(self.params)
             read = acc
             for i in self.job.fed_alone(case):  # padding is not fed: its mean would be 0/0
                 loss, acc = self._one_example_step(self.params, loss, acc, x, y, masks, i)
@@ -329,10 +448,78 @@ class JaxSession:
                     read = jax.tree.map(jnp.add, read, acc)
             grads = read if unzeroed else acc
         else:
-            raise ValueError(f"unknown method {method!r}")
-        return RawResult(float(loss), state_to_canonical(grads))
+            raise ValueError(f"unknown case {case!r}")
+        return RawResult(float(loss), self.canonical(grads))
+
+    def _trace(self, params, perturb: dict | None = None):
+        """Forward the batch eagerly with every watched module's calls observed; returns (output, calls, records).
+
+        ``records`` maps each watched layer owning variables to its first call's input and output, in
+        the order those calls returned; with ``perturb`` the first output of layer ``name`` comes out
+        as ``output + perturb[name]`` (zeros: d loss/d perturbation is d loss/d output).
+        """
+        model = self._merged(params)
+        watched = {id(m): (m, self.watched[p]) for p, m in nnx.iter_modules(model) if p in self.watched}
+        calls: list[tuple[str, str]] = []
+        records: dict[str, dict] = {}
+
+        def on_return(module, name, args, output):
+            calls.append((name, type(module).__name__))
+            if name in self.layer_names and name not in records:
+                is_array = lambda a: isinstance(a, jax.Array)  # noqa: E731
+                records[name] = {"input": args[0] if args and is_array(args[0]) else None,
+                                 "output": output if is_array(output) else None}
+                if perturb is not None and name in perturb:
+                    output = output + perturb[name]
+            return output
+
+        with _watch(watched, on_return):
+            out = model(self.x)
+        return out, calls, records
+
+    def _describe(self) -> RawResult:
+        out, calls, records = first_forward(self.job, lambda: self._trace(self.params))
+        by_layer: dict = {}
+        for native, (owner, attr, var, trainable) in self.owners.items():
+            by_layer.setdefault(owner, []).append((native, attr, var, trainable))
+        named = {self._layer_name(p): p for p in by_layer}
+        order = list(records) + [n for n in named if n not in records]
+        layers, values = [], {}
+        for name in order:
+            path = named[name]
+            module = self.modules[path]
+            params = []
+            for native, attr, var, trainable in by_layer[path]:
+                values[native] = np.asarray(var.get_value())
+                params.append({"name": native, "role": _role(module, attr, var), "shape": list(var.shape),
+                               "trainable": trainable})
+            params.sort(key=lambda p: PARAM_ROLES.index(p["role"]))  # kernel, ..., bias, other: stable
+            layers.append({"name": name, "type": type(module).__name__, "called": name in records,
+                           "fused_activation": False,  # Flax activations are separate functions
+                           "params": params})
+        info = {"layers": layers, "calls": [list(c) for c in calls], "output_shape": list(out.shape)}
+        return RawResult(float("nan"), values, info)  # no loss: core checks the targets against the output first
+
+    def _forward(self) -> RawResult:
+        out, _, records = self._trace(self.params)
+        perturb = {name: jnp.zeros_like(rec["output"]) for name, rec in records.items() if rec["output"] is not None}
+
+        def mean_loss(perturb):
+            logits, _, _ = self._trace(self.params, perturb)
+            return self.reduce(self.terms(self._cast(logits), self.y), self.y, "mean")
+
+        loss, grad_out = jax.value_and_grad(mean_loss)(perturb)
+        arrays = {"logits": np.asarray(out)}
+        for k, (name, rec) in enumerate(records.items()):
+            if rec["input"] is not None:
+                arrays[f"input/{k}"] = np.asarray(rec["input"])
+            if rec["output"] is not None:
+                arrays[f"output/{k}"] = np.asarray(rec["output"])
+                arrays[f"grad_output/{k}"] = np.asarray(grad_out[name])
+        return RawResult(float(loss), arrays, {"layers": list(records)})
 
 
-def open_session(job: WorkerJob) -> JaxSession:
-    """Pick the device, pin precision, build the Flax model from the canonical parameters."""
-    return JaxSession(job)
+def open_session(job: WorkerJob) -> ModelSession:
+    """Tasks "gradients" and "model_check": pick the device, pin precision, build the module (a user's factory or
+    the built-in model), split it onto the job's device and dtype and load the mapped canonical weights."""
+    return ModelSession(job)

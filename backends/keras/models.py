@@ -1,14 +1,19 @@
-"""Keras 3: the built-in CNN and sequence models (``gradparity.experiment.models``) as Keras users write them.
+"""Keras 3: the built-in models (``gradparity.experiment.models``: the MLP, the CNN, the sequence model) as
+Keras users write them.
 
-Run by the user-model session (``user_model.py``, payload "builtin") on whichever Keras backend
-KERAS_BACKEND chose, with floatx already the job's dtype: it builds the model with ``build``, then loads
-the canonical weights through ``assignment``. Keras stores Dense kernels (in, out), Conv2D kernels HWIO
-and images channels-last, the canonical layout, so nothing is transposed. The layer settings are the ones
-core resolved for Keras (``LayerOptions.resolved("keras")``): explicit values, or Keras' own defaults.
+Run by the model session (``session.py``, payload "builtin") and the trainer (``train.py``) on whichever Keras
+backend KERAS_BACKEND chose, with floatx already the job's dtype (and, under the switch 'autocast', Keras'
+global dtype policy the mixed one): the session builds the model with ``build``, then loads the canonical
+weights through ``assignment``. Keras stores Dense kernels (in, out), Conv2D kernels HWIO and images
+channels-last, the canonical layout, so nothing is transposed. The layer settings of the CNN and the sequence
+model are the ones core resolved for Keras (``LayerOptions.resolved("keras")``): explicit values, or Keras'
+own defaults.
 
 Every layer is named, so the variables' native names (their Keras paths, e.g. ``conv_0/kernel``,
-``attn/query/kernel``) are the same in every process. No activation is fused into a Conv2D or Dense
-layer: each such layer's output stays affine, comparable with the other frameworks' layer by layer.
+``attn/query/kernel``, ``mlp/dense_0/kernel``) are the same in every process. No activation is fused into a
+Conv2D layer or the CNN's and sequence model's Dense layers: each such layer's output stays affine, comparable
+with the other frameworks' layer by layer. The MLP is written as a plain Keras MLP is: its activation fused
+into each hidden Dense (see ``MLP``).
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ import math
 
 import keras
 
-from gradparity.experiment.models import CNN, LayerOptions, Sequence, model_from_dict
+from gradparity.experiment.models import CNN, MLP, LayerOptions, Sequence, model_from_dict
 
 #: Keras' names of the canonical activations ("gelu" is built from the resolved GELU form instead).
 _ACTIVATIONS = {"relu": "relu", "tanh": "tanh", "sigmoid": "sigmoid", "identity": "linear"}
@@ -44,6 +49,62 @@ def _conv(filters: int, kernel: int, stride: int, opts: dict, index: int, x):
         padding = "valid"
     return keras.layers.Conv2D(filters, kernel, strides=stride, padding=padding, data_format="channels_last",
                                use_bias=True, name=f"conv_{index}")(x)
+
+
+class KerasMLP(keras.Model):
+    """The MLP: per hidden layer ``dense_i`` -> [``norm_i`` (BatchNormalization) -> ``activation_i``] -> [the
+    switch 'dropout''s mask]; the last Dense gives the logits.
+
+    Without batch normalization the activation stays in the Dense (``Dense(units, activation=...)``), as a
+    plain Keras MLP is written; with it (``model["batchnorm"]``, its epsilon from the dict) the normalization
+    sits between a Dense and its activation, which becomes its own ``Activation`` layer. ``call(x, masks=None)``:
+    ``masks`` (the switch 'dropout', one (N, H) keep-mask per hidden layer, core's, since every framework's
+    generator draws different ones) multiply hidden activation i by ``masks[i]`` in a ``Multiply`` layer
+    ``dropout_i``; no masks: the plain MLP. The layers are built here, from ``sizes``: their variables exist
+    (``mlp/dense_i/kernel``, ...) before the first call.
+    """
+
+    def __init__(self, sizes, activation: str, epsilon: float | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.sizes, self.epsilon = [int(s) for s in sizes], epsilon
+        activation = _ACTIVATIONS[activation]
+        hidden = len(self.sizes) - 2
+        fused = activation if epsilon is None else None
+        # Appended layer by layer, so that the variables come in the order a functional MLP lists them.
+        self.dense, self.norms, self.acts, self.dropouts = [], [], [], []
+        for i, units in enumerate(self.sizes[1:]):
+            self.dense.append(keras.layers.Dense(units, activation=None if i == hidden else fused, name=f"dense_{i}"))
+            if i == hidden:
+                break
+            if epsilon is not None:
+                self.norms.append(keras.layers.BatchNormalization(epsilon=epsilon, name=f"norm_{i}"))
+                self.acts.append(keras.layers.Activation(activation, name=f"activation_{i}"))
+            self.dropouts.append(keras.layers.Multiply(name=f"dropout_{i}"))
+
+    def build(self, input_shape=None):
+        for i, (dense, units) in enumerate(zip(self.dense, self.sizes[1:])):
+            dense.build((None, self.sizes[i]))
+            if i < len(self.norms):
+                self.norms[i].build((None, units))
+
+    def call(self, x, masks=None, training=None):
+        h = x
+        for i, dense in enumerate(self.dense):
+            h = dense(h)
+            if i == len(self.dense) - 1:
+                break
+            if self.norms:
+                h = self.acts[i](self.norms[i](h, training=training))
+            if masks:
+                h = self.dropouts[i]([h, masks[i]])
+        return h
+
+
+def _mlp(spec: MLP, model: dict) -> KerasMLP:
+    norm = model.get("batchnorm")
+    mlp = KerasMLP(spec.sizes, spec.activation, float(norm["epsilon"]) if norm else None, name="mlp")
+    mlp.build((None, spec.sizes[0]))
+    return mlp
 
 
 def _cnn(spec: CNN, opts: dict) -> keras.Model:
@@ -131,19 +192,25 @@ def _sequence(spec: Sequence, opts: dict) -> keras.Model:
 
 
 def build(model: dict) -> keras.Model:
-    """The built-in model ``model`` (a ``to_dict()``) as a built functional ``keras.Model`` in floatx, with
-    Keras' default initialization (the session overwrites it), computing with the settings resolved for
-    Keras. CNN: images (N, H, W, C) float -> logits (N, classes); sequence: token ids (N, T) int32 ->
+    """The built-in model ``model`` (a ``to_dict()``) as a built ``keras.Model`` in floatx (the layers in Keras'
+    global dtype policy), with Keras' default initialization (the session overwrites it), computing with the
+    settings resolved for Keras. MLP: features (N, F) float -> logits (N, classes), ``masks=`` optional (see
+    ``KerasMLP``); CNN: images (N, H, W, C) float -> logits (N, classes); sequence: token ids (N, T) int32 ->
     logits (N, T, vocab)."""
     spec = model_from_dict(model)
+    if isinstance(spec, MLP):
+        return _mlp(spec, model)
     opts = LayerOptions.from_dict(model.get("options")).resolved("keras")
     if isinstance(spec, CNN):
         return _cnn(spec, opts)
     if isinstance(spec, Sequence):
         return _sequence(spec, opts)
-    raise ValueError(f"keras has no built-in model kind {model.get('kind')!r} here (the MLP runs in session.py)")
+    raise ValueError(f"keras has no built-in model kind {model.get('kind')!r}")
 
 
+#: The Keras path of each canonical MLP parameter: (layer prefix, Keras' variable name) by canonical prefix and leaf.
+_MLP = {("layers", "kernel"): ("dense", "kernel"), ("layers", "bias"): ("dense", "bias"),
+        ("norms", "scale"): ("norm", "gamma"), ("norms", "bias"): ("norm", "beta")}
 #: The Keras path prefix of each canonical layer name of the sequence model.
 _SEQUENCE_LAYERS = {"embed": ("embed", _EMBEDDING), "pos": ("pos", _EMBEDDING), "block.ln1": ("ln1", _NORM),
                     "block.attn.query": ("attn/query", _DENSE), "block.attn.key": ("attn/key", _DENSE),
@@ -155,6 +222,10 @@ _SEQUENCE_LAYERS = {"embed": ("embed", _EMBEDDING), "pos": ("pos", _EMBEDDING), 
 def _native(canonical: str, kind: str) -> str:
     """The Keras path (``layer/variable``) of the variable ``build`` gives the canonical parameter."""
     prefix, _, leaf = canonical.rpartition(".")
+    if kind == "mlp":  # layers.{i}.kernel -> mlp/dense_{i}/kernel; norms.{i}.scale -> mlp/norm_{i}/gamma
+        group, _, index = prefix.partition(".")
+        layer, variable = _MLP[group, leaf]
+        return f"mlp/{layer}_{index}/{variable}"
     if kind == "cnn":  # conv.{i} -> conv_{i}; dense -> dense
         layer, names = prefix.replace(".", "_"), _DENSE
     else:
@@ -166,6 +237,6 @@ def assignment(model: dict) -> dict[str, str]:
     """{native variable name (its Keras path, as the session names it): canonical name}, one entry per
     canonical parameter of ``model``."""
     spec = model_from_dict(model)
-    if not isinstance(spec, (CNN, Sequence)):
+    if not isinstance(spec, (MLP, CNN, Sequence)):
         raise ValueError(f"keras has no built-in model kind {model.get('kind')!r} here")
     return {_native(name, spec.kind): name for name in spec.param_shapes()}

@@ -1,476 +1,127 @@
-"""Keras 3 backend: the canonical MLP as a functional ``keras.Model`` of Keras' own layers.
+"""Keras 3's model session: every model, built-in (the MLP, the CNN, the sequence model: task "gradients") or a
+user's own ``keras.Model`` (task "model_check"), with Keras' own losses and reductions (contract in
+``protocol``).
 
-The point of this backend is Keras' *own* reduction semantics: every loss
-is a ``keras.losses.SparseCategoricalCrossentropy(from_logits=True)`` with
-Keras' reductions ("none", "sum", and "sum_over_batch_size" for ``mean``,
-which divides by the number of elements of the per-example loss tensor).
+Imported only inside a worker process, with KERAS_BACKEND already set to ``job.variant`` ("tensorflow", "jax"
+or "torch"). One code path builds the model (``models.build`` for a built-in one, payload "builtin"; the user's
+factory otherwise) in floatx = the job's dtype, loads the canonical weights, holds the loss callables and
+converts results; only the autodiff differs per Keras backend (``device.VARIANTS``: a ``tf.GradientTape``,
+``jax.value_and_grad``/``jax.vjp`` over ``stateless_call``, or ``loss.backward()``). Keras stores kernels in the
+canonical layout (Dense (in, out), conv (*window, in, out)) and images channels-last, so nothing is
+transposed; normalization ``gamma``/``beta`` are "scale"/"bias", BatchNormalization's moving statistics
+"mean"/"var".
 
-One code path builds the model, loads the weights, holds the loss objects
-and converts results; only the autodiff differs per Keras backend
-(``job.variant``, already in ``KERAS_BACKEND`` before this module is
-imported). Each variant is a small class with the same method names:
+The point of this backend is Keras' *own* reduction semantics: the loss is a
+``keras.losses.SparseCategoricalCrossentropy(from_logits=True)`` (or ``MeanSquaredError`` for a user's model
+with loss "mse") with Keras' reductions: "sum", and "sum_over_batch_size" for ``mean``, which divides by the
+number of elements of the loss tensor (N, or N x T for a sequence's tokens). "none" gives each example's summed
+loss terms, whose N backward passes none_loop runs. The switches, Keras' way: 'class_weights' calls the loss
+with ``sample_weight = w[y]``; 'padding' gives the loss ``ignore_class`` (its means divide by the valid
+terms); 'autocast' builds the model under Keras' mixed dtype policy (compute in the narrow format, float32
+variables); 'dropout' feeds core's keep-masks to the built-in MLP (``models.KerasMLP``); batch normalization
+(the MLP's ``model["batchnorm"]``, mode "training") normalizes with the statistics of the batch it sees, so an
+example fed alone (one_by_one, or one vectorized example) is a batch of one.
 
-``reduced(reduction, x, y, masks, sample_weight=None) -> (loss, grads)``
-    one reduced loss, one backward (``sum``, ``mean``; a training run's weighted reductions pass the
-    batch's per-example ``sample_weight`` to the loss object);
-``none_loop(x, y, masks) -> (losses, grads)``
-    the "none" loss vector from one forward, one backward per example, summed;
-``none_vectorized(x, y, masks) -> (losses, grads)``
-    per-example gradients from one vectorized call, then summed;
-``one_by_one(x, y, masks) -> (losses, grads)``
-    each example alone, mean-reduced, one backward each, summed.
+A forward pass may write state (BatchNormalization's moving statistics in training mode, a Dropout's seed,
+torch's global generator for an unseeded Dropout on Keras' torch backend): every case first puts it back as it
+was after loading, so it starts from scratch.
 
-``grads`` is a list aligned with ``model.trainable_variables``, in the
-framework's own tensors; ``losses`` are the per-example loss values.
-``masks`` are the switch 'dropout''s keep-masks, a list of one (N, H)
-tensor per hidden layer, empty when dropout is off (see ``_feed``).
+Layers' calls are recorded ("describe", "forward") by wrapping each layer instance's ``call`` for the length
+of one eager forward pass (``Operation.__call__`` looks ``self.call`` up on every call, so an instance attribute
+is seen, then removed). A layer with a fused activation (``Dense(..., activation="relu")``) returns the
+activation's output; it is flagged ``fused_activation`` so that core does not compare it with another
+framework's affine output.
 
-Every forward pass runs with ``training=True``: with the switch 'batchnorm'
-the ``BatchNormalization`` layers then normalize with the statistics of the
-batch they see, as a training step does (an example fed alone, in
-``one_by_one`` or as one vectorized example, is a batch of one).
-
-float64 is not always float64 here: Keras' type promotion
-(``keras.backend.result_type``) maps float64 results to float32 on its jax
-and torch backends, and some ops use it (keras 3.15.1: torch ``matmul`` and
-the "sum_over_batch_size" division, jax ``tanh``). That is Keras' own
-behaviour, so it is kept, and ``environment()`` reports the narrowest dtype
-any op computed in, with each op's dtype under ``precision``. The same holds
-for ``BatchNormalization``, which computes in ``result_type(input, "float32")``.
+float64 is not always float64 here: Keras' type promotion (``keras.backend.result_type``) maps float64 results
+to float32 on its jax and torch backends, and some ops use it (keras 3.15: torch ``matmul``, the
+"sum_over_batch_size" division, jax ``tanh``, the normalization layers on both, which compute in
+``result_type(input, "float32")``). That is Keras' own behaviour and is kept; ``environment()`` names the ops
+one forward pass and its losses demoted (``precision['keras_demoted_ops']``; for the MLP also each op's dtype,
+``precision['keras_op_dtypes']``) and reports the narrowest dtype anything computed in.
 """
 from __future__ import annotations
 
 import contextlib
+import sys
 
 import keras
 import numpy as np
 
-from gradparity.backends.protocol import (IGNORE_INDEX, SEPARATE_FORWARD, CaseInputs, DeviceUnavailable, RawResult,
-                                          WorkerJob, jax_precision_is_full_f32, package_versions)
+from gradparity.backends.keras.device import SIGNIFICAND_BITS, environment, open_variant
+from gradparity.backends.protocol import (IGNORE_INDEX, SEPARATE_FORWARD, SESSION_METHODS, CaseInputs, RawResult,
+                                          WorkerJob, assignment, first_forward, gelu_accuracy, layer_options,
+                                          load_factory)
 
-#: Keras' reduction name for each single-backward method.
-_REDUCTIONS = {"sum": "sum", "mean": "sum_over_batch_size"}
-_METHODS = ("none_loop", "none_vectorized", "sum", "mean", "one_by_one")
-
-
-def _feed(x, masks):
-    """The model's inputs: ``x`` alone, or ``[x, mask_0, mask_1, ...]`` when the switch 'dropout' is on.
-
-    The masks are model inputs (not ``keras.layers.Dropout``) because each
-    framework's random generator draws different masks: only core's masks
-    make the backends comparable with each other and with the reference.
-    """
-    return [x, *masks] if masks else x
-
-
-def _reduce(loss, y, logits, sample_weight):
-    """The loss object called as Keras users call it: with ``sample_weight`` only when there is one (the switch
-    'class_weights' wraps the objects in a two-argument call)."""
-    return loss(y, logits) if sample_weight is None else loss(y, logits, sample_weight=sample_weight)
-
-
-def _rows(masks, i: int):
-    """Example ``i``'s rows of the masks, each (1, H): what its own forward pass multiplies by."""
-    return [m[i:i + 1] for m in masks]
-
-
-def _example(masks):
-    """Inside a vectorized map, where the example axis is gone: the example's mask rows as (1, H)."""
-    return [m[None] for m in masks]
-
-
-class _Autodiff:
-    """What every variant shares; subclasses add device, precision and autodiff.
-
-    ``__init__(job)`` runs before any tensor exists: it picks the device
-    (raising ``DeviceUnavailable``) and pins precision. ``bind`` is called
-    once the model and loss objects exist.
-    """
-
-    packages: tuple[str, ...] = ()
-    device_note: str | None = None
-    #: The discrepancy switch 'unzeroed_gradients': per-example loops read an accumulator never zeroed.
-    unzeroed: bool = False
-    #: The examples one_by_one feeds for the current case (all but padding); set by the session.
-    fed_alone: list = []
-
-    def bind(self, model, losses: dict) -> None:
-        self.model = model
-        self.losses = losses
-        self.variables = model.trainable_variables
-
-    def scope(self):
-        """Context in which tensors are created and work runs (the chosen device)."""
-        return contextlib.nullcontext()
-
-    @staticmethod
-    def _add(total, grads):
-        # Native `+`, not keras.ops.add: Keras' type promotion may demote
-        # float64 to float32 on the jax and torch backends.
-        return list(grads) if total is None else [a + b for a, b in zip(total, grads)]
-
-    def _accumulate(self, state, grads):
-        """One example's gradients into the loop's state (accumulator, what was read); see ``_result``.
-
-        With 'unzeroed_gradients' the accumulator, holding examples 0..i, is read and added up after
-        every example, as a training loop that never resets its gradient-accumulation variables does.
-        """
-        acc, read = state
-        acc = self._add(acc, grads)
-        return acc, (self._add(read, acc) if self.unzeroed else None)
-
-    def _result(self, state):
-        return state[1] if self.unzeroed else state[0]
-
-    def one_by_one(self, x, y, masks):
-        state, losses = (None, None), []
-        for i in self.fed_alone:  # padding is not fed: its mean would be 0/0
-            loss, grads = self.reduced("sum_over_batch_size", x[i:i + 1], y[i:i + 1], _rows(masks, i))
-            losses.append(loss)
-            state = self._accumulate(state, grads)
-        return losses, self._result(state)
-
-
-class _TensorFlow(_Autodiff):
-    """tf.GradientTape; tf.function for the single-backward step; tf.vectorized_map."""
-
-    packages = ("keras", "tensorflow")
-
-    def __init__(self, job: WorkerJob):
-        import tensorflow as tf
-
-        self.tf = tf
-        gpus = tf.config.list_physical_devices("GPU") if job.device != "cpu" else []
-        for gpu in tf.config.list_physical_devices("GPU"):
-            try:  # never grab the whole card; only possible before the runtime starts
-                tf.config.experimental.set_memory_growth(gpu, True)
-            except RuntimeError:
-                pass  # already initialized; TF_FORCE_GPU_ALLOW_GROWTH covers it
-        if job.device == "gpu" and not gpus:
-            raise DeviceUnavailable("keras-tensorflow: TensorFlow sees no GPU (device='gpu')")
-        if job.device == "auto" and not gpus:
-            self.device_note = "no GPU visible to TensorFlow; ran on the CPU"
-        self.device_name = "/GPU:0" if gpus else "/CPU:0"
-        self.gpu = gpus[0] if gpus else None
-        if job.precision == "highest":
-            tf.config.experimental.enable_tensor_float_32_execution(False)
-
-    def scope(self):
-        return self.tf.device(self.device_name)
-
-    def precision(self) -> dict:
-        return {"tensor_float_32_execution_enabled":
-                bool(self.tf.config.experimental.tensor_float_32_execution_enabled())}
-
-    def tf32_enabled(self) -> bool:
-        return bool(self.tf.config.experimental.tensor_float_32_execution_enabled())
-
-    def where(self, variable):
-        """(device text, 'cpu'|'gpu', compute capability or None) of a model variable."""
-        placed = variable.value.device  # e.g. /job:localhost/replica:0/task:0/device:GPU:0
-        if "GPU" not in placed.upper():
-            return "cpu", "cpu", None
-        details = self.tf.config.experimental.get_device_details(self.gpu)
-        index = placed.rsplit(":", 1)[-1]
-        name = details.get("device_name", "unknown GPU")
-        return f"gpu:{index} ({name})", "gpu", details.get("compute_capability")
-
-    def bind(self, model, losses):
-        super().bind(model, losses)
-        tf = self.tf
-
-        @tf.function
-        def reduced(reduction, x, y, masks, sample_weight):  # one trace per (reduction, shape, weighted or not)
-            with tf.GradientTape() as tape:
-                loss = _reduce(losses[reduction], y, model(_feed(x, masks), training=True), sample_weight)
-            return loss, tape.gradient(loss, self.variables)
-
-        def one_example(elems):
-            xi, yi, mi = elems
-            with tf.GradientTape() as tape:
-                # BatchNormalization also assigns its moving statistics here; tf.vectorized_map accepts that
-                # without a loop fallback (keras 3.15, TF 2.21), and training mode never reads them back.
-                loss = losses["sum"](yi[None], model(_feed(xi[None], _example(mi)), training=True))
-            return loss, tape.gradient(loss, self.variables)
-
-        # fallback_to_while_loop=False: fail loudly rather than silently loop.
-        per_example = tf.function(lambda x, y, masks: tf.vectorized_map(
-            one_example, (x, y, masks), fallback_to_while_loop=False))
-        self._reduced, self._per_example = reduced, per_example
-
-    def reduced(self, reduction, x, y, masks, sample_weight=None):
-        return self._reduced(reduction, x, y, masks, sample_weight)
-
-    def none_loop(self, x, y, masks):
-        tf = self.tf
-        with tf.GradientTape(persistent=True) as tape:  # persistent = torch's retain_graph
-            losses = self.losses["none"](y, self.model(_feed(x, masks), training=True))
-            # Slice inside the tape: each part must be on the tape to have a gradient.
-            parts = tf.unstack(losses)
-        state = (None, None)
-        for part in parts:
-            state = self._accumulate(state, tape.gradient(part, self.variables))
-        del tape
-        return losses, self._result(state)
-
-    def none_vectorized(self, x, y, masks):
-        losses, per_example = self._per_example(x, y, masks)
-        return losses, [self.tf.reduce_sum(g, axis=0) for g in per_example]
-
-
-class _Jax(_Autodiff):
-    """model.stateless_call in pure functions; jax.value_and_grad, jax.vjp, jax.vmap, jax.jit."""
-
-    packages = ("keras", "jax", "jaxlib")
-
-    def __init__(self, job: WorkerJob):
-        import jax
-
-        self.jax = jax
-        if job.dtype == "float64" and not jax.config.jax_enable_x64:
-            raise RuntimeError("keras-jax: float64 needs JAX's x64 mode, which is off "
-                               "(start the worker with JAX_ENABLE_X64=1)")
-        gpus = []
-        if job.device != "cpu":
-            try:
-                gpus = jax.devices("gpu")
-            except RuntimeError:  # no GPU platform at all (CPU-only jaxlib or JAX_PLATFORMS=cpu)
-                gpus = []
-        if job.device == "gpu" and not gpus:
-            raise DeviceUnavailable("keras-jax: JAX sees no GPU (device='gpu')")
-        if job.device == "auto" and not gpus:
-            self.device_note = "no GPU visible to JAX; ran on the CPU"
-        self.device = gpus[0] if gpus else jax.devices("cpu")[0]
-        if job.precision == "highest":
-            jax.config.update("jax_default_matmul_precision", "highest")
-
-    def scope(self):
-        return self.jax.default_device(self.device)
-
-    def precision(self) -> dict:
-        return {"jax_default_matmul_precision": self.jax.config.jax_default_matmul_precision}
-
-    def tf32_enabled(self) -> bool:
-        # JAX's default ('DEFAULT' / None) lets XLA use TF32 for float32 dots on GPUs.
-        return not jax_precision_is_full_f32(self.jax.config.jax_default_matmul_precision)
-
-    def where(self, variable):
-        (dev,) = variable.value.devices()
-        if dev.platform == "cpu":
-            return "cpu", "cpu", None
-        cc = getattr(dev, "compute_capability", None)  # "9.0" on CUDA devices
-        cc = tuple(int(p) for p in str(cc).split(".")) if cc else None
-        return f"{dev.platform}:{dev.id} ({dev.device_kind})", "gpu", cc
-
-    def bind(self, model, losses):
-        super().bind(model, losses)
-        jax = self.jax
-        non_trainable = [v.value for v in model.non_trainable_variables]
-
-        def loss_fn(trainable, x, y, masks, reduction, sample_weight=None):
-            # stateless_call returns the normalizations' moving statistics as updates; training mode never
-            # reads them, so they are dropped (and the non-trainable values passed in stay unchanged).
-            logits, _ = model.stateless_call(trainable, non_trainable, _feed(x, masks), training=True)
-            return _reduce(losses[reduction], y, logits, sample_weight)
-
-        def one_example(trainable, xi, yi, mi):
-            return loss_fn(trainable, xi[None], yi[None], _example(mi), "sum")
-
-        self._value_and_grad = jax.jit(jax.value_and_grad(loss_fn), static_argnums=4)
-        # One forward that keeps its residuals; the returned VJP is a pytree, so it
-        # can leave jit and be pulled back once per example like retain_graph.
-        self._forward = jax.jit(lambda t, x, y, m: jax.vjp(lambda p: loss_fn(p, x, y, m, "none"), t))
-        self._pull = jax.jit(lambda vjp, cotangent: vjp(cotangent)[0])
-        # masks map over their example axis too (no masks: an empty pytree, nothing to map).
-        self._per_example = jax.jit(jax.vmap(jax.value_and_grad(one_example), in_axes=(None, 0, 0, 0)))
-
-    def _trainable(self):
-        return [v.value for v in self.variables]
-
-    def reduced(self, reduction, x, y, masks, sample_weight=None):
-        return self._value_and_grad(self._trainable(), x, y, masks, reduction, sample_weight)
-
-    def none_loop(self, x, y, masks):
-        losses, vjp = self._forward(self._trainable(), x, y, masks)
-        units = self.jax.numpy.eye(losses.shape[0], dtype=losses.dtype)
-        state = (None, None)
-        for i in range(losses.shape[0]):
-            state = self._accumulate(state, self._pull(vjp, units[i]))
-        return losses, self._result(state)
-
-    def none_vectorized(self, x, y, masks):
-        # The sum stays outside jit so the per-example gradients really exist.
-        losses, per_example = self._per_example(self._trainable(), x, y, masks)
-        return losses, [g.sum(axis=0) for g in per_example]
-
-
-class _Torch(_Autodiff):
-    """loss.backward(retain_graph=True) into the torch tensors behind the Keras variables."""
-
-    packages = ("keras", "torch")
-
-    def __init__(self, job: WorkerJob):
-        import torch
-
-        # The torch backend's own device rule and precision switches: torch >= 2.9
-        # raises when its legacy and new precision APIs disagree, so both families
-        # are set the one same way.
-        from gradparity.backends.torch import session as torch_backend
-
-        self.torch = torch
-        self.torch_backend = torch_backend
-        self.job_precision = job.precision
-        device, self.device_note = torch_backend.pick_device(job.device)
-        # Keras' torch backend would pick cuda by itself; the scope makes 'cpu' binding.
-        self.device_name = str(device)
-        if job.precision == "highest":
-            torch_backend.pin_highest_precision()
-
-    def scope(self):
-        return keras.device(self.device_name)
-
-    def precision(self) -> dict:
-        settings = self.torch_backend.read_precision(self.job_precision)
-        settings.pop("requested", None)
-        return settings
-
-    def tf32_enabled(self) -> bool:
-        # The MLP has matmuls only, so cudnn's (convolution) flag does not matter.
-        return self.torch_backend.cublas_may_use_tf32()
-
-    def where(self, variable):
-        device = variable.value.device
-        if device.type != "cuda":
-            return str(device.type), "cpu", None
-        torch = self.torch
-        return (f"{device} ({torch.cuda.get_device_name(device)})", "gpu",
-                tuple(torch.cuda.get_device_capability(device)))
-
-    def _zero(self):
-        for v in self.variables:
-            v.value.grad = None
-
-    def _grads(self):
-        return [v.value.grad for v in self.variables]
-
-    def reduced(self, reduction, x, y, masks, sample_weight=None):
-        self._zero()
-        loss = _reduce(self.losses[reduction], y, self.model(_feed(x, masks), training=True), sample_weight)
-        loss.backward()
-        return loss.detach(), self._grads()
-
-    def _read(self, read):
-        """'unzeroed_gradients': add what .grad holds now to what was read (cloned: backward updates .grad)."""
-        now = [g.clone() for g in self._grads()]
-        return now if read is None else self._add(read, now)
-
-    def none_loop(self, x, y, masks):
-        self._zero()
-        losses = self.losses["none"](y, self.model(_feed(x, masks), training=True))
-        read = None
-        for i in range(losses.shape[0]):
-            losses[i].backward(retain_graph=True)  # .grad accumulates
-            if self.unzeroed:
-                read = self._read(read)
-        return losses.detach(), read if self.unzeroed else self._grads()
-
-    def one_by_one(self, x, y, masks):
-        self._zero()
-        losses, read = [], None
-        for i in self.fed_alone:  # padding is not fed: its mean would be 0/0
-            logits = self.model(_feed(x[i:i + 1], _rows(masks, i)), training=True)
-            loss = self.losses["sum_over_batch_size"](y[i:i + 1], logits)
-            loss.backward()  # .grad accumulates across examples
-            losses.append(loss.detach())
-            if self.unzeroed:
-                read = self._read(read)
-        return losses, read if self.unzeroed else self._grads()
-
-    def none_vectorized(self, x, y, masks):
-        from torch.func import grad_and_value, vmap
-
-        model, loss = self.model, self.losses["sum"]
-        non_trainable = [v.value for v in model.non_trainable_variables]
-
-        def one_example(trainable, xi, yi, mi):
-            # stateless_call: the normalizations' moving-statistics updates come back as values instead of
-            # in-place writes, which torch.func refuses; training mode never reads them.
-            logits, _ = model.stateless_call(trainable, non_trainable, _feed(xi[None], _example(mi)),
-                                             training=True)
-            return loss(yi[None], logits)
-
-        trainable = [v.value.detach() for v in self.variables]
-        per_example, losses = vmap(grad_and_value(one_example), in_dims=(None, 0, 0, 0))(
-            trainable, x, y, masks)
-        return losses, [g.sum(dim=0) for g in per_example]
-
-
-_VARIANTS = {"tensorflow": _TensorFlow, "jax": _Jax, "torch": _Torch}
-
-
-#: Significand bits (implicit bit included) of each float format: which dtype is narrower.
-_SIGNIFICAND_BITS = {"float64": 53, "float32": 24, "float16": 11, "bfloat16": 8}
-
-
-def _class_weighted(loss, weights: np.ndarray, dtype: str):
-    """The switch 'class_weights' the Keras way: the loss called with sample_weight = w[y]."""
-    table = keras.ops.convert_to_tensor(weights, dtype=dtype)
-
-    def call(y, logits):
-        return loss(y, logits, sample_weight=keras.ops.take(table, y))
+#: Keras' reduction name of each single-backward method (the variants' loss callables are keyed so).
+REDUCTIONS = {"mean": "sum_over_batch_size", "sum": "sum"}
+
+_KERNEL_LAYERS = {"Dense", "EinsumDense", "Conv1D", "Conv2D", "Conv3D", "Conv1DTranspose", "Conv2DTranspose",
+                  "Conv3DTranspose", "DepthwiseConv1D", "DepthwiseConv2D", "SeparableConv1D", "SeparableConv2D"}
+_NORM_LAYERS = {"BatchNormalization", "LayerNormalization", "GroupNormalization", "RMSNormalization"}
+
+
+def _role(layer, variable) -> str:
+    """The canonical role of a layer's own variable, from the layer's classes and the variable's name."""
+    kinds, name = {c.__name__ for c in type(layer).__mro__}, variable.name
+    if name == "bias":
+        return "bias"
+    if name == "kernel" and kinds & _KERNEL_LAYERS:
+        return "kernel"
+    if name == "embeddings" and "Embedding" in kinds:
+        return "embedding"
+    if kinds & _NORM_LAYERS:
+        return {"gamma": "scale", "beta": "bias", "moving_mean": "mean", "moving_variance": "var"}.get(name, "other")
+    return "other"
+
+
+def _is_float(variable) -> bool:
+    return "float" in keras.backend.standardize_dtype(variable.dtype)
+
+
+def _owned(layer) -> list:
+    """The layer's own floating variables (not its sublayers'; no seed-generator state), trainable first."""
+    return [v for v in (*layer._trainable_variables, *layer._non_trainable_variables) if _is_float(v)]
+
+
+def _fused(layer) -> bool:
+    """Whether the layer's output is its activation's (``Dense(..., activation="relu")``), not affine."""
+    activation = getattr(layer, "activation", None)
+    return activation is not None and getattr(activation, "__name__", None) != "linear"
+
+
+def _numpy(tensor) -> np.ndarray:
+    return np.asarray(keras.ops.convert_to_numpy(tensor))
+
+
+def _is_tensor(value) -> bool:
+    return hasattr(value, "shape") and hasattr(value, "dtype")
+
+
+class ModelCall:
+    """The model as the variants' autodiff calls it (``device``): ``call(x, masks)`` and
+    ``stateless_call(trainable, non_trainable, x, masks)`` in the job's mode (``training``), the switch
+    'dropout''s keep-masks passed to the built-in MLP only when there are some (an empty list: off)."""
+
+    def __init__(self, model, training: bool):
+        self.model, self.training = model, training
+        self.trainable_variables = model.trainable_variables
+        self.non_trainable_variables = model.non_trainable_variables
+
+    def __call__(self, x, masks=()):
+        return self.model(x, training=self.training, **({"masks": masks} if masks else {}))
+
+    def stateless_call(self, trainable, non_trainable, x, masks=()):
+        return self.model.stateless_call(trainable, non_trainable, x, training=self.training,
+                                         **({"masks": masks} if masks else {}))
+
+
+def _class_weighted(loss, table):
+    """The switch 'class_weights' the Keras way: the loss called with sample_weight = w[y] (``table`` the
+    weights' tensor)."""
+    def call(y, logits, sample_weight=None):
+        w = keras.ops.take(table, y)
+        return loss(y, logits, sample_weight=w if sample_weight is None else w * sample_weight)
     return call
-
-
-def _activation(job: WorkerJob) -> str:
-    """Keras' name of the experiment's activation."""
-    return {"identity": "linear"}.get(job.model["activation"], job.model["activation"])
-
-
-def _build_model(job: WorkerJob):
-    """Functional ``keras.Model``: per hidden layer Dense -> [BatchNormalization] -> activation -> [mask];
-    the last Dense gives the logits.
-
-    With the switch 'batchnorm' the normalization sits between a Dense and its activation, so the
-    activation becomes its own ``Activation`` layer; without it the activation stays in the Dense, as a
-    plain Keras MLP is written. With the switch 'dropout' the model takes ``[x, mask_0, ...]`` (see
-    ``_feed``) and a ``Multiply`` layer applies each hidden layer's mask. Layers are named ``dense_i``
-    and ``norm_i``: ``_canonical_names`` reads the index i from the name.
-    """
-    sizes, eps, activation = job.model["sizes"], job.batchnorm_epsilon, _activation(job)
-    # The switch 'autocast': Keras' mixed-precision policy per layer (compute in the narrow format,
-    # variables in float32).
-    policy = keras.DTypePolicy(f"mixed_{job.autocast}") if job.autocast else job.dtype
-    x = keras.Input((sizes[0],), dtype=job.dtype, name="x")
-    masks = [keras.Input((width,), dtype=job.dtype, name=f"mask_{i}")
-             for i, width in enumerate(sizes[1:-1])] if job.dropout_masks("batch") else []
-    h = x
-    for i, units in enumerate(sizes[1:]):
-        last = i == len(sizes) - 2
-        fused = None if last or eps is not None else activation
-        h = keras.layers.Dense(units, activation=fused, dtype=policy, name=f"dense_{i}")(h)
-        if last:
-            break
-        if eps is not None:
-            h = keras.layers.BatchNormalization(epsilon=eps, dtype=policy, name=f"norm_{i}")(h)
-            h = keras.layers.Activation(activation, dtype=policy, name=f"activation_{i}")(h)
-        if masks:
-            h = keras.layers.Multiply(dtype=policy, name=f"dropout_{i}")([h, masks[i]])
-    return keras.Model(_feed(x, masks), h)
-
-
-#: Canonical name of a trainable weight, by (its layer's name before '_i', Keras' weight name).
-_CANONICAL = {("dense", "kernel"): "layers.{}.kernel", ("dense", "bias"): "layers.{}.bias",
-              ("norm", "gamma"): "norms.{}.scale", ("norm", "beta"): "norms.{}.bias"}
-
-
-def _canonical_names(model) -> list[str]:
-    """Canonical name of each of ``model.trainable_variables``, in that order."""
-    names = {}
-    for layer in model.layers:
-        kind, _, index = layer.name.rpartition("_")
-        for variable in layer.trainable_weights:
-            names[id(variable)] = _CANONICAL[kind, variable.name].format(index)
-    return [names[id(v)] for v in model.trainable_variables]
 
 
 def _replay_batchnorm(layer, h, note):
@@ -489,80 +140,252 @@ def _replay_batchnorm(layer, h, note):
     return ops.cast(out, layer.compute_dtype)
 
 
-def environment(ad: _Autodiff, device: str, kind: str, dtype: str, precision: dict, tf32: bool) -> dict:
-    """The environment keys every Keras session reports (the protocol's ``Session.environment``); a
-    session adds its own (autocast, mode) to it."""
-    return {
-        "framework": "keras",
-        "versions": package_versions(*ad.packages),
-        "device": device,
-        "device_kind": kind,
-        "device_note": ad.device_note,
-        "dtype": dtype,
-        "precision": precision,
-        "tf32": tf32,
-        "keras_backend": keras.backend.backend(),
-    }
+@contextlib.contextmanager
+def _demotions(seen: set):
+    """Collect into ``seen`` the Keras ops whose type promotion turned float64 into float32 meanwhile.
+
+    Keras' ``result_type`` maps float64 to float32 through its table ``BIT64_TO_BIT32_DTYPE`` on every
+    backend but TensorFlow; the table is swapped for one that notes the op asking (the first caller
+    outside ``dtypes``; a layer's ``call`` by its class). Without that table (another Keras release)
+    nothing is noted.
+    """
+    from keras.src.backend.common import dtypes
+
+    table = getattr(dtypes, "BIT64_TO_BIT32_DTYPE", None)
+    if not isinstance(table, dict):
+        yield
+        return
+
+    class Noting(dict):
+        def get(self, key, default=None):
+            out = super().get(key, default)
+            if key == "float64" and out != "float64":
+                frame = sys._getframe(1)
+                while frame is not None and frame.f_code.co_filename == dtypes.__file__:
+                    frame = frame.f_back
+                if frame is not None:  # the op, or Layer.call as e.g. "BatchNormalization.call"
+                    owner = frame.f_locals.get("self")
+                    seen.add(f"{type(owner).__name__}.{frame.f_code.co_name}" if owner is not None
+                             else frame.f_code.co_name)
+            return out
+
+    dtypes.BIT64_TO_BIT32_DTYPE = Noting(table)
+    try:
+        yield
+    finally:
+        dtypes.BIT64_TO_BIT32_DTYPE = table
 
 
-class KerasSession:
-    """One Keras model and its loss objects; ``compute`` dispatches to the variant's autodiff."""
+class KerasModelSession:
+    """One Keras model, built-in or a user's, in floatx = the job's dtype on the job's Keras backend, its weights
+    loaded, and its loss callables; ``compute`` answers "describe", "forward" and every method of
+    ``SESSION_METHODS`` ('METHOD' on the batch, 'METHOD@PART' on a part), dispatching to the variant's autodiff.
+    """
 
     def __init__(self, job: WorkerJob):
-        if job.loss["name"] != "cross_entropy":
-            raise ValueError(f"keras backend has no loss {job.loss['name']!r}")
-        variant = job.variant or "tensorflow"
-        if keras.backend.backend() != variant:
-            raise RuntimeError(f"Keras runs on {keras.backend.backend()!r} but the job asks for "
-                               f"{variant!r}; KERAS_BACKEND must be set before keras is imported")
         self.job = job
-        self.ad = _VARIANTS[variant](job)  # device and precision before any tensor exists
-        keras.config.set_floatx(job.dtype)
+        self.ad = open_variant(job)  # device choice and precision, before any tensor exists
+        self.variant = keras.backend.backend()
+        self.builtin = job.payload.get("builtin")
+        #: The built-in model's kind ("mlp", "cnn", "sequence"), or None for a user's model.
+        self.kind = self.builtin.get("kind", "mlp") if self.builtin is not None else None
+        self.loss_name = job.payload.get("loss", job.loss.get("name", "cross_entropy"))
+        self._check_switches()
+        self.training = job.payload.get("mode") == "training"
+        keras.config.set_floatx(job.dtype)  # the factory's layers create their variables in the job's dtype
+        factory = load_factory(job)
+        # Keras numbers auto-named layers per process: start from zero, so the describe job and the mapped
+        # jobs name the variables alike whatever the user's module built at import.
+        keras.backend.clear_session()
         with self.ad.scope():
-            self.model = _build_model(job)
-            self.names = _canonical_names(self.model)
-            if sorted(self.names) != sorted(job.params):
-                raise ValueError(f"model parameters {sorted(self.names)} do not match the job's "
-                                 f"{sorted(job.params)}")
-            for variable, name in zip(self.model.trainable_variables, self.names):
-                variable.assign(job.params[name])
-            self.x = keras.ops.convert_to_tensor(job.batch["x"], dtype=job.dtype)
-            self.y = keras.ops.convert_to_tensor(job.targets())  # IGNORE_INDEX where 'padding' marks padding
+            model = self._build(factory)
+            self.x, self.y = self.convert(job.batch["x"], job.targets())  # IGNORE_INDEX where 'padding' marks
+            if not model.built:
+                first_forward(job, lambda: model(self.x, training=False))  # builds its variables
             # The switch 'dropout': per forward kind, the masks' tensors (empty when off).
             self.masks = {forward: [keras.ops.convert_to_tensor(m, dtype=job.dtype)
                                     for m in job.dropout_masks(forward) or ()]
                           for forward in ("batch", "single")}
-        self._inputs = CaseInputs(job, (self.x, self.y), lambda x, y: (
-            keras.ops.convert_to_tensor(x, dtype=job.dtype), keras.ops.convert_to_tensor(y)))
-        # The switch 'padding': Keras' own ignore_class masks those targets (its means divide by the valid count).
-        ignore = {"ignore_class": IGNORE_INDEX} if job.padded else {}
-        losses = {r: keras.losses.SparseCategoricalCrossentropy(
-            from_logits=True, reduction=r, dtype=job.dtype, **ignore)
-            for r in ("none", "sum", "sum_over_batch_size")}
-        if job.class_weights is not None:
-            with self.ad.scope():  # the weights' tensor on the chosen device
-                losses = {r: _class_weighted(loss, job.class_weights, job.dtype) for r, loss in losses.items()}
-        self.ad.bind(self.model, losses)
+        self.model = model
+        self.layers = list(model._flatten_layers(include_self=True, recursive=True))
+        self.owners = self._name_variables()  # native name -> (layer, variable)
+        self.native = {id(v): name for name, (_, v) in self.owners.items()}
+        self.assign = assignment(job)
+        if self.builtin is not None and sorted(self.assign.values()) != sorted(job.params):
+            raise ValueError(f"model parameters {sorted(self.assign.values())} do not match the job's "
+                             f"{sorted(job.params)}")
+        if self.assign is not None:
+            self.load(self.assign)
+        # The state every case starts from (after loading): see the module docstring.
+        self._state = [(v, _numpy(v.value)) for v in model.non_trainable_variables]
+        if self.variant == "torch":  # an unseeded Dropout on Keras' torch backend draws from torch's generator
+            import torch
+
+            self._torch_rng = torch.random.get_rng_state(), torch.cuda.get_rng_state_all()
+        self._inputs = CaseInputs(job, (self.x, self.y), self.convert)
+        self.ad.bind(ModelCall(model, self.training), self._losses())
         self.ad.unzeroed = job.unzeroed
 
-    def _op_dtypes(self) -> dict[str, str]:
-        """The dtype each op of the forward pass returns, read back by replaying it.
+    def _check_switches(self) -> None:
+        """Refuse a switch the model cannot have, before anything is built."""
+        job = self.job
+        what = f"the built-in {self.kind} model" if self.kind is not None else "a user's model"
+        if job.dropout_masks("batch") and self.kind != "mlp":
+            raise ValueError(f"the switch 'dropout' multiplies the built-in MLP's hidden activations by core's keep-"
+                             f"masks; {what} has no such layers")
+        if self.loss_name not in ("cross_entropy", "mse"):
+            raise ValueError(f"keras backend has no loss {self.loss_name!r}")
+        if self.loss_name != "cross_entropy":
+            for name, on in (("class_weights", job.class_weights is not None), ("padding", job.padded)):
+                if on:
+                    raise ValueError(f"the switch {name!r} needs class targets (loss 'cross_entropy'), not "
+                                     f"loss {self.loss_name!r}")
 
-        Dense.call is ``activation(add(matmul(h, kernel), bias))``, with the
-        switch 'batchnorm' a normalization before the activation, with
-        'dropout' the batch's mask after it; replaying those keras.ops on the
-        real variables and inputs, then the loss objects, shows where Keras'
-        type promotion demotes float64 results to float32 on its jax and
-        torch backends. A later op promotes the value back to float64, so the
-        output dtype alone would hide it.
+    def _build(self, factory):
+        """The factory's model; under the switch 'autocast' built in Keras' mixed dtype policy (every layer that
+        does not set its own dtype computes in the narrow format over float32 variables)."""
+        previous = keras.config.dtype_policy()
+        if self.job.autocast:
+            keras.config.set_dtype_policy(f"mixed_{self.job.autocast}")
+        try:
+            model = factory()
+        finally:
+            keras.config.set_dtype_policy(previous)
+        if not isinstance(model, keras.Model):
+            kind = type(model)
+            raise TypeError(f"the keras factory {self.job.payload.get('factory')} returned {kind.__module__}."
+                            f"{kind.__qualname__}, not a keras.Model")
+        return model
+
+    def convert(self, x, y):
+        """(x, y) as the backend's tensors (call inside ``ad.scope()``): float inputs in the job's dtype, ids and
+        class targets int32 (jax without x64 has no int64), mse targets in the job's dtype."""
+        x = np.asarray(x)
+        return (keras.ops.convert_to_tensor(x, dtype=self.job.dtype if x.dtype.kind == "f" else
+                                            "int32" if x.dtype.kind in "iu" else None),
+                keras.ops.convert_to_tensor(y, dtype=self.job.dtype if self.loss_name == "mse" else "int32"))
+
+    def _name_variables(self) -> dict:
+        """Each floating variable's native name: its Keras path, or "layer name/variable name" where two paths
+        coincide; a variable two layers hold (tied weights) belongs to the first."""
+        pairs, seen = [], set()
+        for layer in self.layers:
+            for v in _owned(layer):
+                if id(v) not in seen:
+                    seen.add(id(v))
+                    pairs.append((layer, v))
+        paths = [v.path for _, v in pairs]
+        owners = {}
+        for layer, v in pairs:
+            name = v.path if paths.count(v.path) == 1 else f"{layer.name}/{v.name}"
+            if name in owners:
+                raise ValueError(f"two variables of the model are both named {name!r}; give their layers "
+                                 "distinct names")
+            owners[name] = (layer, v)
+        return owners
+
+    def load(self, assign: dict[str, str]) -> None:
+        """Overwrite the model's variables with the canonical arrays core mapped onto them."""
+        for native, key in assign.items():
+            if native not in self.owners:
+                raise ValueError(f"{native}: the model has no variable of that name (it has: "
+                                 f"{', '.join(self.owners)})")
+            _, variable = self.owners[native]
+            # The variable's dtype is the job's (floatx) unless the layer pinned its own.
+            value = np.asarray(self.job.params[key], dtype=keras.backend.standardize_dtype(variable.dtype))
+            if tuple(value.shape) != tuple(variable.shape):
+                raise ValueError(f"{native}: mapped value has shape {value.shape}, the layer's is "
+                                 f"{tuple(variable.shape)}")
+            variable.assign(value)
+
+    def restore(self) -> None:
+        """Put back the state a forward pass may have written (moving statistics, seeds, torch's generator)."""
+        for variable, value in self._state:
+            variable.assign(value)
+        if self.variant == "torch":
+            import torch
+
+            torch.random.set_rng_state(self._torch_rng[0])
+            torch.cuda.set_rng_state_all(self._torch_rng[1])
+
+    def trained(self) -> list[tuple[object, str]]:
+        """(variable, key of ``job.params``) of every mapped trainable variable, in the model's order."""
+        return [(v, self.assign[self.native[id(v)]]) for v in self.model.trainable_variables
+                if self.native.get(id(v)) in self.assign]
+
+    # -- the loss, natively ------------------------------------------------------------------------
+
+    def _losses(self) -> dict:
+        """The loss callables ``(y, logits[, sample_weight])`` the variants' autodiff reads, keyed by Keras'
+        reductions ("mean_with_sample_weight" too when a training run is weighted); "none" is each example's
+        sum of its loss terms, (N,), whose N backward passes none_loop runs."""
+        job, ops = self.job, keras.ops
+        reductions = ["none", "sum", "sum_over_batch_size"]
+        if any(run.get("weights") for run in job.payload.get("runs", {}).values()):
+            reductions.append("mean_with_sample_weight")
+        if self.loss_name == "mse":
+            base = {r: self._mse(r) for r in reductions}
+        else:
+            # The switch 'padding': Keras' own ignore_class masks those targets (its means divide by the valid count).
+            ignore = {"ignore_class": IGNORE_INDEX} if job.padded else {}
+            base = {r: keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=r, dtype=job.dtype,
+                                                                   **ignore) for r in reductions}
+            if job.class_weights is not None:
+                with self.ad.scope():  # the weights' tensor on the chosen device
+                    table = ops.convert_to_tensor(job.class_weights, dtype=job.dtype)
+                base = {r: _class_weighted(loss, table) for r, loss in base.items()}
+
+        def per_example(y, out, sample_weight=None):
+            losses = base["none"](y, out) if sample_weight is None else base["none"](y, out, sample_weight)
+            if len(losses.shape) == 1:
+                return losses
+            return ops.sum(ops.reshape(losses, (losses.shape[0], -1)), axis=1)
+
+        return dict(base, none=per_example)
+
+    def _mse(self, reduction: str):
+        """Keras' MeanSquaredError with ``reduction``; it averages the last axis first (its mean over the rest is
+        the mean over all), so "sum" and "none" multiply back by the last axis's length."""
+        dtype = self.job.dtype
+        if reduction == "sum_over_batch_size":
+            return keras.losses.MeanSquaredError(reduction=reduction, dtype=dtype)
+        if reduction == "mean_with_sample_weight":
+            raise ValueError("a weighted training run needs loss 'cross_entropy', not 'mse'")
+        none = keras.losses.MeanSquaredError(reduction="none", dtype=dtype)
+
+        def call(y, out):
+            # Native `*`, not keras.ops: Keras' type promotion may demote float64 (see the module docstring).
+            per = none(y, out) * out.shape[-1]
+            return per if reduction == "none" else keras.ops.sum(per)
+        return call
+
+    def _grads(self, grads) -> dict[str, np.ndarray]:
+        """Canonical gradients of the mapped trainable variables, keyed as core keyed their values; ``grads``
+        is aligned with ``model.trainable_variables`` (None: the loss does not reach it, a zero gradient)."""
+        by_name = {self.native[id(v)]: (np.zeros(v.shape, keras.backend.standardize_dtype(v.dtype)) if g is None
+                                        else _numpy(g))
+                   for v, g in zip(self.model.trainable_variables, grads) if id(v) in self.native}
+        return {key: by_name[native] for native, key in self.assign.items() if native in by_name}
+
+    # -- the environment ----------------------------------------------------------------------------
+
+    def _op_dtypes(self) -> dict[str, str]:
+        """The built-in MLP: the dtype each op of the forward pass returns, read back by replaying it.
+
+        Dense.call is ``activation(add(matmul(h, kernel), bias))``, with batch normalization a normalization
+        before the activation, with 'dropout' the batch's mask after it; replaying those keras.ops on the
+        real variables and inputs, then the loss callables, shows where Keras' type promotion demotes float64
+        results to float32 on its jax and torch backends. A later op promotes the value back to float64, so
+        the output dtype alone would hide it.
         """
         ops, seen = keras.ops, {}
-        activation, masks = keras.activations.get(_activation(self.job)), self.masks["batch"]
-        last = len(self.job.model["sizes"]) - 2
+        name = self.builtin["activation"]
+        activation, masks = keras.activations.get({"identity": "linear"}.get(name, name)), self.masks["batch"]
+        last = len(self.builtin["sizes"]) - 2
 
         def note(op, tensor):
             dtype = keras.backend.standardize_dtype(tensor.dtype)
-            if op not in seen or _SIGNIFICAND_BITS[dtype] < _SIGNIFICAND_BITS[seen[op]]:
+            if op not in seen or SIGNIFICAND_BITS[dtype] < SIGNIFICAND_BITS[seen[op]]:
                 seen[op] = dtype
             return tensor
 
@@ -574,9 +397,9 @@ class KerasSession:
                 h = note("add", ops.add(h, dense.bias.value))
                 if i == last:
                     break
-                if self.job.batchnorm_epsilon is not None:
+                if self.builtin.get("batchnorm"):
                     h = _replay_batchnorm(self.model.get_layer(f"norm_{i}"), h, note)
-                h = note(self.job.model["activation"], activation(h))
+                h = note(name, activation(h))
                 if masks:
                     h = note("dropout_mask", ops.multiply(h, masks[i]))
             for reduction, loss in self.ad.losses.items():
@@ -584,46 +407,199 @@ class KerasSession:
         return seen
 
     def environment(self) -> dict:
-        var_dtypes = {keras.backend.standardize_dtype(v.dtype) for v in self.model.weights}
-        if len(var_dtypes) != 1:
-            raise RuntimeError(f"model variables have mixed dtypes {sorted(var_dtypes)}")
-        op_dtypes = self._op_dtypes()
-        # The narrowest dtype any op computed in bounds the precision of the whole run.
-        dtype = min([*var_dtypes, *op_dtypes.values()], key=lambda d: _SIGNIFICAND_BITS[d])
-        if self.job.autocast:
-            # The replay uses the float32 variables directly; the layers' mixed policy computes in autocast.
-            dtype = self.job.autocast
-        device, kind, cc = self.ad.where(self.model.trainable_variables[0])
-        # TF32 replaces float32 matmuls only (a float64 run whose tanh Keras
-        # demoted still multiplies in float64).
-        tf32 = bool(kind == "gpu" and cc is not None and tuple(cc) >= (8, 0)
-                    and op_dtypes["matmul"] == "float32" and self.ad.tf32_enabled())
-        precision = dict(self.ad.precision(), keras_op_dtypes=op_dtypes,
-                         requested=self.job.precision)
-        return dict(environment(self.ad, device, kind, dtype, precision, tf32), autocast=self.job.autocast)
+        job = self.job
+        dtypes, demoted = {keras.backend.standardize_dtype(v.dtype) for v in self.model.weights if _is_float(v)}, set()
+        try:  # what the model really computes in: Keras' type promotion, or a layer of the user's own dtype
+            with self.ad.scope(), _demotions(demoted):
+                out, _, records = self._trace()
+                for reduction in ("none", "sum", "sum_over_batch_size"):
+                    self.ad.losses[reduction](self.y, out)
+            self.restore()
+            dtypes |= {keras.backend.standardize_dtype(t.dtype) for rec in records.values()
+                       for t in (rec["output"], out) if t is not None}
+        except Exception:  # noqa: BLE001 - a broken forward pass is each case's error, not the setup's
+            pass
+        if demoted:
+            dtypes.add("float32")
+        precision = dict(self.ad.precision(), keras_floatx=keras.config.floatx(), keras_demoted_ops=sorted(demoted))
+        device, kind, cc = self.ad.where(self.model.weights[0]) if self.model.weights else ("cpu", "cpu", None)
+        ampere = kind == "gpu" and cc is not None and tuple(cc) >= (8, 0)
+        if self.kind == "mlp":
+            # The MLP's every op replayed: the narrowest dtype any op computed in bounds the precision of the run;
+            # TF32 replaces float32 matmuls only (a float64 run whose tanh Keras demoted still multiplies in
+            # float64), and the MLP has no convolution (torch's cuDNN switch does not matter).
+            var_dtypes = {keras.backend.standardize_dtype(v.dtype) for v in self.model.weights}
+            if len(var_dtypes) != 1:
+                raise RuntimeError(f"model variables have mixed dtypes {sorted(var_dtypes)}")
+            op_dtypes = self._op_dtypes()
+            dtype = min([*var_dtypes, *op_dtypes.values()], key=lambda d: SIGNIFICAND_BITS[d])
+            tf32 = bool(ampere and op_dtypes["matmul"] == "float32" and self.ad.tf32_enabled())
+            precision["keras_op_dtypes"] = op_dtypes
+        else:
+            # The narrowest dtype anything computed in bounds the precision of the whole run.
+            dtype = min((d for d in dtypes if d in SIGNIFICAND_BITS), key=SIGNIFICAND_BITS.get, default=job.dtype)
+            # Keras' torch backend convolves with cuDNN, whose TF32 switch is its own (a built-in model without
+            # convolution: matmuls only).
+            convolves = self.kind in (None, "cnn")
+            tf32_allowed = self.ad.tf32_enabled() or (convolves and self.ad.cudnn_tf32_enabled())
+            tf32 = bool(ampere and dtype == "float32" and tf32_allowed)
+        if job.autocast:
+            # The layers' mixed policy computes in the narrow format (the MLP's replay used the float32 variables).
+            dtype = job.autocast
+        precision["requested"] = job.precision
+        return dict(environment(self.ad, device, kind, dtype, precision, tf32), autocast=job.autocast,
+                    mode=job.payload.get("mode", "inference"), layer_options=layer_options(job),
+                    gelu_accuracy=self._gelu_accuracy())
 
-    def compute(self, method: str) -> RawResult:
-        """Run ``method`` ('METHOD' or 'METHOD@PART'); its native loss and gradients."""
+    def _gelu_accuracy(self) -> dict | None:
+        """keras.activations.gelu (what the built-in models use) measured in the job's dtype."""
+        def gelu(x, approximate):
+            with self.ad.scope():
+                return _numpy(keras.activations.gelu(keras.ops.convert_to_tensor(x), approximate=approximate))
+        return gelu_accuracy(self.job, gelu)
+
+    # -- the cases ----------------------------------------------------------------------------------
+
+    def compute(self, case: str) -> RawResult:
+        """Run one case from scratch (the written state restored, a fresh backward pass each time): "describe",
+        "forward", or 'METHOD[@PART]' for a method of ``SESSION_METHODS``; native loss and gradients."""
         with self.ad.scope():  # a part's tensors are made on the chosen device, once
-            self.ad.fed_alone = self.job.fed_alone(method)  # the examples one_by_one feeds
-            method, x, y = self._inputs(method)
-            if method not in _METHODS:
-                raise ValueError(f"unknown method {method!r}")
-            # A forward pass of one example multiplies by that example's own mask row; masks exist for
-            # the batch only (core refuses dropout together with parts).
+            self.restore()
+            if case == "describe":
+                return self._describe()
+            if case == "forward":
+                return self._forward()
+            method, x, y = self._inputs(case)
+            if method not in SESSION_METHODS:
+                raise ValueError(f"unknown case {case!r}")
+            # one_by_one feeds every example but padding (alone, a padding example's mean would be 0/0).
+            self.ad.fed_alone = self.job.fed_alone(case) if self.job.padded else list(range(int(y.shape[0])))
+            # A forward pass of one example multiplies by that example's own mask row; masks exist for the
+            # batch only (core refuses dropout together with parts).
             masks = self.masks["single" if method in SEPARATE_FORWARD else "batch"] if x is self.x else []
-            if method in _REDUCTIONS:
-                loss, grads = self.ad.reduced(_REDUCTIONS[method], x, y, masks)
-                total = float(keras.ops.convert_to_numpy(loss))
+            if method in REDUCTIONS:
+                loss, grads = self.ad.reduced(REDUCTIONS[method], x, y, masks)
+                total = float(_numpy(loss))
             else:
+                # none_loop / none_vectorized: the per-example sums of one forward pass; one_by_one: each
+                # example's mean. Not a framework reduction: the per-example values, summed on the host.
                 losses, grads = getattr(self.ad, method)(x, y, masks)
-                # Not a framework reduction: the per-example values, summed on the host.
-                total = float(sum(np.sum(keras.ops.convert_to_numpy(v), dtype=np.float64)
+                total = float(sum(np.sum(_numpy(v), dtype=np.float64)
                                   for v in (losses if isinstance(losses, list) else [losses])))
-        return RawResult(total, {name: keras.ops.convert_to_numpy(g)
-                                 for name, g in zip(self.names, grads)})
+        return RawResult(total, self._grads(grads))
+
+    @contextlib.contextmanager
+    def _recording(self, records: dict, calls: list, perturb=None):
+        """Wrap every layer instance's ``call``: note every leaf's (and variable owner's) call in ``calls``, and
+        each owner's first call's input and output in ``records`` (by layer name); ``perturb(name, output)``,
+        when given, replaces that first output (to differentiate with respect to it)."""
+        owners = {id(layer) for layer, _ in self.owners.values()}
+        wrapped = []
+        for layer in self.layers:
+            if id(layer) not in owners and layer._layers:
+                continue  # a container owning nothing itself: its leaves are recorded
+            original = layer.call
+
+            def call(*args, _original=original, _layer=layer, **kwargs):
+                out = _original(*args, **kwargs)
+                calls.append((_layer.name, type(_layer).__name__))
+                if id(_layer) in owners and _layer.name not in records:
+                    records[_layer.name] = {"layer": _layer,
+                                            "input": args[0] if args and _is_tensor(args[0]) else None,
+                                            "output": out if _is_tensor(out) else None}
+                    if perturb is not None and _is_tensor(out):
+                        out = perturb(_layer.name, out)
+                return out
+
+            object.__setattr__(layer, "call", call)  # past Layer.__setattr__'s tracking
+            wrapped.append(layer)
+        try:
+            yield
+        finally:
+            for layer in wrapped:
+                object.__delattr__(layer, "call")
+
+    def _trace(self, perturb=None, state=None):
+        """Forward the batch with every call recorded; returns (logits, calls, records). ``state``:
+        (trainable, non-trainable values) to run ``stateless_call`` on (inside a jax transform)."""
+        records, calls = {}, []
+        with self._recording(records, calls, perturb):
+            if state is None:
+                out = self.model(self.x, training=self.training)
+            else:
+                out, _ = self.model.stateless_call(*state, self.x, training=self.training)
+        return out, calls, records
+
+    def _describe(self) -> RawResult:
+        # Values before the forward pass: in training mode it moves the normalizations' statistics.
+        values = {name: _numpy(v.value) for name, (_, v) in self.owners.items()}
+        out, calls, records = first_forward(self.job, self._trace)
+        called = [rec["layer"] for rec in records.values()]
+        owning = list(dict.fromkeys(layer for layer, _ in self.owners.values()))
+        layers = []
+        for layer in called + [layer for layer in owning if layer.name not in records]:
+            params = [{"name": name, "role": _role(layer, v), "shape": list(v.shape), "trainable": bool(v.trainable)}
+                      for name, (owner, v) in self.owners.items() if owner is layer]
+            layers.append({"name": layer.name, "type": type(layer).__name__, "called": layer.name in records,
+                           "fused_activation": _fused(layer), "params": params})
+        info = {"layers": layers, "calls": [list(c) for c in calls], "output_shape": [int(d) for d in out.shape]}
+        return RawResult(float("nan"), values, info)  # no loss: core checks the targets against the output first
+
+    def _forward(self) -> RawResult:
+        """Each called owner's first input and output, d(mean loss)/d(output), the logits and the mean loss.
+
+        TensorFlow's tape differentiates with respect to the recorded outputs themselves; on jax and torch a
+        zero is added to each (``perturb``) and the loss differentiated with respect to those zeros.
+        """
+        mean = self.ad.losses["sum_over_batch_size"]
+        if self.variant == "tensorflow":
+            with self.ad.tf.GradientTape() as tape:
+                out, _, records = self._trace()
+                loss = mean(self.y, out)
+            outputs = {n: rec["output"] for n, rec in records.items() if rec["output"] is not None}
+            grads = dict(zip(outputs, tape.gradient(loss, list(outputs.values()))))
+        elif self.variant == "torch":
+            import torch
+
+            zeros = {}
+
+            def perturb(name, output):
+                zeros[name] = torch.zeros_like(output, requires_grad=True)
+                return output + zeros[name]
+
+            out, _, records = self._trace(perturb)
+            loss = mean(self.y, out)
+            grads = dict(zip(zeros, torch.autograd.grad(loss, list(zeros.values()), allow_unused=True)
+                             if zeros else ()))
+        else:
+            import jax
+
+            # Pure in the perturbations: stateless_call on the values every case starts from.
+            state = ([v.value for v in self.model.trainable_variables],
+                     [v.value for v in self.model.non_trainable_variables])
+            _, _, shapes = self._trace(state=state)
+            zeros = {n: jax.numpy.zeros_like(rec["output"]) for n, rec in shapes.items() if rec["output"] is not None}
+
+            def mean_loss(zeros):
+                out, _, records = self._trace(lambda name, output: output + zeros[name], state)
+                arrays = {n: {"input": rec["input"], "output": rec["output"]} for n, rec in records.items()}
+                return mean(self.y, out), (out, arrays)
+
+            (loss, (out, records)), grads = jax.value_and_grad(mean_loss, has_aux=True)(zeros)
+            records = {name: records[name] for name in shapes}  # jax returns dicts sorted by key
+        arrays = {"logits": _numpy(out)}
+        for k, (name, rec) in enumerate(records.items()):
+            if rec["input"] is not None:
+                arrays[f"input/{k}"] = _numpy(rec["input"])
+            if rec["output"] is not None:
+                arrays[f"output/{k}"] = _numpy(rec["output"])
+                if grads.get(name) is not None:
+                    arrays[f"grad_output/{k}"] = _numpy(grads[name])
+        return RawResult(float(_numpy(loss)), arrays, {"layers": list(records)})
 
 
-def open_session(job: WorkerJob) -> KerasSession:
-    """Open a Keras session on ``job.variant`` (must equal KERAS_BACKEND); may raise DeviceUnavailable."""
-    return KerasSession(job)
+def open_session(job: WorkerJob) -> KerasModelSession:
+    """The worker's entry for tasks "gradients" (a built-in model) and "model_check" (a user's factory, or a
+    built-in model): the model built in floatx = the job's dtype on ``job.variant`` (must equal KERAS_BACKEND),
+    its weights loaded; may raise DeviceUnavailable."""
+    return KerasModelSession(job)

@@ -113,9 +113,12 @@ class NumpySession:
 class BuiltinSession(NumpySession):
     """The reference for the built-in CNN and sequence models (``gradparity.reference.models``, by hand).
 
-    Their examples are independent (no batch statistics, no switches), so every method is the batch's
-    gradient organized as that method is: one sum, per-example gradients accumulated, or per-example
-    means (each example's mean over its T tokens) accumulated.
+    Their examples are independent (no batch statistics; the switches 'dropout' and 'batchnorm' act on the
+    MLP only), so every method is the batch's gradient organized as that method is: one sum, per-example
+    gradients accumulated (read after every example with 'unzeroed_gradients'), or per-example means (each
+    example's mean over its T valid tokens) accumulated. 'class_weights' multiplies term j of example i by
+    w[y_ij] and the mean still divides by the number of (valid) terms; padding targets (``IGNORE_INDEX``)
+    contribute nothing and are not counted.
     """
 
     def __init__(self, job: WorkerJob):
@@ -123,10 +126,12 @@ class BuiltinSession(NumpySession):
             raise ValueError(f"numpy reference has no loss {job.loss['name']!r}")
         self.job = job
         self.params = {k: v.astype(np.float64) for k, v in job.params.items()}
-        x = job.batch["x"]
-        self.x = x.astype(np.float64) if x.dtype.kind == "f" else x.astype(np.int64)
-        self.y = job.batch["y"].astype(np.int64)
-        self.terms = int(np.prod(self.y.shape[1:]))  # loss terms per example: T tokens, or 1
+
+        def convert(x, y):
+            return (x.astype(np.float64) if x.dtype.kind == "f" else x.astype(np.int64)), y.astype(np.int64)
+
+        self.x, self.y = convert(job.batch["x"], job.targets())
+        self._inputs = CaseInputs(job, (self.x, self.y), convert)
 
     def environment(self) -> dict:
         from gradparity.experiment.models import LayerOptions
@@ -135,24 +140,36 @@ class BuiltinSession(NumpySession):
         return dict(super().environment(),
                     layer_options=LayerOptions.from_dict(self.job.model.get("options")).resolved(None))
 
+    def _weights(self, y):
+        """Per-term weights w[y] of the switch 'class_weights' (0 where a target is padding), or None."""
+        w = self.job.class_weights
+        return None if w is None else np.where(y != IGNORE_INDEX, w[np.where(y != IGNORE_INDEX, y, 0)], 0.0)
+
     def compute(self, method: str) -> RawResult:
-        n = len(self.y)
-        if method == "sum":
-            loss, grads = models.loss_and_grads(self.params, self.x, self.y, self.job.model)
-            return RawResult(float(loss), grads)
-        if method == "mean":
-            loss, grads = models.loss_and_grads(self.params, self.x, self.y, self.job.model)
-            m = n * self.terms
+        case = method
+        method, x, y = self._inputs(case)
+        w = self._weights(y)
+        valid = (y != IGNORE_INDEX).reshape(len(y), -1).sum(axis=1)  # valid terms per example
+        if method in ("sum", "mean"):
+            loss, grads = models.loss_and_grads(self.params, x, y, self.job.model, weights=w)
+            m = int(valid.sum()) if method == "mean" else 1
             return RawResult(float(loss) / m, {k: g / m for k, g in grads.items()})
-        if method in ("none_loop", "one_by_one"):
-            losses, per_ex = models.per_example(self.params, self.x, self.y, self.job.model)
-            scale = 1.0 if method == "none_loop" else 1.0 / self.terms  # one_by_one: each example's mean
+        if method in ("none_loop", "none_vectorized", "one_by_one"):
+            rows = self.job.fed_alone(case) if method == "one_by_one" else range(len(y))
+            losses, per_ex = models.per_example(self.params, x[rows], y[rows], self.job.model,
+                                                weights=None if w is None else w[rows])
+            # one_by_one: each example's own mean over its valid tokens (its batch of one).
+            scale = 1.0 / valid[rows] if method == "one_by_one" else np.ones(len(rows))
+            unzeroed = self.job.unzeroed and method != "none_vectorized"  # one vectorized call: no loop to read
             acc = {k: np.zeros_like(v) for k, v in self.params.items()}
-            for i in range(n):  # accumulated one example after another, as autograd's .grad would
+            read = {k: np.zeros_like(v) for k, v in self.params.items()}
+            for i in range(len(rows)):  # accumulated one example after another, as autograd's .grad would
                 for k in acc:
-                    acc[k] += per_ex[k][i] * scale
-            return RawResult(float(losses.sum()) * scale, acc)
-        raise ValueError(f"the numpy reference runs {method!r} for the MLP only")
+                    acc[k] += per_ex[k][i] * scale[i]
+                    if unzeroed:
+                        read[k] += acc[k]
+            return RawResult(float(np.sum(losses * scale)), read if unzeroed else acc)
+        raise ValueError(f"unknown method {method!r}")
 
 
 def open_session(job: WorkerJob) -> NumpySession:

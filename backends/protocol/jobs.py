@@ -42,21 +42,22 @@ class WorkerJob:
     loss: dict
     params: dict[str, np.ndarray] = field(repr=False)
     batch: dict[str, np.ndarray] = field(repr=False)
-    #: "gradients": ``methods`` are reduction methods on the model (``params``, ``batch['x'|'y']``).
+    #: "gradients": ``methods`` are reduction methods (cases 'METHOD[@PART]') on a built-in model (payload
+    #: "builtin", see ``builtin_payload``; ``params``, ``batch['x'|'y']``).
+    #: "model_check": a user's own model (payload "factory"; see ``protocol.models``): "describe", "forward"
+    #: and the reduction methods. Both run in each framework's one model session (``session``).
     #: "loss_functions": ``methods`` are cases "FUNCTION@BATCH": ``payload['functions'][FUNCTION]``
     #: is the source of a ``loss_fn(logits, targets, sample_weight=None)``, and ``batch`` holds
     #: ``BATCH/logits``, ``BATCH/targets`` and optionally ``BATCH/sample_weight``.
-    #: "model_check": a user's own model (see ``ModelCase`` below and each backend's ``user_model``).
     #: "optimizer_steps": ``methods`` are cases of ``payload['configs']``, run natively on a fixed gradient
     #: sequence (see "Optimizers" below and each backend's ``optimizers``).
-    #: "train": ``methods`` are runs of ``payload['runs']``: the MLP trained on ``batch['batches/T/x|y']``
-    #: (or ``batch[PREFIX + 'batches/T/…']``, a run's "batches" key naming PREFIX; a run with "weights": true
-    #: also reads the per-example weights ``…/batches/T/w``, see ``train_weights``); each backend's ``train``
-    #: returns "T/NAME", the parameters after step T (every step, or those of the run's "record" list), and
-    #: "loss/T" for every step.
-    #: "model_train": the same runs for a model built by ``user_model`` (a built-in CNN / sequence model, or a
-    #: user's factory; see ``ModelTraining``), same arrays. ``gradparity.backends.TASKS`` maps each task to
-    #: the module that runs it.
+    #: "train": ``methods`` are runs of ``payload['runs']``: a built-in model (payload "builtin") trained on
+    #: ``batch['batches/T/x|y']`` (or ``batch[PREFIX + 'batches/T/…']``, a run's "batches" key naming PREFIX; a
+    #: run with "weights": true also reads the per-example weights ``…/batches/T/w``, see ``train_weights``);
+    #: it returns "T/NAME", the parameters after step T (every step, or those of the run's "record" list), and
+    #: "loss/T" for every step. "model_train": the same runs for a user's factory (its mapped weights), same
+    #: arrays. Both run in each framework's one trainer (``train``, see ``ModelTraining``).
+    #: ``gradparity.backends.TASKS`` maps each task to the module that runs it.
     task: str = "gradients"
     payload: dict = field(default_factory=dict)
     #: Discrepancy causes a backend reproduces natively (see gradparity.experiment.causes), e.g.
@@ -102,12 +103,16 @@ class WorkerJob:
         prefix = f"parts/{part}/" if part else ""
         y = self.batch[f"{prefix}y"]
         valid = self.batch.get(f"{prefix}valid")
-        return y if valid is None else np.where(valid > 0, y, IGNORE_INDEX).astype(y.dtype)
+        if valid is None:
+            return y
+        # One flag per example: a padding example's every target (all T tokens of a sequence) is ignored.
+        return np.where(valid.reshape(valid.shape + (1,) * (y.ndim - 1)) > 0, y, IGNORE_INDEX).astype(y.dtype)
 
     def fed_alone(self, case: str) -> list[int]:
         """The examples ``one_by_one`` feeds, one at a time, for a case 'METHOD[@PART]': all but padding
         (a padding example alone has no valid target, and its mean would be 0/0)."""
-        return [int(i) for i in np.flatnonzero(self.targets(case.partition("@")[2]) != IGNORE_INDEX)]
+        y = self.targets(case.partition("@")[2])
+        return [int(i) for i in np.flatnonzero((y != IGNORE_INDEX).reshape(len(y), -1).any(axis=1))]
 
     @property
     def padded(self) -> bool:

@@ -1,4 +1,5 @@
-"""Tasks "model_check" and "model_train": a user's model (or a built-in one) built in its framework."""
+"""The model session's payloads and cases (tasks "gradients" and "model_check"; "train" and "model_train" train
+the same models): a built-in model (payload "builtin") or a user's (payload "factory"), built in its framework."""
 from __future__ import annotations
 
 import numpy as np
@@ -24,7 +25,7 @@ from gradparity.backends.protocol.jobs import WorkerJob
 #                        "params": [{"name", "role", "shape", "trainable"}]}
 #               in the order the forward pass first calls them (never-called layers last), and "calls" is
 #               every leaf module/layer call in that order (parameter-free ones included, for naming)
-#   "mean", "sum", "none_loop", "one_by_one"
+#   "mean", "sum", "none_loop", "none_vectorized", "one_by_one" (``SESSION_METHODS``), or 'METHOD@PART'
 #               the reduction methods on the mapped weights; grads keyed by ``assign``'s keys, canonical
 #               layout, trainable parameters only, native (unnormalized) as for the built-in model
 #   "forward"   localization: arrays "input/K", "output/K", "grad_output/K" for the K-th parameterized layer
@@ -35,9 +36,35 @@ from gradparity.backends.protocol.jobs import WorkerJob
 
 #: Roles of a parameter in the canonical layout; "other" is kept as the framework stores it.
 PARAM_ROLES = ("kernel", "embedding", "scale", "bias", "mean", "var", "other")
-#: The reduction methods a user's model supports, and the "describe"/"forward" cases.
+#: The reduction methods ``gradparity check`` runs on a user's model by default, and the "describe"/"forward" cases.
 MODEL_METHODS = ("mean", "sum", "none_loop", "one_by_one")
 MODEL_CASES = ("describe", "forward")
+#: The reduction methods every framework's model session computes, on a built-in model or a user's.
+SESSION_METHODS = ("none_loop", "none_vectorized", "sum", "mean", "one_by_one")
+
+
+def builtin_payload(model: dict, *, mode: str, loss: str = "cross_entropy", **extra) -> dict:
+    """The payload of a job on a built-in model (the MLP, the CNN, the sequence model): ``model`` (a
+    ``to_dict()``) as payload "builtin", built by the framework's ``models.build``; ``mode`` "training" when a
+    layer's output depends on the forward pass (batch normalization with the batch's statistics), else
+    "inference"; ``extra`` adds task keys (a training job's "runs")."""
+    return {"builtin": dict(model), "mode": mode, "loss": loss, **extra}
+
+
+class BatchDoesNotFit(ValueError):
+    """The batch does not fit the model: its first forward pass on it (case "describe") raised. Core turns it
+    into a configuration error (exit 2) when the source framework's model raises it."""
+
+
+def first_forward(job: WorkerJob, call):
+    """``call()``, the model's first forward pass on the job's batch (case "describe"), with any error it raises
+    re-raised as ``BatchDoesNotFit`` naming the batch's shape and dtype."""
+    try:
+        return call()
+    except Exception as exc:
+        x = job.batch["x"]
+        raise BatchDoesNotFit(f"the batch's inputs ({x.dtype}, shape {tuple(x.shape)}) do not fit the model: its "
+                              f"forward pass raised {type(exc).__name__}: {str(exc).strip()}") from exc
 
 
 def _builtin_models(job: WorkerJob):
@@ -56,6 +83,9 @@ def load_factory(job: WorkerJob):
 
     if "builtin" in job.payload:
         return functools.partial(_builtin_models(job).build, job.payload["builtin"])
+    if "factory" not in job.payload:
+        raise ValueError(f"a {job.task!r} job names its model in its payload: 'builtin' (see builtin_payload) or "
+                         "'factory'; this one has neither")
 
     for folder in reversed(job.payload.get("sys_path", [])):
         if folder not in sys.path:
@@ -78,8 +108,8 @@ def assignment(job: WorkerJob) -> dict[str, str] | None:
 def layer_options(job: WorkerJob) -> dict | None:
     """The layer settings a built-in model computes with in this job's framework (recorded in the
     environment), or None for a user's model."""
-    if "builtin" not in job.payload:
-        return None
+    if "builtin" not in job.payload or job.payload["builtin"].get("kind", "mlp") == "mlp":
+        return None  # a user's model, or the MLP (Dense layers and one activation: no setting to resolve)
     from gradparity.experiment.models import LayerOptions
 
     return LayerOptions.from_dict(job.payload["builtin"].get("options")).resolved(job.framework)

@@ -42,9 +42,9 @@ def train_weights(job: WorkerJob, case: str, steps: int) -> list[np.ndarray] | N
     out = []
     for t in range(1, steps + 1):
         w, y = job.batch.get(f"{prefix}batches/{t}/w"), job.batch[f"{prefix}batches/{t}/y"]
-        if w is None or w.shape != y.shape:
+        if w is None or w.shape != y.shape[:1]:
             raise ValueError(f"weighted run {case!r}: '{prefix}batches/{t}/w' must hold one weight per example "
-                             f"of batch {t} ({y.shape}), got {None if w is None else w.shape}")
+                             f"of batch {t} ({y.shape[:1]}), got {None if w is None else w.shape}")
         out.append(w)
     return out
 
@@ -84,13 +84,19 @@ def step_losses(arrays: dict[str, np.ndarray], count: int) -> list[float]:
 
 
 class ModelTraining:
-    """Task "model_train" for a built-in model or a user's, the part every backend's ``user_model`` trainer shares.
+    """Tasks "train" and "model_train": the part every framework's one trainer (``backends/FRAMEWORK/train.py``)
+    shares, for a built-in model (payload "builtin": the MLP, the CNN, the sequence model) or a user's factory.
 
-    ``open_model(job)`` builds the backend's user-model session on batch 1 of the job (its ``batch['x'|'y']``:
-    what ``environment()`` reports on). The batches of every run are converted once by the subclass's
-    ``convert(x, y)``, so a timed ``compute`` is the training loop alone; ``settings(case)`` gives a run's
-    batches, optimizer config, per-step lrs, reduction ('mean' over every loss term, or 'sum') and recorded
-    steps.
+    ``open_model(job)`` builds the framework's model session (``session.py``) on batch 1 of the job (its
+    ``batch['x'|'y']``: what ``environment()`` reports on). The batches and per-example weights of every run
+    are converted once, by the subclass's ``convert(x, y)`` and ``convert_weights(w)``, so a timed
+    ``compute`` is the training loop alone. ``settings(case)`` gives a run's batches, optimizer config, per-step
+    lrs, reduction and recorded steps; ``weights(case)`` its converted weights per step, or None.
+
+    Reductions (``TRAIN_REDUCTIONS``), over the L loss terms l_ij of a batch of N examples (j over an example's
+    T tokens, or the one term of a class label), with per-example weights w_i broadcast over their terms:
+    "mean" sum l / (N T), "sum" sum l; weighted: "sum" sum w l, "weighted_mean" sum w l / (T sum w),
+    "sum_over_batch_size" sum w l / (N T).
     """
 
     def __init__(self, job: WorkerJob, open_model):
@@ -99,10 +105,19 @@ class ModelTraining:
         self.job = job
         self.model = open_model(replace(job, batch={"x": first[0][0], "y": first[0][1]}))
         self._batches: dict[str, list] = {}
-        for run in runs.values():
+        self._weights: dict[str, list] = {}
+        self._run_weights = {}
+        for case, run in runs.items():
             self.batches(run)
+            steps = len(self._batches[run.get("batches", "")])
+            self._run_weights[case] = self._convert_run_weights(case, run, steps)
 
     def convert(self, x: np.ndarray, y: np.ndarray):
+        """(x, y) of one batch as the framework's tensors on the device."""
+        raise NotImplementedError
+
+    def convert_weights(self, w: np.ndarray):
+        """One batch's per-example weights (N,) as a tensor on the device, in the job's dtype."""
         raise NotImplementedError
 
     def batches(self, run: dict) -> list:
@@ -111,13 +126,24 @@ class ModelTraining:
             self._batches[prefix] = [self.convert(x, y) for x, y in train_batches(self.job, prefix)]
         return self._batches[prefix]
 
+    def _convert_run_weights(self, case: str, run: dict, steps: int) -> list | None:
+        weights = train_weights(self.job, case, steps)  # checks the reduction against the run's weighting
+        if weights is None:
+            return None
+        prefix = run.get("batches", "")
+        if prefix not in self._weights:
+            self._weights[prefix] = [self.convert_weights(np.asarray(w)) for w in weights]
+        return self._weights[prefix]
+
+    def weights(self, case: str) -> list | None:
+        """Run ``case``'s per-example weights per step, converted (None: an unweighted run)."""
+        return self._run_weights[case]
+
     def environment(self) -> dict:
         return self.model.environment()
 
     def settings(self, case: str) -> tuple[list, dict, list[float], str, set[int]]:
-        """(batches, config, lrs, reduction, recorded steps) of run ``case``; ValueError for another reduction."""
+        """(batches, config, lrs, reduction, recorded steps) of run ``case``."""
         batches = self.batches(self.job.payload["runs"][case])
         config, lrs, reduction, record = train_run(self.job, case, len(batches))
-        if reduction not in ("mean", "sum"):
-            raise ValueError(f"a model's training run reduces by 'mean' or 'sum', not {reduction!r}")
         return batches, config, lrs, reduction, record

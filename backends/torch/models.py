@@ -1,10 +1,11 @@
-"""PyTorch: the built-in CNN and sequence models (``gradparity.experiment.models``) as torch users write them.
+"""PyTorch: the built-in models (``gradparity.experiment.models``: the MLP, the CNN, the sequence model) as torch
+users write them.
 
-Run by the user-model session (``user_model.py``, payload "builtin"): it moves the
-module to the job's device and dtype, loads the canonical weights through
-``assignment`` (transposing Linear and conv kernels) and feeds images as
-(N, C, H, W). The layer settings are the ones core resolved for torch
-(``LayerOptions.resolved("torch")``): explicit values, or torch's own defaults.
+Run by the model session (``session.py``, payload "builtin") and the trainer (``train.py``): the session moves
+the module to the job's device and dtype, loads the canonical weights through ``assignment`` (transposing
+Linear and conv kernels) and feeds images as (N, C, H, W). The layer settings of the CNN and the sequence
+model are the ones core resolved for torch (``LayerOptions.resolved("torch")``): explicit values, or torch's
+own defaults.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradparity.experiment.models import CNN, LayerOptions, Sequence, model_from_dict, same_padding
+from gradparity.experiment.models import CNN, MLP, LayerOptions, Sequence, model_from_dict, same_padding
 
 _ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "identity": nn.Identity}
 
@@ -21,6 +22,35 @@ def _activation(name: str, gelu: str) -> nn.Module:
     if name == "gelu":
         return nn.GELU(approximate="tanh" if gelu == "tanh" else "none")
     return _ACTIVATIONS[name]()
+
+
+class TorchMLP(nn.Module):
+    """``layers`` (nn.Linear), the activation after all but the last, a BatchNorm1d (``norms``, when ``eps`` is
+    given) before every hidden activation; ``forward(x, masks)`` multiplies hidden activation i by ``masks[i]``
+    (the switch 'dropout' with core's masks: torch's own generator could not be compared with other
+    frameworks'). No masks: the plain forward pass.
+
+    In training mode (the session's mode "training", which core sets with batch normalization) the
+    normalizations use the batch's statistics.
+    """
+
+    def __init__(self, sizes, activation: str, eps: float | None):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+        self.norms = None if eps is None else nn.ModuleList(nn.BatchNorm1d(width, eps=eps) for width in sizes[1:-1])
+        self.activation = _ACTIVATIONS[activation]()
+
+    def forward(self, x: torch.Tensor, masks=None) -> torch.Tensor:
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < last:
+                if self.norms is not None:
+                    x = self.norms[i](x)
+                x = self.activation(x)
+                if masks is not None:
+                    x = x * masks[i]
+        return x
 
 
 class SamePadConv2d(nn.Conv2d):
@@ -121,16 +151,20 @@ def build(model: dict) -> nn.Module:
     """The built-in model ``model`` (a ``to_dict()``) as an ``nn.Module`` with torch's default initialization
     (the session overwrites it), computing with the settings resolved for torch."""
     spec = model_from_dict(model)
+    if isinstance(spec, MLP):
+        norm = model.get("batchnorm")
+        return TorchMLP(spec.sizes, spec.activation, float(norm["epsilon"]) if norm else None)
     opts = LayerOptions.from_dict(model.get("options")).resolved("torch")
     if isinstance(spec, CNN):
         return TorchCNN(spec, opts)
     if isinstance(spec, Sequence):
         return TorchSequence(spec, opts)
-    raise ValueError(f"torch has no built-in model kind {model.get('kind')!r} here (the MLP runs in session.py)")
+    raise ValueError(f"torch has no built-in model kind {model.get('kind')!r}")
 
 
 def assignment(model: dict) -> dict[str, str]:
-    """{torch parameter name: canonical name}: a kernel, LayerNorm scale or embedding is torch's ``weight``."""
+    """{torch parameter name: canonical name}: a kernel, a LayerNorm or BatchNorm scale or an embedding is torch's
+    ``weight``."""
     out = {}
     for name in model_from_dict(model).param_shapes():
         prefix, _, leaf = name.rpartition(".")

@@ -1,307 +1,404 @@
-"""PyTorch backend: the MLP as an ``nn.Module``, each method in torch's own idiom.
+"""PyTorch: the one model session (tasks "gradients" and "model_check"; contract in ``protocol``).
 
-Imported only inside a worker process (see ``gradparity.backends.worker``),
-so importing torch at the top is intended. Parameters arrive canonical
-(kernels ``(in, out)``); ``nn.Linear.weight`` is ``(out, in)``, so kernels
-are transposed on the way in and their gradients on the way out.
+Every model runs here: a built-in one (payload "builtin": the MLP, the CNN, the sequence model, built by
+``models.build``) or a user's own ``nn.Module`` (payload "factory"). The module is moved to the job's dtype and
+device and put in the payload's mode (training: batch normalization on the batch's statistics); parameters
+travel in the canonical layout (``nn.Linear.weight`` is (out, in), canonical kernels (in, out); conv weights
+(O, I, *k) become (*k, I, O); normalization weights are "scale"), and image data and activations
+channels-last: torch's (N, C, H, W) is transposed on the way in and out.
+
+Cases: "describe" and "forward" (a user's model: its layers, and the localization arrays), and every method of
+``SESSION_METHODS`` in torch's own idiom, on the batch or, as "METHOD@PART", on a part:
+
+- ``mean`` / ``sum``: the loss with torch's reduction (``F.cross_entropy(reduction=...)``: the mean over every
+  loss term, N·T for token targets), one ``backward()``;
+- ``none_loop``: ``reduction="none"``, each example's summed terms ``backward(retain_graph=True)`` in turn
+  (``.grad`` accumulates the sum);
+- ``none_vectorized``: ``torch.func.vmap(grad_and_value(...))`` of one example's summed loss, summed over N;
+- ``one_by_one``: each example alone, its mean loss, ``backward()`` (``.grad`` accumulates).
+
+The discrepancy switches, natively: 'unzeroed_gradients' (the loops read the never-zeroed ``.grad`` after every
+example), 'class_weights' (``F.cross_entropy(weight=w)``, torch's own weighted reductions), 'padding' (targets
+``IGNORE_INDEX``, cross-entropy's default ``ignore_index``; one_by_one feeds the valid examples only),
+'autocast' (the case under ``torch.autocast``), 'dropout' (the MLP's explicit masks) and batch normalization in
+training mode (the MLP with ``model["batchnorm"]``).
+
+Imported only inside a worker process, so importing torch at the top is intended.
 """
 from __future__ import annotations
 
-import os
-import warnings
-
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from gradparity.backends.protocol import CaseInputs, DeviceUnavailable, RawResult, WorkerJob
+from gradparity.backends.protocol import (MODEL_CASES, SESSION_METHODS, CaseInputs, RawResult, WorkerJob, assignment,
+                                         first_forward, gelu_accuracy, layer_options, load_factory)
+from gradparity.backends.torch.device import cublas_may_use_tf32, pick_device, pin_highest_precision, read_precision
+from gradparity.backends.torch.models import TorchMLP
+from gradparity.backends.torch.optimizers import TORCH_DTYPES
 
-_ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "identity": nn.Identity}
-
-#: Nodes of the fp32-precision tree (torch >= 2.9). Setting a parent also sets its children.
-_PRECISION_NODES = {
-    "generic": lambda b: b,
-    "cuda.matmul": lambda b: b.cuda.matmul,
-    "cudnn": lambda b: b.cudnn,  # the "cuda / all" node
-    "cudnn.conv": lambda b: b.cudnn.conv,
-    "cudnn.rnn": lambda b: b.cudnn.rnn,
-    "mkldnn": lambda b: b.mkldnn,
-    "mkldnn.matmul": lambda b: b.mkldnn.matmul,
-    "mkldnn.conv": lambda b: b.mkldnn.conv,
-    "mkldnn.rnn": lambda b: b.mkldnn.rnn,
-}
-
-
-def _has_fp32_precision_api() -> bool:
-    return hasattr(torch.backends, "fp32_precision")
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase, nn.RMSNorm)
+#: Modules whose activations are channels-first (N, C, ...): transposed to channels-last when captured.
+_CHANNELS_FIRST = (*_CONV, nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.MaxPool1d, nn.MaxPool2d,
+                   nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
+                   nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.Dropout2d, nn.Dropout3d)
+#: Modules computed by cuDNN on a GPU, whose TF32 switch is on by default (unlike cuBLAS's).
+_CUDNN = (*_CONV, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.RNNBase)
+_DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def pin_highest_precision() -> None:
-    """Forbid TF32/bf16 internals for float32 everywhere torch has a switch.
-
-    Both API families are set, legacy first and to the same values: torch
-    cross-checks them (``allowTF32CuBLAS``/``allowTF32CuDNN`` raise
-    "mix of the legacy and new APIs" when they disagree), and setting only
-    the new one leaves the legacy cuDNN flag at True, which makes reading it
-    an error. Legacy first because ``cudnn.allow_tf32 = False`` resets the
-    new cuDNN nodes to "none".
-    """
-    with warnings.catch_warnings():
-        # Some releases since 2.9 warn that these switches will go (2.13 does not).
-        warnings.simplefilter("ignore")
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
-        torch.set_float32_matmul_precision("highest")
-    if _has_fp32_precision_api():
-        for get_node in _PRECISION_NODES.values():
-            get_node(torch.backends).fp32_precision = "ieee"
+def _role(module: nn.Module, pname: str) -> str:
+    """The canonical role of ``module``'s own parameter or buffer ``pname``."""
+    if pname == "bias":
+        return "bias"
+    if isinstance(module, (nn.Linear, *_CONV)) and pname == "weight":
+        return "kernel"
+    if isinstance(module, nn.Embedding) and pname == "weight":
+        return "embedding"
+    if isinstance(module, _NORMS) and pname == "weight":
+        return "scale"
+    if pname == "running_mean":
+        return "mean"
+    if pname == "running_var":
+        return "var"
+    return "other"
 
 
-def _read_legacy(getter):
-    """A legacy precision flag, or why torch refused to read it (it raises on mixed API use)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return getter()
-    except RuntimeError as exc:
-        return f"unreadable: {str(exc).split(',')[0]}"
+def to_canonical(module: nn.Module, pname: str, value: np.ndarray) -> np.ndarray:
+    """Torch layout -> canonical layout (Linear/conv kernels transposed, everything else as is)."""
+    if _role(module, pname) != "kernel":
+        return value
+    if isinstance(module, nn.Linear):
+        return np.ascontiguousarray(value.T)
+    return np.ascontiguousarray(np.transpose(value, (*range(2, value.ndim), 1, 0)))  # (O,I,*k) -> (*k,I,O)
 
 
-def read_precision(requested: str) -> dict:
-    """The precision settings as torch reports them now, both API families where they exist."""
-    out: dict = {"requested": requested}
-    if _has_fp32_precision_api():
-        for name, get_node in _PRECISION_NODES.items():
-            out[f"fp32_precision.{name}"] = get_node(torch.backends).fp32_precision
-    out["float32_matmul_precision"] = _read_legacy(torch.get_float32_matmul_precision)
-    out["cuda.matmul.allow_tf32"] = _read_legacy(lambda: torch.backends.cuda.matmul.allow_tf32)
-    out["cudnn.allow_tf32"] = _read_legacy(lambda: torch.backends.cudnn.allow_tf32)
-    # Set by NVIDIA's containers: the first makes torch start with TF32 matmuls (pinning
-    # overrides it), the second is read by cuBLAS/cuDNN themselves ("0" forbids TF32).
-    for name in ("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "NVIDIA_TF32_OVERRIDE"):
-        out[f"env.{name}"] = os.environ.get(name)
+def from_canonical(module: nn.Module, pname: str, value: np.ndarray) -> np.ndarray:
+    """Canonical layout -> torch layout (the inverse of ``to_canonical``)."""
+    if _role(module, pname) != "kernel":
+        return value
+    if isinstance(module, nn.Linear):
+        return np.ascontiguousarray(value.T)
+    k = value.ndim - 2
+    return np.ascontiguousarray(np.transpose(value, (k + 1, k, *range(k))))  # (*k,I,O) -> (O,I,*k)
+
+
+def _channels_last(module: nn.Module, t: torch.Tensor) -> np.ndarray:
+    a = t.detach().cpu().numpy()
+    if isinstance(module, _CHANNELS_FIRST) and a.ndim >= 3:
+        a = np.moveaxis(a, 1, -1)
+    return np.ascontiguousarray(a)
+
+
+def _owned(module: nn.Module) -> list[tuple[str, torch.Tensor, bool]]:
+    """(name, tensor, trainable) of the module's own parameters and floating buffers (not its children's)."""
+    out = [(n, p, True) for n, p in module.named_parameters(recurse=False)]
+    out += [(n, b, False) for n, b in module.named_buffers(recurse=False)
+            if b is not None and b.is_floating_point()]
     return out
 
 
-def cublas_may_use_tf32() -> bool:
-    """Whether float32 cuBLAS matmuls may run in TF32 under the current settings."""
-    if _has_fp32_precision_api():
-        # Resolve as ATen does: the op's node, then "cuda / all", then "generic".
-        b = torch.backends
-        for value in (b.cuda.matmul.fp32_precision, b.cudnn.fp32_precision, b.fp32_precision):
-            if value != "none":
-                return value == "tf32"
-        return False
-    return bool(torch.backends.cuda.matmul.allow_tf32)
-
-
-def pick_device(requested: str) -> tuple[torch.device, str | None]:
-    """Return (device, note on a fallback or None); raise DeviceUnavailable for 'gpu' without one."""
-    if requested == "cpu":
-        return torch.device("cpu"), None
-    if torch.cuda.is_available():
-        return torch.device("cuda:0"), None
-    why = ("this torch build has no CUDA support" if torch.version.cuda is None
-           else "torch sees no CUDA GPU")
-    if requested == "gpu":
-        raise DeviceUnavailable(f"device 'gpu' was requested but {why} (torch {torch.__version__}).")
-    return torch.device("cpu"), f"no GPU visible to torch ({why}); ran on the CPU"
-
-
-class MLP(nn.Module):
-    """``layers`` (nn.Linear), a BatchNorm1d (``norms``, when ``eps`` is given) before every hidden
-    activation; ``forward(x, masks)`` multiplies hidden activation i by ``masks[i]`` (the switch
-    'dropout' with core's masks: torch's own generator could not be compared with other frameworks').
-
-    A fresh module is in training mode, so the normalizations use the batch's statistics.
-    """
-
-    def __init__(self, sizes, activation: str, eps: float | None, dtype, device):
-        super().__init__()
-        self.layers = nn.ModuleList(nn.Linear(a, b, dtype=dtype, device=device)
-                                    for a, b in zip(sizes[:-1], sizes[1:]))
-        self.norms = None if eps is None else nn.ModuleList(
-            nn.BatchNorm1d(width, eps=eps, dtype=dtype, device=device) for width in sizes[1:-1])
-        self.activation = _ACTIVATIONS[activation]()
-
-    def forward(self, x, masks=None):
-        last = len(self.layers) - 1
-        for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if i < last:
-                if self.norms is not None:
-                    x = self.norms[i](x)
-                x = self.activation(x)
-                if masks is not None:
-                    x = x * masks[i]
-        return x
-
-
-def torch_name(canonical: str) -> str:
-    """The module's parameter name for a canonical one (kernels are Linear weights, scales BatchNorm weights)."""
-    group, index, leaf = canonical.split(".")
-    return f"{group}.{index}.{ {'kernel': 'weight', 'scale': 'weight'}.get(leaf, leaf) }"
-
-
-def build_model(job: WorkerJob, dtype: torch.dtype, device: torch.device) -> MLP:
-    """The job's MLP in ``dtype`` on ``device``, holding the canonical ``job.params`` (a fresh module each call,
-    in training mode)."""
-    model = MLP(job.model["sizes"], job.model["activation"], job.batchnorm_epsilon, dtype, device)
-    torch_params = dict(model.named_parameters())
-    if sorted(map(torch_name, job.params)) != sorted(torch_params):
-        raise ValueError(f"model parameters {sorted(torch_params)} do not match the job's {sorted(job.params)}")
-    with torch.no_grad():  # overwrite torch's random init with the canonical values
-        for name, value in job.params.items():
-            torch_params[torch_name(name)].copy_(torch.from_numpy(value.T if name.endswith(".kernel") else value))
-    return model
-
-
-def to_canonical(name: str, tensor: torch.Tensor) -> np.ndarray:
-    """A parameter (or its gradient) of canonical ``name`` as numpy in the canonical layout (kernels
-    transposed). On the CPU a non-kernel array shares memory with the tensor: copy it to keep it."""
-    a = tensor.detach().cpu().numpy()
-    return np.ascontiguousarray(a.T) if name.endswith(".kernel") else a
-
-
-def mlp_environment(job: WorkerJob, model: MLP, device: torch.device, device_note: str | None) -> dict:
-    """The environment of a job computed by the built-in ``model`` on ``device`` (``Session.environment``)."""
-    dtype = model.layers[0].weight.dtype
-    on_gpu = device.type == "cuda"
-    if on_gpu:
-        index = device.index or 0
-        label = f"{device} ({torch.cuda.get_device_name(index)})"
-        capability = torch.cuda.get_device_capability(index)
-    else:
-        label, capability = "cpu", (0, 0)
-    return {
-        "framework": "torch",
-        "versions": {"torch": torch.__version__},
-        "device": label,
-        "device_kind": "gpu" if on_gpu else "cpu",
-        "device_note": device_note,
-        # Under autocast the matmuls run in the narrower format: the arithmetic that bounds rounding.
-        "dtype": job.autocast or str(dtype).removeprefix("torch."),
-        "autocast": job.autocast,
-        "precision": read_precision(job.precision),
-        # An MLP runs only cuBLAS matmuls, so cuDNN's (default-on) TF32 flag cannot apply here.
-        "tf32": on_gpu and capability >= (8, 0) and dtype == torch.float32
-        and cublas_may_use_tf32(),
-    }
-
-
-class TorchSession:
-    """The model on its device with the canonical parameters loaded; computes every method."""
+class ModelSession:
+    """The job's model (built-in or a user's) on its device and dtype, the canonical weights loaded; answers
+    every case (``compute``). Also the model of the trainer (``train.py``)."""
 
     def __init__(self, job: WorkerJob):
-        if job.model.get("kind") != "mlp":
-            raise ValueError(f"torch backend has no model kind {job.model.get('kind')!r}")
-        if job.loss["name"] != "cross_entropy":
-            raise ValueError(f"torch backend has no loss {job.loss['name']!r}")
         self.job = job
+        self.builtin = "builtin" in job.payload
+        self.loss_name = job.payload.get("loss", "cross_entropy")
+        if self.loss_name not in ("cross_entropy", "mse"):
+            raise ValueError(f"the torch model session has no loss {self.loss_name!r}")
+        if self.loss_name != "cross_entropy" and (job.class_weights is not None or job.padded):
+            raise ValueError("the switches 'class_weights' and 'padding' weigh or mask class targets: they need "
+                             f"the loss 'cross_entropy', not {self.loss_name!r}")
         self.device, self.device_note = pick_device(job.device)
         if job.precision == "highest":
             pin_highest_precision()
-        dtype = {"float32": torch.float32, "float64": torch.float64}[job.dtype]
+        self.dtype = TORCH_DTYPES[job.dtype]
+        factory = load_factory(job)
+        model = factory()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"the torch factory {job.payload.get('factory')} returned {type(model).__name__}, "
+                            "not a torch.nn.Module")
+        self.model = model.to(self.device, self.dtype)
+        self.model.train(job.payload.get("mode") == "training")
+        # Named as in calls and layers: the root module (which may own parameters) by its class name.
+        self.modules = {name or type(m).__name__: m for name, m in self.model.named_modules()}
+        self.owners = {f"{mn}.{pn}" if m is not self.model else pn: (m, pn, t, tr)
+                       for mn, m in self.modules.items() for pn, t, tr in _owned(m)}
+        self.assign = assignment(job)
+        if self.builtin:
+            trainable = sorted(name for name, (*_, tr) in self.owners.items() if tr)
+            if sorted(self.assign) != trainable:
+                raise ValueError(f"model parameters {trainable} do not match the built-in model's "
+                                 f"{sorted(self.assign)}")
+        if self.assign is not None:
+            self._load(self.assign)
 
-        self.model = build_model(job, dtype, self.device)
+        self.x, self.y = self.convert(job.batch["x"], job.targets())
+        self._inputs = CaseInputs(job, (self.x, self.y), self.convert)
+        # The switch 'dropout' (the MLP's hidden layers): core's masks, the batch's and each example's own.
         masks = [job.dropout_masks(forward) for forward in ("batch", "single")]
+        if any(m is not None for m in masks) and not isinstance(self.model, TorchMLP):
+            raise ValueError("the switch 'dropout' multiplies the built-in MLP's hidden activations by core's "
+                             "masks; this model has no such layers")
         self.batch_masks, self.single_masks = [
-            None if m is None else [torch.from_numpy(a).to(self.device, dtype) for a in m] for m in masks]
-        self.x = torch.from_numpy(job.batch["x"]).to(self.device, dtype)
-        # With the switch 'padding' some targets are IGNORE_INDEX (-100), CrossEntropyLoss's default ignore_index.
-        self.y = torch.from_numpy(job.targets()).to(self.device, torch.int64)
-        self._inputs = CaseInputs(job, (self.x, self.y), lambda x, y: (
-            torch.from_numpy(x).to(self.device, dtype), torch.from_numpy(y).to(self.device, torch.int64)))
-        # The switch 'class_weights': CrossEntropyLoss(weight=w), torch's own weighted reductions.
+            None if m is None else [torch.from_numpy(a).to(self.device, self.dtype) for a in m] for m in masks]
+        # The switch 'class_weights': F.cross_entropy(weight=w), torch's own weighted reductions.
         weights = job.class_weights
-        self.class_weight = None if weights is None else torch.from_numpy(weights).to(self.device, dtype)
+        self.class_weight = None if weights is None else torch.from_numpy(weights).to(self.device, self.dtype)
+
+    def convert(self, x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y) as tensors on the device: images channels-first, floating inputs in the job's dtype, targets
+        int64 (the job's dtype for mse)."""
+        x = np.transpose(x, (0, 3, 1, 2)) if x.ndim == 4 else x  # canonical (N, H, W, C); torch convs (N, C, H, W)
+        xt = torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
+        yt = torch.from_numpy(np.asarray(y)).to(self.device)
+        return (xt.to(self.dtype) if xt.is_floating_point() else xt,
+                yt.to(self.dtype) if self.loss_name == "mse" else yt.to(torch.int64))
+
+    def _load(self, assign: dict[str, str]) -> None:
+        """Overwrite the module's values with the canonical arrays core mapped onto them."""
+        with torch.no_grad():
+            for native, key in assign.items():
+                module, pname, tensor, _ = self.owners[native]
+                value = from_canonical(module, pname, self.job.params[key])
+                if tuple(value.shape) != tuple(tensor.shape):
+                    raise ValueError(f"{native}: mapped value has shape {value.shape}, the module's is "
+                                     f"{tuple(tensor.shape)}")
+                tensor.copy_(torch.from_numpy(value))
+
+    def trainable(self) -> list[tuple[str, nn.Module, str, torch.Tensor]]:
+        """(canonical key, module, torch name, parameter) of every mapped trainable parameter, in the module's
+        parameter order (what ``model.parameters()`` hands an optimizer)."""
+        keys = {id(self.owners[native][2]): (key, *self.owners[native][:2])
+                for native, key in self.assign.items() if self.owners[native][3]}
+        return [(*keys[id(p)], p) for p in self.model.parameters() if id(p) in keys]
 
     def environment(self) -> dict:
-        return mlp_environment(self.job, self.model, self.device, self.device_note)
+        on_gpu = self.device.type == "cuda"
+        capability = torch.cuda.get_device_capability(self.device.index or 0) if on_gpu else (0, 0)
+        # A user's model may run convolutions (cuDNN, whose TF32 flag is on by default; pinning turns it off),
+        # also through torch.nn.functional; a built-in model without one (the MLP, the sequence model) runs
+        # cuBLAS matmuls only, so cuDNN's flag cannot apply to it.
+        cudnn = not self.builtin or any(isinstance(m, _CUDNN) for m in self.model.modules())
+        return {
+            "framework": "torch",
+            "versions": {"torch": torch.__version__},
+            "device": f"{self.device} ({torch.cuda.get_device_name(self.device.index or 0)})" if on_gpu else "cpu",
+            "device_kind": "gpu" if on_gpu else "cpu",
+            "device_note": self.device_note,
+            # Under autocast the matmuls run in the narrower format: the arithmetic that bounds rounding.
+            "dtype": self.job.autocast or self.job.dtype,
+            "autocast": self.job.autocast,
+            "precision": read_precision(self.job.precision),
+            "tf32": on_gpu and capability >= (8, 0) and self.dtype == torch.float32
+            and (cublas_may_use_tf32() or (cudnn and self.job.precision != "highest")),
+            "mode": self.job.payload.get("mode", "inference"),
+            # The MLP has none of the settings that differ between frameworks.
+            "layer_options": None if self.job.payload.get("builtin", {}).get("kind") == "mlp"
+            else layer_options(self.job),
+            "gelu_accuracy": gelu_accuracy(self.job, lambda x, approx: F.gelu(
+                torch.from_numpy(x).to(self.device), approximate="tanh" if approx else "none").cpu().numpy()),
+        }
 
-    def _grads(self, per_name: dict[str, torch.Tensor] | None = None) -> dict[str, np.ndarray]:
-        """Canonical numpy gradients, from ``.grad`` or from a dict keyed like named_parameters()."""
-        params = dict(self.model.named_parameters())
-        return {name: to_canonical(name, params[torch_name(name)].grad if per_name is None
-                                   else per_name[torch_name(name)]) for name in self.job.params}
+    # -- the loss, natively ------------------------------------------------------------------------
+
+    def loss(self, out: torch.Tensor, y: torch.Tensor, reduction: str, weight=None) -> torch.Tensor:
+        """The configured loss with torch's own reduction ('mean', 'sum' or 'none' per element, shaped as the
+        targets); ``weight``: cross-entropy's per-class weights."""
+        if self.loss_name == "mse":
+            return F.mse_loss(out, y, reduction=reduction)
+        c = out.shape[-1]
+        losses = F.cross_entropy(out.reshape(-1, c), y.reshape(-1), weight=weight, reduction=reduction)
+        return losses.reshape(y.shape) if reduction == "none" else losses
+
+    def forward(self, x: torch.Tensor, masks=None) -> torch.Tensor:
+        """The model on ``x``; with dropout masks (the MLP's), its hidden activations multiplied by them."""
+        return self.model(x) if masks is None else self.model(x, masks)
+
+    def _grads(self, per_tensor: dict[int, torch.Tensor] | None = None) -> dict[str, np.ndarray]:
+        """Canonical gradients of the mapped trainable parameters, keyed as core keyed their values: from
+        ``.grad`` or from ``per_tensor`` (keyed by the parameter's ``id``). On the CPU a non-kernel array
+        shares memory with its tensor."""
+        out = {}
+        for native, key in self.assign.items():
+            module, pname, tensor, trainable = self.owners[native]
+            if trainable:
+                g = tensor.grad if per_tensor is None else per_tensor.get(id(tensor))
+                g = torch.zeros_like(tensor) if g is None else g
+                out[key] = to_canonical(module, pname, g.detach().cpu().numpy())
+        return out
 
     def _read_unzeroed(self, read: dict | None) -> dict:
         """The switch 'unzeroed_gradients': add what .grad holds now (examples 0..i) to what was read."""
         now = self._grads()  # on the CPU, a bias's array shares memory with .grad, which backward updates
         return {k: v.copy() for k, v in now.items()} if read is None else {k: read[k] + now[k] for k in now}
 
-    def compute(self, method: str) -> RawResult:
-        """Run ``method`` ('METHOD' or 'METHOD@PART') from scratch; its native (unnormalized) loss and
-        gradients. With the switch 'autocast' the whole method runs under ``torch.autocast``."""
-        if self.job.autocast is None:
-            return self._compute(method)
-        dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[self.job.autocast]
-        with torch.autocast(self.device.type, dtype=dtype):
-            return self._compute(method)
+    # -- the cases ----------------------------------------------------------------------------------
 
-    def _compute(self, method: str) -> RawResult:
-        for p in self.model.parameters():
-            p.grad = None  # nothing accumulated by an earlier call may leak into this one
-        case = method
+    def compute(self, case: str) -> RawResult:
+        """Run one case ('describe', 'forward', 'METHOD' or 'METHOD@PART') from scratch (gradients cleared
+        first); a method's native (unnormalized) loss and gradients. With the switch 'autocast' the whole case
+        runs under ``torch.autocast``."""
+        if self.job.autocast is None:
+            return self._compute(case)
+        with torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES[self.job.autocast]):
+            return self._compute(case)
+
+    def _compute(self, case: str) -> RawResult:
+        self.model.zero_grad(set_to_none=True)  # nothing accumulated by an earlier call may leak into this one
+        if case in MODEL_CASES:
+            return self._describe() if case == "describe" else self._forward()
+        if self.assign is None:
+            raise ValueError(f"case {case!r} needs the mapped weights (payload 'assign')")
         method, x, y = self._inputs(case)
         # Dropout masks exist for the batch only (core refuses dropout together with parts).
-        batch_masks, single_masks = (self.batch_masks, self.single_masks) if x is self.x else (None, None)
-
-        def model(inputs, masks=batch_masks):
-            return self.model(inputs, masks)
-
+        on_batch = not case.partition("@")[2]
+        batch_masks, single_masks = (self.batch_masks, self.single_masks) if on_batch else (None, None)
+        w = self.class_weight
+        if method in ("mean", "sum"):
+            loss = self.loss(self.forward(x, batch_masks), y, method, w)
+            loss.backward()
+            return RawResult(loss.item(), self._grads())
         if method == "none_loop":
-            losses = nn.CrossEntropyLoss(weight=self.class_weight, reduction="none")(model(x), y)
+            losses = self.loss(self.forward(x, batch_masks), y, "none", w)
+            per_example = losses.reshape(len(y), -1).sum(dim=1)
             read = None
             for i in range(len(y)):
-                losses[i].backward(retain_graph=True)  # .grad accumulates across examples
+                per_example[i].backward(retain_graph=True)  # .grad accumulates across examples
                 if self.job.unzeroed:
                     # The seed's bug: .grad read after every example and never zeroed.
                     read = self._read_unzeroed(read)
-            return RawResult(losses.detach().sum().item(), read if self.job.unzeroed else self._grads())
+            return RawResult(per_example.detach().sum().item(), read if self.job.unzeroed else self._grads())
         if method == "none_vectorized":
-            params = {k: v.detach() for k, v in self.model.named_parameters()}
-            loss_fn = nn.CrossEntropyLoss(weight=self.class_weight, reduction="sum")
-
-            def example_loss(p, xi, yi, mi):
-                # vmap strips the example axis; the model sees a batch of one (and its own mask row).
-                masks = None if mi is None else [m.unsqueeze(0) for m in mi]
-                return loss_fn(functional_call(self.model, p, (xi.unsqueeze(0), masks)), yi.unsqueeze(0))
-
-            mask_dim = None if single_masks is None else 0  # vmap maps tensors only, not a None
-            try:
-                grads, losses = vmap(grad_and_value(example_loss), in_dims=(None, 0, 0, mask_dim))(
-                    params, x, y, single_masks)
-            except RuntimeError as exc:
-                if self.model.norms is None:
-                    raise
-                raise RuntimeError(
-                    "torch refuses per-example gradients through BatchNorm1d in training mode: under "
-                    "torch.func the layer's in-place update of its running statistics is an error, and "
-                    "without them (torch.func.replace_all_batch_norm_modules_) each vmapped example is a "
-                    "batch of one, which training mode refuses as in one_by_one") from exc
-            summed = {k: g.sum(dim=0) for k, g in grads.items()}
-            return RawResult(losses.sum().item(), self._grads(summed))
-        if method in ("sum", "mean"):
-            loss = nn.CrossEntropyLoss(weight=self.class_weight, reduction=method)(model(x), y)
-            loss.backward()
-            return RawResult(loss.item(), self._grads())
+            return self._vectorized(x, y, single_masks)
         if method == "one_by_one":
-            loss_fn = nn.CrossEntropyLoss(weight=self.class_weight, reduction="mean")
-            total = torch.zeros((), dtype=x.dtype, device=x.device)
+            total = torch.zeros((), dtype=self.dtype, device=self.device)
             read = None
             for i in self.job.fed_alone(case):  # padding is not fed: its mean would be 0/0
-                loss = loss_fn(model(x[i:i + 1], None if single_masks is None else
-                                     [m[i:i + 1] for m in single_masks]), y[i:i + 1])
+                masks = None if single_masks is None else [m[i:i + 1] for m in single_masks]
+                loss = self.loss(self.forward(x[i:i + 1], masks), y[i:i + 1], "mean", w)
                 loss.backward()
                 total += loss.detach()  # on the device: no host sync per example
                 if self.job.unzeroed:
                     read = self._read_unzeroed(read)
             return RawResult(total.item(), read if self.job.unzeroed else self._grads())
-        raise ValueError(f"unknown method {method!r}")
+        raise ValueError(f"unknown case {case!r}; the torch model session computes "
+                         f"{', '.join((*MODEL_CASES, *SESSION_METHODS))}")
+
+    def _vectorized(self, x, y, single_masks) -> RawResult:
+        """none_vectorized: per-example gradients of each example's summed loss by ``torch.func.vmap``, summed."""
+        params = {k: v.detach() for k, v in self.model.named_parameters()}
+        w = self.class_weight
+
+        def example_loss(p, xi, yi, mi):
+            # vmap strips the example axis; the model sees a batch of one (and its own mask row).
+            masks = None if mi is None else [m.unsqueeze(0) for m in mi]
+            args = (xi.unsqueeze(0),) if masks is None else (xi.unsqueeze(0), masks)
+            return self.loss(functional_call(self.model, p, args), yi.unsqueeze(0), "sum", w)
+
+        mask_dim = None if single_masks is None else 0  # vmap maps tensors only, not a None
+        try:
+            grads, losses = vmap(grad_and_value(example_loss), in_dims=(None, 0, 0, mask_dim))(
+                params, x, y, single_masks)
+        except RuntimeError as exc:
+            why = self._vmap_refusal()
+            if why is None:
+                raise
+            raise RuntimeError(why) from exc
+        tensors = dict(self.model.named_parameters())
+        summed = {id(tensors[k]): g.sum(dim=0) for k, g in grads.items()}
+        return RawResult(losses.sum().item(), self._grads(summed))
+
+    def _vmap_refusal(self) -> str | None:
+        """Why torch.func.vmap refused the model in training mode (batch normalization, dropout), or None."""
+        if not self.model.training:
+            return None
+        for m in self.model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                return (f"torch refuses per-example gradients through {type(m).__name__} in training mode: under "
+                        "torch.func the layer's in-place update of its running statistics is an error, and "
+                        "without them (torch.func.replace_all_batch_norm_modules_) each vmapped example is a "
+                        "batch of one, which training mode refuses as in one_by_one")
+        for m in self.model.modules():
+            if isinstance(m, _DROPOUT) and m.p > 0:
+                return (f"torch refuses none_vectorized through {type(m).__name__} in training mode: "
+                        "torch.func.vmap raises on a random operation (randomness='error', its default), and a "
+                        "mask drawn per vmapped example would not be the batch's; run it in inference mode")
+        return None
+
+    def _trace(self, capture: bool):
+        """Forward the batch with hooks on every module; returns (logits, calls, records)."""
+        calls: list[tuple[str, str]] = []
+        records: dict[str, dict] = {}
+        names = {id(m): n for n, m in self.modules.items()}
+        handles = []
+
+        def hook(module, args, output):
+            name = names[id(module)]
+            leaf = not any(True for _ in module.children())
+            if leaf or _owned(module):
+                calls.append((name, type(module).__name__))
+            if _owned(module) and name not in records:
+                rec = {"input": args[0] if args and torch.is_tensor(args[0]) else None,
+                       "output": output if torch.is_tensor(output) else None}
+                if capture and rec["output"] is not None and rec["output"].requires_grad:
+                    rec["output"].retain_grad()
+                records[name] = rec
+
+        for m in self.modules.values():
+            if m is not self.model or _owned(m):
+                handles.append(m.register_forward_hook(hook))
+        try:
+            out = self.model(self.x)
+        finally:
+            for h in handles:
+                h.remove()
+        return out, calls, records
+
+    def _describe(self) -> RawResult:
+        with torch.no_grad():
+            out, calls, records = first_forward(self.job, lambda: self._trace(capture=False))
+        order = list(records) + [n for n, m in self.modules.items() if _owned(m) and n not in records]
+        layers, values = [], {}
+        for name in order:
+            module = self.modules[name]
+            params = []
+            for pname, tensor, trainable in _owned(module):
+                native = f"{name}.{pname}" if module is not self.model else pname
+                canonical = to_canonical(module, pname, tensor.detach().cpu().numpy())
+                values[native] = canonical
+                params.append({"name": native, "role": _role(module, pname), "shape": list(canonical.shape),
+                               "trainable": trainable})
+            layers.append({"name": name, "type": type(module).__name__,
+                           "called": name in records, "fused_activation": False, "params": params})
+        info = {"layers": layers, "calls": [list(c) for c in calls], "output_shape": list(out.shape)}
+        return RawResult(float("nan"), values, info)  # no loss: core checks the targets against the output first
+
+    def _forward(self) -> RawResult:
+        out, _, records = self._trace(capture=True)
+        loss = self.loss(out, self.y, "mean")
+        loss.backward()
+        arrays = {"logits": out.detach().cpu().numpy()}
+        for k, name in enumerate(records):
+            module, rec = self.modules[name], records[name]
+            if rec["input"] is not None:
+                arrays[f"input/{k}"] = _channels_last(module, rec["input"])
+            if rec["output"] is not None:
+                arrays[f"output/{k}"] = _channels_last(module, rec["output"])
+                if rec["output"].grad is not None:
+                    arrays[f"grad_output/{k}"] = _channels_last(module, rec["output"].grad)
+        return RawResult(loss.item(), arrays, {"layers": list(records)})
 
 
-def open_session(job: WorkerJob) -> TorchSession:
-    """Pick the device, pin precision, build the model; may raise DeviceUnavailable."""
-    return TorchSession(job)
+def open_session(job: WorkerJob) -> ModelSession:
+    """Pick the device, pin precision, build the model (the built-in one, or the user's factory's) on the job's
+    dtype and device, load the canonical weights; may raise DeviceUnavailable."""
+    if job.task not in ("gradients", "model_check"):
+        raise ValueError(f"the torch model session runs 'gradients' and 'model_check' jobs, got task {job.task!r}")
+    return ModelSession(job)

@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 
 from gradparity.backends import BACKENDS, FRAMEWORKS, BackendInfo, make_job
-from gradparity.backends.protocol import MODEL_METHODS, WorkerJob, loss_elements, step_losses, step_params
+from gradparity.backends.protocol import MODEL_METHODS, SESSION_METHODS, BatchDoesNotFit, WorkerJob, loss_elements, step_losses, step_params
 from gradparity.compare.localize import Localization, localize
 from gradparity.compare.normalize import Result, normalize
 from gradparity.compare.pairs import Comparison, compare_all
@@ -31,7 +31,7 @@ from gradparity.compare.tolerance import (UNIT_ROUNDOFF, Tolerance, effective_un
                                           training_rtol)
 from gradparity.compare.verdict import Verdict, decide
 from gradparity.errors import ConfigError, Interrupted
-from gradparity.experiment.causes import Rule
+from gradparity.experiment.causes import Causes, rules
 from gradparity.experiment.weights import ModelLayout, WeightMap, map_weights
 from gradparity.run.execute import BackendOutcome, MethodOutcome
 from gradparity.report.render import REPORT_FILES
@@ -129,9 +129,9 @@ def check_spec(spec: ModelCheck) -> ModelCheck:
             problems.append(f"mapping for {fw!r} must be a table of '{fw} name' = 'source name' strings")
     if spec.loss not in LOSSES:
         problems.append(f"unknown loss {spec.loss!r}; choose one of {', '.join(LOSSES)}")
-    bad = [m for m in spec.methods if m not in MODEL_METHODS]
+    bad = [m for m in spec.methods if m not in SESSION_METHODS]
     if bad or not spec.methods:
-        problems.append(f"methods {bad or '[]'}: a user's model supports {', '.join(MODEL_METHODS)}")
+        problems.append(f"methods {bad or '[]'}: a user's model supports {', '.join(SESSION_METHODS)}")
     for key, value, allowed in (("dtype", spec.dtype, ("float32", "float64")), ("mode", spec.mode, MODES),
                                 ("device", spec.device, ("auto", "cpu", "gpu")),
                                 ("precision", spec.precision, ("highest", "default")),
@@ -280,6 +280,18 @@ def _output_problem(layout: ModelLayout, source: ModelLayout) -> str | None:
     return None
 
 
+def _check_batch_fits(spec: "ModelCheck", described: dict[str, BackendOutcome]) -> None:
+    """ConfigError (exit 2) when the source model's first forward pass refused the batch (``BatchDoesNotFit``):
+    the user's inputs do not fit the model they port from. Another framework refusing it is a failed row."""
+    o = described[spec.source]
+    row = o.methods.get("describe")
+    # In the describe case, or while the session opened (a model that builds itself on its first call).
+    first_line = ((row.error if row is not None and row.error else o.error) or "").split("\n", 1)[0]
+    marker = f"{BatchDoesNotFit.__name__}: "
+    if marker in first_line:
+        raise ConfigError(f"{spec.source}: {first_line.split(marker, 1)[1]}")
+
+
 def _check_targets(source: ModelLayout, y: np.ndarray, loss: str) -> None:
     """The targets must fit the source model's output (ConfigError, before the methods run)."""
     shape = tuple(source.output_shape)
@@ -293,13 +305,6 @@ def _check_targets(source: ModelLayout, y: np.ndarray, loss: str) -> None:
     elif tuple(y.shape) != shape:
         raise ConfigError(f"the {source.backend} model returns outputs of shape {list(shape)}; mse needs targets "
                           f"of that shape, y has {list(y.shape)}")
-
-
-def _rules(methods: tuple[str, ...], n: int, m: int) -> dict[str, Rule]:
-    """Mean convention: 'sum' and 'none_loop' add the M loss terms (÷M), 'one_by_one' adds N example means (÷N)."""
-    factors = {"mean": (1.0, "1"), "sum": (1 / m, f"1/{m}"), "none_loop": (1 / m, f"1/{m}"),
-               "one_by_one": (1 / n, f"1/{n}")}
-    return {name: Rule(((name, factors[name][0]),), factors[name][1]) for name in methods}
 
 
 def _tolerance(source: ModelLayout, m: int) -> Tolerance:
@@ -462,6 +467,7 @@ def _run_stages(spec: ModelCheck, say, stop: "_Stop") -> ModelReport:
     cases = (*spec.methods, "forward")
     failed: dict[str, BackendOutcome] = {}
     layouts: dict[str, ModelLayout] = {}
+    _check_batch_fits(spec, described)
     for fw in frameworks:
         o = described[fw]
         problem = _describe_failure(o)
@@ -506,7 +512,8 @@ def _run_stages(spec: ModelCheck, say, stop: "_Stop") -> ModelReport:
 
     n = int(spec.y.shape[0])
     m = loss_elements(layouts[source].output_shape, spec.loss) if source in layouts else n
-    results = normalize(outcomes, spec.methods, n, _rules(spec.methods, n, m))
+    # The mean convention over the M loss terms: sums divide by M, one_by_one (N example means) by N.
+    results = normalize(outcomes, spec.methods, n, rules(spec.methods, n, {}, Causes(), terms=m // n))
     tol = _tolerance(layouts[source], m) if source in layouts else gradient_tolerance(m, 1)
     tol = dataclasses.replace(tol, term_scale=_gradient_scale(results, source, spec))
     comparisons = compare_all(results, tol)

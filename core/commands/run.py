@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Callable
 
 from gradparity.backends import BACKENDS, BackendInfo, make_job
-from gradparity.backends.protocol import WorkerJob
+from gradparity.backends.protocol import WorkerJob, builtin_payload
 from gradparity.compare.layers import defaults_notes, gelu_notes
 from gradparity.compare.normalize import normalize
 from gradparity.compare.pairs import compare_all
@@ -28,14 +28,13 @@ def experiment_job(exp: Experiment, inputs: CanonicalInputs, info: BackendInfo,
                    methods: tuple[str, ...] | None = None) -> WorkerJob:
     """The job one backend's worker receives: the experiment's settings and the canonical arrays.
 
-    The MLP runs in each backend's reduction session (task "gradients"); a built-in CNN or sequence model in a
-    framework runs in its model session (task "model_check", payload "builtin"), the one that runs users' own
-    models; the numpy reference computes every built-in model in its own session.
+    Every built-in model (the MLP, the CNN, the sequence model) runs in its framework's one model session (task
+    "gradients", payload "builtin"), the one that runs users' own models; the numpy reference computes every
+    built-in model in its own session.
     """
     model = inputs.model.to_dict()
-    task, payload = "gradients", {}
-    if model["kind"] != "mlp" and not info.reference:
-        task, payload = "model_check", {"builtin": model, "mode": "inference", "loss": exp.loss.name}
+    mode = "training" if model.get("batchnorm") else "inference"
+    task, payload = "gradients", builtin_payload(model, mode=mode, loss=exp.loss.name)
     return make_job(info, task, causes.cases(exp.methods, inputs.batch, exp.causes) if methods is None else methods,
                     dtype=exp.dtype, device=exp.device, precision=exp.precision, model=model,
                     loss={"name": exp.loss.name}, params=inputs.params, batch=inputs.batch, payload=payload,

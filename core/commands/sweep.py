@@ -61,7 +61,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from gradparity.backends import BACKENDS, make_job
-from gradparity.backends.protocol import WorkerJob, step_losses, step_params
+from gradparity.backends.protocol import WorkerJob, builtin_payload, step_losses, step_params
 from gradparity.commands.train import DEFAULT_LR, TrainSpec, check_spec, held_out_accuracy, split_digits
 from gradparity.compare.trajectories import relative_distance
 from gradparity.errors import ConfigError, Interrupted
@@ -242,7 +242,8 @@ def job_arrays(seq: Sequence, batches: list) -> dict[str, np.ndarray]:
 def train_job(base: TrainSpec, backend: str, model: MLP, params: dict, batch: dict, runs: dict) -> WorkerJob:
     """The one train job a framework's worker runs for the sweep: every run of ``runs`` on ``batch``."""
     return make_job(BACKENDS[backend], "train", runs, dtype=base.dtype, model=model.to_dict(),
-                    loss={"name": "cross_entropy"}, params=params, batch=batch, payload={"runs": runs})
+                    loss={"name": "cross_entropy"}, params=params, batch=batch,
+                    payload=builtin_payload(model.to_dict(), mode="training", runs=runs))
 
 
 @dataclass(frozen=True)

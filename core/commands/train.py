@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from gradparity.backends import BACKENDS, make_job
-from gradparity.backends.protocol import WorkerJob, step_losses, step_params
+from gradparity.backends.protocol import WorkerJob, builtin_payload, step_losses, step_params
 from gradparity.compare.tolerance import UNIT_ROUNDOFF, effective_unit_roundoff, tolerance_for, training_rtol
 from gradparity.compare.trajectories import first_beyond, relative_distance
 from gradparity.errors import ConfigError, Interrupted
@@ -258,12 +258,9 @@ def train_job(spec: TrainSpec, backend: str, model: MLP, params, batches) -> Wor
     if spec.optimizer_text:
         for run in runs.values():
             run["optimizer"] = spec.rendered(info.framework)
-    # The MLP trains in each backend's trainer (task "train"); a built-in CNN or sequence model in its model
-    # session, the one that builds it for `gradparity run` (task "model_train", payload "builtin").
-    task, payload = "train", {"runs": runs}
-    if not isinstance(model, MLP):
-        task, payload = "model_train", {"runs": runs, "builtin": model.to_dict(), "mode": "training",
-                                        "loss": "cross_entropy"}
+    # Every built-in model trains in its framework's one trainer (task "train"), on the model its model session
+    # builds for `gradparity run` (payload "builtin").
+    task, payload = "train", builtin_payload(model.to_dict(), mode="training", runs=runs)
     return make_job(info, task, runs, dtype=spec.dtype, model=model.to_dict(), loss={"name": "cross_entropy"},
                     params=params, batch=batch, payload=payload)
 

@@ -39,8 +39,9 @@ from gradparity.exit_codes import EXIT_INCOMPLETE, EXIT_MATCH, EXIT_MISMATCH  # 
 
 
 def loss_module(framework: str):
-    """The framework's loss module (parse, render, open_session); importing it imports no framework."""
-    return importlib.import_module(f"gradparity.backends.{framework}.losses")
+    """The framework's loss texts (``parse``, ``render``), the parent half of its losses; importing it imports
+    no framework (the worker half, ``losses``, runs the rendered functions)."""
+    return importlib.import_module(f"gradparity.backends.{framework}.loss_text")
 
 
 @dataclass(frozen=True)

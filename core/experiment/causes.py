@@ -324,26 +324,30 @@ def rules(methods: tuple[str, ...], n: int, batch: dict[str, np.ndarray], causes
     out = {}
     for name in methods:
         sums = METHODS[name].sums_examples
+        # A summed result adds every loss term (T per example of a sequence); one_by_one adds per-example means.
+        t = terms if sums and name != "one_by_one" else 1
+        per = f" x {t} tokens" if t > 1 else ""
         if causes.short_last_batch:
             r = sizes["last"]
             m = n + r
             if name in ("sum", "mean"):
-                w0, w1 = (1 / (2 * n), 1 / (2 * r)) if sums else (0.5, 0.5)
-                label = f"mean of 2 batch means ({'sum/N per batch' if sums else 'mean per batch'}; N = {n}, {r})"
+                w0, w1 = (1 / (2 * n * t), 1 / (2 * r * t)) if sums else (0.5, 0.5)
+                label = (f"mean of 2 batch means ({'sum/N' + per + ' per batch' if sums else 'mean per batch'}; "
+                         f"N = {n}, {r})")
             else:
-                w0 = w1 = 1 / m
-                label = f"1/{m} (sum over both batches / examples)"
+                w0 = w1 = 1 / (m * t)
+                label = f"1/{m * t} (sum over both batches / examples{per})"
             out[name] = Rule(((name, w0), (f"{name}@last", w1)), label)
         elif sizes and causes.replicas > 1:
             k = causes.replicas
-            w = 1 / (k * n) if sums else 1 / k
+            w = 1 / (k * n * t) if sums else 1 / k
             out[name] = Rule(tuple((f"{name}@{p}", w) for p in sizes),
-                             f"all-reduce mean over {k} replicas" + (f", then 1/{n}" if sums else ""))
+                             f"all-reduce mean over {k} replicas" + (f", then 1/{n * t}" if sums else ""))
         elif sizes and causes.micro_batches > 1:
             k = causes.micro_batches
             if sums:
-                out[name] = Rule(tuple((f"{name}@{p}", 1 / n) for p in sizes),
-                                 f"{k} micro-batch results added, then 1/{n}")
+                out[name] = Rule(tuple((f"{name}@{p}", 1 / (n * t)) for p in sizes),
+                                 f"{k} micro-batch results added, then 1/{n * t}")
             elif causes.accumulate == "num_items":
                 # mean_p = S_p / v_p natively; S_p / V is the num_items_in_batch fix.
                 counts = {p: valid_count(batch, p) for p in sizes}

@@ -235,10 +235,9 @@ def build_inputs(exp: Experiment) -> CanonicalInputs:
     desc += f", batch {spec.batch_index} of size {spec.batch_size}" + (" (seeded shuffle)" if spec.shuffle else "")
     if last:
         desc += f", then a short last batch of the next {last} examples (causes.short_last_batch)"
-    batch = {"x": xb, "y": yb}
-    if isinstance(model, MLP):
-        batch.update(**part_arrays(exp.causes, xb, yb, *extra),
-                     **dropout_masks(exp.causes, model.hidden, len(yb), seeded_rng(exp.seed, 3), exp.dtype))
+    batch = {"x": xb, "y": yb, **part_arrays(exp.causes, xb, yb, *extra)}
+    if isinstance(model, MLP):  # dropout acts on the MLP's hidden layers (spec refuses it for another model)
+        batch.update(dropout_masks(exp.causes, model.hidden, len(yb), seeded_rng(exp.seed, 3), exp.dtype))
     return CanonicalInputs(model, params, batch, desc)
 
 
@@ -273,19 +272,27 @@ def _sequence_inputs(exp: Experiment) -> CanonicalInputs:
     model = Sequence(m.vocab, m.seq_len, m.width, m.heads, m.mlp_width, m.options)
     n = spec.num_examples
     start, stop = spec.batch_index * spec.batch_size, (spec.batch_index + 1) * spec.batch_size
-    if stop > n:
+    last = exp.causes.short_last_batch
+    if stop + last > n:
+        need = f"{stop + last} sequences" + (f" ({stop} up to the batch, {last} for causes.short_last_batch)"
+                                              if last else "")
         raise ConfigError(f"data.batch_size = {spec.batch_size} with data.batch_index = {spec.batch_index} needs "
-                          f"{stop} sequences, but data.num_examples = {n}")
+                          f"{need}, but data.num_examples = {n}")
+
     check_size(f"{n:,} token sequences of {m.seq_len + 1}", 8.0 * n * (m.seq_len + 1))
     check_problem_size(model, spec.batch_size, False, None)
     seq = token_sequences(n, m.seq_len, m.vocab, seeded_rng(exp.seed, 2))
     order = seeded_rng(exp.seed, 1).permutation(n) if spec.shuffle else np.arange(n)
-    rows = seq[order[start:stop]]
+    rows, extra = seq[order[start:stop]], seq[order[stop:stop + last]]
     desc = (f"synthetic token sequences ({n} of length {m.seq_len}, vocabulary {m.vocab}: stride 1-3 modulo "
             f"the vocabulary, 10% noise; targets the next token), batch {spec.batch_index} of size "
             f"{spec.batch_size}" + (" (seeded shuffle)" if spec.shuffle else ""))
-    return CanonicalInputs(model, init_params(model, exp.seed, exp.dtype),
-                           {"x": rows[:, :-1].copy(), "y": rows[:, 1:].copy()}, desc)
+    if last:
+        desc += f", then a short last batch of the next {last} sequences (causes.short_last_batch)"
+    x, y = rows[:, :-1].copy(), rows[:, 1:].copy()
+    parts = part_arrays(exp.causes, x, y, extra[:, :-1].copy(), extra[:, 1:].copy()) if last else \
+        part_arrays(exp.causes, x, y)
+    return CanonicalInputs(model, init_params(model, exp.seed, exp.dtype), {"x": x, "y": y, **parts}, desc)
 
 
 def _rows(x: np.ndarray, y: np.ndarray, rows: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:

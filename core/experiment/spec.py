@@ -138,8 +138,8 @@ _KIND_KEYS = {
 }
 #: Data sources each kind can read.
 _KIND_SOURCES = {"mlp": ("digits", "synthetic", "npz"), "cnn": ("digits", "npz"), "sequence": ("tokens",)}
-#: Methods the built-in CNN and sequence models run (none_vectorized: not built for them yet).
-BUILTIN_METHODS = ("none_loop", "sum", "mean", "one_by_one")
+#: The switches that act on the MLP's hidden layers, which the CNN and the sequence model do not have.
+HIDDEN_LAYER_SWITCHES = ("dropout", "batchnorm")
 
 
 def default_config_text() -> str:
@@ -302,13 +302,15 @@ def validate(cfg: dict, base_dir: Path | None = None) -> Experiment:
         if data is not None and data.source not in _KIND_SOURCES[model.kind]:
             c.fail(f"model.kind = {model.kind!r} reads data.source "
                    f"{' or '.join(map(repr, _KIND_SOURCES[model.kind]))}, not {data.source!r}")
-        unbuilt = [m for m in methods or () if m not in BUILTIN_METHODS]
-        if unbuilt:
-            c.fail(f"model.kind = {model.kind!r} runs the methods {', '.join(BUILTIN_METHODS)}; "
-                   f"{', '.join(unbuilt)} is not built for it yet")
-        if causes is not None and causes.on():
-            c.fail(f"the discrepancy switches ({', '.join('causes.' + k for k in causes.on())}) act on the "
-                   f"MLP only; model.kind = {model.kind!r} runs without them")
+        hidden_only = [k for k in HIDDEN_LAYER_SWITCHES if causes is not None and k in causes.on()]
+        if hidden_only:
+            c.fail(f"{', '.join('causes.' + k for k in hidden_only)} act on the MLP's hidden layers (dropout after "
+                   f"each hidden activation, batch normalization before it); model.kind = {model.kind!r} has "
+                   "none: use model.kind = 'mlp' for them")
+        weights = causes.class_weights if causes is not None else ()
+        if model.kind == "sequence" and weights and len(weights) != model.vocab:
+            c.fail(f"causes.class_weights has {len(weights)} weights for a vocabulary of {model.vocab} "
+                   "(one weight per target token id)")
     elif model is not None and data is not None and data.source == "tokens":
         c.fail("data.source = 'tokens' feeds model.kind = 'sequence' only")
     elif causes is not None and model is not None and not model.hidden:
@@ -466,7 +468,7 @@ def _data(c: _Checker, t: dict, base_dir: Path | None, last: int = 0) -> DataSpe
         if "num_classes" in t:
             extra["num_classes"] = c.integer("data.num_classes", t["num_classes"], 2)
     elif source == "tokens":
-        enough = (batch_size or 1) * ((batch_index or 0) + 1)
+        enough = (batch_size or 1) * ((batch_index or 0) + 1) + last
         extra["num_examples"] = c.integer("data.num_examples", t.get("num_examples", enough), 1)
     if batch_size is None or batch_index is None or not isinstance(shuffle, bool):
         return None
@@ -509,15 +511,14 @@ def _defaults_for_kind(default: dict, user: dict) -> dict:
     """The embedded default (written for the MLP), fitted to the model kind the user asks for.
 
     For a CNN or sequence model it loses what they cannot use and the user did not write: the MLP's
-    ``hidden`` and ``activation``, the method none_vectorized (not built for them), and for a sequence
-    model the digits (token data instead). Validation names anything the user wrote that does not fit.
+    ``hidden`` and ``activation``, and for a sequence model the digits (token data instead). Validation names
+    anything the user wrote that does not fit.
     """
     model = user.get("model")
     kind = model.get("kind") if isinstance(model, dict) else None
     if not isinstance(kind, str) or kind not in _KIND_KEYS or kind == "mlp":  # validation names a bad kind
         return default
     default = dict(default, model={"kind": kind})
-    default["methods"] = [m for m in default["methods"] if m in BUILTIN_METHODS]
     if kind == "sequence":
         default["data"] = dict(default["data"], source="tokens")
     return default

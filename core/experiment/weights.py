@@ -4,7 +4,7 @@ Each backend describes a user's model as its parameterized layers in the order
 the forward pass calls them, each with its parameters' canonical role
 ("kernel", "bias", "scale", ...) and canonical shape (the layout changes,
 Linear (out, in) vs Dense (in, out), conv OIHW vs HWIO, LayerNorm weight vs
-scale, are the backends' business: ``backends/*/user_model.py``). So two
+scale, are the backends' business: ``backends/*/session.py``). So two
 models map when their layer lists pair up in order and each pair's parameters
 pair up by role and shape. Anything else is a ``MappingError`` that shows both
 lists side by side; an explicit ``{target name: source name}`` mapping

@@ -283,21 +283,29 @@ def logits(params, x, model: dict, *, settings: dict | None = None) -> np.ndarra
     return _forward(params, x, model, settings)[3]
 
 
-def loss_and_grads(params, x, y, model: dict, *, settings: dict | None = None) -> tuple[float, dict]:
+def loss_and_grads(params, x, y, model: dict, *, settings: dict | None = None,
+                   weights: np.ndarray | None = None) -> tuple[float, dict]:
     """(sum of the softmax cross-entropy over all loss terms, its gradient w.r.t. every parameter), the
-    gradient by a hand-written backward pass over the whole batch; names and shapes as ``param_shapes()``."""
+    gradient by a hand-written backward pass over the whole batch; names and shapes as ``param_shapes()``.
+    ``weights`` (y's shape) multiplies each term (a class-weighted loss: w[y])."""
     m, s, params, out, cache = _forward(params, x, model, settings)
     y = np.asarray(y, dtype=np.int64)
     losses, dlogits = cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+    if weights is not None:
+        w = np.asarray(weights, dtype=np.float64).reshape(-1)
+        losses, dlogits = losses * w, dlogits * w[:, None]
     dlogits = dlogits.reshape(out.shape)
     grads = (_cnn_backward if isinstance(m, CNN) else _seq_backward)(params, cache, dlogits, m, s)
     return float(losses.sum()), {name: grads[name] for name in m.param_shapes()}
 
 
-def per_example(params, x, y, model: dict, *, settings: dict | None = None) -> tuple[np.ndarray, dict]:
+def per_example(params, x, y, model: dict, *, settings: dict | None = None,
+                weights: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
     """(losses (N,), gradients name -> (N, *shape)): example i's loss (summed over its tokens for the
-    sequence model) and its gradient. The examples are independent, so each is a batch of one."""
-    rows = [loss_and_grads(params, x[i:i + 1], y[i:i + 1], model, settings=settings) for i in range(len(x))]
+    sequence model) and its gradient. The examples are independent, so each is a batch of one.
+    ``weights`` as in ``loss_and_grads``."""
+    rows = [loss_and_grads(params, x[i:i + 1], y[i:i + 1], model, settings=settings,
+                           weights=None if weights is None else weights[i:i + 1]) for i in range(len(x))]
     losses = np.array([loss for loss, _ in rows])
     return losses, {name: np.stack([g[name] for _, g in rows]) for name in rows[0][1]}
 
