@@ -69,3 +69,23 @@ def call_main(main, argv: list[str]) -> tuple[int | None, object, str, str, Base
         err.flush()
     return (code, system_exit, out_buf.getvalue().decode("utf-8", "replace"),
             err_buf.getvalue().decode("utf-8", "replace"), escaped)
+
+
+def run_cli(*args, cwd=None):
+    """``gradparity ARGS`` run by ``main`` in this process (in ``cwd``), as ``subprocess.run(..., text=True,
+    capture_output=True)`` would report it: its workers come from the test session's shared pool instead of
+    starting afresh. An exception escaping ``main`` is raised (a real process would print a traceback)."""
+    import os
+    import subprocess
+
+    from gradparity.cli import main
+
+    before = os.getcwd()
+    os.chdir(cwd or before)
+    try:
+        code, _, out, err, escaped = call_main(main, [str(a) for a in args])
+    finally:
+        os.chdir(before)
+    if escaped is not None:
+        raise escaped
+    return subprocess.CompletedProcess(["gradparity", *map(str, args)], code, out, err)

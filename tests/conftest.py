@@ -181,7 +181,9 @@ def shared_worker_processes():
     crashes, hangs or is stopped still takes its worker down, so the isolation tests test the same thing."""
     from gradparity.run.pool import shared_workers
 
-    with shared_workers(max_idle=12) as pool:
+    # 16 idle workers hold about 10 GiB at most (0.3 to 0.9 GiB each, TensorFlow's the largest): room for every
+    # backend x (cpu | auto) x precision x JAX's x64 the suite uses, so few are started twice.
+    with shared_workers(max_idle=16) as pool:
         yield
         _POOL_STATS.update(started=pool.started, reused=pool.reused)
 

@@ -9,12 +9,11 @@ named at its layer, as torch names it.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_harness import run_cli as gradparity
 
 from gradparity.cli import main
 from gradparity.commands.check import compare_models
@@ -98,9 +97,7 @@ def test_tensorflow_float64_gelu_is_found_and_localized():
 @needs_all
 def test_faithful_ports_agree_in_float32_through_the_cli_and_toml(tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "gradparity", "check", str(EXAMPLE / "check.toml"), "--out",
-                           str(out), "--methods", "mean,one_by_one"], capture_output=True, text=True, timeout=900,
-                          cwd=tmp_path)
+    proc = gradparity("check", EXAMPLE / "check.toml", "--out", out, "--methods", "mean,one_by_one", cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     doc = json.loads((out / "report.json").read_text())
     assert doc["schema"] == "gradparity.check/1" and doc["verdict"]["status"] == "agree"

@@ -1,13 +1,11 @@
 """``gradparity compare-losses``: configurations run natively on shared batches, every pair classified."""
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from cli_harness import run_cli
 
 from gradparity.cli import main
-from gradparity.commands import compare_losses as lc
 
 CONFIGS = [
     "torch.nn.MSELoss(reduction='sum')",
@@ -20,8 +18,7 @@ CONFIGS = [
 
 @pytest.mark.frameworks("torch", "jax", "keras-tensorflow")
 def test_every_kind_of_relation_is_measured():
-    proc = subprocess.run([sys.executable, "-m", "gradparity", "compare-losses", *CONFIGS, "--json"],
-                          capture_output=True, text=True, timeout=900)
+    proc = run_cli("compare-losses", *CONFIGS, "--json")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     doc = json.loads(proc.stdout)
     assert all(c["agreement"]["status"] == "ok" for c in doc["configurations"])
@@ -51,8 +48,7 @@ def test_incompatible_configurations_are_exit_2(capsys, workers_started):
 @pytest.mark.frameworks("torch", "jax", "keras-tensorflow")
 def test_the_structured_example_measures_each_frameworks_own_divisor():
     """examples/compare_losses.toml: three means over N (or N*T) are equal; the sum is N times them, per batch."""
-    proc = subprocess.run([sys.executable, "-m", "gradparity", "compare-losses", "--config",
-                           "examples/compare_losses.toml", "--json"], capture_output=True, text=True, timeout=900)
+    proc = run_cli("compare-losses", "--config", "examples/compare_losses.toml", "--json")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     doc = json.loads(proc.stdout)
     sizes = [float(np.prod(b["shape"][:-1])) for b in doc["batches"]]

@@ -79,3 +79,22 @@ def test_a_users_module_is_imported_afresh_by_each_job(tmp_path):
             shapes.append(tuple(report.layouts["torch"].output_shape))
         assert pool.reused >= 1
     assert shapes == [(4, 3), (4, 5)]
+
+
+def test_cpu_and_auto_jobs_share_a_worker_only_on_a_machine_without_gpus(monkeypatch, tmp_path):
+    """Device "cpu" only hides GPUs (CUDA_VISIBLE_DEVICES, JAX_PLATFORMS): where there is none to hide, a "cpu"
+    and an "auto" job get the same worker; with GPU device nodes, or another precision, they do not."""
+    from gradparity.run import pool as pool_module
+
+    pool = pool_module.WorkerPool(tmp_path)
+    info = BACKENDS["jax"]
+    cpu, auto = (info.environment_variables("float32", d, str(tmp_path)) for d in ("cpu", "auto"))
+    assert cpu != auto  # the environments differ ...
+    monkeypatch.setattr(pool_module, "no_gpu_hardware", lambda: True)
+    assert pool.key("jax", cpu, "cpu", "highest") == pool.key("jax", auto, "auto", "highest")  # ... not the key
+    assert pool.key("jax", auto, "auto", "highest") != pool.key("jax", auto, "auto", "default")
+    assert pool.key("jax", auto, "auto", "highest") != pool.key("jax", auto, "gpu", "highest")
+    float64 = info.environment_variables("float64", "cpu", str(tmp_path))  # JAX_ENABLE_X64: a setting at import
+    assert pool.key("jax", cpu, "cpu", "highest") != pool.key("jax", float64, "cpu", "highest")
+    monkeypatch.setattr(pool_module, "no_gpu_hardware", lambda: False)
+    assert pool.key("jax", cpu, "cpu", "highest") != pool.key("jax", auto, "auto", "highest")

@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+from cli_harness import run_cli
 
 from gradparity.cli import main
 from gradparity.commands import translate as tr
@@ -20,8 +21,7 @@ WEIGHTED_PADDED = ("torch.nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 0.5
 
 
 def gradparity(*args):
-    return subprocess.run([sys.executable, "-m", "gradparity", *args], capture_output=True, text=True,
-                          timeout=900)
+    return run_cli(*args)
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -184,6 +184,9 @@ def _class_note(config: dict) -> str:
 
 def open_session(job) -> OptimizerSession:
     """The worker's entry for task "optimizer_steps": Keras' optimizers on its configured backend, CPU."""
+    # floatx as a fresh process has it: a served worker's earlier model job may have set it to its dtype, and the
+    # optimizer's own tensors (its learning rate, its iteration count's casts) follow floatx, not the variables.
+    keras.config.set_floatx("float32")
     versions = package_versions("keras", {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}[
         keras.backend.backend()])
     return OptimizerSession(job, run_steps, environment_note,

@@ -182,7 +182,9 @@ def run_backend(
             if pool is not None:
                 # A served worker outlives this run's timing lock: it gets the lock with each job instead.
                 lock = env.pop(TIMING_LOCK_ENV, None)
-                served = pool.acquire(info.name, env, (job.dtype, job.device, job.precision))
+                # dtype is not a process-wide setting (every session sets what it computes in; JAX's x64 is in
+                # the environment): float32 and float64 jobs share a worker.
+                served = pool.acquire(info.name, env, job.device, job.precision)
                 proc, log_path = served.proc, served.log_path
                 served.submit(job_dir, lock)
             else:

@@ -28,6 +28,17 @@ from typing import Iterator
 
 #: Environment variables that differ between two calls without changing what a worker computes.
 _VOLATILE_ENV = ("PYTEST_CURRENT_TEST", "GRADPARITY_PARENT_PID", "COLUMNS", "LINES")
+#: Environment variables whose only effect is to hide GPUs from the frameworks (device "cpu").
+_GPU_HIDING_ENV = ("CUDA_VISIBLE_DEVICES", "JAX_PLATFORMS")
+#: Device nodes of the GPUs the frameworks use on Linux: NVIDIA's, AMD ROCm's, WSL's.
+_GPU_DEVICE_NODES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg")
+
+
+def no_gpu_hardware() -> bool:
+    """True on Linux when no GPU device node exists: hiding GPUs (device "cpu") then changes nothing a framework
+    sees, so a job on device "cpu" and one on "auto" compute the same in the same worker (each session still
+    picks its device and writes its own note). False elsewhere, or when unsure."""
+    return sys.platform.startswith("linux") and not any(os.path.exists(p) for p in _GPU_DEVICE_NODES)
 
 
 @dataclass
@@ -68,11 +79,14 @@ class WorkerPool:
     reused: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def key(self, backend: str, env: dict[str, str], settings: tuple = ()) -> tuple:
+    def key(self, backend: str, env: dict[str, str], device: str = "cpu", precision: str = "highest") -> tuple:
         """What a served worker must share with a job to run it: the backend, the environment it started with,
-        and the job's process-wide ``settings`` (dtype, device, precision: a framework's global switches that a
-        session pins and that a later job must not inherit)."""
-        return backend, tuple(sorted((k, v) for k, v in env.items() if k not in _VOLATILE_ENV)), tuple(settings)
+        the job's ``device`` and its ``precision`` (a framework's global switches that a session pins and that a
+        later job must not inherit). On a machine without GPUs, devices "cpu" and "auto" share workers."""
+        ignored = _VOLATILE_ENV
+        if device in ("cpu", "auto") and no_gpu_hardware():
+            ignored, device = _VOLATILE_ENV + _GPU_HIDING_ENV, "cpu"
+        return backend, tuple(sorted((k, v) for k, v in env.items() if k not in ignored)), device, precision
 
     def home(self, backend: str) -> Path:
         """A private folder per backend for what a framework writes at import (Keras' KERAS_HOME)."""
@@ -80,9 +94,10 @@ class WorkerPool:
         path.mkdir(exist_ok=True)
         return path
 
-    def acquire(self, backend: str, env: dict[str, str], settings: tuple = ()) -> ServedWorker:
+    def acquire(self, backend: str, env: dict[str, str], device: str = "cpu",
+                precision: str = "highest") -> ServedWorker:
         """An idle worker with this key (``key``), or a new one."""
-        key = self.key(backend, env, settings)
+        key = self.key(backend, env, device, precision)
         with self._lock:
             for w in reversed(self.idle):
                 if w.key == key:
