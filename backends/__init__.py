@@ -65,7 +65,7 @@ class BackendInfo:
 
     @property
     def module(self) -> str:
-        """The module of the built-in MLP's reduction methods (task "gradients")."""
+        """The module of the reduction methods on a built-in model (task "gradients": the model session)."""
         return self.module_for("gradients")
 
     def environment_variables(self, dtype: str, device: str, job_dir: str) -> dict[str, str]:
