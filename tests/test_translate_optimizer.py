@@ -80,6 +80,19 @@ def test_the_cli_says_exit_2_for_an_optimizer_it_cannot_read(capsys):
     assert "amsgrad" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("text, kind", [
+    ("torch.optim.SGD(lr=0.1, momentum=0.9", "the optimizer text"),           # as pasted, one ')' short
+    ("keras.optimizers.SGD(learning_rate=0.05,, momentum=0.8)", "the optimizer text"),
+    ("optax.adam(1e-3", "the optimizer text"),
+    ("torch.nn.CrossEntropyLoss(", "the loss text"),
+])
+def test_a_text_that_does_not_parse_is_named_for_what_it_calls(capsys, text, kind):
+    """A syntax error is reported as the optimizer text's or the loss text's, by the callable it names."""
+    assert main(["translate", text]) == 2
+    err = capsys.readouterr().err
+    assert f"{kind} is not a Python expression" in err and "Traceback" not in err
+
+
 # --------------------------------------------------------------------------- the translation, in numpy first
 
 _SOURCES = [Semantics("sgd", 0.1), Semantics("sgd", 0.1, momentum=0.9),

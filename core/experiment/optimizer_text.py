@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import re
 from dataclasses import dataclass, field
 
 from gradparity.errors import ConfigError
@@ -81,11 +82,18 @@ def _framework_of(text: str) -> str | None:
     try:
         tree = ast.parse(text.strip(), mode="eval")
     except SyntaxError:
-        return None
+        # A text that does not parse still names what it calls: "torch.optim.SGD(lr=0.1" is an optimizer
+        # text with a syntax error (its reader says so), not a loss text.
+        leading = re.match(r"\s*([A-Za-z_][\w.]*)\s*\(", text)
+        return _framework_of_name(leading.group(1)) if leading else None
     node = tree.body
     if not isinstance(node, ast.Call) or dotted_name(node.func) is None:
         return None
-    name = dotted_name(node.func)
+    return _framework_of_name(dotted_name(node.func))
+
+
+def _framework_of_name(name: str) -> str | None:
+    """The framework whose optimizer the dotted callable ``name`` is, or None."""
     framework = PREFIXES.get(name.split(".")[0])
     if framework == "torch" and ".optim." not in f".{name}." and not name.startswith("optim."):
         return None
@@ -114,6 +122,8 @@ def parse_optimizer_text(text: str):
         call = _call(ast.parse(source, mode="eval").body, framework, source)
     except RecursionError:  # optax.chain(optax.chain(...)) nested deeper than _call can recurse
         raise ConfigError(f"the optimizer text is nested too deeply to read: {text[:80]!r}...") from None
+    except SyntaxError as exc:
+        raise ConfigError(f"the optimizer text is not a Python expression: {exc.msg} at column {exc.offset}") from None
     config, explicit = _backend(framework).parse(call)
     return framework, config, explicit
 
