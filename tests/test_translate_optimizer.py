@@ -80,6 +80,20 @@ def test_the_cli_says_exit_2_for_an_optimizer_it_cannot_read(capsys):
     assert "amsgrad" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("text, quoted", [
+    ("keras.optimizers.SGD(learning_rate=keras.optimizers.schedules.CosineDecay(0.1, 1000), momentum=0.9)",
+     "learning_rate=keras.optimizers.schedules.CosineDecay(0.1, 1000) is a call, not a number"),
+    ("optax.sgd(optax.cosine_decay_schedule(0.1, 1000), momentum=0.9)",
+     "learning_rate=optax.cosine_decay_schedule(0.1, 1000) is a call, not a number"),
+    ("torch.optim.SGD(params, lr=lr0 * 2)", "lr=lr0 * 2 is not a literal value"),
+])
+def test_a_schedule_or_an_expression_is_quoted_as_written(capsys, text, quoted):
+    """What the text wrote is quoted back (not gradparity's internal structure), with what to write instead."""
+    assert main(["translate", text]) == 2
+    err = capsys.readouterr().err
+    assert quoted in err and "OptimizerCall" not in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize("text, kind", [
     ("torch.optim.SGD(lr=0.1, momentum=0.9", "the optimizer text"),           # as pasted, one ')' short
     ("keras.optimizers.SGD(learning_rate=0.05,, momentum=0.8)", "the optimizer text"),

@@ -46,6 +46,11 @@ class OptimizerCall:
     name: str
     args: tuple = ()
     kwargs: dict = field(default_factory=dict)
+    #: The call as the text wrote it (what messages quote), or "" when built otherwise.
+    text: str = field(default="", compare=False)
+
+    def __repr__(self) -> str:
+        return self.text or f"{self.name}(...)"
 
     @property
     def short_name(self) -> str:
@@ -66,7 +71,8 @@ def _call(node: ast.Call, framework: str, source: str) -> OptimizerCall:
     if any(isinstance(a, ast.Starred) for a in node.args) or any(k.arg is None for k in node.keywords):
         raise ConfigError(f"{name}(...): *args and **kwargs cannot be read; write the arguments out")
     return OptimizerCall(framework, name, tuple(_value(a, framework, source) for a in node.args),
-                         {k.arg: _value(k.value, framework, source) for k in node.keywords})
+                         {k.arg: _value(k.value, framework, source) for k in node.keywords},
+                         ast.get_source_segment(source, node) or name)
 
 
 def framework_of(text: str) -> str | None:
@@ -151,8 +157,11 @@ def bind(call: OptimizerCall, signature: tuple[str, ...], defaults: dict, accept
         elif key not in defaults and key not in required:
             problems.append(f"{key} is not an argument gradparity translates for {call.short_name} "
                             f"(it reads {', '.join([*required, *defaults])})")
+        elif isinstance(value, OptimizerCall) and key in ("lr", "learning_rate"):
+            problems.append(f"{key}={value.text} is a call, not a number: gradparity reads the learning rate as a "
+                            "number written out (for a schedule, give the lr of one step)")
         elif isinstance(value, (Expression, OptimizerCall)) and key not in ("params",):
-            problems.append(f"{key}={getattr(value, 'text', value)} is not a literal value (a number written out)")
+            problems.append(f"{key}={value.text} is not a literal value (a number written out)")
     missing = [k for k in required if k not in values]
     if missing:
         problems.append(f"{call.short_name} needs {', '.join(missing)}")
