@@ -238,3 +238,36 @@ def test_keras_adam_epsilon_hat_is_reproduced_by_a_torch_hook_and_an_optax_sched
         assert tr.verdict() == "reproduces" and not tr.rendering.native, fw
         assert max(tr.sequences["tiny"].per_step) <= 1e-6   # the naive port is ~1e-3 apart there
         assert _seq(report, fw, "naive").sequences["tiny"].per_step[-1] > 1e-4
+
+
+@pytest.mark.frameworks("torch")
+def test_keras_momentum_sgd_in_torch_holds_at_lr_zero_and_leaves_frozen_parameters_alone():
+    """Keras' SGD(momentum, weight_decay) translated to torch, run as a user runs the printed code: on a cosine-like
+    schedule that reaches lr 0 (where Keras still moves the weights by momentum * v) it follows Keras' rule,
+    computed here in float64 numpy; a parameter that gets no gradient (frozen) is not decayed."""
+    import torch
+
+    from gradparity.backends.protocol import compile_generated
+    from gradparity.backends.torch.optimizer_text import render
+
+    text = "keras.optimizers.SGD(learning_rate=0.05, momentum=0.8, weight_decay=4e-3)"
+    source, config, _ = parse_optimizer_text(text)
+    semantics = semantics_of(source, config)
+    target, _ = translated_config("torch", semantics)
+    namespace = compile_generated(render(target).code)
+    rng = np.random.default_rng(0)
+    p0, frozen0 = rng.standard_normal(5), rng.standard_normal(3)
+    grads = [rng.standard_normal(5) for _ in range(6)]
+    lrs = [0.05, 0.03, 0.0, 0.0, 0.02, 0.05]
+
+    p, frozen = torch.tensor(p0, requires_grad=True), torch.tensor(frozen0, requires_grad=True)
+    optimizer = namespace["make_optimizer"]([p, frozen], lr=lrs[0])
+    step = semantic_rule(semantics)
+    want, state = p0.copy(), {}
+    for t, (g, lr) in enumerate(zip(grads, lrs), start=1):
+        optimizer.param_groups[0]["lr"] = lr
+        p.grad = torch.tensor(g)  # frozen.grad stays None
+        optimizer.step()
+        want = step(want, g, state, lr, t)
+        np.testing.assert_allclose(p.detach().numpy(), want, rtol=1e-12, atol=1e-15, err_msg=f"step {t}, lr {lr}")
+    assert np.array_equal(frozen.detach().numpy(), frozen0)

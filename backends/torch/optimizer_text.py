@@ -70,6 +70,58 @@ def _constructor(config: OptimizerConfig) -> str:
             f"weight_decay={config.weight_decay!r})")
 
 
+_VELOCITY_SGD = '''import torch
+
+
+class VelocitySGD(torch.optim.Optimizer):
+    """SGD with the learning rate inside the velocity (Keras' SGD): v = momentum * v - lr * g, then p += v
+    (nesterov: p += momentum * v - lr * g). Decoupled weight decay first multiplies p by (1 - lr * wd); L2 decay
+    adds wd * p to g. Exact under any learning-rate schedule, lr = 0 included (the weights still move by
+    momentum * v); a parameter without a gradient is left alone, as torch's and Keras' optimizers do."""
+
+    def __init__(self, params, lr, momentum, nesterov=False, weight_decay=0.0, decoupled=True):
+        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+                                      decoupled=decoupled))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                if wd and group["decoupled"]:
+                    p.sub_(p * wd * lr)
+                elif wd:
+                    g = g + wd * p
+                v = self.state[p].setdefault("velocity", torch.zeros_like(p))
+                v.mul_(mu).sub_(g * lr)
+                p.add_(v * mu - g * lr if group["nesterov"] else v)
+
+
+def make_optimizer(params, lr):
+    return VelocitySGD(params, lr=lr, momentum=MOMENTUM, nesterov=NESTEROV, weight_decay=WEIGHT_DECAY,
+                       decoupled=DECOUPLED)
+'''
+
+
+def _velocity_sgd(config: OptimizerConfig) -> OptimizerRendering:
+    """SGD whose momentum keeps the lr inside the velocity (Keras' form) as a small ``torch.optim.Optimizer``:
+    torch's SGD multiplies its buffer by the current lr, so no rescaling of it can reproduce a step at lr 0."""
+    wd = config.weight_decay if config.decay_form else 0.0
+    code = (_VELOCITY_SGD.replace("MOMENTUM", repr(config.momentum)).replace("NESTEROV", repr(bool(config.nesterov)))
+            .replace("WEIGHT_DECAY", repr(wd)).replace("DECOUPLED", repr(config.decay_form != "l2")))
+    notes = ("torch's SGD multiplies its whole momentum buffer by the current lr (b = mu*b + g; p -= lr*b); this "
+             "update keeps the lr inside the velocity (v = mu*v - lr*g; p += v), which differs whenever the lr "
+             "changes and still moves the weights at lr 0: written as a torch.optim.Optimizer subclass",)
+    if wd and config.decay_form != "l2":
+        notes += ("the decay is decoupled (p -= lr * wd * p before the update), not torch SGD's weight_decay, "
+                  "which adds wd * p to the gradient before the momentum",)
+    return OptimizerRendering("torch", False, code, f"optimizer = make_optimizer(model.parameters(), "
+                              f"lr={config.lr!r})", notes)
+
+
 def render(config: OptimizerConfig) -> OptimizerRendering:
     """Code defining ``make_optimizer(params, lr)`` (and ``before_step(optimizer, t)`` where the update needs
     one) that computes what ``config`` says, ``epsilon_form``/``decay_form`` included. ConfigError for a form
@@ -78,15 +130,19 @@ def render(config: OptimizerConfig) -> OptimizerRendering:
         raise ConfigError("torch's Adam has no eps_root (epsilon inside the square root)")
     if config.name != "sgd" and config.decay_form:
         raise ConfigError("torch renders Adam's decay as Adam (L2) or AdamW (decoupled), not a decay_form")
+    if config.name == "sgd" and config.momentum and config.momentum_form == "velocity" and not config.dampening:
+        return _velocity_sgd(config)
     hooks, notes = [], []
     if config.decay_form == "decoupled" and config.weight_decay:
         notes.append("torch's SGD adds its weight_decay to the gradient (L2), which then goes through the "
                      "momentum; the decoupled decay is a multiplication of the weights before each step")
-        hooks += ["    # Decoupled weight decay, outside the momentum: p -= lr * wd * p before the update.",
+        hooks += ["    # Decoupled weight decay, outside the momentum: p -= lr * wd * p before the update, on the",
+                  "    # parameters the step updates (torch's optimizers leave one without a gradient alone).",
                   "    with torch.no_grad():",
                   "        for group in optimizer.param_groups:",
                   "            for p in group['params']:",
-                  f"                p.mul_(1.0 - group['lr'] * {config.weight_decay!r})"]
+                  "                if p.grad is not None:",
+                  f"                    p.mul_(1.0 - group['lr'] * {config.weight_decay!r})"]
     if config.name == "sgd" and config.momentum and config.momentum_form == "velocity":
         notes.append("torch multiplies the whole momentum buffer by the current lr (b = mu*b + g; p -= lr*b); "
                      "Keras keeps the lr inside its velocity (v = mu*v - lr*g), which is torch's buffer rescaled by "
