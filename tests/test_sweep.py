@@ -421,3 +421,24 @@ def test_workers_run_side_by_side_where_cores_allow(monkeypatch):
         monkeypatch.setattr(sweep.os, "cpu_count", lambda cores=cores: cores)
         assert sweep.concurrent_workers(spec) == expected
     assert sweep.concurrent_workers(SweepSpec(TrainSpec(backends=("torch",)), parallel=4)) == 1
+
+
+def test_the_epoch_plot_has_whole_epochs_and_keeps_coinciding_rules_visible():
+    """report.html's accuracy-per-epoch panels: a 2-epoch sweep has ticks at whole epochs only (not 1.25), and two
+    rules that train alike (sum at lr/B0 is mean_linear) are drawn in different line styles, so one does not
+    hide the other. The figure is read back from matplotlib, not from an image."""
+    from types import SimpleNamespace
+
+    from gradparity.commands.sweep import Cell
+    from gradparity.commands.train_report import epochs_figure
+
+    cells = [Cell("torch", b, rule, "sum" if rule == "sum" else "mean", 0.01, "ok", accuracy=[0.5, 0.8])
+             for b in (32, 64) for rule in ("mean_linear", "sum")]
+    report = SimpleNamespace(spec=SimpleNamespace(batch_sizes=(32, 64), base=SimpleNamespace(backends=("torch",))),
+                             main_cells=cells)
+    fig = epochs_figure(report)
+    for ax in fig.axes:
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
+        styles = {(line.get_label(), line.get_linestyle(), line.get_marker()) for line in ax.get_lines()}
+        assert len({(style, marker) for _, style, marker in styles}) == 2, styles

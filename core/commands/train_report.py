@@ -183,25 +183,41 @@ def recipe_png(report, run_id: str) -> bytes:
     return png_bytes(fig, run_id)
 
 
-def epochs_png(report, run_id: str) -> bytes:
-    """Held-out accuracy after each epoch, one panel per batch size, one line per rule (first framework)."""
+#: Line styles and markers per rule, in turn: rules whose curves coincide (``sum`` and ``mean_linear`` train
+#: alike) stay visible one over the other.
+_RULE_STYLES = (("-", "o", 6), ("--", "s", 4), (":", "^", 3), ("-.", "D", 2), ((0, (1, 3)), "v", 2))
+
+
+def epochs_figure(report):
+    """The figure of ``epochs_png``: one panel per batch size, one line per rule (first framework), whole
+    epochs on the x axis."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     sizes = list(report.spec.batch_sizes)
     fig = Figure(figsize=(3 * len(sizes), 3.5))
     axes = fig.subplots(1, len(sizes), sharey=True, squeeze=False)[0]
     first = report.spec.base.backends[0]
+    rules = list(dict.fromkeys(c.rule for c in report.main_cells))
     for ax, b in zip(axes, sizes):
         for c in report.main_cells:
             if c.batch_size == b and c.backend == first and c.status == "ok":
-                ax.plot(range(1, len(c.accuracy) + 1), c.accuracy, marker=".", label=c.rule)
+                line, marker, size = _RULE_STYLES[rules.index(c.rule) % len(_RULE_STYLES)]
+                ax.plot(range(1, len(c.accuracy) + 1), c.accuracy, linestyle=line, marker=marker,
+                        markersize=size, markerfacecolor="none", label=c.rule)
         ax.set_title(f"B = {b}")
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(f"held-out accuracy ({first})")
     axes[0].legend(fontsize="x-small")
     fig.tight_layout()
-    return png_bytes(fig, run_id)
+    return fig
+
+
+def epochs_png(report, run_id: str) -> bytes:
+    """Held-out accuracy after each epoch, one panel per batch size, one line per rule (first framework)."""
+    return png_bytes(epochs_figure(report), run_id)
 
 
 def grid_png(report, run_id: str) -> bytes:
