@@ -112,3 +112,23 @@ def test_every_backend_computes_the_switch_on_the_model(runs, kind, switch):
             assert row.ok, f"{kind}/{switch}: {backend}/{method} failed: {row.error}"
             err = _close(row.grads, want)
             assert err <= tol, f"{kind}/{switch}: {backend}/{method} is {err:.2e} off the switch's formula"
+
+
+@pytest.mark.parametrize("model, loss, switches, batch, message", [
+    ({"kind": "cnn"}, "cross_entropy", {}, {"dropout/batch/0": np.ones((2, 3))}, "the built-in cnn model has no such"),
+    (None, "cross_entropy", {}, {"dropout/single/0": np.ones((2, 3))}, "a user's model has no such layers"),
+    ({"kind": "mlp"}, "mse", {"class_weights": [1.0, 2.0]}, {}, "need the loss 'cross_entropy', not 'mse'"),
+    ({"kind": "mlp"}, "hinge", {}, {}, "has no loss 'hinge'"),
+])
+def test_every_model_session_refuses_a_switch_its_model_cannot_take(model, loss, switches, batch, message):
+    """The one check every framework's model session runs before it builds anything (protocol.check_switches)."""
+    from gradparity.backends import BACKENDS, make_job
+    from gradparity.backends.protocol import builtin_payload, check_switches
+
+    payload = {"factory": "nets:make", "loss": loss} if model is None else builtin_payload(model, mode="inference",
+                                                                                          loss=loss)
+    job = make_job(BACKENDS["torch"], "gradients" if model else "model_check", ("mean",), dtype="float32",
+                   model=model or {}, batch={"x": np.zeros((2, 4)), "y": np.zeros(2, np.int64), **batch},
+                   payload=payload, switches=switches)
+    with pytest.raises(ValueError, match=message):
+        check_switches(job)

@@ -53,7 +53,7 @@ from flax import nnx
 
 from gradparity.backends.jax.device import device_label, linear_precision, may_use_tf32, start
 from gradparity.backends.protocol import (IGNORE_INDEX, PARAM_ROLES, SEPARATE_FORWARD, CaseInputs, RawResult,
-                                          WorkerJob, assignment, first_forward, gelu_accuracy, layer_options,
+                                          WorkerJob, assignment, check_switches, first_forward, gelu_accuracy, layer_options,
                                           load_factory, package_versions)
 
 _NORMS = tuple(c for c in (nnx.LayerNorm, nnx.RMSNorm, nnx.BatchNorm, nnx.GroupNorm,
@@ -154,7 +154,7 @@ class ModelSession:
         self.job = job
         self.builtin = "builtin" in job.payload
         self.loss_name = job.payload.get("loss", "cross_entropy")
-        self._check_switches()
+        check_switches(job)
         self.device, self.device_note = start(job)
         self.dtype = jnp.dtype(job.dtype)
         # The switch 'autocast': the layers compute in this dtype over parameters in the job's.
@@ -211,22 +211,6 @@ class ModelSession:
         self.masks = {forward: None if m is None else [jax.device_put(a, self.device) for a in m]
                       for forward in ("batch", "single") for m in [job.dropout_masks(forward)]}
         self._build()
-
-    def _check_switches(self) -> None:
-        """Refuse the switches this model cannot take, before anything is built."""
-        job = self.job
-        if job.task == "gradients" and self.loss_name != "cross_entropy":
-            raise ValueError(f"jax backend has no loss {self.loss_name!r}")
-        if self.loss_name != "cross_entropy" and (job.class_weights is not None or job.padded):
-            raise ValueError("the switches 'class_weights' and 'padding' act on a cross-entropy loss, "
-                             f"not on {self.loss_name!r}")
-        if job.class_weights is not None and job.padded:
-            raise ValueError("the switches 'class_weights' and 'padding' do not combine")
-        is_mlp = self.builtin and job.payload["builtin"].get("kind", "mlp") == "mlp"
-        if not is_mlp and (job.dropout_masks("batch") is not None or job.dropout_masks("single") is not None):
-            kind = "a user's model" if not self.builtin else f"the built-in {job.payload['builtin']['kind']}"
-            raise ValueError(f"the switch 'dropout' masks the built-in MLP's hidden layers; {kind} has none "
-                             "(its own dropout layers follow payload 'mode')")
 
     def _set_dtypes(self, model: nnx.Module) -> None:
         """Like torch's model.to(dtype): Flax layers keep a computation dtype of their own (nnx.Embed pins its

@@ -69,8 +69,6 @@ class ModelTrainer(ModelTraining):
     """
 
     def __init__(self, job: WorkerJob):
-        if any(job.switches.values()):
-            raise ValueError(f"jax training runs take no discrepancy switches (got {job.switches})")
         self._steps: dict[tuple, tuple] = {}
         self._tables: dict[str, object] = {}
         super().__init__(job, ModelSession)

@@ -49,7 +49,7 @@ import numpy as np
 
 from gradparity.backends.keras.device import SIGNIFICAND_BITS, environment, open_variant
 from gradparity.backends.protocol import (IGNORE_INDEX, SEPARATE_FORWARD, SESSION_METHODS, CaseInputs, RawResult,
-                                          WorkerJob, assignment, first_forward, gelu_accuracy, layer_options,
+                                          WorkerJob, assignment, check_switches, first_forward, gelu_accuracy, layer_options,
                                           load_factory)
 
 #: Keras' reduction name of each single-backward method (the variants' loss callables are keyed so).
@@ -190,7 +190,7 @@ class KerasModelSession:
         #: The built-in model's kind ("mlp", "cnn", "sequence"), or None for a user's model.
         self.kind = self.builtin.get("kind", "mlp") if self.builtin is not None else None
         self.loss_name = job.payload.get("loss", job.loss.get("name", "cross_entropy"))
-        self._check_switches()
+        check_switches(job)
         self.training = job.payload.get("mode") == "training"
         keras.config.set_floatx(job.dtype)  # the factory's layers create their variables in the job's dtype
         factory = load_factory(job)
@@ -225,21 +225,6 @@ class KerasModelSession:
         self._inputs = CaseInputs(job, (self.x, self.y), self.convert)
         self.ad.bind(ModelCall(model, self.training), self._losses())
         self.ad.unzeroed = job.unzeroed
-
-    def _check_switches(self) -> None:
-        """Refuse a switch the model cannot have, before anything is built."""
-        job = self.job
-        what = f"the built-in {self.kind} model" if self.kind is not None else "a user's model"
-        if job.dropout_masks("batch") and self.kind != "mlp":
-            raise ValueError(f"the switch 'dropout' multiplies the built-in MLP's hidden activations by core's keep-"
-                             f"masks; {what} has no such layers")
-        if self.loss_name not in ("cross_entropy", "mse"):
-            raise ValueError(f"keras backend has no loss {self.loss_name!r}")
-        if self.loss_name != "cross_entropy":
-            for name, on in (("class_weights", job.class_weights is not None), ("padding", job.padded)):
-                if on:
-                    raise ValueError(f"the switch {name!r} needs class targets (loss 'cross_entropy'), not "
-                                     f"loss {self.loss_name!r}")
 
     def _build(self, factory):
         """The factory's model; under the switch 'autocast' built in Keras' mixed dtype policy (every layer that

@@ -51,6 +51,30 @@ def builtin_payload(model: dict, *, mode: str, loss: str = "cross_entropy", **ex
     return {"builtin": dict(model), "mode": mode, "loss": loss, **extra}
 
 
+#: The losses every model session computes (``payload["loss"]``).
+MODEL_LOSSES = ("cross_entropy", "mse")
+
+
+def check_switches(job: WorkerJob) -> None:
+    """Refuse, before a model session builds anything, a loss it does not compute or a switch the job's model
+    cannot take (ValueError): 'class_weights' and 'padding' weigh or mask class targets (cross-entropy only, and
+    not together); 'dropout' multiplies the built-in MLP's hidden activations by core's masks."""
+    loss = job.payload.get("loss", "cross_entropy")
+    if loss not in MODEL_LOSSES:
+        raise ValueError(f"the {job.framework} model session has no loss {loss!r}")
+    if loss != "cross_entropy" and (job.class_weights is not None or job.padded):
+        raise ValueError("the switches 'class_weights' and 'padding' weigh or mask class targets: they need the "
+                         f"loss 'cross_entropy', not {loss!r}")
+    if job.class_weights is not None and job.padded:
+        raise ValueError("the switches 'class_weights' and 'padding' do not combine")
+    builtin = job.payload.get("builtin")
+    if builtin is None or builtin.get("kind", "mlp") != "mlp":
+        if any(job.dropout_masks(forward) is not None for forward in ("batch", "single")):
+            what = "a user's model" if builtin is None else f"the built-in {builtin['kind']} model"
+            raise ValueError("the switch 'dropout' multiplies the built-in MLP's hidden activations by core's "
+                             f"masks; {what} has no such layers")
+
+
 class BatchDoesNotFit(ValueError):
     """The batch does not fit the model: its first forward pass on it (case "describe") raised. Core turns it
     into a configuration error (exit 2) when the source framework's model raises it."""

@@ -100,6 +100,8 @@ class ModelTraining:
     """
 
     def __init__(self, job: WorkerJob, open_model):
+        if any(job.switches.values()):
+            raise ValueError(f"{job.framework} training runs take no discrepancy switches (got {job.switches})")
         runs = job.payload["runs"]
         first = train_batches(job, next(iter(runs.values())).get("batches", ""))
         self.job = job

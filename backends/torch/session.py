@@ -34,9 +34,8 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from gradparity.backends.protocol import (MODEL_CASES, SESSION_METHODS, CaseInputs, RawResult, WorkerJob, assignment,
-                                         first_forward, gelu_accuracy, layer_options, load_factory)
+                                         check_switches, first_forward, gelu_accuracy, layer_options, load_factory)
 from gradparity.backends.torch.device import cublas_may_use_tf32, pick_device, pin_highest_precision, read_precision
-from gradparity.backends.torch.models import TorchMLP
 from gradparity.backends.torch.optimizers import TORCH_DTYPES
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -110,11 +109,7 @@ class ModelSession:
         self.job = job
         self.builtin = "builtin" in job.payload
         self.loss_name = job.payload.get("loss", "cross_entropy")
-        if self.loss_name not in ("cross_entropy", "mse"):
-            raise ValueError(f"the torch model session has no loss {self.loss_name!r}")
-        if self.loss_name != "cross_entropy" and (job.class_weights is not None or job.padded):
-            raise ValueError("the switches 'class_weights' and 'padding' weigh or mask class targets: they need "
-                             f"the loss 'cross_entropy', not {self.loss_name!r}")
+        check_switches(job)
         self.device, self.device_note = pick_device(job.device)
         if job.precision == "highest":
             pin_highest_precision()
@@ -143,9 +138,6 @@ class ModelSession:
         self._inputs = CaseInputs(job, (self.x, self.y), self.convert)
         # The switch 'dropout' (the MLP's hidden layers): core's masks, the batch's and each example's own.
         masks = [job.dropout_masks(forward) for forward in ("batch", "single")]
-        if any(m is not None for m in masks) and not isinstance(self.model, TorchMLP):
-            raise ValueError("the switch 'dropout' multiplies the built-in MLP's hidden activations by core's "
-                             "masks; this model has no such layers")
         self.batch_masks, self.single_masks = [
             None if m is None else [torch.from_numpy(a).to(self.device, self.dtype) for a in m] for m in masks]
         # The switch 'class_weights': F.cross_entropy(weight=w), torch's own weighted reductions.

@@ -56,8 +56,6 @@ class TorchTraining(ModelTraining):
     fresh optimizer over the mapped trainable parameters (in ``model.parameters()`` order)."""
 
     def __init__(self, job: WorkerJob):
-        if any(job.switches.values()):
-            raise ValueError(f"torch training runs take no discrepancy switches (got {job.switches})")
         super().__init__(job, ModelSession)
 
     def convert(self, x, y):

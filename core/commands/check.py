@@ -283,10 +283,8 @@ def _output_problem(layout: ModelLayout, source: ModelLayout) -> str | None:
 def _check_batch_fits(spec: "ModelCheck", described: dict[str, BackendOutcome]) -> None:
     """ConfigError (exit 2) when the source model's first forward pass refused the batch (``BatchDoesNotFit``):
     the user's inputs do not fit the model they port from. Another framework refusing it is a failed row."""
-    o = described[spec.source]
-    row = o.methods.get("describe")
     # In the describe case, or while the session opened (a model that builds itself on its first call).
-    first_line = ((row.error if row is not None and row.error else o.error) or "").split("\n", 1)[0]
+    first_line = (_describe_failure(described[spec.source]) or "").split("\n", 1)[0]
     marker = f"{BatchDoesNotFit.__name__}: "
     if marker in first_line:
         raise ConfigError(f"{spec.source}: {first_line.split(marker, 1)[1]}")
