@@ -291,14 +291,25 @@ def _parser() -> argparse.ArgumentParser:
                                     "(--weights-from) onto the others by structure, run every reduction method and "
                                     "a layer-by-layer capture on the same batch, compare, and name the first layer "
                                     "where a port differs.")
-    ck.add_argument("config", nargs="?", help="a TOML file: [models] torch/keras/jax = 'module:function', "
+    ck.add_argument("config", nargs="?", help="a TOML file: [models] torch/keras/tf_keras/jax = 'module:function', "
                                               "[check] keys, [mapping.FRAMEWORK] names (flags override it)")
     for fw in FRAMEWORKS:
         ck.add_argument(f"--{fw}", metavar="MODULE:FUNCTION", help=f"the {fw} model's factory")
-    ck.add_argument("--data", help="an .npz with arrays 'x' (images channels-last) and 'y'")
-    ck.add_argument("--loss", help="cross_entropy (default) | mse")
-    ck.add_argument("--weights-from", help="the framework whose weights the others take (default: the first of "
-                                           "torch, keras, jax given)")
+    ck.add_argument("--tf-keras", metavar="MODULE:FUNCTION", help="the TF-Keras 2 (tf_keras) model's factory")
+    ck.add_argument("--data", help="an .npz with arrays 'x' (images channels-last) and 'y', or the arrays --inputs "
+                                   "and --targets name")
+    ck.add_argument("--inputs", metavar="ARG=ARRAY,...", help="call the model with keyword arguments: each call "
+                                                              "argument and the npz array it takes")
+    ck.add_argument("--targets", metavar="ARRAY", help="the npz array the loss compares with (default y)")
+    ck.add_argument("--output", metavar="PATH", help="the tensor the loss reads in the model's output: a key, "
+                                                     "attribute or index path (default: the output, or its logits)")
+    ck.add_argument("--loss", help="cross_entropy (default) | mse | causal_lm")
+    ck.add_argument("--weights", help="own (each factory loads its weights; paired by value, the conversion checked)"
+                                      " | the framework whose weights the others take (default: the first of torch, "
+                                      "keras, tf_keras, jax given)")
+    ck.add_argument("--weights-from", help=argparse.SUPPRESS)
+    ck.add_argument("--localize", help="auto (default: capture activations in a second pass when the gradients "
+                                       "disagree) | always")
     ck.add_argument("--methods", help="comma-separated, of mean,sum,none_loop,none_vectorized,one_by_one "
                                       "(default: mean,sum,none_loop,one_by_one)")
     _add_dtype(ck, None, default_text="the config's dtype, else float32")
@@ -647,7 +658,17 @@ def _diagnose(args) -> int:
 def _check(args) -> int:
     from gradparity.commands.check import read_check_config, render_text, run_check
 
-    flags = {"torch": args.torch, "keras": args.keras, "jax": args.jax, "data": args.data, "loss": args.loss,
+    inputs = None
+    if args.inputs is not None:
+        pairs = [item.partition("=") for item in _csv(args.inputs)]
+        bad = [a for a, eq, b in pairs if not (a and eq and b)]
+        if bad or not pairs:
+            raise ConfigError(f"--inputs {args.inputs!r}: give ARGUMENT=ARRAY pairs separated by commas, e.g. "
+                              "input_ids=input_ids,attention_mask=attention_mask")
+        inputs = {a.strip(): b.strip() for a, _, b in pairs}
+    flags = {"torch": args.torch, "keras": args.keras, "tf_keras": args.tf_keras, "jax": args.jax,
+             "data": args.data, "loss": args.loss, "inputs": inputs, "targets": args.targets, "output": args.output,
+             "weights": args.weights, "localize": args.localize,
              "weights_from": args.weights_from, "methods": None if args.methods is None else _csv(args.methods),
              "dtype": args.dtype, "mode": args.mode, "device": args.device, "precision": args.precision,
              "keras_backend": args.keras_backend, "timeout_s": args.timeout, "train_steps": args.train_steps,

@@ -37,6 +37,7 @@ def assert_same_outputs(torch: str | None = None, jax: str | None = None, keras:
     the first layer that differs in the failure message.
     """
     kwargs.setdefault("methods", ("mean",))
+    kwargs.setdefault("localize", "always")  # the outputs are compared in the layer-by-layer capture
     report = compare_models(torch=torch, jax=jax, keras=keras, batch=batch, **kwargs)
     failed = [o for o in report.outcomes if o.status != "ok" or any(
         m.status != "ok" for m in o.methods.values())]

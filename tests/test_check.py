@@ -38,7 +38,9 @@ def check(**kwargs):
 
 @pytest.fixture(scope="module")
 def faithful64():
-    return check(torch="nets_torch:TorchCNN", jax="nets_flax:flax_cnn", dtype="float64")
+    # localize="always": the layer-by-layer capture also runs on an agreeing check (by default it is a second
+    # pass made only when the gradients disagree).
+    return check(torch="nets_torch:TorchCNN", jax="nets_flax:flax_cnn", dtype="float64", localize="always")
 
 
 @pytest.mark.frameworks("torch", "jax")

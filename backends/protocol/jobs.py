@@ -116,8 +116,12 @@ class WorkerJob:
 
     @property
     def padded(self) -> bool:
-        """Whether some targets are ``IGNORE_INDEX`` (the switch 'padding')."""
-        return "valid" in self.batch
+        """Whether some targets are ``IGNORE_INDEX``: the switch 'padding', or a user's targets with ignored
+        positions (``gradparity check``: Hugging Face's -100, and the causal-LM shift's last position)."""
+        if "valid" in self.batch:
+            return True
+        y = self.batch.get("y")
+        return y is not None and y.dtype.kind in "iu" and bool(np.any(y == IGNORE_INDEX))
 
     @property
     def unzeroed(self) -> bool:

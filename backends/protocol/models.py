@@ -15,14 +15,25 @@ from gradparity.backends.protocol.jobs import WorkerJob
 #   mode        "inference" (dropout off, batch norm on its running statistics) or "training"
 #   loss        "cross_entropy" (integer targets, logits on the last axis) or "mse"
 #   assign      {native parameter name: key of job.params} once core has mapped the weights; absent in
-#               the "describe" case, where the model keeps the weights its factory gave it
+#               the "describe" case, where the model keeps the weights its factory gave it. When the job
+#               carries no params (``job.params`` empty: weights "own", or the source framework), nothing is
+#               loaded: the model keeps its factory's weights and the gradients of the assigned parameters
+#               are returned under assign's keys
+#   inputs      optional {call argument: npz array name}: the model is called with keyword arguments
+#               ``model(**{arg: batch["inputs/ARG"]})`` (``call_inputs``; integer arrays stay integer, floating
+#               ones take the job's dtype); without it, ``model(batch["x"])`` as one positional tensor
+#   output      optional path of the tensor the loss reads in what the model returns (``select_output``):
+#               "logits", "0", "logits.0"; default: the output itself when it is one tensor, else its
+#               "logits", else its only tensor
 #
 # Cases (``methods``):
 #   "describe"  loss NaN (not computed: core checks the targets against the output shape first);
 #               grads: every parameter and state variable's value, canonical layout, keyed by native name;
 #               info: {"layers": [LAYER...], "calls": [[name, type], ...], "output_shape": [...]}, where
 #               LAYER = {"name", "type", "called", "fused_activation",
-#                        "params": [{"name", "role", "shape", "trainable"}]}
+#                        "params": [{"name", "role", "shape", "trainable", "aliases"?}]}
+#               (a tensor used under several names, tied weights, is listed once, under its first name, with
+#               the other names in "aliases"; its gradient is the sum over its uses)
 #               in the order the forward pass first calls them (never-called layers last), and "calls" is
 #               every leaf module/layer call in that order (parameter-free ones included, for naming)
 #   "mean", "sum", "none_loop", "none_vectorized", "one_by_one" (``SESSION_METHODS``), or 'METHOD@PART'
@@ -86,9 +97,76 @@ def first_forward(job: WorkerJob, call):
     try:
         return call()
     except Exception as exc:
-        x = job.batch["x"]
-        raise BatchDoesNotFit(f"the batch's inputs ({x.dtype}, shape {tuple(x.shape)}) do not fit the model: its "
-                              f"forward pass raised {type(exc).__name__}: {str(exc).strip()}") from exc
+        named = call_inputs(job)
+        if named is None:
+            x = job.batch["x"]
+            what = f"the batch's inputs ({x.dtype}, shape {tuple(x.shape)})"
+        else:
+            what = "the batch's inputs (" + ", ".join(f"{arg}={a.dtype} {tuple(a.shape)}"
+                                                      for arg, a in named.items()) + ")"
+        raise BatchDoesNotFit(f"{what} do not fit the model: its forward pass raised {type(exc).__name__}: "
+                              f"{str(exc).strip()}") from exc
+
+
+def call_inputs(job: WorkerJob, part: str = "") -> dict[str, np.ndarray] | None:
+    """{call argument: array} of the batch (or of part ``part``) when the job names its inputs (payload
+    "inputs": the model is called with keyword arguments), else None (the model takes ``batch["x"]``)."""
+    names = job.payload.get("inputs")
+    if not names:
+        return None
+    prefix = f"parts/{part}/" if part else ""
+    return {arg: job.batch[f"{prefix}inputs/{arg}"] for arg in names}
+
+
+def select_output(out, path: str | None, is_tensor):
+    """The tensor the loss reads in what a model returned: ``path`` ("logits", "0", "logits.0": keys,
+    attributes or indices, dot-separated), or by default the output itself when ``is_tensor(out)``, else its
+    "logits", else its only tensor. ValueError naming what the output holds when that finds no tensor."""
+    if path:
+        node = out
+        for step in path.split("."):
+            node = _step(node, step, path)
+        if not is_tensor(node):
+            raise ValueError(f"output path {path!r} leads to {type(node).__name__}, not a tensor")
+        return node
+    if is_tensor(out):
+        return out
+    found = _tensors(out, is_tensor)
+    if "logits" in found:
+        return found["logits"]
+    if len(found) == 1:
+        return next(iter(found.values()))
+    raise ValueError(f"the model returned {type(out).__name__} holding {len(found)} tensors "
+                     f"({', '.join(list(found)[:8]) or 'none'}); name the one the loss reads with output = "
+                     "\"KEY\" (a key, attribute or index path such as \"logits\" or \"0\")")
+
+
+def _step(node, step: str, path: str):
+    """One step of an output path: a mapping key, an attribute, or an index of a sequence."""
+    if isinstance(node, dict) or hasattr(node, "keys"):
+        try:
+            return node[step]
+        except (KeyError, TypeError):
+            pass
+    if not step.isdigit() and hasattr(node, step):
+        return getattr(node, step)
+    if step.lstrip("-").isdigit() and isinstance(node, (tuple, list)):
+        try:
+            return node[int(step)]
+        except IndexError:
+            pass
+    keys = list(node.keys()) if hasattr(node, "keys") else (f"0..{len(node) - 1}" if isinstance(node, (tuple, list))
+                                                             else [])
+    raise ValueError(f"output path {path!r}: {type(node).__name__} has no {step!r} (it has {keys})")
+
+
+def _tensors(out, is_tensor) -> dict:
+    """The tensors directly inside a model's output: by key (a dict, a ModelOutput) or by index (a sequence)."""
+    if hasattr(out, "keys"):
+        return {str(k): out[k] for k in out.keys() if is_tensor(out[k])}
+    if isinstance(out, (tuple, list)):
+        return {str(i): v for i, v in enumerate(out) if is_tensor(v)}
+    return {}
 
 
 def _builtin_models(job: WorkerJob):

@@ -22,8 +22,9 @@ from typing import Callable
 
 import numpy as np
 
-from gradparity.backends import BACKENDS, FRAMEWORKS, BackendInfo, make_job
-from gradparity.backends.protocol import MODEL_METHODS, SESSION_METHODS, BatchDoesNotFit, WorkerJob, loss_elements, step_losses, step_params
+from gradparity.backends import BACKENDS, BackendInfo, make_job
+from gradparity.backends.protocol import (IGNORE_INDEX, MODEL_METHODS, SESSION_METHODS, BatchDoesNotFit, WorkerJob,
+                                         step_losses, step_params)
 from gradparity.compare.localize import Localization, localize
 from gradparity.compare.normalize import Result, normalize
 from gradparity.compare.pairs import Comparison, compare_all
@@ -32,14 +33,22 @@ from gradparity.compare.tolerance import (UNIT_ROUNDOFF, Tolerance, effective_un
 from gradparity.compare.verdict import Verdict, decide
 from gradparity.errors import ConfigError, Interrupted
 from gradparity.experiment.causes import Causes, rules
+from gradparity.experiment.conversion import Conversion, convert_check, describe_counts, paired_gradients
 from gradparity.experiment.weights import ModelLayout, WeightMap, map_weights
 from gradparity.run.execute import BackendOutcome, MethodOutcome
 from gradparity.report.render import REPORT_FILES
 from gradparity.run.pool import shared_workers
 from gradparity.run.runner import WorkerRun, not_started, run_jobs, signals_deferred
 
-#: The frameworks a user's model may come in, in the order they are run and listed.
-LOSSES = ("cross_entropy", "mse")
+#: The frameworks a user's model may come in, in the order they are run and listed: "keras" is Keras 3 (on the
+#: Keras backend ``keras_backend`` names), "tf_keras" the legacy Keras 2 package (Hugging Face's TF models).
+FRAMEWORKS = ("torch", "keras", "tf_keras", "jax")
+#: "causal_lm": cross-entropy of the logits at position t against the target at t + 1 (logits[:, :-1] against
+#: targets[:, 1:]), how causal language models are trained; core shifts the targets, every framework computes
+#: cross_entropy. Targets equal to IGNORE_INDEX (-100) are ignored by both cross-entropies.
+LOSSES = ("cross_entropy", "mse", "causal_lm")
+#: ``weights``: "own" (each factory loads its own, checked by value) or the framework whose weights all take.
+OWN = "own"
 MODES = ("inference", "training")
 SCHEMA = "gradparity.check/1"
 #: What training mode changes, stated in every training-mode report.
@@ -56,7 +65,13 @@ _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 @dataclass(frozen=True)
 class ModelCheck:
-    """What to check: a factory per framework, one batch, a loss, where the weights come from."""
+    """What to check: a factory per framework, one batch, a loss, where the weights come from.
+
+    ``x``/``y``: the batch (``x`` the model's one input, or the first of ``named``); ``named``: {call argument:
+    array} when the model is called with keyword arguments (``inputs`` maps each call argument to the npz
+    array it came from, for the report); ``output``: the path of the tensor the loss reads in the model's
+    output; ``weights_from``: a framework whose weights the others take, or "own".
+    """
 
     factories: dict[str, str]
     x: np.ndarray = field(repr=False)
@@ -78,10 +93,39 @@ class ModelCheck:
     train_steps: int = 0
     train_optimizer: str = "sgd"
     train_lr: float = 0.01
+    named: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    inputs: dict[str, str] = field(default_factory=dict)
+    targets: str | None = None
+    output: str | None = None
+    #: "auto": capture every layer's activations (localization) in a second pass, only when the gradients
+    #: disagree; "always": in every check.
+    localize: str = "auto"
+    #: Whether ``methods`` was given (the default set drops one_by_one where it would weigh examples otherwise).
+    methods_given: bool = False
+
+    @property
+    def own_weights(self) -> bool:
+        return self.weights_from == OWN
 
     @property
     def source(self) -> str:
-        return self.weights_from or next((f for f in FRAMEWORKS if f in self.factories), "")
+        """The framework whose model is the reference: ``weights_from``'s, else the first of FRAMEWORKS given."""
+        if self.weights_from and self.weights_from != OWN:
+            return self.weights_from
+        return next((f for f in FRAMEWORKS if f in self.factories), "")
+
+    @property
+    def job_targets(self) -> np.ndarray:
+        """The targets every framework's cross-entropy reads: for causal_lm, shifted left by one position, the
+        last position IGNORE_INDEX (so logits[:, t] meet targets[:, t + 1], as logits[:, :-1] vs y[:, 1:])."""
+        if self.loss != "causal_lm":
+            return self.y
+        y = np.asarray(self.y)
+        return np.concatenate([y[:, 1:], np.full((y.shape[0], 1), IGNORE_INDEX, dtype=y.dtype)], axis=1)
+
+    @property
+    def job_loss(self) -> str:
+        return "cross_entropy" if self.loss == "causal_lm" else self.loss
 
     @property
     def frameworks(self) -> list[str]:
@@ -89,15 +133,21 @@ class ModelCheck:
         return [self.source] + [f for f in FRAMEWORKS if f in self.factories and f != self.source]
 
     def backend(self, framework: str) -> BackendInfo:
-        return BACKENDS[f"keras-{self.keras_backend}" if framework == "keras" else framework]
+        if framework == "keras":
+            return BACKENDS[f"keras-{self.keras_backend}"]
+        return BACKENDS["tf-keras" if framework == "tf_keras" else framework]
 
     def to_dict(self) -> dict:
-        return {"models": dict(self.factories), "weights_from": self.source, "loss": self.loss,
+        batch = ({"inputs": {arg: {"array": self.inputs.get(arg, arg), "shape": list(a.shape), "dtype": str(a.dtype)}
+                             for arg, a in self.named.items()}} if self.named else
+                 {"x_shape": list(self.x.shape), "x_dtype": str(self.x.dtype)})
+        batch.update({"targets": self.targets or "y", "y_shape": list(self.y.shape), "y_dtype": str(self.y.dtype)})
+        return {"models": dict(self.factories), "weights": OWN if self.own_weights else self.source,
+                "weights_from": self.source, "loss": self.loss, "output": self.output, "localize": self.localize,
                 "mapping": self.mapping, "methods": list(self.methods), "dtype": self.dtype, "mode": self.mode,
                 "device": self.device, "precision": self.precision, "keras_backend": self.keras_backend,
                 "timeout_s": self.timeout_s, "train_steps": self.train_steps,
-                "train_optimizer": self.train_optimizer, "train_lr": self.train_lr, "batch": {"x_shape": list(self.x.shape), "x_dtype": str(self.x.dtype),
-                                                       "y_shape": list(self.y.shape), "y_dtype": str(self.y.dtype)}}
+                "train_optimizer": self.train_optimizer, "train_lr": self.train_lr, "batch": batch}
 
 
 def check_spec(spec: ModelCheck) -> ModelCheck:
@@ -107,7 +157,7 @@ def check_spec(spec: ModelCheck) -> ModelCheck:
     if unknown:
         problems.append(f"unknown framework(s) {unknown}; models can be given for {', '.join(FRAMEWORKS)}")
     if not spec.factories:
-        problems.append("no model given: name a factory for at least one of torch, keras, jax "
+        problems.append(f"no model given: name a factory for at least one of {', '.join(FRAMEWORKS)} "
                         "(e.g. torch = \"mypkg.nets:TorchNet\")")
     for fw, factory in spec.factories.items():
         if not isinstance(factory, str) or not _FACTORY.match(factory):
@@ -118,8 +168,12 @@ def check_spec(spec: ModelCheck) -> ModelCheck:
                             f"{', '.join(spec.sys_path) or 'the current folder'} or on the Python path")
         else:
             problems += [f"{fw} model {factory!r}: {p}" for p in _factory_problems(factory, spec.sys_path)]
-    if spec.weights_from is not None and spec.weights_from not in spec.factories:
-        problems.append(f"weights_from = {spec.weights_from!r} names no given model ({', '.join(spec.factories)})")
+    if spec.weights_from is not None and spec.weights_from != OWN and spec.weights_from not in spec.factories:
+        problems.append(f"weights = {spec.weights_from!r} names no given model; give \"own\" (each factory loads "
+                        f"its weights, checked by value) or one of {', '.join(spec.factories)}")
+    if spec.own_weights and spec.mapping:
+        problems.append("a [mapping] table maps one framework's weights onto another's; with weights = \"own\" "
+                        "every model keeps its own and the tensors are paired by value: drop one of them")
     for fw, table in spec.mapping.items():
         if fw not in spec.factories or fw == spec.source:
             problems.append(f"mapping for {fw!r}: only a framework whose weights are mapped (not the source) "
@@ -149,10 +203,20 @@ def check_spec(spec: ModelCheck) -> ModelCheck:
         problems.append(f"train_lr = {spec.train_lr!r} must be a positive number")
     if not (isinstance(spec.timeout_s, (int, float)) and spec.timeout_s > 0):
         problems.append(f"timeout_s = {spec.timeout_s!r} must be a positive number of seconds")
-    problems += _batch_problems(spec.x, spec.y, spec.loss)
+    if spec.localize not in ("auto", "always"):
+        problems.append(f"localize = {spec.localize!r}; choose auto (a second pass when the gradients disagree) "
+                        "or always")
+    if spec.output is not None and (not isinstance(spec.output, str) or not spec.output.strip()):
+        problems.append(f"output = {spec.output!r} must be a key or attribute path such as \"logits\" or \"0\"")
+    if spec.train_steps and (spec.named or spec.own_weights or "tf_keras" in spec.factories
+                             or spec.loss == "causal_lm" or spec.output):
+        problems.append("train_steps trains models that take one input tensor with mapped weights (Keras 3, torch, "
+                        "Flax NNX); with named inputs, an output path, causal_lm, weights = \"own\" or a tf_keras "
+                        "model it is not supported yet: drop train_steps")
+    problems += _batch_problems(spec)
     if problems:
         raise ConfigError(problems)
-    return spec
+    return default_methods(spec)
 
 
 def _findable(top: str, folders: tuple[str, ...]) -> bool:
@@ -208,33 +272,88 @@ def _factory_problems(factory: str, folders: tuple[str, ...]) -> list[str]:
             + (f" (it defines {', '.join(defined[:12])}{' ...' if len(defined) > 12 else ''})" if defined else "")]
 
 
-def _batch_problems(x: np.ndarray, y: np.ndarray, loss: str) -> list[str]:
+def _batch_problems(spec: "ModelCheck") -> list[str]:
+    """What is wrong with the batch itself: no example, examples that do not line up, NaN, targets that are no
+    classes; and the methods the targets' ignored positions rule out."""
+    y, loss = spec.y, spec.loss
+    arrays = spec.named or {"x": spec.x}
+    tname = spec.targets or "y"
     problems = []
-    if x.ndim == 0 or x.shape[0] == 0:
-        return [f"the batch's x has shape {list(x.shape)}: it needs at least one example (axis 0)"]
-    if y.ndim == 0 or y.shape[0] != x.shape[0]:
-        return [f"x has {x.shape[0]} examples but y has shape {list(y.shape)}: axis 0 must match"]
-    if x.dtype.kind not in "fiub":
-        problems.append(f"x has dtype {x.dtype}: numbers are needed")
-    elif x.dtype.kind == "f" and not np.all(np.isfinite(x)):
-        problems.append(f"x holds {int(np.size(x) - np.count_nonzero(np.isfinite(x)))} NaN/inf values")
-    if loss == "cross_entropy":
+    for arg, x in arrays.items():
+        name = "x" if not spec.named else f"{spec.inputs.get(arg, arg)} (argument {arg})"
+        if x.ndim == 0 or x.shape[0] == 0:
+            return [f"the batch's {name} has shape {list(x.shape)}: it needs at least one example (axis 0)"]
+        if y.ndim == 0 or y.shape[0] != x.shape[0]:
+            return [f"{name} has {x.shape[0]} examples but the targets {tname} have shape {list(y.shape)}: axis 0 "
+                    "must match"]
+        if x.dtype.kind not in "fiub":
+            problems.append(f"{name} has dtype {x.dtype}: numbers are needed")
+        elif x.dtype.kind == "f" and not np.all(np.isfinite(x)):
+            problems.append(f"{name} holds {int(np.size(x) - np.count_nonzero(np.isfinite(x)))} NaN/inf values")
+    if loss in ("cross_entropy", "causal_lm"):
+        valid = y != IGNORE_INDEX
         if y.dtype.kind not in "iu":
-            problems.append(f"cross_entropy needs integer class targets, y has dtype {y.dtype}")
-        elif y.size and int(y.min()) < 0:
-            problems.append(f"y holds negative class {int(y.min())}; classes are 0 .. C-1")
+            problems.append(f"{loss} needs integer class targets, {tname} has dtype {y.dtype}")
+        elif valid.any() and int(y[valid].min()) < 0:
+            problems.append(f"{tname} holds negative class {int(y[valid].min())}; classes are 0 .. C-1 "
+                            f"({IGNORE_INDEX} marks a position to ignore)")
+        elif loss == "causal_lm" and y.ndim != 2:
+            problems.append(f"causal_lm compares the logits at position t with the target at t + 1: it needs "
+                            f"targets of shape (N, T), {tname} has {list(y.shape)}")
+        elif not (spec.job_targets != IGNORE_INDEX).any():
+            problems.append(f"every target of {tname} is ignored ({IGNORE_INDEX}): there is no loss term")
+        else:
+            problems += _one_by_one_problems(spec)
     elif y.dtype.kind != "f" or not np.all(np.isfinite(y)):
-        problems.append(f"mse needs finite float targets, y has dtype {y.dtype}")
+        problems.append(f"mse needs finite float targets, {tname} has dtype {y.dtype}")
     return problems
 
 
-def load_batch(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """(x, y) from an .npz holding arrays named 'x' and 'y'; ConfigError otherwise (any unreadable file)."""
-    from gradparity.experiment.files import read_npz
+def valid_counts(spec: "ModelCheck") -> np.ndarray:
+    """Per example, its loss terms that are not ignored (for mse: all)."""
+    y = spec.job_targets
+    if spec.loss == "mse":
+        return np.full(len(y), int(np.prod(y.shape[1:], dtype=np.int64)) or 1)
+    return (y != IGNORE_INDEX).reshape(len(y), -1).sum(axis=1)
 
-    arrays = read_npz(path, "the batch file", ("x", "y"),
-                      hint="the batch file needs arrays 'x' and 'y': np.savez(path, x=..., y=...)")
-    return arrays["x"], arrays["y"]
+
+def _one_by_one_problems(spec: "ModelCheck") -> list[str]:
+    """one_by_one averages each example's mean over its own valid terms: with ignored positions spread unevenly
+    that weighs the terms otherwise than the mean over all of them, a difference of reduction, not of port."""
+    counts = valid_counts(spec)
+    fed = counts[counts > 0]
+    if "one_by_one" not in spec.methods or len(set(fed.tolist())) <= 1 or not spec.methods_given:
+        return []
+    return [f"one_by_one averages each example's mean loss, and the examples have different numbers of terms "
+            f"that are not ignored ({', '.join(str(int(c)) for c in counts[:8])}{' ...' if len(counts) > 8 else ''}): "
+            "that weighs the terms otherwise than mean, sum and none_loop do, so it cannot be compared with them; "
+            "drop one_by_one from methods"]
+
+
+def default_methods(spec: "ModelCheck") -> "ModelCheck":
+    """Without methods given, one_by_one is dropped where the targets' ignored positions are spread unevenly
+    (``_one_by_one_problems``); the report says so."""
+    if spec.methods_given or "one_by_one" not in spec.methods or spec.loss == "mse":
+        return spec
+    counts = valid_counts(spec)
+    if len(set(counts[counts > 0].tolist())) <= 1:
+        return spec
+    return dataclasses.replace(spec, methods=tuple(m for m in spec.methods if m != "one_by_one"))
+
+
+def load_batch(path: str | Path, inputs: dict[str, str] | None = None,
+               targets: str | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """(x, y, named) from an .npz: arrays 'x' and 'y', or the arrays ``inputs`` and ``targets`` name
+    (``batch_arrays``); ConfigError otherwise (any unreadable file, a missing array)."""
+    from gradparity.experiment.files import read_npz, where
+
+    if not inputs and not targets:
+        arrays = read_npz(path, "the batch file", ("x", "y"),
+                          hint="the batch file needs arrays 'x' and 'y': np.savez(path, x=..., y=...), or name "
+                               "the arrays with inputs = { ARGUMENT = \"ARRAY\" } and targets = \"ARRAY\"")
+    else:
+        arrays = read_npz(path, "the batch file")
+    return batch_arrays(arrays, inputs, targets, where(Path(path), "the batch file"))
 
 
 # --- running -------------------------------------------------------------------------------------
@@ -244,12 +363,17 @@ def _job(spec: ModelCheck, framework: str, cases: tuple[str, ...], params: dict 
          payload: dict | None = None) -> WorkerJob:
     """The job of ``framework``'s model session: its factory, the check's settings, ``cases`` on the batch."""
     base = {"factory": spec.factories[framework], "sys_path": list(spec.sys_path) or [os.getcwd()],
-            "mode": spec.mode, "loss": spec.loss}
+            "mode": spec.mode, "loss": spec.job_loss}
     if assign is not None:
         base["assign"] = assign
+    if spec.named:
+        base["inputs"] = {arg: spec.inputs.get(arg, arg) for arg in spec.named}
+    if spec.output:
+        base["output"] = spec.output
+    arrays = {"x": spec.x, "y": spec.job_targets, **{f"inputs/{arg}": a for arg, a in spec.named.items()}}
     return make_job(spec.backend(framework), task, cases, dtype=spec.dtype, device=spec.device,
                     precision=spec.precision, model={"kind": "user", "factory": spec.factories[framework]},
-                    loss={"name": spec.loss}, params=params, batch={"x": spec.x, "y": spec.y, **(batch or {})},
+                    loss={"name": spec.job_loss}, params=params, batch={**arrays, **(batch or {})},
                     payload={**base, **(payload or {})})
 
 
@@ -290,19 +414,20 @@ def _check_batch_fits(spec: "ModelCheck", described: dict[str, BackendOutcome]) 
         raise ConfigError(f"{spec.source}: {first_line.split(marker, 1)[1]}")
 
 
-def _check_targets(source: ModelLayout, y: np.ndarray, loss: str) -> None:
-    """The targets must fit the source model's output (ConfigError, before the methods run)."""
+def _check_targets(source: ModelLayout, y: np.ndarray, loss: str, tname: str = "y") -> None:
+    """The targets (array ``tname``) must fit the source model's output (ConfigError, before the methods run)."""
     shape = tuple(source.output_shape)
-    if loss == "cross_entropy":
+    if loss in ("cross_entropy", "causal_lm"):
         if tuple(y.shape) != shape[:-1]:
-            raise ConfigError(f"the {source.backend} model returns logits of shape {list(shape)}, so cross_entropy "
-                              f"needs integer targets of shape {list(shape[:-1])}; y has shape {list(y.shape)}")
+            raise ConfigError(f"the {source.backend} model returns logits of shape {list(shape)}, so {loss} "
+                              f"needs integer targets of shape {list(shape[:-1])}; {tname} has shape "
+                              f"{list(y.shape)}")
         if y.size and int(y.max()) >= shape[-1]:
-            raise ConfigError(f"y holds class {int(y.max())}, but the model has {shape[-1]} classes (0 .. "
+            raise ConfigError(f"{tname} holds class {int(y.max())}, but the model has {shape[-1]} classes (0 .. "
                               f"{shape[-1] - 1})")
     elif tuple(y.shape) != shape:
         raise ConfigError(f"the {source.backend} model returns outputs of shape {list(shape)}; mse needs targets "
-                          f"of that shape, y has {list(y.shape)}")
+                          f"of that shape, {tname} has {list(y.shape)}")
 
 
 def _tolerance(source: ModelLayout, m: int) -> Tolerance:
@@ -345,6 +470,8 @@ class ModelReport:
     n_examples: int
     loss_elements: int
     training: "TrainingParity | None" = None
+    #: weights = "own": per port, its tensors paired with the source's by value.
+    conversions: dict[str, Conversion] = field(default_factory=dict)
 
     @property
     def exit_code(self) -> int:
@@ -372,11 +499,13 @@ class ModelReport:
             "n_examples": self.n_examples,
             "loss_elements": self.loss_elements,
             "convention": "every gradient and loss is rescaled to the gradient/value of the mean loss over the "
-                          f"{self.loss_elements} loss terms (normalization factor per row)",
+                          f"{self.loss_elements} loss terms that are not ignored (normalization factor per row)",
             "layers": {fw: {"layers": list(lay.layers), "calls": [list(c) for c in lay.calls],
                             "output_shape": list(lay.output_shape)} for fw, lay in self.layouts.items()},
             "mapping": {fw: wm.to_dict(self.layouts[self.spec.source], self.layouts[fw])
-                        for fw, wm in self.maps.items()},
+                        for fw, wm in self.maps.items() if fw not in self.conversions},
+            "conversion": ({fw: c.to_dict() for fw, c in self.conversions.items()} if self.spec.own_weights
+                           else None),
             "tolerance": self.tolerance.to_dict(),
             "backends": [{"backend": o.backend, "status": o.status, "error": o.error, "wall_seconds": o.wall_seconds,
                           "environment": o.environment} for o in self.outcomes],
@@ -390,27 +519,66 @@ class ModelReport:
 
 
 def compare_models(torch: str | None = None, jax: str | None = None, keras: str | None = None, *,
-                   batch: tuple[np.ndarray, np.ndarray], loss: str = "cross_entropy",
-                   weights_from: str | None = None, mapping: dict | None = None,
-                   methods: tuple[str, ...] | list[str] = MODEL_METHODS, dtype: str = "float32",
+                   tf_keras: str | None = None, batch, loss: str = "cross_entropy",
+                   inputs: dict[str, str] | None = None, targets: str | None = None, output: str | None = None,
+                   weights: str | None = None, weights_from: str | None = None, mapping: dict | None = None,
+                   methods: tuple[str, ...] | list[str] | None = None, dtype: str = "float32",
                    mode: str = "inference", device: str = "cpu", precision: str = "highest",
-                   keras_backend: str = "tensorflow", timeout_s: float = 300.0, out: str | Path | None = None,
-                   progress: Callable[[str], None] | None = None,
+                   keras_backend: str = "tensorflow", timeout_s: float = 300.0, localize: str = "auto",
+                   out: str | Path | None = None, progress: Callable[[str], None] | None = None,
                    sys_path: list[str] | tuple[str, ...] | None = None) -> ModelReport:
     """Check a user's model across frameworks; see the module doc. Raises ConfigError (exit 2) on bad input.
 
-    ``torch``/``jax``/``keras`` are factories 'module:function' (importable from the current folder), each
-    called with no arguments in its own worker process; ``batch`` is (x, y) as numpy, images channels-last;
-    ``weights_from`` picks the framework whose initial weights every other model takes (default: the first
-    of torch, keras, jax given); ``mapping`` = {framework: {its parameter name: source parameter name}};
-    ``sys_path``: folders the workers import the factories from (default: the current folder).
+    ``torch``/``keras``/``tf_keras``/``jax`` are factories 'module:function' (importable from the current
+    folder), each called with no arguments in its own worker process. ``batch`` is (x, y) as numpy (images
+    channels-last), or a mapping of named arrays: then ``inputs`` = {call argument: array name} (the model is
+    called with keyword arguments) and ``targets`` names the targets' array (default "y"). ``output`` is the
+    path of the tensor the loss reads in the model's output ("logits"). ``weights``: "own" (each factory loads
+    its own weights; they are paired with the source's by value, the conversion checked) or the framework whose
+    weights every other model takes (default: the first of torch, keras, tf_keras, jax given; ``weights_from``
+    is its older name); ``mapping`` = {framework: {its parameter name: source parameter name}}; ``sys_path``:
+    folders the workers import the factories from (default: the current folder).
     """
-    factories = {k: v for k, v in (("torch", torch), ("keras", keras), ("jax", jax)) if v is not None}
-    x, y = (np.asarray(a) for a in batch)
-    spec = ModelCheck(factories, x, y, loss, weights_from, dict(mapping or {}), tuple(methods), dtype, mode,
-                      device, precision, keras_backend, float(timeout_s),
-                      tuple(str(Path(p).resolve()) for p in (sys_path or [os.getcwd()])))
+    factories = {k: v for k, v in (("torch", torch), ("keras", keras), ("tf_keras", tf_keras), ("jax", jax))
+                 if v is not None}
+    if weights is not None and weights_from is not None and weights != weights_from:
+        raise ConfigError(f"weights = {weights!r} and weights_from = {weights_from!r}: give one of them")
+    if isinstance(batch, dict) or hasattr(batch, "files"):
+        x, y, named = batch_arrays({k: np.asarray(batch[k]) for k in batch}, inputs, targets, "the batch")
+    else:
+        if inputs:
+            raise ConfigError("inputs name arrays of the batch: give the batch as a mapping of named arrays")
+        x, y = (np.asarray(a) for a in batch)
+        named = {}
+    spec = ModelCheck(factories, x, y, loss, weights or weights_from, dict(mapping or {}),
+                      tuple(methods or MODEL_METHODS), dtype, mode, device, precision, keras_backend,
+                      float(timeout_s), tuple(str(Path(p).resolve()) for p in (sys_path or [os.getcwd()])),
+                      named=named, inputs=dict(inputs or {}), targets=targets, output=output, localize=localize,
+                      methods_given=methods is not None)
     return run_check(check_spec(spec), out, progress)
+
+
+def batch_arrays(arrays: dict[str, np.ndarray], inputs: dict[str, str] | None, targets: str | None,
+                 where: str) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """(x, y, named) from a batch's named arrays: with ``inputs`` ({call argument: array name}) every named
+    array by its call argument and x the first of them; else the array 'x'. y is ``targets`` (default 'y').
+    ConfigError naming the arrays there are when one is missing."""
+    have = ", ".join(sorted(arrays)) or "none"
+    if inputs is not None and (not isinstance(inputs, dict) or not inputs or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in inputs.items())):
+        raise ConfigError(f"inputs = {inputs!r} must map each call argument to an array name, e.g. "
+                          "{ input_ids = \"input_ids\", attention_mask = \"attention_mask\" }")
+    tname = targets or "y"
+    missing = [v for v in (inputs or {}).values() if v not in arrays] + ([] if tname in arrays else [tname])
+    if not inputs and "x" not in arrays:
+        missing.insert(0, "x")
+    if missing:
+        raise ConfigError(f"{where} has no array {', '.join(repr(m) for m in missing)} (it has: {have}); name the "
+                          "model's inputs with inputs = { ARGUMENT = \"ARRAY\" } and the targets with targets = "
+                          "\"ARRAY\"")
+    named = {arg: np.asarray(arrays[name]) for arg, name in (inputs or {}).items()}
+    x = next(iter(named.values())) if named else np.asarray(arrays["x"])
+    return x, np.asarray(arrays[tname]), named
 
 
 def run_check(spec: ModelCheck, out: str | Path | None = None,
@@ -478,8 +646,10 @@ def _run_stages(spec: ModelCheck, say, stop: "_Stop") -> ModelReport:
             layouts[fw] = ModelLayout.from_info(o.backend, o.methods["describe"].info)
     source = spec.source
     maps: dict[str, WeightMap] = {}
+    conversions: dict[str, Conversion] = {}
+    values = described[source].methods["describe"].grads if source in layouts else {}
     if source in layouts and stop.interrupted is None:
-        _check_targets(layouts[source], spec.y, spec.loss)
+        _check_targets(layouts[source], spec.y, spec.loss, spec.targets or "y")
         for fw in frameworks[1:]:
             if fw not in layouts:
                 continue
@@ -488,53 +658,131 @@ def _run_stages(spec: ModelCheck, say, stop: "_Stop") -> ModelReport:
                 failed[fw] = _failed_outcome(layouts[fw].backend, cases, "error", problem,
                                              described[fw].environment)
                 continue
-            maps[fw] = map_weights(layouts[source], layouts[fw], spec.mapping.get(fw))
+            if spec.own_weights:
+                say(f"pairing {fw}'s tensors with {source}'s by value ...")
+                conversions[fw] = convert_check(layouts[source], layouts[fw], values,
+                                                described[fw].methods["describe"].grads)
+                maps[fw] = conversions[fw].weight_map(layouts[source], layouts[fw])
+                if not conversions[fw].exact:
+                    failed[fw] = _failed_outcome(
+                        layouts[fw].backend, cases, "error",
+                        f"not run: the weights {fw}'s factory loaded are not a conversion of {source}'s "
+                        f"({len(conversions[fw].problems)} converter problems, listed under conversion)",
+                        described[fw].environment)
+            else:
+                maps[fw] = map_weights(layouts[source], layouts[fw], spec.mapping.get(fw))
     else:
         for fw in frameworks[1:]:
             if fw not in failed:
                 failed[fw] = _failed_outcome(spec.backend(fw).name, cases, "error",
                                              f"not run: the source model ({source}) could not be built, so there "
                                              "are no weights to map")
-    values = described[source].methods["describe"].grads if source in layouts else {}
+    conversion_bug = any(not c.exact for c in conversions.values())
     jobs = {}
     for fw in frameworks:
         if fw in failed:
             continue
-        assign = {name: name for name in values} if fw == source else maps[fw].assign
-        jobs[fw] = _job(spec, fw, cases, values, assign)
+        if spec.own_weights:
+            # Every model keeps its factory's weights (no params shipped); its trainable tensors' gradients.
+            trainable = [p.name for p in layouts[fw].all_params() if p.trainable]
+            jobs[fw] = _job(spec, fw, spec.methods, {}, {name: name for name in trainable})
+        else:
+            assign = {name: name for name in values} if fw == source else maps[fw].assign
+            jobs[fw] = _job(spec, fw, spec.methods, values, assign)
     if jobs:
-        say(f"computing {', '.join(spec.methods)} and the layer capture with {source}'s weights ...")
-    # One worker at a time: each row's time is measured with the cores to itself.
+        say(f"computing {', '.join(spec.methods)} with "
+            f"{'each framework' + chr(39) + 's own weights' if spec.own_weights else source + chr(39) + 's weights'} ...")
     computed = stop.run(jobs, spec, say) if jobs else {}
+    for fw, conversion in conversions.items():
+        if fw in computed:
+            _to_source_names(computed[fw], conversion)
     outcomes = [computed.get(fw) or failed[fw] for fw in frameworks]
 
     n = int(spec.y.shape[0])
-    m = loss_elements(layouts[source].output_shape, spec.loss) if source in layouts else n
-    # The mean convention over the M loss terms: sums divide by M, one_by_one (N example means) by N.
-    results = normalize(outcomes, spec.methods, n, rules(spec.methods, n, {}, Causes(), terms=m // n))
+    counts = valid_counts(spec)
+    m = int(counts.sum())
+    fed = counts[counts > 0]
+    # The mean convention over the M loss terms: sums divide by M, one_by_one (the N example means) by N, which
+    # is the same when every example has M / N terms (one_by_one is dropped otherwise, see default_methods).
+    terms = int(fed[0]) if len(fed) and len(set(fed.tolist())) == 1 else max(1, m // max(1, n))
+    results = normalize(outcomes, spec.methods, n, rules(spec.methods, len(fed) or n, {}, Causes(), terms=terms))
     tol = _tolerance(layouts[source], m) if source in layouts else gradient_tolerance(m, 1)
     tol = dataclasses.replace(tol, term_scale=_gradient_scale(results, source, spec))
     comparisons = compare_all(results, tol)
     verdict = decide(results, comparisons, tol, m, spec.dtype, stop.interrupted, reduction_experiment=False)
-    localizations = []
-    src_forward = computed.get(source)
-    for fw, wm in maps.items():
-        tgt = computed.get(fw)
-        rows = [o.methods.get("forward") if o else None for o in (src_forward, tgt)]
-        if all(r is not None and r.status == "ok" for r in rows):
-            u = max(effective(o) for o in (src_forward, tgt))
-            localizations.append(localize(layouts[source], layouts[fw], wm, rows[0].grads, rows[1].grads,
-                                          tol.rtol(u)))
+    if conversion_bug:
+        verdict = _conversion_verdict(verdict, conversions)
+    localizations = _localize_stage(spec, jobs, computed, layouts, maps, verdict, tol, say, stop)
     verdict = _with_localization(verdict, localizations)
+    notes = []
     if spec.mode == "training":
-        verdict = dataclasses.replace(verdict, explanation=[TRAINING_NOTE] + list(verdict.explanation))
+        notes.append(TRAINING_NOTE)
+    if not spec.methods_given and "one_by_one" not in spec.methods and spec.loss != "mse":
+        notes.append("one_by_one is not run: the examples have different numbers of loss terms that are not "
+                     f"ignored ({', '.join(str(int(c)) for c in counts[:8])}{' ...' if n > 8 else ''}), so the mean "
+                     "of each example's mean weighs the terms otherwise than the mean over all of them")
+    if notes:
+        verdict = dataclasses.replace(verdict, explanation=notes + list(verdict.explanation))
     training = None
     if spec.train_steps and jobs and stop.interrupted is None:
         ran = {fw: job.payload["assign"] for fw, job in jobs.items()
                if computed.get(fw) is not None and computed[fw].status == "ok"}
         training = _train_stage(spec, values, ran, tol, say, stop)
     return ModelReport(spec, layouts, maps, outcomes, results, tol, comparisons, verdict, localizations, n, m,
-                       training)
+                       training, conversions)
+
+
+def _to_source_names(outcome: BackendOutcome, conversion: Conversion) -> None:
+    """A port's gradients under the source's names and in its layout (``weights = "own"``): only the paired
+    tensors are compared."""
+    for row in outcome.methods.values():
+        if row.grads is not None:
+            row.grads = paired_gradients(conversion, row.grads)
+
+
+def _conversion_verdict(verdict: Verdict, conversions: dict[str, Conversion]) -> Verdict:
+    """The verdict when a port's weights are not a conversion of the source's: that port's gradients were not
+    computed (they would differ by the weights); the converter problems come first, then what the other ports
+    showed."""
+    lines = []
+    for fw, c in conversions.items():
+        if not c.exact:
+            lines.append(f"{c.target}: the weights its factory loaded are not {c.source}'s converted "
+                         f"({describe_counts(c)}); a converter bug, found before any gradient:")
+            lines += [f"  {p}" for p in c.problems[:12]]
+            if len(c.problems) > 12:
+                lines.append(f"  ... and {len(c.problems) - 12} more (report.json's conversion lists every tensor)")
+    return dataclasses.replace(verdict, status="disagree", exit_code=1,
+                               summary="CONVERSION DIFFERS: the ports' weights are not the source's, converted",
+                               explanation=lines + list(verdict.explanation))
+
+
+def _localize_stage(spec: ModelCheck, jobs: dict[str, WorkerJob], computed: dict[str, BackendOutcome],
+                    layouts: dict[str, ModelLayout], maps: dict[str, WeightMap], verdict: Verdict, tol: Tolerance,
+                    say, stop: "_Stop") -> list[Localization]:
+    """Capture every layer's input, output and incoming gradient in a second pass, and name the first layer where
+    each port parts from the source. The pass runs when the gradients disagree (``localize = "auto"``) or
+    always; holding every activation of a large model is what it costs, so an agreeing check skips it."""
+    source = spec.source
+    ran = {fw: job for fw, job in jobs.items() if computed.get(fw) is not None and computed[fw].status == "ok"}
+    targets = [fw for fw in maps if fw in ran]
+    if source not in ran or not targets or stop.interrupted is not None:
+        return []
+    if spec.localize == "auto" and verdict.exit_code == 0:
+        return []
+    say(f"capturing every layer's activations in {', '.join([source, *targets])} to locate the difference ...")
+    forward = stop.run({fw: dataclasses.replace(ran[fw], methods=("forward",)) for fw in [source, *targets]},
+                       spec, say)
+    localizations = []
+    src = forward.get(source)
+    for fw in targets:
+        tgt = forward.get(fw)
+        rows = [o.methods.get("forward") if o else None for o in (src, tgt)]
+        if all(r is not None and r.status == "ok" for r in rows):
+            u = max(effective(o) for o in (src, tgt))
+            localizations.append(localize(layouts[source], layouts[fw], maps[fw], rows[0].grads, rows[1].grads,
+                                          tol.rtol(u)))
+    return localizations
 
 
 @dataclass
@@ -622,9 +870,13 @@ def _g(x) -> str:
 def render_text(report: ModelReport) -> str:
     """What a person reads: the mapping, the rows, the pairs beyond tolerance, the localization, the verdict."""
     spec = report.spec
+    inputs = (", ".join(f"{arg}={spec.inputs.get(arg, arg)} {list(a.shape)} {a.dtype}" for arg, a in spec.named.items())
+              if spec.named else f"x {list(spec.x.shape)} {spec.x.dtype}")
+    weights = ("each model's own (paired by value)" if spec.own_weights else f"from {spec.source}")
     lines = [f"gradparity check: {', '.join(f'{fw} {spec.factories[fw]}' for fw in spec.frameworks)}",
-             f"batch: x {list(spec.x.shape)} {spec.x.dtype}, y {list(spec.y.shape)}; loss {spec.loss} "
-             f"(mean over {report.loss_elements} terms); {spec.dtype}; {spec.mode} mode; weights from {spec.source}"]
+             f"batch: {inputs}; targets {spec.targets or 'y'} {list(spec.y.shape)}"
+             f"{'; output ' + spec.output if spec.output else ''}; loss {spec.loss} "
+             f"(mean over {report.loss_elements} terms); {spec.dtype}; {spec.mode} mode; weights {weights}"]
     for o in report.outcomes:
         env = o.environment or {}
         versions = ", ".join(f"{k} {v}" for k, v in (env.get("versions") or {}).items())
@@ -632,6 +884,16 @@ def render_text(report: ModelReport) -> str:
                      f"dtype {env.get('dtype', '-')}")
     source = report.layouts.get(spec.source)
     for fw, wm in report.maps.items():
+        if fw in report.conversions:
+            c = report.conversions[fw]
+            state = "exact" if c.exact else f"{len(c.problems)} PROBLEMS"
+            lines += ["", f"conversion {spec.source} -> {fw}: {describe_counts(c)}; {state}"]
+            shown = [line for line in c.lines() if "DIFFERS" in line or "no counterpart" in line]
+            changed = [line for line in c.lines() if "same layout" not in line and line not in shown]
+            lines += ["  " + line for line in (shown + changed[:6])[:24]]
+            if len(changed) > 6:
+                lines.append(f"  ... {len(changed) - 6} more with a layout change (report.json lists every tensor)")
+            continue
         lines += ["", f"weights {spec.source} -> {fw} ({len(wm.assign)} tensors):"]
         lines += ["  " + line for line in wm.lines(source, report.layouts[fw])]
     lines += ["", f"{'backend':<18} {'method':<11} {'status':<8} {'loss (mean)':>14} {'factor':>8} "
@@ -708,8 +970,9 @@ def _json_default(o):
 
 # --- TOML and flags ------------------------------------------------------------------------------
 
-_CHECK_KEYS = ("data", "loss", "weights_from", "methods", "dtype", "mode", "device", "precision", "keras_backend",
-               "timeout_s", "train_steps", "train_optimizer", "train_lr")
+_CHECK_KEYS = ("data", "inputs", "targets", "output", "loss", "weights", "weights_from", "methods", "dtype", "mode",
+               "device", "precision", "keras_backend", "timeout_s", "localize", "train_steps", "train_optimizer",
+               "train_lr")
 
 
 def read_check_config(path: str | Path | None, flags: dict) -> ModelCheck:
@@ -747,10 +1010,19 @@ def read_check_config(path: str | Path | None, flags: dict) -> ModelCheck:
         raise ConfigError("no batch given: --data batch.npz (arrays 'x' and 'y'), or data = \"...\" in [check]")
     if not isinstance(data, (str, os.PathLike)):
         raise ConfigError(f"data = {data!r} in [check] must be the path of an .npz file, as a string")
+    weights = settings.pop("weights", None)
+    if weights is not None:
+        if settings.get("weights_from") not in (None, weights):
+            raise ConfigError(f"weights = {weights!r} and weights_from = {settings['weights_from']!r}: give one")
+        settings["weights_from"] = weights
     data_path = Path(data) if Path(data).is_absolute() or path is None else base / data
-    x, y = load_batch(data_path)
+    inputs, targets = settings.pop("inputs", None), settings.pop("targets", None)
+    if targets is not None and not isinstance(targets, str):
+        raise ConfigError(f"targets = {targets!r} must name an array of the batch file, as a string")
+    x, y, named = load_batch(data_path, inputs, targets)
     try:
-        spec = ModelCheck(models, x, y, mapping=dict(doc.get("mapping", {})), sys_path=(str(base),),
+        spec = ModelCheck(models, x, y, mapping=dict(doc.get("mapping", {})), sys_path=(str(base),), named=named,
+                          inputs=dict(inputs or {}), targets=targets, methods_given="methods" in settings,
                           **{k: (tuple(v) if k == "methods" else float(v) if k in ("timeout_s", "train_lr") else v)
                              for k, v in settings.items()})
     except (TypeError, ValueError) as exc:
