@@ -20,6 +20,8 @@ import signal
 import sys
 import time
 
+import numpy as np
+
 from gradparity.backends.numpy import session as numpy_backend
 from gradparity.backends.protocol import RawResult
 from gradparity.backends.worker import TIMED_CALLS
@@ -44,6 +46,14 @@ class FaultySession:
             time.sleep(3600)
         if self.mode == "slow":
             time.sleep(0.2)
+        if self.mode == "hog" and method == "mean":
+            # A model too big for the machine: memory grows (touched pages) until something stops it; capped
+            # at 8 GiB so that a broken guard cannot take the machine down either.
+            held = []
+            while len(held) < 128:
+                held.append(np.ones(2 ** 23))  # 64 MiB
+                time.sleep(0.02)
+            time.sleep(3600)
         if self.mode == "raise_in_sum" and method == "sum":
             raise RuntimeError("simulated failure inside the sum method")
         raw = self.inner.compute(method)

@@ -3,6 +3,7 @@ import dataclasses
 import json
 
 import numpy as np
+import pytest
 
 from gradparity.backends import BACKENDS
 from gradparity.compare.verdict import EXIT_DISAGREE, EXIT_INCOMPLETE
@@ -104,3 +105,21 @@ def test_a_running_worker_reports_its_finished_methods(fake_env):
     dones = [d for d, _ in calls]
     assert calls and {t for _, t in calls} == {3}
     assert dones == sorted(dones) and 0 <= dones[0] and dones[-1] <= 3 and max(dones) >= 1
+
+
+def test_a_worker_that_outgrows_the_free_memory_is_stopped_as_a_failed_row(tmp_path, fake_env, monkeypatch):
+    """A model too big for the memory left becomes a failed row naming the memory, never a machine brought down:
+    with the floor set 600 MiB below what is free now, the worker that keeps allocating is stopped once it holds
+    about that much; the reference's rows and the rows finished before are kept."""
+    from gradparity.run.execute import MEMORY_FLOOR_ENV, meminfo
+
+    available = meminfo("MemAvailable:")
+    if available is None:
+        pytest.skip("no /proc/meminfo: the memory guard works on Linux")
+    monkeypatch.setenv(MEMORY_FLOOR_ENV, str(available // 2 ** 20 - 600))
+    report, rows, name = run_with("hog", tmp_path, fake_env, timeout=120.0, methods=("sum", "mean"))
+    assert rows[(name, "sum")].ok
+    assert rows[(name, "mean")].status == "crashed"
+    assert "stopped by gradparity" in rows[(name, "mean")].error and "memory" in rows[(name, "mean")].error
+    assert_reference_kept(report, rows, tmp_path)
+    assert report.verdict.exit_code == EXIT_INCOMPLETE

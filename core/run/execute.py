@@ -27,6 +27,67 @@ from gradparity.run.pool import active_pool
 
 #: How a whole backend ended. 'ok': the worker finished (single methods may still have failed).
 BACKEND_STATUSES = ("ok", "missing", "error", "crashed", "timeout", "interrupted")
+#: Megabytes of available memory (MemAvailable) below which the largest running worker is stopped, so that a
+#: model too big for the memory left becomes a failed row instead of a machine thrashing in swap or the kernel's
+#: out-of-memory killer picking a process. Default: 4 % of the machine's memory, at least 512 MiB.
+MEMORY_FLOOR_ENV = "GRADPARITY_MEMORY_FLOOR_MB"
+_RUNNING: set[int] = set()
+_RUNNING_LOCK = threading.Lock()
+
+
+def memory_floor_bytes() -> int | None:
+    """The available memory below which the largest worker is stopped (None: not on Linux)."""
+    if os.environ.get(MEMORY_FLOOR_ENV):
+        return int(float(os.environ[MEMORY_FLOOR_ENV]) * 2 ** 20)
+    total = meminfo("MemTotal:")
+    return None if total is None else max(512 * 2 ** 20, total // 25)
+
+
+def meminfo(key: str) -> int | None:
+    """A /proc/meminfo entry in bytes (Linux), else None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _resident_bytes(pid: int) -> int:
+    """VmRSS of a process (0 when it is gone or unreadable)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+class _OutOfMemory(Exception):
+    """The machine ran short of memory and this worker was the largest running: it is stopped."""
+
+    def __init__(self, resident: int, available: int, floor: int):
+        super().__init__()
+        self.message = (f"stopped by gradparity: the machine had {available / 2 ** 30:.2f} GiB of memory left "
+                        f"(below the floor of {floor / 2 ** 30:.2f} GiB, {MEMORY_FLOOR_ENV}) while this worker, the "
+                        f"largest running, held {resident / 2 ** 30:.2f} GiB: the model needs more memory than this "
+                        "machine has free (a smaller batch, float32, fewer frameworks at once, or a larger machine)")
+
+
+def _check_memory(pid: int) -> None:
+    """Raise ``_OutOfMemory`` when available memory is below the floor and ``pid`` is the largest worker."""
+    floor = memory_floor_bytes()
+    available = meminfo("MemAvailable:") if floor is not None else None
+    if available is None or available >= floor:
+        return
+    with _RUNNING_LOCK:
+        sizes = {p: _resident_bytes(p) for p in _RUNNING}
+    if sizes and max(sizes, key=sizes.get) == pid:
+        raise _OutOfMemory(sizes[pid], available, floor)
 
 
 @dataclass
@@ -178,6 +239,7 @@ def run_backend(
         proc: subprocess.Popen | None = None
         served = None
         timed_out = False
+        out_of_memory = None
         try:
             if pool is not None:
                 # A served worker outlives this run's timing lock: it gets the lock with each job instead.
@@ -195,7 +257,17 @@ def run_backend(
                     env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                     start_new_session=True,  # so a timeout kills the worker's own children too
                 )
-            returncode = _wait(proc, job_dir, len(job.methods), timeout_s, on_progress, stop, served is not None)
+            with _RUNNING_LOCK:
+                _RUNNING.add(proc.pid)
+            try:
+                returncode = _wait(proc, job_dir, len(job.methods), timeout_s, on_progress, stop,
+                                   served is not None)
+            finally:
+                with _RUNNING_LOCK:
+                    _RUNNING.discard(proc.pid)
+        except _OutOfMemory as exc:
+            _kill_group(proc)
+            returncode, out_of_memory = proc.returncode, exc.message
         except _Stopped:
             _kill_group(proc)
             interrupted = Interrupted(stop.signum)
@@ -215,7 +287,8 @@ def run_backend(
             raise
         if served is not None and proc.poll() is None:
             pool.release(served)  # the job ended normally: the worker serves the next one
-        outcome = _collect(job, info, job_dir, returncode, timed_out, timeout_s, log_path, interrupted)
+        outcome = _collect(job, info, job_dir, returncode, timed_out, timeout_s, log_path, interrupted,
+                           out_of_memory)
     outcome.wall_seconds = time.perf_counter() - start
     if interrupted is not None and not (stop is not None and stop.is_set()):
         interrupted.outcome = outcome
@@ -245,6 +318,7 @@ def _wait(proc: subprocess.Popen, job_dir: Path, total: int, timeout_s: float, o
                 raise
         if stop is not None and stop.is_set():
             raise _Stopped
+        _check_memory(proc.pid)
         if not served and on_progress is None:
             continue
         state = _read_result(job_dir) or {}   # read once a slice, for both uses below
@@ -257,7 +331,7 @@ def _wait(proc: subprocess.Popen, job_dir: Path, total: int, timeout_s: float, o
 
 
 def _collect(job, info, job_dir, returncode, timed_out, timeout_s, log_path,
-             interrupted: Interrupted | None = None) -> BackendOutcome:
+             interrupted: Interrupted | None = None, out_of_memory: str | None = None) -> BackendOutcome:
     """Turn the worker's files and exit status into a BackendOutcome."""
     state = _read_result(job_dir) or {}
     methods: dict[str, MethodOutcome] = {}
@@ -277,6 +351,8 @@ def _collect(job, info, job_dir, returncode, timed_out, timeout_s, log_path,
     if interrupted is not None:
         status = "interrupted"
         error = f"run interrupted by {interrupted.signal_name}; the worker was stopped"
+    elif out_of_memory is not None:
+        status, error = "crashed", out_of_memory
     elif timed_out:
         status = "timeout"
         error = f"timed out: still running after timeout_s = {timeout_s:g} s, so the worker was killed"

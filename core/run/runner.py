@@ -29,7 +29,7 @@ from typing import Callable, Sequence
 from gradparity.backends import BackendInfo
 from gradparity.backends.protocol import TIMING_LOCK_ENV, WorkerJob
 from gradparity.errors import Interrupted
-from gradparity.run.execute import (BackendOutcome, MethodOutcome, StopFlag, remove_stale_job_dirs,
+from gradparity.run.execute import (BackendOutcome, MethodOutcome, StopFlag, meminfo, remove_stale_job_dirs,
                                     run_backend)
 
 #: Memory one framework worker may take on the problems gradparity builds itself, with a margin: TensorFlow +
@@ -66,14 +66,7 @@ def not_started(run: WorkerRun, signal_name: str) -> BackendOutcome:
 
 def available_memory_bytes() -> int | None:
     """MemAvailable of /proc/meminfo (Linux), else None."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    return meminfo("MemAvailable:")
 
 
 def memory_cap() -> int:
