@@ -126,8 +126,10 @@ _ALL += [
     for v in KERAS_VARIANTS
 ]
 
-# The legacy Keras 2 package (tf_keras): loss functions only (``gradparity translate``), no reduction methods.
-_ALL.append(BackendInfo("tf-keras", "tf_keras", package_modules("gradparity.backends.tf_keras", ("loss_functions",)),
+# The legacy Keras 2 package (tf_keras): loss functions (``gradparity translate``) and a user's tf_keras model
+# (``gradparity check``: Hugging Face's TF models); no built-in model, so no "gradients" task and no ``losses``.
+_ALL.append(BackendInfo("tf-keras", "tf_keras",
+                        package_modules("gradparity.backends.tf_keras", ("loss_functions", "model_check")),
                         "tf-keras", ("tf_keras", "tensorflow"), frozenset()))
 
 BACKENDS: dict[str, BackendInfo] = {b.name: b for b in _ALL}

@@ -212,7 +212,7 @@ def run_cli(capsys, *args) -> tuple[int, str]:
     (["--torch", "no_such_nets:Net"], "no module 'no_such_nets'"),
     (["--torch", "nets_torch:TorchCNN", "--loss", "hinge"], "unknown loss 'hinge'"),
     (["--torch", "nets_torch:TorchCNN", "--methods", "mean,vmap"], "methods ['vmap']"),
-    (["--torch", "nets_torch:TorchCNN", "--weights-from", "jax"], "weights_from = 'jax' names no given model"),
+    (["--torch", "nets_torch:TorchCNN", "--weights-from", "jax"], "weights = 'jax' names no given model"),
     (["--torch", "nets_torch:TorchCNN", "--dtype", "float16"], "dtype = 'float16'"),
     (["--data", "BATCH"], "no model given"),
     (["--torch", "nets_torch:TorchCNN"], "no batch given"),

@@ -1,5 +1,7 @@
-"""JAX / Flax NNX: the model session of every model, built-in (the MLP, the CNN, the sequence model: task
-"gradients", payload "builtin") or a user's own ``nnx.Module`` (task "model_check", payload "factory").
+"""JAX / Flax: the model session of every model, built-in (the MLP, the CNN, the sequence model: task
+"gradients", payload "builtin") or a user's own (task "model_check", payload "factory"): an ``nnx.Module``, or a
+Flax linen model (``linen.py``: a ``(module, variables)`` pair, or an object carrying ``.module`` and ``.params``
+as Hugging Face's Flax models do).
 
 The module comes from ``protocol.load_factory(job)`` (a user's factory, or ``models.build`` bound to the built-in
 model's dict) and is used through its functional view: ``nnx.split`` into the trainable parameters
@@ -10,12 +12,21 @@ nnx.merge(graphdef, params, ...)(x)`` is a pure function of a pytree that jax.gr
 transform; every gradient function is ``jax.jit``-compiled once per session (the native idiom): the worker's
 warm-up call pays the compilation, the timed call does not.
 
-The factory must return an ``nnx.Module`` (Flax's NNX API; Flax linen modules, which keep their parameters
-outside the module, are not supported). Flax's layout is already the canonical one: ``nnx.Linear`` kernels are
+An NNX factory's module is used as above. Flax's layout is already the canonical one: ``nnx.Linear`` kernels are
 (in, out), ``nnx.Conv`` kernels (*window, in, out), normalization weights are ``scale`` and activations are
 channels-last, so nothing is transposed; names are NNX state paths joined with '.' (``('layers', 0, 'kernel')``
 <-> ``layers.0.kernel``), mapped onto the canonical ones by ``protocol.assignment`` (a built-in model's own
-identity map, or what core mapped for a user's model) and checked by shape.
+identity map, or what core mapped for a user's model) and checked by shape. A Variable reachable under several
+paths (tied weights) is one entry of the split state: described once, under the path NNX kept, with the others
+as its "aliases"; its gradient is the sum over its uses. A linen model's parameters are its "params" tree (cast
+to the job's dtype) and every computation is ``linen.LinenModel.call`` of that tree, the same pure function;
+``linen.py`` says how it is called, named and laid out (Hugging Face's ``FlaxConv1D`` kernels are transposed).
+
+A user's model is called as payload "inputs" says (``protocol.call_inputs``): ``model(x)``, or
+``model(**{arg: array})`` with every input sliced together along axis 0 by the per-example methods; the loss
+reads the tensor payload "output" names in what it returns (``protocol.select_output``: a dict, a Hugging Face
+``ModelOutput``, a tuple). Targets holding ``IGNORE_INDEX`` (``job.padded``) are masked as the switch 'padding'
+masks them. Without ``job.params`` (weights "own") nothing is loaded: the factory's weights are the ones used.
 
 Cases (``compute``): "describe" and "forward" (a user's model's layers and localization); the reduction methods
 ``protocol.SESSION_METHODS`` on the batch, and "METHOD@PART" on a part (``protocol.CaseInputs``). optax has no
@@ -35,7 +46,13 @@ normalized by its own statistics).
 NNX has no forward hooks: for "describe" / "forward" layers are observed by wrapping ``__call__`` of their classes
 for the length of one eager forward pass. A layer called only from inside an NNX transform (``nnx.jit``,
 ``nnx.remat``, ``nnx.scan``, which call copies of it) or through a method other than ``__call__`` is therefore not
-seen as called.
+seen as called. Linen layers are observed with ``flax.linen.intercept_methods`` (``linen.LinenModel.trace``), also
+in one eager forward pass; "forward"'s ``grad_output`` is, for both, the gradient of the mean loss with respect to
+zeros added to each layer's first output inside the observer.
+
+The environment's "dtype" is the arithmetic the model does: a linen model whose layers carry a ``dtype`` of their
+own (Hugging Face's: float32 unless loaded with another) computes in it whatever the job's dtype, and says so as
+"model_dtype" (its parameters and gradients are held in the job's dtype all the same).
 
 Imported only inside a worker process. Read at import by jax (set by the parent, see ``BackendInfo``):
 ``JAX_ENABLE_X64`` (float64 jobs need it), ``JAX_PLATFORMS``, ``XLA_PYTHON_CLIENT_PREALLOCATE=false``.
@@ -51,10 +68,12 @@ import numpy as np
 import optax
 from flax import nnx
 
+from gradparity.backends.jax import linen
 from gradparity.backends.jax.device import device_label, linear_precision, may_use_tf32, start
 from gradparity.backends.protocol import (IGNORE_INDEX, PARAM_ROLES, SEPARATE_FORWARD, CaseInputs, RawResult,
-                                          WorkerJob, assignment, check_switches, first_forward, gelu_accuracy, layer_options,
-                                          load_factory, package_versions)
+                                          WorkerJob, assignment, call_inputs, check_switches, first_forward,
+                                          gelu_accuracy, layer_options, load_factory, package_versions,
+                                          select_output)
 
 _NORMS = tuple(c for c in (nnx.LayerNorm, nnx.RMSNorm, nnx.BatchNorm, nnx.GroupNorm,
                            getattr(nnx, "InstanceNorm", None)) if c is not None)
@@ -67,6 +86,46 @@ def path_name(path) -> str:
 def state_to_canonical(state) -> dict[str, np.ndarray]:
     """NNX state (params or their gradients) -> {name: numpy array}; blocks until computed."""
     return {path_name(path): np.asarray(var.get_value()) for path, var in nnx.to_flat_state(state)}
+
+
+def _is_array(a) -> bool:
+    return isinstance(a, jax.Array)
+
+
+def _call(model, x):
+    """A module called on the batch's inputs: one positional array, or keyword arguments (payload "inputs")."""
+    return model(**x) if isinstance(x, dict) else model(x)
+
+
+def _slice(x, i):
+    """Example ``i`` (traced) of every input, kept batched: ``x[i:i+1]``."""
+    return jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, i, 1), x)
+
+
+def _shared_paths(model: nnx.Module) -> list[list[tuple]]:
+    """The paths of every parameter or batch statistic reachable under more than one path (tied weights: one
+    Variable set on two modules, or one module set twice), each group in traversal order.
+
+    ``nnx.split`` keeps such a Variable once, under one of its paths; this walk (which, unlike
+    ``nnx.iter_graph``, revisits shared nodes, stopping only at cycles) finds the others."""
+    from flax.nnx import graph
+
+    seen: dict[int, list[tuple]] = {}
+
+    def walk(node, path, ancestors):
+        if isinstance(node, (nnx.Param, nnx.BatchStat)):
+            seen.setdefault(id(node), []).append(path)
+            return
+        if id(node) in ancestors or not graph.is_node(node):
+            return
+        impl = graph.get_node_impl(node)
+        if impl is None:
+            return
+        for key, child in impl.node_dict(node).items():
+            walk(child, path + (key,), ancestors | {id(node)})
+
+    walk(model, (), frozenset())
+    return [paths for paths in seen.values() if len(paths) > 1]
 
 
 def _is_float_dtype(value) -> bool:
@@ -165,11 +224,44 @@ class ModelSession:
         factory = load_factory(job)
         with jax.default_device(self.device):
             model = factory()
-        if not isinstance(model, nnx.Module):
-            linen = any(c.__module__.startswith("flax.linen") for c in type(model).__mro__)
-            raise TypeError(f"the jax factory {job.payload.get('factory')} returned {type(model).__name__}, not a "
-                            "flax.nnx.Module" + (" (Flax linen modules are not supported: port it to nnx)"
-                                                 if linen else ""))
+        self.output_path = job.payload.get("output")
+        self.linen: linen.LinenModel | None = None
+        if isinstance(model, nnx.Module):
+            self._open_nnx(model)
+        elif linen.is_linen(model):
+            if self.compute_dtype is not None:
+                raise ValueError("the switch 'autocast' sets every layer's dtype: a linen model's layers keep "
+                                 "the dtypes they were built with")
+            self.linen = linen.LinenModel(model, dtype=self.dtype, device=self.device,
+                                          training=job.payload.get("mode") == "training")
+            self.params = self.linen.params
+        else:
+            unbound = any(c.__module__.startswith("flax.linen") for c in type(model).__mro__)
+            raise TypeError(
+                f"the jax factory {job.payload.get('factory')} returned {type(model).__name__}, not a "
+                "flax.nnx.Module, a (linen module, variables) pair or an object carrying .module (linen) and "
+                ".params (Hugging Face's Flax models)" + (
+                    " (a linen module keeps its variables outside it: return (module, variables))"
+                    if unbound else ""))
+
+        named = call_inputs(job)
+        self._parts: dict[str, tuple] = {}
+        self.x, self.y = self.convert(job.batch["x"] if named is None else named, job.targets())
+        self._inputs = CaseInputs(job, (self.x, self.y), self.convert)
+        self.assign = assignment(job)
+        if self.linen is not None and self.assign is not None:
+            self.linen.ensure_layer_info(self.x)  # the canonical layout depends on the layers' classes
+        if self.assign is not None and job.params:  # no params: the factory's own weights (payload "assign")
+            self._load(self.assign)
+        weights = job.class_weights
+        self.class_weight = None if weights is None else jax.device_put(weights.astype(self.dtype), self.device)
+        self.masks = {forward: None if m is None else [jax.device_put(a, self.device) for a in m]
+                      for forward in ("batch", "single") for m in [job.dropout_masks(forward)]}
+        self._build()
+
+    def _open_nnx(self, model: nnx.Module) -> None:
+        """Split an NNX module into its state on the job's device and dtype; index its modules and variables."""
+        job = self.job
         self._set_dtypes(model)
         # Mode is a static attribute (deterministic, use_running_average): set before splitting.
         if job.payload.get("mode") == "training":
@@ -200,17 +292,13 @@ class ModelSession:
         # when it owns variables itself).
         self.watched = {p: self._layer_name(p) for p in self.modules if p in owning or (p in leaves and p != ())}
         self.layer_names = {self._layer_name(p) for p in owning}
-
-        self.x, self.y = self.convert(job.batch["x"], job.targets())
-        self._inputs = CaseInputs(job, (self.x, self.y), self.convert)
-        self.assign = assignment(job)
-        if self.assign is not None:
-            self._load(self.assign)
-        weights = job.class_weights
-        self.class_weight = None if weights is None else jax.device_put(weights.astype(self.dtype), self.device)
-        self.masks = {forward: None if m is None else [jax.device_put(a, self.device) for a in m]
-                      for forward in ("batch", "single") for m in [job.dropout_masks(forward)]}
-        self._build()
+        # Tied weights: the name nnx.split kept -> the other paths of the same Variable.
+        self.aliases: dict[str, list[str]] = {}
+        for paths in _shared_paths(model):
+            names = [path_name(p) for p in paths]
+            kept = next((n for n in names if n in self.owners), None)
+            if kept is not None:
+                self.aliases[kept] = [n for n in names if n != kept]
 
     def _set_dtypes(self, model: nnx.Module) -> None:
         """Like torch's model.to(dtype): Flax layers keep a computation dtype of their own (nnx.Embed pins its
@@ -230,11 +318,32 @@ class ModelSession:
 
     def convert(self, x, y) -> tuple:
         """(x, y) on the device: float inputs in the job's dtype, ids int32 (without x64 jax would truncate
-        int64 with a warning anyway), class targets int32, mse targets in the job's dtype."""
-        x, y = np.asarray(x), np.asarray(y)
+        int64 with a warning anyway), class targets int32, mse targets in the job's dtype. ``x`` a dict (named
+        inputs, ``protocol.call_inputs``): each of its arrays so."""
+        if isinstance(x, dict):
+            return {arg: self._convert_input(a) for arg, a in x.items()}, self._convert_targets(y)
+        return self._convert_input(x), self._convert_targets(y)
+
+    def _convert_input(self, x):
+        x = np.asarray(x)
         x = x.astype(self.dtype) if x.dtype.kind == "f" else x.astype(np.int32) if x.dtype.kind in "iu" else x
-        y = y.astype(self.dtype if self.loss_name == "mse" else np.int32)
-        return jax.device_put(x, self.device), jax.device_put(y, self.device)
+        return jax.device_put(x, self.device)
+
+    def _convert_targets(self, y):
+        y = np.asarray(y).astype(self.dtype if self.loss_name == "mse" else np.int32)
+        return jax.device_put(y, self.device)
+
+    def _case_inputs(self, case: str) -> tuple:
+        """(method, x, y) of ``case``: ``CaseInputs`` for one positional input; with named inputs each part's
+        ``call_inputs(job, part)``, converted once."""
+        if not isinstance(self.x, dict):
+            return self._inputs(case)
+        method, _, part = case.partition("@")
+        if not part:
+            return method, self.x, self.y
+        if part not in self._parts:
+            self._parts[part] = self.convert(call_inputs(self.job, part), self.job.targets(part))
+        return (method, *self._parts[part])
 
     def _layer_name(self, path) -> str:
         """A module's reported name: its path joined with '.', the class name for the root (as torch does)."""
@@ -242,6 +351,10 @@ class ModelSession:
 
     def _load(self, assign: dict[str, str]) -> None:
         """Overwrite the state's values with the canonical arrays core mapped onto them."""
+        if self.linen is not None:
+            self.linen.load(assign, self.job.params)
+            self.params = self.linen.params
+            return
         for native, key in assign.items():
             if native not in self.owners:
                 raise ValueError(f"{native}: the model has no parameter or batch statistic of that name "
@@ -253,14 +366,25 @@ class ModelSession:
             var.set_value(jax.device_put(value.astype(var.dtype), self.device))
 
     def environment(self) -> dict:
-        leaves = [v.get_value() for _, v in nnx.to_flat_state(self.params)] + [self.x]
-        try:  # what the model really computes in: a layer of the user's may cast to a dtype of its own
-            leaves += jax.tree.leaves(jax.eval_shape(self._merged_call, self.params, self.x))
-        except Exception:  # noqa: BLE001 - a broken forward pass is each case's error, not the setup's
-            pass
-        dtypes = sorted({str(a.dtype) for a in leaves if jnp.issubdtype(a.dtype, jnp.floating)})
-        dtype = dtypes[0] if len(dtypes) == 1 else "mixed: " + ", ".join(dtypes)
+        model_dtype = None
+        if self.linen is not None:
+            # A linen layer computes in its own ``dtype`` (Hugging Face's: the one the model was loaded with,
+            # float32 by default) whatever its parameters hold: that arithmetic bounds the rounding.
+            model_dtype = self.linen.computes_in(self.x)
+            dtype = model_dtype or str(self.dtype)
+        else:
+            leaves = [v.get_value() for _, v in nnx.to_flat_state(self.params)] + jax.tree.leaves(self.x)
+            try:  # what the model really computes in: a layer of the user's may cast to a dtype of its own
+                leaves += jax.tree.leaves(jax.eval_shape(self._merged_call, self.params, self.x))
+            except Exception:  # noqa: BLE001 - a broken forward pass is each case's error, not the setup's
+                pass
+            dtypes = sorted({str(a.dtype) for a in leaves if jnp.issubdtype(a.dtype, jnp.floating)})
+            dtype = dtypes[0] if len(dtypes) == 1 else "mixed: " + ", ".join(dtypes)
         matmul_precision = jax.config.jax_default_matmul_precision
+        extra = {} if model_dtype is None else {
+            # The job asked for another dtype than the model computes in: its parameters are held (and its
+            # gradients returned) in the job's, the arithmetic is the model's.
+            "model_dtype": model_dtype}
         return {
             "framework": "jax",
             "versions": package_versions("jax", "jaxlib", "flax", "optax"),
@@ -275,11 +399,12 @@ class ModelSession:
                 "linear_precision": None if self.layer_precision is None else str(self.layer_precision),
                 "requested": self.job.precision,
             },
-            "tf32": may_use_tf32(self.device, self.job.dtype, matmul_precision, self.layer_precision),
+            "tf32": may_use_tf32(self.device, model_dtype or self.job.dtype, matmul_precision, self.layer_precision),
             "mode": self.job.payload.get("mode", "inference"),
             "layer_options": layer_options(self.job),
             "gelu_accuracy": gelu_accuracy(self.job, lambda x, approx: np.asarray(
                 jax.nn.gelu(jax.device_put(x, self.device), approximate=approx))),
+            **extra,
         }
 
     # -- the model and the loss, natively -----------------------------------------------------------
@@ -295,8 +420,14 @@ class ModelSession:
 
     def _merged_call(self, params, x, masks=None):
         """The module's raw output (``masks``: the built-in MLP's dropout masks, else None)."""
+        if self.linen is not None:
+            return self.linen.call(params, x)
         model = self._merged(params)
-        return model(x) if masks is None else model(x, masks)
+        return _call(model, x) if masks is None else model(x, masks)
+
+    def _output(self, out):
+        """The tensor the loss reads in what the model returned (payload "output"; a tensor is itself)."""
+        return select_output(out, self.output_path, _is_array)
 
     def _cast(self, out):
         """Under 'autocast' the output comes out in the compute dtype; the loss is taken in the job's dtype, as
@@ -305,7 +436,7 @@ class ModelSession:
 
     def apply(self, params, x, masks=None):
         """The output the loss reads: a pure function of ``params`` (what jax.grad / vjp / vmap transform)."""
-        return self._cast(self._merged_call(params, x, masks))
+        return self._cast(self._output(self._merged_call(params, x, masks)))
 
     def terms(self, out, y):
         """The loss terms, unreduced: (N,) per class label, (N, T) per token, every output for mse; with
@@ -370,7 +501,7 @@ class ModelSession:
         def single_loss(params, xi, yi, mi):
             """Loss of one unbatched example (the function vmap maps over), with its own mask rows."""
             masks = None if mi is None else [m[None] for m in mi]
-            return self.loss(params, xi[None], yi[None], "examples", masks)[0]
+            return self.loss(params, jax.tree.map(lambda a: a[None], xi), yi[None], "examples", masks)[0]
 
         def none_vectorized(params, x, y, masks):
             # masks: the single-example rows (a None maps to None: an empty pytree).
@@ -379,7 +510,7 @@ class ModelSession:
 
         def one_example_step(params, loss_acc, grads_acc, x, y, masks, i):
             # x[i:i+1] with a traced i, so one compilation serves every example.
-            xi = jax.lax.dynamic_slice_in_dim(x, i, 1)
+            xi = _slice(x, i)
             yi = jax.lax.dynamic_slice_in_dim(y, i, 1)
             mi = None if masks is None else [jax.lax.dynamic_slice_in_dim(m, i, 1) for m in masks]
             loss, grads = jax.value_and_grad(reduced("mean"))(params, xi, yi, mi)
@@ -400,6 +531,9 @@ class ModelSession:
     def canonical(self, state) -> dict[str, np.ndarray]:
         """Canonical arrays of the mapped trainable parameters (or their gradients), keyed as core keyed their
         values."""
+        if self.linen is not None:
+            return {key: self.linen.to_canonical(native, self.linen.value(state, native))
+                    for native, key in self.assign.items() if self.linen.trainable(native)}
         flat = state_to_canonical(state)
         return {key: flat[native] for native, key in self.assign.items() if self.owners[native][3]}
 
@@ -414,7 +548,7 @@ class ModelSession:
             return self._forward()
         if self.assign is None:
             raise ValueError(f"case {case!r} needs the weights mapped (payload 'assign')")
-        method, x, y = self._inputs(case)
+        method, x, y = self._case_inputs(case)
         # Dropout masks exist for the batch only (core refuses dropout together with parts).
         on_batch = x is self.x
         masks = self.masks["single" if method in SEPARATE_FORWARD else "batch"] if on_batch else None
@@ -442,6 +576,8 @@ class ModelSession:
         the order those calls returned; with ``perturb`` the first output of layer ``name`` comes out
         as ``output + perturb[name]`` (zeros: d loss/d perturbation is d loss/d output).
         """
+        if self.linen is not None:
+            return self._trace_linen(params, perturb)
         model = self._merged(params)
         watched = {id(m): (m, self.watched[p]) for p, m in nnx.iter_modules(model) if p in self.watched}
         calls: list[tuple[str, str]] = []
@@ -458,11 +594,26 @@ class ModelSession:
             return output
 
         with _watch(watched, on_return):
-            out = model(self.x)
+            out = _call(model, self.x)
         return out, calls, records
+
+    def _trace_linen(self, params, perturb: dict | None = None):
+        """``_trace`` of a linen model (``linen.LinenModel.trace``), with its module paths as layer names and
+        "calls" as NNX's: every leaf module's calls and every parameter-owning module's."""
+        lm = self.linen
+        paths = {lm.layer_name(p): p for p in lm.owner_paths}
+        out, calls, records = lm.trace(params, self.x, None if perturb is None else
+                                       {paths[name]: v for name, v in perturb.items()})
+        called = {p for p, _ in calls}
+        inner = {q[:k] for q in called for k in range(len(q))}  # every proper prefix of a called path
+        calls = [(lm.layer_name(p), t) for p, t in calls if p in lm.owner_paths or (p != () and p not in inner)]
+        return out, calls, {lm.layer_name(p): rec for p, rec in records.items()}
 
     def _describe(self) -> RawResult:
         out, calls, records = first_forward(self.job, lambda: self._trace(self.params))
+        out = self._output(out)
+        if self.linen is not None:
+            return self._describe_linen(out, calls, records)
         by_layer: dict = {}
         for native, (owner, attr, var, trainable) in self.owners.items():
             by_layer.setdefault(owner, []).append((native, attr, var, trainable))
@@ -477,6 +628,8 @@ class ModelSession:
                 values[native] = np.asarray(var.get_value())
                 params.append({"name": native, "role": _role(module, attr, var), "shape": list(var.shape),
                                "trainable": trainable})
+                if native in self.aliases:
+                    params[-1]["aliases"] = self.aliases[native]
             params.sort(key=lambda p: PARAM_ROLES.index(p["role"]))  # kernel, ..., bias, other: stable
             layers.append({"name": name, "type": type(module).__name__, "called": name in records,
                            "fused_activation": False,  # Flax activations are separate functions
@@ -484,13 +637,37 @@ class ModelSession:
         info = {"layers": layers, "calls": [list(c) for c in calls], "output_shape": list(out.shape)}
         return RawResult(float("nan"), values, info)  # no loss: core checks the targets against the output first
 
+    def _describe_linen(self, out, calls, records) -> RawResult:
+        """"describe" of a linen model: its variables' owners in call order, values in canonical layout."""
+        lm = self.linen
+        by_owner: dict[tuple, list[str]] = {}
+        for native, (_, _, owner) in lm.entries.items():
+            by_owner.setdefault(owner, []).append(native)
+        named = {lm.layer_name(p): p for p in by_owner}
+        order = [n for n in records if n in named] + [n for n in named if n not in records]
+        layers, values = [], {}
+        for name in order:
+            path = named[name]
+            params = []
+            for native in by_owner[path]:
+                value = lm.to_canonical(native, lm.value(self.params, native))
+                values[native] = value
+                params.append({"name": native, "role": lm.role(native), "shape": list(value.shape),
+                               "trainable": lm.trainable(native)})
+            params.sort(key=lambda p: PARAM_ROLES.index(p["role"]))  # kernel, ..., bias, other: stable
+            layers.append({"name": name, "type": lm.layer_type(path), "called": name in records,
+                           "fused_activation": False, "params": params})
+        info = {"layers": layers, "calls": [list(c) for c in calls], "output_shape": list(out.shape)}
+        return RawResult(float("nan"), values, info)
+
     def _forward(self) -> RawResult:
         out, _, records = self._trace(self.params)
+        out = self._output(out)
         perturb = {name: jnp.zeros_like(rec["output"]) for name, rec in records.items() if rec["output"] is not None}
 
         def mean_loss(perturb):
             logits, _, _ = self._trace(self.params, perturb)
-            return self.reduce(self.terms(self._cast(logits), self.y), self.y, "mean")
+            return self.reduce(self.terms(self._cast(self._output(logits)), self.y), self.y, "mean")
 
         loss, grad_out = jax.value_and_grad(mean_loss)(perturb)
         arrays = {"logits": np.asarray(out)}

@@ -18,7 +18,9 @@ Every variant has the same method names:
 ``one_by_one(x, y, masks) -> (losses, grads)``
     each example of ``fed_alone`` alone, mean-reduced, one backward each, summed.
 
-``bind(model, losses)`` hands them the model and the loss callables. ``model`` is called as
+``x`` is one tensor, or a dict {argument: tensor} of a model's named inputs, each sliced along axis 0 for
+an example (``example_inputs``, ``batch_of_one``). ``bind(model, losses)`` hands them the model and the loss
+callables. ``model`` is called as
 ``model(x, masks)`` and ``model.stateless_call(trainable, non_trainable, x, masks)`` (the session's
 ``ModelCall``: the Keras model in the job's mode, ``masks`` the switch 'dropout''s keep-masks, a list of one
 (N, H) tensor per hidden layer, empty when off); ``losses`` maps Keras' reduction names ("none": one value
@@ -47,6 +49,16 @@ def call_loss(loss, y, logits, sample_weight=None):
         shape = tuple(sample_weight.shape) + (1,) * (len(y.shape) - len(sample_weight.shape))
         sample_weight = keras.ops.broadcast_to(keras.ops.reshape(sample_weight, shape), y.shape)
     return loss(y, logits, sample_weight=sample_weight)
+
+
+def example_inputs(x, i: int):
+    """Example ``i`` of the inputs, (1, ...): the tensor's rows ``[i:i + 1]``, or each named input's."""
+    return {arg: t[i:i + 1] for arg, t in x.items()} if isinstance(x, dict) else x[i:i + 1]
+
+
+def batch_of_one(xi):
+    """Inside a vectorized map, where the example axis is gone: the example's inputs as a batch of one."""
+    return {arg: t[None] for arg, t in xi.items()} if isinstance(xi, dict) else xi[None]
 
 
 def rows(masks, i: int):
@@ -124,7 +136,7 @@ class Autodiff:
     def one_by_one(self, x, y, masks):
         state, losses = (None, None), []
         for i in self.fed_alone:  # padding is not fed: its mean would be 0/0
-            loss, grads = self.reduced("sum_over_batch_size", x[i:i + 1], y[i:i + 1], rows(masks, i))
+            loss, grads = self.reduced("sum_over_batch_size", example_inputs(x, i), y[i:i + 1], rows(masks, i))
             losses.append(loss)
             state = self.accumulate(state, grads)
         return losses, self.result(state)
@@ -189,7 +201,7 @@ class TensorFlowAutodiff(Autodiff):
             with tf.GradientTape() as tape:
                 # BatchNormalization also assigns its moving statistics here; tf.vectorized_map accepts that
                 # without a loop fallback (keras 3.15, TF 2.21), and training mode never reads them back.
-                loss = losses["sum"](yi[None], model(xi[None], example_rows(mi)))
+                loss = losses["sum"](yi[None], model(batch_of_one(xi), example_rows(mi)))
             # Dense: a per-example IndexedSlices (an embedding's) cannot be stacked by the vectorized map.
             return loss, [dense(g) for g in tape.gradient(loss, self.variables)]
 
@@ -274,7 +286,7 @@ class JaxAutodiff(Autodiff):
             return call_loss(losses[reduction], y, logits, sample_weight)
 
         def one_example(trainable, xi, yi, mi):
-            return loss_fn(trainable, xi[None], yi[None], example_rows(mi), "sum")
+            return loss_fn(trainable, batch_of_one(xi), yi[None], example_rows(mi), "sum")
 
         self._value_and_grad = jax.jit(jax.value_and_grad(loss_fn), static_argnums=4)
         # One forward that keeps its residuals; the returned VJP is a pytree, so it
@@ -383,7 +395,7 @@ class TorchAutodiff(Autodiff):
         self._zero()
         losses, read = [], None
         for i in self.fed_alone:  # padding is not fed: its mean would be 0/0
-            loss = self.losses["sum_over_batch_size"](y[i:i + 1], self.model(x[i:i + 1], rows(masks, i)))
+            loss = self.losses["sum_over_batch_size"](y[i:i + 1], self.model(example_inputs(x, i), rows(masks, i)))
             loss.backward()  # .grad accumulates across examples
             losses.append(loss.detach())
             if self.unzeroed:
@@ -399,7 +411,7 @@ class TorchAutodiff(Autodiff):
         def one_example(trainable, xi, yi, mi):
             # stateless_call: the normalizations' moving-statistics updates come back as values instead of
             # in-place writes, which torch.func refuses; training mode never reads them.
-            logits, _ = model.stateless_call(trainable, non_trainable, xi[None], example_rows(mi))
+            logits, _ = model.stateless_call(trainable, non_trainable, batch_of_one(xi), example_rows(mi))
             return loss(yi[None], logits)
 
         trainable = [v.value.detach() for v in self.variables]

@@ -26,6 +26,19 @@ A forward pass may write state (BatchNormalization's moving statistics in traini
 torch's global generator for an unseeded Dropout on Keras' torch backend): every case first puts it back as it
 was after loading, so it starts from scratch.
 
+A user's model (task "model_check") may take named inputs (payload "inputs", ``call_inputs``): a functional model
+(or a Sequential) built on named ``keras.Input``s is called with one dict ``model({name: tensor})``, which Keras
+matches to its Inputs by name; a subclassed model whose ``call`` takes those names as arguments is called with
+keyword arguments ``model(**{name: tensor})``; any other (a ``call(inputs)`` reading a dict, as Keras Hub's models
+do) with the dict (``call_style``). Integer arrays stay integer (int32, Keras' own index dtype), floating ones take
+the job's dtype; every per-example loop slices each input along axis 0. The loss reads ``select_output``'s tensor
+of what the model returns (payload "output": a dict's "logits", a tuple's "0"). Targets ``IGNORE_INDEX`` (-100:
+Hugging Face's ignored labels, the causal-LM shift's last position) go to the loss as ``ignore_class``, as the
+switch 'padding''s do. With no ``job.params`` (weights "own") nothing is loaded: the model keeps its factory's
+weights, and ``payload["assign"]`` still names the gradients to return. A variable two layers hold (tied weights:
+a head reusing an Embedding's matrix as an attribute) is one parameter, named by its first holder in the layers'
+order, the other holder's "LAYER/ATTRIBUTE" its alias; its gradient, the sum over its uses, is returned once.
+
 Layers' calls are recorded ("describe", "forward") by wrapping each layer instance's ``call`` for the length
 of one eager forward pass (``Operation.__call__`` looks ``self.call`` up on every call, so an instance attribute
 is seen, then removed). A layer with a fused activation (``Dense(..., activation="relu")``) returns the
@@ -42,6 +55,7 @@ one forward pass and its losses demoted (``precision['keras_demoted_ops']``; for
 from __future__ import annotations
 
 import contextlib
+import inspect
 import sys
 
 import keras
@@ -49,8 +63,8 @@ import numpy as np
 
 from gradparity.backends.keras.device import SIGNIFICAND_BITS, environment, open_variant
 from gradparity.backends.protocol import (IGNORE_INDEX, SEPARATE_FORWARD, SESSION_METHODS, CaseInputs, RawResult,
-                                          WorkerJob, assignment, check_switches, first_forward, gelu_accuracy, layer_options,
-                                          load_factory)
+                                          WorkerJob, assignment, call_inputs, check_switches, first_forward,
+                                          gelu_accuracy, layer_options, load_factory, select_output)
 
 #: Keras' reduction name of each single-backward method (the variants' loss callables are keyed so).
 REDUCTIONS = {"mean": "sum_over_batch_size", "sum": "sum"}
@@ -97,22 +111,60 @@ def _is_tensor(value) -> bool:
     return hasattr(value, "shape") and hasattr(value, "dtype")
 
 
+def call_style(model, args) -> str:
+    """How ``model`` takes the named inputs ``args`` (payload "inputs"): "dict", one positional dict (a functional
+    model or a Sequential: it has named ``inputs``, which Keras matches by name; also a subclassed model whose
+    ``call`` takes one dict), or "kwargs", keyword arguments (a subclassed model whose ``call`` names every one of
+    them, or takes ``**kwargs`` only)."""
+    try:
+        named = [t.name for t in model.inputs or ()]
+    except (AttributeError, TypeError, ValueError):  # a subclassed model has no symbolic inputs
+        named = []
+    if named:
+        return "dict"
+    try:
+        params = inspect.signature(model.call).parameters.values()
+    except (TypeError, ValueError):
+        return "dict"
+    by_name = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    keywords = any(p.kind == p.VAR_KEYWORD for p in params)
+    return "kwargs" if set(args) <= by_name or (keywords and not positional) else "dict"
+
+
 class ModelCall:
     """The model as the variants' autodiff calls it (``device``): ``call(x, masks)`` and
-    ``stateless_call(trainable, non_trainable, x, masks)`` in the job's mode (``training``), the switch
-    'dropout''s keep-masks passed to the built-in MLP only when there are some (an empty list: off)."""
+    ``stateless_call(trainable, non_trainable, x, masks)`` in the job's mode (``training``), each returning the
+    tensor the loss reads (``select_output`` of the model's output with the payload's path ``output``; a tensor
+    output is that tensor). ``x`` is one tensor, passed positionally, or a dict {argument: tensor} (payload
+    "inputs") passed as ``style`` says (``call_style``). The switch 'dropout''s keep-masks are passed to the
+    built-in MLP only when there are some (an empty list: off)."""
 
-    def __init__(self, model, training: bool):
-        self.model, self.training = model, training
+    def __init__(self, model, training: bool, style: str = "dict", output: str | None = None):
+        self.model, self.training, self.style, self.output = model, training, style, output
         self.trainable_variables = model.trainable_variables
         self.non_trainable_variables = model.non_trainable_variables
+        # stateless_call hands its keyword arguments to `call` unfiltered (Layer.__call__ drops a `training`
+        # that `call` does not take).
+        self._takes_training = getattr(model, "_call_has_training_arg", True)
+
+    def _arguments(self, x) -> tuple[tuple, dict]:
+        if isinstance(x, dict) and self.style == "kwargs":
+            return (), dict(x)
+        return (x,), {}
 
     def __call__(self, x, masks=()):
-        return self.model(x, training=self.training, **({"masks": masks} if masks else {}))
+        args, kwargs = self._arguments(x)
+        out = self.model(*args, training=self.training, **kwargs, **({"masks": masks} if masks else {}))
+        return select_output(out, self.output, _is_tensor)
 
     def stateless_call(self, trainable, non_trainable, x, masks=()):
-        return self.model.stateless_call(trainable, non_trainable, x, training=self.training,
-                                         **({"masks": masks} if masks else {}))
+        args, kwargs = self._arguments(x)
+        if self._takes_training:
+            kwargs["training"] = self.training
+        out, state = self.model.stateless_call(trainable, non_trainable, *args, **kwargs,
+                                               **({"masks": masks} if masks else {}))
+        return select_output(out, self.output, _is_tensor), state
 
 
 def _class_weighted(loss, table):
@@ -197,25 +249,34 @@ class KerasModelSession:
         # Keras numbers auto-named layers per process: start from zero, so the describe job and the mapped
         # jobs name the variables alike whatever the user's module built at import.
         keras.backend.clear_session()
+        named = call_inputs(job)  # {argument: array} when the model takes named inputs, else None
         with self.ad.scope():
             model = self._build(factory)
-            self.x, self.y = self.convert(job.batch["x"], job.targets())  # IGNORE_INDEX where 'padding' marks
-            if not model.built:
-                first_forward(job, lambda: model(self.x, training=False))  # builds its variables
+            style = "dict" if named is None else call_style(model, named)
+            self.output = job.payload.get("output")
+            # IGNORE_INDEX where 'padding' marks, or where a user's targets hold it.
+            self.x, self.y = self.convert(job.batch["x"] if named is None else named, job.targets())
+            if not model.built:  # builds its variables
+                first_forward(job, lambda: ModelCall(model, False, style, self.output)(self.x))
             # The switch 'dropout': per forward kind, the masks' tensors (empty when off).
             self.masks = {forward: [keras.ops.convert_to_tensor(m, dtype=job.dtype)
                                     for m in job.dropout_masks(forward) or ()]
                           for forward in ("batch", "single")}
         self.model = model
         self.layers = list(model._flatten_layers(include_self=True, recursive=True))
-        self.owners = self._name_variables()  # native name -> (layer, variable)
+        # native name -> (layer, variable); first name -> [alias names] of a tied variable
+        self.owners, self.aliases = self._name_variables()
+        self.alias_of = {alias: native for native, names in self.aliases.items() for alias in names}
         self.native = {id(v): name for name, (_, v) in self.owners.items()}
         self.assign = assignment(job)
         if self.builtin is not None and sorted(self.assign.values()) != sorted(job.params):
             raise ValueError(f"model parameters {sorted(self.assign.values())} do not match the job's "
                              f"{sorted(job.params)}")
         if self.assign is not None:
-            self.load(self.assign)
+            for native in self.assign:
+                self._owner(native)  # an unknown name is an error even when nothing is loaded
+            if self.builtin is not None or job.params:  # no params (weights "own"): the factory's weights stay
+                self.load(self.assign)
         # The state every case starts from (after loading): see the module docstring.
         self._state = [(v, _numpy(v.value)) for v in model.non_trainable_variables]
         if self.variant == "torch":  # an unseeded Dropout on Keras' torch backend draws from torch's generator
@@ -223,7 +284,10 @@ class KerasModelSession:
 
             self._torch_rng = torch.random.get_rng_state(), torch.cuda.get_rng_state_all()
         self._inputs = CaseInputs(job, (self.x, self.y), self.convert)
-        self.ad.bind(ModelCall(model, self.training), self._losses())
+        # Named inputs of a part ("METHOD@PART") are read by call_inputs, not from parts/PART/x.
+        self._named_parts = None if named is None else {"": (self.x, self.y)}
+        self.call = ModelCall(model, self.training, style, self.output)
+        self.ad.bind(self.call, self._losses())
         self.ad.unzeroed = job.unzeroed
 
     def _build(self, factory):
@@ -244,21 +308,38 @@ class KerasModelSession:
 
     def convert(self, x, y):
         """(x, y) as the backend's tensors (call inside ``ad.scope()``): float inputs in the job's dtype, ids and
-        class targets int32 (jax without x64 has no int64), mse targets in the job's dtype."""
-        x = np.asarray(x)
-        return (keras.ops.convert_to_tensor(x, dtype=self.job.dtype if x.dtype.kind == "f" else
-                                            "int32" if x.dtype.kind in "iu" else None),
+        class targets int32 (jax without x64 has no int64), mse targets in the job's dtype; ``x`` a dict of named
+        inputs ({argument: array}) gives a dict of tensors."""
+        def tensor(a):
+            a = np.asarray(a)
+            return keras.ops.convert_to_tensor(a, dtype=self.job.dtype if a.dtype.kind == "f" else
+                                               "int32" if a.dtype.kind in "iu" else None)
+        return ({arg: tensor(a) for arg, a in x.items()} if isinstance(x, dict) else tensor(x),
                 keras.ops.convert_to_tensor(y, dtype=self.job.dtype if self.loss_name == "mse" else "int32"))
 
-    def _name_variables(self) -> dict:
-        """Each floating variable's native name: its Keras path, or "layer name/variable name" where two paths
-        coincide; a variable two layers hold (tied weights) belongs to the first."""
-        pairs, seen = [], set()
+    def _case_inputs(self, case: str) -> tuple:
+        """(method, x, y) of ``case``; a part's named inputs converted once."""
+        if self._named_parts is None:
+            return self._inputs(case)
+        method, _, part = case.partition("@")
+        if part not in self._named_parts:
+            self._named_parts[part] = self.convert(call_inputs(self.job, part), self.job.targets(part))
+        return (method, *self._named_parts[part])
+
+    def _name_variables(self) -> tuple[dict, dict]:
+        """({native name: (layer, variable)}, {native name: [alias names]}): each floating variable's native name,
+        its Keras path, or "layer name/variable name" where two paths coincide. A variable two layers hold (tied
+        weights) belongs to the first; each later holder names it "layer name/attribute" (the attribute it is
+        held by, else the variable's name), an alias."""
+        pairs, seen, held = [], set(), {}
         for layer in self.layers:
             for v in _owned(layer):
                 if id(v) not in seen:
                     seen.add(id(v))
                     pairs.append((layer, v))
+                else:
+                    attr = next((k for k, value in vars(layer).items() if value is v), v.name)
+                    held.setdefault(id(v), []).append(f"{layer.name}/{attr}")
         paths = [v.path for _, v in pairs]
         owners = {}
         for layer, v in pairs:
@@ -267,15 +348,25 @@ class KerasModelSession:
                 raise ValueError(f"two variables of the model are both named {name!r}; give their layers "
                                  "distinct names")
             owners[name] = (layer, v)
-        return owners
+        aliases = {name: held[id(v)] for name, (_, v) in owners.items() if id(v) in held}
+        clash = set(owners) & {a for names in aliases.values() for a in names}
+        if clash:
+            raise ValueError(f"a tied variable's alias {sorted(clash)[0]!r} is also another variable's name; give "
+                             "their layers distinct names")
+        return owners, aliases
+
+    def _owner(self, native: str) -> tuple:
+        """(layer, variable) of a native name, a tied variable's alias included."""
+        name = self.alias_of.get(native, native)
+        if name not in self.owners:
+            raise ValueError(f"{native}: the model has no variable of that name (it has: "
+                             f"{', '.join(self.owners)})")
+        return self.owners[name]
 
     def load(self, assign: dict[str, str]) -> None:
         """Overwrite the model's variables with the canonical arrays core mapped onto them."""
         for native, key in assign.items():
-            if native not in self.owners:
-                raise ValueError(f"{native}: the model has no variable of that name (it has: "
-                                 f"{', '.join(self.owners)})")
-            _, variable = self.owners[native]
+            _, variable = self._owner(native)
             # The variable's dtype is the job's (floatx) unless the layer pinned its own.
             value = np.asarray(self.job.params[key], dtype=keras.backend.standardize_dtype(variable.dtype))
             if tuple(value.shape) != tuple(variable.shape):
@@ -350,7 +441,8 @@ class KerasModelSession:
         by_name = {self.native[id(v)]: (np.zeros(v.shape, keras.backend.standardize_dtype(v.dtype)) if g is None
                                         else _numpy(g))
                    for v, g in zip(self.model.trainable_variables, grads) if id(v) in self.native}
-        return {key: by_name[native] for native, key in self.assign.items() if native in by_name}
+        return {key: by_name[native] for native, key in
+                ((self.alias_of.get(native, native), key) for native, key in self.assign.items()) if native in by_name}
 
     # -- the environment ----------------------------------------------------------------------------
 
@@ -454,7 +546,7 @@ class KerasModelSession:
                 return self._describe()
             if case == "forward":
                 return self._forward()
-            method, x, y = self._inputs(case)
+            method, x, y = self._case_inputs(case)
             if method not in SESSION_METHODS:
                 raise ValueError(f"unknown case {case!r}")
             # one_by_one feeds every example but padding (alone, a padding example's mean would be 0/0).
@@ -510,9 +602,9 @@ class KerasModelSession:
         records, calls = {}, []
         with self._recording(records, calls, perturb):
             if state is None:
-                out = self.model(self.x, training=self.training)
+                out = self.call(self.x)
             else:
-                out, _ = self.model.stateless_call(*state, self.x, training=self.training)
+                out, _ = self.call.stateless_call(*state, self.x)
         return out, calls, records
 
     def _describe(self) -> RawResult:
@@ -523,7 +615,8 @@ class KerasModelSession:
         owning = list(dict.fromkeys(layer for layer, _ in self.owners.values()))
         layers = []
         for layer in called + [layer for layer in owning if layer.name not in records]:
-            params = [{"name": name, "role": _role(layer, v), "shape": list(v.shape), "trainable": bool(v.trainable)}
+            params = [{"name": name, "role": _role(layer, v), "shape": list(v.shape), "trainable": bool(v.trainable),
+                       **({"aliases": list(self.aliases[name])} if name in self.aliases else {})}
                       for name, (owner, v) in self.owners.items() if owner is layer]
             layers.append({"name": layer.name, "type": type(layer).__name__, "called": layer.name in records,
                            "fused_activation": _fused(layer), "params": params})

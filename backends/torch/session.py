@@ -7,6 +7,14 @@ travel in the canonical layout (``nn.Linear.weight`` is (out, in), canonical ker
 (O, I, *k) become (*k, I, O); normalization weights are "scale"), and image data and activations
 channels-last: torch's (N, C, H, W) is transposed on the way in and out.
 
+A user's model may take named inputs (payload "inputs": ``model(**{arg: tensor})``, ``call_inputs``) and return
+a tuple, dict or Hugging Face ``ModelOutput`` (the loss reads ``select_output``'s tensor); Hugging Face's
+``Conv1D`` is a Dense layer whose ``weight`` is already (in, out). A tensor reachable under several names (tied
+weights: GPT-2's ``lm_head.weight is transformer.wte.weight``) is one parameter, named by its first name in
+``named_modules`` order, the others its aliases; buffers outside the state dict (``persistent=False``: GPT-2's
+causal mask and ``masked_bias``) and non-floating buffers are not state. With no ``job.params`` (weights "own")
+nothing is loaded: the model keeps its factory's weights.
+
 Cases: "describe" and "forward" (a user's model: its layers, and the localization arrays), and every method of
 ``SESSION_METHODS`` in torch's own idiom, on the batch or, as "METHOD@PART", on a part:
 
@@ -27,6 +35,8 @@ Imported only inside a worker process, so importing torch at the top is intended
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -34,7 +44,8 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from gradparity.backends.protocol import (MODEL_CASES, SESSION_METHODS, CaseInputs, RawResult, WorkerJob, assignment,
-                                         check_switches, first_forward, gelu_accuracy, layer_options, load_factory)
+                                         call_inputs, check_switches, first_forward, gelu_accuracy, layer_options,
+                                         load_factory, select_output)
 from gradparity.backends.torch.device import cublas_may_use_tf32, pick_device, pin_highest_precision, read_precision
 from gradparity.backends.torch.optimizers import TORCH_DTYPES
 
@@ -50,11 +61,24 @@ _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropou
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def _hf_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is Hugging Face's ``transformers.pytorch_utils.Conv1D`` (GPT-2's Dense layer), whose
+    ``weight`` is stored (nx, nf) = (in, out): the canonical kernel already. Recognized by name, so that
+    transformers need not be imported; the shape check guards against another class of that name."""
+    cls = type(module)
+    weight = getattr(module, "weight", None)
+    return (cls.__name__ == "Conv1D" and cls.__module__.split(".")[0] == "transformers"
+            and torch.is_tensor(weight) and tuple(weight.shape) == (getattr(module, "nx", None),
+                                                                     getattr(module, "nf", None)))
+
+
 def _role(module: nn.Module, pname: str) -> str:
     """The canonical role of ``module``'s own parameter or buffer ``pname``."""
     if pname == "bias":
         return "bias"
     if isinstance(module, (nn.Linear, *_CONV)) and pname == "weight":
+        return "kernel"
+    if pname == "weight" and _hf_conv1d(module):
         return "kernel"
     if isinstance(module, nn.Embedding) and pname == "weight":
         return "embedding"
@@ -68,8 +92,9 @@ def _role(module: nn.Module, pname: str) -> str:
 
 
 def to_canonical(module: nn.Module, pname: str, value: np.ndarray) -> np.ndarray:
-    """Torch layout -> canonical layout (Linear/conv kernels transposed, everything else as is)."""
-    if _role(module, pname) != "kernel":
+    """Torch layout -> canonical layout (Linear/conv kernels transposed, everything else as is; Hugging Face's
+    Conv1D weight is (in, out) already)."""
+    if _role(module, pname) != "kernel" or _hf_conv1d(module):
         return value
     if isinstance(module, nn.Linear):
         return np.ascontiguousarray(value.T)
@@ -78,7 +103,7 @@ def to_canonical(module: nn.Module, pname: str, value: np.ndarray) -> np.ndarray
 
 def from_canonical(module: nn.Module, pname: str, value: np.ndarray) -> np.ndarray:
     """Canonical layout -> torch layout (the inverse of ``to_canonical``)."""
-    if _role(module, pname) != "kernel":
+    if _role(module, pname) != "kernel" or _hf_conv1d(module):
         return value
     if isinstance(module, nn.Linear):
         return np.ascontiguousarray(value.T)
@@ -94,11 +119,48 @@ def _channels_last(module: nn.Module, t: torch.Tensor) -> np.ndarray:
 
 
 def _owned(module: nn.Module) -> list[tuple[str, torch.Tensor, bool]]:
-    """(name, tensor, trainable) of the module's own parameters and floating buffers (not its children's)."""
+    """(name, tensor, trainable) of the module's own parameters and floating buffers of its state dict (not its
+    children's). A buffer registered ``persistent=False`` (a constant mask, ``masked_bias``) is not state."""
     out = [(n, p, True) for n, p in module.named_parameters(recurse=False)]
+    constant = getattr(module, "_non_persistent_buffers_set", ())
     out += [(n, b, False) for n, b in module.named_buffers(recurse=False)
-            if b is not None and b.is_floating_point()]
+            if b is not None and b.is_floating_point() and n not in constant]
     return out
+
+
+def _own_tensors(modules: dict[str, nn.Module], root: nn.Module):
+    """({module name: its own (name, tensor, trainable) not seen under an earlier name}, {first native name:
+    [alias names]}): a tensor reachable under several names (tied weights) belongs to the first module that
+    holds it, in ``named_modules`` order (the order ``named_parameters`` keeps it by)."""
+    owned: dict[str, list] = {}
+    first: dict[int, str] = {}
+    aliases: dict[str, list[str]] = {}
+    for mn, m in modules.items():
+        mine = []
+        for pn, t, tr in _owned(m):
+            native = f"{mn}.{pn}" if m is not root else pn
+            if id(t) in first:
+                aliases.setdefault(first[id(t)], []).append(native)
+            else:
+                first[id(t)] = native
+                mine.append((pn, t, tr))
+        owned[mn] = mine
+    return owned, aliases
+
+
+def _to_tensors(x, y, device, dtype, loss_name):
+    """``ModelSession.convert``'s conversion."""
+    yt = torch.from_numpy(np.asarray(y)).to(device)
+    yt = yt.to(dtype) if loss_name == "mse" else yt.to(torch.int64)
+    if isinstance(x, dict):
+        named = {}
+        for arg, a in x.items():
+            t = torch.from_numpy(np.ascontiguousarray(a)).to(device)
+            named[arg] = t.to(dtype) if t.is_floating_point() else (t.to(torch.int64) if a.dtype.kind in "iu" else t)
+        return named, yt
+    x = np.transpose(x, (0, 3, 1, 2)) if x.ndim == 4 else x  # canonical (N, H, W, C); torch convs (N, C, H, W)
+    xt = torch.from_numpy(np.ascontiguousarray(x)).to(device)
+    return xt.to(dtype) if xt.is_floating_point() else xt, yt
 
 
 class ModelSession:
@@ -123,19 +185,29 @@ class ModelSession:
         self.model.train(job.payload.get("mode") == "training")
         # Named as in calls and layers: the root module (which may own parameters) by its class name.
         self.modules = {name or type(m).__name__: m for name, m in self.model.named_modules()}
-        self.owners = {f"{mn}.{pn}" if m is not self.model else pn: (m, pn, t, tr)
-                       for mn, m in self.modules.items() for pn, t, tr in _owned(m)}
+        # Tied weights: each tensor once, under its first name; the other names resolve to it.
+        self.owned, self.aliases = _own_tensors(self.modules, self.model)
+        self.owners = {f"{mn}.{pn}" if self.modules[mn] is not self.model else pn: (self.modules[mn], pn, t, tr)
+                       for mn, own in self.owned.items() for pn, t, tr in own}
+        self.alias_of = {alias: native for native, names in self.aliases.items() for alias in names}
         self.assign = assignment(job)
         if self.builtin:
             trainable = sorted(name for name, (*_, tr) in self.owners.items() if tr)
             if sorted(self.assign) != trainable:
                 raise ValueError(f"model parameters {trainable} do not match the built-in model's "
                                  f"{sorted(self.assign)}")
-        if self.assign is not None:
+        if self.assign is not None and job.params:  # no params (weights "own"): the factory's weights stay
             self._load(self.assign)
 
-        self.x, self.y = self.convert(job.batch["x"], job.targets())
-        self._inputs = CaseInputs(job, (self.x, self.y), self.convert)
+        self.output_path = job.payload.get("output")
+        named = call_inputs(job)
+        self.x, self.y = self.convert(job.batch["x"] if named is None else named, job.targets())
+        # Not the bound self.convert: a reference cycle would keep the model alive after the session until the
+        # garbage collector runs (a served worker loads the next job's model meanwhile).
+        self._inputs = CaseInputs(job, (self.x, self.y), functools.partial(
+            _to_tensors, device=self.device, dtype=self.dtype, loss_name=self.loss_name))
+        # Named inputs of a part ("METHOD@PART") are read by call_inputs, not from parts/PART/x.
+        self._named_parts = None if named is None else {"": (self.x, self.y)}
         # The switch 'dropout' (the MLP's hidden layers): core's masks, the batch's and each example's own.
         masks = [job.dropout_masks(forward) for forward in ("batch", "single")]
         self.batch_masks, self.single_masks = [
@@ -144,20 +216,21 @@ class ModelSession:
         weights = job.class_weights
         self.class_weight = None if weights is None else torch.from_numpy(weights).to(self.device, self.dtype)
 
-    def convert(self, x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def convert(self, x: np.ndarray | dict[str, np.ndarray], y: np.ndarray):
         """(x, y) as tensors on the device: images channels-first, floating inputs in the job's dtype, targets
-        int64 (the job's dtype for mse)."""
-        x = np.transpose(x, (0, 3, 1, 2)) if x.ndim == 4 else x  # canonical (N, H, W, C); torch convs (N, C, H, W)
-        xt = torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
-        yt = torch.from_numpy(np.asarray(y)).to(self.device)
-        return (xt.to(self.dtype) if xt.is_floating_point() else xt,
-                yt.to(self.dtype) if self.loss_name == "mse" else yt.to(torch.int64))
+        int64 (the job's dtype for mse). Named inputs (``x`` a dict, ``call_inputs``): each array as is (no
+        transpose: the model names what it takes), integer ones int64, floating ones in the job's dtype."""
+        return _to_tensors(x, y, self.device, self.dtype, self.loss_name)
+
+    def owner(self, native: str) -> tuple[nn.Module, str, torch.Tensor, bool]:
+        """(module, torch name, tensor, trainable) of a native name, a tied weight's alias included."""
+        return self.owners[self.alias_of.get(native, native)]
 
     def _load(self, assign: dict[str, str]) -> None:
         """Overwrite the module's values with the canonical arrays core mapped onto them."""
         with torch.no_grad():
             for native, key in assign.items():
-                module, pname, tensor, _ = self.owners[native]
+                module, pname, tensor, _ = self.owner(native)
                 value = from_canonical(module, pname, self.job.params[key])
                 if tuple(value.shape) != tuple(tensor.shape):
                     raise ValueError(f"{native}: mapped value has shape {value.shape}, the module's is "
@@ -167,8 +240,8 @@ class ModelSession:
     def trainable(self) -> list[tuple[str, nn.Module, str, torch.Tensor]]:
         """(canonical key, module, torch name, parameter) of every mapped trainable parameter, in the module's
         parameter order (what ``model.parameters()`` hands an optimizer)."""
-        keys = {id(self.owners[native][2]): (key, *self.owners[native][:2])
-                for native, key in self.assign.items() if self.owners[native][3]}
+        keys = {id(self.owner(native)[2]): (key, *self.owner(native)[:2])
+                for native, key in self.assign.items() if self.owner(native)[3]}
         return [(*keys[id(p)], p) for p in self.model.parameters() if id(p) in keys]
 
     def environment(self) -> dict:
@@ -209,9 +282,28 @@ class ModelSession:
         losses = F.cross_entropy(out.reshape(-1, c), y.reshape(-1), weight=weight, reduction=reduction)
         return losses.reshape(y.shape) if reduction == "none" else losses
 
-    def forward(self, x: torch.Tensor, masks=None) -> torch.Tensor:
-        """The model on ``x``; with dropout masks (the MLP's), its hidden activations multiplied by them."""
+    def forward(self, x: torch.Tensor | dict[str, torch.Tensor], masks=None) -> torch.Tensor:
+        """The model on ``x`` (named inputs: as keyword arguments); with dropout masks (the MLP's), its hidden
+        activations multiplied by them. The tensor the loss reads (``select_output``)."""
+        return self._output(self._call(x, masks))
+
+    def _call(self, x, masks=None):
+        """What the model returns on ``x`` (a tensor, or a tuple, dict, ``ModelOutput``)."""
+        if isinstance(x, dict):
+            return self.model(**x)
         return self.model(x) if masks is None else self.model(x, masks)
+
+    def _output(self, out) -> torch.Tensor:
+        return select_output(out, self.output_path, torch.is_tensor)
+
+    def _case_inputs(self, case: str) -> tuple:
+        """(method, x, y) of ``case``; named inputs of a part converted once, as ``CaseInputs`` does for x."""
+        if self._named_parts is None:
+            return self._inputs(case)
+        method, _, part = case.partition("@")
+        if part not in self._named_parts:
+            self._named_parts[part] = self.convert(call_inputs(self.job, part), self.job.targets(part))
+        return (method, *self._named_parts[part])
 
     def _grads(self, per_tensor: dict[int, torch.Tensor] | None = None) -> dict[str, np.ndarray]:
         """Canonical gradients of the mapped trainable parameters, keyed as core keyed their values: from
@@ -219,7 +311,7 @@ class ModelSession:
         shares memory with its tensor."""
         out = {}
         for native, key in self.assign.items():
-            module, pname, tensor, trainable = self.owners[native]
+            module, pname, tensor, trainable = self.owner(native)
             if trainable:
                 g = tensor.grad if per_tensor is None else per_tensor.get(id(tensor))
                 g = torch.zeros_like(tensor) if g is None else g
@@ -248,7 +340,7 @@ class ModelSession:
             return self._describe() if case == "describe" else self._forward()
         if self.assign is None:
             raise ValueError(f"case {case!r} needs the mapped weights (payload 'assign')")
-        method, x, y = self._inputs(case)
+        method, x, y = self._case_inputs(case)
         # Dropout masks exist for the batch only (core refuses dropout together with parts).
         on_batch = not case.partition("@")[2]
         batch_masks, single_masks = (self.batch_masks, self.single_masks) if on_batch else (None, None)
@@ -274,7 +366,8 @@ class ModelSession:
             read = None
             for i in self.job.fed_alone(case):  # padding is not fed: its mean would be 0/0
                 masks = None if single_masks is None else [m[i:i + 1] for m in single_masks]
-                loss = self.loss(self.forward(x[i:i + 1], masks), y[i:i + 1], "mean", w)
+                xi = {k: v[i:i + 1] for k, v in x.items()} if isinstance(x, dict) else x[i:i + 1]
+                loss = self.loss(self.forward(xi, masks), y[i:i + 1], "mean", w)
                 loss.backward()
                 total += loss.detach()  # on the device: no host sync per example
                 if self.job.unzeroed:
@@ -284,22 +377,34 @@ class ModelSession:
                          f"{', '.join((*MODEL_CASES, *SESSION_METHODS))}")
 
     def _vectorized(self, x, y, single_masks) -> RawResult:
-        """none_vectorized: per-example gradients of each example's summed loss by ``torch.func.vmap``, summed."""
+        """none_vectorized: per-example gradients of each example's summed loss by ``torch.func.vmap``, summed.
+        Named inputs are passed as keyword arguments, each mapped along axis 0, except one whose examples are all
+        the same (an attention mask of ones): every example's row of it is that one row, passed unmapped, so
+        the model sees a plain tensor it may branch on (transformers skips the causal mask when
+        ``attention_mask.all()``, a Python branch vmap refuses on a mapped tensor). Tied weights are one entry of
+        ``named_parameters``, tied again by ``functional_call``: their gradient sums both uses."""
         params = {k: v.detach() for k, v in self.model.named_parameters()}
         w = self.class_weight
+        if isinstance(x, dict):
+            shared = {k: v[:1] for k, v in x.items() if bool((v == v[:1]).all())}
+            order = list(x)
+            x = {k: v for k, v in x.items() if k not in shared}
 
         def example_loss(p, xi, yi, mi):
             # vmap strips the example axis; the model sees a batch of one (and its own mask row).
+            if isinstance(xi, dict):
+                kwargs = {k: shared[k] if k in shared else xi[k].unsqueeze(0) for k in order}
+                return self.loss(self._output(functional_call(self.model, p, (), kwargs)), yi.unsqueeze(0), "sum", w)
             masks = None if mi is None else [m.unsqueeze(0) for m in mi]
             args = (xi.unsqueeze(0),) if masks is None else (xi.unsqueeze(0), masks)
-            return self.loss(functional_call(self.model, p, args), yi.unsqueeze(0), "sum", w)
+            return self.loss(self._output(functional_call(self.model, p, args)), yi.unsqueeze(0), "sum", w)
 
         mask_dim = None if single_masks is None else 0  # vmap maps tensors only, not a None
         try:
             grads, losses = vmap(grad_and_value(example_loss), in_dims=(None, 0, 0, mask_dim))(
                 params, x, y, single_masks)
         except RuntimeError as exc:
-            why = self._vmap_refusal()
+            why = self._vmap_refusal(exc)
             if why is None:
                 raise
             raise RuntimeError(why) from exc
@@ -307,8 +412,16 @@ class ModelSession:
         summed = {id(tensors[k]): g.sum(dim=0) for k, g in grads.items()}
         return RawResult(losses.sum().item(), self._grads(summed))
 
-    def _vmap_refusal(self) -> str | None:
-        """Why torch.func.vmap refused the model in training mode (batch normalization, dropout), or None."""
+    def _vmap_refusal(self, exc: RuntimeError) -> str | None:
+        """Why torch.func.vmap refused the model: a Python branch on a tensor's value, or in training mode batch
+        normalization or dropout; None when unknown."""
+        if "data-dependent control flow" in str(exc):
+            varying = [k for k, v in self.x.items() if not bool((v == v[:1]).all())] if isinstance(self.x, dict) \
+                else ["x"]
+            return ("torch.func.vmap cannot map this model's forward pass: it branches in Python on the value of a "
+                    f"tensor computed from the inputs that differ between examples ({', '.join(varying)}), or calls "
+                    ".item() on one (vmap maps every example at once, so such a value has no single answer); "
+                    "per-example gradients of this model need one forward pass per example (none_loop, one_by_one)")
         if not self.model.training:
             return None
         for m in self.model.modules():
@@ -325,7 +438,7 @@ class ModelSession:
         return None
 
     def _trace(self, capture: bool):
-        """Forward the batch with hooks on every module; returns (logits, calls, records)."""
+        """Forward the batch with hooks on every module; returns (what the model returned, calls, records)."""
         calls: list[tuple[str, str]] = []
         records: dict[str, dict] = {}
         names = {id(m): n for n, m in self.modules.items()}
@@ -334,20 +447,22 @@ class ModelSession:
         def hook(module, args, output):
             name = names[id(module)]
             leaf = not any(True for _ in module.children())
-            if leaf or _owned(module):
+            owns = bool(self.owned[name])
+            if leaf or owns:
                 calls.append((name, type(module).__name__))
-            if _owned(module) and name not in records:
-                rec = {"input": args[0] if args and torch.is_tensor(args[0]) else None,
-                       "output": output if torch.is_tensor(output) else None}
+            if owns and name not in records:
+                # Without capture (describe) only the order is needed: no activation is kept alive.
+                rec = {"input": args[0] if capture and args and torch.is_tensor(args[0]) else None,
+                       "output": output if capture and torch.is_tensor(output) else None}
                 if capture and rec["output"] is not None and rec["output"].requires_grad:
                     rec["output"].retain_grad()
                 records[name] = rec
 
-        for m in self.modules.values():
-            if m is not self.model or _owned(m):
+        for name, m in self.modules.items():
+            if m is not self.model or self.owned[name]:
                 handles.append(m.register_forward_hook(hook))
         try:
-            out = self.model(self.x)
+            out = self._call(self.x)
         finally:
             for h in handles:
                 h.remove()
@@ -356,17 +471,20 @@ class ModelSession:
     def _describe(self) -> RawResult:
         with torch.no_grad():
             out, calls, records = first_forward(self.job, lambda: self._trace(capture=False))
-        order = list(records) + [n for n, m in self.modules.items() if _owned(m) and n not in records]
+            out = self._output(out)  # outside first_forward: a wrong output path is no misfit of the batch
+        order = list(records) + [n for n in self.modules if self.owned[n] and n not in records]
         layers, values = [], {}
         for name in order:
             module = self.modules[name]
             params = []
-            for pname, tensor, trainable in _owned(module):
+            for pname, tensor, trainable in self.owned[name]:
                 native = f"{name}.{pname}" if module is not self.model else pname
                 canonical = to_canonical(module, pname, tensor.detach().cpu().numpy())
                 values[native] = canonical
                 params.append({"name": native, "role": _role(module, pname), "shape": list(canonical.shape),
                                "trainable": trainable})
+                if native in self.aliases:
+                    params[-1]["aliases"] = list(self.aliases[native])
             layers.append({"name": name, "type": type(module).__name__,
                            "called": name in records, "fused_activation": False, "params": params})
         info = {"layers": layers, "calls": [list(c) for c in calls], "output_shape": list(out.shape)}
@@ -374,6 +492,7 @@ class ModelSession:
 
     def _forward(self) -> RawResult:
         out, _, records = self._trace(capture=True)
+        out = self._output(out)
         loss = self.loss(out, self.y, "mean")
         loss.backward()
         arrays = {"logits": out.detach().cpu().numpy()}

@@ -49,6 +49,9 @@ FRAMEWORKS = ("torch", "keras", "tf_keras", "jax")
 LOSSES = ("cross_entropy", "mse", "causal_lm")
 #: ``weights``: "own" (each factory loads its own, checked by value) or the framework whose weights all take.
 OWN = "own"
+#: Trainable parameters above which a check keeps float32 rows in float32 and writes one method per backend into
+#: gradients.npz (12 float64 rows of a 124M-parameter model would take 12 GB of this process's memory).
+LARGE_MODEL = 2 ** 24
 MODES = ("inference", "training")
 SCHEMA = "gradparity.check/1"
 #: What training mode changes, stated in every training-mode report.
@@ -472,6 +475,8 @@ class ModelReport:
     training: "TrainingParity | None" = None
     #: weights = "own": per port, its tensors paired with the source's by value.
     conversions: dict[str, Conversion] = field(default_factory=dict)
+    #: Per backend: {"seconds": {stage: wall seconds}, "peak_rss_mib": the worker's peak resident memory}.
+    costs: dict[str, dict] = field(default_factory=dict)
 
     @property
     def exit_code(self) -> int:
@@ -515,6 +520,9 @@ class ModelReport:
                              "by_backend": [loc.to_dict() for loc in self.localizations]},
             "verdict": self.verdict.to_dict(),
             "training": None if self.training is None else self.training.to_dict(),
+            "costs": {"unit": "wall seconds per stage (worker start or reuse, import, model build, cases); peak "
+                              "resident memory of the worker process in MiB",
+                      "by_backend": self.costs},
         }
 
 
@@ -678,6 +686,12 @@ def _run_stages(spec: ModelCheck, say, stop: "_Stop") -> ModelReport:
                                              f"not run: the source model ({source}) could not be built, so there "
                                              "are no weights to map")
     conversion_bug = any(not c.exact for c in conversions.values())
+    if spec.own_weights:
+        # The values were needed to pair the tensors only: every model keeps its own from here on.
+        for o in described.values():
+            if "describe" in o.methods:
+                o.methods["describe"].grads = None
+        values = {}
     jobs = {}
     for fw in frameworks:
         if fw in failed:
@@ -705,18 +719,26 @@ def _run_stages(spec: ModelCheck, say, stop: "_Stop") -> ModelReport:
     # The mean convention over the M loss terms: sums divide by M, one_by_one (the N example means) by N, which
     # is the same when every example has M / N terms (one_by_one is dropped otherwise, see default_methods).
     terms = int(fed[0]) if len(fed) and len(set(fed.tolist())) == 1 else max(1, m // max(1, n))
-    results = normalize(outcomes, spec.methods, n, rules(spec.methods, len(fed) or n, {}, Causes(), terms=terms))
+    size = sum(int(np.prod(p.shape)) for p in layouts[source].all_params() if p.trainable) if source in layouts else 0
+    lean = size > LARGE_MODEL
+    results = normalize(outcomes, spec.methods, n, rules(spec.methods, len(fed) or n, {}, Causes(), terms=terms),
+                        lean=lean)
     tol = _tolerance(layouts[source], m) if source in layouts else gradient_tolerance(m, 1)
     tol = dataclasses.replace(tol, term_scale=_gradient_scale(results, source, spec))
     comparisons = compare_all(results, tol)
     verdict = decide(results, comparisons, tol, m, spec.dtype, stop.interrupted, reduction_experiment=False)
     if conversion_bug:
         verdict = _conversion_verdict(verdict, conversions)
-    localizations = _localize_stage(spec, jobs, computed, layouts, maps, verdict, tol, say, stop)
+    localizations, captured = _localize_stage(spec, jobs, computed, layouts, maps, verdict, tol, say, stop)
+    costs = _costs({"describe": described, "methods": computed, "capture": captured})
     verdict = _with_localization(verdict, localizations)
     notes = []
     if spec.mode == "training":
         notes.append(TRAINING_NOTE)
+    if lean:
+        notes.append(f"The model has {size:,} trainable parameters: float32 rows are normalized in float32 (one more "
+                     "rounding, 6e-8 relative, inside the tolerance) instead of float64 copies of every row, and "
+                     "gradients.npz holds each backend's first method only.")
     if not spec.methods_given and "one_by_one" not in spec.methods and spec.loss != "mse":
         notes.append("one_by_one is not run: the examples have different numbers of loss terms that are not "
                      f"ignored ({', '.join(str(int(c)) for c in counts[:8])}{' ...' if n > 8 else ''}), so the mean "
@@ -729,7 +751,21 @@ def _run_stages(spec: ModelCheck, say, stop: "_Stop") -> ModelReport:
                if computed.get(fw) is not None and computed[fw].status == "ok"}
         training = _train_stage(spec, values, ran, tol, say, stop)
     return ModelReport(spec, layouts, maps, outcomes, results, tol, comparisons, verdict, localizations, n, m,
-                       training, conversions)
+                       training, conversions, costs)
+
+
+def _costs(stages: dict[str, dict[str, BackendOutcome]]) -> dict[str, dict]:
+    """Per backend: each stage's wall time (worker start or reuse, import, model build and cases, in seconds) and
+    the worker process's peak resident memory (MiB) as its cases reported it."""
+    out: dict[str, dict] = {}
+    for stage, outcomes in stages.items():
+        for o in outcomes.values():
+            row = out.setdefault(o.backend, {"seconds": {}, "peak_rss_mib": None})
+            row["seconds"][stage] = round(o.wall_seconds, 3)
+            peaks = [m.peak_rss_mib for m in o.methods.values() if m.peak_rss_mib is not None]
+            if peaks:
+                row["peak_rss_mib"] = max(peaks + [row["peak_rss_mib"] or 0.0])
+    return out
 
 
 def _to_source_names(outcome: BackendOutcome, conversion: Conversion) -> None:
@@ -752,14 +788,18 @@ def _conversion_verdict(verdict: Verdict, conversions: dict[str, Conversion]) ->
             lines += [f"  {p}" for p in c.problems[:12]]
             if len(c.problems) > 12:
                 lines.append(f"  ... and {len(c.problems) - 12} more (report.json's conversion lists every tensor)")
-    return dataclasses.replace(verdict, status="disagree", exit_code=1,
-                               summary="CONVERSION DIFFERS: the ports' weights are not the source's, converted",
+    bad = [c.target for c in conversions.values() if not c.exact]
+    summary = (f"CONVERSION DIFFERS: {' and '.join(bad)}'s weights are not "
+               f"{next(iter(conversions.values())).source}'s, converted")
+    if verdict.status == "disagree":  # the other ports' own finding, said too
+        summary += f"; the others: {verdict.summary}"
+    return dataclasses.replace(verdict, status="disagree", exit_code=1, summary=summary,
                                explanation=lines + list(verdict.explanation))
 
 
 def _localize_stage(spec: ModelCheck, jobs: dict[str, WorkerJob], computed: dict[str, BackendOutcome],
                     layouts: dict[str, ModelLayout], maps: dict[str, WeightMap], verdict: Verdict, tol: Tolerance,
-                    say, stop: "_Stop") -> list[Localization]:
+                    say, stop: "_Stop") -> tuple[list[Localization], dict[str, BackendOutcome]]:
     """Capture every layer's input, output and incoming gradient in a second pass, and name the first layer where
     each port parts from the source. The pass runs when the gradients disagree (``localize = "auto"``) or
     always; holding every activation of a large model is what it costs, so an agreeing check skips it."""
@@ -767,9 +807,9 @@ def _localize_stage(spec: ModelCheck, jobs: dict[str, WorkerJob], computed: dict
     ran = {fw: job for fw, job in jobs.items() if computed.get(fw) is not None and computed[fw].status == "ok"}
     targets = [fw for fw in maps if fw in ran]
     if source not in ran or not targets or stop.interrupted is not None:
-        return []
+        return [], {}
     if spec.localize == "auto" and verdict.exit_code == 0:
-        return []
+        return [], {}
     say(f"capturing every layer's activations in {', '.join([source, *targets])} to locate the difference ...")
     forward = stop.run({fw: dataclasses.replace(ran[fw], methods=("forward",)) for fw in [source, *targets]},
                        spec, say)
@@ -782,7 +822,7 @@ def _localize_stage(spec: ModelCheck, jobs: dict[str, WorkerJob], computed: dict
             u = max(effective(o) for o in (src, tgt))
             localizations.append(localize(layouts[source], layouts[fw], maps[fw], rows[0].grads, rows[1].grads,
                                           tol.rtol(u)))
-    return localizations
+    return localizations, forward
 
 
 @dataclass
@@ -923,6 +963,12 @@ def render_text(report: ModelReport) -> str:
                      else "every captured activation agrees")
             lines.append(f"  {loc.backend} vs {loc.source}: {where}")
     lines += _training_lines(report.training)
+    if report.costs:
+        lines += ["", "cost per backend (wall seconds per stage; the worker process's peak resident memory):"]
+        for backend, cost in report.costs.items():
+            stages = ", ".join(f"{k} {v:.1f} s" for k, v in cost["seconds"].items())
+            peak = cost["peak_rss_mib"]
+            lines.append(f"  {backend}: {stages}; peak {'-' if peak is None else f'{peak:,.0f} MiB'}")
     lines += ["", report.verdict.summary] + ["  " + line for line in report.verdict.explanation]
     return "\n".join(lines)
 
@@ -954,8 +1000,17 @@ def write_check_report(report: ModelReport, folder, run_id: str) -> None:
     doc = report.to_dict()
     doc["run_id"] = run_id
     markdown = f"# gradparity check (run {run_id})\n\n```text\n{render_text(report)}\n```\n"
-    write_files(folder, run_id, {"x": report.spec.x, "y": report.spec.y}, gradient_arrays(report), markdown, doc,
-                json_default=_json_default)
+    arrays = gradient_arrays(report)
+    if any(r.ok and r.grads and next(iter(r.grads.values())).dtype == np.float32 for r in report.results) and \
+            sum(int(np.size(a)) for a in arrays.values()) > LARGE_MODEL * len(report.outcomes):
+        first = {o.backend: next((r.method for r in report.results if r.ok and r.backend == o.backend), None)
+                 for o in report.outcomes}
+        arrays = {k: v for k, v in arrays.items() if k.split("/", 2)[1] == first.get(k.split("/", 1)[0])}
+        doc["gradients_file"] = {"rows": [f"{b}/{m}" for b, m in first.items() if m],
+                                 "why": "a large model: one method per backend (the others agree with it or are "
+                                        "listed under comparisons)"}
+    inputs = {"x": report.spec.x, "y": report.spec.y, **{f"inputs/{k}": v for k, v in report.spec.named.items()}}
+    write_files(folder, run_id, inputs, arrays, markdown, doc, json_default=_json_default)
 
 
 def _json_default(o):

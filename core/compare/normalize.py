@@ -56,12 +56,15 @@ def nonfinite_problem(loss: float, grads: dict[str, np.ndarray]) -> str | None:
 
 
 def normalize(outcomes: list[BackendOutcome], methods: tuple[str, ...], n_examples: int,
-              rules: dict | None = None) -> list[Result]:
+              rules: dict | None = None, *, lean: bool = False) -> list[Result]:
     """One Result per backend x method, in the order given; failed rows keep their error.
 
     ``rules`` (from ``gradparity.experiment.causes.rules``) say how each method's result is
     made from the worker's native cases, sum of weight * native(case); by default
-    one case, the method itself, times its usual factor.
+    one case, the method itself, times its usual factor. Normalized gradients are float64; with ``lean``
+    (a model too large for float64 copies of every row: ``gradparity check`` on 100M parameters) a float32 row
+    stays float32 (one more rounding, u = 6e-8, far inside float32's tolerance) and each worker's native arrays
+    are released once normalized.
     """
     if rules is None:
         from gradparity.experiment.causes import Causes
@@ -78,8 +81,13 @@ def normalize(outcomes: list[BackendOutcome], methods: tuple[str, ...], n_exampl
             grads = loss = native = norm = None
             status, error = ("ok", None) if failed is None else (failed.status, failed.error)
             if failed is None:
-                grads = {k: sum(np.asarray(row.grads[k], dtype=np.float64) * w for row, w in rows)
+                def dtype(row):
+                    kind = next(iter(row.grads.values()), np.zeros(0)).dtype
+                    return np.float32 if lean and kind == np.float32 else np.float64
+
+                grads = {k: sum(np.asarray(row.grads[k], dtype=dtype(row)) * dtype(row)(w) for row, w in rows)
                          for k in rows[0][0].grads}
+
                 native = float(sum(float(row.loss) for row, _ in rows))
                 loss = float(sum(float(row.loss) * w for row, w in rows))
                 with np.errstate(over="ignore", invalid="ignore"):
@@ -93,4 +101,7 @@ def normalize(outcomes: list[BackendOutcome], methods: tuple[str, ...], n_exampl
                 outcome.backend, name, status, error, loss, native, rule.factor, rule.label, norm,
                 sum(seconds) if all(t is not None for t in seconds) else None, env.get("dtype"),
                 env.get("device"), effective_unit_roundoff(env), grads))
+        if lean:  # this worker's rows are normalized: its native arrays are no longer needed
+            for row in outcome.methods.values():
+                row.grads = None
     return results

@@ -100,6 +100,7 @@ class MethodOutcome:
     error: str | None = None
     grads: dict[str, np.ndarray] | None = field(default=None, repr=False)
     info: dict | None = None  # what the case reported besides arrays (a user's model: its layers)
+    peak_rss_mib: float | None = None  # the worker process's largest resident memory when the case ended
 
 
 @dataclass
@@ -343,7 +344,8 @@ def _collect(job, info, job_dir, returncode, timed_out, timeout_s, log_path,
             except (OSError, ValueError, KeyError) as exc:
                 methods[name] = MethodOutcome("error", error=f"the worker's gradient file is unreadable: {exc}")
                 continue
-            methods[name] = MethodOutcome("ok", row["loss"], row["seconds"], None, grads, row.get("info"))
+            methods[name] = MethodOutcome("ok", row["loss"], row["seconds"], None, grads, row.get("info"),
+                                          row.get("peak_rss_mib"))
         elif row.get("status") == "error":
             methods[name] = MethodOutcome("error", error=row.get("error"))
 
