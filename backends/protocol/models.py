@@ -96,6 +96,8 @@ def first_forward(job: WorkerJob, call):
     re-raised as ``BatchDoesNotFit`` naming the batch's shape and dtype."""
     try:
         return call()
+    except OutputNotFound:
+        raise  # the batch fits; the output path does not (its own message says so)
     except Exception as exc:
         named = call_inputs(job)
         if named is None:
@@ -106,6 +108,11 @@ def first_forward(job: WorkerJob, call):
                                                       for arg, a in named.items()) + ")"
         raise BatchDoesNotFit(f"{what} do not fit the model: its forward pass raised {type(exc).__name__}: "
                               f"{str(exc).strip()}") from exc
+
+
+class OutputNotFound(ValueError):
+    """The tensor the loss reads is not where the output path says (or, without one, the output holds several
+    tensors and none is "logits"). Core turns it into a configuration error (exit 2) for the source framework."""
 
 
 def call_inputs(job: WorkerJob, part: str = "") -> dict[str, np.ndarray] | None:
@@ -127,7 +134,7 @@ def select_output(out, path: str | None, is_tensor):
         for step in path.split("."):
             node = _step(node, step, path)
         if not is_tensor(node):
-            raise ValueError(f"output path {path!r} leads to {type(node).__name__}, not a tensor")
+            raise OutputNotFound(f"output path {path!r} leads to {type(node).__name__}, not a tensor")
         return node
     if is_tensor(out):
         return out
@@ -136,7 +143,7 @@ def select_output(out, path: str | None, is_tensor):
         return found["logits"]
     if len(found) == 1:
         return next(iter(found.values()))
-    raise ValueError(f"the model returned {type(out).__name__} holding {len(found)} tensors "
+    raise OutputNotFound(f"the model returned {type(out).__name__} holding {len(found)} tensors "
                      f"({', '.join(list(found)[:8]) or 'none'}); name the one the loss reads with output = "
                      "\"KEY\" (a key, attribute or index path such as \"logits\" or \"0\")")
 
@@ -157,7 +164,7 @@ def _step(node, step: str, path: str):
             pass
     keys = list(node.keys()) if hasattr(node, "keys") else (f"0..{len(node) - 1}" if isinstance(node, (tuple, list))
                                                              else [])
-    raise ValueError(f"output path {path!r}: {type(node).__name__} has no {step!r} (it has {keys})")
+    raise OutputNotFound(f"output path {path!r}: {type(node).__name__} has no {step!r} (it has {keys})")
 
 
 def _tensors(out, is_tensor) -> dict:

@@ -23,8 +23,8 @@ from typing import Callable
 import numpy as np
 
 from gradparity.backends import BACKENDS, BackendInfo, make_job
-from gradparity.backends.protocol import (IGNORE_INDEX, MODEL_METHODS, SESSION_METHODS, BatchDoesNotFit, WorkerJob,
-                                         step_losses, step_params)
+from gradparity.backends.protocol import (IGNORE_INDEX, MODEL_METHODS, SESSION_METHODS, BatchDoesNotFit,
+                                         OutputNotFound, WorkerJob, step_losses, step_params)
 from gradparity.compare.localize import Localization, localize
 from gradparity.compare.normalize import Result, normalize
 from gradparity.compare.pairs import Comparison, compare_all
@@ -412,9 +412,10 @@ def _check_batch_fits(spec: "ModelCheck", described: dict[str, BackendOutcome]) 
     the user's inputs do not fit the model they port from. Another framework refusing it is a failed row."""
     # In the describe case, or while the session opened (a model that builds itself on its first call).
     first_line = (_describe_failure(described[spec.source]) or "").split("\n", 1)[0]
-    marker = f"{BatchDoesNotFit.__name__}: "
-    if marker in first_line:
-        raise ConfigError(f"{spec.source}: {first_line.split(marker, 1)[1]}")
+    for refusal in (BatchDoesNotFit, OutputNotFound):
+        marker = f"{refusal.__name__}: "
+        if marker in first_line:
+            raise ConfigError(f"{spec.source}: {first_line.split(marker, 1)[1]}")
 
 
 def _check_targets(source: ModelLayout, y: np.ndarray, loss: str, tname: str = "y") -> None:
@@ -718,11 +719,13 @@ def _run_stages(spec: ModelCheck, say, stop: "_Stop") -> ModelReport:
     fed = counts[counts > 0]
     # The mean convention over the M loss terms: sums divide by M, one_by_one (the N example means) by N, which
     # is the same when every example has M / N terms (one_by_one is dropped otherwise, see default_methods).
-    terms = int(fed[0]) if len(fed) and len(set(fed.tolist())) == 1 else max(1, m // max(1, n))
+    # With uneven counts the sums' factor is 1/M over M single terms.
+    even = len(fed) > 0 and len(set(fed.tolist())) == 1
+    factors = (rules(spec.methods, len(fed), {}, Causes(), terms=int(fed[0])) if even
+               else rules(spec.methods, m, {}, Causes(), terms=1))
     size = sum(int(np.prod(p.shape)) for p in layouts[source].all_params() if p.trainable) if source in layouts else 0
     lean = size > LARGE_MODEL
-    results = normalize(outcomes, spec.methods, n, rules(spec.methods, len(fed) or n, {}, Causes(), terms=terms),
-                        lean=lean)
+    results = normalize(outcomes, spec.methods, n, factors, lean=lean)
     tol = _tolerance(layouts[source], m) if source in layouts else gradient_tolerance(m, 1)
     tol = dataclasses.replace(tol, term_scale=_gradient_scale(results, source, spec))
     comparisons = compare_all(results, tol)
