@@ -157,3 +157,36 @@ def test_relative_gap_is_relative_to_the_larger_tensor():
     assert relative_gap(a, a + [0.0, 0.004]) == pytest.approx(0.001)
     assert relative_gap(a, np.zeros(3)) == np.inf
     assert relative_gap(np.array([np.nan]), np.array([1.0])) == np.inf
+
+
+def _blocks(backend, fmt, blocks, sep):
+    """Two transformer blocks' attention layers, named the way ``fmt`` names block i."""
+    layers = [layer(fmt.format(i=i), "Conv1D", (sep, "kernel", "kernel", (4, 12)), (sep, "bias", "bias", (12,)))
+              for i in blocks]
+    return ModelLayout(backend, tuple(layers), tuple((la["name"], la["type"]) for la in layers), (2, 5))
+
+
+def test_name_rules_with_placeholders_map_blocks_by_name_not_by_call_order():
+    """A port that lists its blocks in another order (a TF model built block 1 first): the call order would pair
+    block 0 with block 1, the name rules pair them by their index."""
+    source = _blocks("torch", "h.{i}.attn.c_attn", (0, 1), ".")
+    target = _blocks("tf-keras", "h_._{i}/attn/c_attn", (1, 0), "/")
+    rules = {"h_._{i}/attn/c_attn/kernel": "h.{i}.attn.c_attn.kernel",
+             "h_._{i}/attn/c_attn/bias": "h.{i}.attn.c_attn.bias"}
+    wm = map_weights(source, target, rules)
+    assert wm.assign == {"h_._1/attn/c_attn/kernel": "h.1.attn.c_attn.kernel",
+                         "h_._1/attn/c_attn/bias": "h.1.attn.c_attn.bias",
+                         "h_._0/attn/c_attn/kernel": "h.0.attn.c_attn.kernel",
+                         "h_._0/attn/c_attn/bias": "h.0.attn.c_attn.bias"}
+    assert wm.explicit == set(wm.assign)
+    # Without the rules the blocks pair in call order: block 1 of the port takes block 0's weights.
+    assert map_weights(source, target).assign["h_._1/attn/c_attn/kernel"] == "h.0.attn.c_attn.kernel"
+
+
+def test_a_name_rule_that_matches_nothing_is_a_mapping_error():
+    source = _blocks("torch", "h.{i}.attn.c_attn", (0, 1), ".")
+    target = _blocks("jax", "h.{i}.attn.c_attn", (0, 1), ".")
+    with pytest.raises(MappingError, match="matches no parameter"):
+        map_weights(source, target, {"blocks.{i}.kernel": "h.{i}.attn.c_attn.kernel"})
+    with pytest.raises(MappingError, match="is not on the left"):
+        map_weights(source, target, {"h.{i}.attn.c_attn.kernel": "h.{j}.attn.c_attn.kernel"})

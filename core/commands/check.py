@@ -12,6 +12,7 @@ The pipeline's stages, for a model gradparity did not build:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -380,10 +381,12 @@ def _job(spec: ModelCheck, framework: str, cases: tuple[str, ...], params: dict 
                     payload={**base, **(payload or {})})
 
 
-def _run_all(jobs: dict[str, WorkerJob], spec: ModelCheck, say) -> dict[str, BackendOutcome]:
-    """Every framework's job in its own worker process, side by side (timed calls take turns)."""
+def _run_all(jobs: dict[str, WorkerJob], spec: ModelCheck, say, one_at_a_time: bool = False
+             ) -> dict[str, BackendOutcome]:
+    """Every framework's job in its own worker process, side by side (timed calls take turns); ``one_at_a_time``
+    for a large model, whose workers each hold gigabytes (on a few cores side by side gains little)."""
     return run_jobs([WorkerRun(job, spec.backend(fw), spec.timeout_s, key=fw) for fw, job in jobs.items()],
-                    say=say, parallel=len(jobs))
+                    say=say, parallel=1 if one_at_a_time else len(jobs))
 
 
 def _failed_outcome(backend: str, methods: tuple[str, ...], status: str, error: str,
@@ -602,7 +605,8 @@ def run_check(spec: ModelCheck, out: str | Path | None = None,
     try:
         # The stages (describe, methods and capture, training) run one after the other on each framework:
         # one served worker per framework takes them all, importing its framework once.
-        with shared_workers():
+        with shared_workers() as pool, contextlib.ExitStack() as later:
+            stop.large_model = lambda: later.enter_context(pool.keeping_none())
             report = _run_stages(spec, say, stop)
         if folder is not None:
             with signals_deferred():
@@ -621,6 +625,10 @@ class _Stop:
     after it do not run (their rows say so); the report is written, then ``Interrupted`` is raised with it."""
 
     interrupted: Interrupted | None = None
+    #: Set once the model is known to be large (``LARGE_MODEL``): the later stages run one worker at a time.
+    one_at_a_time: bool = False
+    #: Called then: the shared workers stop after their jobs instead of idling with the model's memory.
+    large_model: Callable[[], object] = staticmethod(lambda: None)
 
     def run(self, jobs: dict[str, WorkerJob], spec: ModelCheck, say) -> dict[str, BackendOutcome]:
         """``_run_all``, or every job's "not started" outcome once a signal has stopped the check."""
@@ -628,7 +636,7 @@ class _Stop:
             return {fw: not_started(WorkerRun(job, spec.backend(fw), spec.timeout_s, key=fw),
                                     self.interrupted.signal_name) for fw, job in jobs.items()}
         try:
-            return _run_all(jobs, spec, say)
+            return _run_all(jobs, spec, say, self.one_at_a_time)
         except Interrupted as exc:
             self.interrupted = exc
             say(f"  interrupted by {exc.signal_name}: writing what finished")
@@ -687,6 +695,10 @@ def _run_stages(spec: ModelCheck, say, stop: "_Stop") -> ModelReport:
                                              f"not run: the source model ({source}) could not be built, so there "
                                              "are no weights to map")
     conversion_bug = any(not c.exact for c in conversions.values())
+    size = sum(int(np.prod(p.shape)) for p in layouts[source].all_params() if p.trainable) if source in layouts else 0
+    stop.one_at_a_time = size > LARGE_MODEL
+    if stop.one_at_a_time:
+        stop.large_model()
     if spec.own_weights:
         # The values were needed to pair the tensors only: every model keeps its own from here on.
         for o in described.values():
@@ -723,7 +735,6 @@ def _run_stages(spec: ModelCheck, say, stop: "_Stop") -> ModelReport:
     even = len(fed) > 0 and len(set(fed.tolist())) == 1
     factors = (rules(spec.methods, len(fed), {}, Causes(), terms=int(fed[0])) if even
                else rules(spec.methods, m, {}, Causes(), terms=1))
-    size = sum(int(np.prod(p.shape)) for p in layouts[source].all_params() if p.trainable) if source in layouts else 0
     lean = size > LARGE_MODEL
     results = normalize(outcomes, spec.methods, n, factors, lean=lean)
     tol = _tolerance(layouts[source], m) if source in layouts else gradient_tolerance(m, 1)
@@ -739,9 +750,10 @@ def _run_stages(spec: ModelCheck, say, stop: "_Stop") -> ModelReport:
     if spec.mode == "training":
         notes.append(TRAINING_NOTE)
     if lean:
-        notes.append(f"The model has {size:,} trainable parameters: float32 rows are normalized in float32 (one more "
-                     "rounding, 6e-8 relative, inside the tolerance) instead of float64 copies of every row, and "
-                     "gradients.npz holds each backend's first method only.")
+        notes.append(f"The model has {size:,} trainable parameters: its frameworks ran one at a time after the "
+                     "describe stage, each worker stopped after its job, float32 rows are normalized in float32 (one more rounding, 6e-8 relative, "
+                     "inside the tolerance) instead of float64 copies of every row, and gradients.npz holds each "
+                     "backend's first method only.")
     if not spec.methods_given and "one_by_one" not in spec.methods and spec.loss != "mse":
         notes.append("one_by_one is not run: the examples have different numbers of loss terms that are not "
                      f"ignored ({', '.join(str(int(c)) for c in counts[:8])}{' ...' if n > 8 else ''}), so the mean "
@@ -939,11 +951,12 @@ def render_text(report: ModelReport) -> str:
             continue
         lines += ["", f"weights {spec.source} -> {fw} ({len(wm.assign)} tensors):"]
         lines += ["  " + line for line in wm.lines(source, report.layouts[fw])]
-    lines += ["", f"{'backend':<18} {'method':<11} {'status':<8} {'loss (mean)':>14} {'factor':>8} "
+    wide = max([8, *(len(r.factor_label) for r in report.results)])  # "1/108 (4 examples x 27 tokens)"
+    lines += ["", f"{'backend':<18} {'method':<11} {'status':<8} {'loss (mean)':>14} {'factor':>{wide}} "
                   f"{'grad L2':>10} {'time (ms)':>10}"]
     for r in report.results:
         ms = "-" if r.seconds is None else f"{1000 * r.seconds:.3g}"
-        lines.append(f"{r.backend:<18} {r.method:<11} {r.status:<8} {_g(r.loss):>14} {r.factor_label:>8} "
+        lines.append(f"{r.backend:<18} {r.method:<11} {r.status:<8} {_g(r.loss):>14} {r.factor_label:>{wide}} "
                      f"{_g(r.grad_norm):>10} {ms:>10}")
     bad = [c for c in report.comparisons if not c.agree]
     worst = max(report.comparisons, key=lambda c: c.max_rel / c.tolerance, default=None)

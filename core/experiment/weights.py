@@ -12,6 +12,7 @@ overrides the structure for the names it gives.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from gradparity.errors import ConfigError
@@ -137,6 +138,38 @@ def _pair_layer(s_params: list[Param], t_params: list[Param]) -> dict[str, str] 
     return out
 
 
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_]\w*)\}")
+
+
+def expand_rules(explicit: dict[str, str], target_names: list[str]) -> dict[str, str]:
+    """Name rules written with placeholders, ``"transformer.h.{i}.attn.c_attn.kernel" =
+    "transformer.h.{i}.attn.c_attn.weight"``, expanded into one entry per target name they match (a placeholder
+    matches one name segment: no '.' or '/'); entries without a placeholder are kept as written. A rule that
+    matches no target name, or names a placeholder its source side lacks, is a MappingError."""
+    out: dict[str, str] = {}
+    problems = []
+    for t_rule, s_rule in explicit.items():
+        names = _PLACEHOLDER.findall(t_rule)
+        if not names:
+            out[t_rule] = s_rule
+            continue
+        missing = sorted(set(_PLACEHOLDER.findall(s_rule)) - set(names))
+        if missing:
+            problems.append(f"name rule {t_rule!r} = {s_rule!r}: {{{missing[0]}}} on the right is not on the left")
+            continue
+        pattern = re.compile("".join(f"(?P<{part}>[^./]+)" if i % 2 else re.escape(part)
+                                     for i, part in enumerate(_PLACEHOLDER.split(t_rule))) + "$")
+        matched = [m for m in map(pattern.match, target_names) if m]
+        if not matched:
+            problems.append(f"name rule {t_rule!r} matches no parameter of the model (names such as "
+                            f"{', '.join(target_names[:3])})")
+        for m in matched:
+            out.setdefault(m.string, _PLACEHOLDER.sub(lambda p: m.group(p.group(1)), s_rule))
+    if problems:
+        raise MappingError(problems)
+    return out
+
+
 def map_weights(source: ModelLayout, target: ModelLayout, explicit: dict[str, str] | None = None) -> WeightMap:
     """Map every parameter and state variable of ``target`` onto one of ``source``'s.
 
@@ -145,9 +178,9 @@ def map_weights(source: ModelLayout, target: ModelLayout, explicit: dict[str, st
     order. Raises MappingError, with both models side by side, when a name is
     unknown, a count or a shape differs, or a source value would be used twice.
     """
-    explicit = dict(explicit or {})
     s_all = {p.name: p for p in source.all_params()}
     t_all = {p.name: p for p in target.all_params()}
+    explicit = expand_rules(dict(explicit or {}), list(t_all))
     problems = []
     for t, s in explicit.items():
         if t not in t_all:

@@ -126,6 +126,20 @@ class WorkerPool:
         if evicted is not None:
             evicted.kill()
 
+    @contextlib.contextmanager
+    def keeping_none(self) -> Iterator[None]:
+        """Within: every idle worker is stopped now, and each worker stops after its job instead of idling (a
+        large model's worker keeps gigabytes resident after its session ends); the idle limit is restored after."""
+        saved, self.max_idle = self.max_idle, 0
+        with self._lock:
+            idle, self.idle = self.idle, []
+        for w in idle:
+            w.kill()
+        try:
+            yield
+        finally:
+            self.max_idle = saved
+
     def close(self) -> None:
         with self._lock:
             idle, self.idle = self.idle, []
