@@ -245,7 +245,6 @@ class ModelSession:
                     if unbound else ""))
 
         named = call_inputs(job)
-        self._parts: dict[str, tuple] = {}
         self.x, self.y = self.convert(job.batch["x"] if named is None else named, job.targets())
         self._inputs = CaseInputs(job, (self.x, self.y), self.convert)
         self.assign = assignment(job)
@@ -332,18 +331,6 @@ class ModelSession:
     def _convert_targets(self, y):
         y = np.asarray(y).astype(self.dtype if self.loss_name == "mse" else np.int32)
         return jax.device_put(y, self.device)
-
-    def _case_inputs(self, case: str) -> tuple:
-        """(method, x, y) of ``case``: ``CaseInputs`` for one positional input; with named inputs each part's
-        ``call_inputs(job, part)``, converted once."""
-        if not isinstance(self.x, dict):
-            return self._inputs(case)
-        method, _, part = case.partition("@")
-        if not part:
-            return method, self.x, self.y
-        if part not in self._parts:
-            self._parts[part] = self.convert(call_inputs(self.job, part), self.job.targets(part))
-        return (method, *self._parts[part])
 
     def _layer_name(self, path) -> str:
         """A module's reported name: its path joined with '.', the class name for the root (as torch does)."""
@@ -548,7 +535,7 @@ class ModelSession:
             return self._forward()
         if self.assign is None:
             raise ValueError(f"case {case!r} needs the weights mapped (payload 'assign')")
-        method, x, y = self._case_inputs(case)
+        method, x, y = self._inputs(case)
         # Dropout masks exist for the batch only (core refuses dropout together with parts).
         on_batch = x is self.x
         masks = self.masks["single" if method in SEPARATE_FORWARD else "batch"] if on_batch else None

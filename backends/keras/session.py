@@ -284,8 +284,6 @@ class KerasModelSession:
 
             self._torch_rng = torch.random.get_rng_state(), torch.cuda.get_rng_state_all()
         self._inputs = CaseInputs(job, (self.x, self.y), self.convert)
-        # Named inputs of a part ("METHOD@PART") are read by call_inputs, not from parts/PART/x.
-        self._named_parts = None if named is None else {"": (self.x, self.y)}
         self.call = ModelCall(model, self.training, style, self.output)
         self.ad.bind(self.call, self._losses())
         self.ad.unzeroed = job.unzeroed
@@ -316,15 +314,6 @@ class KerasModelSession:
                                                "int32" if a.dtype.kind in "iu" else None)
         return ({arg: tensor(a) for arg, a in x.items()} if isinstance(x, dict) else tensor(x),
                 keras.ops.convert_to_tensor(y, dtype=self.job.dtype if self.loss_name == "mse" else "int32"))
-
-    def _case_inputs(self, case: str) -> tuple:
-        """(method, x, y) of ``case``; a part's named inputs converted once."""
-        if self._named_parts is None:
-            return self._inputs(case)
-        method, _, part = case.partition("@")
-        if part not in self._named_parts:
-            self._named_parts[part] = self.convert(call_inputs(self.job, part), self.job.targets(part))
-        return (method, *self._named_parts[part])
 
     def _name_variables(self) -> tuple[dict, dict]:
         """({native name: (layer, variable)}, {native name: [alias names]}): each floating variable's native name,
@@ -546,7 +535,7 @@ class KerasModelSession:
                 return self._describe()
             if case == "forward":
                 return self._forward()
-            method, x, y = self._case_inputs(case)
+            method, x, y = self._inputs(case)
             if method not in SESSION_METHODS:
                 raise ValueError(f"unknown case {case!r}")
             # one_by_one feeds every example but padding (alone, a padding example's mean would be 0/0).

@@ -211,8 +211,8 @@ class CaseInputs:
     """The (x, y) a gradients case runs on, in a framework's tensors, converted once per part.
 
     A case 'METHOD' runs on the batch (``batch``: the session's already converted
-    pair, made from ``job.batch['x']`` and ``job.targets()``); 'METHOD@PART' on
-    ``job.batch['parts/PART/x']`` and ``job.targets(PART)``, the
+    pair, made from ``job.batch['x']`` (or the named inputs, ``call_inputs``) and ``job.targets()``);
+    'METHOD@PART' on ``job.batch['parts/PART/x']`` (or ``call_inputs(job, PART)``) and ``job.targets(PART)``, the
     extra or sub-batches some discrepancy causes need, passed through
     ``convert(x, y)`` the first time (so timed calls do not convert again).
     """
@@ -226,7 +226,11 @@ class CaseInputs:
         """(method, x, y) of ``case``."""
         method, _, part = case.partition("@")
         if part not in self._converted:
-            self._converted[part] = self.convert(self.job.batch[f"parts/{part}/x"], self.job.targets(part))
+            from gradparity.backends.protocol.models import call_inputs  # models imports this module
+
+            named = call_inputs(self.job, part)  # a model called with keyword arguments: its part's named inputs
+            x = self.job.batch[f"parts/{part}/x"] if named is None else named
+            self._converted[part] = self.convert(x, self.job.targets(part))
         return (method, *self._converted[part])
 
 

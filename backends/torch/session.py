@@ -206,8 +206,6 @@ class ModelSession:
         # garbage collector runs (a served worker loads the next job's model meanwhile).
         self._inputs = CaseInputs(job, (self.x, self.y), functools.partial(
             _to_tensors, device=self.device, dtype=self.dtype, loss_name=self.loss_name))
-        # Named inputs of a part ("METHOD@PART") are read by call_inputs, not from parts/PART/x.
-        self._named_parts = None if named is None else {"": (self.x, self.y)}
         # The switch 'dropout' (the MLP's hidden layers): core's masks, the batch's and each example's own.
         masks = [job.dropout_masks(forward) for forward in ("batch", "single")]
         self.batch_masks, self.single_masks = [
@@ -296,15 +294,6 @@ class ModelSession:
     def _output(self, out) -> torch.Tensor:
         return select_output(out, self.output_path, torch.is_tensor)
 
-    def _case_inputs(self, case: str) -> tuple:
-        """(method, x, y) of ``case``; named inputs of a part converted once, as ``CaseInputs`` does for x."""
-        if self._named_parts is None:
-            return self._inputs(case)
-        method, _, part = case.partition("@")
-        if part not in self._named_parts:
-            self._named_parts[part] = self.convert(call_inputs(self.job, part), self.job.targets(part))
-        return (method, *self._named_parts[part])
-
     def _grads(self, per_tensor: dict[int, torch.Tensor] | None = None) -> dict[str, np.ndarray]:
         """Canonical gradients of the mapped trainable parameters, keyed as core keyed their values: from
         ``.grad`` or from ``per_tensor`` (keyed by the parameter's ``id``). On the CPU a non-kernel array
@@ -340,7 +329,7 @@ class ModelSession:
             return self._describe() if case == "describe" else self._forward()
         if self.assign is None:
             raise ValueError(f"case {case!r} needs the mapped weights (payload 'assign')")
-        method, x, y = self._case_inputs(case)
+        method, x, y = self._inputs(case)
         # Dropout masks exist for the batch only (core refuses dropout together with parts).
         on_batch = not case.partition("@")[2]
         batch_masks, single_masks = (self.batch_masks, self.single_masks) if on_batch else (None, None)

@@ -253,27 +253,24 @@ def convert_check(source: ModelLayout, target: ModelLayout, s_values: dict[str, 
         return bool(np.all(np.abs(a - b) <= slack))
 
     classes: list[tuple[list[str], list[str]]] = []
+
+    def join(name: str, side: int, values: dict, prints: dict, sizes: dict, bigs: dict) -> bool:
+        """Put ``name`` (of the source, side 0, or the target, side 1) into the class whose representative (a
+        source tensor) has its values; False when none has."""
+        for members in classes:
+            rep = members[0][0]
+            big = max(s_big[rep], bigs[name])
+            tol = _tolerance(s_values[rep], values[name], big)
+            if s_size[rep] == sizes[name] and same_values(s_print[rep], prints[name], tol, s_size[rep], big):
+                members[side].append(name)
+                return True
+        return False
+
     for name in s_params:
-        for members in classes:
-            rep = members[0][0]
-            big = max(s_big[rep], s_big[name])
-            tol = _tolerance(s_values[rep], s_values[name], big)
-            if s_size[rep] == s_size[name] and same_values(s_print[rep], s_print[name], tol, s_size[rep], big):
-                members[0].append(name)
-                break
-        else:
+        if not join(name, 0, s_values, s_print, s_size, s_big):
             classes.append(([name], []))
-    left_t = []
     for name in t_params:
-        for members in classes:
-            rep = members[0][0]
-            big = max(s_big[rep], t_big[name])
-            tol = _tolerance(s_values[rep], t_values[name], big)
-            if s_size[rep] == t_size[name] and same_values(s_print[rep], t_print[name], tol, s_size[rep], big):
-                members[1].append(name)
-                break
-        else:
-            left_t.append(name)
+        join(name, 1, t_values, t_print, t_size, t_big)  # a tensor in no class is paired by structure below
 
     pairs: list[Pair] = []
     used_s: set[str] = set()
