@@ -114,9 +114,12 @@ def test_planted_porting_and_converter_bugs_are_named(project):
     assert "transformer.ln_f.scale" in problems and "factor 2" in problems
     jax_rows = [r for r in doc["results"] if r["backend"] == "jax"]
     assert jax_rows and all(r["status"] != "ok" for r in jax_rows)
-    # The TF port's epsilon, named at its layer as torch names it.
+    # The TF port's unscaled attention in block 1, named where it acts, as torch names it: c_proj's input differs
+    # while c_attn's output agrees (the scaling is a functional call between them).
     assert doc["conversion"]["tf_keras"]["exact"]
-    assert doc["localization"]["first_layer"] == "transformer.h.1.ln_2", doc["localization"]
+    assert doc["localization"]["first_layer"] == "transformer.h.1.attn.c_proj", doc["localization"]
+    tf_loc = next(loc for loc in doc["localization"]["by_backend"] if loc["backend"] == "tf-keras")
+    assert tf_loc["where"] == "input"
     assert doc["verdict"]["summary"].startswith("CONVERSION DIFFERS")
     text = proc.stdout
-    assert "transformer.h.1.ln_2" in text and "factor 2" in text
+    assert "transformer.h.1.attn.c_attn's output, which agrees" in text and "factor 2" in text
