@@ -284,13 +284,14 @@ def _parser() -> argparse.ArgumentParser:
     dg.add_argument("--batchnorm", action=argparse.BooleanOptionalAction, default=None)
     dg.add_argument("--loss-reduction", help="how the loss was reduced, in words (e.g. 'class-weighted mean')")
     _add_json(dg, 'the causes ({"causes": [{"id", "score", "evidence", "fix"}], ...})')
-    ck = sub.add_parser("check", help="your own model in torch / Keras / Flax: same weights, same batch; do loss "
-                                      "and gradients agree, and where do they part?",
+    ck = sub.add_parser("check", help="your own model in torch / Keras / TF-Keras / Flax: same weights, same batch; "
+                                      "do loss and gradients agree, and where do they part?",
                         description="Build each framework's model from its factory ('module:function', importable "
                                     "from the current folder, called with no arguments), map the weights of one "
-                                    "(--weights-from) onto the others by structure, run every reduction method and "
-                                    "a layer-by-layer capture on the same batch, compare, and name the first layer "
-                                    "where a port differs.")
+                                    "(--weights FRAMEWORK) onto the others by structure, or keep each model's own "
+                                    "and check the conversion by value (--weights own), run every reduction "
+                                    "method on the same batch, compare, and name the first layer where a port "
+                                    "differs (a layer-by-layer capture, run when the gradients disagree).")
     ck.add_argument("config", nargs="?", help="a TOML file: [models] torch/keras/tf_keras/jax = 'module:function', "
                                               "[check] keys, [mapping.FRAMEWORK] names (flags override it)")
     for fw in FRAMEWORKS:
