@@ -26,7 +26,7 @@ import numpy as np
 from gradparity.backends import BACKENDS, BackendInfo, make_job
 from gradparity.backends.protocol import (IGNORE_INDEX, MODEL_METHODS, SESSION_METHODS, BatchDoesNotFit,
                                          OutputNotFound, WorkerJob, step_losses, step_params)
-from gradparity.compare.localize import Localization, localize
+from gradparity.compare.localize import Localization, localize, parameter_only
 from gradparity.compare.normalize import Result, normalize
 from gradparity.compare.pairs import Comparison, compare_all
 from gradparity.compare.tolerance import (UNIT_ROUNDOFF, Tolerance, effective_unit_roundoff, gradient_tolerance,
@@ -495,7 +495,8 @@ class ModelReport:
         source = self.layouts.get(self.spec.source)
         named = [loc for loc in self.localizations if loc.first_layer is not None]
         if not named:
-            return None
+            # No forward difference: a layer whose parameter gradient alone differs, if one was found.
+            return next((loc.parameter_layer for loc in self.localizations if loc.parameter_layer), None)
         order = [c[0] for c in source.calls] if source else []
         return min(named, key=lambda loc: order.index(loc.first_layer) if loc.first_layer in order
                    else len(order)).first_layer
@@ -741,12 +742,14 @@ def _run_stages(spec: ModelCheck, say, stop: "_Stop") -> ModelReport:
     tol = _tolerance(layouts[source], m) if source in layouts else gradient_tolerance(m, 1)
     tol = dataclasses.replace(tol, term_scale=_gradient_scale(results, source, spec))
     comparisons = compare_all(results, tol)
-    verdict = decide(results, comparisons, tol, m, spec.dtype, stop.interrupted, reduction_experiment=False)
+    verdict = decide(results, comparisons, tol, m, spec.dtype, stop.interrupted, reduction_experiment=False,
+                     reference=spec.backend(source).name)
     if conversion_bug:
         verdict = _conversion_verdict(verdict, conversions)
     localizations, captured = _localize_stage(spec, jobs, computed, layouts, maps, verdict, tol, say, stop)
     costs = _costs({"describe": described, "methods": computed, "capture": captured})
-    verdict = _with_localization(verdict, localizations)
+    verdict = _with_localization(verdict, localizations, _parameter_lines(localizations, results, comparisons,
+                                                                          layouts.get(source), tol))
     notes = []
     if spec.mode == "training":
         notes.append(TRAINING_NOTE)
@@ -907,9 +910,30 @@ def effective(outcome: BackendOutcome) -> float:
     return effective_unit_roundoff(outcome.environment) or UNIT_ROUNDOFF["float32"]
 
 
-def _with_localization(verdict: Verdict, localizations: list[Localization]) -> Verdict:
-    """Put each port's first differing layer at the top of the verdict's explanation."""
-    lines = [loc.explanation for loc in localizations if loc.first_layer is not None]
+def _parameter_lines(localizations: list[Localization], results: list[Result], comparisons: list[Comparison],
+                     source: ModelLayout | None, tol: Tolerance) -> list[str]:
+    """For each port whose activations and incoming gradients all agree with the source's while its gradients do
+    not: the parameter gradients that alone differ (``localize.parameter_only``), on the first method both ran."""
+    lines = []
+    for loc in localizations:
+        pair = next(((a, b) for a in results for b in results if a.ok and b.ok and a.backend == loc.source
+                     and b.backend == loc.backend and a.method == b.method), None)
+        if source is None or pair is None:
+            continue
+        c = next((c for c in comparisons if {c.a, c.b} == {pair[0].label, pair[1].label}), None)
+        if c is None or c.agree:
+            continue
+        scale = max(tol.term_scale.values(), default=0.0)
+        line = parameter_only(loc, source, pair[0].grads, pair[1].grads, c.tolerance, scale)
+        if line:
+            lines.append(line)
+    return lines
+
+
+def _with_localization(verdict: Verdict, localizations: list[Localization], extra: list[str] = ()) -> Verdict:
+    """Put each port's first differing layer (or the parameter gradients that alone differ) at the top of the
+    verdict's explanation."""
+    lines = [loc.explanation for loc in localizations if loc.first_layer is not None] + list(extra)
     lines += [f"{loc.backend}: the forward passes agree layer by layer, but the gradient flowing into "
               f"{loc.backward_layer}'s output differs: the backward passes part there (a custom gradient, or "
               "an operation whose derivative differs)" for loc in localizations

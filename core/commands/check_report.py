@@ -80,7 +80,9 @@ def render_text(report: ModelReport) -> str:
         for loc in report.localizations:
             where = (f"first differs at {loc.at}'s {loc.where} (max_rel {_g(loc.max_rel)}): "
                      f"{', '.join(loc.candidates) or loc.first_layer}" if loc.first_layer
-                     else "every captured activation agrees")
+                     else "every captured activation agrees"
+                     + (f"; only the parameter gradient of {loc.parameter_layer} differs "
+                        f"({', '.join(t['param'] for t in loc.parameter_tensors)})" if loc.parameter_layer else ""))
             lines.append(f"  {loc.backend} vs {loc.source}: {where}")
     lines += _training_lines(report.training)
     if report.costs:

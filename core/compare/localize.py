@@ -63,6 +63,10 @@ class Localization:
     backward_layer: str | None
     checkpoints: list[Checkpoint] = field(default_factory=list)
     at: str | None = None  # the layer of the first checkpoint beyond tolerance ('where' is its point)
+    #: When every activation and incoming gradient agrees but some parameter gradients do not: the source's layer
+    #: that owns them, and per tensor {"param", "max_rel", "rows"} (``parameter_only``).
+    parameter_layer: str | None = None
+    parameter_tensors: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"source": self.source, "backend": self.backend, "first_layer": self.first_layer,
@@ -70,6 +74,7 @@ class Localization:
                 "max_rel": self.max_rel if self.max_rel is None or math.isfinite(self.max_rel) else None,
                 "candidates": self.candidates, "explanation": self.explanation,
                 "backward_first_layer": self.backward_layer,
+                "parameter_layer": self.parameter_layer, "parameter_tensors": self.parameter_tensors,
                 "checkpoints": [c.to_dict() for c in self.checkpoints]}
 
 
@@ -171,3 +176,38 @@ def localize(source: ModelLayout, target: ModelLayout, mapping: WeightMap, src: 
                    f"{blame}. Everything before it agrees.")
     return Localization(source.backend, target.backend, named, c.point, c.max_rel, candidates, explanation,
                         backward, checkpoints, at=c.layer)
+
+
+def parameter_only(loc: Localization, source: ModelLayout, src_grads: dict[str, np.ndarray],
+                   tgt_grads: dict[str, np.ndarray], rtol: float, scale: float) -> str | None:
+    """When the forward passes and the gradients flowing into every layer's output agree (``loc`` names no layer)
+    but parameter gradients differ: fill ``loc.parameter_layer``/``parameter_tensors`` and return the sentence that
+    says so, or None. A layer then computes its own parameter's gradient otherwise: the rows that differ (a 2-D
+    tensor) say which, e.g. torch's ``nn.Embedding(padding_idx=i)`` leaves row i's gradient at zero where Flax's
+    and Keras' embeddings accumulate it. ``scale``: the largest gradient entry each tensor is measured against."""
+    if loc.first_layer is not None or loc.backward_layer is not None or scale <= 0:
+        return None
+    owner = {p.name: (layer["name"], layer["type"]) for layer in source.layers for p in source.params(layer)}
+    found = []
+    for name, g in src_grads.items():
+        h = tgt_grads.get(name)
+        if h is None or h.shape != g.shape:
+            continue
+        diff = np.abs(np.asarray(g, np.float64) - np.asarray(h, np.float64))
+        gap = float(np.max(diff, initial=0.0)) / max(scale, float(np.max(np.abs(g), initial=0.0)))
+        if gap > rtol:
+            rows = ([int(i) for i in np.flatnonzero(diff.max(axis=1) > rtol * scale)] if g.ndim == 2 else None)
+            found.append({"param": name, "max_rel": gap, "rows": rows})
+    if not found:
+        return None
+    layer, kind = owner.get(found[0]["param"], (found[0]["param"], "?"))
+    loc.parameter_layer, loc.parameter_tensors = layer, found
+    what = ", ".join(f"{f['param']} (max_rel {f['max_rel']:.3g}"
+                     + (f"; rows {f['rows'][:8]}{' ...' if len(f['rows']) > 8 else ''} of {src_grads[f['param']].shape[0]}"
+                        if f["rows"] is not None else "") + ")" for f in found[:4])
+    hint = (" torch's nn.Embedding(padding_idx=i) is one such: it leaves row i's gradient at zero, which Flax's "
+            "nnx.Embed and Keras' Embedding have no setting for (mask the row's gradient, or zero it after "
+            "backward, in the port)" if kind == "Embedding" else "")
+    return (f"{loc.backend}: every captured activation and every gradient flowing into a layer's output agrees with "
+            f"{loc.source}, but the parameter gradient of {what} differs: {layer} ({kind}) computes its own "
+            f"parameter's gradient otherwise in the two frameworks.{hint}")

@@ -59,7 +59,8 @@ def _factor_hint(scale: float, n: int) -> str:
     return ""
 
 
-def _describe_cluster(group: list[str], consensus: list[str], results: dict[str, Result]) -> str:
+def _describe_cluster(group: list[str], consensus: list[str], results: dict[str, Result],
+                      against: str = "the consensus") -> str:
     backends = {results[x].backend for x in group}
     methods = {results[x].method for x in group}
     all_methods_of = {b for b in backends
@@ -67,13 +68,13 @@ def _describe_cluster(group: list[str], consensus: list[str], results: dict[str,
     cons_backends = {results[x].backend for x in consensus}
     if all_methods_of == backends and not (backends & cons_backends) and len(methods) > 1:
         names = ", ".join(sorted(backends))
-        return (f"every method of {names} agrees with the others of {names} but not with the consensus: "
+        return (f"every method of {names} agrees with the others of {names} but not with {against}: "
                 f"the backends differ in the problem they compute (parameters, layout, activation, "
                 f"data or precision), not in the reduction")
     cons_methods = {results[x].method for x in consensus}
     if len(methods) == 1 and len(backends) > 1 and not (methods & cons_methods):
-        return f"method {next(iter(methods))} disagrees with the consensus in every backend that ran it"
-    return "disagrees with the consensus"
+        return f"method {next(iter(methods))} disagrees with {against} in every backend that ran it"
+    return f"disagrees with {against}"
 
 
 UNTESTED_CAUSES = (
@@ -147,7 +148,7 @@ def _agreement_summary(ok: list[Result], comparisons: list[Comparison]) -> tuple
 def decide(results: list[Result], comparisons: list[Comparison], tol: Tolerance,
            n_examples: int, requested_dtype: str | None = None,
            interrupted: Interrupted | None = None, switches: tuple[str, ...] = (),
-           reduction_experiment: bool = True) -> Verdict:
+           reduction_experiment: bool = True, reference: str | None = None) -> Verdict:
     """Turn results and comparisons into a Verdict (status, exit code, explanation).
 
     ``requested_dtype`` is the experiment's dtype: a backend that reports
@@ -156,6 +157,8 @@ def decide(results: list[Result], comparisons: list[Comparison], tol: Tolerance,
     only what finished, says so, and carries the signal's exit code.
     ``reduction_experiment``: the results come from ``run`` (the agreement text then names the causes that
     run did not exercise); False for other commands (``check``), where that text does not apply.
+    ``reference``: a backend the others are checked against (``check``'s source framework): a disagreement is
+    explained against its results, not against the largest group that agrees.
     Statuses, by precedence: interrupted; disagree (a pair over its bound, or
     finite results beside non-finite ones); incomplete; agree.
     """
@@ -183,7 +186,7 @@ def decide(results: list[Result], comparisons: list[Comparison], tol: Tolerance,
         return Verdict("disagree", EXIT_DISAGREE,
                        f"DISAGREE: {len(nonfinite)} result(s) are NaN/inf while {len(ok)} are finite "
                        f"(first: {nonfinite[0].label}, {nonfinite[0].error.removeprefix('non-finite result: ')})",
-                       lines + _disagreement_lines(ok, comparisons, disagreeing, by_label, n_examples)[1])
+                       lines + _disagreement_lines(ok, comparisons, disagreeing, by_label, n_examples, reference)[1])
 
     if len(ok) < 2:
         return Verdict("incomplete", EXIT_INCOMPLETE,
@@ -207,28 +210,40 @@ def decide(results: list[Result], comparisons: list[Comparison], tol: Tolerance,
             return Verdict("incomplete", EXIT_INCOMPLETE, "INCOMPLETE: " + head, lines)
         return Verdict("agree", EXIT_AGREE, "AGREE: " + head, lines)
 
-    summary, explained = _disagreement_lines(ok, comparisons, disagreeing, by_label, n_examples)
+    summary, explained = _disagreement_lines(ok, comparisons, disagreeing, by_label, n_examples, reference)
     return Verdict("disagree", EXIT_DISAGREE, "DISAGREE: " + summary, explained + lines)
 
 
-def _disagreement_lines(ok, comparisons, disagreeing, by_label, n_examples) -> tuple[str, list[str]]:
-    """(summary, explanation lines) for finite results of which some pairs disagree (or none: ('', []))."""
+def _disagreement_lines(ok, comparisons, disagreeing, by_label, n_examples,
+                        reference: str | None = None) -> tuple[str, list[str]]:
+    """(summary, explanation lines) for finite results of which some pairs disagree (or none: ('', [])); with a
+    ``reference`` backend, the other groups are explained against the group holding its first result."""
     if not disagreeing:
         return "", []
     labels = [r.label for r in ok]
     groups = _clusters(labels, comparisons)
     consensus = groups[0]
+    against = "the consensus"
+    ref = next((g for g in groups if any(by_label[x].backend == reference for x in g)), None)
+    if ref is not None:
+        groups = [ref] + [g for g in groups if g is not ref]
+        consensus, against = ref, f"the reference ({reference})"
     pairs = pair_index(comparisons)
     worst = max(disagreeing, key=lambda c: c.max_rel / c.tolerance)
     summary = (f"{len(disagreeing)} of {len(comparisons)} pairs disagree; worst {worst.a} vs {worst.b}: "
                f"max_rel {_fmt(worst.max_rel)} > rtol {_fmt(worst.tolerance)}")
     lines = []
-    if len(groups) > 1 and len(consensus) > 1:
+    if ref is not None and len(groups) > 1:
+        lines.append(f"The reference is {reference}, the framework the others are checked against"
+                     + (f": its {len(consensus)} results agree with each other ({_short(consensus)})."
+                        if len(consensus) > 1 else f" ({consensus[0]})."))
+    elif len(groups) > 1 and len(consensus) > 1:
         lines.append(f"{len(consensus)} results agree with each other (the consensus: {_short(consensus)}).")
+    if len(groups) > 1 and (ref is not None or len(consensus) > 1):
         for group in groups[1:]:
             # Against the closest consensus member: the most charitable reading of the difference.
             c = min((pairs[(g, m)] for g in group for m in consensus), key=lambda c: c.max_rel)
-            text = (f"{_short(group)}: {_describe_cluster(group, consensus, by_label)}. "
+            text = (f"{_short(group)}: {_describe_cluster(group, consensus, by_label, against)}. "
                     f"Closest pair {c.a} vs {c.b}: max_rel {_fmt(c.max_rel)} (in {c.worst_param}), "
                     f"max_abs {_fmt(c.max_abs)}, cosine {c.cosine:.6f}, loss differs by "
                     f"{_fmt(c.loss_rel)} relative; rtol {_fmt(c.tolerance)}.")
