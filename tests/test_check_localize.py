@@ -59,3 +59,17 @@ def test_a_two_framework_disagreement_is_explained_against_the_source(padding_id
     assert "The reference is torch, the framework the others are checked against (torch/mean)" in text
     assert "jax/mean: disagrees with the reference (torch)" in text
     assert "No two results form a consensus" not in text
+
+
+@pytest.mark.frameworks("torch", "jax")
+def test_a_layer_whose_output_shape_changed_is_named_not_skipped():
+    """torch pads its convolution (20 steps out of 20), the Flax port does not ("VALID": 18): the mean over time
+    hides the length, so the logits have one shape; the convolution's output is where the ports part."""
+    x = np.random.default_rng(2).normal(size=(4, 20, 3))
+    y = np.array([0, 1, 2, 3])
+    r = compare_models(torch="conv1d_torch:Net", jax="conv1d_flax:Net", batch=(x, y), dtype="float64",
+                       sys_path=PATH, methods=["mean"])
+    loc = r.localizations[0]
+    assert r.exit_code == 1 and loc.first_layer == "conv" and loc.where == "output"
+    assert "[4, 18, 8] in jax against [4, 20, 8] in torch" in loc.explanation, loc.explanation
+    assert loc.explanation in r.verdict.explanation

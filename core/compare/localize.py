@@ -96,10 +96,16 @@ def localize(source: ModelLayout, target: ModelLayout, mapping: WeightMap, src: 
     called = {j for j, layer in enumerate(target.layers) if layer.get("called", True)}
     pairs = [(i, j) for i, j in mapping.layers if source.layers[i].get("called", True) and j in called]
     checkpoints: list[Checkpoint] = []
+    #: Checkpoints not compared because their shapes differ: (layer, point, source shape, target shape).
+    reshaped: list[tuple[str, str, tuple, tuple]] = []
 
     def check(layer: str, point: str, a_key: str, b_key: str) -> Checkpoint | None:
-        if a_key not in src or b_key not in tgt or src[a_key].shape != tgt[b_key].shape:
-            # Not the same quantity (a ZeroPadding2D layer makes the next convolution's input larger).
+        if a_key not in src or b_key not in tgt:
+            return None
+        if src[a_key].shape != tgt[b_key].shape:
+            # Not the same quantity (a ZeroPadding2D layer makes the next convolution's input larger), or a layer
+            # that changes the shape otherwise (a "valid" convolution where the source pads): said below.
+            reshaped.append((layer, point, tuple(src[a_key].shape), tuple(tgt[b_key].shape)))
             return None
         c = Checkpoint(layer, point, relative_gap(src[a_key], tgt[b_key]), rtol)
         checkpoints.append(c)
@@ -138,6 +144,14 @@ def localize(source: ModelLayout, target: ModelLayout, mapping: WeightMap, src: 
             last_ok = (name, "input")
         comparable = not (s_layer.get("fused_activation") or t_layer.get("fused_activation"))
         c_out = check(name, "output", f"output/{i}", f"output/{j}") if comparable else None
+        if c_out is None and reshaped and reshaped[-1][:2] == (name, "output") and last_ok == (name, "input"):
+            # Its input agrees and its output has another shape: this layer is where the ports part.
+            _, _, a_shape, b_shape = reshaped[-1]
+            first = (Checkpoint(name, "output", math.inf, rtol), [f"{name} ({s_layer['type']})"],
+                     f"in its output's shape, {list(b_shape)} in {target.backend} against {list(a_shape)} in "
+                     f"{source.backend} (a padding, stride or kernel size that differs), after its input, which "
+                     "agrees")
+            break
         if c_out is not None:
             if not c_out.agree:
                 first = (c_out, span(name, inclusive=True), described())
@@ -171,9 +185,15 @@ def localize(source: ModelLayout, target: ModelLayout, mapping: WeightMap, src: 
     else:
         blame = f": in one of, in call order, {', '.join(candidates)}"
     named = candidates[0].split(" (")[0] if candidates else c.layer
-    explanation = (f"{target.backend} first parts from {source.backend} at {c.layer}'s {c.point}: max relative "
-                   f"difference {c.max_rel:.3g} (tolerance {c.tolerance:.3g}); the difference arises {how}"
-                   f"{blame}. Everything before it agrees.")
+    gap = (f"max relative difference {c.max_rel:.3g} (tolerance {c.tolerance:.3g})" if math.isfinite(c.max_rel)
+           else "not comparable")
+    explanation = (f"{target.backend} first parts from {source.backend} at {c.layer}'s {c.point}: {gap}; the "
+                   f"difference arises {how}{blame}. Everything before it agrees.")
+    skipped = [r for r in reshaped if r[:2] != (c.layer, c.point) and r[1] != "grad_output"]
+    if skipped:
+        explanation += (" Not compared (their shapes differ): " + "; ".join(
+            f"{layer}'s {point}, {list(b)} in {target.backend} and {list(a)} in {source.backend}"
+            for layer, point, a, b in skipped[:4]) + ".")
     return Localization(source.backend, target.backend, named, c.point, c.max_rel, candidates, explanation,
                         backward, checkpoints, at=c.layer)
 
