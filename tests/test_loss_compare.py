@@ -61,3 +61,27 @@ def test_the_structured_example_measures_each_frameworks_own_divisor():
     rel = {(p["a"], p["b"]): p for p in doc["pairs"]}
     assert rel[(0, 1)]["relation"] == "batch_dependent_factor"
     np.testing.assert_allclose(rel[(0, 1)]["ratios"], 1 / np.array(sizes), rtol=1e-12)  # loss_0 / loss_1
+
+
+@pytest.mark.frameworks("torch", "jax", "keras-tensorflow")
+def test_the_code_translate_prints_is_accepted_as_it_is_printed():
+    """A user pastes what ``gradparity translate`` printed (``criterion = ...`` then ``loss = criterion(...)``, and
+    optax's ``loss = ...``) into ``compare-losses``: it reads the assignments as the loss they build."""
+    source = "keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction='sum')"
+    printed = run_cli("translate", source)
+    assert printed.returncode == 0, printed.stdout[-3000:] + printed.stderr[-2000:]
+    blocks = {}
+    for block in printed.stdout.split("\n== ")[1:]:
+        head, *lines = block.splitlines()
+        code = []
+        for line in lines:  # the code: the lines before its indented notes and measurements
+            if not line or line.startswith(" "):
+                break
+            code.append(line)
+        blocks[head.split(" ")[0]] = "\n".join(code)
+    assert blocks["torch"].startswith("criterion = torch.nn.CrossEntropyLoss") and "\n" in blocks["torch"]
+    assert blocks["jax"].startswith("loss = optax.")
+    proc = run_cli("compare-losses", source, blocks["torch"], blocks["jax"], "--json")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads(proc.stdout)
+    assert {p["relation"] for p in doc["pairs"]} == {"equal"}

@@ -112,6 +112,39 @@ def parse_loss_text(text: str, arrays: dict[str, np.ndarray] | None = None) -> L
         raise ConfigError(f"the loss text holds bytes that are not UTF-8 text: {text!r}") from None
 
 
+def _assignments_as_expression(text: str) -> ast.Expression | None:
+    """Code as ``gradparity translate`` prints it and users write it, ``criterion = torch.nn.CrossEntropyLoss(...)``
+    then ``loss = criterion(logits, targets)``, as one expression (each name replaced by what it was assigned,
+    ``torch.nn.CrossEntropyLoss(...)(logits, targets)``); None when the text is not a few single-name assignments
+    (and an expression last)."""
+    try:
+        module = ast.parse(text, mode="exec")
+    except SyntaxError:
+        return None
+    names: dict[str, ast.expr] = {}
+    last = None
+    for stmt in module.body:
+        if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name):
+            value = _Substitute(names).visit(stmt.value)
+            names[stmt.targets[0].id] = value
+            last = value
+        elif isinstance(stmt, ast.Expr) and stmt is module.body[-1]:
+            last = _Substitute(names).visit(stmt.value)
+        else:
+            return None
+    return None if last is None else ast.fix_missing_locations(ast.Expression(last))
+
+
+class _Substitute(ast.NodeTransformer):
+    """Replace names by the expressions assigned to them earlier in the text."""
+
+    def __init__(self, names: dict[str, ast.expr]):
+        self.names = names
+
+    def visit_Name(self, node: ast.Name) -> ast.expr:
+        return self.names.get(node.id, node)
+
+
 def _parse_loss_text(text: str, arrays: dict[str, np.ndarray] | None) -> LossExpression:
     if not isinstance(text, str) or not text.strip():
         raise ConfigError("the loss text is empty; write it as in your code, e.g. "
@@ -119,7 +152,9 @@ def _parse_loss_text(text: str, arrays: dict[str, np.ndarray] | None) -> LossExp
     try:
         tree = ast.parse(text.strip(), mode="eval")
     except SyntaxError as exc:
-        raise ConfigError(f"the loss text is not a Python expression: {exc.msg} at column {exc.offset}") from None
+        tree = _assignments_as_expression(text.strip())
+        if tree is None:
+            raise ConfigError(f"the loss text is not a Python expression: {exc.msg} at column {exc.offset}") from None
     node = tree.body
     values = _Values(arrays or {})
     method = None
