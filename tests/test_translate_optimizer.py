@@ -271,3 +271,16 @@ def test_keras_momentum_sgd_in_torch_holds_at_lr_zero_and_leaves_frozen_paramete
         want = step(want, g, state, lr, t)
         np.testing.assert_allclose(p.detach().numpy(), want, rtol=1e-12, atol=1e-15, err_msg=f"step {t}, lr {lr}")
     assert np.array_equal(frozen.detach().numpy(), frozen0)
+
+
+def test_the_keras_adam_override_says_it_reads_private_slots():
+    """torch's AdamW puts epsilon on the bias-corrected sqrt(v): the Keras rendering overrides update_step, which
+    reads Keras' private slot lists; the rendering says so, and names the version it was checked with."""
+    from gradparity.backends.keras.optimizer_text import render
+    from gradparity.commands.translate_optimizer import semantics_of, translated_config
+
+    _, config, _ = parse_optimizer_text("torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)")
+    keras_config, _ = translated_config("keras", semantics_of("torch", config))
+    rendering = render(keras_config)
+    assert "self._momentums" in rendering.code
+    assert any("private slots" in n and "keras 3.15.1" in n for n in rendering.notes), rendering.notes

@@ -118,6 +118,9 @@ def render(config: OptimizerConfig) -> OptimizerRendering:
         args = (f"learning_rate=learning_rate, beta_1={config.beta1!r}, beta_2={config.beta2!r}, "
                 f"epsilon={config.eps!r}, {wd_arg}")
         if l2 or corrected:
+            notes.append("the update_step override reads Keras' private slots self._momentums, self._velocities and "
+                         "self._get_variable_index, as keras.optimizers.Adam.update_step does in keras 3.15.1 (the "
+                         "version this was checked with): a later Keras may rename them, so check it after an upgrade")
             cls = f"{base}" + ("WithL2" if l2 else "") + ("CorrectedEpsilon" if corrected else "")
             changes = " with " + " and ".join(
                 ([] if not l2 else ["L2 weight decay in the gradient"])
