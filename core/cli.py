@@ -283,6 +283,9 @@ def _parser() -> argparse.ArgumentParser:
     dg.add_argument("--dropout", action=argparse.BooleanOptionalAction, default=None)
     dg.add_argument("--batchnorm", action=argparse.BooleanOptionalAction, default=None)
     dg.add_argument("--loss-reduction", help="how the loss was reduced, in words (e.g. 'class-weighted mean')")
+    dg.add_argument("--methods", metavar="LABEL=METHOD,...",
+                    help="how to read your labels: each label and the method it is, of none_loop, one_by_one, "
+                         "none_vectorized, sum, mean (and their synonyms: gradparity diagnose says which it read)")
     _add_json(dg, 'the causes ({"causes": [{"id", "score", "evidence", "fix"}], ...})')
     ck = sub.add_parser("check", help="your own model in torch / Keras / TF-Keras / Flax: same weights, same batch; "
                                       "do loss and gradients agree, and where do they part?",
@@ -646,6 +649,12 @@ def _diagnose(args) -> int:
     from gradparity.commands import diagnose as dg
     flags = {k: getattr(args, k) for k in ("batch_size", "dataset_size", "micro_batches", "replicas", "padding",
                                           "dtype", "dropout", "batchnorm", "loss_reduction")}
+    if args.methods is not None:
+        pairs = [item.partition("=") for item in _csv(args.methods)]
+        if not pairs or any(not (a.strip() and eq and b.strip()) for a, eq, b in pairs):
+            raise ConfigError(f"--methods {args.methods!r}: give LABEL=METHOD pairs separated by commas, e.g. "
+                              "full_batch=mean,per_sample=none_loop")
+        flags["methods"] = {a.strip(): b.strip() for a, _, b in pairs}
     try:
         info = dg.read_info(args.info).merged(dg.Info.from_dict(flags, "the flags"))
         result = dg.diagnose(dg.load(args.source, info))

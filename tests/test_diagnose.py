@@ -266,3 +266,48 @@ def test_readme_shows_what_diagnose_prints_for_the_seed_table():
     proc = subprocess.run([sys.executable, "-m", "gradparity", "diagnose", "examples/seed_table.txt"],
                           capture_output=True, text=True, cwd=root, timeout=120)
     assert proc.returncode == 1 and proc.stdout.rstrip("\n") == shown
+
+
+def _short_last_batch_npz(tmp_path, labels):
+    """A user's script's output, written with plain numpy: gradients of a 100-example dataset in batches of 32,
+    averaged over examples (two per-example loops) and as a mean of batch means (two batched methods), saved
+    under the user's own method names."""
+    g = per_example(n=100)
+    batches = [g[i:i + 32] for i in range(0, 100, 32)]  # 32, 32, 32, 4
+    over_examples = g.sum(axis=0) / 100
+    mean_of_means = np.mean([b.mean(axis=0) for b in batches], axis=0)
+    values = [over_examples, over_examples.copy(), mean_of_means, mean_of_means.copy()]
+    path = tmp_path / "grads.npz"
+    np.savez(path, **{f"{label}/w": v for label, v in zip(labels, values)})
+    return path
+
+
+def test_labels_it_cannot_read_are_said_and_a_mapping_reads_them(tmp_path, capsys):
+    path = _short_last_batch_npz(tmp_path, ["per_sample_a", "per_sample_b", "fullbatch_a", "fullbatch_b"])
+    code = main(["diagnose", str(path), "--batch-size", "32", "--dataset-size", "100", "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    # Unmapped: nothing tells the loops from the batched methods, and the diagnosis says how it read them.
+    assert [r["how"] for r in doc["labels_read"]] == ["not understood"] * 4
+    assert doc["causes"][0]["id"] != "short_last_batch"
+    text_code = main(["diagnose", str(path), "--batch-size", "32", "--dataset-size", "100"])
+    text = capsys.readouterr().out
+    assert "per_sample_a -> not understood" in text and "--methods per_sample_a=" in text
+    assert code == text_code
+    # With the user's mapping the same numbers are the short last batch, as they are under gradparity's words.
+    mapping = "per_sample_a=none_loop,per_sample_b=one_by_one,fullbatch_a=sum,fullbatch_b=mean"
+    main(["diagnose", str(path), "--batch-size", "32", "--dataset-size", "100", "--methods", mapping, "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["causes"][0]["id"] == "short_last_batch"
+    assert [r["read_as"] for r in doc["labels_read"]] == ["none_loop", "one_by_one", "sum", "mean"]
+    assert {r["how"] for r in doc["labels_read"]} == {"your mapping"}
+    renamed = _short_last_batch_npz(tmp_path, ["none_loop", "one_by_one", "sum", "mean"])
+    main(["diagnose", str(renamed), "--batch-size", "32", "--dataset-size", "100", "--json"])
+    same = json.loads(capsys.readouterr().out)
+    assert same["causes"][0]["id"] == "short_last_batch"
+    assert same["causes"][0]["score"] == doc["causes"][0]["score"]
+
+
+def test_a_mapping_to_no_method_word_is_exit_2(tmp_path, capsys):
+    path = _short_last_batch_npz(tmp_path, ["a", "b", "c", "d"])
+    assert main(["diagnose", str(path), "--methods", "a=loopy"]) == 2
+    assert "'loopy', which is no method word" in capsys.readouterr().err

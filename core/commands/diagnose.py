@@ -100,7 +100,9 @@ _ROLE_WORDS = {
 #: Labels of methods whose result is a mean-reduced loss's gradient.
 _MEAN_WORDS = ("mean", "avg", "average", "sum_over_batch_size")
 _INFO_KEYS = ("batch_size", "dataset_size", "dtype", "micro_batches", "replicas", "padding", "dropout",
-              "batchnorm", "loss_reduction")
+              "batchnorm", "loss_reduction", "methods")
+#: The method words a label is read by (its own last path part, or what ``methods`` maps it to).
+METHOD_WORDS = tuple(dict.fromkeys(w for words in _ROLE_WORDS.values() for w in words))
 
 
 @dataclass
@@ -117,6 +119,8 @@ class Info:
     dropout: bool | None = None
     batchnorm: bool | None = None
     loss_reduction: str | None = None
+    #: {your label: a method word of METHOD_WORDS}: how to read labels gradparity does not know.
+    methods: dict[str, str] | None = None
 
     @classmethod
     def from_dict(cls, raw: dict, where: str) -> "Info":
@@ -135,6 +139,15 @@ class Info:
             elif key in ("dropout", "batchnorm"):
                 if not isinstance(value, bool):
                     raise ConfigError(f"{where}: {key} must be true or false, got {value!r}")
+            elif key == "methods":
+                if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                          for k, v in value.items()):
+                    raise ConfigError(f"{where}: methods must map your labels to method words, e.g. "
+                                      "{ full_batch = \"mean\", per_sample = \"none_loop\" }, got " + repr(value))
+                bad = sorted(v for v in value.values() if _key(v) not in METHOD_WORDS)
+                if bad:
+                    raise ConfigError(f"{where}: methods maps to {', '.join(map(repr, bad))}, which is no method "
+                                      f"word; known: {', '.join(METHOD_WORDS)}")
             elif key == "dtype":
                 if value not in UNIT_ROUNDOFF:
                     raise ConfigError(f"{where}: dtype must be one of {', '.join(UNIT_ROUNDOFF)}, got {value!r}")
@@ -206,7 +219,8 @@ class Diagnosis:
     def to_dict(self) -> dict:
         obs = self.observations
         return {
-            "source": obs.source, "labels": obs.labels, "info": asdict(obs.info),
+            "source": obs.source, "labels": obs.labels, "labels_read": label_readings(obs),
+            "info": asdict(obs.info),
             "resolution": obs.resolution, "rtol": self.rtol,
             "pairs": [{k: v for k, v in asdict(p).items() if v is not None} for p in self.pairs],
             "clusters": self.clusters,
@@ -375,15 +389,35 @@ def read_info(path: str | None) -> Info:
 # ------------------------------------------------------------------------------------------ analysis
 
 
-def _key(label: str) -> str:
-    """A method label's last path part ('torch/one_by_one' -> 'one_by_one'), lower case, '_' for spaces."""
-    return re.sub(r"[\s\-]+", "_", label.rsplit("/", 1)[-1].strip().lower())
+def _key(label: str, methods: dict[str, str] | None = None) -> str:
+    """A method label's last path part ('torch/one_by_one' -> 'one_by_one'), lower case, '_' for spaces; or the
+    method word ``methods`` maps the label (or its last part) to."""
+    own = re.sub(r"[\s\-]+", "_", label.rsplit("/", 1)[-1].strip().lower())
+    if methods:
+        for name in (label, label.rsplit("/", 1)[-1], own):
+            if name in methods:
+                return _key(methods[name])
+    return own
 
 
-def _roles(label: str) -> set[str]:
-    """The roles a method label names (see _ROLE_WORDS), from its last path part ('torch/one_by_one')."""
-    key = _key(label)
+def _roles(label: str, methods: dict[str, str] | None = None) -> set[str]:
+    """The roles a method label names (see _ROLE_WORDS), from its last path part ('torch/one_by_one') or the
+    word ``methods`` maps it to."""
+    key = _key(label, methods)
     return {role for role, words in _ROLE_WORDS.items() if key in words}
+
+
+def label_readings(obs: "Observations") -> list[dict]:
+    """How each label was read: {"label", "read_as" (a method word or None), "roles", "how"}."""
+    methods = obs.info.methods
+    out = []
+    for label in obs.labels:
+        word = _key(label, methods)
+        mapped = word != _key(label)
+        roles = sorted(_roles(label, methods))
+        how = "your mapping" if mapped else ("its name" if roles else "not understood")
+        out.append({"label": label, "read_as": word if roles else None, "roles": roles, "how": how})
+    return out
 
 
 def _rtol(info: Info, n_terms: int) -> float:
@@ -476,8 +510,9 @@ class _Analysis:
         if len(self.clusters) != 2:
             return None
         for mine, theirs in (self.clusters, self.clusters[::-1]):
-            if all(role in _roles(x) for x in mine) and all(
-                    (other in _roles(x)) if other else (role not in _roles(x)) for x in theirs):
+            m = self.info.methods
+            if all(role in _roles(x, m) for x in mine) and all(
+                    (other in _roles(x, m)) if other else (role not in _roles(x, m)) for x in theirs):
                 return mine, theirs
         return None
 
@@ -591,7 +626,7 @@ def _test_factor(an: _Analysis, cid: str, k: int | None, what: str, flag: str) -
             sizes = [len(p) for p in np.array_split(np.arange(n), k)]
             ev.append(f"N = {n}, V = {n - pad}: with the padding at the end the valid counts would be "
                       f"{', '.join(str(max(0, min(s, n - pad - sum(sizes[:i])))) for i, s in enumerate(sizes))}")
-        means = [c for c in an.clusters if all(_key(x) in _MEAN_WORDS for x in c)]
+        means = [c for c in an.clusters if all(_key(x, an.info.methods) in _MEAN_WORDS for x in c)]
         found = len(an.clusters) == 2 and len(means) == 1
         if found:
             rest = next(c for c in an.clusters if c is not means[0])
@@ -728,7 +763,7 @@ def _vanishing(an: _Analysis, sep: list[str], shared: list[str]) -> str | None:
 
 def _test_train_mode(an: _Analysis) -> list[Cause]:
     """Dropout/batch norm in training mode: separate-forward methods differ from shared-forward ones."""
-    sep = [x for x in an.obs.labels if "separate_forward" in _roles(x)]
+    sep = [x for x in an.obs.labels if "separate_forward" in _roles(x, an.info.methods)]
     shared = [x for x in an.obs.labels if x not in sep]
     vanishing = _vanishing(an, sep, shared)
     out = []
@@ -859,8 +894,8 @@ def diagnose(obs: Observations) -> Diagnosis:
     causes.append(unknown)
     causes.sort(key=lambda c: -c.score)
     notes = _exactness_notes(an)
-    if an.large and any("per_example" in _roles(x) for x in obs.labels) and any(
-            "reduced" in _roles(x) for x in obs.labels):
+    if an.large and any("per_example" in _roles(x, an.info.methods) for x in obs.labels) and any(
+            "reduced" in _roles(x, an.info.methods) for x in obs.labels):
         notes.append(NONLINEARITY_NOTE)
     return Diagnosis(obs, an.pairs, an.clusters, causes, an.rtol, notes)
 
@@ -870,7 +905,7 @@ def _exactness_notes(an: _Analysis) -> list[str]:
     n = an.info.batch_size
     out = []
     for p in an.zeros:
-        roles = (_roles(p.a), _roles(p.b))
+        roles = (_roles(p.a, an.info.methods), _roles(p.b, an.info.methods))
         if not all("reduced" in r for r in roles) or p.kind != "zero":
             continue
         if n and n & (n - 1) == 0:
@@ -903,6 +938,15 @@ def render_text(d: Diagnosis) -> str:
     """The terminal view: the pattern, then the causes best first, each with its evidence and fix."""
     obs = d.observations
     lines = [f"diagnosing {obs.source}: {len(obs.labels)} results ({', '.join(obs.labels)})"]
+    readings = label_readings(obs)
+    lines.append("labels read as: " + "; ".join(
+        f"{r['label']} -> {r['read_as']} ({r['how']}: {', '.join(r['roles'])})" if r["read_as"]
+        else f"{r['label']} -> not understood" for r in readings))
+    unread = [r["label"] for r in readings if not r["read_as"]]
+    if unread:
+        lines.append(f"  {', '.join(unread)}: no method word in {'it' if len(unread) == 1 else 'them'}, so the "
+                     "causes that tell methods apart cannot use them; say what each is with --methods "
+                     f"{unread[0]}=none_loop,... (or [methods] in --info), of: {', '.join(METHOD_WORDS)}")
     if obs.resolution:
         lines.append(f"printed to {obs.resolution * 2:g}: a 0 there means |a - b| < {obs.resolution:g}")
     shown_pairs = d.pairs
