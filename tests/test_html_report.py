@@ -128,3 +128,15 @@ def test_report_html_loads_in_a_headless_browser_with_its_plots(run_dir, tmp_pat
                      encoding="utf-8")
     _, console = _load(noisy, tmp_path)
     assert any("boom" in line for line in console) and any("nosuchfunction" in line for line in console)
+
+
+def test_rows_that_never_ran_are_not_called_failed():
+    """An interrupted run's rows never started: the plots say so ("not run"), and name a missing framework or a
+    timeout as such; only an error is "failed"."""
+    from gradparity.report.html import _tick
+
+    assert _tick("jax/mean", "interrupted") == "jax/mean (not run)"
+    assert _tick("jax/mean", "missing") == "jax/mean (not installed)"
+    assert _tick("jax/mean", "timeout") == "jax/mean (timed out)"
+    assert _tick("jax/mean", "crashed") == "jax/mean (failed)"
+    assert _tick("jax/mean", "ok") == "jax/mean"

@@ -65,7 +65,6 @@ def heatmap_png(report: Report) -> bytes:
     from matplotlib.figure import Figure
 
     labels = [r.label for r in report.results]
-    ok = {r.label for r in report.results if r.ok}
     pairs = pair_index(report.comparisons)
     n = len(labels)
     side = max(4.5, 0.42 * n + 3.0)
@@ -104,8 +103,9 @@ def heatmap_png(report: Report) -> bytes:
                     ax.text(j, i, _short(share), ha="center", va="center", fontsize=7,
                             color="white" if not -2.5 <= values[i, j] <= 1.3 else "black",
                             fontweight="normal" if c.agree else "bold")
-    ax.set_xticks(range(n), labels=[_tick(label, label in ok) for label in labels], rotation=90, fontsize=7)
-    ax.set_yticks(range(n), labels=[_tick(label, label in ok) for label in labels], fontsize=7)
+    status = {r.label: r.status for r in report.results}
+    ax.set_xticks(range(n), labels=[_tick(label, status[label]) for label in labels], rotation=90, fontsize=7)
+    ax.set_yticks(range(n), labels=[_tick(label, status[label]) for label in labels], fontsize=7)
     bar = fig.colorbar(image, ax=ax, shrink=0.8)
     ticks = list(range(int(lo), int(hi) + 1))
     bar.set_ticks(ticks, labels=[f"1e{t}" if t else "1" for t in ticks])
@@ -131,8 +131,14 @@ def _cell(i: int, j: int, **kw):
     return Rectangle((j - 0.5, i - 0.5), 1, 1, **kw)
 
 
-def _tick(label: str, ok: bool) -> str:
-    return label if ok else f"{label} (failed)"
+#: How a row that computed nothing is marked on a plot, by its status ("failed" for the rest).
+_NOT_COMPUTED = {"interrupted": "not run", "missing": "not installed", "timeout": "timed out",
+                 "nonfinite": "non-finite"}
+
+
+def _tick(label: str, status: str) -> str:
+    """A row's label, with why it has no value when it has none (an interrupted run's rows never ran)."""
+    return label if status == "ok" else f"{label} ({_NOT_COMPUTED.get(status, 'failed')})"
 
 
 def _short(share: float) -> str:
@@ -175,7 +181,8 @@ def max_rel_png(report: Report) -> bytes:
     ax.set_ylim(floor, top)
     for x, (r, c) in enumerate(rows):
         if c is None:
-            ax.text(x, floor * 3, "n/a (failed)" if not r.ok else "n/a", rotation=90, ha="center", va="bottom",
+            ax.text(x, floor * 3, f"n/a ({_NOT_COMPUTED.get(r.status, 'failed')})" if not r.ok else "n/a",
+                    rotation=90, ha="center", va="bottom",
                     fontsize=7, color="#555555")
             continue
         value = c.max_rel if math.isfinite(c.max_rel) else top
