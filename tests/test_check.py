@@ -131,6 +131,10 @@ def test_planted_padding_and_gelu_bugs_are_named_at_their_layers(planted):
     by = {loc.backend: loc for loc in r.localizations}
     assert by["jax"].first_layer == "features.3" and by["jax"].where == "output"
     assert by["keras-tensorflow"].first_layer == "classifier.3" and by["keras-tensorflow"].where == "input"
+    # What to change: the Keras port's next input is the tanh GELU of torch's LayerNorm output, torch's the exact.
+    assert "tanh approximation" in by["keras-tensorflow"].suggestion
+    assert "keras.ops.gelu(x, approximate=False)" in by["keras-tensorflow"].suggestion
+    assert by["jax"].suggestion is None  # a padding, not a GELU: nothing claimed
     # The earliest in torch's call order is the report's first layer.
     assert r.first_layer == "features.3" and r.to_dict()["localization"]["first_layer"] == "features.3"
     # Before the bug, everything agrees to float32 rounding.
@@ -302,6 +306,7 @@ def test_a_sequence_model_with_token_logits_maps_and_localizes_the_gelu():
     assert r.loss_elements == 12 and r.maps["jax"].assign["embed.embedding"] == "embed.weight"
     loc = r.localizations[0]
     assert loc.first_layer == "act" and loc.where == "input", loc.explanation
+    assert "tanh approximation" in loc.suggestion and "jax.nn.gelu(x, approximate=False)" in loc.explanation
     torch_rows = [res for res in r.results if res.backend == "torch"]
     assert all(res.ok for res in r.results)
     # Within torch the methods agree (sum / 12 and the mean of 3 example means over 4 tokens each).

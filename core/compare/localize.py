@@ -67,6 +67,8 @@ class Localization:
     #: that owns them, and per tensor {"param", "max_rel", "rows"} (``parameter_only``).
     parameter_layer: str | None = None
     parameter_tensors: list[dict] = field(default_factory=list)
+    #: What to change, where the captured arrays show it (``what_to_change``), or None.
+    suggestion: str | None = None
 
     def to_dict(self) -> dict:
         return {"source": self.source, "backend": self.backend, "first_layer": self.first_layer,
@@ -75,6 +77,7 @@ class Localization:
                 "candidates": self.candidates, "explanation": self.explanation,
                 "backward_first_layer": self.backward_layer,
                 "parameter_layer": self.parameter_layer, "parameter_tensors": self.parameter_tensors,
+                "suggestion": self.suggestion,
                 "checkpoints": [c.to_dict() for c in self.checkpoints]}
 
 
@@ -189,13 +192,58 @@ def localize(source: ModelLayout, target: ModelLayout, mapping: WeightMap, src: 
            else "not comparable")
     explanation = (f"{target.backend} first parts from {source.backend} at {c.layer}'s {c.point}: {gap}; the "
                    f"difference arises {how}{blame}. Everything before it agrees.")
+    suggestion = None
+    if c.point == "input" and any("gelu" in cand.lower() for cand in candidates):
+        i, j = next((i, j) for i, j in pairs if source.layers[i]["name"] == c.layer)
+        before = [(pi, pj) for pi, pj in pairs if pi < i]
+        if before:
+            suggestion = _gelu_form(src.get(f"output/{before[-1][0]}"), src.get(f"input/{i}"), tgt.get(f"input/{j}"),
+                                    rtol, source.backend, target.backend)
+    if suggestion:
+        explanation += " " + suggestion
     skipped = [r for r in reshaped if r[:2] != (c.layer, c.point) and r[1] != "grad_output"]
     if skipped:
         explanation += (" Not compared (their shapes differ): " + "; ".join(
             f"{layer}'s {point}, {list(b)} in {target.backend} and {list(a)} in {source.backend}"
             for layer, point, a, b in skipped[:4]) + ".")
     return Localization(source.backend, target.backend, named, c.point, c.max_rel, candidates, explanation,
-                        backward, checkpoints, at=c.layer)
+                        backward, checkpoints, at=c.layer, suggestion=suggestion)
+
+
+_ERF = np.frompyfunc(math.erf, 1, 1)
+
+
+def _gelu_form(before: np.ndarray | None, src_after: np.ndarray | None, tgt_after: np.ndarray | None, rtol: float,
+               source: str, target: str) -> str | None:
+    """What to change when a GELU lies between two checkpoints: GELU's two forms computed in float64 on the
+    source's activation before it (``before``), against what each side's next layer received. When one side
+    matches the exact form and the other the tanh approximation, say which to use; else None (another op
+    between them, or another difference)."""
+    if before is None or src_after is None or tgt_after is None or not (
+            before.shape == src_after.shape == tgt_after.shape):
+        return None
+    x = np.asarray(before, np.float64)
+    exact = 0.5 * x * (1.0 + _ERF(x / math.sqrt(2.0)).astype(np.float64))
+    tanh = 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+    # The port computes in its own precision: the form it matches within a few of the tolerance's units.
+    near = 4 * rtol
+
+    def form(a: np.ndarray) -> str | None:
+        gaps = {"exact": relative_gap(a, exact), "tanh": relative_gap(a, tanh)}
+        best = min(gaps, key=gaps.get)
+        return best if gaps[best] <= near and gaps[best] < 0.1 * max(gaps.values()) else None
+
+    s_form, t_form = form(src_after), form(tgt_after)
+    if s_form is None or t_form is None or s_form == t_form:
+        return None
+    if t_form == "tanh":
+        return (f"What to change: {target} computes GELU's tanh approximation where {source}'s is exact (its next "
+                f"layer's input matches 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) of {source}'s activation): "
+                "use the exact form, jax.nn.gelu(x, approximate=False), keras.ops.gelu(x, approximate=False), "
+                "torch.nn.GELU() (approximate='none').")
+    return (f"What to change: {target} computes the exact GELU where {source}'s is the tanh approximation: use "
+            "jax.nn.gelu(x) (approximate=True, its default), keras.ops.gelu(x, approximate=True), "
+            "torch.nn.GELU(approximate='tanh').")
 
 
 def parameter_only(loc: Localization, source: ModelLayout, src_grads: dict[str, np.ndarray],
