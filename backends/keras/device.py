@@ -150,21 +150,10 @@ class TensorFlowAutodiff(Autodiff):
     def __init__(self, job: WorkerJob):
         import tensorflow as tf
 
+        from gradparity.backends.tf_keras.device import pin_tf_device  # TensorFlow only: no tf_keras import
+
         self.tf = tf
-        gpus = tf.config.list_physical_devices("GPU") if job.device != "cpu" else []
-        for gpu in tf.config.list_physical_devices("GPU"):
-            try:  # never grab the whole card; only possible before the runtime starts
-                tf.config.experimental.set_memory_growth(gpu, True)
-            except RuntimeError:
-                pass  # already initialized; TF_FORCE_GPU_ALLOW_GROWTH covers it
-        if job.device == "gpu" and not gpus:
-            raise DeviceUnavailable("keras-tensorflow: TensorFlow sees no GPU (device='gpu')")
-        if job.device == "auto" and not gpus:
-            self.device_note = "no GPU visible to TensorFlow; ran on the CPU"
-        self.device_name = "/GPU:0" if gpus else "/CPU:0"
-        self.gpu = gpus[0] if gpus else None
-        if job.precision == "highest":
-            tf.config.experimental.enable_tensor_float_32_execution(False)
+        self.device_name, self.gpu, self.device_note = pin_tf_device(job, "keras-tensorflow")
 
     def scope(self):
         return self.tf.device(self.device_name)

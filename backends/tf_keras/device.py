@@ -15,27 +15,32 @@ from gradparity.backends.protocol import DeviceUnavailable, WorkerJob, package_v
 SIGNIFICAND_BITS = {"float64": 53, "float32": 24, "float16": 11, "bfloat16": 8}
 
 
+def pin_tf_device(job: WorkerJob, backend: str) -> tuple[str, object | None, str | None]:
+    """(TensorFlow device name, the GPU or None, a note when 'auto' fell back to the CPU) for ``job``, before any
+    tensor exists: memory growth on every GPU, DeviceUnavailable for device='gpu' without one, TF32 off for
+    precision "highest". Shared with Keras 3's TensorFlow variant (``backends/keras/device.py``), which imports
+    it from here because this module imports no Keras."""
+    gpus = tf.config.list_physical_devices("GPU") if job.device != "cpu" else []
+    for gpu in tf.config.list_physical_devices("GPU"):
+        try:  # never grab the whole card; only possible before the runtime starts
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError:
+            pass  # already initialized; TF_FORCE_GPU_ALLOW_GROWTH covers it
+    if job.device == "gpu" and not gpus:
+        raise DeviceUnavailable(f"{backend}: TensorFlow sees no GPU (device='gpu')")
+    note = "no GPU visible to TensorFlow; ran on the CPU" if job.device == "auto" and not gpus else None
+    if job.precision == "highest":
+        tf.config.experimental.enable_tensor_float_32_execution(False)
+    return ("/GPU:0" if gpus else "/CPU:0"), (gpus[0] if gpus else None), note
+
+
 class TfDevice:
     """The job's device (``/GPU:0`` or ``/CPU:0``) and TensorFlow's TF32 switch, pinned and read back."""
 
     packages = ("tf_keras", "tensorflow")
 
     def __init__(self, job: WorkerJob):
-        self.device_note: str | None = None
-        gpus = tf.config.list_physical_devices("GPU") if job.device != "cpu" else []
-        for gpu in tf.config.list_physical_devices("GPU"):
-            try:  # never grab the whole card; only possible before the runtime starts
-                tf.config.experimental.set_memory_growth(gpu, True)
-            except RuntimeError:
-                pass  # already initialized; TF_FORCE_GPU_ALLOW_GROWTH covers it
-        if job.device == "gpu" and not gpus:
-            raise DeviceUnavailable("tf-keras: TensorFlow sees no GPU (device='gpu')")
-        if job.device == "auto" and not gpus:
-            self.device_note = "no GPU visible to TensorFlow; ran on the CPU"
-        self.device_name = "/GPU:0" if gpus else "/CPU:0"
-        self.gpu = gpus[0] if gpus else None
-        if job.precision == "highest":
-            tf.config.experimental.enable_tensor_float_32_execution(False)
+        self.device_name, self.gpu, self.device_note = pin_tf_device(job, "tf-keras")
 
     def scope(self):
         """Context in which tensors and variables are created and work runs (the chosen device)."""
