@@ -6,6 +6,11 @@ mu_dtype=None, *, nesterov=False)``, ``adamw(..., weight_decay=1e-4, mask=None, 
 ``optax.chain(optax.add_decayed_weights(wd), optax.sgd|adam(...))`` is the L2 form (the decay reaches the
 momentum or Adam's moments). What they compute: ``backends/jax/optimizers.py``. Importing this module imports
 no framework.
+
+``render`` writes chains of optax's own transformations where ``optax.sgd|adam|adamw``'s arguments do not
+suffice, each exact under any schedule: Keras' velocity (``scale_by_learning_rate`` then ``trace``, Keras'
+decoupled decay after them at each step's own lr), torch's dampening (``scale_by_schedule`` of the update count
+before ``trace``), L2 and decoupled decay, and epsilon on the uncorrected ``sqrt(v)`` (``inject_hyperparams``).
 """
 from __future__ import annotations
 
@@ -66,33 +71,69 @@ def _fields(explicit: set[str]) -> set[str]:
     return set().union(*(names.get(k, set()) for k in explicit))
 
 
+def _sgd_chain(config: OptimizerConfig) -> tuple[list[tuple[str, str]], list[str], list[str]]:
+    """(chain parts as (expression, why), lines before the return, notes) of SGD with momentum where optax.sgd's
+    arguments do not suffice: Keras' velocity (the lr inside the momentum), torch's dampening, or a decay
+    outside the trace. Each part's order is the update's: L2 before the momentum sees the gradient, decoupled
+    decay after it."""
+    mu, wd, nesterov = config.momentum, config.weight_decay, bool(config.nesterov)
+    l2, decoupled = wd and config.decay_form != "decoupled", wd and config.decay_form == "decoupled"
+    parts, before, notes = [], [], []
+    if l2:
+        parts.append((f"optax.add_decayed_weights({wd!r})", "L2: wd * p added to the gradient, before the momentum"))
+    trace = (f"optax.trace(decay={mu!r}, nesterov={nesterov!r})", "")
+    if config.momentum_form == "velocity":
+        if config.dampening:
+            raise ConfigError("gradparity renders dampening on a momentum buffer, not on Keras' velocity")
+        notes.append("optax.sgd multiplies its trace by the current lr (t = g + mu*t; p -= lr*t); Keras keeps the "
+                     "lr inside its velocity (v = mu*v - lr*g), which is optax.trace of the lr-scaled gradients")
+        parts += [("optax.scale_by_learning_rate(learning_rate)", "Keras' velocity: v = mu*v - lr*g, then p += v"),
+                  trace]
+        if decoupled:
+            notes.append("Keras' weight_decay is decoupled, p -= lr*wd*p at the step's own lr, outside the velocity: "
+                         "optax.add_decayed_weights with the schedule -wd * lr(count), chained after the trace "
+                         "(the velocity holds past lrs, so no single lr factor after the chain can carry the decay)")
+            before = ["    schedule = learning_rate if callable(learning_rate) else "
+                      "optax.constant_schedule(learning_rate)"]
+            parts.append((f"optax.add_decayed_weights(lambda count: -{wd!r} * schedule(count))",
+                          "decoupled decay at this step's lr, outside the velocity: p -= lr * wd * p"))
+        return parts, before, notes
+    if config.dampening:
+        keep = 1.0 - config.dampening
+        notes.append(f"optax has no dampening: torch's buffer b = mu*b + (1 - {config.dampening:g})*g, b = g at the "
+                     f"first step, is optax.trace of the gradient scaled by 1 at the first update and {keep!r} "
+                     "after (optax.scale_by_schedule of the update count)")
+        parts.append((f"optax.scale_by_schedule(lambda count: jnp.where(count == 0, 1.0, {keep!r}))",
+                      f"torch's dampening: the first gradient whole, every later one times 1 - {config.dampening!r}"))
+    parts.append(trace)
+    if decoupled:
+        notes.append("optax.sgd takes no weight decay; decoupled decay (outside the momentum) is the decay chained "
+                     "after the trace and before the learning rate")
+        parts.append((f"optax.add_decayed_weights({wd!r})", "decoupled decay, outside the momentum"))
+    parts.append(("optax.scale_by_learning_rate(learning_rate)", ""))
+    return parts, before, notes
+
+
 def render(config: OptimizerConfig) -> OptimizerRendering:
     """Code defining ``make_optimizer(learning_rate)`` (a float or an optax schedule) that computes what
-    ``config`` says, ``epsilon_form`` and ``decay_form`` included. ConfigError for dampening (optax has none)."""
-    if config.dampening:
-        raise ConfigError("optax's sgd has no dampening")
+    ``config`` says, ``epsilon_form``, ``decay_form``, ``momentum_form`` and torch's dampening included (as
+    chains of optax's own transformations, exact under any schedule)."""
     wd, notes = config.weight_decay, []
-    native = True
+    native, before, parts = True, [], None
+    if config.dampening and not (config.name == "sgd" and config.momentum):
+        raise ConfigError("dampening acts on SGD's momentum only")
     if config.name == "sgd":
         momentum = config.momentum or None
         sgd = f"optax.sgd(learning_rate, momentum={momentum!r}, nesterov={bool(config.nesterov)!r})"
-        if momentum and config.momentum_form == "velocity":
-            if wd:
-                raise ConfigError("gradparity renders Keras' velocity form in optax without weight decay only")
-            notes.append("optax.sgd multiplies its trace by the current lr (t = g + mu*t; p -= lr*t); Keras keeps the "
-                         "lr inside its velocity (v = mu*v - lr*g), which is optax.trace of the lr-scaled gradients")
-            expr = (f"optax.chain(optax.scale_by_learning_rate(learning_rate), optax.trace(decay={momentum!r}, "
-                    f"nesterov={bool(config.nesterov)!r}))")
-            native = False
-        elif wd and config.decay_form == "decoupled" and momentum:
-            notes.append("optax.sgd takes no weight decay; decoupled decay (outside the momentum, as Keras) is "
-                         "the decay chained after the trace and before the learning rate")
-            expr = (f"optax.chain(optax.trace(decay={momentum!r}, nesterov={bool(config.nesterov)!r}), "
-                    f"optax.add_decayed_weights({wd!r}), optax.scale_by_learning_rate(learning_rate))")
+        complex_form = momentum and (config.momentum_form == "velocity" or config.dampening or
+                                     (wd and config.decay_form == "decoupled"))
+        if complex_form:
+            parts, before, notes = _sgd_chain(config)
             native = False
         elif wd:
             notes.append("optax.sgd takes no weight decay; L2 (as torch's SGD) is optax.add_decayed_weights chained "
-                         "before it")
+                         "before it" + ("" if momentum else "; without momentum it is also a decoupled decay's "
+                                        "update (Keras' weight_decay): p - lr*wd*p - lr*g = p - lr*(g + wd*p)"))
             expr = f"optax.chain(optax.add_decayed_weights({wd!r}), {sgd})"
             native = False
         else:
@@ -115,8 +156,15 @@ def render(config: OptimizerConfig) -> OptimizerRendering:
                          "chained before it")
             expr = f"optax.chain(optax.add_decayed_weights({wd!r}), {expr})"
             native = False
-    lines = [*(["import jax.numpy as jnp"] if "jnp." in expr else []), "import optax", "", "",
-             "def make_optimizer(learning_rate):",
-             f"    return {expr}"]
+    if parts is not None:
+        body = [*before, "    return optax.chain("]
+        for part, why in parts:
+            body += [f"        # {why}"] * bool(why) + [f"        {part},"]
+        body.append("    )")
+    else:
+        body = [f"    return {expr}"]
+    uses_jnp = any("jnp." in line for line in body)
+    lines = [*(["import jax.numpy as jnp"] if uses_jnp else []), "import optax", "", "",
+             "def make_optimizer(learning_rate):", *body]
     usage = f"optimizer = make_optimizer(learning_rate={config.lr!r})"
     return OptimizerRendering("jax", native, "\n".join(lines) + "\n", usage, tuple(notes))

@@ -7,7 +7,9 @@ weight_decay=0.004, beta_1=0.9, beta_2=0.999, epsilon=1e-7, amsgrad=False, ...)`
 is decoupled. What they compute: ``backends/keras/optimizers.py``. Importing this module imports no framework.
 
 ``render`` writes Keras' own class where its arguments suffice, else a subclass overriding ``update_step``
-(the documented way to change an optimizer's update), which runs on every Keras backend. The overrides cast
+(the documented way to change an optimizer's update), which runs on every Keras backend: L2 decay, epsilon on
+the bias-corrected ``sqrt(v_hat)``, and ``BufferSGD``, torch's and optax's lr-free momentum buffer (with torch's
+dampening) in place of Keras' velocity. The overrides cast
 hyperparameters as Keras' own code does (``ops.cast``), so they keep its precision on each backend: on TensorFlow
 that rounds a Python float through float32 (see ``backends/keras/optimizers.py``).
 """
@@ -82,20 +84,70 @@ _ADAM_STEP = '''    def update_step(self, gradient, variable, learning_rate):
 _L2 = ("\n        # L2: wd * p added to the gradient, before the moments see it.\n"
        "        gradient = ops.add(gradient, ops.multiply(ops.cast({wd!r}, variable.dtype), variable))")
 
+_BUFFER_STEP = '''    def update_step(self, gradient, variable, learning_rate):
+        # keras.optimizers.SGD.update_step (keras 3.15) with torch's buffer in place of Keras' velocity.
+        lr = ops.cast(learning_rate, variable.dtype)
+        gradient = ops.cast(gradient, variable.dtype){l2}
+        momentum = ops.cast(self.momentum, variable.dtype)
+        buffer = self.momentums[self._get_variable_index(variable)]{damp}
+        self.assign(buffer, ops.add(ops.multiply(buffer, momentum), {share}))
+        self.assign_sub(variable, ops.multiply({direction}, lr))
+'''
+_DAMP = ("\n        # torch's first step takes the gradient whole (b = g); every later one (1 - dampening) * g.\n"
+         "        # self.iterations counts updates (0 at the first), gradient accumulation included.\n"
+         "        keep = ops.where(ops.equal(self.iterations, 0), ops.cast(1.0, variable.dtype),\n"
+         "                         ops.cast({keep!r}, variable.dtype))")
+
+
+def _buffer_sgd(config: OptimizerConfig, l2: bool) -> tuple[str, list[str], list[str]]:
+    """(class name, class body lines, notes) of an SGD keeping torch's and optax's lr-free momentum buffer
+    (``b = mu*b + g; p -= lr*b``; with torch's dampening and L2 where ``config`` has them), as an
+    ``update_step`` override of ``keras.optimizers.SGD``: Keras' own velocity ``v = mu*v - lr*g`` holds the lr of
+    every past step, so it equals the buffer only while the lr is constant."""
+    damp = bool(config.dampening)
+    cls = "BufferSGD"
+    what = ("b = momentum * b + (1 - dampening) * g (b = g at the first step)" if damp else "b = momentum * b + g")
+    body = [f"class {cls}(keras.optimizers.SGD):",
+            '    """keras.optimizers.SGD with the lr-free momentum buffer of torch.optim.SGD and optax.sgd:',
+            f"    {what}; p -= lr * " + ("(g + momentum * b)" if config.nesterov else "b")
+            + (" (g including wd * p: L2)" if l2 else "") + ".",
+            "    Every step's lr multiplies the whole buffer, so it matches them under any schedule, lr 0 included",
+            '    (the weights stay, the buffer still accumulates)."""',
+            "",
+            _BUFFER_STEP.format(l2=_L2.format(wd=config.weight_decay) if l2 else "",
+                                damp=_DAMP.format(keep=1.0 - config.dampening) if damp else "",
+                                share="ops.multiply(gradient, keep)" if damp else "gradient",
+                                direction=("ops.add(gradient, ops.multiply(buffer, momentum))" if config.nesterov
+                                           else "buffer")).rstrip("\n")]
+    notes = ["Keras' SGD keeps the lr inside its velocity (v = mu*v - lr*g; p += v), torch's and optax's an lr-free "
+             "buffer (b = mu*b + g; p -= lr*b): equal at a constant lr, apart once it changes; this update_step "
+             "override keeps the buffer, exact under any schedule"]
+    if damp:
+        notes.append(f"torch's dampening {config.dampening:g} has no Keras argument: the override adds "
+                     f"(1 - {config.dampening:g}) * g to the buffer, and g itself at the first update "
+                     "(self.iterations == 0), as torch does")
+    notes.append("the update_step override reads self.momentums and Keras' private self._get_variable_index, as "
+                 "keras.optimizers.SGD.update_step does in keras 3.15.1 (the version this was checked with): a "
+                 "later Keras may rename them, so check it after an upgrade")
+    return cls, body, notes
+
 
 def render(config: OptimizerConfig) -> OptimizerRendering:
     """Code defining ``make_optimizer(learning_rate)`` that computes what ``config`` says, ``epsilon_form`` and
-    ``decay_form`` included. ConfigError for what Keras cannot take (dampening, eps_root)."""
-    if config.dampening:
-        raise ConfigError("Keras' SGD has no dampening")
+    ``decay_form`` and ``momentum_form`` included. ConfigError for what Keras cannot take (eps_root; dampening of
+    Keras' own velocity)."""
+    buffer = config.name == "sgd" and config.momentum and config.momentum_form == "buffer"
+    if config.dampening and not buffer:
+        raise ConfigError("dampening is rendered in Keras on torch's momentum buffer (momentum_form 'buffer') only")
     if config.eps_root:
         raise ConfigError("Keras' Adam has no eps_root (epsilon inside the square root)")
     l2 = config.decay_form == "l2" and config.weight_decay
     corrected = config.name != "sgd" and config.epsilon_form == "corrected"
     notes, cls, body = [], None, []
     if l2:
-        notes.append("Keras' weight_decay is decoupled (p -= lr*wd*p, outside the momentum and Adam's moments); "
-                     "L2 adds wd*p to the gradient, in an update_step override")
+        notes.append("Keras' weight_decay is decoupled (p -= lr*wd*p before the update, outside "
+                     + ("the momentum" if config.name == "sgd" else "Adam's moments")
+                     + "); L2 adds wd*p to the gradient, in an update_step override")
     if corrected:
         notes.append("Keras adds epsilon to the uncorrected sqrt(v) ('epsilon hat'); on the bias-corrected "
                      "sqrt(v_hat), as torch and optax, it is Keras' epsilon times sqrt(1 - beta_2^t), in an "
@@ -103,7 +155,10 @@ def render(config: OptimizerConfig) -> OptimizerRendering:
     if config.name == "sgd":
         args = (f"learning_rate=learning_rate, momentum={config.momentum!r}, nesterov={bool(config.nesterov)!r}, "
                 f"weight_decay={(config.weight_decay or None) if not l2 else None!r}")
-        if l2:
+        if buffer:
+            cls, body, more = _buffer_sgd(config, bool(l2))
+            notes += more
+        elif l2:
             cls = "SGDWithL2"
             body = [f"class {cls}(keras.optimizers.SGD):",
                     '    """keras.optimizers.SGD with L2 weight decay (wd * p added to the gradient, as torch\'s '

@@ -133,6 +133,9 @@ def render(config: OptimizerConfig) -> OptimizerRendering:
     if config.name == "sgd" and config.momentum and config.momentum_form == "velocity" and not config.dampening:
         return _velocity_sgd(config)
     hooks, notes = [], []
+    if config.name == "sgd" and not config.momentum and config.weight_decay and not config.decay_form:
+        notes.append("torch's SGD adds its weight_decay to the gradient (L2); without momentum that is also the "
+                     "update of a decoupled decay such as Keras' (p - lr*wd*p - lr*g = p - lr*(g + wd*p))")
     if config.decay_form == "decoupled" and config.weight_decay:
         notes.append("torch's SGD adds its weight_decay to the gradient (L2), which then goes through the "
                      "momentum; the decoupled decay is a multiplication of the weights before each step")

@@ -44,25 +44,28 @@ def renderer(framework: str):
 
 
 def translated_config(framework: str, s: Semantics) -> tuple[OptimizerConfig | None, str]:
-    """(the config whose update in ``framework`` is ``s`` at a constant learning rate, or None; why none).
+    """(the config whose update in ``framework`` is ``s`` under any learning-rate schedule, or None; why none).
 
-    Native forms where the framework has them; otherwise ``epsilon_form`` / ``decay_form`` say what the
-    rendering adds (a hook, a subclass, a chain). The result is checked: its Semantics must equal ``s``.
+    Native forms where the framework has them; otherwise ``epsilon_form`` / ``decay_form`` / ``momentum_form``
+    say what the rendering adds (a hook, a subclass, a chain), dampening included (torch's argument; a Keras
+    ``update_step`` override or an optax chain elsewhere). The result is checked: its Semantics must equal ``s``
+    (``Semantics.normalized``: the same update at every step, whatever the lr does).
     """
-    if s.dampening and framework != "torch":
-        return None, "momentum dampening exists in torch's SGD only (no argument or transformation elsewhere)"
+    s = s.normalized()
     if s.eps_root and framework != "jax":
         return None, "eps_root (epsilon inside the square root) exists in optax only"
+    if s.dampening and s.velocity:  # no framework's text reads to this: dampening is torch's, a buffer's
+        return None, "dampening of a velocity (the lr inside the momentum) is no framework's update"
     common = {"lr": s.lr, "weight_decay": s.weight_decay}
     if s.family == "sgd":
         native_decay = "decoupled" if framework == "keras" else "l2"
-        # Keras' velocity form, where a framework can take it: a torch hook rescaling the buffer when the lr
-        # changes, an optax chain tracing the lr-scaled gradients (without decay only). Elsewhere the buffer
-        # form, equal at a constant lr; the schedule sequence measures the rest.
-        velocity = s.velocity and (framework == "torch" or (framework == "jax" and s.decay == "none"))
+        native_velocity = framework == "keras"
+        # Without momentum both decays are one update (Semantics.normalized): the native argument serves.
+        decay_form = "" if s.decay in ("none", native_decay) or not s.momentum else s.decay
+        momentum_form = ("" if not s.momentum or s.velocity == native_velocity
+                         else "velocity" if s.velocity else "buffer")
         config = OptimizerConfig("sgd", momentum=s.momentum, nesterov=s.nesterov, dampening=s.dampening,
-                                 decay_form="" if s.decay in ("none", native_decay) else s.decay,
-                                 momentum_form="velocity" if velocity else "", **common)
+                                 decay_form=decay_form, momentum_form=momentum_form, **common)
     else:
         native_eps = "hat" if framework == "keras" else "corrected"
         name = "adamw" if s.decay == "decoupled" and framework != "keras" else "adam"
@@ -70,8 +73,8 @@ def translated_config(framework: str, s: Semantics) -> tuple[OptimizerConfig | N
         config = OptimizerConfig(name, beta1=s.beta1, beta2=s.beta2, eps=s.eps, eps_root=s.eps_root,
                                  epsilon_form="" if s.epsilon == native_eps else s.epsilon, decay_form=decay_form,
                                  **common)
-    got = semantics_of(framework, config).at_constant_lr()
-    if got != s.at_constant_lr():  # a gradparity bug: say so rather than print a wrong translation
+    got = semantics_of(framework, config).normalized()
+    if got != s:  # a gradparity bug: say so rather than print a wrong translation
         raise AssertionError(f"translation to {framework} computes {got}, not {s}")
     return config, ""
 
@@ -343,7 +346,7 @@ def _sequence_line(name: str, r: SequenceResult) -> str:
 def _why_naive(source: Semantics, naive: Semantics) -> list[str]:
     """The differences between two updates, in words."""
     out = []
-    a, b = source, naive
+    a, b = source.normalized(), naive.normalized()   # the same update is not a difference, however spelled
     if a.decay != b.decay or a.weight_decay != b.weight_decay:
         out.append(f"weight decay: {a.decay} {a.weight_decay:g} vs {b.decay} {b.weight_decay:g}")
     if a.family == "adam":

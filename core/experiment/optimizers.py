@@ -19,7 +19,12 @@ fixed gradient sequence (``backends/FRAMEWORK/optimizers.py``):
   float32 by default (``accumulator_dtype``), even in a float64 run.
 - Weight decay: torch SGD and Adam add ``wd*p`` to the gradient (L2), as an ``optax.add_decayed_weights``
   before the optimizer does; torch AdamW, optax.adamw and every Keras optimizer's ``weight_decay`` decay
-  decoupled, ``p -= lr*wd*p`` (Keras and torch before the update, optax from the same old ``p``: identical).
+  decoupled, ``p -= lr*wd*p`` (Keras in ``BaseOptimizer._apply_weight_decay`` and torch before the update, optax
+  from the same old ``p``: identical). Keras' SGD without momentum is still decoupled, but there the two are one
+  update (``p - lr*wd*p - lr*g = p - lr*(g + wd*p)``): ``Semantics.normalized`` compares them as equal while
+  ``describe`` says which one the framework does.
+- Dampening (torch's SGD only, as an argument): ``b = mu*b + (1 - tau)*g`` after the first step, ``b = g`` at it;
+  optax and Keras have no argument for it, and ``gradparity translate`` renders it as a transformation there.
 """
 from __future__ import annotations
 
@@ -43,7 +48,8 @@ DEFAULTS = {
 class OptimizerConfig:
     """One optimizer, framework-neutral; ``to_dict()`` is what a backend's ``run_steps`` receives.
 
-    ``dampening`` exists in torch only, ``eps_root`` in optax only (0 elsewhere). ``weight_decay`` means
+    ``dampening`` is an argument of torch's SGD only (elsewhere a rendered transformation: ``momentum_form``
+    "buffer" in Keras, a chain in optax), ``eps_root`` of optax only (0 elsewhere). ``weight_decay`` means
     what the framework's optimizer does with it (see the module doc): L2 in torch's SGD and Adam and in the
     optax chain that mirrors them, decoupled in AdamW and in every Keras optimizer.
     """
@@ -65,7 +71,8 @@ class OptimizerConfig:
     #: ``epsilon_form`` "corrected" | "hat" (where Adam adds eps), ``decay_form`` "l2" | "decoupled".
     epsilon_form: str = ""
     decay_form: str = ""
-    #: "velocity" (the lr inside the momentum, as Keras) | "" (the framework's own form)
+    #: "velocity" (the lr inside the momentum, as Keras) | "buffer" (an lr-free buffer the lr multiplies, as torch
+    #: and optax) | "" (the framework's own form)
     momentum_form: str = ""
 
     def to_dict(self) -> dict:
@@ -92,6 +99,7 @@ class OptimizerConfig:
 #: What a config's ``epsilon_form`` / ``decay_form`` may force ("" keeps the framework's own form).
 EPSILON_FORMS = ("", "corrected", "hat")
 DECAY_FORMS = ("", "l2", "decoupled")
+MOMENTUM_FORMS = ("", "velocity", "buffer")
 
 
 @dataclass(frozen=True)
@@ -120,9 +128,17 @@ class Semantics:
     epsilon: str = ""
     eps_root: float = 0.0
 
+    def normalized(self) -> "Semantics":
+        """The same update, spelled one way where two spellings compute it: SGD without momentum decays the
+        weights identically in both forms (``p - lr*wd*p - lr*g = p - lr*(g + wd*p)``, at any lr), so its
+        decoupled decay compares as L2. Equal ``normalized()`` means the same update under any schedule."""
+        if self.family == "sgd" and not self.momentum and self.decay == "decoupled":
+            return replace(self, decay="l2")
+        return self
+
     def at_constant_lr(self) -> "Semantics":
         """The same update with the velocity form dropped: equal to this one while the lr is constant."""
-        return replace(self, velocity=False)
+        return replace(self.normalized(), velocity=False)
 
     def describe(self) -> str:
         """One line a person reads: the update this is."""
@@ -132,7 +148,8 @@ class Semantics:
             else:
                 form = ("velocity v = mu*v - lr*g; p += " + ("mu*v - lr*g" if self.nesterov else "v")
                         if self.velocity else
-                        "buffer b = mu*b + " + (f"(1 - {self.dampening:g})*g" if self.dampening else "g")
+                        "buffer b = mu*b + " + (f"(1 - {self.dampening:g})*g, b = g at the first step"
+                                                  if self.dampening else "g")
                         + "; p -= lr*" + ("(g + mu*b)" if self.nesterov else "b"))
                 head = f"SGD with momentum mu = {self.momentum:g} ({form}), lr {self.lr:g}"
         else:
@@ -143,7 +160,11 @@ class Semantics:
                     f"{where}{root}")
         decay = {"none": "no weight decay",
                  "l2": f"L2 weight decay {self.weight_decay:g} (wd*p added to the gradient)",
-                 "decoupled": f"decoupled weight decay {self.weight_decay:g} (p -= lr*wd*p)"}[self.decay]
+                 "decoupled": f"decoupled weight decay {self.weight_decay:g} (p -= lr*wd*p before the update, "
+                              + ("outside the momentum" if self.family == "sgd" and self.momentum else
+                                 "outside Adam's moments" if self.family == "adam" else
+                                 "which without momentum is the same update as L2, wd*p added to the gradient")
+                              + ")"}[self.decay]
         return f"{head}; {decay}"
 
 
@@ -158,15 +179,13 @@ def semantics_of(framework: str, config: OptimizerConfig) -> Semantics:
         decay = "decoupled"
     else:
         decay = "l2"
-    if config.name == "sgd" and not config.momentum and decay == "decoupled":
-        # Without momentum the two decays are one update: p - lr*wd*p - lr*g = p - lr*(g + wd*p).
-        decay = "l2"
     common = {"lr": config.lr, "decay": decay, "weight_decay": wd if decay != "none" else 0.0}
     if config.name == "sgd":
         mu = config.momentum
         return Semantics("sgd", momentum=mu, nesterov=bool(mu and config.nesterov),
                          dampening=config.dampening if mu else 0.0,
-                         velocity=bool(mu and (framework == "keras" or config.momentum_form == "velocity")),
+                         velocity=bool(mu and (config.momentum_form == "velocity"
+                                               or (framework == "keras" and config.momentum_form != "buffer"))),
                          **common)
     epsilon = config.epsilon_form or ("hat" if framework == "keras" else "corrected")
     return Semantics("adam", beta1=config.beta1, beta2=config.beta2, eps=config.eps, epsilon=epsilon,
@@ -182,10 +201,12 @@ def _cast(x: float, rounded: bool) -> float:
 def semantic_rule(s: Semantics, rounded: bool = False):
     """``step(p, g, state, lr, t) -> new p`` for one parameter tensor in numpy: the update ``s`` describes.
 
-    ``rounded``: momentum, weight decay and the betas of the bias correction rounded to float32, as Keras'
-    TensorFlow backend uses them (see ``_cast``); the moments' own betas stay exact, as there.
+    ``rounded``: momentum, weight decay, the share of the gradient dampening keeps (1 - tau) and the betas of
+    the bias correction rounded to float32, as Keras' TensorFlow backend uses them (see ``_cast``; the Keras
+    renderings cast them as Keras' own code does); the moments' own betas stay exact, as there.
     """
     mu, wd = _cast(s.momentum, rounded), _cast(s.weight_decay, rounded)
+    keep = _cast(1.0 - s.dampening, rounded)
     b1_power, b2_power = _cast(s.beta1, rounded), _cast(s.beta2, rounded)
 
     def sgd(p, g, state, lr, t):
@@ -195,7 +216,7 @@ def semantic_rule(s: Semantics, rounded: bool = False):
             v = mu * state.get("v", 0.0) - lr * g
             state["v"] = v
             return p + (mu * v - lr * g if s.nesterov else v)
-        b = g if t == 1 else mu * state["b"] + (1.0 - s.dampening) * g
+        b = g if t == 1 else mu * state["b"] + keep * g
         state["b"] = b
         return p - lr * (g + mu * b if s.nesterov else b)
 
