@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import gradparity
@@ -140,3 +141,130 @@ def test_rows_that_never_ran_are_not_called_failed():
     assert _tick("jax/mean", "timeout") == "jax/mean (timed out)"
     assert _tick("jax/mean", "crashed") == "jax/mean (failed)"
     assert _tick("jax/mean", "ok") == "jax/mean"
+
+
+# --- the plots follow the verdict and hide nothing -----------------------------------------------------------------
+
+def legend_overlaps(fig) -> list[str]:
+    """Every (legend, axes) pair whose boxes overlap on the drawn canvas, by more than a pixel each way; and an
+    entry when the figure has no legend at all (so that a check cannot pass by having none). Deterministic
+    geometry: the boxes are those matplotlib lays out when drawing, in display pixels."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    legends = list(fig.legends) + [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+    if not legends:
+        return ["no legend"]
+    out = []
+    for legend in legends:
+        lb = legend.get_window_extent(renderer)
+        for k, ax in enumerate(fig.axes):
+            ab = ax.get_window_extent(renderer)   # the axes' data area (its background patch)
+            wide = min(lb.x1, ab.x1) - max(lb.x0, ab.x0)
+            high = min(lb.y1, ab.y1) - max(lb.y0, ab.y0)
+            if wide > 1 and high > 1:
+                out.append(f"legend {[t.get_text() for t in legend.get_texts()]} over axes {k} "
+                           f"({ax.get_title()!r}): {wide:.0f} x {high:.0f} px")
+    return out
+
+
+DOUBLE_NORMALIZATION_TOML = """\
+# A user's experiment: the mean loss divided by the batch size a second time, as a user's own code might.
+backends = ["numpy"]
+methods = ["none_loop", "sum", "mean", "one_by_one"]
+device = "cpu"
+
+[data]
+source = "synthetic"
+batch_size = 6
+num_features = 5
+num_classes = 3
+
+[model]
+hidden = [4]
+activation = "tanh"
+
+[causes]
+double_normalization = true
+"""
+
+
+@pytest.fixture(scope="module")
+def wrong_reference(tmp_path_factory):
+    """A run whose usual reference row, numpy/mean, is the wrong result: the config above, written as a user
+    writes it."""
+    folder = tmp_path_factory.mktemp("wrongref")
+    (folder / "exp.toml").write_text(DOUBLE_NORMALIZATION_TOML)
+    report = gradparity.run_experiment(gradparity.load_experiment(folder / "exp.toml"), folder / "out")
+    return folder / "out", report
+
+
+def _majority(out) -> tuple[set[str], set[str]]:
+    """From gradients.npz alone, with plain numpy: the largest group of rows whose gradients are equal to float64
+    rounding (np.allclose, rtol 1e-9), and the other rows."""
+    arrays = np.load(out / "gradients.npz")
+    rows: dict[str, dict[str, np.ndarray]] = {}
+    for key in arrays.files:
+        backend, method, param = key.split("/", 2)
+        rows.setdefault(f"{backend}/{method}", {})[param] = arrays[key]
+    same = lambda a, b: all(np.allclose(rows[a][p], rows[b][p], rtol=1e-9, atol=0) for p in rows[a])  # noqa: E731
+    groups = []
+    for label in rows:
+        group = next((g for g in groups if same(label, g[0])), None)
+        if group is None:
+            groups.append([label])
+        else:
+            group.append(label)
+    best = max(groups, key=len)
+    return set(best), set(rows) - set(best)
+
+
+def test_the_bar_chart_and_the_table_follow_the_verdict_when_numpy_mean_is_wrong(wrong_reference):
+    """causes.double_normalization makes numpy/mean, the usual reference row, one of the wrong results: the bar
+    chart and the results table must not then show the right rows as disagreeing. The reference is a row of the
+    majority (found here from the arrays with plain numpy), the bars are coloured by the verdict's reading, and
+    report.md says why the reference is that row."""
+    from gradparity.report.html import RIGHT_COLOUR, WRONG_COLOUR, max_rel_figure
+
+    out, report = wrong_reference
+    right, wrong = _majority(out)
+    assert wrong == {"numpy/mean"} and len(right) == 3        # the switch's definition: mean divided by N again
+    assert report.verdict.status == "disagree" and "numpy/mean: disagrees with the consensus" in "\n".join(
+        report.verdict.explanation)
+
+    md = (out / "report.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| backend |"))
+    reference = header.split("max_rel vs ")[1].split(" |")[0]
+    assert reference in right, header
+    for line in md.splitlines():
+        if line.startswith("| numpy |"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            label = f"numpy/{cells[1]}"
+            if label != reference:
+                assert cells[-1] == ("NO" if label in wrong else "yes"), line
+    assert "numpy/mean, the usual reference, is among those it names wrong" in md
+
+    fig = max_rel_figure(report)
+    ax = fig.axes[0]
+    ticks = [t.get_text() for t in ax.get_xticklabels()]
+    assert reference not in ticks and set(ticks) == (right | wrong) - {reference}
+    bars = {ticks[round(p.get_x() + p.get_width() / 2)]: p for p in ax.patches}
+    assert set(bars) == set(ticks)
+    from matplotlib.colors import to_hex
+
+    for label, bar in bars.items():
+        assert to_hex(bar.get_facecolor()) == (WRONG_COLOUR if label in wrong else RIGHT_COLOUR), label
+    assert reference in ax.get_title() and "in the consensus" in ax.get_title()
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert "Colours follow the verdict" in page and html.escape(f"{reference}, one of the 3 results") in page
+
+
+def test_the_run_plots_keep_their_legends_off_the_data(wrong_reference, run_dir):
+    """The bar chart's legend sits outside its axes (it covered the bars at upper left), for a disagreeing run
+    and an agreeing one."""
+    from gradparity.report.html import max_rel_figure
+
+    for _, report in (wrong_reference, run_dir):
+        assert legend_overlaps(max_rel_figure(report)) == []

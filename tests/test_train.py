@@ -129,3 +129,26 @@ def test_the_cli_writes_a_report_set_that_loads_in_a_browser(tmp_path):
 
 
 # The sweep's tests (`train --sweep`, `benchmark`) are in test_sweep.py.
+
+
+def test_the_train_plots_keep_their_legends_off_the_curves():
+    """loss.png and drift.png: the legends (several frameworks, the numpy rules, the pairs and rtol) lie outside
+    every axes' data area, where they covered the curves. Curves written here as plain lists; the figures are read
+    back from matplotlib's layout (``legend_overlaps``), not from an image."""
+    from gradparity.commands.train import Pair, TrainReport, Trajectory
+    from gradparity.commands.train_report import drift_figure, loss_figure
+    from test_html_report import legend_overlaps
+
+    steps = 12
+    decay = [float(np.exp(-0.2 * t)) for t in range(steps)]
+    trajectories = [Trajectory(b, "ok", losses=[2.3 * d + k * 1e-3 for d in decay],
+                               accuracy=[1 - 0.9 * d for d in decay], vs_rule=[1e-7 * (t + 1) for t in range(steps)],
+                               rule_rtol=[1e-5 * (t + 1) for t in range(steps)])
+                    for k, b in enumerate(("torch", "jax", "keras-tensorflow"))]
+    pairs = [Pair(a.backend, b.backend, [2e-7 * (t + 1) for t in range(steps)], [1e-5 * (t + 1) for t in range(steps)],
+                  [0.0] * steps) for i, a in enumerate(trajectories) for b in trajectories[i + 1:]]
+    report = TrainReport(TrainSpec(steps=steps, backends=("torch", "jax", "keras-tensorflow")), "plain lists",
+                         trajectories, pairs, {b: [2.3 * d for d in decay] for b in ("torch", "keras-tensorflow")},
+                         {b: [1 - 0.9 * d for d in decay] for b in ("torch", "keras-tensorflow")})
+    assert legend_overlaps(loss_figure(report)) == []
+    assert legend_overlaps(drift_figure(report)) == []

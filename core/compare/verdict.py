@@ -214,20 +214,29 @@ def decide(results: list[Result], comparisons: list[Comparison], tol: Tolerance,
     return Verdict("disagree", EXIT_DISAGREE, "DISAGREE: " + summary, explained + lines)
 
 
+def judged_groups(ok: list[Result], comparisons: list[Comparison],
+                  reference: str | None = None) -> tuple[list[list[str]], list[str] | None]:
+    """The groups of finite results that agree (connected through agreeing pairs), the one the others are
+    judged against first: with a ``reference`` backend the group holding its first result, else the largest.
+    Also that reference group (None without one). The verdict explains every other group as differing from the
+    first; the report's plots colour the rows the same way."""
+    groups = _clusters([r.label for r in ok], comparisons)
+    backend = {r.label: r.backend for r in ok}
+    ref = next((g for g in groups if any(backend[x] == reference for x in g)), None)
+    if ref is not None:
+        groups = [ref] + [g for g in groups if g is not ref]
+    return groups, ref
+
+
 def _disagreement_lines(ok, comparisons, disagreeing, by_label, n_examples,
                         reference: str | None = None) -> tuple[str, list[str]]:
     """(summary, explanation lines) for finite results of which some pairs disagree (or none: ('', [])); with a
     ``reference`` backend, the other groups are explained against the group holding its first result."""
     if not disagreeing:
         return "", []
-    labels = [r.label for r in ok]
-    groups = _clusters(labels, comparisons)
+    groups, ref = judged_groups(ok, comparisons, reference)
     consensus = groups[0]
-    against = "the consensus"
-    ref = next((g for g in groups if any(by_label[x].backend == reference for x in g)), None)
-    if ref is not None:
-        groups = [ref] + [g for g in groups if g is not ref]
-        consensus, against = ref, f"the reference ({reference})"
+    against = "the consensus" if ref is None else f"the reference ({reference})"
     pairs = pair_index(comparisons)
     worst = max(disagreeing, key=lambda c: c.max_rel / c.tolerance)
     summary = (f"{len(disagreeing)} of {len(comparisons)} pairs disagree; worst {worst.a} vs {worst.b}: "

@@ -23,7 +23,8 @@ import io
 import math
 
 from gradparity.compare.pairs import pair_index
-from gradparity.report.render import environment_lines, error_lines, fmt_g, header_line, reference_label, report_rows
+from gradparity.report.render import (environment_lines, error_lines, fmt_g, header_line, reference_label,
+                                      reference_note, report_rows, verdict_reading)
 from gradparity.compare.results import Report
 
 HEATMAP_PNG = "heatmap.png"
@@ -136,6 +137,12 @@ _NOT_COMPUTED = {"interrupted": "not run", "missing": "not installed", "timeout"
                  "nonfinite": "non-finite"}
 
 
+def not_computed(status: str) -> str:
+    """Why a row with ``status`` has no value, in words ("not run", "not installed", "timed out", "non-finite",
+    else "failed")."""
+    return _NOT_COMPUTED.get(status, "failed")
+
+
 def _tick(label: str, status: str) -> str:
     """A row's label, with why it has no value when it has none (an interrupted run's rows never ran)."""
     return label if status == "ok" else f"{label} ({_NOT_COMPUTED.get(status, 'failed')})"
@@ -154,8 +161,39 @@ def _short(share: float) -> str:
     return f"{mantissa}e{int(exponent)}"
 
 
-def max_rel_png(report: Report) -> bytes:
-    """Each result's max_rel against the reference row (log scale), with each pair's rtol over its bar."""
+#: The bar chart's colours: a row the verdict counts right (in the consensus), and one it names wrong.
+RIGHT_COLOUR, WRONG_COLOUR = "#4d9221", "#c51b7d"
+
+
+def bar_colours(report: Report) -> dict[str, tuple[str, str]]:
+    """Per finite row other than the reference: (colour, legend label), from the verdict's own reading of the
+    rows (``render.verdict_reading``), so the chart cannot call a row right that the verdict names wrong; where
+    the verdict names no consensus, from the row's pair with the reference (which is then a convention)."""
+    ref = reference_label(report)
+    reading = verdict_reading(report)
+    pairs = pair_index(report.comparisons)
+    out = {}
+    for r in report.results:
+        if not r.ok or ref is None or r.label == ref.label:
+            continue
+        if reading is not None:
+            out[r.label] = ((RIGHT_COLOUR, "right: in the consensus") if r.label in reading[0] else
+                            (WRONG_COLOUR, "named wrong by the verdict"))
+        else:
+            c = pairs.get((r.label, ref.label))
+            out[r.label] = ((RIGHT_COLOUR, "agrees with the reference") if c is not None and c.agree else
+                            (WRONG_COLOUR, "disagrees with the reference"))
+    return out
+
+
+def outside_legend(fig, handles, ncols: int = 1):
+    """A legend beside the axes (to the right, in the figure's constrained layout), never over the data."""
+    return fig.legend(handles=handles, loc="outside right upper", fontsize=7, ncols=ncols, frameon=True)
+
+
+def max_rel_figure(report: Report):
+    """Each result's max_rel against the reference row (log scale), with each pair's rtol over its bar, coloured
+    by the verdict's reading (``bar_colours``); the legend outside the axes."""
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
@@ -163,15 +201,19 @@ def max_rel_png(report: Report) -> bytes:
     ref = reference_label(report)
     pairs = pair_index(report.comparisons)
     others = [r for r in report.results if ref is None or r.label != ref.label]
-    width = max(5.5, 0.5 * len(others) + 2.5)
+    width = max(5.5, 0.5 * len(others) + 2.5) + 2.2   # the legend's column beside the axes
     fig = Figure(figsize=(width, 4.6), layout="constrained")
     ax = fig.add_subplot()
     if ref is None or not others:
         ax.set_axis_off()
         ax.text(0.5, 0.5, "no result to compare with a reference", ha="center", va="center",
                 transform=ax.transAxes)
-        return png_bytes(fig, report.run_id)
-    ax.set_title(f"max_rel of each result vs {ref.label}\n{_context(report)}", fontsize=9)
+        return fig
+    reading = verdict_reading(report)
+    why = ("reference by convention: no consensus" if reading is None else
+           "reference: in the consensus" if reading[1] else "every result agrees")
+    ax.set_title(f"max_rel of each result vs {ref.label} ({why})\n{_context(report)}", fontsize=9)
+    colours = bar_colours(report)
     rows = [(r, pairs.get((r.label, ref.label))) for r in others]
     measured = [c.max_rel for _, c in rows if c is not None and math.isfinite(c.max_rel) and c.max_rel > 0]
     tols = [c.tolerance for _, c in rows if c is not None and c.tolerance > 0]
@@ -179,6 +221,7 @@ def max_rel_png(report: Report) -> bytes:
     top = max([v for v in measured + tols if math.isfinite(v)] + [floor * 10]) * 30.0
     ax.set_yscale("log")
     ax.set_ylim(floor, top)
+    odd = False   # a consensus row over rtol against this reference (the consensus joins through other rows)
     for x, (r, c) in enumerate(rows):
         if c is None:
             ax.text(x, floor * 3, f"n/a ({_NOT_COMPUTED.get(r.status, 'failed')})" if not r.ok else "n/a",
@@ -187,18 +230,31 @@ def max_rel_png(report: Report) -> bytes:
             continue
         value = c.max_rel if math.isfinite(c.max_rel) else top
         height = max(value, floor)
-        ax.bar(x, height - floor, bottom=floor, width=0.7, color="#4d9221" if c.agree else "#c51b7d")
+        colour, _ = colours[r.label]
+        hatch = "//" if reading is not None and colour == RIGHT_COLOUR and not c.agree else None
+        odd = odd or hatch is not None
+        ax.bar(x, height - floor, bottom=floor, width=0.7, color=colour, hatch=hatch, edgecolor="black" if hatch
+               else colour, label=r.label)
         ax.hlines(c.tolerance, x - 0.45, x + 0.45, colors="black", linewidth=2)
         text = "0" if c.max_rel == 0 else "inf" if not math.isfinite(c.max_rel) else f"{c.max_rel:.2g}"
         ax.text(x, height * 1.4, text, ha="center", va="bottom", fontsize=7)
     ax.set_xticks(range(len(rows)), labels=[r.label for r, _ in rows], rotation=60, ha="right", fontsize=7)
     ax.set_xlim(-0.7, len(rows) - 0.3)
     ax.set_ylabel(f"max_rel vs {ref.label}\n(max |a_p - b_p| / S_p)", fontsize=8)
-    ax.legend(handles=[Patch(color="#4d9221", label="agrees"), Patch(color="#c51b7d", label="disagrees"),
-                       Line2D([], [], color="black", linewidth=2, label="rtol of the pair")],
-              fontsize=7, loc="upper left")
+    labels = dict(colours.values())
+    handles = [Patch(color=colour, label=labels[colour]) for colour in (RIGHT_COLOUR, WRONG_COLOUR)
+               if colour in labels]
+    if odd:
+        handles.append(Patch(facecolor=RIGHT_COLOUR, edgecolor="black", hatch="//",
+                             label="in the consensus, over rtol\nagainst this reference"))
+    outside_legend(fig, handles + [Line2D([], [], color="black", linewidth=2, label="rtol of the pair")])
     ax.grid(axis="y", which="major", alpha=0.3)
-    return png_bytes(fig, report.run_id)
+    return fig
+
+
+def max_rel_png(report: Report) -> bytes:
+    """``max_rel_figure`` as PNG bytes."""
+    return png_bytes(max_rel_figure(report), report.run_id)
 
 
 # --- the page -----------------------------------------------------------------------------------
@@ -287,6 +343,16 @@ def draw_plots(draws, *args) -> tuple[dict[str, bytes], dict[str, str]]:
     return pngs, failures
 
 
+def _bar_caption(report: Report) -> str:
+    """What the bar chart's colours mean for this report."""
+    if verdict_reading(report) is None:
+        return ("The verdict names no consensus, so no row is known right: green, the pair with the reference "
+                "agrees; magenta, it does not.")
+    return ("Colours follow the verdict: green, a row it counts right (in the consensus, the largest group of "
+            "results that agree); magenta, a row it names wrong. A green bar hatched and over its rtol is in the "
+            "consensus through other rows, not through its pair with the reference.")
+
+
 def render_html(report: Report) -> tuple[str, dict[str, bytes]]:
     """report.html's text and the PNG files it embeds ({file name: bytes})."""
     pngs, failures = draw_plots(((HEATMAP_PNG, heatmap_png), (MAX_REL_PNG, max_rel_png)), report)
@@ -319,9 +385,9 @@ def render_html(report: Report) -> tuple[str, dict[str, bytes]]:
         figure_html(MAX_REL_PNG, pngs.get(MAX_REL_PNG),
                 f"Bar chart of each result's max_rel against {ref.label if ref else 'the reference'}, "
                 "with each pair's tolerance",
-                f"max_rel of each result against the reference {ref.label if ref else '(none)'} (dimensionless: "
+                f"max_rel of each result against the reference row, {reference_note(report)} (dimensionless: "
                 "max |a_p - b_p| / S_p over parameter tensors; log scale). Black bars across each column: "
-                f"that pair's rtol; green: agrees, magenta: disagrees. {_context(report)}; {rtol_text}.",
+                f"that pair's rtol. {_bar_caption(report)} {_context(report)}; {rtol_text}.",
                 failures.get(MAX_REL_PNG)),
         "<h2>Results</h2>",
         "<p>Times are wall-clock milliseconds, the median of 3 calls after one warm-up call, gradients "

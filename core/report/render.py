@@ -18,6 +18,7 @@ import numpy as np
 from gradparity.version import __version__
 from gradparity.backends.protocol import GELU_PROBE
 from gradparity.compare.pairs import pair_index
+from gradparity.compare.verdict import judged_groups
 from gradparity.report.jsonout import dumps, strict
 from gradparity.report.outdir import OutputDir
 from gradparity.compare.results import Report
@@ -159,13 +160,56 @@ def fmt_g(x, digits=3) -> str:
     return f"{x:.{digits}g}"
 
 
-def reference_label(report: Report):
-    """The row every other row is shown against: numpy/mean, else the first ok row."""
+def verdict_reading(report: Report) -> tuple[list[str], list[str]] | None:
+    """How the verdict reads the finite results: (the labels it counts right, the consensus; the labels it names
+    wrong, every other group), or None when it names no consensus (no two results agree while some pair
+    disagrees). Without a disagreeing pair every finite result is right (``verdict.judged_groups``)."""
     ok = [r for r in report.results if r.ok]
-    for r in ok:
-        if r.backend == "numpy" and r.method == "mean":
-            return r
-    return ok[0] if ok else None
+    if not ok:
+        return None
+    if all(c.agree for c in report.comparisons):
+        return [r.label for r in ok], []
+    groups, _ = judged_groups(ok, report.comparisons)
+    if len(groups) < 2 or len(groups[0]) < 2:
+        return None
+    return list(groups[0]), [x for g in groups[1:] for x in g]
+
+
+#: The reference row of a run's report, when the verdict counts it right.
+NUMPY_MEAN = ("numpy", "mean")
+
+
+def reference_label(report: Report):
+    """The row every other row is shown against: a row the verdict counts right (``verdict_reading``), numpy/mean
+    when it is one, else the first numpy row among them, else their first; when the verdict names no consensus,
+    numpy/mean (else the first ok row), by convention only. None without an ok row."""
+    ok = [r for r in report.results if r.ok]
+    reading = verdict_reading(report)
+    pool = [r for r in ok if r.label in reading[0]] if reading else ok
+    for pick in (lambda r: (r.backend, r.method) == NUMPY_MEAN, lambda r: r.backend == "numpy", lambda r: True):
+        found = next((r for r in pool if pick(r)), None)
+        if found is not None:
+            return found
+    return None
+
+
+def reference_note(report: Report) -> str:
+    """Why the reference row is the one it is, in words, for the table's and the plot's captions."""
+    ref = reference_label(report)
+    if ref is None:
+        return "no finite result to use as a reference"
+    reading = verdict_reading(report)
+    if reading is None:
+        return (f"{ref.label} by convention only: the verdict names no consensus (no two results agree), so no "
+                "row is known right")
+    right, wrong = reading
+    default = next((r for r in report.results if (r.backend, r.method) == NUMPY_MEAN and r.ok), None)
+    if default is not None and default.label in wrong:
+        return (f"{ref.label}, one of the {len(right)} results the verdict counts right (the consensus); "
+                f"{default.label}, the usual reference, is among those it names wrong")
+    if wrong:
+        return f"{ref.label}, one of the {len(right)} results the verdict counts right (the consensus)"
+    return f"{ref.label}: every result agrees" if len(right) > 1 else f"{ref.label}, the only finite result"
 
 
 def report_rows(report: Report) -> tuple[list[str], list[list[str]]]:
@@ -321,11 +365,20 @@ def _cause_lines(report: Report) -> list[str]:
     return lines
 
 
+def _reference_lines(report: Report) -> list[str]:
+    """The terminal's line under the table when some pair disagrees: which row the table measures against, and
+    why that one."""
+    if reference_label(report) is None or all(c.agree for c in report.comparisons):
+        return []
+    return [f"reference row: {reference_note(report)}"]
+
+
 def render_text(report: Report) -> str:
     """The terminal view: context, the results table, errors, the verdict and its explanation."""
     head, rows = report_rows(report)
     parts = (header_line(report) + [""] + environment_lines(report, full=False)
-             + ["(precision settings read back per backend: report.md)", "", _table(head, rows), ""])
+             + ["(precision settings read back per backend: report.md)", "", _table(head, rows)]
+             + _reference_lines(report) + [""])
     errors = error_lines(report)
     if errors:
         parts += ["Errors:"] + [f"  {e}" for e in errors] + [""]
@@ -346,6 +399,7 @@ def render_markdown(report: Report) -> str:
            "gradients copied to host memory included.", ""]
     md += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     md += ["| " + " | ".join(r) + " |" for r in rows]
+    md += ["", f"Reference row: {reference_note(report)}."]
     errors = error_lines(report)
     if errors:
         md += ["", "## Errors", ""] + ["```\n" + e + "\n```" for e in errors]
