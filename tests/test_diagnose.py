@@ -311,3 +311,55 @@ def test_a_mapping_to_no_method_word_is_exit_2(tmp_path, capsys):
     path = _short_last_batch_npz(tmp_path, ["a", "b", "c", "d"])
     assert main(["diagnose", str(path), "--methods", "a=loopy"]) == 2
     assert "'loopy', which is no method word" in capsys.readouterr().err
+
+
+def test_results_that_accumulate_across_the_methods():
+    """No zero_grad between the methods: each result holds the ones computed before it (here in float32, the
+    saved order none, sum, mean, one_by_one)."""
+    r = methods(per_example())
+    running = np.zeros_like(r["none"])
+    grown = {}
+    for name, value in r.items():
+        running = running + value
+        grown[name] = running.copy()
+    d = observe(grown, batch_size=N)
+    assert d.top.id == "grad_not_zeroed_between_methods" and d.top.score >= 0.9, dg.render_text(d)
+    # The same results in another order are no running sum: the cause does not claim them.
+    shuffled = observe({k: grown[k] for k in ("mean", "none", "one_by_one", "sum")}, batch_size=N)
+    assert next(c for c in shuffled.causes if c.id == "grad_not_zeroed_between_methods").score < 0.5
+
+
+@pytest.mark.parametrize("replicas", [4, 3])
+def test_a_summed_loss_under_data_parallel_against_a_single_device_mean(replicas):
+    """DDP averages R replicas' summed local losses: (sum over the batch) / R, N/R times the single-device mean
+    (3 does not divide 64: the factor 64/3 is no integer, and still exact)."""
+    g = per_example()
+    r = {"single_device": g.mean(axis=0), "ddp": sum(s.sum(axis=0) for s in np.array_split(g, replicas)) / replicas}
+    d = observe(r, batch_size=N, replicas=replicas)
+    assert d.top.id == "data_parallel_average" and d.top.score >= 0.9, dg.render_text(d)
+    assert any(f"N/R = {N}/{replicas}" in e for e in d.top.evidence)
+    assert next(c for c in d.causes if c.id == "weighted_mean_mismatch").score < 0.5
+
+
+def test_micro_batch_means_averaged_when_only_their_number_is_known():
+    g = per_example(n=30)
+    parts = np.array_split(g, 4)  # 8, 8, 7, 7
+    r = {"full": g.mean(axis=0), "accumulated": np.mean([p.mean(axis=0) for p in parts], axis=0)}
+    d = observe(r, micro_batches=4)
+    assert d.top.id == "accumulation_normalization", dg.render_text(d)
+
+
+def test_a_bad_grad_scale_is_exit_2(tmp_path, capsys):
+    (tmp_path / "t.txt").write_text(SEED_TABLE)
+    assert main(["diagnose", str(tmp_path / "t.txt"), "--grad-scale", "0"]) == 2
+    assert "grad_scale must be a positive number" in capsys.readouterr().err
+    (tmp_path / "bad.csv").write_text("a,b,max_abs,norm\nx,y,0.1,3\n")
+    assert main(["diagnose", str(tmp_path / "bad.csv")]) == 2
+    assert "optional columns: max_rel, ratio" in capsys.readouterr().err
+
+
+def test_every_cause_is_a_switch_or_said_to_be_diagnose_only():
+    from gradparity.experiment.causes import CAUSE_IDS, DIAGNOSE_ONLY
+
+    assert set(dg.CAUSES) == set(CAUSE_IDS.values()) | set(DIAGNOSE_ONLY)
+    assert not set(CAUSE_IDS.values()) & set(DIAGNOSE_ONLY)

@@ -219,7 +219,7 @@ JSON_KINDS = {
     "empty": (b"", "not valid JSON"),
     "a list": (b"[1, 2]", "not a gradparity report"),
     "a folder": (None, "is a folder"),
-    "a bad dtype": (b'{"experiment": {"dtype": "float8"}}', "dtype must be one of"),
+    "a bad dtype": (b'{"experiment": {"dtype": "float8"}}', "dtype .float8. is not one of float64"),
 }
 
 

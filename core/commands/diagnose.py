@@ -3,8 +3,12 @@
 The pipeline's last two stages, applied to numbers someone else produced:
 
     observations (a report folder | an npz of gradients + what the user knows | a table of differences)
-      -> compare every pair (exact zero, rounding-sized, a constant factor, large)
-      -> test every known cause's signature against that pattern -> ranked causes with evidence and fix
+      -> compare every pair (exact zero, rounding-sized, a constant factor, large) against the dtype's
+         rounding bound (a report's own; a table's absolute differences at the gradients' scale, said)
+      -> test every known cause's signature against that pattern, and against what a report records
+         (its precision settings, a check's localization: ``diagnose_report``); the quantitative
+         signatures on whole results are in ``diagnose_patterns``
+      -> ranked causes with evidence and fix
 
 Every cause has a fixed id (``CAUSES``). A cause's score says how well it
 explains the numbers: 0.9 and up when a quantitative test matched (a factor
@@ -26,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from gradparity.commands.diagnose_patterns import count_like, count_text, cumulative, cumulative_table, reweighted
+from gradparity.commands.diagnose_report import RecordedRun, recorded_run
 from gradparity.compare.pairs import connected_components
 from gradparity.compare.tolerance import (NARROW_FORMATS, UNIT_ROUNDOFF, factor_bound, gradient_tolerance,
                                           narrow_rounding)
@@ -61,8 +67,8 @@ CAUSES: dict[str, tuple[str, str]] = {
                              "compare in eval mode (running statistics), or use a normalization that does not "
                              "mix examples (LayerNorm, GroupNorm)"),
     "reduced_precision": ("reduced precision (float16/bfloat16 autocast, TF32 matmuls, float32 against "
-                          "float64): every pair differs at the rounding level of the narrowest format, with "
-                          "no exact zeros between methods that add in another order",
+                          "float64): results that add in another order differ at the rounding level of the "
+                          "narrowest format they were computed in, beyond their dtype's",
                           "compare in float32 with TF32 off (torch.backends.cuda.matmul.allow_tf32 = False, "
                           "jax_default_matmul_precision='highest') or in float64, and hold each pair to its "
                           "dtype's rounding bound"),
@@ -82,6 +88,16 @@ CAUSES: dict[str, tuple[str, str]] = {
                               "after the all-reduce mean, and uneven local batches make the average unweighted",
                               "use a mean-reduced loss with equal local batches, or scale the summed loss by R "
                               "(or sum gradients instead of averaging them)"),
+    "grad_not_zeroed_between_methods": (
+        "gradients accumulate across the methods being compared: no zero_grad between them, so each result "
+        "holds the results before it (result k = result k-1 + method k's own gradient)",
+        "zero the gradients before each method's backward pass (optimizer.zero_grad() / model.zero_grad(), or "
+        "compute each with torch.autograd.grad, jax.grad or tape.gradient, which return fresh gradients); with "
+        "gradient accumulation, reset the accumulators between the methods"),
+    "port_difference": ("a port computes another function than its source: a layer's setting differs "
+                        "(an epsilon, an approximation, padding, a layout, a missing bias), not the reduction",
+                        "make the port's layer compute what the source's does (gradparity check names the "
+                        "layer and, where the captured arrays show it, what to change)"),
     "unknown": ("no known cause explains these numbers", "look for a difference gradparity does not model: "
                 "another model, another batch, another loss, parameters changed between the methods"),
 }
@@ -100,7 +116,13 @@ _ROLE_WORDS = {
 #: Labels of methods whose result is a mean-reduced loss's gradient.
 _MEAN_WORDS = ("mean", "avg", "average", "sum_over_batch_size")
 _INFO_KEYS = ("batch_size", "dataset_size", "dtype", "micro_batches", "replicas", "padding", "dropout",
-              "batchnorm", "loss_reduction", "methods")
+              "batchnorm", "loss_reduction", "methods", "grad_scale")
+#: Words in a label that say the result came from data-parallel training or from micro-batch accumulation
+#: (matched against the label's words, split at anything that is not a letter or digit).
+_DP_WORDS = ("ddp", "dp", "fsdp", "distributed", "parallel", "replica", "replicas", "mirrored", "pmap", "pmean",
+             "psum", "allreduce", "gpus", "devices", "world")
+_ACCUM_WORDS = ("accum", "accumulated", "accumulate", "accumulation", "micro", "microbatch", "microbatches",
+                "multisteps")
 #: The method words a label is read by (its own last path part, or what ``methods`` maps it to).
 METHOD_WORDS = tuple(dict.fromkeys(w for words in _ROLE_WORDS.values() for w in words))
 
@@ -121,6 +143,8 @@ class Info:
     loss_reduction: str | None = None
     #: {your label: a method word of METHOD_WORDS}: how to read labels gradparity does not know.
     methods: dict[str, str] | None = None
+    #: The gradients' largest |entry|: the scale a table of absolute differences is judged at.
+    grad_scale: float | None = None
 
     @classmethod
     def from_dict(cls, raw: dict, where: str) -> "Info":
@@ -148,6 +172,12 @@ class Info:
                 if bad:
                     raise ConfigError(f"{where}: methods maps to {', '.join(map(repr, bad))}, which is no method "
                                       f"word; known: {', '.join(METHOD_WORDS)}")
+            elif key == "grad_scale":
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                        math.isfinite(value) and value > 0):
+                    raise ConfigError(f"{where}: grad_scale must be a positive number (the gradients' largest "
+                                      f"|entry|), got {value!r}")
+                value = float(value)
             elif key == "dtype":
                 if value not in UNIT_ROUNDOFF:
                     raise ConfigError(f"{where}: dtype must be one of {', '.join(UNIT_ROUNDOFF)}, got {value!r}")
@@ -180,6 +210,11 @@ class Observations:
     grads: dict[str, dict[str, np.ndarray]] | None = None
     resolution: float | None = None
     info: Info = field(default_factory=Info)
+    #: A table's optional columns: max|a - b| / max(max|a|, max|b|) and the ratio a / b, per pair.
+    rel: dict[tuple[str, str], float] = field(default_factory=dict)
+    ratios: dict[tuple[str, str], float] = field(default_factory=dict)
+    #: What a report folder records about how its numbers were made (None for an npz or a table).
+    recorded: RecordedRun | None = None
 
 
 @dataclass(frozen=True)
@@ -211,6 +246,8 @@ class Diagnosis:
     causes: list[Cause]
     rtol: float | None
     notes: list[str] = field(default_factory=list)
+    #: How a table's absolute differences were made relative, in words (None for gradients).
+    table_scale: str | None = None
 
     @property
     def top(self) -> Cause:
@@ -221,7 +258,13 @@ class Diagnosis:
         return {
             "source": obs.source, "labels": obs.labels, "labels_read": label_readings(obs),
             "info": asdict(obs.info),
-            "resolution": obs.resolution, "rtol": self.rtol,
+            "resolution": obs.resolution, "rtol": self.rtol, "table_scale": self.table_scale,
+            "recorded": None if obs.recorded is None else {
+                "kind": obs.recorded.kind, "dtype": obs.recorded.dtype, "rtol": obs.recorded.rtol,
+                "settings": obs.recorded.settings_text(), "narrower_than_dtype": obs.recorded.narrow(),
+                "localized": [{"backend": loc.get("backend"), "source": loc.get("source"),
+                               "layer": loc.get("first_layer") or loc.get("parameter_layer"),
+                               "suggestion": loc.get("suggestion")} for loc in obs.recorded.localized()]},
             "pairs": [{k: v for k, v in asdict(p).items() if v is not None} for p in self.pairs],
             "clusters": self.clusters,
             "causes": [c.to_dict() for c in self.causes],
@@ -244,18 +287,24 @@ def _decimals(text: str) -> int | None:
     return len(text.split(".", 1)[1]) if "." in text else 0
 
 
-def _number(text: str, where: str) -> float:
+def _number(text: str, where: str, what: str = "a max |a - b|") -> float:
+    """A table cell as a finite non-negative float; ConfigError naming ``where`` and ``what`` otherwise."""
     try:
         value = float(text)
     except ValueError:
         raise ConfigError(f"{where}: {text!r} is not a number") from None
     if not math.isfinite(value) or value < 0:
-        raise ConfigError(f"{where}: a max |a - b| must be a finite non-negative number, got {text!r}")
+        raise ConfigError(f"{where}: {what} must be a finite non-negative number, got {text!r}")
     return value
 
 
-def _table_rows(text: str, name: str) -> list[tuple[str, str, str]]:
-    """(a, b, printed value) rows of a table: JSON, CSV with a header a,b,max_abs, or the seed's lines."""
+#: A table's optional columns after a, b, max_abs: the pair's relative difference and the ratio a / b.
+TABLE_COLUMNS = ("max_rel", "ratio")
+
+
+def _table_rows(text: str, name: str) -> list[tuple[str, str, str, dict[str, str]]]:
+    """(a, b, printed max_abs, {optional column: printed value}) rows of a table: JSON, CSV with a header
+    a,b,max_abs (then optionally max_rel and/or ratio), or the seed's lines."""
     stripped = text.strip()
     if stripped[:1] in "[{":
         try:
@@ -267,24 +316,35 @@ def _table_rows(text: str, name: str) -> list[tuple[str, str, str]]:
         rows = doc.get("rows") if isinstance(doc, dict) else doc
         if not isinstance(rows, list) or not all(isinstance(r, dict) and {"a", "b", "max_abs"} <= set(r)
                                                  for r in rows):
-            raise ConfigError(f"{name}: JSON must be a list of {{\"a\", \"b\", \"max_abs\"}} rows (or {{\"rows\": "
-                              "[...]}})")
-        return [(str(r["a"]), str(r["b"]), repr(r["max_abs"]) if not isinstance(r["max_abs"], str)
-                 else r["max_abs"]) for r in rows]
+            raise ConfigError(f"{name}: JSON must be a list of {{\"a\", \"b\", \"max_abs\"}} rows (optionally "
+                              "\"max_rel\", \"ratio\"), or {\"rows\": [...]}")
+
+        def text_of(v):
+            return v if isinstance(v, str) else repr(v)
+
+        return [(str(r["a"]), str(r["b"]), text_of(r["max_abs"]),
+                 {c: text_of(r[c]) for c in TABLE_COLUMNS if r.get(c) is not None}) for r in rows]
     lines = [ln for ln in stripped.splitlines() if ln.strip()]
-    if lines and re.match(r"^\s*a\s*,\s*b\s*,\s*max_abs\s*$", lines[0], re.IGNORECASE):
+    header = [c.strip().lower() for c in lines[0].split(",")] if lines else []
+    if header[:3] == ["a", "b", "max_abs"]:
+        extra = header[3:]
+        bad = [c for c in extra if c not in TABLE_COLUMNS] + [c for c in set(extra) if extra.count(c) > 1]
+        if bad:
+            raise ConfigError(f"{name}: unknown or repeated column(s) {', '.join(map(repr, sorted(set(bad))))} after "
+                              f"a,b,max_abs; optional columns: {', '.join(TABLE_COLUMNS)}")
         reader = csv.reader(io.StringIO("\n".join(lines[1:])))
         rows = []
         for i, row in enumerate(reader, start=2):
-            if len(row) != 3:
-                raise ConfigError(f"{name} line {i}: expected a, b, max_abs, got {row!r}")
-            rows.append((row[0].strip(), row[1].strip(), row[2].strip()))
+            if len(row) != len(header):
+                raise ConfigError(f"{name} line {i}: expected {', '.join(header)}, got {row!r}")
+            cells = [c.strip() for c in row]
+            rows.append((cells[0], cells[1], cells[2], {c: v for c, v in zip(extra, cells[3:]) if v}))
         return rows
     rows = []
     for line in lines:
         m = _SEED_LINE.search(line)
         if m:
-            rows.append((m["a"].strip(), m["b"].strip(), m["v"]))
+            rows.append((m["a"].strip(), m["b"].strip(), m["v"], {}))
     if not rows:
         raise ConfigError(f"{name}: no pairwise differences found; write CSV rows 'a,b,max_abs' under that "
                           "header, JSON rows, or lines like 'Maximum discrepancy between reduction = none and "
@@ -298,18 +358,27 @@ def read_table(text: str, name: str = "the table") -> Observations:
     if not rows:  # a CSV header alone, a JSON [] or {"rows": []}: nothing to diagnose
         raise ConfigError(f"{name}: the table has no rows; give at least one pair's max |a - b|")
     diffs: dict[tuple[str, str], float] = {}
+    rel: dict[tuple[str, str], float] = {}
+    ratios: dict[tuple[str, str], float] = {}
     decimals = []
-    for a, b, v in rows:
+    for a, b, v, extra in rows:
         if a == b:
             raise ConfigError(f"{name}: a row compares {a!r} with itself")
         diffs[(a, b)] = _number(v, f"{name}, row {a} / {b}")
         decimals.append(_decimals(v.strip()))
+        if "max_rel" in extra:
+            rel[(a, b)] = _number(extra["max_rel"], f"{name}, row {a} / {b}", "max_rel")
+        if "ratio" in extra:
+            r = _number(extra["ratio"], f"{name}, row {a} / {b}", "ratio")
+            if r == 0:
+                raise ConfigError(f"{name}, row {a} / {b}: ratio 0 (a / b) says a is zero; give a positive ratio")
+            ratios[(a, b)] = r
     labels = list(dict.fromkeys(x for pair in diffs for x in pair))
     # A table printed to d decimals reads 0.0 for anything below half a unit of its last digit.
     resolution = None
     if decimals and all(d is not None for d in decimals):
         resolution = 0.5 * 10.0 ** -max(decimals)
-    return Observations(name, labels, diffs, resolution=resolution)
+    return Observations(name, labels, diffs, resolution=resolution, rel=rel, ratios=ratios)
 
 
 def read_gradients(path: str, label_parts: int = 1, label: str = "gradients file") -> Observations:
@@ -369,11 +438,8 @@ def read_report(folder: str) -> tuple[Observations, Info]:
         raise ConfigError(f"{where(report, 'report file')} is not a gradparity report: it holds a JSON "
                           f"{type(doc).__name__}, not an object")
     obs = read_gradients(str(path / "gradients.npz"), label_parts=2, label="report gradients file")
-    obs.source = f"report {folder}"
-    exp = doc.get("experiment")
-    data = exp.get("data") if isinstance(exp, dict) else None
-    recorded = {"batch_size": data.get("batch_size") if isinstance(data, dict) else None,
-                "dtype": exp.get("dtype") if isinstance(exp, dict) else None}
+    obs.source = f"{'check report' if doc.get('schema') == 'gradparity.check/1' else 'report'} {folder}"
+    obs.recorded, recorded = recorded_run(doc, where(report, "report file"))
     return obs, Info.from_dict(recorded, where(report, "report file"))
 
 
@@ -433,22 +499,42 @@ def _flat(params: dict[str, np.ndarray]) -> np.ndarray:
     return np.concatenate([params[k].ravel() for k in sorted(params)])
 
 
+#: The scale a table of absolute differences is judged at when nothing says the gradients' size: entries of
+#: order 1 (said in the diagnosis, with the smallest scale at which its verdict holds).
+ASSUMED_SCALE = 1.0
+
+
+def _table_pair(obs: Observations, a: str, b: str, d: float, rtol: float) -> PairPattern:
+    """A table's pair: zero, rounding-sized or large by its relative size (its max_rel column, or max_abs over
+    the gradients' scale: --grad-scale, else ``ASSUMED_SCALE``); a factor only where a ratio column says so."""
+    if d == 0.0:
+        return PairPattern(a, b, d, "unresolved_zero" if obs.resolution else "zero", 0.0 if obs.rel else None)
+    rel = obs.rel.get((a, b))
+    if rel is None and obs.info.grad_scale:
+        rel = d / obs.info.grad_scale
+    ratio = obs.ratios.get((a, b))
+    if ratio is not None and abs(ratio - 1.0) > factor_bound(rtol):
+        # a = r b gives max|a - b| / max(max|a|, max|b|) = |r - 1| / max(r, 1): a max_rel that says otherwise is
+        # no pure factor.
+        if rel is None or abs(rel - abs(ratio - 1.0) / max(ratio, 1.0)) <= max(factor_bound(rtol), 1e-3 * rel):
+            return PairPattern(a, b, d, "factor", rel, ratio)
+    judged = rel if rel is not None else d / ASSUMED_SCALE
+    return PairPattern(a, b, d, "rounding" if judged <= rtol else "large", rel)
+
+
 def classify_pairs(obs: Observations, rtol: float | None,
                    flat: dict[str, np.ndarray] | None = None) -> list[PairPattern]:
-    """Each pair as exact zero, rounding-sized, a constant factor or large (gradients); zero or not (tables).
+    """Each pair as exact zero, rounding-sized, a constant factor or large; a table's pairs by ``_table_pair``.
 
-    ``flat``: each result's gradients as one vector (``_flat``), when already computed.
+    ``flat``: each result's gradients as one vector (``_flat``), when already computed. A fitted factor
+    counts only when it is distinguishable from 1 (a difference beyond rounding but no rescaling is large).
     """
     if obs.grads is not None and flat is None:
         flat = {label: _flat(g) for label, g in obs.grads.items()}
     out = []
     for (a, b), d in obs.diffs.items():
         if obs.grads is None:
-            if d == 0.0:
-                kind = "unresolved_zero" if obs.resolution else "zero"
-            else:
-                kind = "large"
-            out.append(PairPattern(a, b, d, kind))
+            out.append(_table_pair(obs, a, b, d, rtol if rtol is not None else _rtol(obs.info, 256)))
             continue
         ga, gb = flat[a], flat[b]
         scale = max(float(np.max(np.abs(ga), initial=0.0)), float(np.max(np.abs(gb), initial=0.0)))
@@ -461,7 +547,7 @@ def classify_pairs(obs: Observations, rtol: float | None,
             continue
         denom = float(gb @ gb)
         r = float(ga @ gb) / denom if denom > 0 else math.inf
-        if math.isfinite(r) and r != 0:
+        if math.isfinite(r) and r != 0 and abs(r - 1.0) > factor_bound(rtol):
             resid = float(np.max(np.abs(ga - r * gb))) / max(float(np.max(np.abs(ga))), 1e-300)
             if resid <= factor_bound(rtol):
                 out.append(PairPattern(a, b, d, "factor", rel, r))
@@ -491,7 +577,10 @@ class _Analysis:
         self.obs = obs
         self.info = obs.info
         n_terms = obs.info.batch_size or 256
-        self.rtol = _rtol(obs.info, n_terms) if obs.grads is not None else None
+        rec = obs.recorded
+        # A report's own bound for its dtype (its K and L), so that diagnose counts the pairs as the run did.
+        self.rtol = (rec.rtol if rec is not None and rec.rtol and (obs.info.dtype or rec.dtype) == rec.dtype
+                     else _rtol(obs.info, n_terms))
         #: Each result's gradients as one vector, for the tests that project or combine results.
         self.flat = {label: _flat(g) for label, g in obs.grads.items()} if obs.grads is not None else {}
         self.pairs = classify_pairs(obs, self.rtol, self.flat)
@@ -500,6 +589,39 @@ class _Analysis:
         self.factors = [p for p in self.pairs if p.kind == "factor"]
         self.large = [p for p in self.pairs if p.kind in ("large", "factor")]
         self.zeros = [p for p in self.pairs if p.kind in ("zero", "unresolved_zero")]
+        #: Whether a constant factor between two results can be seen: the gradients, or a table's ratio column.
+        self.sees_factors = obs.grads is not None or bool(obs.ratios)
+        #: Whether a table's pairs were judged at an assumed scale (absolute differences, no magnitude given).
+        self.scale_assumed = obs.grads is None and any(p.max_abs > 0 and p.rel is None for p in self.pairs)
+        #: Each result holding the ones before it, in the saved order (gradients), or a table's max|g| step.
+        self.cumulative = (cumulative(obs.labels, self.flat, factor_bound(self.rtol)) if obs.grads is not None
+                           and self.large else None)
+        self.cumulative_step = (cumulative_table(obs.labels, obs.diffs, obs.resolution)
+                                if obs.grads is None and self.large else None)
+
+    def tally(self) -> str:
+        """How many pairs differ and how many agree, exactly ("16 of 28 pairs differ beyond rounding; 12 agree:
+        2 exactly, 10 within rounding")."""
+        n = len(self.pairs)
+        counts = {k: sum(p.kind == k for p in self.pairs) for k in ("zero", "unresolved_zero", "rounding")}
+        agree = sum(counts.values())
+        parts = [f"{counts['zero']} exactly" if counts["zero"] else "",
+                 f"{counts['unresolved_zero']} to the printed precision" if counts["unresolved_zero"] else "",
+                 f"{counts['rounding']} within rounding" if counts["rounding"] else ""]
+        said = ", ".join(x for x in parts if x)
+        head = f"{len(self.large)} of {n} pairs differ beyond rounding"
+        return head + (f"; {agree} agree{'s' if agree == 1 else ''} ({said})" if agree else "")
+
+    def scale_words(self) -> str:
+        """How a table's absolute differences were turned into relative ones, in words."""
+        if self.obs.grads is not None:
+            return ""
+        if self.obs.rel:
+            return "relative differences from the table's max_rel column"
+        if self.info.grad_scale:
+            return f"relative to the gradients' largest |entry| {_g(self.info.grad_scale)} (--grad-scale)"
+        return (f"assuming gradient entries of order {ASSUMED_SCALE:g} (a table of absolute differences has no "
+                "magnitudes; give --grad-scale or a max_rel column to judge for sure)")
 
     def cluster_of(self, label: str) -> int:
         return next(i for i, c in enumerate(self.clusters) if label in c)
@@ -553,13 +675,38 @@ def _test_clean(an: _Analysis) -> Cause:
             narrow = (an.info.dtype in NARROW_FORMATS
                       and worst > _rtol(Info(dtype="float32"), an.info.batch_size or 256))
             return Cause("clean", 0.9 if narrow else 1.0, ev, CAUSES["clean"][1])
-        res = f" (< {an.obs.resolution:g}, the printed precision)" if an.obs.resolution else ""
-        return Cause("clean", 0.9, [f"every pair reads 0{res}: no pair differs at the printed precision"],
-                     CAUSES["clean"][1])
+        if not any(p.kind == "rounding" for p in an.pairs):
+            res = f" (< {an.obs.resolution:g}, the printed precision)" if an.obs.resolution else ""
+            return Cause("clean", 0.9, [f"every pair reads 0{res}: no pair differs at the printed precision"],
+                         CAUSES["clean"][1])
+        return _table_clean(an)
     worst = max(an.large, key=lambda p: p.max_abs)
     bound = f" (bound {_g(an.rtol)} relative)" if an.rtol else ""
     return Cause("clean", 0.0, [f"{worst.a} vs {worst.b}: max|a-b| {_g(worst.max_abs)} is not rounding{bound}"],
                  CAUSES["clean"][1])
+
+
+def _table_clean(an: _Analysis) -> Cause:
+    """A table whose non-zero pairs are all rounding-sized: clean, as sure as its scale is known."""
+    dtype = an.info.dtype or "float32"
+    told = "" if an.info.dtype else " (no --dtype given: judged as float32)"
+    worst = max(an.pairs, key=lambda p: p.max_abs)
+    head = f"all {len(an.pairs)} pairs agree to {dtype} rounding{told}; nothing to diagnose"
+    if not an.scale_assumed:
+        rel = max(p.rel or 0.0 for p in an.pairs)
+        return Cause("clean", 0.95, [head, f"largest relative difference {_g(rel)} <= {dtype}'s bound {_g(an.rtol)} "
+                                           f"({an.scale_words()})"], CAUSES["clean"][1])
+    least = worst.max_abs / an.rtol
+    return Cause("clean", 0.8, [
+        head,
+        f"the table holds absolute differences only: the largest, {_g(worst.max_abs)} ({worst.a} vs {worst.b}), is "
+        f"within {dtype}'s rounding bound {_g(an.rtol)} relative whenever the gradients' largest entries are at least "
+        f"{_g(least)} (= {_g(worst.max_abs)} / {_g(an.rtol)}); judged {an.scale_words()}"], CAUSES["clean"][1])
+
+
+#: What a table of absolute differences cannot show.
+NO_FACTOR_IN_TABLE = ("a factor between two results cannot be read from absolute differences (max |a - b|): give "
+                      "the gradients (npz), or a ratio column (a / b) in the table")
 
 
 def _test_normalization(an: _Analysis) -> list[Cause]:
@@ -586,37 +733,193 @@ def _test_normalization(an: _Analysis) -> list[Cause]:
         if ev:
             score = 0.95 if n else 0.55
         else:
-            score = 0.0 if an.obs.grads is not None else 0.2
-            ev = (["no result is a constant factor N or 1/N of the others"] if an.obs.grads is not None else
-                  ["a table of max |a - b| cannot show a factor; give the gradients (npz) to test"])
+            score = 0.0 if an.sees_factors or not an.large else 0.2
+            ev = (["no pair differs beyond rounding"] if not an.large else
+                  ["no result is a constant factor N or 1/N of the others"] if an.sees_factors else
+                  [NO_FACTOR_IN_TABLE])
         out.append(Cause(cid, score, ev, CAUSES[cid][1]))
     return out
 
 
-def _test_factor(an: _Analysis, cid: str, k: int | None, what: str, flag: str) -> Cause:
-    """A factor that equals a count the user gave (replicas R, micro-batches k)."""
-    hits = []
+def _label_words(label: str) -> set[str]:
+    """A label's words, lower case, split at anything that is not a letter or a digit ('ddp_2gpus' -> ddp, 2gpus)."""
+    return {w for w in re.split(r"[^a-z0-9]+", label.lower()) if w}
+
+
+def _hinted(an: _Analysis, words: tuple[str, ...]) -> list[str]:
+    """The labels with one of ``words`` among their words (a prefix match: 'accum' finds 'accum4')."""
+    return [x for x in an.obs.labels if any(w.startswith(h) for w in _label_words(x) for h in words)]
+
+
+def _oriented(p: PairPattern) -> tuple[str, str, float]:
+    """(the larger result, the smaller, the factor >= 1 between them) of a factor pair."""
+    return (p.a, p.b, p.factor) if p.factor >= 1 else (p.b, p.a, 1 / p.factor)
+
+
+def _integer_factors(an: _Analysis) -> list[tuple[str, str, int]]:
+    """(larger, smaller, f) for every factor pair whose factor is an integer f >= 2 other than the batch size."""
+    out = []
     for p in an.factors:
-        for r in (p.factor, 1 / p.factor):
-            if k and k > 1 and _near(r, k):
-                hits.append(f"{p.a} / {p.b} = {_g(p.factor)}: the number of {what}, {k}")
-                break
+        hi, lo, f = _oriented(p)
+        k = count_like(f)
+        if k is not None and k >= 2 and not (an.info.batch_size and k == an.info.batch_size):
+            out.append((hi, lo, k))
+    return out
+
+
+def _no_factor(an: _Analysis, cid: str, k: int, what: str) -> Cause:
+    """A count was given but no pair shows it (or cannot: a table of absolute differences)."""
+    if not an.sees_factors:
+        return Cause(cid, 0.3, [f"{k} {what} were used; {NO_FACTOR_IN_TABLE}"], CAUSES[cid][1])
+    return Cause(cid, 0.35, [f"{k} {what} were used, but no pair differs by a factor {k}; with padded tokens or "
+                             "uneven splits the effect is not a constant factor"], CAUSES[cid][1])
+
+
+def _projection(an: _Analysis, k: int, what: str, cid: str) -> Cause | None:
+    """Uneven splits (N not a multiple of k) make the factor k inexact: a projection ratio within 15% of k."""
+    if an.obs.grads is None:
+        return None
+    flat = an.flat
+    for p in an.large:
+        a, b = flat[p.a], flat[p.b]
+        for r, hi, lo in ((float(a @ b) / max(float(b @ b), 1e-300), p.a, p.b),
+                          (float(a @ b) / max(float(a @ a), 1e-300), p.b, p.a)):
+            if abs(r - k) <= 0.15 * k:
+                return Cause(cid, 0.8, [f"{hi} projects onto {lo} with ratio {_g(r)}, within 15% of the {k} {what}: "
+                                        f"the factor {k} made inexact by uneven splits (N not a multiple of {k})"],
+                             CAUSES[cid][1])
+    return None
+
+
+def _reweighting(an: _Analysis, k: int) -> tuple[str, str, float, float] | None:
+    """(result, reference, ratio, cosine) for a pair beyond rounding, no factor, whose results are the same
+    examples averaged with other weights (``reweighted``), or None."""
+    if an.obs.grads is None:
+        return None
+    for p in an.large:
+        if p.kind != "large":
+            continue
+        # The result apart from the largest group of agreeing results is the one re-weighted.
+        order = ((p.a, p.b), (p.b, p.a)) if p.b in an.majority else ((p.b, p.a), (p.a, p.b))
+        for hi, lo in order:
+            found = reweighted(an.flat[hi], an.flat[lo], k)
+            if found:
+                return hi, lo, *found
+    return None
+
+
+def _unless_cumulative(an: _Analysis, cause: Cause) -> Cause:
+    """An integer factor no count was given for, ranked down where the results grow in their saved order (three or
+    more): there the factors are the numbers of gradients each result holds."""
+    if (an.cumulative is not None and len(an.cumulative.labels) >= 3) or an.cumulative_step is not None:
+        return Cause(cause.id, min(cause.score, 0.2), cause.evidence + [
+            "but the results grow in the order they were saved (each holds the ones before): the factors count "
+            "the gradients each result holds"], cause.fix)
+    return cause
+
+
+def _test_data_parallel(an: _Analysis) -> Cause:
+    """A factor of R or N/R between a data-parallel result and a single-device one (DDP averages replicas)."""
+    cid = "data_parallel_average"
+    r, n = an.info.replicas, an.info.batch_size
+    fix = CAUSES[cid][1]
+    if r and r > 1:
+        hits = []
+        for p in an.factors:
+            hi, lo, f = _oriented(p)
+            if _near(f, r):
+                hits.append(f"{hi} = {_g(f)} x {lo}: the R = {r} replicas. DDP averages the replicas' gradients, so a "
+                            f"summed loss comes out R times smaller ({lo}) than the same summed loss on one device "
+                            f"({hi}); mean-reduced losses on equal shards would agree")
+            elif n and _near(f, n / r):
+                hits.append(f"{hi} = {_g(f)} x {lo}: N/R = {n}/{r}, the local batch size. A summed local loss averaged "
+                            f"over R replicas is (sum over the batch) / R, a mean on one device is (sum) / N: {hi} is "
+                            f"the data-parallel summed loss, {lo} the single-device mean")
+        if hits:
+            return Cause(cid, 0.95, hits, fix)
+        found = _projection(an, r, "replicas", cid)
+        if found:
+            return found
+        ints = _integer_factors(an)
+        if ints and not n:
+            hi, lo, f = ints[0]
+            return Cause(cid, 0.6, [f"{hi} = {f} x {lo}: not R = {r}, but N/R if the global batch is N = {f * r} "
+                                    f"(a summed local loss under DDP against a single-device mean); give --batch-size "
+                                    "to test it"], fix)
+        rew = _reweighting(an, r)
+        if rew and n and n % r:
+            hi, lo, ratio, cos = rew
+            return Cause(cid, 0.65, [f"{hi} projects onto {lo} with ratio {_g(ratio)} (cosine {cos:.4f}) but is no "
+                                     f"multiple of it: N = {n} on R = {r} replicas gives unequal shards, and averaging "
+                                     "their means weighs the examples of a smaller shard more (DistributedSampler "
+                                     "pads the shards by repeating examples instead)"], fix)
+        return _no_factor(an, cid, r, "replicas") if an.large else Cause(cid, 0.0, ["no pair differs"], fix)
+    ints = _integer_factors(an)
+    if ints:
+        hi, lo, f = ints[0]
+        cands = [f"R = {f} (a summed loss on both sides, DDP averaging the replicas; or local means summed over the "
+                 "replicas, as MirroredStrategy and psum do)"]
+        if n and n % f == 0 and n // f >= 2:
+            cands.append(f"R = N/{f} = {n // f} (a summed local loss under DDP against a mean on one device)")
+        elif not n:
+            cands.append(f"R = N/{f} (a summed local loss under DDP against a mean on one device, N the global batch; "
+                         "give --batch-size)")
+        hinted = _hinted(an, _DP_WORDS)
+        ev = [f"{hi} = {f} x {lo}: a data-parallel factor if {' or '.join(cands)}; give --replicas to tell"]
+        if hinted:
+            ev.append(f"the label{'s' if len(hinted) > 1 else ''} {', '.join(hinted)} name{'' if len(hinted) > 1 else 's'} "
+                      "data-parallel training")
+        return _unless_cumulative(an, Cause(cid, 0.6 if hinted else 0.45, ev, fix))
+    if not an.large:
+        return Cause(cid, 0.0, ["no pair differs"], fix)
+    return Cause(cid, 0.0 if an.sees_factors else 0.1,
+                 ["no number of replicas given (--replicas) and no factor points to one"
+                  + ("" if an.sees_factors else f"; {NO_FACTOR_IN_TABLE}")], fix)
+
+
+def _torch_chunks(n: int, k: int) -> int:
+    """How many chunks torch.chunk(batch of n, k) returns: chunks of ceil(n/k), so possibly fewer than k."""
+    size = -(-n // k)
+    return -(-n // size)
+
+
+def _test_micro_batches(an: _Analysis) -> Cause:
+    """K micro-batch results added without 1/K (a factor K), or averaged when they hold unequal counts."""
+    cid = "accumulation_normalization"
+    k, n, pad = an.info.micro_batches, an.info.batch_size, an.info.padding
+    fix = CAUSES[cid][1]
+    if not (k and k > 1):
+        ints = _integer_factors(an)
+        if ints:
+            hi, lo, f = ints[0]
+            hinted = _hinted(an, _ACCUM_WORDS)
+            ev = [f"{hi} = {f} x {lo}: an integer factor, which {f} micro-batch results added without dividing by "
+                  f"{f} would give; say how many micro-batches were used (--micro-batches) to test it"]
+            if hinted:
+                ev.append(f"{', '.join(hinted)}: named as accumulated")
+            return _unless_cumulative(an, Cause(cid, 0.6 if hinted else 0.45, ev, fix))
+        if not an.large:
+            return Cause(cid, 0.0, ["no pair differs"], fix)
+        return Cause(cid, 0.0 if an.sees_factors else 0.1,
+                     ["no number of micro-batches given (--micro-batches) and no factor points to one"
+                      + ("" if an.sees_factors else f"; {NO_FACTOR_IN_TABLE}")], fix)
+    hits = []
+    chunks = _torch_chunks(n, k) if n and n >= k else k
+    for p in an.factors:
+        hi, lo, f = _oriented(p)
+        if _near(f, k):
+            hits.append(f"{hi} = {_g(f)} x {lo}: the K = {k} micro-batches; adding K mean-reduced micro-batch losses "
+                        f"(or their gradients) without dividing by K gives K times the full batch's mean")
+        elif chunks != k and _near(f, chunks):
+            hits.append(f"{hi} = {_g(f)} x {lo}: {chunks} micro-batch means added, not your {k}: torch.chunk(batch of "
+                        f"N = {n}, {k}) makes chunks of ceil({n}/{k}) = {-(-n // k)}, so only {chunks} of them "
+                        "(torch.tensor_split or numpy.array_split make exactly K)")
     if hits:
-        return Cause(cid, 0.95, hits, CAUSES[cid][1])
-    if k and k > 1 and an.large and an.obs.grads is not None:
-        # Uneven splits (N not a multiple of k) make the factor inexact: test the projection ratio instead.
-        flat = an.flat
-        for p in an.large:
-            a, b = flat[p.a], flat[p.b]
-            for r, hi, lo in ((float(a @ b) / max(float(b @ b), 1e-300), p.a, p.b),
-                              (float(a @ b) / max(float(a @ a), 1e-300), p.b, p.a)):
-                if abs(r - k) <= 0.15 * k:
-                    return Cause(cid, 0.8, [f"{hi} projects onto {lo} with ratio {_g(r)}, within 15% of the "
-                                            f"{k} {what}: the factor {k} made inexact by uneven splits "
-                                            f"(N not a multiple of {k})"], CAUSES[cid][1])
-    n = an.info.batch_size
-    pad = an.info.padding
-    if cid == "accumulation_normalization" and k and k > 1 and pad and an.large:
+        return Cause(cid, 0.95 if not any("torch.chunk" in h for h in hits) else 0.9, hits, fix)
+    found = _projection(an, k, "micro-batches", cid)
+    if found:
+        return found
+    if pad and an.large:
         # Padded tokens: each micro-batch's mean divides by its own valid count, so the mean of micro-batch
         # means re-weights tokens unless every micro-batch holds as many valid tokens.
         ev = [f"{pad} padded items in {k} micro-batches: a micro-batch's mean divides by its own count of valid "
@@ -632,33 +935,34 @@ def _test_factor(an: _Analysis, cid: str, k: int | None, what: str, flag: str) -
             rest = next(c for c in an.clusters if c is not means[0])
             ev.append(f"the means ({', '.join(means[0])}) stand apart from the summed results ({', '.join(rest)}), "
                       "which agree: sums do not depend on how items are grouped, a mean of means does")
-        return Cause(cid, 0.8 if found else 0.6, ev, CAUSES[cid][1])
-    if cid == "accumulation_normalization" and k and k > 1 and n and n % k and an.large:
+        return Cause(cid, 0.8 if found else 0.6, ev, fix)
+    if n and n % k and an.large:
         # Averaging micro-batch means of unequal sizes: not a factor, a re-weighting of examples.
         sizes = [int(len(p)) for p in np.array_split(np.arange(n), k)]
         short = min(sizes)
         return Cause(cid, 0.7, [f"N = {n} in {k} micro-batches of {', '.join(map(str, sizes))} examples: a mean "
                                 f"of micro-batch means weighs each example of a {short}-example micro-batch "
                                 f"1/({k} x {short}) = {1 / (k * short):.3g} instead of 1/{n} = {1 / n:.3g}; padded "
-                                "tokens make every micro-batch uneven in the same way"], CAUSES[cid][1])
-    if k and k > 1 and an.large:
-        return Cause(cid, 0.35, [f"{k} {what} were used, but no pair differs by a factor {k}; with padded "
-                                 "tokens or uneven splits the effect is not a constant factor"], CAUSES[cid][1])
-    small = [p for p in an.factors if 2 <= max(p.factor, 1 / p.factor) <= 64
-             and _near(max(p.factor, 1 / p.factor), round(max(p.factor, 1 / p.factor)))
-             and not (an.info.batch_size and _near(max(p.factor, 1 / p.factor), an.info.batch_size))]
-    if not k and small:
-        f = round(max(small[0].factor, 1 / small[0].factor))
-        return Cause(cid, 0.45, [f"{small[0].a} / {small[0].b} = {_g(small[0].factor)}: an integer factor, which "
-                                 f"{f} {what} would give; say how many were used ({flag}) to test it"],
-                     CAUSES[cid][1])
-    return Cause(cid, 0.0 if an.obs.grads is not None and not k else 0.1,
-                 [f"no number of {what} given ({flag}) and no factor points to one"], CAUSES[cid][1])
+                                "tokens make every micro-batch uneven in the same way"], fix)
+    rew = _reweighting(an, k)
+    if rew and not n:
+        hi, lo, ratio, cos = rew
+        added = abs(ratio - k) < abs(ratio - 1)
+        return Cause(cid, 0.65, [
+            f"{hi} projects onto {lo} with ratio {_g(ratio)} (cosine {cos:.4f}) but is no multiple of it: the same "
+            f"examples {'added' if added else 'averaged'} with other weights, what "
+            f"{'adding' if added else 'averaging'} {k} micro-batch means of unequal sizes gives (N not a multiple of "
+            f"{k}, a short last micro-batch, padded tokens): each micro-batch's mean divides by its own size",
+            "give --batch-size to see the sizes (a multiple of the micro-batch count rules this out)"], fix)
+    return _no_factor(an, cid, k, "micro-batches") if an.large else Cause(cid, 0.0, ["no pair differs"], fix)
 
 
 def _test_unzeroed(an: _Analysis) -> Cause:
     cid, fix = "unzeroed_gradients", CAUSES["unzeroed_gradients"][1]
     grads = an.obs.grads
+    if an.cumulative is not None and len(an.cumulative.labels) >= 3:
+        return Cause(cid, 0.3, ["each result holds the ones saved before it: the gradients accumulate across the "
+                                "methods (grad_not_zeroed_between_methods), not within one method's loop"], fix)
     if grads is not None:
         flat = an.flat
         # A difference that equals another result: a's gradient = b's + c's (c left in the accumulator).
@@ -676,7 +980,12 @@ def _test_unzeroed(an: _Analysis) -> Cause:
                                                  "gradient on top of its own"], fix)
         for p in an.factors:
             for r, hi, lo in ((p.factor, p.a, p.b), (1 / p.factor, p.b, p.a)):
-                counts = [k for k in (an.info.batch_size, an.info.replicas, an.info.micro_batches) if k]
+                info = an.info
+                counts = [k for k in (info.batch_size, info.replicas, info.micro_batches) if k]
+                if info.batch_size and info.replicas:
+                    counts.append(info.batch_size / info.replicas)
+                if info.batch_size and info.micro_batches and info.batch_size >= info.micro_batches:
+                    counts.append(_torch_chunks(info.batch_size, info.micro_batches))
                 if r >= 1.5 and _near(r, round(r)) and not any(_near(r, k) for k in counts):
                     return Cause(cid, 0.5, [f"{hi} = {round(r)} x {lo}: the gradient added {round(r)} times into "
                                             "one accumulator, or a count you did not give (--replicas, "
@@ -793,11 +1102,18 @@ def _test_train_mode(an: _Analysis) -> list[Cause]:
         random = len(shared) > 1 and all(p.kind == "large" and (p.rel is None or p.rel > 0.01)
                                          for p in an.pairs if p.a in shared and p.b in shared)
         if random and differ:
-            first = next(p for p in an.pairs if p.a in shared and p.b in shared)
-            ev = [f"every pair differs, even {first.a} and {first.b}, which differentiate the same batch's loss "
-                  f"(max|a-b| {_g(first.max_abs)}, not a constant factor): each forward pass computed another "
-                  "network, as a fresh dropout mask per forward pass does"]
-            if cid == "dropout_train_mode":
+            inner = [p for p in an.pairs if p.a in shared and p.b in shared]
+            first = inner[0]
+            shape = ", not a constant factor" if an.sees_factors else ""
+            ev = [f"all {len(inner)} pairs of methods sharing the batch's forward pass differ, even {first.a} and "
+                  f"{first.b}, which differentiate the same batch's loss (max|a-b| {_g(first.max_abs)}{shape}), and "
+                  f"so do the methods with a forward pass of their own; {an.tally()}: each forward pass computed "
+                  "another network, as a fresh dropout mask per forward pass does"]
+            if cid == "dropout_train_mode" and (an.cumulative or an.cumulative_step):
+                out.append(Cause(cid, 0.3, ev + ["but the results grow in the order they were saved, each holding "
+                                                 "the ones before: accumulation across the methods, which fresh "
+                                                 "masks do not produce"], fix))
+            elif cid == "dropout_train_mode":
                 out.append(Cause(cid, 0.9 if flag else 0.7, ev + (["dropout was on (--info)"] if flag else []), fix))
             else:
                 out.append(Cause(cid, 0.1, ev + ["batch statistics are the same in every forward pass of one "
@@ -831,11 +1147,23 @@ def _test_train_mode(an: _Analysis) -> list[Cause]:
 
 def _test_precision(an: _Analysis) -> Cause:
     cid, fix = "reduced_precision", CAUSES["reduced_precision"][1]
+    rec = an.obs.recorded
+    narrow = rec.narrow() if rec is not None and rec.environments else None
+    if narrow is not None and not narrow and not an.large:
+        return Cause(cid, 0.0, ["no pair differs beyond rounding, and no backend computed in a narrower format"],
+                     fix)
+    if narrow is not None and not narrow:
+        # The report records how every backend computed: no TF32, no autocast, no narrow dtype.
+        return Cause(cid, 0.0, [
+            f"{RULED_BY_SETTINGS}({rec.settings_text()}): no result was computed in a format "
+            f"narrower than {rec.dtype}, so rounding in a narrower format cannot explain the differences "
+            f"({an.tally()})"],
+            "nothing to change: this run already had TF32 off and no autocast (report.json's "
+            "backends[].environment); look at the causes ranked above")
+    told = ([f"the run recorded {', '.join(narrow)}"] if narrow else
+            [f"the gradients were computed in {an.info.dtype}"] if an.info.dtype in NARROW_FORMATS else [])
     if an.obs.grads is None:
-        if an.zeros and an.large:
-            return Cause(cid, 0.05, ["exact zeros beside large differences: rounding does not make one pair equal "
-                                     "to the last digit and another differ at the printed precision"], fix)
-        return Cause(cid, 0.2 if an.large else 0.0, ["a table cannot show relative sizes; give the gradients"], fix)
+        return _table_precision(an, told)
     dtype = an.info.dtype or "float32"
     worst = max((p.rel or 0.0) for p in an.pairs)
     k = an.info.batch_size or 256
@@ -851,40 +1179,161 @@ def _test_precision(an: _Analysis) -> Cause:
         # more, and keeps the direction.
         bound = narrow_rounding(name, k)
         if worst <= bound and cosine >= 1 - bound and not an.factors:
-            told = dtype in NARROW_FORMATS
             return Cause(cid, 0.95 if told else 0.6,
-                         [f"every pair differs by at most {_g(worst)} relative: beyond float32's bound {_g(wide)} "
-                          f"but within {label} rounding (4 u sqrt(K) = {_g(bound)}), in the same direction "
-                          f"(cosine >= {cosine:.6f}), no constant factor"
-                          + (f"; the gradients were computed in {dtype}" if told else "")], fix)
+                         [f"{an.tally()}; the largest by {_g(worst)} relative: beyond {'float32' if dtype in NARROW_FORMATS else dtype}'s "
+                          f"bound {_g(wide)} but within {label} rounding (4 u sqrt(K) = {_g(bound)}), in the same "
+                          f"direction (cosine >= {cosine:.6f}), no constant factor"] + told, fix)
     return Cause(cid, 0.0, [f"the largest difference, {_g(worst)} relative (smallest cosine {cosine:.4f}), is beyond "
                             "reduced-precision rounding (bfloat16 included)"], fix)
+
+
+def _table_precision(an: _Analysis, told: list[str]) -> Cause:
+    """Reduced precision from a table: only its relative sizes (max_rel or --grad-scale) can show it."""
+    cid, fix = "reduced_precision", CAUSES["reduced_precision"][1]
+    if not an.large:
+        return Cause(cid, 0.0, ["no pair differs beyond rounding"], fix)
+    if an.zeros:
+        return Cause(cid, 0.05, ["exact zeros beside large differences: rounding does not make one pair equal "
+                                 "to the last digit and another differ at the printed precision"], fix)
+    if an.scale_assumed:
+        return Cause(cid, 0.2, ["a table of absolute differences cannot show relative sizes; give --grad-scale, a "
+                                "max_rel column or the gradients (npz)"], fix)
+    worst = max(p.rel or 0.0 for p in an.pairs)
+    for name, label in (("tf32", "tf32 or float16"), ("bfloat16", "bfloat16")):
+        bound = narrow_rounding(name, an.info.batch_size or 256)
+        if worst <= bound:
+            return Cause(cid, 0.9 if told else 0.5, [
+                f"{an.tally()}; the largest by {_g(worst)} relative: beyond {an.info.dtype or 'float32'}'s bound "
+                f"{_g(an.rtol)}, within {label} rounding (4 u sqrt(K) = {_g(bound)}) ({an.scale_words()})"] + told,
+                fix)
+    return Cause(cid, 0.0, [f"the largest difference, {_g(worst)} relative, is beyond reduced-precision rounding "
+                            "(bfloat16 included)"], fix)
 
 
 def _test_weighted(an: _Analysis) -> Cause:
     cid, fix = "weighted_mean_mismatch", CAUSES["weighted_mean_mismatch"][1]
     told = bool(an.info.loss_reduction and "weight" in an.info.loss_reduction.lower())
-    odd = [p for p in an.factors if not _near(p.factor, round(p.factor)) and not _near(1 / p.factor,
-                                                                                         round(1 / p.factor))]
+    n, r = an.info.batch_size, an.info.replicas
+    odd = [p for p in an.factors if count_like(p.factor) is None
+           and not (n and r and _near(_oriented(p)[2], n / r))]
+    if odd and (an.cumulative or an.cumulative_step):
+        p = odd[0]
+        return Cause(cid, 0.1, [f"{p.a} = {_g(p.factor)} x {p.b} is no count, but a ratio of the counts of "
+                                "gradients the results hold (they accumulate in the saved order)"], fix)
     if odd:
         p = odd[0]
         return Cause(cid, 0.8 if told else 0.55,
                      [f"{p.a} = {_g(p.factor)} x {p.b}: proportional with a factor that is no count (not N, R or "
                       "micro-batches): a ratio of divisors such as Σw / N, which changes from batch to batch"], fix)
     return Cause(cid, 0.15 if told and an.large else 0.0,
-                 ["no pair is proportional with a non-integer factor" if an.obs.grads is not None else
-                  "a table cannot show a factor; give the gradients (npz) to test"], fix)
+                 ["no pair is proportional with a non-integer factor" if an.sees_factors else NO_FACTOR_IN_TABLE],
+                 fix)
+
+
+#: Evidence that starts so marks a cause the input cannot show at all (listed apart, not as ruled out).
+NOT_APPLICABLE = "not applicable: "
+#: Evidence that starts so marks a cause a report's recorded settings contradict (listed with the reason).
+RULED_BY_SETTINGS = "ruled out by the run's recorded settings "
+
+
+def _test_between_methods(an: _Analysis) -> Cause:
+    """Each result holding the ones saved before it: no zero_grad between the methods being compared."""
+    cid, fix = "grad_not_zeroed_between_methods", CAUSES["grad_not_zeroed_between_methods"][1]
+    cum = an.cumulative
+    if cum is not None:
+        labels, first = cum.labels, cum.labels[0]
+        order = ", ".join(labels)
+        if cum.all_equal:
+            sums = "; ".join(f"{x} = {i} x {first}" for i, x in enumerate(labels[1:], start=2))
+            ev = [f"in the order they were saved ({order}), each result is the one before plus {first}: {sums} "
+                  f"(residual {_g(cum.residual)} of the largest entry, within rounding): every method computed the "
+                  "same gradient, and each was added onto the ones before it"]
+        else:
+            steps = ", ".join(count_text(c) for c in cum.steps)
+            ev = [f"in the order they were saved ({order}), each result is the one before plus a count times {first} "
+                  f"(steps {steps}; residual {_g(cum.residual)}, within rounding): each method's own gradient added "
+                  "onto the ones before it"]
+        ev.append(f"each method's own gradient is its result minus the one before ({labels[1]} - {first}, ...); "
+                  "compared that way, the methods agree")
+        if len(labels) >= 3:
+            return Cause(cid, 0.95 if cum.all_equal else 0.9, ev, fix)
+        total = 1.0 + cum.steps[1]
+        if cum.all_equal:
+            return Cause(cid, 0.45, ev + ["with two results this is one factor, 2, which 2 replicas or micro-batches "
+                                          "give as well; save a third method to tell"], fix)
+        if count_like(total) is None:
+            # (N + 1)/N and the like: no count, but a count's worth of gradient added onto the first.
+            return Cause(cid, 0.6, ev, fix)
+        return Cause(cid, 0.0, [f"two results a factor {_g(total)} apart: an integer factor, not a result plus "
+                                "a copy of itself"], fix)
+    if an.cumulative_step is not None:
+        order = ", ".join(an.obs.labels)
+        return Cause(cid, 0.75, [
+            f"in the order the table lists them ({order}), results i and j differ by |i - j| x "
+            f"{_g(an.cumulative_step)}: what results that each add the same gradient onto the ones before give "
+            "(result k = k x result 1)",
+            "a table of absolute differences cannot prove the proportionality; give the gradients (npz) to confirm"],
+            fix)
+    if not an.large:
+        return Cause(cid, 0.0, ["no pair differs"], fix)
+    labels = an.obs.labels
+    tested = an.obs.grads is not None or (len(labels) >= 3 and len(an.pairs) == len(labels) * (len(labels) - 1) // 2)
+    return Cause(cid, 0.0 if tested else 0.1,
+                 ["no result is the one saved before it plus a multiple of the first" if tested else
+                  "too few results or pairs to see results grow in their saved order"], fix)
+
+
+def _backend_of(label: str) -> str:
+    return label.split("/", 1)[0]
+
+
+def _test_port(an: _Analysis) -> Cause:
+    """A check report: the port's localization (the layer where it parts from the source) explains it."""
+    cid, fix = "port_difference", CAUSES["port_difference"][1]
+    rec = an.obs.recorded
+    if rec is None or rec.kind != "check":
+        return Cause(cid, 0.0, [NOT_APPLICABLE + "only a gradparity check report compares a port with its source"],
+                     fix)
+    if not an.large:
+        return Cause(cid, 0.0, ["no pair differs"], fix)
+    found = rec.localized()
+    if found:
+        ev, fixes = [], []
+        for loc in found:
+            layer = loc.get("first_layer") or loc.get("parameter_layer")
+            said = str(loc.get("suggestion") or "")
+            # check's explanation ends with its suggestion: said once, as the suggestion.
+            where = str(loc.get("explanation") or "").replace(said, "").strip()
+            ev.append(f"a port difference at layer {layer}: gradparity check localized it ({loc.get('backend')} "
+                      f"against {loc.get('source')}): {where}".rstrip(": "))
+            if said:
+                said = re.sub(r"^what to change:\s*", "", said, flags=re.IGNORECASE)
+                ev.append(f"check's suggestion: {said}")
+                fixes.append(said)
+        loc = found[0]
+        layer = loc.get("first_layer") or loc.get("parameter_layer")
+        return Cause(cid, 0.95, ev, " ".join(fixes) or (
+            f"make {loc.get('backend')}'s {layer} compute what {loc.get('source')}'s does: compare the layer's settings "
+            "(epsilon, approximate GELU, padding, layout, bias, initial state) with the source's"))
+    backends = list(dict.fromkeys(_backend_of(x) for x in an.obs.labels))
+    within = [p for p in an.pairs if _backend_of(p.a) == _backend_of(p.b)]
+    across = [p for p in an.pairs if _backend_of(p.a) != _backend_of(p.b)]
+    if len(backends) > 1 and across and all(p.kind not in ("large", "factor") for p in within) and all(
+            p.kind in ("large", "factor") for p in across):
+        return Cause(cid, 0.6, [f"every method agrees with the others of its framework and no framework agrees with "
+                                f"another ({', '.join(backends)}): the ports compute different functions, whatever "
+                                "the reduction; the check named no layer (run it with localize = \"always\" to "
+                                "compare every layer)"], fix)
+    return Cause(cid, 0.2, ["the check named no layer where a port parts from its source"], fix)
 
 
 def diagnose(obs: Observations) -> Diagnosis:
     """Test every cause of ``CAUSES`` against the observations and rank them, best explanation first."""
     an = _Analysis(obs)
-    info = obs.info
-    causes = [_test_clean(an), *_test_normalization(an), _test_unzeroed(an), _test_short_last_batch(an),
-              *_test_train_mode(an), _test_precision(an), _test_weighted(an),
-              _test_factor(an, "data_parallel_average", info.replicas, "replicas", "--replicas"),
-              _test_factor(an, "accumulation_normalization", info.micro_batches, "micro-batches",
-                           "--micro-batches")]
+    # The specific explanations first: a tie keeps this order (the sort below is stable).
+    causes = [_test_clean(an), _test_port(an), _test_between_methods(an), *_test_normalization(an),
+              _test_unzeroed(an), _test_short_last_batch(an), *_test_train_mode(an), _test_precision(an),
+              _test_weighted(an), _test_data_parallel(an), _test_micro_batches(an)]
     best = max(c.score for c in causes)
     if best < 0.5:
         unknown = Cause("unknown", 0.5, [f"no known cause scores 0.5 or more (best {best:.2f}): gradparity cannot "
@@ -894,10 +1343,13 @@ def diagnose(obs: Observations) -> Diagnosis:
     causes.append(unknown)
     causes.sort(key=lambda c: -c.score)
     notes = _exactness_notes(an)
-    if an.large and any("per_example" in _roles(x, an.info.methods) for x in obs.labels) and any(
+    if an.scale_assumed and an.large:
+        notes.append(f"The table holds absolute differences only: its pairs were judged {an.scale_words()}.")
+    if an.large and causes[0].id != "port_difference" and any(
+            "per_example" in _roles(x, an.info.methods) for x in obs.labels) and any(
             "reduced" in _roles(x, an.info.methods) for x in obs.labels):
         notes.append(NONLINEARITY_NOTE)
-    return Diagnosis(obs, an.pairs, an.clusters, causes, an.rtol, notes)
+    return Diagnosis(obs, an.pairs, an.clusters, causes, an.rtol, notes, an.scale_words() or None)
 
 
 def _exactness_notes(an: _Analysis) -> list[str]:
@@ -976,9 +1428,16 @@ def render_text(d: Diagnosis) -> str:
     weak = [f"{c.id} ({c.score:.2f})" for c in d.causes if 0 < c.score < 0.3 and c not in shown]
     if weak:
         lines.append(f"not excluded, but nothing here points to them: {', '.join(weak)}")
-    ruled = [c.id for c in d.causes if c.score == 0 and c not in shown]
+    zero = [c for c in d.causes if c.score == 0 and c not in shown]
+    apart = [c.id for c in zero if c.evidence and c.evidence[0].startswith(NOT_APPLICABLE)]
+    recorded = [c for c in zero if c.evidence and c.evidence[0].startswith(RULED_BY_SETTINGS)]
+    ruled = [c.id for c in zero if c.id not in apart and c not in recorded]
     if ruled:
         lines.append(f"ruled out by these numbers: {', '.join(ruled)}")
+    for c in recorded:
+        lines.append(f"{c.id}: {c.evidence[0]}")
+    if apart:
+        lines.append(f"not applicable to this input: {', '.join(apart)}")
     lines.append("(--json gives every cause's evidence)")
     lines += ["", *d.notes] if d.notes else []
     return "\n".join(lines)

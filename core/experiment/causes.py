@@ -123,6 +123,15 @@ CAUSE_IDS = {
     "batchnorm": "batchnorm_train_mode",
     "padding": "accumulation_normalization",
 }
+#: The diagnose causes no switch reproduces, and why: diagnose finds them in numbers made elsewhere.
+DIAGNOSE_ONLY = {
+    "clean": "no cause: every pair agrees within rounding",
+    "unknown": "no known cause explains the numbers",
+    "grad_not_zeroed_between_methods": "the methods of one run are computed apart, each from fresh gradients; "
+                                       "the pattern is a user's script comparing methods in one accumulator",
+    "port_difference": "gradparity run's models are built by gradparity in every framework; a port's layer "
+                       "difference comes from `gradparity check` on a user's own models",
+}
 
 
 @dataclass(frozen=True)
