@@ -134,7 +134,10 @@ def test_planted_padding_and_gelu_bugs_are_named_at_their_layers(planted):
     # What to change: the Keras port's next input is the tanh GELU of torch's LayerNorm output, torch's the exact.
     assert "tanh approximation" in by["keras-tensorflow"].suggestion
     assert "keras.ops.gelu(x, approximate=False)" in by["keras-tensorflow"].suggestion
-    assert by["jax"].suggestion is None  # a padding, not a GELU: nothing claimed
+    # The Flax port's stride-2 "SAME" pads (0, 1) per axis on its 4 x 4 input ((2 - 1) * 2 + 3 - 4 = 1 in all, the
+    # extra at the end), torch's padding=1 pads (1, 1): the convolution with each padding reproduces each side.
+    assert "pads its input (top 0, bottom 1, left 0, right 1) where torch's pads (top 1, bottom 1, left 1, right " \
+           "1)" in by["jax"].suggestion, by["jax"].suggestion
     # The earliest in torch's call order is the report's first layer.
     assert r.first_layer == "features.3" and r.to_dict()["localization"]["first_layer"] == "features.3"
     # Before the bug, everything agrees to float32 rounding.

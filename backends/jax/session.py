@@ -226,6 +226,7 @@ class ModelSession:
             model = factory()
         self.output_path = job.payload.get("output")
         self.linen: linen.LinenModel | None = None
+        self.blocks, self.block_names = [], []  # an NNX model's blocks (``_open_nnx``); a linen model's: none
         if isinstance(model, nnx.Module):
             self._open_nnx(model)
         elif linen.is_linen(model):
@@ -289,8 +290,14 @@ class ModelSession:
         leaves = {p for p in self.modules if not any(len(q) > len(p) and q[:len(p)] == p for q in self.modules)}
         # Recorded calls: as in torch, every leaf module and every module owning variables (the root only
         # when it owns variables itself).
-        self.watched = {p: self._layer_name(p) for p in self.modules if p in owning or (p in leaves and p != ())}
+        # Blocks (``ModelLayout.blocks``): modules owning nothing that hold an owning one (a residual block), the
+        # root excepted; their first output is recorded too, in this order (the index of "block_output/B").
+        self.blocks = [p for p in self.modules if p != () and p not in owning and p not in leaves
+                       and any(len(q) > len(p) and q[:len(p)] == p for q in owning)]
+        self.watched = {p: self._layer_name(p) for p in self.modules
+                        if p in owning or (p in leaves and p != ()) or p in self.blocks}
         self.layer_names = {self._layer_name(p) for p in owning}
+        self.block_names = [self._layer_name(p) for p in self.blocks]
         # Tied weights: the name nnx.split kept -> the other paths of the same Variable.
         self.aliases: dict[str, list[str]] = {}
         for paths in _shared_paths(model):
@@ -557,20 +564,29 @@ class ModelSession:
         return RawResult(float(loss), self.canonical(grads))
 
     def _trace(self, params, perturb: dict | None = None):
-        """Forward the batch eagerly with every watched module's calls observed; returns (output, calls, records).
+        """Forward the batch eagerly with every watched module's calls observed; returns (output, calls, records,
+        blocks).
 
         ``records`` maps each watched layer owning variables to its first call's input and output, in
         the order those calls returned; with ``perturb`` the first output of layer ``name`` comes out
-        as ``output + perturb[name]`` (zeros: d loss/d perturbation is d loss/d output).
+        as ``output + perturb[name]`` (zeros: d loss/d perturbation is d loss/d output). ``blocks`` maps each
+        block called (``self.blocks``) to its first call's output (a tuple's first; None when not an array).
         """
         if self.linen is not None:
-            return self._trace_linen(params, perturb)
+            return (*self._trace_linen(params, perturb), {})
         model = self._merged(params)
         watched = {id(m): (m, self.watched[p]) for p, m in nnx.iter_modules(model) if p in self.watched}
         calls: list[tuple[str, str]] = []
         records: dict[str, dict] = {}
+        blocks: dict[str, object] = {}
+        block_names = set(self.block_names)
 
         def on_return(module, name, args, output):
+            if name in block_names:
+                if name not in blocks:
+                    first = output[0] if isinstance(output, (tuple, list)) and output else output
+                    blocks[name] = first if isinstance(first, jax.Array) else None
+                return output
             calls.append((name, type(module).__name__))
             if name in self.layer_names and name not in records:
                 is_array = lambda a: isinstance(a, jax.Array)  # noqa: E731
@@ -582,7 +598,7 @@ class ModelSession:
 
         with _watch(watched, on_return):
             out = _call(model, self.x)
-        return out, calls, records
+        return out, calls, records, blocks
 
     def _trace_linen(self, params, perturb: dict | None = None):
         """``_trace`` of a linen model (``linen.LinenModel.trace``), with its module paths as layer names and
@@ -597,7 +613,7 @@ class ModelSession:
         return out, calls, {lm.layer_name(p): rec for p, rec in records.items()}
 
     def _describe(self) -> RawResult:
-        out, calls, records = first_forward(self.job, lambda: self._trace(self.params))
+        out, calls, records, called_blocks = first_forward(self.job, lambda: self._trace(self.params))
         out = self._output(out)
         if self.linen is not None:
             return self._describe_linen(out, calls, records)
@@ -621,7 +637,14 @@ class ModelSession:
             layers.append({"name": name, "type": type(module).__name__, "called": name in records,
                            "fused_activation": False,  # Flax activations are separate functions
                            "params": params})
-        info = {"layers": layers, "calls": [list(c) for c in calls], "output_shape": list(out.shape)}
+        blocks = []
+        for path, name in zip(self.blocks, self.block_names):
+            inside = [k for k, n in enumerate(order) if len(named[n]) > len(path) and named[n][:len(path)] == path]
+            blocks.append({"name": name, "type": type(self.modules[path]).__name__, "called": name in called_blocks,
+                           "layers": inside,
+                           "members": list(dict.fromkeys(n for n, _ in calls if n.startswith(name + ".")))})
+        info = {"layers": layers, "calls": [list(c) for c in calls], "output_shape": list(out.shape),
+                "blocks": blocks}
         return RawResult(float("nan"), values, info)  # no loss: core checks the targets against the output first
 
     def _describe_linen(self, out, calls, records) -> RawResult:
@@ -648,12 +671,12 @@ class ModelSession:
         return RawResult(float("nan"), values, info)
 
     def _forward(self) -> RawResult:
-        out, _, records = self._trace(self.params)
+        out, _, records, blocks = self._trace(self.params)
         out = self._output(out)
         perturb = {name: jnp.zeros_like(rec["output"]) for name, rec in records.items() if rec["output"] is not None}
 
         def mean_loss(perturb):
-            logits, _, _ = self._trace(self.params, perturb)
+            logits, *_ = self._trace(self.params, perturb)
             return self.reduce(self.terms(self._cast(self._output(logits)), self.y), self.y, "mean")
 
         loss, grad_out = jax.value_and_grad(mean_loss)(perturb)
@@ -664,6 +687,9 @@ class ModelSession:
             if rec["output"] is not None:
                 arrays[f"output/{k}"] = np.asarray(rec["output"])
                 arrays[f"grad_output/{k}"] = np.asarray(grad_out[name])
+        for b, name in enumerate(self.block_names):
+            if blocks.get(name) is not None:
+                arrays[f"block_output/{b}"] = np.asarray(blocks[name])
         return RawResult(float(loss), arrays, {"layers": list(records)})
 
 

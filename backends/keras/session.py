@@ -554,13 +554,39 @@ class KerasModelSession:
                                   for v in (losses if isinstance(losses, list) else [losses])))
         return RawResult(total, self._grads(grads))
 
+    def _blocks(self) -> list:
+        """The containers whose outputs localization compares too (``ModelLayout.blocks``): layers holding
+        layers, owning no variable themselves, with a variable owner inside (a residual block), the model
+        itself excepted, in ``_flatten_layers`` order (the index of "block_output/B")."""
+        owners = {id(layer) for layer, _ in self.owners.values()}
+        return [layer for layer in self.layers if layer is not self.model and id(layer) not in owners
+                and layer._layers and any(id(inner) in owners for inner in self._inside(layer))]
+
+    @staticmethod
+    def _inside(layer) -> list:
+        return list(layer._flatten_layers(include_self=False, recursive=True))
+
     @contextlib.contextmanager
-    def _recording(self, records: dict, calls: list, perturb=None):
+    def _recording(self, records: dict, calls: list, perturb=None, blocks: dict | None = None):
         """Wrap every layer instance's ``call``: note every leaf's (and variable owner's) call in ``calls``, and
         each owner's first call's input and output in ``records`` (by layer name); ``perturb(name, output)``,
-        when given, replaces that first output (to differentiate with respect to it)."""
+        when given, replaces that first output (to differentiate with respect to it). ``blocks``, when given,
+        takes each block's (``_blocks``) first output by name (a tuple's first; None when not a tensor)."""
         owners = {id(layer) for layer, _ in self.owners.values()}
         wrapped = []
+        if blocks is not None:
+            for layer in self._blocks():
+                original = layer.call
+
+                def block_call(*args, _original=original, _layer=layer, **kwargs):
+                    out = _original(*args, **kwargs)
+                    if _layer.name not in blocks:
+                        first = out[0] if isinstance(out, (tuple, list)) and out else out
+                        blocks[_layer.name] = first if _is_tensor(first) else None
+                    return out
+
+                object.__setattr__(layer, "call", block_call)  # past Layer.__setattr__'s tracking
+                wrapped.append(layer)
         for layer in self.layers:
             if id(layer) not in owners and layer._layers:
                 continue  # a container owning nothing itself: its leaves are recorded
@@ -585,11 +611,12 @@ class KerasModelSession:
             for layer in wrapped:
                 object.__delattr__(layer, "call")
 
-    def _trace(self, perturb=None, state=None):
+    def _trace(self, perturb=None, state=None, blocks: dict | None = None):
         """Forward the batch with every call recorded; returns (logits, calls, records). ``state``:
-        (trainable, non-trainable values) to run ``stateless_call`` on (inside a jax transform)."""
+        (trainable, non-trainable values) to run ``stateless_call`` on (inside a jax transform); ``blocks``
+        takes the blocks' first outputs (``_recording``)."""
         records, calls = {}, []
-        with self._recording(records, calls, perturb):
+        with self._recording(records, calls, perturb, blocks):
             if state is None:
                 out = self.call(self.x)
             else:
@@ -599,7 +626,8 @@ class KerasModelSession:
     def _describe(self) -> RawResult:
         # Values before the forward pass: in training mode it moves the normalizations' statistics.
         values = {name: _numpy(v.value) for name, (_, v) in self.owners.items()}
-        out, calls, records = first_forward(self.job, self._trace)
+        called_blocks: dict = {}
+        out, calls, records = first_forward(self.job, lambda: self._trace(blocks=called_blocks))
         called = [rec["layer"] for rec in records.values()]
         owning = list(dict.fromkeys(layer for layer, _ in self.owners.values()))
         layers = []
@@ -609,7 +637,15 @@ class KerasModelSession:
                       for name, (owner, v) in self.owners.items() if owner is layer]
             layers.append({"name": layer.name, "type": type(layer).__name__, "called": layer.name in records,
                            "fused_activation": _fused(layer), "params": params})
-        info = {"layers": layers, "calls": [list(c) for c in calls], "output_shape": [int(d) for d in out.shape]}
+        index = {layer["name"]: k for k, layer in enumerate(layers)}
+        blocks = []
+        for block in self._blocks():
+            inside = {inner.name for inner in self._inside(block)}
+            blocks.append({"name": block.name, "type": type(block).__name__, "called": block.name in called_blocks,
+                           "layers": [index[n] for n in index if n in inside],
+                           "members": list(dict.fromkeys(n for n, _ in calls if n in inside))})
+        info = {"layers": layers, "calls": [list(c) for c in calls], "output_shape": [int(d) for d in out.shape],
+                "blocks": blocks}
         return RawResult(float("nan"), values, info)  # no loss: core checks the targets against the output first
 
     def _forward(self) -> RawResult:
@@ -619,9 +655,10 @@ class KerasModelSession:
         zero is added to each (``perturb``) and the loss differentiated with respect to those zeros.
         """
         mean = self.ad.losses["sum_over_batch_size"]
+        blocks: dict = {}
         if self.variant == "tensorflow":
             with self.ad.tf.GradientTape() as tape:
-                out, _, records = self._trace()
+                out, _, records = self._trace(blocks=blocks)
                 loss = mean(self.y, out)
             outputs = {n: rec["output"] for n, rec in records.items() if rec["output"] is not None}
             grads = dict(zip(outputs, tape.gradient(loss, list(outputs.values()))))
@@ -634,7 +671,7 @@ class KerasModelSession:
                 zeros[name] = torch.zeros_like(output, requires_grad=True)
                 return output + zeros[name]
 
-            out, _, records = self._trace(perturb)
+            out, _, records = self._trace(perturb, blocks=blocks)
             loss = mean(self.y, out)
             grads = dict(zip(zeros, torch.autograd.grad(loss, list(zeros.values()), allow_unused=True)
                              if zeros else ()))
@@ -644,7 +681,7 @@ class KerasModelSession:
             # Pure in the perturbations: stateless_call on the values every case starts from.
             state = ([v.value for v in self.model.trainable_variables],
                      [v.value for v in self.model.non_trainable_variables])
-            _, _, shapes = self._trace(state=state)
+            _, _, shapes = self._trace(state=state, blocks=blocks)
             zeros = {n: jax.numpy.zeros_like(rec["output"]) for n, rec in shapes.items() if rec["output"] is not None}
 
             def mean_loss(zeros):
@@ -662,6 +699,9 @@ class KerasModelSession:
                 arrays[f"output/{k}"] = _numpy(rec["output"])
                 if grads.get(name) is not None:
                     arrays[f"grad_output/{k}"] = _numpy(grads[name])
+        for b, layer in enumerate(self._blocks()):
+            if blocks.get(layer.name) is not None:
+                arrays[f"block_output/{b}"] = _numpy(blocks[layer.name])
         return RawResult(float(_numpy(loss)), arrays, {"layers": list(records)})
 
 

@@ -35,12 +35,16 @@ from gradparity.backends.protocol.jobs import WorkerJob
 #               (a tensor used under several names, tied weights, is listed once, under its first name, with
 #               the other names in "aliases"; its gradient is the sum over its uses)
 #               in the order the forward pass first calls them (never-called layers last), and "calls" is
-#               every leaf module/layer call in that order (parameter-free ones included, for naming)
+#               every leaf module/layer call in that order (parameter-free ones included, for naming);
+#               "blocks": [{"name", "type", "called", "layers": [indices into "layers" inside it], "members":
+#               [names in "calls" inside it]}], the modules owning no parameter that hold layers that do (the
+#               root excepted; ``ModelLayout.blocks``)
 #   "mean", "sum", "none_loop", "none_vectorized", "one_by_one" (``SESSION_METHODS``), or 'METHOD@PART'
 #               the reduction methods on the mapped weights; grads keyed by ``assign``'s keys, canonical
 #               layout, trainable parameters only, native (unnormalized) as for the built-in model
 #   "forward"   localization: arrays "input/K", "output/K", "grad_output/K" for the K-th parameterized layer
-#               of "describe"'s list (first call; channels-last), "logits", and the mean loss
+#               of "describe"'s list (first call; channels-last), "block_output/B" for the B-th block (first
+#               call; a tuple's first element), "logits", and the mean loss
 #
 # Canonical layout: Dense kernels (in, out); conv kernels (*window, in, out); normalization weights are
 # "scale"; image activations and data channels-last (N, H, W, C): torch transposes its (N, C, H, W).

@@ -483,12 +483,34 @@ class TfKerasModelSession:
                                f"({_pfor_reason(exc)})") from exc
         return [losses], [tf.reduce_sum(g, axis=0) for g in grads]
 
+    def _blocks(self) -> list:
+        """The containers whose outputs localization compares too (``ModelLayout.blocks``): layers with
+        sublayers holding no variable themselves, with a holder inside (a residual block), the model excepted,
+        depth-first (the index of "block_output/B")."""
+        holders = {id(p.layer) for p in self.params.values()}
+        held = [self._layer_name(la) for la in self.layers if id(la) in holders]
+        return [la for la in self.layers if la is not self.model and id(la) not in holders and _has_sublayers(la)
+                and any(n.startswith(self._layer_name(la) + ".") for n in held)]
+
     @contextlib.contextmanager
-    def _recording(self, records: dict, calls: list):
+    def _recording(self, records: dict, calls: list, blocks: dict | None = None):
         """Wrap every leaf layer's and variable holder's ``call``: note each call in ``calls`` ([path, type]),
-        and each holder's first call's first tensor input and its output in ``records`` (by path)."""
+        and each holder's first call's first tensor input and its output in ``records`` (by path); ``blocks``,
+        when given, takes each block's (``_blocks``) first output by path (a tuple's first; None: no tensor)."""
         holders = {id(p.layer) for p in self.params.values()}
         wrapped = []
+        for layer in self._blocks() if blocks is not None else ():
+            original, name = layer.call, self._layer_name(layer)
+
+            def block_call(*args, _original=original, _name=name, **kwargs):
+                out = _original(*args, **kwargs)
+                if _name not in blocks:
+                    first = out[0] if isinstance(out, (tuple, list)) and out else out
+                    blocks[_name] = first if _is_tensor(first) else None
+                return out
+
+            object.__setattr__(layer, "call", block_call)  # past the layer's attribute tracking
+            wrapped.append(layer)
         for layer in self.layers:
             if id(layer) not in holders and _has_sublayers(layer):
                 continue  # a container holding nothing itself: its leaves are recorded
@@ -510,10 +532,11 @@ class TfKerasModelSession:
             for layer in wrapped:
                 object.__delattr__(layer, "call")
 
-    def _trace(self, inputs: Inputs):
-        """Forward ``inputs`` with every call recorded; returns (logits, calls, records)."""
+    def _trace(self, inputs: Inputs, blocks: dict | None = None):
+        """Forward ``inputs`` with every call recorded; returns (logits, calls, records); ``blocks`` takes the
+        blocks' first outputs (``_recording``)."""
         records, calls = {}, []
-        with self._recording(records, calls):
+        with self._recording(records, calls, blocks):
             out = self._logits(self.model, inputs)
         return out, calls, records
 
@@ -547,15 +570,24 @@ class TfKerasModelSession:
             layers.append({"name": self._layer_name(layer), "type": type(layer).__name__,
                            "called": any(layer is c for c in called), "fused_activation": _fused(layer),
                            "params": params})
-        info = {"layers": layers, "calls": summary["calls"], "output_shape": summary["output_shape"]}
+        blocks = []
+        for block in self._blocks():
+            name = self._layer_name(block)
+            inside = [k for k, layer in enumerate(layers) if layer["name"].startswith(name + ".")]
+            blocks.append({"name": name, "type": type(block).__name__,
+                           "called": any(layers[k]["called"] for k in inside), "layers": inside,
+                           "members": list(dict.fromkeys(n for n, _ in summary["calls"] if n.startswith(name + ".")))})
+        info = {"layers": layers, "calls": summary["calls"], "output_shape": summary["output_shape"],
+                "blocks": blocks}
         return RawResult(float("nan"), values, info)  # no loss: core checks the targets against the output first
 
     def _forward(self) -> RawResult:
         """Each called holder's first input and output, d(mean loss)/d(output) from the tape, the logits and the
         mean loss."""
         inputs = self._inputs[""]
+        blocks: dict = {}
         with tf.GradientTape() as tape:
-            out, _, records = self._trace(inputs)
+            out, _, records = self._trace(inputs, blocks)
             loss = self._losses["sum_over_batch_size"](inputs.y, out)
         outputs = {n: rec["output"] for n, rec in records.items() if rec["output"] is not None}
         grads = dict(zip(outputs, tape.gradient(loss, list(outputs.values())))) if outputs else {}
@@ -567,6 +599,9 @@ class TfKerasModelSession:
                 arrays[f"output/{k}"] = rec["output"].numpy()
                 if grads.get(name) is not None:
                     arrays[f"grad_output/{k}"] = np.asarray(_dense(grads[name]))
+        for b, block in enumerate(self._blocks()):
+            if blocks.get(self._layer_name(block)) is not None:
+                arrays[f"block_output/{b}"] = np.asarray(blocks[self._layer_name(block)])
         return RawResult(float(loss.numpy()), arrays, {"layers": list(records)})
 
 

@@ -426,10 +426,22 @@ class ModelSession:
                         "mask drawn per vmapped example would not be the batch's; run it in inference mode")
         return None
 
+    def _block_names(self) -> list[str]:
+        """The containers whose outputs localization compares too (``ModelLayout.blocks``): modules with
+        submodules that own no tensor themselves and hold a parameterized layer (a residual block), the root
+        excepted, in ``named_modules`` order (the index of "block_output/B")."""
+        owners = [n for n in self.modules if self.owned[n]]
+        return [n for n, m in self.modules.items() if m is not self.model and not self.owned[n]
+                and any(True for _ in m.children()) and any(o.startswith(n + ".") for o in owners)]
+
     def _trace(self, capture: bool):
-        """Forward the batch with hooks on every module; returns (what the model returned, calls, records)."""
+        """Forward the batch with hooks on every module; returns (what the model returned, calls, records,
+        blocks): ``blocks`` maps each block (``_block_names``) called to its first call's output tensor (None
+        without capture, or when it returned no tensor)."""
         calls: list[tuple[str, str]] = []
         records: dict[str, dict] = {}
+        blocks: dict[str, torch.Tensor | None] = {}
+        block_names = set(self._block_names())
         names = {id(m): n for n, m in self.modules.items()}
         handles = []
 
@@ -437,6 +449,10 @@ class ModelSession:
             name = names[id(module)]
             leaf = not any(True for _ in module.children())
             owns = bool(self.owned[name])
+            if name in block_names and name not in blocks:
+                # A block returning a tuple (Hugging Face's layers: hidden states first) is compared on its first.
+                first = output[0] if isinstance(output, (tuple, list)) and output else output
+                blocks[name] = first.detach() if capture and torch.is_tensor(first) else None
             if leaf or owns:
                 calls.append((name, type(module).__name__))
             if owns and name not in records:
@@ -455,11 +471,11 @@ class ModelSession:
         finally:
             for h in handles:
                 h.remove()
-        return out, calls, records
+        return out, calls, records, blocks
 
     def _describe(self) -> RawResult:
         with torch.no_grad():
-            out, calls, records = first_forward(self.job, lambda: self._trace(capture=False))
+            out, calls, records, called_blocks = first_forward(self.job, lambda: self._trace(capture=False))
             out = self._output(out)  # outside first_forward: a wrong output path is no misfit of the batch
         order = list(records) + [n for n in self.modules if self.owned[n] and n not in records]
         layers, values = [], {}
@@ -476,11 +492,26 @@ class ModelSession:
                     params[-1]["aliases"] = list(self.aliases[native])
             layers.append({"name": name, "type": type(module).__name__,
                            "called": name in records, "fused_activation": False, "params": params})
-        info = {"layers": layers, "calls": [list(c) for c in calls], "output_shape": list(out.shape)}
+        index = {name: k for k, name in enumerate(order)}
+        blocks = [{"name": b, "type": type(self.modules[b]).__name__, "called": b in called_blocks,
+                   "layers": [index[n] for n in order if n.startswith(b + ".")],
+                   "members": list(dict.fromkeys(n for n, _ in calls if n.startswith(b + ".")))}
+                  for b in self._block_names()]
+        info = {"layers": layers, "calls": [list(c) for c in calls], "output_shape": list(out.shape),
+                "blocks": blocks}
         return RawResult(float("nan"), values, info)  # no loss: core checks the targets against the output first
 
+    def _block_channels_last(self, name: str, t: torch.Tensor) -> np.ndarray:
+        """A block's output, channels-last when the block holds a channels-first module (a convolution's block
+        returns (N, C, ...))."""
+        a = t.cpu().numpy()
+        inner = [m for n, m in self.modules.items() if n.startswith(name + ".")]
+        if a.ndim >= 3 and any(isinstance(m, _CHANNELS_FIRST) for m in inner):
+            a = np.moveaxis(a, 1, -1)
+        return np.ascontiguousarray(a)
+
     def _forward(self) -> RawResult:
-        out, _, records = self._trace(capture=True)
+        out, _, records, blocks = self._trace(capture=True)
         out = self._output(out)
         loss = self.loss(out, self.y, "mean")
         loss.backward()
@@ -493,6 +524,9 @@ class ModelSession:
                 arrays[f"output/{k}"] = _channels_last(module, rec["output"])
                 if rec["output"].grad is not None:
                     arrays[f"grad_output/{k}"] = _channels_last(module, rec["output"].grad)
+        for b, name in enumerate(self._block_names()):
+            if blocks.get(name) is not None:
+                arrays[f"block_output/{b}"] = self._block_channels_last(name, blocks[name])
         return RawResult(loss.item(), arrays, {"layers": list(records)})
 
 

@@ -26,7 +26,7 @@ import numpy as np
 from gradparity.backends import BACKENDS, BackendInfo, make_job
 from gradparity.backends.protocol import (IGNORE_INDEX, MODEL_METHODS, SESSION_METHODS, BatchDoesNotFit,
                                          OutputNotFound, WorkerJob, step_losses, step_params)
-from gradparity.compare.localize import Localization, localize, parameter_only
+from gradparity.compare.localize import Localization, gradients_apart, localize
 from gradparity.compare.normalize import Result, normalize
 from gradparity.compare.pairs import Comparison, compare_all
 from gradparity.compare.tolerance import (UNIT_ROUNDOFF, Tolerance, effective_unit_roundoff, gradient_tolerance,
@@ -645,11 +645,30 @@ class _Stop:
             return exc.outcomes
 
 
-def _run_stages(spec: ModelCheck, say, stop: "_Stop") -> ModelReport:
+@dataclass
+class Described:
+    """The describe and map stages' outcome: every framework's layout (its described layers and parameters),
+    the source's canonical values, each port's weight map (and, with weights "own", its conversion check), and
+    the frameworks that cannot go on (a failed outcome that says why)."""
+
+    described: dict[str, BackendOutcome]
+    layouts: dict[str, ModelLayout]
+    values: dict[str, np.ndarray]
+    maps: dict[str, WeightMap]
+    conversions: dict[str, Conversion]
+    failed: dict[str, BackendOutcome]
+
+    def assign(self, spec: ModelCheck, framework: str) -> dict[str, str]:
+        """The framework's {native name: source name} assignment of the source's values."""
+        return {name: name for name in self.values} if framework == spec.source else self.maps[framework].assign
+
+
+def describe_and_map(spec: ModelCheck, say, stop: "_Stop", cases: tuple[str, ...]) -> Described:
+    """Describe the model in every framework and map the source's weights onto each port (by name rules, call
+    order or, with weights "own", by value); ``cases`` are what a framework that cannot go on fails."""
     frameworks = spec.frameworks
     say(f"describing the model in {', '.join(frameworks)} ({spec.dtype}, {spec.mode} mode) ...")
     described = stop.run({fw: _job(spec, fw, ("describe",)) for fw in frameworks}, spec, say)
-    cases = (*spec.methods, "forward")
     failed: dict[str, BackendOutcome] = {}
     layouts: dict[str, ModelLayout] = {}
     _check_batch_fits(spec, described)
@@ -696,6 +715,33 @@ def _run_stages(spec: ModelCheck, say, stop: "_Stop") -> ModelReport:
                 failed[fw] = _failed_outcome(spec.backend(fw).name, cases, "error",
                                              f"not run: the source model ({source}) could not be built, so there "
                                              "are no weights to map")
+    return Described(described, layouts, values, maps, conversions, failed)
+
+
+def describe_models(spec: ModelCheck, say, cases: tuple[str, ...] = ("train",)) -> Described:
+    """``describe_and_map`` on its own (for ``gradparity train --model CHECK.toml``): a signal raises
+    ``Interrupted``; a converter problem or a framework that failed to build is left in ``failed``."""
+    stop = _Stop()
+    described = describe_and_map(spec, say, stop, cases)
+    if stop.interrupted is not None:
+        raise stop.interrupted
+    return described
+
+
+def train_job(spec: ModelCheck, framework: str, values: dict, assign: dict, batch: dict, runs: dict) -> WorkerJob:
+    """The "model_train" job of ``framework``'s trainer: ``runs`` (``protocol.train_run``'s) on ``batch``
+    ("PREFIX/batches/T/x|y", and "held/x|y" for held-out accuracy), from the source's ``values``."""
+    return _job(spec, framework, tuple(runs), values, assign, task="model_train", batch=batch,
+                payload={"runs": runs})
+
+
+def _run_stages(spec: ModelCheck, say, stop: "_Stop") -> ModelReport:
+    frameworks = spec.frameworks
+    cases = (*spec.methods, "forward")
+    d = describe_and_map(spec, say, stop, cases)
+    described, layouts, values, maps, conversions, failed = (d.described, d.layouts, d.values, d.maps,
+                                                             d.conversions, d.failed)
+    source = spec.source
     conversion_bug = any(not c.exact for c in conversions.values())
     size = sum(int(np.prod(p.shape)) for p in layouts[source].all_params() if p.trainable) if source in layouts else 0
     stop.one_at_a_time = size > LARGE_MODEL
@@ -746,7 +792,8 @@ def _run_stages(spec: ModelCheck, say, stop: "_Stop") -> ModelReport:
                      reference=spec.backend(source).name)
     if conversion_bug:
         verdict = _conversion_verdict(verdict, conversions)
-    localizations, captured = _localize_stage(spec, jobs, computed, layouts, maps, verdict, tol, say, stop)
+    localizations, captured = _localize_stage(spec, jobs, computed, layouts, maps, verdict, tol, say, stop,
+                                              values)
     costs = _costs({"describe": described, "methods": computed, "capture": captured})
     verdict = _with_localization(verdict, localizations, _parameter_lines(localizations, results, comparisons,
                                                                           layouts.get(source), tol))
@@ -818,7 +865,8 @@ def _conversion_verdict(verdict: Verdict, conversions: dict[str, Conversion]) ->
 
 def _localize_stage(spec: ModelCheck, jobs: dict[str, WorkerJob], computed: dict[str, BackendOutcome],
                     layouts: dict[str, ModelLayout], maps: dict[str, WeightMap], verdict: Verdict, tol: Tolerance,
-                    say, stop: "_Stop") -> tuple[list[Localization], dict[str, BackendOutcome]]:
+                    say, stop: "_Stop", values: dict[str, np.ndarray] | None = None,
+                    ) -> tuple[list[Localization], dict[str, BackendOutcome]]:
     """Capture every layer's input, output and incoming gradient in a second pass, and name the first layer where
     each port parts from the source. The pass runs when the gradients disagree (``localize = "auto"``) or
     always; holding every activation of a large model is what it costs, so an agreeing check skips it."""
@@ -840,7 +888,7 @@ def _localize_stage(spec: ModelCheck, jobs: dict[str, WorkerJob], computed: dict
         if all(r is not None and r.status == "ok" for r in rows):
             u = max(effective(o) for o in (src, tgt))
             localizations.append(localize(layouts[source], layouts[fw], maps[fw], rows[0].grads, rows[1].grads,
-                                          tol.rtol(u)))
+                                          tol.rtol(u), values))
     return localizations, forward
 
 
@@ -880,8 +928,7 @@ def _train_stage(spec: ModelCheck, values: dict, assigns: dict[str, dict], tol: 
         batch = {}
         for t in range(1, spec.train_steps + 1):  # the check's one batch at every step
             batch[f"batches/{t}/x"], batch[f"batches/{t}/y"] = spec.x, spec.y
-        jobs[fw] = _job(spec, fw, ("train",), values, assign, task="model_train", batch=batch,
-                        payload={"runs": {"train": run}})
+        jobs[fw] = train_job(spec, fw, values, assign, batch, {"train": run})
     say(f"training {spec.train_steps} steps of {config.label()} on the batch in {', '.join(jobs)} ...")
     outcomes = stop.run(jobs, spec, say)
     trajectories, units = {}, {}
@@ -912,8 +959,8 @@ def effective(outcome: BackendOutcome) -> float:
 
 def _parameter_lines(localizations: list[Localization], results: list[Result], comparisons: list[Comparison],
                      source: ModelLayout | None, tol: Tolerance) -> list[str]:
-    """For each port whose activations and incoming gradients all agree with the source's while its gradients do
-    not: the parameter gradients that alone differ (``localize.parameter_only``), on the first method both ran."""
+    """For each port whose activations all agree with the source's: where its backward pass parts, or the
+    parameter gradients that alone differ (``localize.gradients_apart``), on the first method both ran."""
     lines = []
     for loc in localizations:
         pair = next(((a, b) for a in results for b in results if a.ok and b.ok and a.backend == loc.source
@@ -921,10 +968,10 @@ def _parameter_lines(localizations: list[Localization], results: list[Result], c
         if source is None or pair is None:
             continue
         c = next((c for c in comparisons if {c.a, c.b} == {pair[0].label, pair[1].label}), None)
-        if c is None or c.agree:
+        if c is None or (c.agree and loc.backward_layer is None):
             continue
         scale = max(tol.term_scale.values(), default=0.0)
-        line = parameter_only(loc, source, pair[0].grads, pair[1].grads, c.tolerance, scale)
+        line = gradients_apart(loc, source, pair[0].grads, pair[1].grads, c.tolerance, scale)
         if line:
             lines.append(line)
     return lines
@@ -934,10 +981,6 @@ def _with_localization(verdict: Verdict, localizations: list[Localization], extr
     """Put each port's first differing layer (or the parameter gradients that alone differ) at the top of the
     verdict's explanation."""
     lines = [loc.explanation for loc in localizations if loc.first_layer is not None] + list(extra)
-    lines += [f"{loc.backend}: the forward passes agree layer by layer, but the gradient flowing into "
-              f"{loc.backward_layer}'s output differs: the backward passes part there (a custom gradient, or "
-              "an operation whose derivative differs)" for loc in localizations
-              if loc.first_layer is None and loc.backward_layer is not None]
     return dataclasses.replace(verdict, explanation=lines + list(verdict.explanation)) if lines else verdict
 
 

@@ -84,6 +84,8 @@ def render_text(report: ModelReport) -> str:
                      + (f"; only the parameter gradient of {loc.parameter_layer} differs "
                         f"({', '.join(t['param'] for t in loc.parameter_tensors)})" if loc.parameter_layer else ""))
             lines.append(f"  {loc.backend} vs {loc.source}: {where}")
+            if loc.suggestion:  # the setting the captured arrays point at, tested on them (localize._what_to_change)
+                lines.append(f"    {loc.suggestion}")
     lines += _training_lines(report.training)
     if report.costs:
         lines += ["", "cost per backend (wall seconds per stage; the worker process's peak resident memory):"]

@@ -47,11 +47,15 @@ class ModelLayout:
     layers: tuple[dict, ...]
     calls: tuple[tuple[str, str], ...]
     output_shape: tuple[int, ...]
+    #: Containers that own no parameter but hold layers (a residual block): {"name", "type", "called",
+    #: "layers": indices into ``layers`` of every parameterized layer inside, "members": the names of every
+    #: module/layer inside that ``calls`` lists}; their outputs are localization checkpoints too.
+    blocks: tuple[dict, ...] = ()
 
     @classmethod
     def from_info(cls, backend: str, info: dict) -> "ModelLayout":
         return cls(backend, tuple(info["layers"]), tuple(tuple(c) for c in info.get("calls", [])),
-                   tuple(info.get("output_shape", ())))
+                   tuple(info.get("output_shape", ())), tuple(info.get("blocks", ())))
 
     def params(self, layer: dict) -> list[Param]:
         return [Param(p["name"], p["role"], tuple(p["shape"]), bool(p["trainable"]), layer["name"])
