@@ -273,11 +273,14 @@ def _parser() -> argparse.ArgumentParser:
                                     "evidence and a fix.")
     dg.add_argument("source", help="report folder | gradients .npz | table file | -")
     dg.add_argument("--info", help="a TOML of what you know: batch_size, dataset_size, dtype, micro_batches, "
-                                   "replicas, padding, dropout, batchnorm, loss_reduction (flags override it)")
+                                   "replicas, padding, dropout, batchnorm, loss_reduction, grad_scale (flags "
+                                   "override it)")
     for flag in ("--batch-size", "--dataset-size", "--micro-batches", "--replicas"):
         dg.add_argument(flag, type=int)
     dg.add_argument("--padding", type=int, help="how many of the batch's items (tokens) are padding, ignored by "
                                                 "the loss")
+    dg.add_argument("--grad-scale", type=float, help="the gradients' largest |entry|: the scale a table of absolute "
+                                                     "differences is judged at (default: assumed 1, and said)")
     dg.add_argument("--dtype", help="float64 | float32 | tf32 | float16 | bfloat16: what the gradients were "
                                     "computed in")
     dg.add_argument("--dropout", action=argparse.BooleanOptionalAction, default=None)
@@ -345,7 +348,11 @@ def _parser() -> argparse.ArgumentParser:
     trn = sub.add_parser("train", help="train the built-in MLP for K steps in every framework from one start: "
                                        "does each follow its optimizer's exact trajectory, and where do they part?")
     trn.add_argument("--model", default="mlp", help="mlp (default) | cnn | sequence: the built-in model trained "
-                                                    "(cnn: the digits as 8x8x1 images; sequence: token sequences)")
+                                                    "(cnn: the digits as 8x8x1 images; sequence: token sequences); "
+                                                    "or CHECK.toml: the models of a gradparity check config, in its "
+                                                    "frameworks, from its source's weights (with --sweep)")
+    trn.add_argument("--data", help="with --model CHECK.toml: an .npz of examples (the check's array names) to "
+                                    "train on and hold out from, instead of the check's batch")
     trn.add_argument("--optimizer", default="momentum",
                      help="sgd | momentum (default) | nesterov | adam | adamw, or an optimizer as written in one "
                           "framework, e.g. \"keras.optimizers.Adam(learning_rate=1e-2)\": its framework trains with "
@@ -431,13 +438,17 @@ def _benchmark(args) -> int:
 
 def _train(args) -> int:
     from gradparity.commands.train import TrainSpec, render_text, run_training, to_dict
+    from gradparity.commands.user_models import NOT_WITHOUT_SWEEP
 
     spec = TrainSpec(optimizer=args.optimizer, lr=args.lr, steps=args.steps, batch_size=args.batch_size,
                      reduction=args.reduction, schedule=args.schedule, dtype=args.dtype, seed=args.seed,
                      backends=tuple(_csv(args.backends)), timeout_s=args.timeout, equivalence=args.equivalence,
-                     model=args.model)
-    if args.sweep and args.model != "mlp":
-        raise ConfigError(f"--sweep trains the built-in MLP only, not --model {args.model}")
+                     model=args.model, data=args.data)
+    if args.sweep and args.model not in ("mlp",) and not args.model.endswith(".toml"):
+        raise ConfigError(f"--sweep trains the built-in MLP or a check config's models (--model CHECK.toml), not "
+                          f"--model {args.model}")
+    if args.model.endswith(".toml") and not args.sweep:
+        raise ConfigError(NOT_WITHOUT_SWEEP)
     sweep_only = [flag for flag, value, default in (("--class-weights", args.class_weights, "none"),
                                                     ("--last-batch", args.last_batch, "drop"),
                                                     ("--lr-grid", args.lr_grid, None),
@@ -648,7 +659,7 @@ def _compare_losses(args) -> int:
 def _diagnose(args) -> int:
     from gradparity.commands import diagnose as dg
     flags = {k: getattr(args, k) for k in ("batch_size", "dataset_size", "micro_batches", "replicas", "padding",
-                                          "dtype", "dropout", "batchnorm", "loss_reduction")}
+                                          "dtype", "dropout", "batchnorm", "loss_reduction", "grad_scale")}
     if args.methods is not None:
         pairs = [item.partition("=") for item in _csv(args.methods)]
         if not pairs or any(not (a.strip() and eq and b.strip()) for a, eq, b in pairs):

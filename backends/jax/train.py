@@ -119,6 +119,12 @@ class ModelTrainer(ModelTraining):
             self._steps[key] = (jax.jit(init), jax.jit(step))
         return self._steps[key]
 
+    def predict(self, x, state=None) -> np.ndarray:
+        """The module's output on ``x`` with the parameters ``state`` (the session's when None), jitted once."""
+        if not hasattr(self, "_apply"):
+            self._apply = jax.jit(self.model.apply)
+        return np.asarray(self._apply(self.model.params if state is None else state, x))
+
     def table(self, case: str, lrs: list[float]):
         """The case's learning rates on the device in the job's dtype (the schedule's table), once per case."""
         if case not in self._tables:
@@ -135,19 +141,21 @@ class ModelTrainer(ModelTraining):
         table = self.table(case, lrs)
         params = m.params
         opt_state = init(params)
-        history, losses = [], []
+        history, losses, accuracy = [], [], {}
         for t, ((x, y), w) in enumerate(zip(batches, weights or [None] * len(batches)), start=1):
             params, opt_state, loss = step(params, opt_state, x, y, w, table)
             # Arrays are immutable: keeping each step's params is free, read back once after the loop.
             if t in record:
                 history.append((t, params))
+                if self.held is not None:
+                    accuracy[t] = self.held_out_accuracy(params)
             losses.append(loss)
         arrays = {f"{t}/{key}": np.array(value, copy=True) for t, p in history for key, value in m.canonical(p).items()}
         y, w = batches[0][1], (weights or [None])[0]
         terms = 1 if w is None or w.ndim == y.ndim else int(np.prod(y.shape[w.ndim:]))
         return train_result(self.job, arrays, [float(v) for v in losses],
                             {"optimizer": environment_note(config),
-                             "loop": loop_text(m.loss_name, weights is not None, reduction, terms)})
+                             "loop": loop_text(m.loss_name, weights is not None, reduction, terms)}, accuracy)
 
 
 def open_session(job: WorkerJob) -> ModelTrainer:

@@ -89,6 +89,11 @@ class KerasTraining(ModelTraining):
         text = _LOOPS[m.variant].replace("TRAINING", str(m.training)) + f"; loss_fn = {loss}"
         return text + ("; loss_fn(y, logits, sample_weight=w_t), per-example weights w_t" if weighted else "")
 
+    def predict(self, x, state=None) -> np.ndarray:
+        """The model's output on ``x`` (the model holds the weights: ``state`` unused), in the session's mode."""
+        with self.model.ad.scope():
+            return np.asarray(_numpy(self.model.call(x)))
+
     def compute(self, case: str) -> RawResult:
         """Train from ``job.params`` with the run ``case``; parameters after the recorded steps and every loss."""
         m = self.model
@@ -113,6 +118,8 @@ class KerasTraining(ModelTraining):
                 # Copies: on the torch backend convert_to_numpy may share the variable's storage.
                 if t in record:
                     out.update({f"{t}/{key}": np.array(_numpy(v.value), copy=True) for v, key in trained})
+                    if self.held is not None:
+                        out[f"accuracy/{t}"] = np.array(self.held_out_accuracy(), dtype=np.float64)
         info = {"optimizer": environment_note(config), "loop": self._loop(keras_reduction, weights is not None)}
         return RawResult(float(out[f"loss/{len(batches)}"]), out, info)
 

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from gradparity.backends.protocol.jobs import RawResult, WorkerJob
+from gradparity.backends.protocol.jobs import IGNORE_INDEX, RawResult, WorkerJob
 
 
 def train_batches(job: WorkerJob, prefix: str = "") -> list[tuple[np.ndarray, np.ndarray]]:
@@ -63,12 +63,32 @@ def train_run(job: WorkerJob, case: str, steps: int) -> tuple[dict, list[float],
     return config, lrs, reduction, set(range(1, steps + 1)) if record is None else {int(t) for t in record}
 
 
-def train_result(job: WorkerJob, arrays: dict[str, np.ndarray], losses: list[float], info: dict) -> RawResult:
+def train_result(job: WorkerJob, arrays: dict[str, np.ndarray], losses: list[float], info: dict,
+                 accuracy: dict[int, float] | None = None) -> RawResult:
     """A training run's result: ``arrays`` (the parameters, "T/NAME") with every step's loss as "loss/T" in the
-    job's dtype, and the last step's loss as the result's loss."""
+    job's dtype, the held-out accuracy after recorded step T as "accuracy/T" (float64; a job with held-out
+    examples), and the last step's loss as the result's loss."""
     arrays = dict(arrays)
     arrays.update({f"loss/{t}": np.array(v, dtype=job.dtype) for t, v in enumerate(losses, start=1)})
+    arrays.update({f"accuracy/{t}": np.array(v, dtype=np.float64) for t, v in (accuracy or {}).items()})
     return RawResult(losses[-1], arrays, info)
+
+
+def step_accuracy(arrays: dict[str, np.ndarray], steps) -> list[float]:
+    """Decode the held-out accuracy after each step of ``steps`` ("accuracy/T", written by ``train_result``)."""
+    return [float(arrays[f"accuracy/{t}"]) for t in steps]
+
+
+def label_accuracy(logits: np.ndarray, y: np.ndarray) -> float:
+    """The fraction of targets whose logit is the largest (argmax over the last axis), ignoring targets equal to
+    IGNORE_INDEX (-100): the accuracy of class labels or of every token. NaN when every target is ignored."""
+    logits, y = np.asarray(logits), np.asarray(y)
+    if logits.shape[:-1] != y.shape:
+        raise ValueError(f"held-out logits {logits.shape} do not fit targets {y.shape}: the accuracy reads one "
+                         "row of class scores per target")
+    kept = y != IGNORE_INDEX
+    hits = (np.argmax(logits, axis=-1) == y) & kept
+    return float(hits.sum() / kept.sum()) if kept.any() else float("nan")
 
 
 def step_params(arrays: dict[str, np.ndarray], steps, names) -> list[dict[str, np.ndarray]]:
@@ -109,6 +129,9 @@ class ModelTraining:
         self._batches: dict[str, list] = {}
         self._weights: dict[str, list] = {}
         self._run_weights = {}
+        self.held = None
+        if "held/x" in job.batch:
+            self.held = (self.convert(job.batch["held/x"], job.batch["held/y"])[0], np.asarray(job.batch["held/y"]))
         for case, run in runs.items():
             self.batches(run)
             steps = len(self._batches[run.get("batches", "")])
@@ -121,6 +144,18 @@ class ModelTraining:
     def convert_weights(self, w: np.ndarray):
         """One batch's per-example weights (N,) as a tensor on the device, in the job's dtype."""
         raise NotImplementedError
+
+    def predict(self, x, state=None) -> np.ndarray:
+        """The tensor the loss reads for the converted inputs ``x`` (inference: no gradient), as numpy."""
+        raise NotImplementedError
+
+    def held_out_accuracy(self, state=None) -> float | None:
+        """The accuracy on the job's held-out examples of the model in ``state`` (``label_accuracy``), or None
+        for a job without them."""
+        if self.held is None:
+            return None
+        x, y = self.held
+        return label_accuracy(self.predict(x, state), y)
 
     def batches(self, run: dict) -> list:
         prefix = run.get("batches", "")

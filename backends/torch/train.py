@@ -66,6 +66,11 @@ class TorchTraining(ModelTraining):
         m = self.model
         return torch.from_numpy(np.asarray(w)).to(m.device, m.dtype)
 
+    def predict(self, x, state=None) -> np.ndarray:
+        """The model's output on ``x`` under ``torch.no_grad`` (the model holds the weights: ``state`` unused)."""
+        with torch.no_grad():
+            return self.model.forward(x).cpu().numpy()
+
     def compute(self, case: str) -> RawResult:
         """Train for K steps from the canonical start; the parameters after every recorded step and every step's
         loss."""
@@ -77,7 +82,7 @@ class TorchTraining(ModelTraining):
         optimizer = build_optimizer(config, [tensor for *_, tensor in trainable])
         (group,) = optimizer.param_groups
         weighted = None if weights is None else weighted_loss(m, reduction)
-        losses, snapshots = [], []
+        losses, snapshots, accuracy = [], [], {}
         for t, ((x, y), lr) in enumerate(zip(batches, lrs), start=1):
             optimizer.zero_grad()  # set_to_none: nothing of the previous step reaches this gradient
             out = m.model(x)
@@ -91,10 +96,13 @@ class TorchTraining(ModelTraining):
             if t in record:
                 snapshots.append((t, [(key, module, pname, tensor.detach().clone())
                                       for key, module, pname, tensor in trainable]))
+                if self.held is not None:
+                    accuracy[t] = self.held_out_accuracy()
         arrays = {f"{t}/{key}": np.array(to_canonical(module, pname, value.cpu().numpy()), copy=True)
                   for t, snap in snapshots for key, module, pname, value in snap}
         return train_result(self.job, arrays, [float(v) for v in torch.stack(losses).cpu().numpy()],
-                            {"optimizer": environment_note(config), "loop": LOOP if weights is None else WEIGHTED_LOOP})
+                            {"optimizer": environment_note(config), "loop": LOOP if weights is None else WEIGHTED_LOOP},
+                            accuracy)
 
 
 def open_session(job: WorkerJob) -> TorchTraining:

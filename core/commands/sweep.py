@@ -63,6 +63,7 @@ import numpy as np
 from gradparity.backends import BACKENDS, make_job
 from gradparity.backends.protocol import WorkerJob, builtin_payload, step_losses, step_params
 from gradparity.commands.train import DEFAULT_LR, TrainSpec, check_spec, held_out_accuracy, split_digits
+from gradparity.commands.user_models import HELD_OUT, is_check_config, open_models, read_models
 from gradparity.compare.trajectories import relative_distance
 from gradparity.errors import ConfigError, Interrupted
 from gradparity.experiment.inputs import seeded_rng, init_params
@@ -118,6 +119,9 @@ class SweepSpec:
     #: Framework workers at once: None = where cores allow (``concurrent_workers``); the benchmark runs 1, so
     #: that no worker's timing shares the cores with another's.
     parallel: int | None = None
+    #: ``--model CHECK.toml``: the check config's models, described and mapped (``user_models.open_models``;
+    #: ``run_sweep`` opens them when None).
+    models: object = field(default=None, repr=False, compare=False)
 
     @property
     def weighted(self) -> bool:
@@ -147,6 +151,17 @@ def check_sweep(spec: SweepSpec) -> None:
         problems.append(f"lr grid multipliers must be positive numbers, got {bad}")
     elif len(set(spec.lr_grid)) != len(spec.lr_grid) or len(spec.lr_grid) > MAX_GRID:
         problems.append(f"lr grid: at most {MAX_GRID} distinct multipliers, got {list(spec.lr_grid)}")
+    if is_check_config(spec.base.model):
+        if spec.weighted:
+            problems.append("--class-weights with --model CHECK.toml: the class weights are drawn for the digits' "
+                            "ten classes; train a check config's models without them")
+        user = read_models(spec.base.model, spec.base.data)
+        n = int(round(len(user.y) * (1 - HELD_OUT)))
+        big = [b for b in spec.batch_sizes if b > n]
+        if big:
+            problems.append(f"batch sizes {big} are larger than the {n} training examples of {spec.base.model}'s "
+                            f"data ({len(user.y)} examples, {HELD_OUT:.0%} held out); give more examples with "
+                            "--data FILE.npz or smaller --batch-sizes")
     if spec.seeds and (len(set(spec.seeds)) != len(spec.seeds) or len(spec.seeds) > MAX_SEEDS
                        or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in spec.seeds)):
         problems.append(f"seeds: at most {MAX_SEEDS} distinct non-negative integers, got {list(spec.seeds)}")
@@ -384,6 +399,10 @@ def run_sweep(spec: SweepSpec, progress=None) -> SweepReport:
     """The sweep (see the module doc); with several seeds, once per seed, merged (``_merge_seeds``)."""
     check_sweep(spec)
     say = progress or (lambda _m: None)
+    if is_check_config(spec.base.model) and spec.models is None:
+        models = open_models(read_models(spec.base.model, spec.base.data), spec.base.model, say)
+        spec = replace(spec, models=models, base=replace(spec.base, backends=tuple(
+            models.backend(fw) for fw in models.spec.frameworks)))
     if len(spec.seeds) > 1:
         reports = []
         for i, seed in enumerate(spec.seeds, start=1):
@@ -394,10 +413,23 @@ def run_sweep(spec: SweepSpec, progress=None) -> SweepReport:
         return _merge_seeds(spec, reports)
     if spec.seeds:
         spec = replace(spec, base=replace(spec.base, seed=spec.seeds[0]))
-    base = spec.base
-    (x, y), held, desc = split_digits(base)
-    model = MLP((x.shape[1], *base.hidden, 10), base.activation)
-    params = init_params(model, base.seed, base.dtype)
+    base, user = spec.base, spec.models
+    if user is None:
+        (x, y), held, desc = split_digits(base)
+        model = MLP((x.shape[1], *base.hidden, 10), base.activation)
+        params = init_params(model, base.seed, base.dtype)
+    else:  # a check config's models: the source's weights, the accuracy measured in each worker
+        (x, y), held, desc = user.split(base.seed, base.dtype)
+        model, params = None, {k: user.values[k] for k in user.trainable}
+        desc = f"{user.describe()}; {desc}"
+
+    def job(backend: str) -> WorkerJob:
+        if user is None:
+            return train_job(base, backend, model, params, batch, runs)
+        return user.job(backend, batch, runs, held)
+
+    def accuracy(arrays: dict, steps: list[dict], ends: list[int]) -> list[float]:
+        return held_out_accuracy(model, steps, held) if user is None else user.accuracy(arrays, ends)
     lr0 = base.lr if base.lr is not None else DEFAULT_LR[base.optimizer]
     config = replace(base, lr=lr0).config()
     weights_per_class = class_weights(y, spec.class_weights, base.seed)
@@ -439,7 +471,7 @@ def run_sweep(spec: SweepSpec, progress=None) -> SweepReport:
         say(f"{workers} framework workers at a time ({os.cpu_count()} cores)")
     interrupted = None
     try:
-        outcomes = run_jobs([WorkerRun(train_job(base, b, model, params, batch, runs), BACKENDS[b],
+        outcomes = run_jobs([WorkerRun(job(b), BACKENDS[b],
                                        base.timeout_s * max(1, len(runs) // 4), label=f"running {b} ({what}) ...")
                              for b in base.backends], say=say, parallel=workers, bars=progress is not None)
     except Interrupted as exc:  # the cells of what finished are kept; the others say "interrupted"
@@ -464,7 +496,7 @@ def run_sweep(spec: SweepSpec, progress=None) -> SweepReport:
             first = case not in timed   # a shared run's time counts once
             timed.add(case)
             cells.append(Cell(backend, c.batch_size, c.rule, reduction, lr, "ok", None,
-                              held_out_accuracy(model, steps, held),
+                              accuracy(row.grads, steps, seq.ends),
                               _epoch_losses(losses, totals[(c.batch_size, c.last_batch, reduction)], seq.ends),
                               steps[-1], row.seconds if first else None, seq.ends[-1] if first else 0, **common))
     parity_all = {}
@@ -643,228 +675,27 @@ def framework_parity(report: SweepReport) -> list[dict]:
     return out
 
 
-def parity_lines(report: SweepReport) -> list[str]:
-    """Do the frameworks train identically? Per pair, the largest final difference and why."""
-    lines = ["do the frameworks train identically (same start, same batches, final parameters compared)?"]
-    for p in framework_parity(report):
-        if p["max_rel_final_params"] is None:
-            lines.append(f"  {p['a']} vs {p['b']}: no configuration ran in both")
-            continue
-        w = p["where"]
-        where = f"B {w['batch_size']}, {w['rule']}" + (f" x{w['multiplier']:g}" if w["multiplier"] != 1 else "") + (
-            f", seed {w['seed']}" if len(report.seeds) > 1 else "")
-        why = ("the same update in both at a constant lr (their optimizer rules agree), so the difference is "
-               "rounding, amplified by training (most where the lr is large)" if p["same_update"] else
-               "their optimizer rules differ (" + "; ".join(p["rule_differences"]) + "): `gradparity optimizers` "
-               "measures it, `gradparity translate` gives the configuration that removes it")
-        lines.append(f"  {p['a']} vs {p['b']}: largest difference {p['max_rel_final_params']:.3g} (relative to the "
-                     f"largest parameter; {where}); why: {why}")
-    return lines
+# --- text: commands/sweep_report.py says what the sweep measured (the terminal, report.md, report.html) ---------
 
+def render_text(report: SweepReport) -> str:
+    """The terminal's text (``sweep_report.render_text``)."""
+    from gradparity.commands.sweep_report import render_text as text
 
-# --- text --------------------------------------------------------------------------------------------------
+    return text(report)
+
 
 def timing_lines(report: SweepReport) -> list[str]:
-    """The benchmark: the sweep's wall time, and per framework its worker's wall time and time per step."""
-    lines = [f"benchmark: the sweep took {report.total_seconds:.1f} s wall in all ({len(report.cells)} "
-             f"configurations x framework runs); per framework:"]
-    for backend, wall in report.wall_seconds.items():
-        cells = [c for c in report.cells if c.backend == backend and c.status == "ok" and c.seconds]
-        steps = sum(c.steps for c in cells)
-        timed = sum(c.seconds for c in cells)
-        per_step = f"{1000 * timed / steps:.3f} ms/step over {steps} steps" if steps else "no timed steps"
-        lines.append(f"  {backend:<18} worker {wall:6.1f} s wall (import, set-up, one warm-up run per "
-                     f"configuration and the timed run); timed training {timed:6.2f} s: {per_step}")
-    lines.append("  (CPU wall-clock time on this machine; one timed run per configuration after its warm-up run, "
-                 "which pays compilation; the per-step time includes keeping each step's loss for the report"
-                 + ("; the workers ran side by side, sharing the cores" if concurrent_workers(report.spec) > 1
-                    else "") + ")")
-    return lines
+    """The benchmark's lines (``sweep_report.timing_lines``)."""
+    from gradparity.commands.sweep_report import timing_lines as lines
 
-
-def _reduction_words(spec: SweepSpec) -> str:
-    if not spec.weighted:
-        return "mean = sum(l) / N, sum = sum(l)"
-    return ("weighted: mean* = sum(w l) / sum(w) (torch CrossEntropyLoss(weight=...), Keras mean_with_sample_weight), "
-            "sobs* = sum(w l) / N (Keras sum_over_batch_size with sample_weight), sum = sum(w l)")
+    return lines(report)
 
 
 def recipe_lines(report: SweepReport) -> list[str]:
-    """The learning rate to use at each batch size, with the sweep's evidence: the rules' accuracies, and with
-    the options the weights' spread, the short batch's effect and the grid."""
-    base, bs = report.spec.base, report.spec.batch_sizes
-    table = report.spec.rules()
-    names = list(table)
-    ref = report.accuracy("mean", B0) if B0 in bs else None
-    seeds = report.seeds
-    lines = [f"learning-rate recipe from (B0 = {B0}, lr0 = {report.lr0:g}), {base.optimizer}, "
-             f"held-out accuracy after {report.spec.epochs} epochs (mean over frameworks"
-             + (f" and {len(seeds)} seeds, ± their standard deviation" if len(seeds) > 1 else "") + "):"]
-    lines.append(f"{'B':>5} " + " ".join(f"{n:>22}" for n in names) + "   best")
-    for b in bs:
-        accs = {n: report.accuracy(n, b) for n in names}
-        cells = []
-        for n in names:
-            reduction, lr = table[n](report.lr0, b)
-            a, sd = accs[n], report.spread(n, b)
-            text = (f"{a:.3f}" + (f"±{sd:.3f}" if sd is not None else "")) if a is not None else "failed"
-            cells.append(f"{text + f' (lr {lr:.3g})':>22}")
-        best = max((n for n in names if accs[n] is not None), key=lambda n: accs[n], default=None)
-        lines.append(f"{b:>5} " + " ".join(cells) + f"   {best or '-'}")
-    if report.spec.weighted or report.spec.last_batch == "keep":
-        lines.append(f"  reductions: {_reduction_words(report.spec)}; "
-                     f"{'short last batch kept' if report.spec.last_batch == 'keep' else 'short last batch dropped'}")
-    if ref is not None:
-        linear = "mean_linear"
-        accs = {b: report.accuracy(linear, b) for b in bs}
-        up_to, stops = _holds_up_to(bs, {b: a is not None and a >= ref - HOLDS for b, a in accs.items()})
-        lines.append(f"linear scaling (mean, lr = B * lr0 / {B0}) keeps the accuracy of B0 = {B0} ({ref:.3f}) within "
-                     f"{HOLDS:g} up to B = {up_to or B0}"
-                     + (f"; it stops holding at B = {stops}" if stops else " (every larger B measured)"))
-        if stops and report.spread("mean", B0) is not None and report.spread(linear, stops) is not None:
-            drop = ref - accs[stops]
-            # The standard error of a difference of two means over the seeds.
-            se = math.hypot(report.spread("mean", B0), report.spread(linear, stops)) / math.sqrt(len(seeds))
-            lines.append(f"  at B = {stops} the drop is {drop:.4f} and its standard error over {len(seeds)} seeds "
-                         f"{se:.4f}: " + ("resolved (more than twice it)" if drop > 2 * se else
-                                          "NOT resolved (within twice it): more seeds or epochs would decide"))
-        noise = [v for v in (report.spread(n, b) for n in names for b in bs) if v is not None]
-        if noise:
-            lines.append(f"  seed-to-seed standard deviation of these accuracies: median {np.median(noise):.3f}, "
-                         f"largest {max(noise):.3f} ({len(seeds)} seeds); a difference below about twice it is "
-                         "not resolved by this sweep"
-                         + (f", and HOLDS = {HOLDS:g} is within it" if np.median(noise) * 2 > HOLDS else ""))
-    return lines + weight_lines(report) + last_batch_lines(report) + grid_lines(report)
+    """The recipe and the options' tables as text (``sweep_report.recipe_lines``; report.json's "recipe")."""
+    from gradparity.commands.sweep_report import recipe_lines as lines
 
-
-def weight_lines(report: SweepReport) -> list[str]:
-    """With class weights: the per-class weights, and per batch size how far sum(w) / N strays from batch to batch,
-    with the accuracy of the weighted mean and of sum_over_batch_size at the same lr."""
-    stats = weight_stats(report)
-    if stats is None:
-        return []
-    spec, c = report.spec, report.class_weights
-    how = ("n / (10 n_k) from the training split" if spec.class_weights == "balanced" else
-           f"per class from 1/{SKEW:g} to {SKEW:g} in geometric steps, classes in a seeded order")
-    lines = ["", f"class weights ({spec.class_weights}: {how}; scaled to mean example weight 1 over the training "
-                 f"split): " + ", ".join(f"{k}: {v:.3f}" for k, v in enumerate(c)),
-             "a sum_over_batch_size step is the weighted mean's step times sum(w) / N of its batch; measured on this "
-             "sweep's batches (every step of every epoch):",
-             f"{'B':>5} {'steps':>6} {'min':>7} {'max':>7} {'mean':>7} {'std':>7} {'max/min':>8}   accuracy "
-             f"mean vs sobs (same lr)"]
-    pairs = [(m, "sobs" + m[4:]) for m in spec.rules() if m.startswith("mean")]
-    for s in stats:
-        b = s["batch_size"]
-        accs = []
-        for m, o in pairs:
-            am, ao = report.accuracy(m, b), report.accuracy(o, b)
-            if am is not None and ao is not None:
-                accs.append(f"{m} {am:.3f} / {o} {ao:.3f}")
-        lines.append(f"{b:>5} {s['steps']:>6} {s['min']:>7.3f} {s['max']:>7.3f} {s['mean']:>7.3f} {s['std']:>7.3f} "
-                     f"{s['max_over_min']:>8.2f}   " + ", ".join(accs))
-    widest = max(stats, key=lambda s: s["max_over_min"])
-    lines.append(f"no constant lr factor converts one into the other: the factor that would give sum_over_batch_size "
-                 f"the weighted mean's step is N / sum(w), from {1 / widest['max']:.3f} to {1 / widest['min']:.3f} "
-                 f"between batches at B = {widest['batch_size']} (a {widest['max_over_min']:.2f}x range); its mean "
-                 f"over batches, 1 / {widest['mean']:.3f}, is right only on average")
-    return lines
-
-
-def last_batch_lines(report: SweepReport) -> list[str]:
-    """With ``keep``: per batch size and rule the short batch's weight per example, and keep - drop."""
-    effect = last_batch_effect(report)
-    if effect is None:
-        return []
-    lines = ["", "short last batch kept (each epoch ends with the n mod B examples left, at the rule's lr) vs dropped "
-                 "(same data order): an example's weight in the update is lr x its factor in the reduced loss "
-                 "(per unit of sample weight); short / full = that weight in the short step over a full step's:",
-             f"{'B':>5} {'b_last':>6} {'B/b_last':>8}  {'rule':<12} {'short/full':>10} {'acc keep':>9} {'acc drop':>9} "
-             f"{'keep-drop':>9} {'params keep vs drop':>20}"]
-    for e in effect:
-        ratio = f"{e['short_over_full']:.3f}" if e["short_over_full"] is not None else "-"
-        b_over = f"{e['batch_size'] / e['b_last']:.3f}" if e["b_last"] else "-"
-        acc = [f"{v:.3f}" if v is not None else "-" for v in (e["accuracy_keep"], e["accuracy_drop"])]
-        diff = f"{e['accuracy_difference']:+.3f}" if e["accuracy_difference"] is not None else "-"
-        dist = f"{e['max_rel_param_difference']:.3g}" if e["max_rel_param_difference"] is not None else "-"
-        lines.append(f"{e['batch_size']:>5} {e['b_last']:>6} {b_over:>8}  {e['rule']:<12} {ratio:>10} {acc[0]:>9} "
-                     f"{acc[1]:>9} {diff:>9} {dist:>20}")
-    lines.append("  (mean and sum_over_batch_size divide by the batch's own size, so a short-batch example weighs "
-                 "B/b_last times a full-batch one; sum weighs every example the same; the weighted mean divides by "
-                 f"the batch's own total weight; accuracy in fractions of the {report.held_out} held-out digits, "
-                 f"one example = {1 / max(report.held_out, 1):.4f}; parameters as the largest |difference| over the "
-                 "largest |parameter|)")
-    return lines
-
-
-def grid_lines(report: SweepReport) -> list[str]:
-    """With an lr grid: per batch size and reduction the best measured lr against the rules' predictions."""
-    grid = grid_results(report)
-    if grid is None:
-        return []
-    lines = ["", f"learning-rate grid: each rule's lr x {', '.join(f'{m:g}' for m in grid['multipliers'])} "
-                 f"({len(grid['points'])} distinct (B, reduction, lr) points, held-out accuracy after "
-                 f"{report.spec.epochs} epochs, mean over frameworks):",
-             f"{'B':>5} {'reduction':<20} {'points':>6} {'best lr':>10} {'x lr0':>7} {'acc':>6}   rule predictions: "
-             "lr (accuracy, best / predicted lr)"]
-    for row in grid["best"]:
-        n = sum(1 for p in grid["points"] if p["batch_size"] == row["batch_size"] and p["reduction"] == row["reduction"])
-        preds = ", ".join(f"{p['rule']} {p['lr']:.3g} ({p['accuracy']:.3f}, {p['best_lr_over_predicted']:.3g}x)"
-                          if p["accuracy"] is not None else f"{p['rule']} failed" for p in row["predictions"])
-        edge = "e" if row["at_grid_edge"] else " "
-        lines.append(f"{row['batch_size']:>5} {row['reduction']:<20} {n:>6} {row['lr']:>10.4g}{edge}"
-                     f"{row['multiple_of_lr0']:>7.3g} {row['accuracy']:>6.3f}   {preds}")
-    if any(row["at_grid_edge"] for row in grid["best"]):
-        lines.append("  e: the best lr is the smallest or largest measured at that B: the optimum may lie beyond the grid")
-    one = 1.0 / report.held_out if report.held_out else 0.0
-    apart = [p for p in grid["points"] if p["accuracy_max"] - p["accuracy_min"] > one]
-    if apart:
-        lines.append("frameworks apart by more than one held-out example (" + f"{one:.4f}" + ") at: " + "; ".join(
-            f"B {p['batch_size']} {p['reduction']} lr {p['lr']:.3g} ({p['accuracy_min']:.3f} to "
-            f"{p['accuracy_max']:.3f})" for p in apart) + " (a learning rate at which training is unstable amplifies "
-            "the frameworks' rounding differences)")
-    gap = grid["linear_gap_to_best"]
-    if gap:
-        worst = max(gap, key=lambda b: gap[b])
-        at, stops = grid["linear_holds_at"], grid["linear_stops_at"]
-        lines.append(f"linear scaling against the grid: {grid['linear_rule']} (lr0 * B / {B0}) is within {HOLDS:g} of "
-                     f"the best measured lr's accuracy at B = {', '.join(map(str, at)) or 'none'}"
-                     + ("" if not stops else
-                        f"; it fails already at B0 = {B0}, where lr0 is {gap[str(stops)]:.3f} below the grid's best "
-                        f"(lr0 is not the best lr at B0 for this configuration)" if stops == B0 else
-                        f"; from B0 = {B0} on it stops holding at B = {stops} ({gap[str(stops)]:.3f} below the best)")
-                     + f"; largest gap {gap[worst]:.3f} at B = {worst}")
-    return lines
-
-
-def render_text(report: SweepReport) -> str:
-    base = report.spec.base
-    lines = [f"INTERRUPTED by {signal.Signals(report.interrupted).name}: only what finished before it is reported",
-             ""] if report.interrupted is not None else []
-    lines += [f"gradparity train --sweep: {base.optimizer}, MLP 64-{'-'.join(map(str, base.hidden))}-10 "
-             f"{base.activation}, {base.dtype}; {report.description}", ""]
-    lines += recipe_lines(report)
-    lines += ["", "per framework (held-out accuracy after each epoch; per-example training loss of the last "
-                  "epoch" + (", weighted by w" if report.spec.weighted else "") + "):"]
-    for c in sorted(report.main_cells, key=lambda c: (c.batch_size, c.rule, c.backend, c.seed)):
-        if c.status != "ok":
-            lines.append(f"  B {c.batch_size:>4} {c.rule:<12} {c.backend:<18} FAILED: "
-                         f"{(c.error or c.status).splitlines()[0]}")
-            continue
-        seed = f" seed {c.seed}" if len(report.seeds) > 1 else ""
-        lines.append(f"  B {c.batch_size:>4} {c.rule:<12} {c.backend:<18}{seed} lr {c.lr:<10.4g} "
-                     f"accuracy {' '.join(f'{a:.3f}' for a in c.accuracy)}  loss {c.epoch_loss[-1]:.4f}")
-    extra = [c for c in report.cells if c.role != "main"]
-    if extra:
-        failed = [c for c in extra if c.status != "ok"]
-        lines.append(f"  and {len(extra)} grid / dropped-last-batch framework runs (report.json's extra_cells), "
-                     f"{len(failed)} failed")
-        for c in failed:
-            lines.append(f"  B {c.batch_size:>4} {c.rule:<12} x{c.multiplier:g} {c.last_batch} {c.backend:<18} FAILED: "
-                         f"{(c.error or c.status).splitlines()[0]}")
-    lines += [""] + timing_lines(report)
-    if len(report.spec.base.backends) > 1:
-        lines += [""] + parity_lines(report)
-    return "\n".join(lines)
+    return lines(report)
 
 
 def _cell_dict(c: Cell) -> dict:

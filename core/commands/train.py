@@ -65,6 +65,9 @@ class TrainSpec:
     #: "sequence" (the causal transformer) on seeded token sequences; cnn and sequence take ``gradparity run``'s
     #: default settings for them (``activation`` applies to the cnn).
     model: str = "mlp"
+    #: With ``model`` a check config (``CHECK.toml``): an .npz of examples to train on instead of the check's
+    #: batch (the same array names).
+    data: str | None = None
 
     @property
     def optimizer_text(self) -> str | None:
@@ -163,7 +166,10 @@ def check_spec(spec: TrainSpec) -> None:
         problems.append(f"steps must be in 1..10000, got {spec.steps}")
     if not 1 <= spec.batch_size <= 1797:
         problems.append(f"batch size must be in 1..1797 (the digits), got {spec.batch_size}")
-    for name, value, choices in (("model", spec.model, MODELS), ("reduction", spec.reduction, ("mean", "sum")),
+    if spec.data is not None and not spec.model.endswith(".toml"):
+        problems.append("--data gives the examples of a check config's models: use it with --model CHECK.toml")
+    for name, value, choices in (("model", spec.model, MODELS + ("CHECK.toml",) if not spec.model.endswith(".toml")
+                                  else (spec.model,)), ("reduction", spec.reduction, ("mean", "sum")),
                                  ("schedule", spec.schedule, ("constant", "step")),
                                  ("dtype", spec.dtype, ("float32", "float64"))):
         if value not in choices:
@@ -359,6 +365,10 @@ def rounding_only_under_adam(spec: TrainSpec, model, params, batches) -> frozens
 
 def run_training(spec: TrainSpec, progress=None) -> TrainReport:
     """Train in every backend, compute the numpy trajectories, compare step by step."""
+    if spec.model.endswith(".toml"):
+        from gradparity.commands.user_models import NOT_WITHOUT_SWEEP
+
+        raise ConfigError(NOT_WITHOUT_SWEEP)
     from gradparity.reference.models import trajectory as model_trajectory
     from gradparity.reference.train import trajectory as mlp_trajectory
 
