@@ -26,6 +26,8 @@ TASKS = {
     "model_train": "train",
     "loss_functions": "losses",
     "optimizer_steps": "optimizers",
+    "data_parallel": "parallel",
+    "data_parallel_train": "parallel",
 }
 
 
@@ -129,7 +131,9 @@ _ALL += [
 # The legacy Keras 2 package (tf_keras): loss functions (``gradparity translate``) and a user's tf_keras model
 # (``gradparity check``: Hugging Face's TF models); no built-in model, so no "gradients" task and no ``losses``.
 _ALL.append(BackendInfo("tf-keras", "tf_keras",
-                        package_modules("gradparity.backends.tf_keras", ("loss_functions", "model_check")),
+                        package_modules("gradparity.backends.tf_keras",
+                                                        ("loss_functions", "model_check", "data_parallel",
+                                                         "data_parallel_train")),
                         "tf-keras", ("tf_keras", "tensorflow"), frozenset()))
 
 BACKENDS: dict[str, BackendInfo] = {b.name: b for b in _ALL}

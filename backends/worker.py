@@ -233,7 +233,7 @@ def _run_methods(job: WorkerJob, job_dir: Path, state: dict, save, turns: Timing
             if turns.note and state["environment"] is not None:
                 state["environment"]["timing_note"] = turns.note
             grads = _check_grads(job, method, raw.grads)
-            grads_file = f"grads-{method}.npz"
+            grads_file = "grads-" + method.replace("/", "%2F") + ".npz"  # data-parallel cases hold a "/"
             np.savez(job_dir / (grads_file + ".tmp.npz"), **grads)
             os.replace(job_dir / (grads_file + ".tmp.npz"), job_dir / grads_file)
             row.update(status="ok", loss=float(raw.loss), seconds=seconds, grads_file=grads_file,

@@ -38,7 +38,8 @@ def _overrides(args) -> dict:
                             ("dtype", "dtype", str), ("device", "device", str),
                             ("precision", "precision", str), ("seed", "seed", int),
                             ("batch_size", "data.batch_size", int), ("timeout", "timeout_s", float),
-                            ("model", "model.kind", str), ("layer_defaults", "model.defaults", str)):
+                            ("model", "model.kind", str), ("layer_defaults", "model.defaults", str),
+                            ("data_parallel", "parallel.replicas", int)):
         value = getattr(args, flag, None)
         if value is None:
             continue
@@ -210,6 +211,10 @@ def _parser() -> argparse.ArgumentParser:
                      "for a CNN or sequence model")
     _add_seed(run, None, default_text="the experiment's seed; embedded: 0")
     run.add_argument("--batch-size", type=int)
+    run.add_argument("--data-parallel", type=int, metavar="R",
+                     help="also run every framework's own data-parallel engines on R replicas of this machine "
+                          "(torch DDP/FSDP2 over gloo, tf.distribute MirroredStrategy, JAX sharding) and report "
+                          "each reduction's factor against the single-device gradient ([parallel] replicas)")
     _add_timeout(run, None, worker="backend worker", default_text="the experiment's timeout_s; embedded: 600")
     _add_out(run, "gradparity-out", "report.json, report.md, report.html, its plots, inputs.npz, gradients.npz")
     run.add_argument("--check", action="store_true",
@@ -369,6 +374,10 @@ def _parser() -> argparse.ArgumentParser:
     trn.add_argument("--equivalence", action="store_true",
                      help="also train with the other reduction at the lr that should give identical updates "
                           "(sum at lr/B for SGD, the same lr for Adam) and report how far apart they are")
+    trn.add_argument("--data-parallel", type=int, metavar="R",
+                     help="train on every framework's own data-parallel engines with R replicas of this machine "
+                          "(the global batch --batch-size split R ways) against single-device training, step by "
+                          "step")
     trn.add_argument("--sweep", action="store_true",
                      help="sweep batch sizes x learning-rate rules (mean at lr0, mean at lr0*B/32, sum at lr0/32; "
                           "Adam also sqrt scaling) for --epochs, every framework, and print the learning-rate recipe")
@@ -436,6 +445,28 @@ def _benchmark(args) -> int:
     return result.exit_code
 
 
+def _train_parallel(args, spec) -> int:
+    """``train --data-parallel R``: commands.train_parallel, its report into --out."""
+    from gradparity.commands import train_parallel as tp
+    from gradparity.report.outdir import OutputDir, new_run_id
+
+    if args.sweep:
+        raise ConfigError("--data-parallel trains step by step against one device; it does not combine with --sweep")
+    tp.check(spec, args.data_parallel)  # exit 2 before the output folder or any process
+    run_id = new_run_id()
+    folder = OutputDir.claim(args.out, run_id, ("report.json", "report.md"))
+    try:
+        report = tp.run_parallel_training(spec, args.data_parallel,
+                                          progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+        tp.write_report(report, folder, run_id)
+    finally:
+        folder.release()
+    print(dumps(tp.to_dict(report)) if args.json else "\n".join(tp.render_lines(report)))
+    if not args.json:
+        print(f"\nwrote {Path(args.out) / 'report.json'}, report.md (run {run_id})")
+    return report.exit_code
+
+
 def _train(args) -> int:
     from gradparity.commands.train import TrainSpec, render_text, run_training, to_dict
     from gradparity.commands.user_models import NOT_WITHOUT_SWEEP
@@ -449,6 +480,8 @@ def _train(args) -> int:
                           f"--model {args.model}")
     if args.model.endswith(".toml") and not args.sweep:
         raise ConfigError(NOT_WITHOUT_SWEEP)
+    if args.data_parallel is not None:
+        return _train_parallel(args, spec)
     sweep_only = [flag for flag, value, default in (("--class-weights", args.class_weights, "none"),
                                                     ("--last-batch", args.last_batch, "drop"),
                                                     ("--lr-grid", args.lr_grid, None),

@@ -22,6 +22,9 @@ RESULT_FILE = "result.json"
 #: Environment variable naming a lock file that workers running side by side hold while they time a method,
 #: so that no timed call shares the cores with another worker's (``gradparity.run.runner``).
 TIMING_LOCK_ENV = "GRADPARITY_TIMING_LOCK"
+#: Prefix of every worker's job folder (and of folders a worker makes for its own children: torch's replicas);
+#: the parent's pid follows, so the runner finds stale ones (``run.execute.remove_stale_job_dirs``).
+JOB_DIR_PREFIX = "gradparity-job-"
 
 
 @dataclass(frozen=True)
@@ -136,7 +139,7 @@ class WorkerJob:
 
         if self.task == "loss_functions":
             return {"logits": tuple(self.batch[f"{loss_case_batch(method)}/logits"].shape)}
-        if self.task in ("optimizer_steps", "train", "model_train") or (self.task == "model_check" and (
+        if self.task in ("optimizer_steps", "train", "model_train", "data_parallel_train") or (self.task == "model_check" and (
                 "builtin" not in self.payload or method in MODEL_CASES)):
             return {}  # a user's model: names and shapes are what the backend found (core checks them)
         return {name: tuple(p.shape) for name, p in self.params.items()}

@@ -72,6 +72,11 @@ def run_experiment(
     say = progress or (lambda _msg: None)
     started, run_id = _now(), new_run_id()
     inputs = build_inputs(exp)
+    if exp.parallel.on:
+        from gradparity.experiment.parallel import preflight
+        from gradparity.run.runner import available_memory_bytes
+
+        preflight(exp.parallel, available_memory_bytes())
     out = OutputDir.claim(out_dir, run_id, REPORT_FILES) if out_dir is not None else None
     try:
         runs = [WorkerRun(experiment_job(exp, inputs, registry[name]), registry[name], exp.timeout_s,
@@ -83,10 +88,14 @@ def run_experiment(
             interrupted = exc
             outcomes = list(exc.outcomes.values())
             say(f"  interrupted by {interrupted.signal_name}: writing what finished")
+        parallel = None
+        if exp.parallel.on and interrupted is None:
+            parallel, interrupted = _data_parallel_stage(exp, inputs, say)
         report = None
         try:
             with signals_deferred():
                 report = _conclude(exp, inputs, outcomes, started, run_id, interrupted)
+                report.data_parallel = parallel
                 if out is not None:
                     from gradparity.report.render import write_report
 
@@ -104,6 +113,20 @@ def run_experiment(
         interrupted.report = report
         raise interrupted
     return report
+
+
+def _data_parallel_stage(exp: Experiment, inputs: CanonicalInputs, say):
+    """The engines' stage (``commands.data_parallel``) after the methods: its report, and the interruption that
+    stopped it (its finished backends kept)."""
+    from gradparity.commands import data_parallel as dp
+
+    tol = tolerance_for(inputs.model, inputs.n_examples, problem_term_scale(inputs.params, inputs.batch,
+                                                                            inputs.model))
+    try:
+        return dp.run_data_parallel(exp, inputs, tol, say), None
+    except Interrupted as exc:
+        say(f"  interrupted by {exc.signal_name}: writing what finished")
+        return dp.report_from(exp, inputs, tol, exc.outcomes, exc.signal_name), exc
 
 
 def _conclude(exp: Experiment, inputs: CanonicalInputs, outcomes: list[BackendOutcome], started: str,

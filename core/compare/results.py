@@ -32,3 +32,5 @@ class Report:
     finished_utc: str
     run_id: str = ""
     interrupted: str | None = None
+    #: ``--data-parallel R``: the engines' section (``commands.data_parallel.DataParallelReport``), or None.
+    data_parallel: object = None

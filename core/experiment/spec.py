@@ -20,6 +20,7 @@ from gradparity.errors import ConfigError
 from gradparity.experiment.causes import ACCUMULATE, AUTOCAST, SWITCHES, Causes
 from gradparity.experiment.causes import check as check_causes
 from gradparity.experiment.methods import METHODS
+from gradparity.experiment.parallel import ParallelSpec, check_parallel
 from gradparity.experiment.models import (ACTIVATIONS, CNN_ACTIVATIONS, GELU_FORMS, LAYER_DEFAULTS, MODEL_KINDS,
                                          PADDINGS, LayerOptions)
 from gradparity.losses.catalogue import LOSSES
@@ -100,6 +101,8 @@ class Experiment:
     loss: LossSpec
     keras_backend: str
     causes: Causes = Causes()
+    #: ``[parallel]``: replicas R (0: off) and the backends whose data-parallel engines run.
+    parallel: ParallelSpec = ParallelSpec()
 
     def to_dict(self) -> dict:
         """JSON-ready form, as recorded in report.json."""
@@ -107,6 +110,7 @@ class Experiment:
         d["backends"] = list(self.backends)
         d["methods"] = list(self.methods)
         d["model"] = self.model.to_dict()
+        d["parallel"] = self.parallel.to_dict()
         d["data"] = {k: v for k, v in d["data"].items() if v is not None}
         return d
 
@@ -114,7 +118,7 @@ class Experiment:
 # --- schema ---------------------------------------------------------------
 
 _TOP_KEYS = ("name", "seed", "dtype", "device", "precision", "backends", "methods",
-             "timeout_s", "model", "data", "loss", "keras", "causes")
+             "timeout_s", "model", "data", "loss", "keras", "causes", "parallel")
 _TABLE_KEYS = {
     "model": ("kind", "hidden", "activation", "channels", "strides", "kernel_size", "padding", "vocab",
               "seq_len", "width", "heads", "mlp_width", "gelu", "layernorm_epsilon", "defaults"),
@@ -123,6 +127,7 @@ _TABLE_KEYS = {
     "loss": ("name",),
     "keras": ("backend",),
     "causes": SWITCHES,
+    "parallel": ("replicas", "backends"),
 }
 _SOURCE_KEYS = {
     "digits": (),
@@ -318,12 +323,19 @@ def validate(cfg: dict, base_dir: Path | None = None) -> Experiment:
             if name in causes.on():
                 c.fail(f"causes.{name} acts on hidden layers, and model.hidden is empty")
 
+    parallel = ParallelSpec()
+    if backends and data is not None and model is not None:
+        parallel, problems = check_parallel(tables["parallel"], backends, data.batch_size, model.kind,
+                                            causes.on() if causes is not None else ())
+        for problem in problems:
+            c.fail(problem)
+
     if c.problems:
         raise ConfigError(c.problems)
     if name is None:
         name = _derived_name(data, model)
     return Experiment(name, seed, dtype, device, precision, backends, methods, float(timeout),
-                      model, data, LossSpec(loss_name), keras_backend, causes)
+                      model, data, LossSpec(loss_name), keras_backend, causes, parallel)
 
 
 def _causes(c: "_Checker", t: dict) -> Causes | None:

@@ -99,6 +99,7 @@ def to_dict(report: Report) -> dict:
         "comparisons": comparison_rows(report.comparisons),
         "causes": {"on": report.experiment.causes.describe(), "effect": switch_effect(report)},
         "verdict": report.verdict.to_dict(),
+        "data_parallel": report.data_parallel.to_dict() if report.data_parallel is not None else None,
         "files": {},  # filled by write_report: name -> sha256 of the file written with this report
     }
 
@@ -384,6 +385,10 @@ def render_text(report: Report) -> str:
         parts += ["Errors:"] + [f"  {e}" for e in errors] + [""]
     parts.append(report.verdict.summary)
     parts += [f"  {line}" for line in report.verdict.explanation]
+    if report.data_parallel is not None:
+        from gradparity.report.parallel import render_lines
+
+        parts += [""] + render_lines(report.data_parallel)
     return "\n".join(parts)
 
 
@@ -416,4 +421,8 @@ def render_markdown(report: Report) -> str:
            "- inputs.npz checksums (SHA-256, 16 hex): "
            + ", ".join(f"{k} {v}" for k, v in report.inputs.checksums().items()),
            ""]
+    if report.data_parallel is not None:
+        from gradparity.report.parallel import render_markdown as parallel_markdown
+
+        md += parallel_markdown(report.data_parallel)
     return "\n".join(md)

@@ -22,6 +22,7 @@ import numpy as np
 
 from gradparity.backends import BackendInfo
 from gradparity.backends.protocol import RESULT_FILE, TIMING_LOCK_ENV, WorkerJob
+from gradparity.backends.protocol.jobs import JOB_DIR_PREFIX
 from gradparity.errors import Interrupted
 from gradparity.run.pool import active_pool
 
@@ -146,8 +147,6 @@ def _read_result(job_dir: Path) -> dict | None:
 #: of slowing the tier down; a dry run of a command on a machine without the frameworks can use it too.
 NO_FRAMEWORK_WORKERS_ENV = "GRADPARITY_NO_FRAMEWORK_WORKERS"
 
-#: Prefix of every worker's job folder; the parent's pid follows, so stale folders can be found.
-JOB_DIR_PREFIX = "gradparity-job-"
 
 
 def remove_stale_job_dirs(tmp_root: str | None = None) -> list[Path]:
