@@ -176,3 +176,43 @@ def test_optimizers_prints_what_finished_and_exits_128_plus_n(tmp_path):
     doc = json.loads(stdout)
     errors = [e for s in doc["scenarios"] for e in s["errors"].values()]
     assert errors and all("interrupted by SIGINT" in e or "not started" in e for e in errors)
+
+
+def replicas_alive() -> list[int]:
+    """torch's data-parallel replica processes still running (from /proc)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmd = (entry / "cmdline").read_bytes().decode(errors="replace")
+                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue
+            if "gradparity.backends.torch.parallel" in cmd and "--replica" in cmd and state not in ("Z", "X"):
+                out.append(int(entry.name))
+    return out
+
+
+@pytest.mark.frameworks("torch")
+def test_run_data_parallel_stops_its_replicas_and_writes_what_finished(tmp_path):
+    proc = start(["run", "--data-parallel", "3", "--backends", "numpy,torch", "--batch-size", "12",
+                  "--methods", "mean,sum", "--out", "out"], tmp_path)
+    wait_for_line(proc, "data-parallel engines")
+    deadline = time.monotonic() + 120
+    while not replicas_alive() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert replicas_alive(), "no replica was running when the signal came"
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stdout + stderr
+    assert "Traceback" not in stderr
+    deadline = time.monotonic() + 10
+    while replicas_alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not replicas_alive(), "a replica outlived the command"
+    doc = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert doc["interrupted"] == "SIGINT"
+    assert {r["status"] for r in doc["results"]} == {"ok"}          # the methods had finished
+    dp = doc["data_parallel"]
+    assert dp["interrupted"] == "SIGINT"
+    assert dp["results"] and {r["status"] for r in dp["results"]} <= {"interrupted", "error"}

@@ -84,10 +84,14 @@ CAUSES: dict[str, tuple[str, str]] = {
                                "a batch, with a factor that changes from batch to batch",
                                "choose the divisor explicitly (gradparity compare-losses shows each "
                                "framework's); Keras: reduction='mean_with_sample_weight' divides by Σ weights"),
-    "data_parallel_average": ("data-parallel averaging over R replicas: a summed loss becomes R times smaller "
-                              "after the all-reduce mean, and uneven local batches make the average unweighted",
-                              "use a mean-reduced loss with equal local batches, or scale the summed loss by R "
-                              "(or sum gradients instead of averaging them)"),
+    "data_parallel_average": ("data-parallel reduction over R replicas: an engine that averages the replicas' "
+                              "gradients (DDP) makes a summed loss R times smaller, one that sums them "
+                              "(MirroredStrategy, psum, the gradient inside shard_map) makes per-replica means R "
+                              "times larger, and uneven local batches weigh the examples unequally",
+                              "use the reduction the engine expects: under DDP a mean on equal shards, or scale a "
+                              "summed loss by R; under a summing engine divide by the global batch "
+                              "(tf.nn.compute_average_loss; in JAX pmean a per-shard mean with jax.grad outside "
+                              "shard_map); gradparity run --data-parallel R measures each engine's factor"),
     "grad_not_zeroed_between_methods": (
         "gradients accumulate across the methods being compared: no zero_grad between them, so each result "
         "holds the results before it (result k = result k-1 + method k's own gradient)",
@@ -828,9 +832,7 @@ def _test_data_parallel(an: _Analysis) -> Cause:
         for p in an.factors:
             hi, lo, f = _oriented(p)
             if _near(f, r):
-                hits.append(f"{hi} = {_g(f)} x {lo}: the R = {r} replicas. DDP averages the replicas' gradients, so a "
-                            f"summed loss comes out R times smaller ({lo}) than the same summed loss on one device "
-                            f"({hi}); mean-reduced losses on equal shards would agree")
+                hits.append(f"{hi} = {_g(f)} x {lo}: the R = {r} replicas. " + _replica_direction(hi, lo))
             elif n and _near(f, n / r):
                 hits.append(f"{hi} = {_g(f)} x {lo}: N/R = {n}/{r}, the local batch size. A summed local loss averaged "
                             f"over R replicas is (sum over the batch) / R, a mean on one device is (sum) / N: {hi} is "
@@ -875,6 +877,21 @@ def _test_data_parallel(an: _Analysis) -> Cause:
     return Cause(cid, 0.0 if an.sees_factors else 0.1,
                  ["no number of replicas given (--replicas) and no factor points to one"
                   + ("" if an.sees_factors else f"; {NO_FACTOR_IN_TABLE}")], fix)
+
+
+def _replica_direction(hi: str, lo: str) -> str:
+    """Which engine convention makes ``hi`` R times ``lo``, read from which label names data-parallel training."""
+    averaged = (f"DDP averages the replicas' gradients, so a summed loss comes out R times smaller ({lo}) than the "
+                f"same summed loss on one device ({hi}); mean-reduced losses on equal shards would agree")
+    summed = (f"the engine summed the replicas' gradients of per-replica means ({hi}: MirroredStrategy with a plain "
+              "mean, psum, or jax.grad inside shard_map, which already sums the shards), R times the single-device "
+              f"mean ({lo}); dividing by the global batch would agree")
+    dp_hi, dp_lo = (bool(_label_words(x) & set(_DP_WORDS)) for x in (hi, lo))
+    if dp_lo and not dp_hi:
+        return averaged
+    if dp_hi and not dp_lo:
+        return summed
+    return f"Either {averaged}; or {summed}"
 
 
 def _torch_chunks(n: int, k: int) -> int:
