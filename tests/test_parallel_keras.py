@@ -256,7 +256,8 @@ def rel_err(got: dict, want: dict) -> float:
 @pytest.fixture(scope="module")
 def trained():
     opt = OptimizerConfig("sgd", LRS[0], momentum=MOMENTUM).to_dict()
-    runs = {f"{c}@even/{m}": {"optimizer": opt, "lrs": LRS} for c in ("single", *TRAIN_CONFIGS) for m in ("mean", "sum")}
+    runs = {f"{c}@even/{m}": {"optimizer": opt, "lrs": LRS}
+            for c in ("single", *TRAIN_CONFIGS) for m in ("mean", "sum")}
     job = data_parallel_train_job(BACKENDS["keras-tensorflow"], MODEL, PARAMS, BATCHES, R, runs, dtype="float64")
     return run_jobs([WorkerRun(job, BACKENDS["keras-tensorflow"], 300)], extra_env=worker_env(R))["keras-tensorflow"]
 

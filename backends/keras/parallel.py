@@ -1,6 +1,7 @@
-"""Keras 3's data-parallel engines (task "data_parallel", contract in ``protocol/parallel.py``): the gradient the
-optimizer is handed under ``tf.distribute.MirroredStrategy`` (Keras on TensorFlow) and under
-``keras.distribution.DataParallel`` (Keras on JAX), on R replicas of one machine.
+"""Keras 3's data-parallel engines (tasks "data_parallel" and "data_parallel_train", contract in
+``protocol/parallel.py``): the gradient the optimizer is handed, and training, under
+``tf.distribute.MirroredStrategy`` (Keras on TensorFlow) and under ``keras.distribution.DataParallel`` (Keras on
+JAX), on R replicas of one machine.
 
 Imported only inside a worker process, with KERAS_BACKEND already set to ``job.variant``. The model, its Keras
 loss objects, the conversions and the canonical names are the model session's (``session.KerasModelSession``,
@@ -31,6 +32,17 @@ float32's 1/3 for R = 3). Configurations:
   ``optimizer.apply_gradients`` (the SUM all-reduce above).
 - "mirrored_average": the same loop on ``tf.nn.compute_average_loss(per-example losses, global_batch_size=N)``
   (for "sum": the per-example losses times N).
+
+Task "data_parallel_train" (``MirroredTrainer``, Keras on TensorFlow): each case "CONFIG@even/METHOD" trains
+K steps from ``job.params`` with a fresh optimizer of ``optimizers.build_optimizer`` (the run's config), its lr
+per step ``StepTable(lrs)`` of ``optimizer.iterations`` as ``train.py`` feeds it, built in the strategy's scope
+on the model built there (one model for every case, its canonical weights assigned again first).
+"mirrored_fit" is ``model.fit`` over the K global batches (``batch_size`` N, one epoch, no shuffling): Keras'
+own ``train_step`` and the optimizer's step per batch; the custom loops are the steps above with the case's
+optimizer, one ``strategy.run`` per global batch. The parameters after each step are replica 0's copies
+(checked against the others'); "single@even/METHOD" is the package trainer's run (``train.KerasTraining``).
+Measured (float64, R = 3, SGD with momentum): "sum" and "mirrored_average" stay on single-device training's
+trajectory to 2e-16; "mean" in fit and in the custom loop follows single-device training at R float32(1/R) lr.
 
 Keras on JAX ("data_parallel"): ``keras.distribution.DataParallel`` over R host devices (core sets
 ``XLA_FLAGS=--xla_force_host_platform_device_count=R``); the model is built and compiled in its scope

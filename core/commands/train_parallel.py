@@ -176,6 +176,9 @@ def _fix(row: ParallelTrajectory, optimizer: str) -> str:
         return (f"its gradient is {row.expected_factor} times the single-device one; Adam divides the factor out "
                 "but for epsilon")
     f = Fraction(row.expected_factor)
+    if abs(f - 1) < Fraction(1, 10 ** 6):
+        return (f"its gradient is 1 + {float(f - 1):.2g} times the single-device one: Keras scales the mean by 1/R "
+                "computed in float32, below float32's rounding and visible in float64 only")
     scale = f"lr x {1 / f}" if f < 1 else f"lr / {f}"
     return (f"its gradient is {row.expected_factor} times the single-device one: at {scale} = {row.lr / float(f):.4g} "
             "its SGD steps are the single-device ones")
