@@ -297,13 +297,12 @@ def test_keras_scaled_mean_leaves_the_single_device_trajectory_measurably(traine
     assert rel_err(last, plain_training("mean", [R * C * lr for lr in LRS])[0][-1]) < TRAIN_TOL
 
 
-@pytest.mark.frameworks("keras-tensorflow")
 def test_a_training_case_without_its_run_is_refused_before_any_model_is_built():
-    from gradparity.backends.tf_keras import mirrored
+    from gradparity.backends.protocol.parallel import training_view
 
     opt = OptimizerConfig("sgd", LRS[0]).to_dict()
     job = data_parallel_train_job(BACKENDS["keras-tensorflow"], MODEL, PARAMS, BATCHES, R,
                                   {"mirrored_fit@even/mean": {"optimizer": opt, "lrs": LRS}}, dtype="float64")
     job.payload["runs"]["mirrored_fit@even/sum"] = job.payload["runs"].pop("mirrored_fit@even/mean")
     with pytest.raises(ValueError, match=r"case 'mirrored_fit@even/mean' has no run in payload 'runs'"):
-        mirrored.training_view(job, "keras")
+        training_view(job, "keras")

@@ -66,6 +66,7 @@ from gradparity.backends.keras.session import REDUCTIONS, KerasModelSession
 from gradparity.backends.protocol import (DeviceUnavailable, RawResult, WorkerJob, train_batches, train_result,
                                           train_run)
 from gradparity.backends.protocol.parallel import (TASK, TRAIN_TASK, EngineRefused, engine_info, global_batch,
+                                                  training_view,
                                                    parse_case, replicas)
 
 FRAMEWORK = "keras"
@@ -358,7 +359,7 @@ class MirroredTrainer:
         self.mirrored = mirrored
         self.r = replicas(job)
         devices = mirrored.logical_cpus(self.r)  # before any tensor exists
-        self.job = mirrored.training_view(job, FRAMEWORK)
+        self.job = training_view(job, FRAMEWORK)
         self.cases = {case: parse_case(case, FRAMEWORK) for case in job.methods}
         check_cases(job, self.cases, "tensorflow")
         # The package trainer, task "train", on the same runs: the single-device training of each reduction.

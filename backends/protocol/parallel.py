@@ -36,11 +36,12 @@ every step ("T/NAME", replica 0's) and every step's loss ("loss/T"); ``info`` is
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from gradparity.backends.protocol.jobs import WorkerJob
+from gradparity.backends.protocol.train import train_batches
 
 TASK = "data_parallel"
 TRAIN_TASK = "data_parallel_train"
@@ -164,3 +165,28 @@ def engine_info(framework: str, case: Case, shards: list[int], seen: int | None 
     return {"engine": name, "config": case.config, "sharding": case.sharding, "method": case.method,
             "shards": [int(s) for s in shards], "examples_seen": int(sum(shards) if seen is None else seen),
             "reduction": reduction[case.method], "note": note}
+
+
+def training_view(job: WorkerJob, framework: str) -> WorkerJob:
+    """A "data_parallel_train" job as the package trainers read it: each run's ``"reduction"`` its case's METHOD
+    (the contract's runs carry none) and batch 1 as the model's ``x``, ``y`` (what a model session is built on).
+    ValueError, before any replica or model is built, for a case that is not ``CONFIG@even/METHOD`` of
+    ``framework`` with a run in payload "runs", or a run whose own reduction contradicts its METHOD."""
+    runs = job.payload.get("runs")
+    if not isinstance(runs, dict):
+        raise ValueError("a data_parallel_train job needs payload 'runs': {case: {'optimizer': ..., 'lrs': [...]}}")
+    out = {}
+    for case in job.methods:
+        c = parse_case(case, framework)
+        if c.sharding != "even":
+            raise ValueError(f"data-parallel training case {case!r}: training batches are even (R divides each), "
+                             "so the sharding is 'even'")
+        if case not in runs:
+            raise ValueError(f"data-parallel training case {case!r} has no run in payload 'runs'")
+        given = runs[case].get("reduction", c.method)
+        if given != c.method:
+            raise ValueError(f"data-parallel training case {case!r}: its run's reduction {given!r} is not its "
+                             f"method {c.method!r}")
+        out[case] = dict(runs[case], reduction=c.method)
+    (x, y), *_ = train_batches(job)
+    return replace(job, payload=dict(job.payload, runs=out), batch=dict(job.batch, x=x, y=y))

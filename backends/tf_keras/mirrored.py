@@ -3,43 +3,13 @@ TensorFlow (``backends/keras/parallel.py``) and of TF-Keras 2 (``backends/tf_ker
 
 TensorFlow only (no Keras of either kind is imported here), like ``device.pin_tf_device``. Imported only inside a
 worker process. ``logical_cpus`` must run before TensorFlow's runtime starts (before any tensor exists): the
-logical devices of a physical CPU can only be configured then. ``training_view`` is how both packages read a
-"data_parallel_train" job (each run's reduction its case's METHOD, batch 1 the model's batch).
+logical devices of a physical CPU can only be configured then.
 """
 from __future__ import annotations
-
-from dataclasses import replace
 
 import numpy as np
 import tensorflow as tf
 
-from gradparity.backends.protocol import WorkerJob, train_batches
-from gradparity.backends.protocol.parallel import parse_case
-
-
-def training_view(job: WorkerJob, framework: str) -> WorkerJob:
-    """A "data_parallel_train" job as the package trainers read it: each run's ``"reduction"`` its case's METHOD
-    (the contract's runs carry none) and batch 1 as the model's ``x``, ``y`` (what a model session is built on).
-    ValueError, before any model is built, for a case that is not ``CONFIG@even/METHOD`` of ``framework`` with a
-    run in payload "runs", or a run whose own reduction contradicts its METHOD."""
-    runs = job.payload.get("runs")
-    if not isinstance(runs, dict):
-        raise ValueError("a data_parallel_train job needs payload 'runs': {case: {'optimizer': ..., 'lrs': [...]}}")
-    out = {}
-    for case in job.methods:
-        c = parse_case(case, framework)
-        if c.sharding != "even":
-            raise ValueError(f"data-parallel training case {case!r}: training batches are even (R divides each), "
-                             "so the sharding is 'even'")
-        if case not in runs:
-            raise ValueError(f"data-parallel training case {case!r} has no run in payload 'runs'")
-        given = runs[case].get("reduction", c.method)
-        if given != c.method:
-            raise ValueError(f"data-parallel training case {case!r}: its run's reduction {given!r} is not its "
-                             f"method {c.method!r}")
-        out[case] = dict(runs[case], reduction=c.method)
-    (x, y), *_ = train_batches(job)
-    return replace(job, payload=dict(job.payload, runs=out), batch=dict(job.batch, x=x, y=y))
 
 
 def logical_cpus(r: int) -> list[str]:

@@ -44,6 +44,7 @@ import tf_keras
 
 from gradparity.backends.protocol import RawResult, WorkerJob, train_batches, train_result, train_run
 from gradparity.backends.protocol.parallel import (TASK, TRAIN_TASK, EngineRefused, engine_info, global_batch,
+                                                  training_view,
                                                    parse_case, replicas)
 from gradparity.backends.tf_keras import mirrored
 from gradparity.backends.tf_keras.device import TfDevice, environment
@@ -284,7 +285,7 @@ class MirroredTrainer(MirroredSession):
     custom loop of ``engine_step`` on every global batch as tf.distribute splits it."""
 
     def __init__(self, job: WorkerJob):
-        view = mirrored.training_view(job, FRAMEWORK)
+        view = training_view(job, FRAMEWORK)
         for run in view.payload["runs"].values():
             optimizer_arguments(run["optimizer"])  # refused before any model is built
         super().__init__(view)

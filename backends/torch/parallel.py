@@ -51,7 +51,6 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +60,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
 from gradparity.backends.protocol import RawResult, WorkerJob, select_output, train_batches, train_result, train_run
-from gradparity.backends.protocol.parallel import (TASK, TRAIN_TASK, Case, EngineRefused, engine_info,
+from gradparity.backends.protocol.parallel import (TASK, TRAIN_TASK, Case, EngineRefused, engine_info, training_view,
                                                   global_batch, parse_case, replicas)
 from gradparity.backends.torch.optimizers import build_optimizer, environment_note
 from gradparity.backends.torch.session import ModelSession, to_canonical
@@ -119,31 +118,6 @@ def free_port(host: str = "127.0.0.1") -> int:
                             f"{exc}; the replicas were not started") from exc
 
 
-def training_view(job: WorkerJob) -> WorkerJob:
-    """A "data_parallel_train" job as the trainer reads it: each run's ``"reduction"`` its case's METHOD (the
-    contract's runs carry none), and batch 1 as the model session's ``x``, ``y``. ValueError, before any
-    replica starts, for a case that is not ``CONFIG@even/METHOD`` with a run, or a run whose own reduction
-    contradicts its METHOD."""
-    runs = job.payload.get("runs")
-    if not isinstance(runs, dict):
-        raise ValueError("a data_parallel_train job needs payload 'runs': {case: {'optimizer': ..., 'lrs': [...]}}")
-    out = {}
-    for case in job.methods:
-        c = parse_case(case, FRAMEWORK)
-        if c.sharding != "even":
-            raise ValueError(f"data-parallel training case {case!r}: training batches are even (R divides each), "
-                             "so the sharding is 'even'")
-        if case not in runs:
-            raise ValueError(f"data-parallel training case {case!r} has no run in payload 'runs'")
-        given = runs[case].get("reduction", c.method)
-        if given != c.method:
-            raise ValueError(f"data-parallel training case {case!r}: its run's reduction {given!r} is not its "
-                             f"method {c.method!r}")
-        out[case] = dict(runs[case], reduction=c.method)
-    (x, y), *_ = train_batches(job)
-    return replace(job, payload=dict(job.payload, runs=out), batch=dict(job.batch, x=x, y=y))
-
-
 class ParallelSession:
     """The job's cases: "single@…" on the model session in this process, the engine cases from the replicas,
     which run once (on the first engine case) and whose results (or failure) every later case reads."""
@@ -159,7 +133,7 @@ class ParallelSession:
         self.cases = {c: parse_case(c, FRAMEWORK) for c in job.methods}
         self.train = job.task == TRAIN_TASK
         # Training: the trainer's session (its model session is the model), its batches converted once.
-        self.trainer = TorchTraining(training_view(job)) if self.train else None
+        self.trainer = TorchTraining(training_view(job, FRAMEWORK)) if self.train else None
         self.model = self.trainer.model if self.train else ModelSession(job)
         self._engine: dict[str, tuple[RawResult | None, str | None]] | None = None
         self._failure: str | None = None
@@ -450,7 +424,7 @@ def replica_cases(job: WorkerJob, folder: Path, progress: Progress) -> None:
     cases: dict[str, dict] = {}
     arrays: dict[str, np.ndarray] = {}
     if job.task == TRAIN_TASK:
-        train_cases(training_view(job), by_config, progress, cases, arrays)
+        train_cases(training_view(job, FRAMEWORK), by_config, progress, cases, arrays)
     else:
         gradient_cases(job, by_config, progress, cases, arrays)
     progress("writing the result")
