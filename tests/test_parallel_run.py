@@ -20,7 +20,8 @@ def report(tmp_path_factory):
     r = gradparity("run", "--data-parallel", R, "--batch-size", N, "--backends", "numpy,jax",
                    "--dtype", "float64", "--methods", "mean,sum", "--out", out)
     assert r.returncode == 0, r.stderr
-    return json.loads((out / "report.json").read_text()), r.stdout, (out / "report.md").read_text()
+    return (json.loads((out / "report.json").read_text()), r.stdout,
+            (out / "report.md").read_text() + (out / "report.html").read_text())
 
 
 def rows(doc, backend):
@@ -65,6 +66,7 @@ def test_what_each_replica_saw_and_what_jax_refuses(report):
         assert "11" in jax[(config, "uneven", "mean")]["error"]
         assert jax[(config, "uneven", "mean")]["as_expected"] is True     # XLA's sharding needs R | N
     assert "Data-parallel engines, R = 3 replicas" in text and "## Data-parallel engines" in md
+    assert "<h2>Data-parallel engines</h2>" in md and "shard_map + psum" in md
     assert "take jax.grad outside shard_map" in text
 
 

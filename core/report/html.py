@@ -353,6 +353,23 @@ def _bar_caption(report: Report) -> str:
             "consensus through other rows, not through its pair with the reference.")
 
 
+def parallel_html(section) -> list[str]:
+    """The data-parallel engines' section (``run --data-parallel``): its table, rows that differ from the
+    single-device gradient marked, and the per-backend summary."""
+    from gradparity.report.parallel import summary_lines, table_rows
+
+    head, rows = table_rows(section)
+    b = section.batches
+    classes = ["" if r[-1] == "yes" else "failed" if r[-1] == "-" else "bad" for r in rows]
+    return ["<h2>Data-parallel engines</h2>",
+            f"<p>R = {section.spec.replicas} replicas on this machine; global batches: even {b.even} examples, uneven "
+            f"{b.uneven}. factor = the engine's gradient over the single-device gradient of the same global batch "
+            "with the same reduction (when one constant; dimensionless); expected = what the framework's documented "
+            "convention gives; max_rel and rtol as for the results above.</p>",
+            html_table(head, rows, classes, numeric={7, 8}),
+            "<ul>" + "".join(f"<li>{html_escape(line.strip())}</li>" for line in summary_lines(section)) + "</ul>"]
+
+
 def render_html(report: Report) -> tuple[str, dict[str, bytes]]:
     """report.html's text and the PNG files it embeds ({file name: bytes})."""
     pngs, failures = draw_plots(((HEATMAP_PNG, heatmap_png), (MAX_REL_PNG, max_rel_png)), report)
@@ -397,6 +414,8 @@ def render_html(report: Report) -> tuple[str, dict[str, bytes]]:
     errors = error_lines(report)
     if errors:
         parts += ["<h2>Errors</h2>"] + [f"<pre>{html_escape(e)}</pre>" for e in errors]
+    if report.data_parallel is not None:
+        parts += parallel_html(report.data_parallel)
     comps = sorted(report.comparisons, key=lambda c: (c.agree, -(c.max_rel / c.tolerance)))
     parts += [
         "<h2>Comparisons</h2>",
