@@ -1,8 +1,8 @@
 """examples/multinode/jax_distributed.py on two processes over loopback, each a "node" of
 ``jax.distributed.initialize`` (CPU collectives over gloo), launched as docs/multinode.md says.
 
-The inputs are a plain .npz written here; the expected gradients are computed here in numpy from the per-example
-gradients of the same MLP (``relu(x @ w0 + b0) @ w1 + b1``, cross-entropy), by what JAX documents:
+The inputs are a plain .npz written here; the expected gradients are computed in numpy (tests/mlp_reference.py) from
+the per-example gradients of the same MLP (``relu(x @ w0 + b0) @ w1 + b1``, cross-entropy), by what JAX documents:
 
 - ``jit_mean``, jit over the global batch sharded across the processes: the compiler partitions the program
   written for the global batch, so it is the single-device gradient of the mean: (1/N) sum_i g_i;
@@ -13,21 +13,22 @@ gradients of the same MLP (``relu(x @ w0 + b0) @ w1 + b1``, cross-entropy), by w
 - ``single_mean``: process 0 alone: (1/N) sum_i g_i.
 
 Float64, so the tolerance is rounding only (1e-12 relative; sums of 12 terms are ~1e-16). Both processes are
-started in their own sessions and killed (their process groups) when one fails or the timeout passes.
+started in their own sessions and killed (their process groups and descendants: tests/multinode_harness.py) when
+one fails or the timeout passes.
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
+import mlp_reference as mlp
+import multinode_harness
 import numpy as np
 import pytest
+from multinode_harness import assert_close, diagnose, free_port, read
 
 pytestmark = pytest.mark.frameworks("jax")
 
@@ -37,16 +38,10 @@ TIMEOUT_S = 120
 RTOL = 1e-12
 RNG = np.random.default_rng(7)
 N, SIZES = 12, (6, 5, 4)
+#: The script's names of the MLP's W0, b0, W1, b1 (mlp_reference's order).
+PARAMS = ("w0", "b0", "w1", "b1")
 INPUTS = {"x": RNG.normal(size=(N, SIZES[0])), "y": RNG.integers(0, SIZES[2], size=N),
-          "w0": RNG.normal(size=SIZES[:2]), "b0": RNG.normal(size=SIZES[1]) * 0.1,
-          "w1": RNG.normal(size=SIZES[1:]), "b1": RNG.normal(size=SIZES[2]) * 0.1}
-
-
-def free_port() -> int:
-    """A port of 127.0.0.1 nothing listens on now (the OS's choice for port 0)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+          **mlp.random_params(RNG, SIZES, PARAMS)}
 
 
 def worker_env() -> dict[str, str]:
@@ -56,46 +51,11 @@ def worker_env() -> dict[str, str]:
     return env
 
 
-def stop(procs: list[subprocess.Popen]) -> None:
-    """Kill every process still running (its whole process group) and reap it."""
-    for p in procs:
-        if p.poll() is None:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    for p in procs:
-        p.wait(timeout=30)
-
-
-def launch(commands: list[list[str]], logs: Path, timeout: float = TIMEOUT_S,
-           procs: list[subprocess.Popen] | None = None) -> None:
-    """Start one process per command (each in its own session, output in ``logs``/processI.log; the Popen
-    objects appended to ``procs``), wait for all; when one exits non-zero or the timeout passes, kill the
-    others and raise naming the process and its output. No process outlives the call."""
-    procs, files = [] if procs is None else procs, []
-    try:
-        for i, cmd in enumerate(commands):
-            files.append(open(logs / f"process{i}.log", "wb"))
-            procs.append(subprocess.Popen(cmd, stdout=files[-1], stderr=subprocess.STDOUT, env=worker_env(),
-                                          start_new_session=True))
-        deadline = time.monotonic() + timeout
-        while any(p.poll() is None for p in procs):
-            failed = [i for i, p in enumerate(procs) if p.poll() not in (None, 0)]
-            if failed or time.monotonic() > deadline:
-                i = failed[0] if failed else next(i for i, p in enumerate(procs) if p.poll() is None)
-                what = f"exited with {procs[i].returncode}" if failed else f"still running after {timeout} s"
-                stop(procs)
-                raise RuntimeError(f"process {i} {what}:\n" + (logs / f"process{i}.log").read_text()[-3000:])
-            time.sleep(0.1)
-        failed = [i for i, p in enumerate(procs) if p.returncode != 0]
-        if failed:
-            raise RuntimeError(f"process {failed[0]} exited with {procs[failed[0]].returncode}:\n"
-                               + (logs / f"process{failed[0]}.log").read_text()[-3000:])
-    finally:
-        stop(procs)
-        for f in files:
-            f.close()
+def launch(commands: list[list[str]], logs: Path, procs: list[subprocess.Popen] | None = None) -> None:
+    """The processes of ``commands`` run together on CPU as multinode_harness.launch runs them (logs
+    ``logs``/processI.log; an error names "process I")."""
+    multinode_harness.launch(commands, logs, name="process", timeout=TIMEOUT_S,
+                             envs=[worker_env()] * len(commands), procs=procs)
 
 
 def commands(out: Path, inputs: Path, port: int, timeout: int = 60) -> list[list[str]]:
@@ -105,27 +65,8 @@ def commands(out: Path, inputs: Path, port: int, timeout: int = 60) -> list[list
 
 
 def mean_grad(rows: slice) -> dict[str, np.ndarray]:
-    """The gradient of the mean cross-entropy over ``rows``, from per-example gradients by hand."""
-    x, y = INPUTS["x"][rows], INPUTS["y"][rows]
-    a = x @ INPUTS["w0"] + INPUTS["b0"]
-    h = np.maximum(a, 0)
-    z = h @ INPUTS["w1"] + INPUTS["b1"]
-    p = np.exp(z - z.max(axis=1, keepdims=True))
-    p /= p.sum(axis=1, keepdims=True)
-    dz = p - np.eye(SIZES[2])[y]
-    da = (dz @ INPUTS["w1"].T) * (a > 0)
-    per = {"w0": np.einsum("ni,nj->nij", x, da), "b0": da, "w1": np.einsum("ni,nj->nij", h, dz), "b1": dz}
-    return {k: v.mean(axis=0) for k, v in per.items()}
-
-
-def assert_close(got: dict, want: dict, rtol: float = RTOL) -> None:
-    for k in want:
-        assert np.abs(got[k] - want[k]).max() <= rtol * np.abs(want[k]).max(), k
-
-
-def read(path: Path, method: str) -> dict[str, np.ndarray]:
-    with np.load(path) as f:
-        return {k: f[f"{method}/{k}"] for k in ("w0", "b0", "w1", "b1")}
+    """The gradient of the mean cross-entropy over ``rows``, from per-example gradients by hand (numpy)."""
+    return mlp.reduced_grads(INPUTS["x"][rows], INPUTS["y"][rows], INPUTS, "mean", PARAMS)
 
 
 @pytest.fixture(scope="module")
@@ -138,31 +79,29 @@ def saved(tmp_path_factory):
 
 def test_jit_over_the_processes_gives_the_single_device_gradient(saved):
     want = mean_grad(slice(0, N))
-    assert_close(read(saved / "grads.npz", "jit_mean"), want)
-    assert_close(read(saved / "grads.npz", "single_mean"), want)
+    assert_close(read(saved / "grads.npz", "jit_mean", PARAMS), want, RTOL)
+    assert_close(read(saved / "grads.npz", "single_mean", PARAMS), want, RTOL)
 
 
 def test_shard_map_pmean_of_block_means_is_r_times_the_mean(saved):
     # sum over the R blocks of each block's mean gradient (the body's implicit psum), left by pmean.
     blocks = [slice(r * N // PROCESSES, (r + 1) * N // PROCESSES) for r in range(PROCESSES)]
-    summed = {k: sum(mean_grad(b)[k] for b in blocks) for k in INPUTS if k not in ("x", "y")}
-    assert_close(read(saved / "grads.npz", "shard_map_pmean_mean"), summed)
-    assert_close(summed, {k: PROCESSES * v for k, v in mean_grad(slice(0, N)).items()})
+    summed = {k: sum(mean_grad(b)[k] for b in blocks) for k in PARAMS}
+    assert_close(read(saved / "grads.npz", "shard_map_pmean_mean", PARAMS), summed, RTOL)
+    assert_close(summed, {k: PROCESSES * v for k, v in mean_grad(slice(0, N)).items()}, RTOL)
 
 
 def test_every_process_holds_the_same_all_reduced_gradient(saved):
     for method in ("jit_mean", "shard_map_pmean_mean"):
-        assert_close(read(saved / "grads.process1.npz", method), read(saved / "grads.npz", method), 1e-15)
+        assert_close(read(saved / "grads.process1.npz", method, PARAMS), read(saved / "grads.npz", method, PARAMS),
+                     1e-15)
     assert "single_mean/w0" not in np.load(saved / "grads.process1.npz")
     assert "[Gloo] Rank 1 is connected to 1 peer ranks" in (saved / "process1.log").read_text()
 
 
 def test_diagnose_reads_the_saved_gradients_as_the_replica_factor(saved):
-    out = subprocess.run([sys.executable, "-m", "gradparity", "diagnose", str(saved / "grads.npz"), "--replicas",
-                          str(PROCESSES), "--dtype", "float64", "--json"], capture_output=True, text=True,
-                         timeout=120)
-    report = json.loads(out.stdout)
-    assert report["causes"][0]["id"] == "data_parallel_average", out.stdout[-2000:]
+    report = diagnose(saved / "grads.npz", "--replicas", str(PROCESSES), "--dtype", "float64")
+    assert report["causes"][0]["id"] == "data_parallel_average", report["causes"]
     pairs = {(p["a"], p["b"]): p for p in report["pairs"]}
     assert pairs["single_mean", "jit_mean"]["kind"] == "rounding"
 

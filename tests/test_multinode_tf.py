@@ -1,10 +1,10 @@
 """examples/multinode/tf_multiworker.py on two workers over loopback: ``tf.distribute.MultiWorkerMirroredStrategy``
 with ``TF_CONFIG`` naming two localhost ports, launched as docs/multinode.md says.
 
-The inputs are a plain .npz written here; the expected gradients are computed here in numpy from the per-example
-gradients g_i of the same MLP (``relu(x @ w0 + b0) @ w1 + b1``, cross-entropy), by what TensorFlow documents: the
-replica context's ``all_reduce(ReduceOp.SUM, ...)`` (what an optimizer's ``apply_gradients`` does under a
-strategy) adds the R workers' gradients, worker r holding the contiguous shard S_r of N / R examples; and
+The inputs are a plain .npz written here; the expected gradients are computed in numpy (tests/mlp_reference.py) from
+the per-example gradients g_i of the same MLP (``relu(x @ w0 + b0) @ w1 + b1``, cross-entropy), by what TensorFlow
+documents: the replica context's ``all_reduce(ReduceOp.SUM, ...)`` (what an optimizer's ``apply_gradients`` does
+under a strategy) adds the R workers' gradients, worker r holding the contiguous shard S_r of N / R examples; and
 ``tf.nn.compute_average_loss(l, global_batch_size=N)`` is sum(l) / N ("scales the sum of the given per-example
 losses by the global batch size"):
 
@@ -14,21 +14,23 @@ losses by the global batch size"):
 - ``local_sum``: sum_r sum_{i in S_r} g_i: factor 1 against the single-device sum.
 
 Float64, so the tolerance is rounding only (1e-12 relative; measured ~2e-16). Both workers are started in their
-own sessions and killed (their process groups) when one fails or the timeout passes.
+own sessions and killed (their process groups and descendants: tests/multinode_harness.py) when one fails or the
+timeout passes.
 """
 from __future__ import annotations
 
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
+import mlp_reference as mlp
+import multinode_harness
 import numpy as np
 import pytest
+from multinode_harness import assert_close, diagnose, free_ports, read
 
 pytestmark = pytest.mark.frameworks("keras-tensorflow")
 
@@ -38,23 +40,10 @@ TIMEOUT_S = 180
 RTOL = 1e-12
 RNG = np.random.default_rng(9)
 N, SIZES = 12, (6, 5, 4)
-INPUTS = {"x": RNG.normal(size=(N, SIZES[0])), "y": RNG.integers(0, SIZES[2], size=N),
-          "w0": RNG.normal(size=SIZES[:2]), "b0": RNG.normal(size=SIZES[1]) * 0.1,
-          "w1": RNG.normal(size=SIZES[1:]), "b1": RNG.normal(size=SIZES[2]) * 0.1}
+#: The script's names of the MLP's W0, b0, W1, b1 (mlp_reference's order).
 PARAMS = ("w0", "b0", "w1", "b1")
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct ports of 127.0.0.1 nothing listens on now (the OS's choices for port 0, held open
-    together so that they differ)."""
-    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+INPUTS = {"x": RNG.normal(size=(N, SIZES[0])), "y": RNG.integers(0, SIZES[2], size=N),
+          **mlp.random_params(RNG, SIZES, PARAMS)}
 
 
 def tf_config(ports: list[int], index: int) -> str:
@@ -63,64 +52,21 @@ def tf_config(ports: list[int], index: int) -> str:
                        "task": {"type": "worker", "index": index}})
 
 
-def launch(out: Path, inputs: Path, reduction: str, logs: Path, timeout: float = TIMEOUT_S,
-           procs: list[subprocess.Popen] | None = None, inputs_of: dict[int, Path] | None = None) -> None:
-    """Start one worker per port (each in its own session, CPU only, output in ``logs``/workerI.log; the Popen
-    objects appended to ``procs``; ``inputs_of`` overrides a worker's --inputs), wait for all; when one exits
-    non-zero or the timeout passes, kill the others and raise naming the worker and its output. No process
-    outlives the call."""
-    procs, files = [] if procs is None else procs, []
+def launch(out: Path, inputs: Path, reduction: str, logs: Path, procs: list[subprocess.Popen] | None = None,
+           inputs_of: dict[int, Path] | None = None) -> None:
+    """The WORKERS workers of a cluster on fresh ports of 127.0.0.1 (CPU only; ``inputs_of`` overrides a
+    worker's --inputs) run together as multinode_harness.launch runs them (logs ``logs``/workerI.log; an error
+    names "worker I")."""
     ports = free_ports(WORKERS)
-    try:
-        for i in range(WORKERS):
-            env = dict(os.environ, TF_CONFIG=tf_config(ports, i), CUDA_VISIBLE_DEVICES="")
-            cmd = [sys.executable, str(SCRIPT), str(out), "--inputs", str((inputs_of or {}).get(i, inputs)),
-                   "--reduction", reduction, "--timeout", "60"]
-            files.append(open(logs / f"worker{i}.log", "wb"))
-            procs.append(subprocess.Popen(cmd, stdout=files[-1], stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                          env=env, start_new_session=True))
-        deadline = time.monotonic() + timeout
-        while any(p.poll() is None for p in procs):
-            failed = [i for i, p in enumerate(procs) if p.poll() not in (None, 0)]
-            if failed or time.monotonic() > deadline:
-                i = failed[0] if failed else next(i for i, p in enumerate(procs) if p.poll() is None)
-                what = f"exited with {procs[i].returncode}" if failed else f"still running after {timeout} s"
-                stop(procs)
-                raise RuntimeError(f"worker {i} {what}:\n" + (logs / f"worker{i}.log").read_text()[-3000:])
-            time.sleep(0.1)
-        failed = [i for i, p in enumerate(procs) if p.returncode != 0]
-        if failed:
-            raise RuntimeError(f"worker {failed[0]} exited with {procs[failed[0]].returncode}:\n"
-                               + (logs / f"worker{failed[0]}.log").read_text()[-3000:])
-    finally:
-        stop(procs)
-        for f in files:
-            f.close()
-
-
-def stop(procs: list[subprocess.Popen]) -> None:
-    """Kill every worker still running (its whole process group) and reap it."""
-    for p in procs:
-        if p.poll() is None:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    for p in procs:
-        p.wait(timeout=30)
+    cmds = [[sys.executable, str(SCRIPT), str(out), "--inputs", str((inputs_of or {}).get(i, inputs)),
+             "--reduction", reduction, "--timeout", "60"] for i in range(WORKERS)]
+    envs = [dict(os.environ, TF_CONFIG=tf_config(ports, i), CUDA_VISIBLE_DEVICES="") for i in range(WORKERS)]
+    multinode_harness.launch(cmds, logs, name="worker", timeout=TIMEOUT_S, envs=envs, procs=procs)
 
 
 def per_example_grads(rows: slice) -> dict[str, np.ndarray]:
-    """Each example's gradient of its cross-entropy over ``rows``, shape (n, *param), by hand."""
-    x, y = INPUTS["x"][rows], INPUTS["y"][rows]
-    a = x @ INPUTS["w0"] + INPUTS["b0"]
-    h = np.maximum(a, 0)
-    z = h @ INPUTS["w1"] + INPUTS["b1"]
-    p = np.exp(z - z.max(axis=1, keepdims=True))
-    p /= p.sum(axis=1, keepdims=True)
-    dz = p - np.eye(SIZES[2])[y]
-    da = (dz @ INPUTS["w1"].T) * (a > 0)
-    return {"w0": np.einsum("ni,nj->nij", x, da), "b0": da, "w1": np.einsum("ni,nj->nij", h, dz), "b1": dz}
+    """Each example's gradient of its cross-entropy over ``rows``, shape (n, *param), by hand (numpy)."""
+    return mlp.per_example_grads(INPUTS["x"][rows], INPUTS["y"][rows], INPUTS, PARAMS)
 
 
 SHARDS = [slice(r * N // WORKERS, (r + 1) * N // WORKERS) for r in range(WORKERS)]
@@ -135,18 +81,8 @@ def summed_over_workers(shard_loss) -> dict[str, np.ndarray]:
 
 
 def single(reduction: str) -> dict[str, np.ndarray]:
-    g = per_example_grads(slice(0, N))
-    return {k: v.mean(axis=0) if reduction == "mean" else v.sum(axis=0) for k, v in g.items()}
-
-
-def assert_close(got: dict, want: dict, rtol: float = RTOL) -> None:
-    for k in want:
-        assert np.abs(got[k] - want[k]).max() <= rtol * np.abs(want[k]).max(), k
-
-
-def read(path: Path, method: str) -> dict[str, np.ndarray]:
-    with np.load(path) as f:
-        return {k: f[f"{method}/{k}"] for k in PARAMS}
+    """The single-device gradient of the global batch's mean or summed loss."""
+    return mlp.reduced_grads(INPUTS["x"], INPUTS["y"], INPUTS, reduction, PARAMS)
 
 
 @pytest.fixture(scope="module", params=["mean", "sum"])
@@ -161,15 +97,15 @@ def saved(request, tmp_path_factory):
 def test_multi_worker_gradients_have_the_documented_factors(saved):
     folder, reduction = saved
     got = folder / "grads.npz"
-    assert_close(read(got, f"single_{reduction}"), single(reduction))
+    assert_close(read(got, f"single_{reduction}", PARAMS), single(reduction), RTOL)
     if reduction == "sum":
-        assert_close(summed_over_workers("sum"), single("sum"))        # factor 1, from the formula
-        assert_close(read(got, "local_sum"), single("sum"))
+        assert_close(summed_over_workers("sum"), single("sum"), RTOL)   # factor 1, from the formula
+        assert_close(read(got, "local_sum", PARAMS), single("sum"), RTOL)
         return
-    assert_close(summed_over_workers("average"), single("mean"))        # factor 1
-    assert_close(read(got, "average_mean"), single("mean"))
-    assert_close(summed_over_workers("mean"), {k: WORKERS * v for k, v in single("mean").items()})   # factor R
-    assert_close(read(got, "local_mean"), summed_over_workers("mean"))
+    assert_close(summed_over_workers("average"), single("mean"), RTOL)   # factor 1
+    assert_close(read(got, "average_mean", PARAMS), single("mean"), RTOL)
+    assert_close(summed_over_workers("mean"), {k: WORKERS * v for k, v in single("mean").items()}, RTOL)   # factor R
+    assert_close(read(got, "local_mean", PARAMS), summed_over_workers("mean"), RTOL)
 
 
 def test_every_worker_holds_the_same_all_reduced_gradient(saved):
@@ -185,12 +121,9 @@ def test_every_worker_holds_the_same_all_reduced_gradient(saved):
 def test_diagnose_reads_the_saved_gradients(saved):
     """The mean's local_mean = R x single_mean is named data-parallel reduction; the sum is clean."""
     folder, reduction = saved
-    out = subprocess.run([sys.executable, "-m", "gradparity", "diagnose", str(folder / "grads.npz"), "--replicas",
-                          str(WORKERS), "--batch-size", str(N), "--dtype", "float64", "--json"], capture_output=True,
-                         text=True, timeout=120)
-    report = json.loads(out.stdout)
+    report = diagnose(folder / "grads.npz", "--replicas", str(WORKERS), "--batch-size", str(N), "--dtype", "float64")
     assert report["causes"][0]["id"] == ("data_parallel_average" if reduction == "mean" else "clean"), \
-        out.stdout[-2000:]
+        report["causes"]
 
 
 def test_a_worker_that_fails_stops_the_other(tmp_path):

@@ -2,8 +2,8 @@
 real runner in a worker process: ``jax.jit`` over a batch placed with ``NamedSharding``, and ``jax.shard_map``
 with ``lax.pmean`` / ``lax.psum`` of the gradient its body takes.
 
-The expected gradients are computed here in plain numpy from the per-example gradients of the same MLP
-(``x @ W0 + b0 -> relu -> @ W1 + b1``, cross-entropy), by what JAX's documentation says each engine does:
+The expected gradients are computed in plain numpy (tests/mlp_reference.py) from the per-example gradients of the
+same MLP (``x @ W0 + b0 -> relu -> @ W1 + b1``, cross-entropy), by what JAX's documentation says each engine does:
 
 - jit over sharded inputs computes the program written for the global batch (the compiler partitions it and
   inserts the reductions): the single-device gradient, for the mean and for the sum.
@@ -20,13 +20,14 @@ Float64, so the tolerance is rounding only (1e-10 relative, sums of 12 terms are
 Training (task "data_parallel_train"): 4 steps of SGD with momentum 0.9 (optax.sgd, as torch.optim.SGD documents
 it: ``b = mu * b + g``, ``p = p - lr * b``, b starting at 0) on 4 global batches of 12, per-step learning rates.
 That update is linear in the gradient, so a gradient c times the single-device one (c constant) gives the
-trajectory of single-device training at c * lr; the trajectories are computed here in numpy from the same
+trajectory of single-device training at c * lr; the trajectories are computed in numpy from the same
 per-example gradients, and the engines must follow the one their gradient factor predicts: jit over sharded
 batches c = 1; shard_map + pmean c = 1 for a summed loss, R for a mean loss (the body's gradient is already
 summed over the shards); shard_map + psum c = R (sum), R^2 (mean).
 """
 from __future__ import annotations
 
+import mlp_reference as mlp
 import numpy as np
 import pytest
 
@@ -41,37 +42,15 @@ R = 3
 SIZES = (6, 5, 4)
 RTOL = {"float64": 1e-10, "float32": 1e-4}
 RNG = np.random.default_rng(20)
-PARAMS = {"layers.0.kernel": RNG.normal(size=SIZES[:2]), "layers.0.bias": RNG.normal(size=SIZES[1]) * 0.1,
-          "layers.1.kernel": RNG.normal(size=SIZES[1:]), "layers.1.bias": RNG.normal(size=SIZES[2]) * 0.1}
+PARAMS = mlp.random_params(RNG, SIZES)
 X = RNG.normal(size=(12, SIZES[0]))
 Y = RNG.integers(0, SIZES[2], size=12)
 MODEL = {"kind": "mlp", "sizes": list(SIZES), "activation": "relu"}
 
 
-def per_example_grads(x: np.ndarray, y: np.ndarray, params: dict | None = None) -> dict[str, np.ndarray]:
-    """d(-log softmax(logits)[y_i]) / d params for every example i, shape (N, *param), by hand (at ``params``,
-    default PARAMS)."""
-    return per_example(x, y, PARAMS if params is None else params)[1]
-
-
-def per_example(x: np.ndarray, y: np.ndarray, params: dict) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """(the per-example losses -log softmax(logits)[y_i], their gradients (N, *param)) of the MLP, by hand."""
-    a = x @ params["layers.0.kernel"] + params["layers.0.bias"]
-    h = np.maximum(a, 0)
-    z = h @ params["layers.1.kernel"] + params["layers.1.bias"]
-    p = np.exp(z - z.max(axis=1, keepdims=True))
-    p /= p.sum(axis=1, keepdims=True)
-    losses = -np.log(p[np.arange(len(y)), y])
-    dz = p - np.eye(SIZES[2])[y]
-    da = (dz @ params["layers.1.kernel"].T) * (a > 0)
-    return losses, {"layers.0.kernel": np.einsum("ni,nj->nij", x, da), "layers.0.bias": da,
-                    "layers.1.kernel": np.einsum("ni,nj->nij", h, dz), "layers.1.bias": dz}
-
-
 def shard_grads(rows: slice, method: str) -> dict[str, np.ndarray]:
-    """The gradient of the mean or the sum of the loss over ``rows``."""
-    g = per_example_grads(X[rows], Y[rows])
-    return {k: v.mean(axis=0) if method == "mean" else v.sum(axis=0) for k, v in g.items()}
+    """The gradient of the mean or the sum of the loss over ``rows`` (numpy, tests/mlp_reference.py)."""
+    return mlp.reduced_grads(X[rows], Y[rows], PARAMS, method)
 
 
 def shards(n: int) -> list[slice]:
@@ -180,21 +159,10 @@ TRAIN_CONFIGS = ("single", "jit_sharding", "shard_map_pmean", "shard_map_psum")
 
 
 def sgd_momentum(method: str, lr_factor: float) -> tuple[list[dict], list[float]]:
-    """Single-device training in numpy from PARAMS: per step the gradient of the batch's mean or summed loss,
-    b = MOMENTUM * b + g, p = p - lr * b at lr = LRS[t] * lr_factor; (parameters after each step, each step's
-    loss at the parameters it started from)."""
-    params = {k: v.copy() for k, v in PARAMS.items()}
-    buf = {k: np.zeros_like(v) for k, v in PARAMS.items()}
-    history, losses = [], []
-    for (x, y), lr in zip(BATCHES, LRS):
-        terms, g = per_example(x, y, params)
-        reduce = np.mean if method == "mean" else np.sum
-        losses.append(float(reduce(terms)))
-        for k in params:
-            buf[k] = MOMENTUM * buf[k] + reduce(g[k], axis=0)
-            params[k] = params[k] - lr * lr_factor * buf[k]
-        history.append({k: v.copy() for k, v in params.items()})
-    return history, losses
+    """Single-device training in numpy from PARAMS (mlp_reference's torch form): per step the gradient of the
+    batch's mean or summed loss, b = MOMENTUM * b + g, p = p - lr * b at lr = LRS[t] * lr_factor; (parameters
+    after each step, each step's loss at the parameters it started from)."""
+    return mlp.train_torch_sgd(PARAMS, BATCHES, method, [lr * lr_factor for lr in LRS], MOMENTUM)
 
 
 def trajectory(row) -> list[dict]:

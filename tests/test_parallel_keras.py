@@ -3,8 +3,9 @@ real runner in worker processes on R = 3 replicas: ``tf.distribute.MirroredStrat
 (``fit``, a custom loop, ``compute_average_loss``) on Keras' TensorFlow backend, and
 ``keras.distribution.DataParallel`` over 3 host devices on its JAX backend.
 
-The expected gradients are computed here in plain numpy from the per-example gradients g_i of the same MLP
-(``x @ W0 + b0 -> relu -> @ W1 + b1``, cross-entropy), by what the Keras 3.15 and TensorFlow sources say:
+The expected gradients are computed in plain numpy (tests/mlp_reference.py) from the per-example gradients g_i of
+the same MLP (``x @ W0 + b0 -> relu -> @ W1 + b1``, cross-entropy), by what the Keras 3.15 and TensorFlow sources
+say:
 
 - tf.distribute splits a global batch of N into R contiguous shards S_r, the first N mod R one example larger
   (``experimental_distribute_dataset``): 12 -> 4, 4, 4 and 11 -> 4, 4, 3.
@@ -25,8 +26,8 @@ The expected gradients are computed here in plain numpy from the per-example gra
 Float64: the engines agree with the formulas to rounding (1e-12 relative; measured ~4e-16).
 
 Training (task "data_parallel_train", Keras on TensorFlow): 4 steps of ``keras.optimizers.SGD(momentum=0.9)`` at
-a learning rate that changes every step, held against the same training written here in numpy: Keras' SGD is
-``v = mu v - lr g; p += v`` (keras/src/optimizers/sgd.py), with mu = float32(0.9) on the TensorFlow backend
+a learning rate that changes every step, held against the same training written in numpy (mlp_reference): Keras'
+SGD is ``v = mu v - lr g; p += v`` (keras/src/optimizers/sgd.py), with mu = float32(0.9) on the TensorFlow backend
 (``ops.cast(self.momentum, dtype)`` is a ``tf.cast`` of a Python float, converted to float32 first). A gradient
 c g at lr_t gives velocities c v_t, the training on g at c lr_t; so "mean" in fit and in the custom loop
 (c = R C = 1 + 3e-8, Keras' float32 1/R, the replicas summed) follows single-device training at R C lr_t,
@@ -35,6 +36,7 @@ stays on the single-device trajectory (1e-12 relative; measured ~2e-16).
 """
 from __future__ import annotations
 
+import mlp_reference as mlp
 import numpy as np
 import pytest
 
@@ -49,8 +51,7 @@ TOL = {"float64": 1e-12, "float32": 1e-5}
 C = float(np.float32(1 / R))
 SIZES = (6, 5, 4)
 RNG = np.random.default_rng(24)
-PARAMS = {"layers.0.kernel": RNG.normal(size=SIZES[:2]), "layers.0.bias": RNG.normal(size=SIZES[1]) * 0.1,
-          "layers.1.kernel": RNG.normal(size=SIZES[1:]), "layers.1.bias": RNG.normal(size=SIZES[2]) * 0.1}
+PARAMS = mlp.random_params(RNG, SIZES)
 X = RNG.normal(size=(12, SIZES[0]))
 Y = RNG.integers(0, SIZES[2], size=12)
 MODEL = {"kind": "mlp", "sizes": list(SIZES), "activation": "relu"}
@@ -58,35 +59,9 @@ SHARDS = {"even": [4, 4, 4], "uneven": [4, 4, 3]}
 N = {"even": 12, "uneven": 11}
 
 
-def forward(x: np.ndarray, params: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(pre-activation a, hidden h, logits z) of the MLP."""
-    a = x @ params["layers.0.kernel"] + params["layers.0.bias"]
-    h = np.maximum(a, 0)
-    return a, h, h @ params["layers.1.kernel"] + params["layers.1.bias"]
-
-
-def per_example_losses(x: np.ndarray, y: np.ndarray, params: dict) -> np.ndarray:
-    """-log softmax(logits)[y_i] for every example i."""
-    z = forward(x, params)[2]
-    m = z.max(axis=1, keepdims=True)
-    return (m[:, 0] + np.log(np.exp(z - m).sum(axis=1))) - z[np.arange(len(y)), y]
-
-
-def per_example_grads(x: np.ndarray, y: np.ndarray, params: dict = PARAMS) -> dict[str, np.ndarray]:
-    """d(-log softmax(logits)[y_i]) / d params for every example i, shape (N, *param), by hand."""
-    a, h, z = forward(x, params)
-    p = np.exp(z - z.max(axis=1, keepdims=True))
-    p /= p.sum(axis=1, keepdims=True)
-    dz = p - np.eye(SIZES[2])[y]
-    da = (dz @ params["layers.1.kernel"].T) * (a > 0)
-    return {"layers.0.kernel": np.einsum("ni,nj->nij", x, da), "layers.0.bias": da,
-            "layers.1.kernel": np.einsum("ni,nj->nij", h, dz), "layers.1.bias": dz}
-
-
 def reduced(rows: slice, method: str) -> dict[str, np.ndarray]:
-    """The gradient of the mean or the sum of the loss over ``rows``."""
-    g = per_example_grads(X[rows], Y[rows])
-    return {k: v.mean(axis=0) if method == "mean" else v.sum(axis=0) for k, v in g.items()}
+    """The gradient of the mean or the sum of the loss over ``rows`` (numpy, tests/mlp_reference.py)."""
+    return mlp.reduced_grads(X[rows], Y[rows], PARAMS, method)
 
 
 def shard_slices(sharding: str) -> list[slice]:
@@ -229,19 +204,7 @@ TRAIN_CONFIGS = ("mirrored_fit", "mirrored_loop", "mirrored_average")
 def plain_training(method: str, lrs: list[float]) -> tuple[list[dict], list[float]]:
     """Keras' SGD with momentum written in numpy on the global batches (module docstring): (parameters after each
     step, the loss under ``method`` of batch t before step t)."""
-    params = {k: v.copy() for k, v in PARAMS.items()}
-    velocity = {k: np.zeros_like(v) for k, v in PARAMS.items()}
-    out, losses = [], []
-    for (x, y), lr in zip(BATCHES, lrs):
-        per = per_example_losses(x, y, params)
-        losses.append(per.mean() if method == "mean" else per.sum())
-        g = {k: v.mean(axis=0) if method == "mean" else v.sum(axis=0)
-             for k, v in per_example_grads(x, y, params).items()}
-        for k in params:
-            velocity[k] = MU * velocity[k] - lr * g[k]
-            params[k] = params[k] + velocity[k]
-        out.append({k: v.copy() for k, v in params.items()})
-    return out, losses
+    return mlp.train_keras_sgd(PARAMS, BATCHES, method, lrs, MU)
 
 
 def trajectory(row) -> list[dict]:

@@ -2,8 +2,8 @@
 training loop under ``tf.distribute.MirroredStrategy`` over R = 3 logical CPU devices, run by the real runner in a
 worker process, with tf_keras' own loss reductions.
 
-What the tf_keras 2.21 and TensorFlow sources say, held against per-example gradients g_i computed here in plain
-numpy (the MLP ``x @ W0 + b0 -> relu -> @ W1 + b1``, cross-entropy):
+What the tf_keras 2.21 and TensorFlow sources say, held against per-example gradients g_i computed in plain numpy
+(tests/mlp_reference.py; the MLP ``x @ W0 + b0 -> relu -> @ W1 + b1``, cross-entropy):
 
 - tf.distribute splits a global batch of N into R contiguous shards S_r, the first N mod R one example larger:
   12 -> 4, 4, 4 and 11 -> 4, 4, 3.
@@ -18,7 +18,7 @@ numpy (the MLP ``x @ W0 + b0 -> relu -> @ W1 + b1``, cross-entropy):
 Float64: the engine agrees with the formulas to rounding (1e-12 relative; measured ~3e-16).
 
 Training (task "data_parallel_train"): 4 steps of ``tf_keras.optimizers.SGD(momentum=0.9)``, the learning rate
-assigned before every step, held against the same training written here in numpy. TF-Keras' SGD
+assigned before every step, held against the same training written in numpy (mlp_reference). TF-Keras' SGD
 (tf_keras/src/optimizers/sgd.py, ``update_step``) is ``m = -g lr + m mu; p += m``, with mu = float32(0.9)
 (``tf.cast(self.momentum, variable.dtype)`` converts the Python float to float32 first). Both trainable
 configurations hand the optimizer the single-device gradient (c = 1 above: compute_average_loss, or the SUM
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import re
 
+import mlp_reference as mlp
 import numpy as np
 import pytest
 
@@ -43,8 +44,7 @@ R = 3
 TOL = 1e-12
 SIZES = (6, 5, 4)
 RNG = np.random.default_rng(25)
-PARAMS = {"layers.0.kernel": RNG.normal(size=SIZES[:2]), "layers.0.bias": RNG.normal(size=SIZES[1]) * 0.1,
-          "layers.1.kernel": RNG.normal(size=SIZES[1:]), "layers.1.bias": RNG.normal(size=SIZES[2]) * 0.1}
+PARAMS = mlp.random_params(RNG, SIZES)
 X = RNG.normal(size=(12, SIZES[0]))
 Y = RNG.integers(0, SIZES[2], size=12)
 MODEL = {"kind": "mlp", "sizes": list(SIZES), "activation": "relu"}
@@ -52,35 +52,9 @@ SHARDS = {"even": [4, 4, 4], "uneven": [4, 4, 3]}
 N = {"even": 12, "uneven": 11}
 
 
-def forward(x: np.ndarray, params: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(pre-activation a, hidden h, logits z) of the MLP."""
-    a = x @ params["layers.0.kernel"] + params["layers.0.bias"]
-    h = np.maximum(a, 0)
-    return a, h, h @ params["layers.1.kernel"] + params["layers.1.bias"]
-
-
-def per_example_losses(x: np.ndarray, y: np.ndarray, params: dict) -> np.ndarray:
-    """-log softmax(logits)[y_i] for every example i."""
-    z = forward(x, params)[2]
-    m = z.max(axis=1, keepdims=True)
-    return (m[:, 0] + np.log(np.exp(z - m).sum(axis=1))) - z[np.arange(len(y)), y]
-
-
-def per_example_grads(x: np.ndarray, y: np.ndarray, params: dict = PARAMS) -> dict[str, np.ndarray]:
-    """d(-log softmax(logits)[y_i]) / d params for every example i, shape (N, *param), by hand."""
-    a, h, z = forward(x, params)
-    p = np.exp(z - z.max(axis=1, keepdims=True))
-    p /= p.sum(axis=1, keepdims=True)
-    dz = p - np.eye(SIZES[2])[y]
-    da = (dz @ params["layers.1.kernel"].T) * (a > 0)
-    return {"layers.0.kernel": np.einsum("ni,nj->nij", x, da), "layers.0.bias": da,
-            "layers.1.kernel": np.einsum("ni,nj->nij", h, dz), "layers.1.bias": dz}
-
-
 def reduced(n: int, method: str) -> dict[str, np.ndarray]:
-    """The gradient of the mean or the sum of the loss over the first n examples."""
-    g = per_example_grads(X[:n], Y[:n])
-    return {k: v.mean(axis=0) if method == "mean" else v.sum(axis=0) for k, v in g.items()}
+    """The gradient of the mean or the sum of the loss over the first n examples (numpy, tests/mlp_reference.py)."""
+    return mlp.reduced_grads(X[:n], Y[:n], PARAMS, method)
 
 
 def assert_close(got: dict, want: dict) -> None:
@@ -137,21 +111,10 @@ BATCHES = [(TRAIN_RNG.normal(size=(12, SIZES[0])), TRAIN_RNG.integers(0, SIZES[2
 
 
 def plain_training(method: str, lrs: list[float]) -> tuple[list[dict], list[float]]:
-    """TF-Keras' SGD with momentum written in numpy on the global batches: (parameters after each step, the loss
-    under ``method`` of batch t before step t)."""
-    params = {k: v.copy() for k, v in PARAMS.items()}
-    m = {k: np.zeros_like(v) for k, v in PARAMS.items()}
-    out, losses = [], []
-    for (x, y), lr in zip(BATCHES, lrs):
-        per = per_example_losses(x, y, params)
-        losses.append(per.mean() if method == "mean" else per.sum())
-        g = {k: v.mean(axis=0) if method == "mean" else v.sum(axis=0)
-             for k, v in per_example_grads(x, y, params).items()}
-        for k in params:
-            m[k] = -g[k] * lr + m[k] * MU
-            params[k] = params[k] + m[k]
-        out.append({k: v.copy() for k, v in params.items()})
-    return out, losses
+    """TF-Keras' SGD with momentum written in numpy on the global batches (mlp_reference's Keras form: TF-Keras'
+    ``m = -g lr + m mu; p += m`` is the same sum): (parameters after each step, the loss under ``method`` of batch
+    t before step t)."""
+    return mlp.train_keras_sgd(PARAMS, BATCHES, method, lrs, MU)
 
 
 def train_job(cases, **optimizer):
