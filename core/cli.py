@@ -592,10 +592,17 @@ def _run(args) -> int:
     exp = load_experiment(args.config, _overrides(args))
     if args.check:
         inputs = build_inputs(exp)
+        if exp.parallel.on:  # what run checks before any replica starts
+            from gradparity.experiment.parallel import preflight
+            from gradparity.run.runner import available_memory_bytes
+
+            preflight(exp.parallel, available_memory_bytes())
         print(f"valid: {exp.name!r}: {inputs.model.describe()}, {inputs.data_description}; "
               f"backends {', '.join(exp.backends)}; methods {', '.join(exp.methods)}; "
               f"{exp.dtype}, device {exp.device}, precision {exp.precision}"
-              + (f"; discrepancy switches on: {', '.join(exp.causes.on())}" if exp.causes.on() else ""))
+              + (f"; discrepancy switches on: {', '.join(exp.causes.on())}" if exp.causes.on() else "")
+              + (f"; data-parallel on {exp.parallel.replicas} replicas: {', '.join(exp.parallel.backends)}"
+                 if exp.parallel.on else ""))
         return 0
     say = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     out = Path(args.out)

@@ -131,3 +131,11 @@ def test_a_missing_engine_framework_an_unbindable_port_and_too_little_memory_are
     r = gradparity("run", "--data-parallel", "8", "--backends", "torch", "--out", tmp_path / "o3")
     assert r.returncode == 2 and "8 torch replicas need about" in r.stderr, r.stderr
     assert not any((tmp_path / f"o{i}").exists() for i in (1, 2, 3))
+    r = gradparity("run", "--data-parallel", "8", "--backends", "torch", "--check")   # --check checks it too
+    assert r.returncode == 2 and "8 torch replicas need about" in r.stderr, r.stderr
+
+
+def test_run_check_names_the_data_parallel_backends():
+    r = gradparity("run", "--data-parallel", "4", "--check")
+    assert r.returncode == 0, r.stderr
+    assert "data-parallel on 4 replicas: torch, keras-tensorflow, tf-keras, jax" in r.stdout

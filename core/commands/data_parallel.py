@@ -8,10 +8,10 @@ host devices) -> compare each engine's gradient with the single-device one (``co
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from gradparity.backends import BACKENDS
-from gradparity.backends.protocol.parallel import ENGINES, SINGLE, parse_case
+from gradparity.backends.protocol.parallel import ENGINES, SINGLE, parse_case, shard_sizes
 from gradparity.compare.parallel import ParallelRow, compare_case
 from gradparity.compare.tolerance import UNIT_ROUNDOFF, effective_unit_roundoff
 from gradparity.experiment.parallel import (Batches, ParallelSpec, advice, data_parallel_job, expected_factor,
@@ -106,8 +106,7 @@ def backend_rows(backend: str, o: BackendOutcome, batches: Batches, r: int, tole
             out.__dict__.update(compare_case(row.grads, single.grads, tol, tolerance.term_scale, n, r))
             out.advice = advice(backend, case.config, case.method, r, n, out.shards, out.examples_seen,
                                 out.factor, tol)
-        expected = expected_factor(backend, case.config, case.method,
-                                   out.shards or _even_shards(n, r), n)
+        expected = expected_factor(backend, case.config, case.method, out.shards or shard_sizes(n, r), n)
         out.expected, out.expected_constant = expected, expected is not None
         out.expected_refusal = expected_refusal(backend, case.config, case.method, n, r)
         rows.append(out)
@@ -116,12 +115,4 @@ def backend_rows(backend: str, o: BackendOutcome, batches: Batches, r: int, tole
 
 def tolerance_at(tolerance, n: int):
     """The run's tolerance model for a global batch of ``n`` examples (the engines' sums are that long)."""
-    from dataclasses import replace
-
     return replace(tolerance, longest_sum=max(tolerance.longest_sum, n))
-
-
-def _even_shards(n: int, r: int) -> list[int]:
-    from gradparity.backends.protocol.parallel import shard_sizes
-
-    return shard_sizes(n, r)
