@@ -750,9 +750,14 @@ def _label_words(label: str) -> set[str]:
     return {w for w in re.split(r"[^a-z0-9]+", label.lower()) if w}
 
 
+def _names(label: str, words: tuple[str, ...]) -> bool:
+    """Whether one of ``words`` is among the label's words (a prefix match: 'accum' finds 'accum4')."""
+    return any(w.startswith(h) for w in _label_words(label) for h in words)
+
+
 def _hinted(an: _Analysis, words: tuple[str, ...]) -> list[str]:
-    """The labels with one of ``words`` among their words (a prefix match: 'accum' finds 'accum4')."""
-    return [x for x in an.obs.labels if any(w.startswith(h) for w in _label_words(x) for h in words)]
+    """The labels that name one of ``words`` (``_names``)."""
+    return [x for x in an.obs.labels if _names(x, words)]
 
 
 def _oriented(p: PairPattern) -> tuple[str, str, float]:
@@ -886,7 +891,7 @@ def _replica_direction(hi: str, lo: str) -> str:
     summed = (f"the engine summed the replicas' gradients of per-replica means ({hi}: MirroredStrategy with a plain "
               "mean, psum, or jax.grad inside shard_map, which already sums the shards), R times the single-device "
               f"mean ({lo}); dividing by the global batch would agree")
-    dp_hi, dp_lo = (bool(_label_words(x) & set(_DP_WORDS)) for x in (hi, lo))
+    dp_hi, dp_lo = (_names(x, _DP_WORDS) for x in (hi, lo))
     if dp_lo and not dp_hi:
         return averaged
     if dp_hi and not dp_lo:

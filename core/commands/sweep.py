@@ -62,8 +62,9 @@ import numpy as np
 
 from gradparity.backends import BACKENDS, make_job
 from gradparity.backends.protocol import WorkerJob, builtin_payload, step_losses, step_params
-from gradparity.commands.train import DEFAULT_LR, TrainSpec, check_spec, held_out_accuracy, split_digits
-from gradparity.commands.user_models import HELD_OUT, is_check_config, open_models, read_models
+from gradparity.commands.train import (DEFAULT_LR, HELD_OUT, TrainSpec, check_spec, held_out_accuracy,
+                                       split_digits)
+from gradparity.commands.user_models import is_check_config, open_models, read_models
 from gradparity.compare.trajectories import relative_distance
 from gradparity.errors import ConfigError, Interrupted
 from gradparity.experiment.inputs import seeded_rng, init_params

@@ -185,6 +185,13 @@ def check_spec(spec: TrainSpec) -> None:
 HELD_OUT = 0.2
 
 
+def held_out_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training rows, held-out rows) of n examples: a seeded order, its last HELD_OUT held out."""
+    order = seeded_rng(seed, 4).permutation(n)
+    cut = int(round(n * (1 - HELD_OUT)))
+    return order[:cut], order[cut:]
+
+
 def split_digits(spec: TrainSpec) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray], str]:
     """(training split, held-out split, description): the digits in a seeded order, the last 20% held out (as
     8x8x1 images for the cnn); for the sequence model, seeded token sequences split alike."""
@@ -201,9 +208,8 @@ def split_digits(spec: TrainSpec) -> tuple[tuple[np.ndarray, np.ndarray], tuple[
         x, y, desc = digits_dataset()
         if spec.model == "cnn":
             x, desc = x.reshape(-1, 8, 8, 1), desc + " as 8x8x1 images"
-    order = seeded_rng(spec.seed, 4).permutation(len(y))
-    cut = int(round(len(y) * (1 - HELD_OUT)))
-    train, held = order[:cut], order[cut:]
+    train, held = held_out_split(len(y), spec.seed)
+    cut = len(train)
     held_x = x[held] if spec.model == "sequence" else x[held].astype(spec.dtype)   # token ids stay integers
     return ((x[train], y[train].astype(np.int64)), (held_x, y[held].astype(np.int64)),
             f"{desc}: {cut} to train on, {len(held)} held out")

@@ -19,7 +19,7 @@ import numpy as np
 
 from gradparity.backends.protocol import WorkerJob, step_accuracy
 from gradparity.errors import ConfigError
-from gradparity.experiment.inputs import seeded_rng
+from gradparity.commands.train import HELD_OUT, held_out_split
 
 #: Why ``gradparity train --model CHECK.toml`` needs ``--sweep``.
 NOT_WITHOUT_SWEEP = (
@@ -27,8 +27,6 @@ NOT_WITHOUT_SWEEP = (
     "--sweep, train compares every framework with the float64 trajectory of its optimizer rule, computed by "
     "gradparity's own forward and backward pass, which a user's model does not have; to follow the ports step by "
     "step against the source, use gradparity check CHECK.toml --train-steps K")
-#: Share of the examples held out (never trained on) to measure accuracy, as for the digits.
-HELD_OUT = 0.2
 
 
 def is_check_config(model: str) -> bool:
@@ -72,12 +70,11 @@ def split_examples(x: np.ndarray, y: np.ndarray, seed: int, dtype: str
     if not np.issubdtype(x.dtype, np.integer):
         x = x.astype(dtype)
     n = len(y)
-    order = seeded_rng(seed, 4).permutation(n)
-    cut = int(round(n * (1 - HELD_OUT)))
+    train, held = held_out_split(n, seed)
+    cut = len(train)
     if cut < 1 or cut == n:
         raise ValueError(f"{n} examples cannot be split into a training part and a held-out part "
                          f"({HELD_OUT:.0%} held out)")
-    train, held = order[:cut], order[cut:]
     return ((x[train], y[train].astype(np.int64)), (x[held], y[held].astype(np.int64)),
             f"{n} examples of the check's data ({tuple(x.shape[1:])} each): {cut} to train on, {n - cut} held out")
 
