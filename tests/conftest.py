@@ -174,26 +174,58 @@ def pytest_runtest_call(item):
     return (yield from _check_no_framework_imported(item))
 
 
+#: Idle served workers all test processes together may keep (about 10 GiB at most: 0.3 to 0.9 GiB each,
+#: TensorFlow's the largest), shared out among pytest-xdist's processes (``-n``, see pyproject.toml).
+MAX_IDLE_WORKERS = 16
+
+
+def _test_processes() -> int:
+    """How many pytest processes run the session (pytest-xdist's worker count; 1 without it)."""
+    return max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+
+
 @pytest.fixture(scope="session", autouse=True)
-def shared_worker_processes():
+def shared_worker_processes(request):
     """One served worker process per backend and environment for the whole session (``gradparity.run.pool``):
     the tests that run jobs in this process pay each framework's import once, not once per job. A job that
-    crashes, hangs or is stopped still takes its worker down, so the isolation tests test the same thing."""
+    crashes, hangs or is stopped still takes its worker down, so the isolation tests test the same thing.
+    Under pytest-xdist each test process has its own pool; ``--dist loadfile`` keeps a module's tests (and its
+    module-scoped fixtures) in one of them."""
     from gradparity.run.pool import shared_workers
 
-    # 16 idle workers hold about 10 GiB at most (0.3 to 0.9 GiB each, TensorFlow's the largest): room for every
-    # backend x (cpu | auto) x precision x JAX's x64 the suite uses, so few are started twice.
-    with shared_workers(max_idle=16) as pool:
+    # Room for every backend x (cpu | auto) x precision x JAX's x64 a process's modules use, so few start twice.
+    with shared_workers(max_idle=max(4, MAX_IDLE_WORKERS // _test_processes())) as pool:
         yield
-        _POOL_STATS.update(started=pool.started, reused=pool.reused)
+        stats = {"started": pool.started, "reused": pool.reused}
+        workeroutput = getattr(request.config, "workeroutput", None)
+        if workeroutput is not None:   # an xdist worker: the controller adds up every process's figures
+            workeroutput["gradparity_pool"] = stats
+        else:
+            _add_pool_stats(stats)
 
 
-#: What the session's pool did, for the summary line (filled when the session ends).
+#: What the session's pools did, for the summary line (filled when the session, or each xdist process, ends).
 _POOL_STATS: dict[str, int] = {}
+
+
+def _add_pool_stats(stats: dict[str, int]) -> None:
+    for key, value in stats.items():
+        _POOL_STATS[key] = _POOL_STATS.get(key, 0) + int(value)
+    _POOL_STATS["processes"] = _POOL_STATS.get("processes", 0) + 1
+
+
+@pytest.hookimpl(optionalhook=True)   # pytest-xdist's hook: unknown (and never called) without it
+def pytest_testnodedown(node, error):
+    """(pytest-xdist, in the controller) One test process ended: add up its pool's figures."""
+    stats = getattr(node, "workeroutput", {}).get("gradparity_pool")
+    if stats:
+        _add_pool_stats(stats)
 
 
 def pytest_terminal_summary(terminalreporter):
     """One line saying how many worker processes the session started and how many jobs reused one."""
     if _POOL_STATS.get("started") or _POOL_STATS.get("reused"):
+        n = _POOL_STATS.get("processes", 1)
         terminalreporter.write_line(f"served workers: {_POOL_STATS['started']} started, "
-                                    f"{_POOL_STATS['reused']} jobs ran in one already started")
+                                    f"{_POOL_STATS['reused']} jobs ran in one already started"
+                                    + (f" ({n} test processes, a pool each)" if n > 1 else ""))

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from multinode_harness import descendants
 
 pytestmark = pytest.mark.frameworks("torch")
 
@@ -178,18 +179,17 @@ def test_optimizers_prints_what_finished_and_exits_128_plus_n(tmp_path):
     assert errors and all("interrupted by SIGINT" in e or "not started" in e for e in errors)
 
 
-def replicas_alive() -> list[int]:
-    """torch's data-parallel replica processes still running (from /proc)."""
+def replicas_under(pid: int) -> list[int]:
+    """torch's data-parallel replica processes among ``pid``'s live descendants (from /proc: only this test's
+    run, not another test's running beside it)."""
     out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmd = (entry / "cmdline").read_bytes().decode(errors="replace")
-                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-            except OSError:
-                continue
-            if "gradparity.backends.torch.parallel" in cmd and "--replica" in cmd and state not in ("Z", "X"):
-                out.append(int(entry.name))
+    for child in descendants(pid):
+        try:
+            cmd = Path(f"/proc/{child}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if "gradparity.backends.torch.parallel" in cmd and "--replica" in cmd:
+            out.append(child)
     return out
 
 
@@ -199,17 +199,16 @@ def test_run_data_parallel_stops_its_replicas_and_writes_what_finished(tmp_path)
                   "--methods", "mean,sum", "--out", "out"], tmp_path)
     wait_for_line(proc, "data-parallel engines")
     deadline = time.monotonic() + 120
-    while not replicas_alive() and time.monotonic() < deadline and proc.poll() is None:
+    replicas: set[int] = set()
+    while len(replicas) < 3 and time.monotonic() < deadline and proc.poll() is None:
+        replicas.update(replicas_under(proc.pid))
         time.sleep(0.1)
-    assert replicas_alive(), "no replica was running when the signal came"
+    assert len(replicas) == 3, f"{len(replicas)} of 3 replicas were running when the signal was to come"
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stdout + stderr
     assert "Traceback" not in stderr
-    deadline = time.monotonic() + 10
-    while replicas_alive() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not replicas_alive(), "a replica outlived the command"
+    assert gone(sorted(replicas)), "a replica outlived the command"
     doc = json.loads((tmp_path / "out" / "report.json").read_text())
     assert doc["interrupted"] == "SIGINT"
     assert {r["status"] for r in doc["results"]} == {"ok"}          # the methods had finished

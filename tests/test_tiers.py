@@ -12,9 +12,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _start(markexpr: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "GRADPARITY_NO_FRAMEWORK_WORKERS"}
-    return subprocess.Popen([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
-                             "-m", markexpr, "tests"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    # -n 0: collected in that one process (pyproject's addopts would start pytest-xdist's processes).
+    return subprocess.Popen([sys.executable, "-m", "pytest", "--collect-only", "-q", "-n", "0",
+                             "-p", "no:cacheprovider", "-m", markexpr, "tests"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def _collected(proc: subprocess.Popen) -> tuple[set[str], int]:

@@ -527,7 +527,8 @@ def canonical_values(owners: list[tuple[str, torch.nn.Module, str]]) -> dict[str
 
 
 def replica_main(rank: int, folder: Path) -> int:
-    """A replica: join the process group (env://), compute, write the result; the payload's fault first."""
+    """A replica: join the process group (env://), compute, write the result, wait at a barrier for every other
+    replica's; the payload's fault first. On success the group is left to the process's exit (``__main__``)."""
     from gradparity.backends.worker import _die_with_parent
 
     _die_with_parent()   # GRADPARITY_PARENT_PID is the worker: a replica never outlives it
@@ -550,8 +551,11 @@ def replica_main(rank: int, folder: Path) -> int:
     dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=r, timeout=timeout)
     try:
         replica_cases(job, folder, progress)
-    finally:
+        progress("waiting for every replica before leaving")
+        dist.barrier()   # every replica's result is written and no collective is pending in any of them
+    except BaseException:
         dist.destroy_process_group()
+        raise
     return 0
 
 
@@ -559,7 +563,13 @@ if __name__ == "__main__":
     if len(sys.argv) != 4 or sys.argv[1] != "--replica":
         sys.exit("usage: python -m gradparity.backends.torch.parallel --replica RANK FOLDER")
     try:
-        sys.exit(replica_main(int(sys.argv[2]), Path(sys.argv[3])))
+        code = replica_main(int(sys.argv[2]), Path(sys.argv[3]))
     except Exception:
         traceback.print_exc()
         sys.exit(1)
+    # Every replica's result is written and past the barrier: leave without tearing gloo down. Under load, torch
+    # 2.13's teardown of a finished gloo process (destroy_process_group, then the interpreter's exit) now and
+    # then aborts it ("terminate called without an active exception", SIGABRT), which would fail a finished run.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

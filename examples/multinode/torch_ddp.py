@@ -34,6 +34,7 @@ import argparse
 import copy
 import datetime
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -100,10 +101,16 @@ def main() -> None:
         else:
             np.savez(args.out.with_name(f"{args.out.stem}.rank{rank}{args.out.suffix or '.npz'}"),
                      **{f"ddp/{k}": v for k, v in grads.items()})
-        dist.barrier()   # no node tears the group down before every node has its gradient
+        dist.barrier()   # no node leaves before every node has its gradient
         print(f"rank {rank} of {world}: the {args.reduction} gradient written", flush=True)
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    # Every node has written its gradient: leave without tearing gloo down. Under load, torch 2.13's teardown of
+    # a finished gloo process (destroy_process_group, then the interpreter's exit) now and then aborts it
+    # ("terminate called without an active exception", SIGABRT), and torchrun would report the node as failed.
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
