@@ -97,6 +97,9 @@ def workers_started(monkeypatch):
 
 #: What the ``frameworks`` marker takes: every backend but the numpy reference.
 FRAMEWORK_BACKENDS = tuple(name for name in BACKENDS if name != "numpy")
+#: The frameworks' thread-pool sizes the suite sets to 1 (torch's and numpy's OpenMP, TensorFlow's two pools).
+SINGLE_THREAD_ENV = ("OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS")
+
 #: The top-level modules no fast-tier test may import into this process.
 FRAMEWORK_MODULES = ("torch", "tensorflow", "keras", "jax", "jaxlib", "flax", "optax", "tf_keras")
 
@@ -116,6 +119,10 @@ def pytest_configure(config):
                    "frameworks. The fast tier is -m 'not slow'.")
     if is_fast_tier(config):
         os.environ[NO_FRAMEWORK_WORKERS_ENV] = "1"
+    # The test processes run side by side (pyproject's -n 2) and their problems are tiny: one thread per
+    # framework job wastes less of the cores on thread pools waiting for work (a variable you set wins).
+    for name in SINGLE_THREAD_ENV:
+        os.environ.setdefault(name, "1")
 
 
 def _declared(item) -> tuple[list[str], list[str]]:
@@ -174,9 +181,10 @@ def pytest_runtest_call(item):
     return (yield from _check_no_framework_imported(item))
 
 
-#: Idle served workers all test processes together may keep (about 10 GiB at most: 0.3 to 0.9 GiB each,
-#: TensorFlow's the largest), shared out among pytest-xdist's processes (``-n``, see pyproject.toml).
-MAX_IDLE_WORKERS = 16
+#: Idle served workers all test processes together may keep (0.3 to 0.9 GiB each, TensorFlow's the largest:
+#: about 20 GiB at most; measured, the lowest MemAvailable of a full run was 16 GiB with 16 in all), shared out
+#: among pytest-xdist's processes (``-n``, see pyproject.toml).
+MAX_IDLE_WORKERS = 32
 
 
 def _test_processes() -> int:
