@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import difflib
 import math
+import os
 import signal
 import sys
 import threading
@@ -848,6 +849,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("gradparity: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of the output left (``gradparity diagnose ... | head``): stop quietly, as other tools do;
+        # stdout goes to /dev/null so that the interpreter's last flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except Exception:
         traceback.print_exc()
         print("gradparity: internal error (a bug in gradparity; please report it with the traceback)",

@@ -16,7 +16,8 @@ code  meaning
       worker that failed or timed out), or ``diagnose`` could not tell the cause
 4     internal error: a bug in gradparity itself (the traceback is printed; please report it)
 128+N stopped by signal N (130 SIGINT, 143 SIGTERM, 129 SIGHUP), after writing a partial report of
-      what had finished (``gradparity.errors.Interrupted.exit_code``)
+      what had finished (``gradparity.errors.Interrupted.exit_code``); 141 (SIGPIPE) when the reader of
+      the printed output left (``| head``): the rest of the output is dropped, silently
 ====  ===========================================================================================
 
 The per-command names below are aliases of these five values, kept so each module reads in its own words.

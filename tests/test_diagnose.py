@@ -363,3 +363,58 @@ def test_every_cause_is_a_switch_or_said_to_be_diagnose_only():
 
     assert set(dg.CAUSES) == set(CAUSE_IDS.values()) | set(DIAGNOSE_ONLY)
     assert not set(CAUSE_IDS.values()) & set(DIAGNOSE_ONLY)
+
+
+def _single_and_ddp(tmp_path, replicas=2):
+    """A user's DDP comparison saved under their own labels, written with plain numpy: ``single`` the summed loss
+    on one device, ``ddp`` the same summed loss under DDP (each replica's shard summed, the replicas averaged)."""
+    g = per_example(n=8).astype(np.float64)
+    path = tmp_path / "single_vs_ddp.npz"
+    np.savez(path, **{"single/w": g.sum(axis=0),
+                      "ddp/w": sum(s.sum(axis=0) for s in np.array_split(g, replicas)) / replicas})
+    return path
+
+
+@pytest.mark.parametrize("argv", [["--replicas", "2"], []], ids=["replicas-given", "ddp-label-only"])
+def test_single_beside_data_parallel_results_is_one_device(tmp_path, capsys, argv):
+    """Beside a result named for data-parallel training, "single" is one device, not one example at a time:
+    no per-example cause (dropout, batch norm) is drawn from it, and "ddp" is not asked to be mapped to a method."""
+    path = str(_single_and_ddp(tmp_path))
+    assert main(["diagnose", path, *argv, "--json"]) == 1
+    doc = json.loads(capsys.readouterr().out)
+    read = {r["label"]: r for r in doc["labels_read"]}
+    assert (read["single"]["read_as"], read["single"]["roles"]) == ("one_device", [])
+    assert (read["ddp"]["read_as"], read["ddp"]["roles"]) == ("data_parallel", [])
+    scores = {c["id"]: c["score"] for c in doc["causes"]}
+    assert doc["causes"][0]["id"] == "data_parallel_average"
+    assert scores["dropout_train_mode"] < 0.5 and scores["batchnorm_train_mode"] < 0.5
+    main(["diagnose", path, *argv])
+    text = capsys.readouterr().out
+    assert "single -> one_device (its name, beside data-parallel results)" in text
+    assert "--methods ddp=" not in text
+
+
+def test_single_is_one_example_at_a_time_without_data_parallel_results_or_when_mapped(tmp_path, capsys):
+    g = per_example(n=8).astype(np.float64)
+    path = tmp_path / "seed_like.npz"
+    np.savez(path, **{"mean/w": g.mean(axis=0), "single/w": sum(row / 8 for row in g)})
+    assert main(["diagnose", str(path), "--json"]) == 0
+    read = {r["label"]: r for r in json.loads(capsys.readouterr().out)["labels_read"]}
+    assert read["single"]["read_as"] == "single" and "loop" in read["single"]["roles"]
+    # Beside data-parallel results, the user's own mapping still decides.
+    main(["diagnose", str(_single_and_ddp(tmp_path)), "--replicas", "2", "--methods", "single=sum", "--json"])
+    read = {r["label"]: r for r in json.loads(capsys.readouterr().out)["labels_read"]}
+    assert (read["single"]["read_as"], read["single"]["how"]) == ("sum", "your mapping")
+
+
+def test_a_reader_that_leaves_the_pipe_stops_diagnose_quietly():
+    """``gradparity diagnose TABLE | head -0``: the reader closed the pipe before anything was printed."""
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen([sys.executable, "-m", "gradparity", "diagnose", "examples/seed_table.txt"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=root, text=True)
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141, err
+    assert "Traceback" not in err and "internal error" not in err, err

@@ -54,9 +54,13 @@ TINY_TOML = textwrap.dedent("""
 
 
 def start_run(tmp_path, backends, out, pidfile):
+    """``gradparity run`` of TINY_TOML with ``backends``, its temporary folder (TMPDIR: the workers' job folders)
+    private to this test, so that no run of a test beside it (pytest-xdist) cleans up its job folders."""
     config = tmp_path / "tiny.toml"
     config.write_text(TINY_TOML)
-    env = dict(os.environ, GRADPARITY_TEST_PIDFILE=str(pidfile),
+    private_tmp = tmp_path / "tmp"
+    private_tmp.mkdir(exist_ok=True)
+    env = dict(os.environ, GRADPARITY_TEST_PIDFILE=str(pidfile), TMPDIR=str(private_tmp),
                PYTHONPATH=str(TESTS) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.Popen([sys.executable, "-c", HARNESS, "run", str(config), "--backends", backends,
                              "--timeout", "120", "--out", str(out)],

@@ -459,15 +459,20 @@ def read_info(path: str | None) -> Info:
 # ------------------------------------------------------------------------------------------ analysis
 
 
+def _own(label: str) -> str:
+    """A label's last path part ('torch/one_by_one' -> 'one_by_one'), lower case, '_' for spaces and dashes."""
+    return re.sub(r"[\s\-]+", "_", label.rsplit("/", 1)[-1].strip().lower())
+
+
+def _mapped_name(label: str, methods: dict[str, str] | None) -> str | None:
+    """The name ``methods`` maps the label by (the label, its last path part, or that part's ``_own`` form)."""
+    return next((n for n in (label, label.rsplit("/", 1)[-1], _own(label)) if methods and n in methods), None)
+
+
 def _key(label: str, methods: dict[str, str] | None = None) -> str:
-    """A method label's last path part ('torch/one_by_one' -> 'one_by_one'), lower case, '_' for spaces; or the
-    method word ``methods`` maps the label (or its last part) to."""
-    own = re.sub(r"[\s\-]+", "_", label.rsplit("/", 1)[-1].strip().lower())
-    if methods:
-        for name in (label, label.rsplit("/", 1)[-1], own):
-            if name in methods:
-                return _key(methods[name])
-    return own
+    """A method label's ``_own`` name; or the method word ``methods`` maps the label (or its last part) to."""
+    name = _mapped_name(label, methods)
+    return _own(label) if name is None else _key(methods[name])
 
 
 def _roles(label: str, methods: dict[str, str] | None = None) -> set[str]:
@@ -477,16 +482,41 @@ def _roles(label: str, methods: dict[str, str] | None = None) -> set[str]:
     return {role for role, words in _ROLE_WORDS.items() if key in words}
 
 
+#: What a label "single" is read as beside data-parallel results: one device (no method role), not one example
+#: at a time; and what a label naming data-parallel training, and no method, is read as.
+ONE_DEVICE, DATA_PARALLEL = "one_device", "data_parallel"
+
+
+def reading_methods(obs: "Observations") -> dict[str, str] | None:
+    """The label -> method word mapping every label is read by: the user's ``methods``; and, where the results
+    are data-parallel (``replicas`` > 1, or a label naming data-parallel training), each label "single" the user
+    did not map read as ONE_DEVICE, which has no method role."""
+    methods = dict(obs.info.methods or {})
+    if (obs.info.replicas or 0) > 1 or any(_names(x, _DP_WORDS) for x in obs.labels):
+        methods.update({x: ONE_DEVICE for x in obs.labels
+                        if _own(x) == "single" and _mapped_name(x, obs.info.methods) is None})
+    return methods or None
+
+
 def label_readings(obs: "Observations") -> list[dict]:
-    """How each label was read: {"label", "read_as" (a method word or None), "roles", "how"}."""
-    methods = obs.info.methods
+    """How each label was read: {"label", "read_as" (a method word, ONE_DEVICE, DATA_PARALLEL or None),
+    "roles", "how"}."""
+    methods = reading_methods(obs)
     out = []
     for label in obs.labels:
         word = _key(label, methods)
-        mapped = word != _key(label)
         roles = sorted(_roles(label, methods))
-        how = "your mapping" if mapped else ("its name" if roles else "not understood")
-        out.append({"label": label, "read_as": word if roles else None, "roles": roles, "how": how})
+        if word == ONE_DEVICE and _mapped_name(label, obs.info.methods) is None:
+            read_as, how = ONE_DEVICE, "its name, beside data-parallel results"
+        elif word != _key(label):
+            read_as, how = (word if roles else None), "your mapping"
+        elif roles:
+            read_as, how = word, "its name"
+        elif _names(label, _DP_WORDS):
+            read_as, how = DATA_PARALLEL, "its name"
+        else:
+            read_as, how = None, "not understood"
+        out.append({"label": label, "read_as": read_as, "roles": roles, "how": how})
     return out
 
 
@@ -580,6 +610,8 @@ class _Analysis:
     def __init__(self, obs: Observations):
         self.obs = obs
         self.info = obs.info
+        #: How labels are read (``reading_methods``): the user's mapping and what the results' context implies.
+        self.methods = reading_methods(obs)
         n_terms = obs.info.batch_size or 256
         rec = obs.recorded
         # A report's own bound for its dtype (its K and L), so that diagnose counts the pairs as the run did.
@@ -636,7 +668,7 @@ class _Analysis:
         if len(self.clusters) != 2:
             return None
         for mine, theirs in (self.clusters, self.clusters[::-1]):
-            m = self.info.methods
+            m = self.methods
             if all(role in _roles(x, m) for x in mine) and all(
                     (other in _roles(x, m)) if other else (role not in _roles(x, m)) for x in theirs):
                 return mine, theirs
@@ -951,7 +983,7 @@ def _test_micro_batches(an: _Analysis) -> Cause:
             sizes = [len(p) for p in np.array_split(np.arange(n), k)]
             ev.append(f"N = {n}, V = {n - pad}: with the padding at the end the valid counts would be "
                       f"{', '.join(str(max(0, min(s, n - pad - sum(sizes[:i])))) for i, s in enumerate(sizes))}")
-        means = [c for c in an.clusters if all(_key(x, an.info.methods) in _MEAN_WORDS for x in c)]
+        means = [c for c in an.clusters if all(_key(x, an.methods) in _MEAN_WORDS for x in c)]
         found = len(an.clusters) == 2 and len(means) == 1
         if found:
             rest = next(c for c in an.clusters if c is not means[0])
@@ -1094,7 +1126,7 @@ def _vanishing(an: _Analysis, sep: list[str], shared: list[str]) -> str | None:
 
 def _test_train_mode(an: _Analysis) -> list[Cause]:
     """Dropout/batch norm in training mode: separate-forward methods differ from shared-forward ones."""
-    sep = [x for x in an.obs.labels if "separate_forward" in _roles(x, an.info.methods)]
+    sep = [x for x in an.obs.labels if "separate_forward" in _roles(x, an.methods)]
     shared = [x for x in an.obs.labels if x not in sep]
     vanishing = _vanishing(an, sep, shared)
     out = []
@@ -1368,8 +1400,8 @@ def diagnose(obs: Observations) -> Diagnosis:
     if an.scale_assumed and an.large:
         notes.append(f"The table holds absolute differences only: its pairs were judged {an.scale_words()}.")
     if an.large and causes[0].id != "port_difference" and any(
-            "per_example" in _roles(x, an.info.methods) for x in obs.labels) and any(
-            "reduced" in _roles(x, an.info.methods) for x in obs.labels):
+            "per_example" in _roles(x, an.methods) for x in obs.labels) and any(
+            "reduced" in _roles(x, an.methods) for x in obs.labels):
         notes.append(NONLINEARITY_NOTE)
     return Diagnosis(obs, an.pairs, an.clusters, causes, an.rtol, notes, an.scale_words() or None)
 
@@ -1379,7 +1411,7 @@ def _exactness_notes(an: _Analysis) -> list[str]:
     n = an.info.batch_size
     out = []
     for p in an.zeros:
-        roles = (_roles(p.a, an.info.methods), _roles(p.b, an.info.methods))
+        roles = (_roles(p.a, an.methods), _roles(p.b, an.methods))
         if not all("reduced" in r for r in roles) or p.kind != "zero":
             continue
         if n and n & (n - 1) == 0:
@@ -1414,8 +1446,8 @@ def render_text(d: Diagnosis) -> str:
     lines = [f"diagnosing {obs.source}: {len(obs.labels)} results ({', '.join(obs.labels)})"]
     readings = label_readings(obs)
     lines.append("labels read as: " + "; ".join(
-        f"{r['label']} -> {r['read_as']} ({r['how']}: {', '.join(r['roles'])})" if r["read_as"]
-        else f"{r['label']} -> not understood" for r in readings))
+        f"{r['label']} -> {r['read_as']} ({r['how']}{': ' + ', '.join(r['roles']) if r['roles'] else ''})"
+        if r["read_as"] else f"{r['label']} -> not understood" for r in readings))
     unread = [r["label"] for r in readings if not r["read_as"]]
     if unread:
         lines.append(f"  {', '.join(unread)}: no method word in {'it' if len(unread) == 1 else 'them'}, so the "
