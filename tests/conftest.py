@@ -182,8 +182,8 @@ def pytest_runtest_call(item):
 
 
 #: Idle served workers all test processes together may keep (0.3 to 0.9 GiB each, TensorFlow's the largest:
-#: about 20 GiB at most; measured, the lowest MemAvailable of a full run was 16 GiB with 16 in all), shared out
-#: among pytest-xdist's processes (``-n``, see pyproject.toml).
+#: about 20 GiB at most; measured, the lowest MemAvailable of a full run on a 24 GiB machine was 11.4 GiB with
+#: 32 in all, 16 GiB with 16), shared out among pytest-xdist's processes (``-n``, see pyproject.toml).
 MAX_IDLE_WORKERS = 32
 
 
